@@ -1,0 +1,63 @@
+"""anebackward — the backward pass of a Llama-style transformer in C,
+correct and fast, callable from NumPy with zero-copy float32 buffers.
+
+Kernels (each returns its results and accepts preallocated outputs):
+  linear, linear_backward_dx, linear_backward_dW     (anebackward.kernels.linear)
+  rmsnorm, rmsnorm_backward                          (.rmsnorm)
+  rope, rope_backward                                (.rope)
+  attention, attention_backward                      (.attention)
+  swiglu, swiglu_backward                            (.swiglu)
+  cross_entropy, cross_entropy_backward              (.cross_entropy)
+  embedding, embedding_backward                      (.embedding)
+  clip_grad_norm, grad_norm, adamw_step              (.optim)
+Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
+ANEBACKWARD_BACKEND, else "auto").
+"""
+from ._native import ffi as _ffi, lib as _lib
+from .errors import AnebackwardError, AneUnavailableError, CheckpointError
+from .kernels.attention import attention, attention_backward, attention_workspace
+from .kernels.cross_entropy import cross_entropy, cross_entropy_backward
+from .kernels.embedding import embedding, embedding_backward
+from .kernels.linear import linear, linear_backward_dW, linear_backward_dx
+from .kernels.optim import adamw_step, clip_grad_norm, grad_norm
+from .kernels.rmsnorm import rmsnorm, rmsnorm_backward
+from .kernels.rope import rope, rope_backward
+from .kernels.swiglu import swiglu, swiglu_backward
+from . import ane
+
+__version__ = "0.1.0"
+
+
+def blas_info():
+    """Which BLAS the C core calls, the kernel core it picked, its threads,
+    and the C compiler flags of this build."""
+    s = lambda p: _ffi.string(p).decode()  # noqa: E731
+    return {
+        "blas": s(_lib.ab_blas_name()),
+        "corename": s(_lib.ab_blas_corename()),
+        "threads": int(_lib.ab_blas_get_num_threads()),
+        "build_flags": s(_lib.ab_build_flags()),
+    }
+
+
+def set_num_threads(n):
+    """Set the BLAS thread count (OpenBLAS; Accelerate decides by itself)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    _lib.ab_blas_set_num_threads(n)
+
+
+def get_num_threads():
+    """The BLAS thread count (0 where the BLAS does not say)."""
+    return int(_lib.ab_blas_get_num_threads())
+
+
+__all__ = [
+    "AnebackwardError", "AneUnavailableError", "CheckpointError",
+    "linear", "linear_backward_dx", "linear_backward_dW",
+    "rmsnorm", "rmsnorm_backward", "rope", "rope_backward",
+    "attention", "attention_backward", "attention_workspace",
+    "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
+    "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
+    "blas_info", "set_num_threads", "get_num_threads", "ane",
+]

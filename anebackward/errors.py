@@ -1,0 +1,13 @@
+"""Exceptions raised by anebackward (besides TypeError / ValueError)."""
+
+
+class AnebackwardError(RuntimeError):
+    """A C kernel reported an error that the Python checks did not catch."""
+
+
+class AneUnavailableError(RuntimeError):
+    """The Apple Neural Engine was asked for where it cannot be used."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or of the wrong size."""

@@ -1,0 +1,1 @@
+"""Python wrappers of the C kernels: one module per csrc/kernels/*.c file."""

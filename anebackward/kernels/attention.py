@@ -1,0 +1,83 @@
+"""Causal softmax attention, MHA and GQA (csrc/kernels/attention.c).
+
+q, out, dout: [S, n_heads*head_dim] or [B, S, n_heads*head_dim];
+k, v: [.., S, n_kv_heads*head_dim], n_kv_heads dividing n_heads (GQA: query
+head h reads kv head h // (n_heads // n_kv_heads)). Scale 1/sqrt(head_dim).
+The backward recomputes the softmax; its scratch (2·S² floats) is the
+`workspace` array, allocated per call unless you pass one to reuse
+(attention_workspace(S)).
+"""
+import numpy as np
+
+from .. import _checks as C
+from .._backend import cfunc
+from .._native import check, fptr, lib
+
+
+def attention_workspace(S):
+    """A scratch array big enough for attention(_backward) at sequence length S."""
+    return np.empty(max(int(lib.ab_attention_workspace_floats(S)), 1), dtype=np.float32)
+
+
+def _dims(fn, q, k, v, n_heads, n_kv_heads):
+    C.f32(fn, "q", q, (2, 3))
+    C.f32(fn, "k", k, (2, 3))
+    C.f32(fn, "v", v, (2, 3))
+    n_heads = C.positive_int(fn, "n_heads", n_heads)
+    n_kv_heads = n_heads if n_kv_heads is None else C.positive_int(fn, "n_kv_heads", n_kv_heads)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{fn}: n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+    width = q.shape[-1]
+    if width % n_heads or width == 0:
+        raise ValueError(f"{fn}: the last axis of q ({width}) must be a positive multiple of "
+                         f"n_heads = {n_heads}")
+    hd = width // n_heads
+    kv_shape = q.shape[:-1] + (n_kv_heads * hd,)
+    C.same_shape(fn, "k", k, kv_shape, f"q's leading axes, n_kv_heads*head_dim = {n_kv_heads}*{hd}")
+    C.same_shape(fn, "v", v, kv_shape, f"q's leading axes, n_kv_heads*head_dim = {n_kv_heads}*{hd}")
+    B, S = (1, q.shape[0]) if q.ndim == 2 else q.shape[:2]
+    return B, S, n_heads, n_kv_heads, hd
+
+
+def _workspace(fn, workspace, S):
+    need = int(lib.ab_attention_workspace_floats(S))
+    if workspace is None:
+        return attention_workspace(S), need
+    C.f32(fn, "workspace", workspace)
+    if not workspace.flags.writeable or workspace.size < need:
+        raise ValueError(f"{fn}: workspace must be a writeable float32 array of at least {need} "
+                         f"elements (2*S*S for S = {S}), got size {workspace.size}; "
+                         f"use attention_workspace(S)")
+    return workspace, workspace.size
+
+
+def attention(q, k, v, *, n_heads, n_kv_heads=None, out=None, workspace=None, backend=None):
+    """out = softmax(q kᵀ/√hd + causal mask) v per head. Returns out."""
+    fn = "attention"
+    B, S, H, KV, hd = _dims(fn, q, k, v, n_heads, n_kv_heads)
+    out = C.out(fn, "out", out, q.shape, ("q", q), ("k", k), ("v", v))
+    ws, n = _workspace(fn, workspace, S)
+    C.out(fn, "workspace", ws, ws.shape, ("q", q), ("k", k), ("v", v), ("out", out))
+    check(cfunc(fn, "attention_forward", backend)(fptr(out), fptr(q), fptr(k), fptr(v), B, S, H,
+                                                    KV, hd, fptr(ws), n), fn)
+    return out
+
+
+def attention_backward(dout, q, k, v, *, n_heads, n_kv_heads=None, dq=None, dk=None, dv=None,
+                       workspace=None, backend=None):
+    """Gradients of attention w.r.t. q, k, v. Returns (dq, dk, dv), written
+    (not accumulated); for GQA, dk/dv sum over the heads sharing a kv head."""
+    fn = "attention_backward"
+    B, S, H, KV, hd = _dims(fn, q, k, v, n_heads, n_kv_heads)
+    C.f32(fn, "dout", dout)
+    C.same_shape(fn, "dout", dout, q.shape, "the shape of q")
+    ins = (("dout", dout), ("q", q), ("k", k), ("v", v))
+    dq = C.out(fn, "dq", dq, q.shape, *ins)
+    dk = C.out(fn, "dk", dk, k.shape, *ins, ("dq", dq))
+    dv = C.out(fn, "dv", dv, v.shape, *ins, ("dq", dq), ("dk", dk))
+    ws, n = _workspace(fn, workspace, S)
+    C.out(fn, "workspace", ws, ws.shape, *ins, ("dq", dq), ("dk", dk), ("dv", dv))
+    check(cfunc(fn, "attention_backward", backend)(fptr(dq), fptr(dk), fptr(dv), fptr(dout),
+                                                     fptr(q), fptr(k), fptr(v), B, S, H, KV, hd,
+                                                     fptr(ws), n), fn)
+    return dq, dk, dv

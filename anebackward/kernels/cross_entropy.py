@@ -1,0 +1,49 @@
+"""Softmax cross-entropy, loss and dlogits fused (csrc/kernels/cross_entropy.c).
+
+logits [..., V] float32; targets [...] integer ids in [0, V), or -1 to
+ignore a position (llama2.c's ignore_index). The loss is the mean over the
+counted positions, as torch.nn.functional.cross_entropy(..., ignore_index=-1).
+"""
+import math
+
+from .. import _checks as C
+from .._backend import cfunc
+from .._native import check, ffi, fptr, iptr
+
+
+def _common(fn, logits, targets):
+    C.f32(fn, "logits", logits)
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{fn}: logits must be [..., vocab] with vocab > 0, got {logits.shape}")
+    V = logits.shape[-1]
+    tg = C.tokens(fn, "targets", targets, V, allow_ignore=True)
+    if tg.shape != logits.shape[:-1]:
+        raise ValueError(f"{fn}: targets must have shape logits.shape[:-1] = {logits.shape[:-1]}, "
+                         f"got {tg.shape}")
+    return tg, math.prod(logits.shape[:-1]), V
+
+
+def cross_entropy_backward(logits, targets, *, dlogits=None, grad_scale=1.0, backend=None):
+    """Returns (loss, dlogits), dlogits = (softmax − onehot)·grad_scale / n.
+
+    dlogits may be `logits` itself to overwrite the logits buffer in place
+    (no second vocab-sized buffer). If no position is counted the loss is
+    NaN and dlogits is zero (like PyTorch)."""
+    fn = "cross_entropy_backward"
+    tg, N, V = _common(fn, logits, targets)
+    grad_scale = C.finite_float(fn, "grad_scale", grad_scale)
+    dlogits = C.out(fn, "dlogits", dlogits, logits.shape, ("logits", logits), may_alias=("logits",))
+    loss = ffi.new("double *")
+    check(cfunc(fn, "cross_entropy", backend)(loss, ffi.NULL, fptr(dlogits), fptr(logits),
+                                              iptr(tg), N, V, grad_scale), fn)
+    return float(loss[0]), dlogits
+
+
+def cross_entropy(logits, targets, *, backend=None):
+    """The mean cross-entropy loss only (no gradient buffer)."""
+    fn = "cross_entropy"
+    tg, N, V = _common(fn, logits, targets)
+    loss = ffi.new("double *")
+    check(cfunc(fn, "cross_entropy", backend)(loss, ffi.NULL, ffi.NULL, fptr(logits), iptr(tg),
+                                              N, V, 1.0), fn)
+    return float(loss[0])

@@ -1,0 +1,67 @@
+"""linear: y = x·Wᵀ and its gradients (csrc/kernels/linear.c).
+
+x is [..., in] (token-major rows, any leading axes), W is [out, in] like
+nn.Linear.weight, y and dy are [..., out].
+"""
+import math
+
+from .. import _checks as C
+from .._backend import cfunc, cfunc_for, resolve
+from .._native import check, fptr
+from .. import ane
+
+
+def _rows(fn, a, name, width, wname):
+    if a.ndim < 1 or a.shape[-1] != width:
+        raise ValueError(f"{fn}: the last axis of {name} must be {wname} = {width}, "
+                         f"got {name}.shape = {a.shape}")
+    return math.prod(a.shape[:-1])
+
+
+def linear(x, W, *, out=None, backend=None):
+    """y[..., out] = x[..., in] · W[out, in]ᵀ. Returns y (written into `out` if given)."""
+    fn = "linear"
+    C.f32(fn, "x", x)
+    C.f32(fn, "W", W, 2)
+    n_out, n_in = W.shape
+    N = _rows(fn, x, "x", n_in, "W.shape[1]")
+    out = C.out(fn, "out", out, x.shape[:-1] + (n_out,), ("x", x), ("W", W))
+    check(cfunc(fn, "linear_forward", backend)(fptr(out), fptr(x), fptr(W), N, n_in, n_out), fn)
+    return out
+
+
+def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend=None):
+    """dx[..., in] = dy[..., out] · W[out, in]; with accumulate=True, out += that."""
+    fn = "linear_backward_dx"
+    C.f32(fn, "dy", dy)
+    C.f32(fn, "W", W, 2)
+    n_out, n_in = W.shape
+    N = _rows(fn, dy, "dy", n_out, "W.shape[0]")
+    if accumulate and out is None:
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
+    out = C.out(fn, "out", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
+    b = resolve(fn, backend)
+    if b in ("ane", "auto") and ane.routes(b, "linear_backward_dx", N=N, n_in=n_in, n_out=n_out):
+        return ane.linear_backward_dx(dy, W, out=out, accumulate=accumulate)
+    check(cfunc_for(b, "linear_backward_dx")(fptr(out), fptr(dy), fptr(W), N, n_in, n_out,
+                                                     int(bool(accumulate))), fn)
+    return out
+
+
+def linear_backward_dW(dy, x, *, out=None, accumulate=False, backend=None):
+    """dW[out, in] = dy[..., out]ᵀ · x[..., in] summed over all rows;
+    with accumulate=True, out += that (gradient accumulation)."""
+    fn = "linear_backward_dW"
+    C.f32(fn, "dy", dy)
+    C.f32(fn, "x", x)
+    if dy.ndim < 1 or x.ndim < 1 or dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{fn}: dy and x must have the same leading (row) axes, got "
+                         f"dy.shape = {dy.shape} and x.shape = {x.shape}")
+    n_out, n_in = dy.shape[-1], x.shape[-1]
+    N = math.prod(x.shape[:-1])
+    if accumulate and out is None:
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
+    out = C.out(fn, "out", out, (n_out, n_in), ("dy", dy), ("x", x))
+    check(cfunc(fn, "linear_backward_dW", backend)(fptr(out), fptr(dy), fptr(x), N, n_in, n_out,
+                                                     int(bool(accumulate))), fn)
+    return out

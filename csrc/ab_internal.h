@@ -1,0 +1,82 @@
+/* ab_internal.h — shared by every C file in csrc: argument guards, the fast
+ * vectorisable exp, and BLAS helpers. Not part of the Python-visible API. */
+#ifndef AB_INTERNAL_H
+#define AB_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "anebackward.h"
+#include "blas.h"
+
+/* Guards: every public function checks its own preconditions and returns an
+ * error code; Python checks first and gives the friendlier message. */
+#define AB_REQUIRE(cond, code) do { if (!(cond)) return (code); } while (0)
+#define AB_NONNULL(p) AB_REQUIRE((p) != NULL, AB_ENULL)
+#define AB_NONNEG(n) AB_REQUIRE((n) >= 0, AB_EINVAL)
+/* A dimension (or leading dimension) passed to the BLAS must fit its int. */
+#define AB_BLAS_FITS(n) AB_REQUIRE((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG)
+
+/* Vectorisable loops without -ffast-math: `#pragma omp simd` (built with
+ * -fopenmp-simd, no OpenMP runtime) allows reassociating reductions. */
+#define AB_SIMD _Pragma("omp simd")
+#define AB_STR_(x) #x
+#define AB_SIMD_REDUCE(op, var) _Pragma(AB_STR_(omp simd reduction(op:var)))
+
+/* exp(x) for float, ~2 ulp, branch-free so loops over it vectorise.
+ * exp(x) = 2^n * e^r with n = round(x log2 e), |r| <= ln2/2, e^r by its
+ * degree-7 Taylor polynomial (truncation error < 6e-9 relative). 2^n is
+ * applied as two factors 2^(n>>1) * 2^(n - (n>>1)) so that n from -150 to
+ * 128 (denormal results up to FLT_MAX) needs no special case.
+ * NaN propagates, x > 88.7228 gives +inf, x < -103.97 gives 0. */
+static inline float ab_expf(float x) {
+    const float hi = 88.7228f, lo = -103.97f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    const float shifter = 12582912.0f;          /* 1.5 * 2^23: rounds to int */
+    float t = xc * 1.44269504088896341f + shifter;
+    float n = t - shifter;
+    int32_t ni;
+    memcpy(&ni, &t, sizeof ni);
+    ni -= 0x4B400000;                           /* bits of the shifter */
+    float r = xc - n * 0.693145751953125f;      /* ln2 split hi/lo */
+    r = r - n * 1.428606765330187045e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t n1 = ni >> 1, n2 = ni - n1;
+    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    float res = (p * s1) * s2;
+    res = x > hi ? INFINITY : res;
+    res = x < lo ? 0.0f : res;
+    return res;
+}
+
+static inline float ab_sigmoidf(float x) { return 1.0f / (1.0f + ab_expf(-x)); }
+
+/* C = alpha * op(A) · op(B) + beta * C, row-major, dims already checked. */
+static inline void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
+                            float alpha, const float *A, int64_t lda,
+                            const float *B, int64_t ldb, float beta,
+                            float *C, int64_t ldc) {
+    AB_SGEMM(CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
+             transB ? CblasTrans : CblasNoTrans, (ab_blasint)M, (ab_blasint)N,
+             (ab_blasint)K, alpha, A, (ab_blasint)lda, B, (ab_blasint)ldb, beta,
+             C, (ab_blasint)ldc);
+}
+
+/* RoPE frequency for pair index i (even, 0 <= i < head_dim), computed in
+ * float as llama2.c's run.c and model.py do, so angles match theirs. */
+static inline float ab_rope_freq(int64_t i, int64_t head_dim) {
+    return 1.0f / powf(10000.0f, (float)i / (float)head_dim);
+}
+
+#endif

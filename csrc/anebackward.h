@@ -1,0 +1,175 @@
+/* anebackward.h — the package's whole C API.
+ *
+ * This one file is both the C prototypes (the C files include it) and the cffi
+ * cdef (ffibuild.py feeds everything between the CDEF markers to ffi.cdef),
+ * so the two cannot drift. Between the markers: plain declarations only, no
+ * preprocessor lines, so cffi can parse them.
+ *
+ * Conventions (all kernels):
+ *   - float32, C-contiguous, token-major rows: x[N, D] with N = B*S rows.
+ *   - Weights are [out, in] like nn.Linear.weight.
+ *   - Sizes are int64_t; indices never overflow int.
+ *   - Every function returns AB_OK (0) or a negative AB_E* code; nothing
+ *     aborts. ab_strerror() turns a code into a sentence.
+ *   - Outputs are written (overwritten) unless the argument is documented as
+ *     accumulating ("+=").
+ *   - No function keeps state between calls or owns hidden scratch memory;
+ *     scratch comes from the caller (`work`, sized by *_workspace_floats).
+ *   - Every fast kernel ab_X has a reference twin ab_ref_X with the same
+ *     signature (csrc/reference/): the seed's scalar loops, math corrected.
+ */
+#ifndef ANEBACKWARD_H
+#define ANEBACKWARD_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CDEF BEGIN */
+
+/* Error codes. */
+enum {
+    AB_OK = 0,
+    AB_EINVAL = -1,      /* a size or argument is out of its domain          */
+    AB_ENULL = -2,       /* a required pointer is NULL                       */
+    AB_ERANGE = -3,      /* a token id / target is outside [0, vocab)        */
+    AB_EWORKSPACE = -4,  /* the caller's workspace is too small              */
+    AB_ETOOBIG = -5,     /* a dimension exceeds what the BLAS can index      */
+    AB_ENOMEM = -6       /* an allocation failed                             */
+};
+const char *ab_strerror(int code);
+
+/* Runtime facts: BLAS in use, its core, threads. */
+const char *ab_blas_name(void);
+const char *ab_blas_corename(void);
+const char *ab_build_flags(void);
+int ab_blas_get_num_threads(void);
+void ab_blas_set_num_threads(int n);
+
+/* ---- linear (csrc/kernels/linear.c) ----
+ * y[N,out] = x[N,in] · W[out,in]^T
+ * dx[N,in]  (+)= dy[N,out] · W[out,in]
+ * dW[out,in] (+)= dy[N,out]^T · x[N,in]       (accumulate != 0: beta = 1) */
+int ab_linear_forward(float *y, const float *x, const float *W,
+                      int64_t N, int64_t in, int64_t out);
+int ab_linear_backward_dx(float *dx, const float *dy, const float *W,
+                          int64_t N, int64_t in, int64_t out, int accumulate);
+int ab_linear_backward_dW(float *dW, const float *dy, const float *x,
+                          int64_t N, int64_t in, int64_t out, int accumulate);
+int ab_ref_linear_forward(float *y, const float *x, const float *W,
+                          int64_t N, int64_t in, int64_t out);
+int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
+                              int64_t N, int64_t in, int64_t out, int accumulate);
+int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
+                              int64_t N, int64_t in, int64_t out, int accumulate);
+
+/* ---- RMSNorm (csrc/kernels/rmsnorm.c) ----
+ * r_t = 1/sqrt(mean_i x_ti^2 + eps);  y_ti = x_ti * r_t * w_i
+ * dx_ti (+)= w_i dy_ti r_t - x_ti r_t^3 / D * sum_j w_j dy_tj x_tj
+ * dw_i   += sum_t dy_ti x_ti r_t            (always accumulates; may be NULL) */
+int ab_rmsnorm_forward(float *y, const float *x, const float *w,
+                       int64_t N, int64_t D, float eps);
+int ab_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                        const float *w, int64_t N, int64_t D, float eps,
+                        int accumulate_dx);
+int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
+                           int64_t N, int64_t D, float eps);
+int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                            const float *w, int64_t N, int64_t D, float eps,
+                            int accumulate_dx);
+
+/* ---- rotary embedding (csrc/kernels/rope.c) ----
+ * x[B, S, n_heads*head_dim]; pairs (2i, 2i+1) of each head rotate by
+ * angle (pos_offset + s) * 10000^(-2i/head_dim). Backward rotates by the
+ * negative angle. y may equal x (in place). */
+int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+                    int64_t n_heads, int64_t head_dim, int64_t pos_offset);
+int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+                     int64_t n_heads, int64_t head_dim, int64_t pos_offset);
+int ab_ref_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+                        int64_t n_heads, int64_t head_dim, int64_t pos_offset);
+int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+                         int64_t n_heads, int64_t head_dim, int64_t pos_offset);
+
+/* ---- causal attention, MHA and GQA (csrc/kernels/attention.c) ----
+ * q[B,S,H*hd], k,v[B,S,KV*hd], out[B,S,H*hd]; head h reads kv head
+ * h / (H/KV). P = softmax_causal(q_h k_g^T / sqrt(hd)); out_h = P v_g.
+ * Backward recomputes P; dq, dk, dv are written (not accumulated).
+ * work: ab_attention_workspace_floats(S) floats owned by the caller. */
+int64_t ab_attention_workspace_floats(int64_t S);
+int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
+                         int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t head_dim, float *work, int64_t work_floats);
+int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                          const float *q, const float *k, const float *v,
+                          int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
+                          int64_t head_dim, float *work, int64_t work_floats);
+int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
+                             int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
+                             int64_t head_dim, float *work, int64_t work_floats);
+int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                              const float *q, const float *k, const float *v,
+                              int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
+                              int64_t head_dim, float *work, int64_t work_floats);
+
+/* ---- SwiGLU (csrc/kernels/swiglu.c) ----
+ * y = silu(h1) * h3, silu(a) = a * sigmoid(a)
+ * dh1 = dy * h3 * sigmoid(h1) * (1 + h1 * (1 - sigmoid(h1))),  dh3 = dy * silu(h1)
+ * dh1 or dh3 may equal dy (in place). */
+int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
+int ab_swiglu_backward(float *dh1, float *dh3, const float *dy,
+                       const float *h1, const float *h3, int64_t n);
+int ab_ref_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
+int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
+                           const float *h1, const float *h3, int64_t n);
+
+/* ---- cross-entropy (csrc/kernels/cross_entropy.c) ----
+ * logits[N,V], targets[N] in [0,V) or -1 (row ignored).
+ * loss = mean over counted rows of (logsumexp(row) - row[target]);
+ * dlogits = (softmax(row) - onehot(target)) * grad_scale / n_counted,
+ * ignored rows get zeros. dlogits may equal logits (in place) or be NULL
+ * (loss only). *n_counted_out may be NULL. */
+int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                     const float *logits, const int32_t *targets,
+                     int64_t N, int64_t V, float grad_scale);
+int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                         const float *logits, const int32_t *targets,
+                         int64_t N, int64_t V, float grad_scale);
+
+/* ---- embedding (csrc/kernels/embedding.c) ----
+ * x[N,D] = E[tokens[N], :];   dE[tokens[t], :] += dx[t, :]  (accumulates) */
+int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
+                         int64_t N, int64_t V, int64_t D);
+int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
+                          int64_t N, int64_t V, int64_t D);
+int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
+                             int64_t N, int64_t V, int64_t D);
+int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
+                              int64_t N, int64_t V, int64_t D);
+
+/* ---- optimiser (csrc/kernels/optim.c) ----
+ * ab_sumsq:   *out += sum x_i^2, accumulated in double.
+ * ab_scale:   x_i *= s.
+ * ab_adamw:   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ *             p -= lr * wd * p   (decoupled weight decay, before the step);
+ *             p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).  */
+int ab_sumsq(double *out, const float *x, int64_t n);
+int ab_scale(float *x, int64_t n, float s);
+int ab_adamw(float *p, const float *g, float *m, float *v, int64_t n,
+             int64_t step, float lr, float beta1, float beta2, float eps,
+             float weight_decay);
+int ab_ref_sumsq(double *out, const float *x, int64_t n);
+int ab_ref_scale(float *x, int64_t n, float s);
+int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
+                 int64_t step, float lr, float beta1, float beta2, float eps,
+                 float weight_decay);
+
+/* CDEF END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ANEBACKWARD_H */

@@ -1,0 +1,48 @@
+/* rope.c — rotary position embedding, llama2.c convention.
+ *
+ * Each head's pairs (x_2i, x_2i+1) rotate by the angle a = p * f_i with
+ * p = pos_offset + s and f_i = 10000^(-2i/head_dim):
+ *   forward:  y0 = x0 cos a - x1 sin a,    y1 = x0 sin a + x1 cos a
+ *   backward: the transpose, a rotation by -a:
+ *             dx0 = dy0 cos a + dy1 sin a, dx1 = -dy0 sin a + dy1 cos a
+ * Angles are formed in float like run.c (p * f in float), then cos/sin are
+ * evaluated in double and rounded, so results match llama2.c to rounding.
+ * out may equal in (in place). */
+#include "ab_internal.h"
+
+static int rope_apply(float *y, const float *x, int64_t B, int64_t S,
+                      int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                      float sign) {
+    AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
+    AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_NONNULL(y); AB_NONNULL(x);
+    const int64_t half = head_dim / 2, D = n_heads * head_dim;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t s = 0; s < S; s++) {
+            float pos = (float)(pos_offset + s);
+            const float *xr = x + (b * S + s) * D;
+            float *yr = y + (b * S + s) * D;
+            for (int64_t i = 0; i < half; i++) {
+                float a = pos * ab_rope_freq(2 * i, head_dim);
+                float c = (float)cos((double)a), sn = sign * (float)sin((double)a);
+                for (int64_t h = 0; h < n_heads; h++) {
+                    int64_t o = h * head_dim + 2 * i;
+                    float x0 = xr[o], x1 = xr[o + 1];
+                    yr[o] = x0 * c - x1 * sn;
+                    yr[o + 1] = x0 * sn + x1 * c;
+                }
+            }
+        }
+    }
+    return AB_OK;
+}
+
+int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+                    int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
+    return rope_apply(y, x, B, S, n_heads, head_dim, pos_offset, 1.0f);
+}
+
+int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+                     int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
+    return rope_apply(dx, dy, B, S, n_heads, head_dim, pos_offset, -1.0f);
+}

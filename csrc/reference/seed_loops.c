@@ -1,0 +1,323 @@
+/* seed_loops.c — the `reference` backend: the seed's scalar loops
+ * (backward.h of the origin project) with their structure kept and their
+ * math corrected. It is the benchmark baseline and a second test oracle,
+ * deliberately naive: O(S*out*in) loops, no BLAS, no SIMD pragmas.
+ *
+ * What changed from the seed, and why:
+ *   - RMSNorm dx divides by D*rms^3 (the seed: D*rms^2) and dw is computed.
+ *   - attention handles GQA (n_kv_heads) and a batch axis.
+ *   - indices are int64_t (the seed's int overflowed for vocab*dim).
+ *   - scratch comes from the caller's workspace (the seed malloc'ed per call).
+ * Kernels the seed did not have (forwards, cross-entropy, embedding) are
+ * written in the same plain style. */
+#include "ab_internal.h"
+
+#define GUARD_DIMS3(a, b, c) do { AB_NONNEG(a); AB_NONNEG(b); AB_NONNEG(c); } while (0)
+
+/* seed: none (forward). y = x W^T */
+int ab_ref_linear_forward(float *y, const float *x, const float *W,
+                          int64_t N, int64_t in, int64_t out) {
+    GUARD_DIMS3(N, in, out); AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(W);
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < out; i++) {
+            float sum = 0;
+            for (int64_t j = 0; j < in; j++) sum += W[i * in + j] * x[t * in + j];
+            y[t * out + i] = sum;
+        }
+    return AB_OK;
+}
+
+/* seed: cpu_matmul_backward_dx. dx = dy W */
+int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
+                              int64_t N, int64_t in, int64_t out, int accumulate) {
+    GUARD_DIMS3(N, in, out); AB_NONNULL(dx); AB_NONNULL(dy); AB_NONNULL(W);
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t j = 0; j < in; j++) {
+            float sum = 0;
+            for (int64_t i = 0; i < out; i++) sum += W[i * in + j] * dy[t * out + i];
+            dx[t * in + j] = accumulate ? dx[t * in + j] + sum : sum;
+        }
+    return AB_OK;
+}
+
+/* seed: cpu_accum_dW. dW += dy^T x */
+int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
+                              int64_t N, int64_t in, int64_t out, int accumulate) {
+    GUARD_DIMS3(N, in, out); AB_NONNULL(dW); AB_NONNULL(dy); AB_NONNULL(x);
+    if (!accumulate) memset(dW, 0, (size_t)out * (size_t)in * sizeof(float));
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < out; i++)
+            for (int64_t j = 0; j < in; j++)
+                dW[i * in + j] += dy[t * out + i] * x[t * in + j];
+    return AB_OK;
+}
+
+/* seed: rmsnorm forward (forward.h). */
+int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
+                           int64_t N, int64_t D, float eps) {
+    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL);
+    AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(w);
+    for (int64_t t = 0; t < N; t++) {
+        float ss = 0;
+        for (int64_t i = 0; i < D; i++) ss += x[t * D + i] * x[t * D + i];
+        float inv_rms = 1.0f / sqrtf(ss / D + eps);
+        for (int64_t i = 0; i < D; i++) y[t * D + i] = x[t * D + i] * inv_rms * w[i];
+    }
+    return AB_OK;
+}
+
+/* seed: cpu_rmsnorm_backward — FIXED: dot / (D rms^3), and dw. */
+int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                            const float *w, int64_t N, int64_t D, float eps,
+                            int accumulate_dx) {
+    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL);
+    AB_NONNULL(dx); AB_NONNULL(dy); AB_NONNULL(x); AB_NONNULL(w);
+    for (int64_t t = 0; t < N; t++) {
+        float ss = 0;
+        for (int64_t i = 0; i < D; i++) ss += x[t * D + i] * x[t * D + i];
+        float rms = sqrtf(ss / D + eps);
+        float inv_rms = 1.0f / rms;
+        float dot = 0;
+        for (int64_t i = 0; i < D; i++) dot += dy[t * D + i] * w[i] * x[t * D + i];
+        dot /= (D * rms * rms * rms);   /* the seed had D * rms * rms */
+        for (int64_t i = 0; i < D; i++) {
+            float g = dy[t * D + i] * w[i] * inv_rms - x[t * D + i] * dot;
+            dx[t * D + i] = accumulate_dx ? dx[t * D + i] + g : g;
+            if (dw) dw[i] += dy[t * D + i] * x[t * D + i] * inv_rms;
+        }
+    }
+    return AB_OK;
+}
+
+/* seed: cpu_rope_backward (and its forward); per-element powf/cosf like
+ * the seed, but the angle as llama2.c forms it, and both directions. */
+static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_heads,
+                    int64_t head_dim, int64_t pos_offset, float sign) {
+    AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
+    AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_NONNULL(y); AB_NONNULL(x);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < S; t++)
+            for (int64_t h = 0; h < n_heads; h++)
+                for (int64_t i = 0; i < head_dim; i += 2) {
+                    float val = (float)(pos_offset + t) * ab_rope_freq(i, head_dim);
+                    float cos_v = (float)cos((double)val), sin_v = sign * (float)sin((double)val);
+                    int64_t off = (b * S + t) * n_heads * head_dim + h * head_dim + i;
+                    float x0 = x[off], x1 = x[off + 1];
+                    y[off] = x0 * cos_v - x1 * sin_v;
+                    y[off + 1] = x0 * sin_v + x1 * cos_v;
+                }
+    return AB_OK;
+}
+int ab_ref_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+                        int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
+    return ref_rope(y, x, B, S, n_heads, head_dim, pos_offset, 1.0f);
+}
+int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+                         int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
+    return ref_rope(dx, dy, B, S, n_heads, head_dim, pos_offset, -1.0f);
+}
+
+static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
+                              int64_t work_floats) {
+    AB_NONNEG(B); AB_NONNEG(S);
+    AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
+    AB_REQUIRE(work_floats >= 2 * S, AB_EWORKSPACE);
+    return AB_OK;
+}
+
+/* seed: none (forward.h's attention loop). One row of scores at a time. */
+int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
+                             int64_t B, int64_t S, int64_t H, int64_t KV,
+                             int64_t hd, float *work, int64_t work_floats) {
+    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
+    if (rc) return rc;
+    AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (B == 0 || S == 0) return AB_OK;
+    AB_NONNULL(work);
+    float scale = 1.0f / sqrtf((float)hd);
+    int64_t D = H * hd, Dkv = KV * hd, group = H / KV;
+    float *scores = work;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const float *qb = q + b * S * D, *kb = k + b * S * Dkv, *vb = v + b * S * Dkv;
+            float *ob = out + b * S * D;
+            int64_t g = h / group;
+            for (int64_t t = 0; t < S; t++) {
+                float mx = -INFINITY;
+                for (int64_t s = 0; s <= t; s++) {
+                    float dot = 0;
+                    for (int64_t i = 0; i < hd; i++) dot += qb[t * D + h * hd + i] * kb[s * Dkv + g * hd + i];
+                    scores[s] = dot * scale;
+                    if (scores[s] > mx) mx = scores[s];
+                }
+                float sm = 0;
+                for (int64_t s = 0; s <= t; s++) { scores[s] = expf(scores[s] - mx); sm += scores[s]; }
+                for (int64_t s = 0; s <= t; s++) scores[s] /= sm;
+                for (int64_t i = 0; i < hd; i++) {
+                    float acc = 0;
+                    for (int64_t s = 0; s <= t; s++) acc += scores[s] * vb[s * Dkv + g * hd + i];
+                    ob[t * D + h * hd + i] = acc;
+                }
+            }
+        }
+    return AB_OK;
+}
+
+/* seed: cpu_attention_backward, extended to GQA and batches. */
+int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *d_out,
+                              const float *q, const float *k, const float *v,
+                              int64_t B, int64_t S, int64_t H, int64_t KV,
+                              int64_t hd, float *work, int64_t work_floats) {
+    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
+    if (rc) return rc;
+    AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(d_out);
+    AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (B == 0 || S == 0) return AB_OK;
+    AB_NONNULL(work);
+    float scale = 1.0f / sqrtf((float)hd);
+    int64_t D = H * hd, Dkv = KV * hd, group = H / KV;
+    float *scores = work, *dscores = work + S;
+    memset(dq, 0, (size_t)(B * S * D) * sizeof(float));
+    memset(dk, 0, (size_t)(B * S * Dkv) * sizeof(float));
+    memset(dv, 0, (size_t)(B * S * Dkv) * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        const float *qb = q + b * S * D, *kb = k + b * S * Dkv, *vb = v + b * S * Dkv;
+        const float *dob = d_out + b * S * D;
+        float *dqb = dq + b * S * D, *dkb = dk + b * S * Dkv, *dvb = dv + b * S * Dkv;
+        for (int64_t h = 0; h < H; h++) {
+            int64_t g = h / group;
+            for (int64_t t = 0; t < S; t++) {
+                float mx = -INFINITY;
+                for (int64_t s = 0; s <= t; s++) {
+                    float dot = 0;
+                    for (int64_t i = 0; i < hd; i++) dot += qb[t * D + h * hd + i] * kb[s * Dkv + g * hd + i];
+                    scores[s] = dot * scale;
+                    if (scores[s] > mx) mx = scores[s];
+                }
+                float sm = 0;
+                for (int64_t s = 0; s <= t; s++) { scores[s] = expf(scores[s] - mx); sm += scores[s]; }
+                for (int64_t s = 0; s <= t; s++) scores[s] /= sm;
+                float ds_sum = 0;
+                for (int64_t s = 0; s <= t; s++) {
+                    float dot = 0;
+                    for (int64_t i = 0; i < hd; i++) dot += dob[t * D + h * hd + i] * vb[s * Dkv + g * hd + i];
+                    dscores[s] = dot;
+                    ds_sum += scores[s] * dot;
+                }
+                for (int64_t s = 0; s <= t; s++) {
+                    float ds = scores[s] * (dscores[s] - ds_sum) * scale;
+                    for (int64_t i = 0; i < hd; i++) dqb[t * D + h * hd + i] += ds * kb[s * Dkv + g * hd + i];
+                    for (int64_t i = 0; i < hd; i++) dkb[s * Dkv + g * hd + i] += ds * qb[t * D + h * hd + i];
+                    for (int64_t i = 0; i < hd; i++) dvb[s * Dkv + g * hd + i] += scores[s] * dob[t * D + h * hd + i];
+                }
+            }
+        }
+    }
+    return AB_OK;
+}
+
+/* seed: the FFN loop's silu_backward. */
+int ab_ref_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n) {
+    AB_NONNEG(n); AB_NONNULL(y); AB_NONNULL(h1); AB_NONNULL(h3);
+    for (int64_t i = 0; i < n; i++) y[i] = h1[i] / (1.0f + expf(-h1[i])) * h3[i];
+    return AB_OK;
+}
+int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
+                           const float *h1, const float *h3, int64_t n) {
+    AB_NONNEG(n); AB_NONNULL(dh1); AB_NONNULL(dh3); AB_NONNULL(dy);
+    AB_NONNULL(h1); AB_NONNULL(h3);
+    for (int64_t i = 0; i < n; i++) {
+        float x = h1[i], g = dy[i];
+        float s = 1.0f / (1.0f + expf(-x));
+        float d1 = g * h3[i] * s * (1.0f + x * (1.0f - s));
+        float d3 = g * x * s;
+        dh1[i] = d1;
+        dh3[i] = d3;
+    }
+    return AB_OK;
+}
+
+/* seed: model_backward's dlogits loop, with ignored rows and a true mean. */
+int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                         const float *logits, const int32_t *targets,
+                         int64_t N, int64_t V, float grad_scale) {
+    AB_NONNEG(N); AB_REQUIRE(V > 0, AB_EINVAL);
+    AB_NONNULL(loss_out); AB_NONNULL(logits); AB_NONNULL(targets);
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; t++) {
+        AB_REQUIRE(targets[t] == -1 || (targets[t] >= 0 && targets[t] < V), AB_ERANGE);
+        n += targets[t] != -1;
+    }
+    double total = 0;
+    for (int64_t t = 0; t < N; t++) {
+        int32_t y = targets[t];
+        if (y == -1) {
+            if (dlogits) for (int64_t i = 0; i < V; i++) dlogits[t * V + i] = 0;
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < V; i++) if (logits[t * V + i] > mx) mx = logits[t * V + i];
+        float sm = 0;
+        for (int64_t i = 0; i < V; i++) sm += expf(logits[t * V + i] - mx);
+        float zy = logits[t * V + y];
+        total += log((double)sm) + mx - zy;
+        if (dlogits) {
+            for (int64_t i = 0; i < V; i++)
+                dlogits[t * V + i] = expf(logits[t * V + i] - mx) / sm * grad_scale / n;
+            dlogits[t * V + y] -= grad_scale / n;
+        }
+    }
+    *loss_out = n > 0 ? total / n : NAN;
+    if (n_counted_out) *n_counted_out = n;
+    return AB_OK;
+}
+
+/* seed: model_backward's embedding loop. */
+int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
+                             int64_t N, int64_t V, int64_t D) {
+    GUARD_DIMS3(N, V, D); AB_NONNULL(x); AB_NONNULL(E); AB_NONNULL(tokens);
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < D; i++) x[t * D + i] = E[(int64_t)tokens[t] * D + i];
+    return AB_OK;
+}
+int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
+                              int64_t N, int64_t V, int64_t D) {
+    GUARD_DIMS3(N, V, D); AB_NONNULL(dE); AB_NONNULL(dx); AB_NONNULL(tokens);
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t i = 0; i < D; i++) dE[(int64_t)tokens[t] * D + i] += dx[t * D + i];
+    return AB_OK;
+}
+
+/* seed: model_clip_gradients and model_adam_step. */
+int ab_ref_sumsq(double *out, const float *x, int64_t n) {
+    AB_NONNEG(n); AB_NONNULL(out); AB_NONNULL(x);
+    for (int64_t i = 0; i < n; i++) *out += (double)x[i] * x[i];
+    return AB_OK;
+}
+int ab_ref_scale(float *x, int64_t n, float s) {
+    AB_NONNEG(n); AB_NONNULL(x);
+    for (int64_t i = 0; i < n; i++) x[i] *= s;
+    return AB_OK;
+}
+int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
+                 int64_t step, float lr, float beta1, float beta2, float eps,
+                 float weight_decay) {
+    AB_NONNEG(n); AB_REQUIRE(step >= 1, AB_EINVAL);
+    AB_REQUIRE(beta1 >= 0.0f && beta1 < 1.0f && beta2 >= 0.0f && beta2 < 1.0f, AB_EINVAL);
+    AB_NONNULL(p); AB_NONNULL(g); AB_NONNULL(m); AB_NONNULL(v);
+    float bc1 = 1.0f - powf(beta1, (float)step);
+    float bc2 = 1.0f - powf(beta2, (float)step);
+    for (int64_t i = 0; i < n; i++) {
+        float gi = g[i];
+        m[i] = beta1 * m[i] + (1 - beta1) * gi;
+        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
+        float m_hat = m[i] / bc1;
+        float v_hat = v[i] / bc2;
+        p[i] -= lr * weight_decay * p[i];
+        p[i] -= lr * m_hat / (sqrtf(v_hat) + eps);
+    }
+    return AB_OK;
+}

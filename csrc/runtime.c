@@ -1,0 +1,32 @@
+/* runtime.c — error strings and facts about the BLAS in use. */
+#include "ab_internal.h"
+
+#ifndef AB_BUILD_FLAGS
+#define AB_BUILD_FLAGS "unknown"
+#endif
+
+const char *ab_strerror(int code) {
+    switch (code) {
+    case AB_OK: return "ok";
+    case AB_EINVAL: return "invalid size or argument";
+    case AB_ENULL: return "a required buffer is NULL";
+    case AB_ERANGE: return "a token id or target is outside [0, vocab_size)";
+    case AB_EWORKSPACE: return "the workspace is smaller than required";
+    case AB_ETOOBIG: return "a dimension exceeds the BLAS integer range (2^31 - 1)";
+    case AB_ENOMEM: return "out of memory";
+    default: return "unknown error";
+    }
+}
+
+const char *ab_blas_name(void) { return AB_BLAS_NAME; }
+const char *ab_build_flags(void) { return AB_BUILD_FLAGS; }
+
+#ifdef AB_BLAS_HAVE_OPENBLAS_CONTROLS
+const char *ab_blas_corename(void) { return scipy_openblas_get_corename(); }
+int ab_blas_get_num_threads(void) { return scipy_openblas_get_num_threads(); }
+void ab_blas_set_num_threads(int n) { if (n > 0) scipy_openblas_set_num_threads(n); }
+#else
+const char *ab_blas_corename(void) { return "Accelerate"; }
+int ab_blas_get_num_threads(void) { return 0; }  /* Accelerate decides itself */
+void ab_blas_set_num_threads(int n) { (void)n; }
+#endif

@@ -1,0 +1,73 @@
+"""cffi builder (out-of-line API mode) for anebackward._lib.
+
+The cdef is read from csrc/anebackward.h between its CDEF markers, and the
+same header is #included by the C sources: one declaration, two readers.
+setup.py names this file in `cffi_modules`.
+
+BLAS: Accelerate on macOS; elsewhere OpenBLAS from the scipy-openblas32
+wheel (headers and library found through its own get_include_dir() /
+get_lib_dir()). At run time anebackward/_native.py loads that library first,
+so no rpath into the (possibly temporary) build environment is needed.
+
+Opt-in tuning: ANEBACKWARD_NATIVE=1 at build time adds -march=native (the
+default build runs on any x86-64 / arm64 machine).
+"""
+import glob
+import os
+import sys
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+API_HEADER = os.path.join(CSRC, "anebackward.h")
+
+
+def read_cdef(path=API_HEADER):
+    text = open(path, encoding="utf-8").read()
+    begin, end = "/* CDEF BEGIN */", "/* CDEF END */"
+    if begin not in text or end not in text:
+        raise RuntimeError(f"{path}: missing CDEF markers")
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def c_sources():
+    # ANE platform back ends compile only where they can run.
+    srcs = sorted(glob.glob(os.path.join(CSRC, "**", "*.c"), recursive=True))
+    if sys.platform != "darwin":
+        srcs = [s for s in srcs if not s.endswith("_darwin.c")]
+    return [os.path.relpath(s, HERE) for s in srcs]
+
+
+def build_options():
+    cflags = ["-O3", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+              "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if os.environ.get("ANEBACKWARD_NATIVE") == "1":
+        cflags.append("-march=native")
+    opts = dict(include_dirs=[CSRC, os.path.join(CSRC, "ane")], libraries=[], library_dirs=[],
+                extra_compile_args=cflags, extra_link_args=[], define_macros=[])
+    if sys.platform == "darwin":
+        opts["define_macros"].append(("ACCELERATE_NEW_LAPACK", None))
+        opts["extra_link_args"] += ["-framework", "Accelerate"]
+    else:
+        import scipy_openblas32 as sob
+        opts["include_dirs"].append(sob.get_include_dir())
+        opts["library_dirs"].append(sob.get_lib_dir())
+        opts["libraries"].append(sob.get_library())
+        opts["libraries"].append("m")
+    flags = " ".join(cflags)
+    opts["define_macros"].append(("AB_BUILD_FLAGS", '"%s"' % flags))
+    return opts
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(read_cdef())
+ffibuilder.set_source(
+    "anebackward._lib",
+    '#include "anebackward.h"\n',
+    sources=c_sources(),
+    **build_options(),
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
