@@ -1,0 +1,41 @@
+"""The `anebackward` command: `anebackward <command> [options]`.
+
+Each command is a module with `add_arguments(parser)` and `run(args)`;
+COMMANDS maps its name to that module, imported only when it is used.
+"""
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("anebackward.train", "train a small Llama (default: the embedded corpus)"),
+    "sample": ("anebackward.sample", "generate text from a llama2.c checkpoint"),
+    "bench": ("anebackward.bench", "benchmark the kernels and the training step"),
+    "selfcheck": ("anebackward.selfcheck", "check every kernel against float64 NumPy"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="anebackward", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (modname, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        if argv[:1] == [name]:  # import only the command being run
+            try:
+                modules[name] = importlib.import_module(modname)
+            except ModuleNotFoundError as e:
+                if e.name != modname:
+                    raise
+                parser.error(f"the '{name}' command is not part of this build")
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return modules[args.command].run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Shared test fixtures.
+
+torch is a test-only oracle. Without it the torch tests skip — unless
+ANEBACKWARD_REQUIRE_TORCH=1 (CI), which turns the skip into a failure.
+"""
+import os
+
+import numpy as np
+import pytest
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        if os.environ.get("ANEBACKWARD_REQUIRE_TORCH") == "1":
+            pytest.fail(f"ANEBACKWARD_REQUIRE_TORCH=1 but torch cannot be imported: {e}")
+        pytest.skip("torch is not installed (pip install torch==2.13.0 to run the oracle tests)")
+    return torch
+
+
+@pytest.fixture
+def torch():
+    return import_torch()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
