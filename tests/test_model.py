@@ -12,13 +12,19 @@ import pytest
 from anebackward import Llama, LlamaConfig
 
 
-def torch_llama_loss(torch, cfg, W, tokens, targets):
-    """float64 loss of llama2.c's Llama on weights W (name -> tensor)."""
+def torch_llama_loss(torch, cfg, W, tokens, targets, norm=None):
+    """float64 loss of llama2.c's Llama on weights W (name -> tensor).
+
+    norm(x, w, layer_input) may replace RMSNorm (the seed-defect tests plug
+    in the seed's wrong backward); layer_input is the residual input of the
+    layer being computed."""
     F = torch.nn.functional
     B, S = tokens.shape
     hd, H, KV = cfg.dim // cfg.n_heads, cfg.n_heads, cfg.n_kv_heads
 
-    def rmsnorm(x, w):
+    def rmsnorm(x, w, layer_input=None):
+        if norm is not None:
+            return norm(x, w, layer_input)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
 
     # llama2.c precompute_freqs_cis: frequencies in float32, as run.c
@@ -35,7 +41,8 @@ def torch_llama_loss(torch, cfg, W, tokens, targets):
     h = W["tok_embeddings.weight"][tokens]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        xn = rmsnorm(h, W[p + "attention_norm.weight"])
+        x_in = h
+        xn = rmsnorm(h, W[p + "attention_norm.weight"], x_in)
         q = (xn @ W[p + "attention.wq.weight"].T).view(B, S, H, hd)
         k = (xn @ W[p + "attention.wk.weight"].T).view(B, S, KV, hd)
         v = (xn @ W[p + "attention.wv.weight"].T).view(B, S, KV, hd)
@@ -47,7 +54,7 @@ def torch_llama_loss(torch, cfg, W, tokens, targets):
         att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, dim=-1) @ v
         att = att.transpose(1, 2).reshape(B, S, cfg.dim)
         h = h + att @ W[p + "attention.wo.weight"].T
-        xf = rmsnorm(h, W[p + "ffn_norm.weight"])
+        xf = rmsnorm(h, W[p + "ffn_norm.weight"], x_in)
         g = F.silu(xf @ W[p + "feed_forward.w1.weight"].T) * (xf @ W[p + "feed_forward.w3.weight"].T)
         h = h + g @ W[p + "feed_forward.w2.weight"].T
     h = rmsnorm(h, W["norm.weight"])
@@ -57,11 +64,11 @@ def torch_llama_loss(torch, cfg, W, tokens, targets):
                            ignore_index=-1)
 
 
-def torch_grads(torch, model, tokens, targets):
+def torch_grads(torch, model, tokens, targets, norm=None):
     W = {n: torch.tensor(p, dtype=torch.float64, requires_grad=True)
          for n, p in model.params.items()}
     loss = torch_llama_loss(torch, model.config, W, torch.tensor(tokens, dtype=torch.long),
-                            torch.tensor(targets, dtype=torch.long))
+                            torch.tensor(targets, dtype=torch.long), norm)
     loss.backward()
     return loss.item(), {n: t.grad.numpy() for n, t in W.items()}
 
