@@ -167,6 +167,41 @@ int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
                  int64_t step, float lr, float beta1, float beta2, float eps,
                  float weight_decay);
 
+/* ---- whole model (csrc/model/model.c) ----
+ * A Llama-2 model over the kernels above: one call per step. Parameters and
+ * gradients are flat float buffers laid out by ab_model_param_layout
+ * (offsets in floats; 2-D weights first, so weight decay covers the prefix
+ * [0, n_decay); a tied classifier has output == tok_embeddings). Activations
+ * live in a caller-owned workspace of ab_model_workspace_floats floats,
+ * reused across steps of the same (B, S).
+ * ab_model_forward: tokens/targets [B*S] int32, targets -1 = ignored, may be
+ *   NULL (logits only, at *logits_offset of the workspace). want_grad != 0
+ *   overwrites the logits with dlogits (mean over counted targets).
+ * ab_model_backward: after a want_grad forward on the same workspace; fills
+ *   every gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
+ * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
+typedef struct {
+    int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+    int shared_classifier;
+    float norm_eps;
+    int reference;
+} ab_model_config;
+typedef struct {
+    int64_t tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output;
+    int64_t attention_norm, ffn_norm, norm;
+    int64_t n_decay, n_params;
+} ab_model_layout;
+int ab_model_config_check(const ab_model_config *c);
+int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
+int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
+                              int64_t *total, int64_t *logits_offset);
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats);
+int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
+                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
+                      int accumulate, float *work, int64_t work_floats);
+
 /* CDEF END */
 
 #ifdef __cplusplus
