@@ -25,6 +25,7 @@
  * (an assumption about the hardware, documented in docs/ane.md). One input
  * and one output, as in the core's requests. */
 #include <ctype.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -174,7 +175,9 @@ static int expect_ident(lexer *L, char *out, size_t cap, const char *what) {
 static int parse_int(lexer *L, int64_t *v, const char *what) {
     if (L->kind != TK_NUM) return lex_fail(L, L->tline, "expected an integer (%s), found '%s'", what, L->text);
     char *endp;
+    errno = 0;
     long long x = strtoll(L->text, &endp, 10);
+    if (errno == ERANGE) return lex_fail(L, L->tline, "integer '%s' is out of range (%s)", L->text, what);
     if (*endp != '\0') return lex_fail(L, L->tline, "'%s' is not an integer (%s)", L->text, what);
     *v = x;
     next(L);
@@ -224,7 +227,7 @@ static int parse_type(lexer *L, emu_type *t) {
     int64_t count = 1;
     while (!is_punct(L, ']')) {
         if (t->rank == EMU_MAX_RANK) return lex_fail(L, line, "tensor rank above %d", EMU_MAX_RANK);
-        int64_t d;
+        int64_t d = 0;
         if ((rc = parse_int(L, &d, "a dimension"))) return rc;
         if (d <= 0) return lex_fail(L, line, "tensor dimension %lld must be positive", (long long)d);
         if (d > EMU_MAX_ELEMS / count) return lex_fail(L, line, "tensor too large");
@@ -323,7 +326,7 @@ static int parse_literal(lexer *L, emu_value *v) {
     if (!v->ivals) return ab_ane_fail(L->err, L->errcap, AB_ENOMEM, "out of memory");
     int64_t n = 0;
     while (!is_punct(L, ']')) {
-        int64_t x;
+        int64_t x = 0;
         if ((rc = parse_int(L, &x, "a tensor element"))) return rc;
         if (n == lt.dims[0]) return lex_fail(L, line, "const '%s' has more than %lld values", v->name, (long long)lt.dims[0]);
         if (x < INT32_MIN || x > INT32_MAX) return lex_fail(L, line, "value %lld does not fit int32", (long long)x);
