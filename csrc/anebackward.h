@@ -235,6 +235,9 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
 int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
+/* Test hook of the emulated platform: the next "compile", "load" or
+ * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
+int ab_ane_emulated_fail_next(const char *stage);
 
 /* Core pieces, exposed for tests. */
 /* MIL text of the dynamic-weight dx program; snprintf semantics: returns the

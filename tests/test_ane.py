@@ -280,3 +280,56 @@ def test_bad_arguments(emulator, rng):
         ane.use_emulator("yes")
     with pytest.raises(TypeError, match="mil must be a str"):
         ane.run_mil(b"program", np.zeros(2, np.float16), (2,))
+
+
+@pytest.fixture
+def fail_next():
+    from anebackward._native import ffi, lib
+
+    def arm(stage):
+        assert lib.ab_ane_emulated_fail_next(stage.encode()) == 0
+    yield arm
+    lib.ab_ane_emulated_fail_next(ffi.NULL)
+
+
+@pytest.mark.parametrize("stage", ["compile", "load"])
+def test_build_failure_strict_raises_with_the_platform_message(emulator, rng, fail_next, stage):
+    from anebackward.errors import AnebackwardError
+    dy, W, ref = problem(rng, 32, 16, 24)
+    fail_next(stage)
+    with pytest.raises(AnebackwardError, match=f"emulated platform, {stage} of the linear_backward_dx "
+                                               f"program \\(S=32, in=16, out=24\\) failed: injected {stage} failure"):
+        ab.linear_backward_dx(dy, W, backend="ane")
+    # the failed shape is remembered: no second compile, same message
+    with pytest.raises(AnebackwardError, match=f"injected {stage} failure"):
+        ab.linear_backward_dx(dy, W, backend="ane")
+    assert ane.status()["compiles"] == 1
+
+
+@pytest.mark.parametrize("stage", ["compile", "load"])
+def test_build_failure_auto_never_fails(emulator, rng, fail_next, stage):
+    ane.configure(min_flops=0)
+    dy, W, ref = problem(rng, 32, 16, 24)
+    fail_next(stage)
+    got = ab.linear_backward_dx(dy, W, backend="auto")
+    assert ane.last_call()["fallback"] == "platform error"
+    assert rel_err(got, ref) < 1e-6
+    st = ane.status()
+    assert f"injected {stage} failure" in st["last_error"] and st["fallbacks"]["error"] == 1
+    ab.linear_backward_dx(dy, W, backend="auto")
+    assert ane.status()["compiles"] == 1, "a failed shape is not compiled again"
+
+
+def test_evaluate_failure(emulator, rng, fail_next):
+    from anebackward.errors import AnebackwardError
+    ane.configure(min_flops=0)
+    dy, W, ref = problem(rng, 32, 16, 24)
+    fail_next("evaluate")
+    with pytest.raises(AnebackwardError, match="emulated platform, evaluate linear_backward_dx .*: "
+                                               "injected evaluate failure"):
+        ab.linear_backward_dx(dy, W, backend="ane")
+    fail_next("evaluate")
+    got = ab.linear_backward_dx(dy, W, backend="auto")     # auto: CPU result
+    assert ane.last_call()["fallback"] == "platform error" and rel_err(got, ref) < 1e-6
+    got = ab.linear_backward_dx(dy, W, backend="ane")      # evaluation errors may be transient
+    assert ane.last_call()["fallback"] is None and rel_err(got, ref) < 1e-3

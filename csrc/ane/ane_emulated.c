@@ -37,6 +37,24 @@
 #define EMU_NAME 64
 #define EMU_MAX_ELEMS ((int64_t)1 << 34)
 
+/* Test hook: make the next compile / load / evaluate of this platform fail,
+ * as the Neural Engine's can, so the dispatch's error paths get exercised. */
+enum { FAIL_NONE, FAIL_COMPILE, FAIL_LOAD, FAIL_EVAL };
+static volatile int g_fail_next = FAIL_NONE;
+
+int ab_ane_emulated_fail_next(const char *stage) {
+    if (!stage) { g_fail_next = FAIL_NONE; return AB_OK; }
+    if (strcmp(stage, "compile") == 0) g_fail_next = FAIL_COMPILE;
+    else if (strcmp(stage, "load") == 0) g_fail_next = FAIL_LOAD;
+    else if (strcmp(stage, "evaluate") == 0) g_fail_next = FAIL_EVAL;
+    else return AB_EINVAL;
+    return AB_OK;
+}
+
+static int take_failure(int stage) {
+    return __sync_bool_compare_and_swap(&g_fail_next, stage, FAIL_NONE);
+}
+
 enum { DT_FP16, DT_FP32, DT_INT32, DT_BOOL, DT_STRING };
 static const char *dt_name[] = {"fp16", "fp32", "int32", "bool", "string"};
 static size_t dt_size(int dt) { return dt == DT_FP16 ? 2 : 4; }
@@ -665,6 +683,8 @@ static int parse_program(lexer *L, emu_prog *P) {
 
 static int emu_compile(const char *mil, size_t len, void **prog, char *err, size_t errcap) {
     *prog = NULL;
+    if (take_failure(FAIL_COMPILE))
+        return ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "injected compile failure (test hook)");
     emu_prog *P = calloc(1, sizeof *P);
     if (!P) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
     lexer L = {mil, mil + len, 1, TK_EOF, 1, "", err, errcap, 0};
@@ -678,6 +698,8 @@ static int emu_compile(const char *mil, size_t len, void **prog, char *err, size
  * plus the fp32 scratch matmul needs: allocated once, reused by each eval. */
 static int emu_load(void *prog, char *err, size_t errcap) {
     emu_prog *P = prog;
+    if (take_failure(FAIL_LOAD))
+        return ab_ane_fail(err, errcap, AB_ANE_ELOAD, "injected load failure (test hook)");
     if (P->loaded) return AB_OK;
     int64_t scratch = 0;
     for (int i = 0; i < P->nins; i++) {
@@ -800,6 +822,8 @@ static void emu_surface_release(void *surface) {
 static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap) {
     emu_prog *P = prog;
     emu_surface *si = in_surface, *so = out_surface;
+    if (take_failure(FAIL_EVAL))
+        return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "injected evaluate failure (test hook)");
     if (!P->loaded) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: the program is not loaded");
     if (!si || !so || si->bytes != P->in_bytes || so->bytes != P->out_bytes)
         return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: surfaces of %zu/%zu bytes, the program "
