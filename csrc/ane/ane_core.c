@@ -35,10 +35,28 @@
 #define AB_ANE_ROW_ALIGN 32
 #define AB_ANE_MSG 384
 
-enum { KIND_LINEAR_DX = 1 };
+/* What the cache needs to know about a kernel: its MIL generator and the
+ * sizes of its packed input, output and fp32 staging tile for S rows and two
+ * dimensions (a, b). Adding a kernel = a MIL generator, one of these, and a
+ * pack/unpack routine like tile_on_ane. */
+typedef struct {
+    const char *name;
+    int64_t (*mil)(char *buf, int64_t cap, int64_t S, int64_t a, int64_t b);
+    size_t (*in_bytes)(int64_t S, int64_t a, int64_t b);
+    size_t (*out_bytes)(int64_t S, int64_t a, int64_t b);
+    int64_t (*scratch_floats)(int64_t S, int64_t a, int64_t b);
+} ane_kernel;
+
+/* linear_backward_dx, a = in, b = out: input fp16 [1, out, 1, S + in],
+ * output fp16 [1, in, 1, S], staging max(in, out) x S floats. */
+static size_t dx_in_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)out * (size_t)(S + in) * 2; }
+static size_t dx_out_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)in * (size_t)S * 2; }
+static int64_t dx_scratch(int64_t S, int64_t in, int64_t out) { return (in > out ? in : out) * S; }
+static const ane_kernel K_LINEAR_DX = {"linear_backward_dx", ab_ane_mil_linear_dx, dx_in_bytes,
+                                       dx_out_bytes, dx_scratch};
 
 typedef struct {
-    int kind;
+    const ane_kernel *kernel;
     int64_t S, in, out;
     int code;                   /* AB_OK: ready; else why it failed */
     char msg[AB_ANE_MSG];
@@ -181,12 +199,13 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
     const ab_ane_platform *pf = ctx->pf;
     char pm[AB_ANE_MSG] = "";
     const char *stage = "MIL generation";
+    const ane_kernel *k = e->kernel;
     int64_t S = e->S, in = e->in, out = e->out;
-    int64_t len = ab_ane_mil_linear_dx(NULL, 0, S, in, out);
+    int64_t len = k->mil(NULL, 0, S, in, out);
     char *mil = len > 0 ? malloc((size_t)len + 1) : NULL;
     int rc = len < 0 ? (int)len : (mil ? AB_OK : AB_ENOMEM);
     if (!rc) {
-        ab_ane_mil_linear_dx(mil, len + 1, S, in, out);
+        k->mil(mil, len + 1, S, in, out);
         stage = "compile";
         ctx->st.compiles++;
         rc = pf->compile(mil, (size_t)len, &e->prog, pm, sizeof pm);
@@ -195,17 +214,17 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
     if (!rc) { stage = "load"; rc = pf->load(e->prog, pm, sizeof pm); }
     if (!rc) {
         stage = "surface";
-        rc = pf->surface_create((size_t)out * (size_t)(S + in) * 2, &e->in_surf, pm, sizeof pm);
-        if (!rc) rc = pf->surface_create((size_t)in * (size_t)S * 2, &e->out_surf, pm, sizeof pm);
+        rc = pf->surface_create(k->in_bytes(S, in, out), &e->in_surf, pm, sizeof pm);
+        if (!rc) rc = pf->surface_create(k->out_bytes(S, in, out), &e->out_surf, pm, sizeof pm);
     }
     if (!rc) {
-        e->scratch = malloc((size_t)(in > out ? in : out) * (size_t)S * sizeof(float));
+        e->scratch = malloc((size_t)k->scratch_floats(S, in, out) * sizeof(float));
         if (!e->scratch) { rc = AB_ENOMEM; snprintf(pm, sizeof pm, "out of memory"); }
     }
     e->code = rc;
     if (rc) {
-        snprintf(e->msg, sizeof e->msg, "%s platform, %s of the linear_backward_dx program "
-                 "(S=%lld, in=%lld, out=%lld) failed: %s", pf->name, stage, (long long)S,
+        snprintf(e->msg, sizeof e->msg, "%s platform, %s of the %s program "
+                 "(S=%lld, in=%lld, out=%lld) failed: %s", pf->name, stage, k->name, (long long)S,
                  (long long)in, (long long)out, pm[0] ? pm : ab_ane_strerror(rc));
         /* keep the entry as a remembered failure, without resources */
         if (e->prog) pf->unload(e->prog);
@@ -218,10 +237,10 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
 }
 
 /* The cached program for a shape; NULL when the budget forbids a new one. */
-static ane_entry *entry_get(ab_ane_ctx *ctx, int kind, int64_t S, int64_t in, int64_t out) {
+static ane_entry *entry_get(ab_ane_ctx *ctx, const ane_kernel *kernel, int64_t S, int64_t in, int64_t out) {
     for (int64_t i = 0; i < ctx->n; i++) {
         ane_entry *e = &ctx->entries[i];
-        if (e->kind == kind && e->S == S && e->in == in && e->out == out) return e;
+        if (e->kernel == kernel && e->S == S && e->in == in && e->out == out) return e;
     }
     if (ctx->st.compiles >= ctx->max_programs) return NULL;
     if (ctx->n == ctx->cap) {
@@ -233,7 +252,7 @@ static ane_entry *entry_get(ab_ane_ctx *ctx, int kind, int64_t S, int64_t in, in
     }
     ane_entry *e = &ctx->entries[ctx->n++];
     memset(e, 0, sizeof *e);
-    e->kind = kind;
+    e->kernel = kernel;
     e->S = S;
     e->in = in;
     e->out = out;
@@ -336,7 +355,7 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
     ctx->st.calls++;
 
     int rc = AB_OK, reason = AB_ANE_FB_NONE;
-    ane_entry *e = entry_get(ctx, KIND_LINEAR_DX, S, in, out);
+    ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, in, out);
     if (!e) {
         reason = AB_ANE_FB_BUDGET;
     } else if (e->code) {
