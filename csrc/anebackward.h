@@ -235,6 +235,10 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
 int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
+/* Run a small exactly representable dx problem through the platform and
+ * compare with the CPU bit for bit (one compile; the darwin platform runs it
+ * when a context opens). */
+int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
 /* Test hook of the emulated platform: the next "compile", "load" or
  * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
 int ab_ane_emulated_fail_next(const char *stage);

@@ -333,3 +333,12 @@ def test_evaluate_failure(emulator, rng, fail_next):
     assert ane.last_call()["fallback"] == "platform error" and rel_err(got, ref) < 1e-6
     got = ab.linear_backward_dx(dy, W, backend="ane")      # evaluation errors may be transient
     assert ane.last_call()["fallback"] is None and rel_err(got, ref) < 1e-3
+
+
+def test_self_test_passes_and_reports_failures(emulator, fail_next):
+    assert ane.self_test() is None
+    assert ane.status()["compiles"] == 1 and ane.status()["cache_size"] == 1
+    ane.reset()
+    fail_next("evaluate")
+    why = ane.self_test()
+    assert "emulated platform failed its self-test" in why and "injected evaluate failure" in why

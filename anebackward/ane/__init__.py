@@ -248,6 +248,21 @@ def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane"):
     return out
 
 
+def self_test():
+    """Run a small dx problem whose every value is exact in fp16 on the
+    current platform and compare with the CPU bit for bit. Returns None when
+    it passes, else the reason (a string). Costs one compile (the program
+    stays cached). The darwin platform runs this when it opens, so that a
+    Mac whose Neural Engine cannot run programs (e.g. a virtual machine)
+    reports available() False with that reason."""
+    ctx, _, reason = _current()
+    if ctx is None:
+        return reason
+    err = ffi.new("char[]", _ERRCAP)
+    rc = lib.ab_ane_self_test(ctx, err, _ERRCAP)
+    return (ffi.string(err).decode(errors="replace") or ffi.string(lib.ab_ane_strerror(rc)).decode()) if rc else None
+
+
 def mil_linear_dx(S, n_in, n_out):
     """The MIL program text that computes dx for S rows (diagnosis, tests)."""
     fn = "anebackward.ane.mil_linear_dx"

@@ -136,6 +136,14 @@ int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap
     c->max_programs = AB_ANE_DEFAULT_MAX_PROGRAMS;
     c->tile_rows = AB_ANE_DEFAULT_TILE_ROWS;
     c->loss_scaling = 1;
+    if (pf->self_test_on_open) {
+        char why[AB_ANE_MSG];
+        rc = ab_ane_self_test(c, why, sizeof why);
+        if (rc) {
+            ab_ane_close(c);
+            return ab_ane_fail(err, errcap, AB_ANE_EUNAVAILABLE, "%s", why);
+        }
+    }
     *ctx = c;
     return AB_OK;
 }
@@ -450,4 +458,31 @@ int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_b
     }
     pthread_mutex_unlock(&ctx->mu);
     return rc;
+}
+
+/* dx for a 32 x 32 x 32 problem of small integers: every product and sum is
+ * exact in fp16, so the platform must reproduce the CPU result bit for bit.
+ * The program stays cached for later calls of the same shape. */
+int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap) {
+    enum { n = 32 };
+    float dy[n * n], W[n * n], dx[n * n], want[n * n];
+    if (err && errcap) err[0] = '\0';
+    AB_NONNULL(ctx);
+    for (int i = 0; i < n * n; i++) {
+        dy[i] = (float)((i * 7) % 5 - 2);
+        W[i] = (float)((i * 11) % 5 - 2);
+    }
+    int rc = ab_linear_backward_dx(want, dy, W, n, n, n, 0);
+    if (rc) return ab_ane_fail(err, errcap, rc, "self-test: CPU reference failed");
+    ab_ane_call_info info;
+    char why[AB_ANE_MSG] = "";
+    rc = ab_ane_linear_backward_dx(ctx, dx, dy, W, n, n, n, 0, AB_ANE_STRICT, &info, why, sizeof why);
+    if (rc) return ab_ane_fail(err, errcap, rc, "%s platform failed its self-test: %s", ctx->pf->name, why);
+    if (info.tiles_cpu) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "%s platform failed its self-test: "
+                                           "the test program fell back to the CPU", ctx->pf->name);
+    for (int i = 0; i < n * n; i++)
+        if (dx[i] != want[i])
+            return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "%s platform failed its self-test: dx[%d] = %g, "
+                               "expected %g", ctx->pf->name, i, (double)dx[i], (double)want[i]);
+    return AB_OK;
 }

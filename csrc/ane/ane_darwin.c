@@ -333,6 +333,6 @@ static void dw_surface_release(void *surface) {
 }
 
 const ab_ane_platform ab_ane_platform_darwin = {
-    "darwin", dw_probe, dw_compile, dw_load, dw_eval, dw_unload,
+    "darwin", 1, dw_probe, dw_compile, dw_load, dw_eval, dw_unload,
     dw_surface_create, dw_surface_lock, dw_surface_unlock, dw_surface_release,
 };

@@ -868,6 +868,6 @@ static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, 
 static int emu_probe(char *err, size_t errcap) { return AB_OK; }
 
 const ab_ane_platform ab_ane_platform_emulated = {
-    "emulated", emu_probe, emu_compile, emu_load, emu_eval, emu_unload,
+    "emulated", 0, emu_probe, emu_compile, emu_load, emu_eval, emu_unload,
     emu_surface_create, emu_surface_lock, emu_surface_unlock, emu_surface_release,
 };

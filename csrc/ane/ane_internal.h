@@ -16,6 +16,9 @@
 
 typedef struct ab_ane_platform {
     const char *name;
+    /* Run ab_ane_self_test when a context opens: a framework that loads may
+     * still be unable to run programs (e.g. in a virtual machine). */
+    int self_test_on_open;
     /* Can this platform run in this process? (framework, classes, CPU) */
     int (*probe)(char *err, size_t errcap);
     /* MIL text -> program (not yet loaded). */
