@@ -226,7 +226,10 @@ int ab_ane_get_stats(ab_ane_ctx *ctx, ab_ane_stats *out);
 /* The latest platform failure met by this context ("" if none). */
 int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap);
 /* dx[N,in] (+)= dy[N,out] · W[out,in] on the ANE, tile by tile; a tile whose
- * fp16 result overflows (or a budget/range problem) is computed on the CPU. */
+ * fp16 result overflows (or a budget/range problem) is computed on the CPU.
+ * Platform errors: without AB_ANE_STRICT the CPU takes over silently; with
+ * it the error is returned, and dx is either untouched (the program could not
+ * be built) or complete (evaluation failed midway: the rest ran on the CPU). */
 int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
                               const float *W, int64_t N, int64_t in, int64_t out,
                               int accumulate, int flags, ab_ane_call_info *info,

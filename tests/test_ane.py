@@ -325,9 +325,11 @@ def test_evaluate_failure(emulator, rng, fail_next):
     ane.configure(min_flops=0)
     dy, W, ref = problem(rng, 32, 16, 24)
     fail_next("evaluate")
+    out = np.zeros((32, 16), np.float32)
     with pytest.raises(AnebackwardError, match="emulated platform, evaluate linear_backward_dx .*: "
                                                "injected evaluate failure"):
-        ab.linear_backward_dx(dy, W, backend="ane")
+        ab.linear_backward_dx(dy, W, out=out, backend="ane")
+    assert rel_err(out, ref) < 1e-6, "the failed tile was still computed (on the CPU)"
     fail_next("evaluate")
     got = ab.linear_backward_dx(dy, W, backend="auto")     # auto: CPU result
     assert ane.last_call()["fallback"] == "platform error" and rel_err(got, ref) < 1e-6

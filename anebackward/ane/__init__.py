@@ -211,7 +211,9 @@ def last_call():
 def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane"):
     """dx[..., in] = dy[..., out] · W[out, in] on the ANE (accumulate=True:
     out += that). backend="ane" raises if there is no ANE or the platform
-    fails; "auto" falls back to the CPU on any ANE problem."""
+    fails (out is then untouched, or complete when evaluation failed midway
+    and the CPU finished the rows); "auto" falls back to the CPU on any ANE
+    problem. See last_call() for how the call went."""
     fn = "anebackward.ane.linear_backward_dx"
     if backend not in ("ane", "auto"):
         raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")

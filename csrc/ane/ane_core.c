@@ -376,7 +376,7 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
         float wmax = max_abs(W, in * out, &finite);
         if (!finite || wmax >= 65520.0f) reason = AB_ANE_FB_RANGE;
     }
-    int W_written = 0, got_scale = 0;
+    int W_written = 0, got_scale = 0, failed = AB_OK;
     for (int64_t t = 0; t < tiles && rc == AB_OK; t++) {
         int64_t r0 = t * S, rows = N - r0 < S ? N - r0 : S;
         float *dxt = dx + r0 * in;
@@ -394,7 +394,9 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
                                       &overflow, pm, sizeof pm);
                 W_written = 1;
                 if (trc) {
-                    if (strict) { rc = ab_ane_fail(err, errcap, trc, "%s", pm); break; }
+                    /* This and the remaining tiles go to the CPU either way, so
+                     * dx is never left half-updated; strict calls then report. */
+                    if (strict && !failed) failed = ab_ane_fail(err, errcap, trc, "%s", pm);
                     tile_reason = AB_ANE_FB_ERROR;
                     reason = AB_ANE_FB_ERROR;        /* do not retry the platform this call */
                     snprintf(ctx->last_error, sizeof ctx->last_error, "%s", pm);
@@ -414,7 +416,7 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
         }
     }
     pthread_mutex_unlock(&ctx->mu);
-    return rc;
+    return rc ? rc : failed;
 }
 
 int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
