@@ -56,14 +56,15 @@ def generate(model, tokenizer, prompt="", steps=256, temperature=0.0, top_p=0.9,
         raise ValueError(f"generate: the prompt is {len(prompt_tokens)} tokens, more than --steps "
                          f"{steps} (max_seq_len {model.config.max_seq_len})")
     rng = np.random.default_rng(seed)
+    dec = model.decoder()
     seq = [prompt_tokens[0]]
     out = []
     pos = 0
     while pos < steps:
+        logits = dec.step(seq[-1], pos)   # run.c forwards every position, prompt included
         if pos < len(prompt_tokens) - 1:
             nxt = prompt_tokens[pos + 1]
         else:
-            logits = model.logits(np.array(seq, dtype=np.int32), last_only=True)[0]
             nxt = _pick(logits, temperature, top_p, rng)
         pos += 1
         if nxt == 1:   # BOS delimits sequences

@@ -202,6 +202,16 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
                       const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
                       int accumulate, float *work, int64_t work_floats);
 
+/* One-token inference with a KV cache, as llama2.c's run.c forward():
+ * logits[vocab] for `token` at position `pos` (< max_seq_len), keys/values
+ * of positions < pos read from kv_cache (ab_model_kv_cache_floats floats),
+ * this position's written to it. work: ab_model_decode_workspace_floats. */
+int64_t ab_model_kv_cache_floats(const ab_model_config *c);
+int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
+int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
+                    int32_t token, int64_t pos, float *kv_cache, float *work,
+                    int64_t work_floats);
+
 /* CDEF END */
 
 #ifdef __cplusplus
