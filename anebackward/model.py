@@ -221,7 +221,9 @@ class Llama:
             off = ffi.new("int64_t *")
             check(lib.ab_model_workspace_floats(self._cfg, B, S, total, off), "Llama workspace")
             self._ws = None  # free the old one first
-            self._ws = (B, S, np.empty(total[0], dtype=np.float32), off[0])
+            work = np.empty(total[0], dtype=np.float32)
+            work[-1] = 0.0   # C's "dlogits ready" marker: nothing to backward yet
+            self._ws = (B, S, work, off[0])
         return self._ws[2]
 
     def workspace_bytes(self, batch_size, seq_len):

@@ -177,8 +177,9 @@ int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  * ab_model_forward: tokens/targets [B*S] int32, targets -1 = ignored, may be
  *   NULL (logits only, at *logits_offset of the workspace). want_grad != 0
  *   overwrites the logits with dlogits (mean over counted targets).
- * ab_model_backward: after a want_grad forward on the same workspace; fills
- *   every gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
+ * ab_model_backward: after a want_grad forward on the same workspace (else
+ *   AB_EINVAL; one backward per forward); fills every gradient, scaled by
+ *   grad_scale; accumulate != 0 adds (+=) to grads.
  * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;

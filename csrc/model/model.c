@@ -108,6 +108,7 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
 typedef struct {
     int64_t X, XA, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, ATTW;       /* scratch */
+    int64_t READY;   /* 1 float: 1 after a want_grad forward, 0 once backward used it */
     int64_t total;
 } ws_layout;
 
@@ -140,6 +141,7 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DK = p; p += N * kv;
     w->DV = p; p += N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
+    w->READY = p; p += 1;
     w->total = p;
     return AB_OK;
 }
@@ -176,6 +178,7 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
 
+    work[W.READY] = 0.0f;
     float *X0 = work + W.X;
     TRY(k->embedding_forward(X0, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++) {
@@ -218,6 +221,7 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
         double loss = 0.0;
         TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
         if (loss_out) *loss_out = loss;
+        if (want_grad) work[W.READY] = 1.0f;
     }
     return AB_OK;
 }
@@ -232,6 +236,9 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
     AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(tokens); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
+    /* dlogits must come from a want_grad forward on this workspace, once */
+    AB_REQUIRE(work[W.READY] == 1.0f, AB_EINVAL);
+    work[W.READY] = 0.0f;
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
     const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
