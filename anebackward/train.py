@@ -178,6 +178,10 @@ def train(args, stream=sys.stdout):
         st.update(resume_extra["settings"])
         if "steps" in given:
             st["steps"] = given["steps"]
+        ignored = sorted(k for k in given if k != "steps" and given[k] != st[k])
+        if ignored:
+            say("--resume keeps the saved run's settings; ignoring "
+                + ", ".join("--" + k.replace("_", "-") for k in ignored))
         tokenizer = Tokenizer.load(os.path.join(args.resume, "tokenizer.bin"),
                                    vocab_size=model.config.vocab_size)
         start = int(resume_extra["step"])
