@@ -196,13 +196,6 @@ int ab_model_config_check(const ab_model_config *c);
 int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
 int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
                               int64_t *total, int64_t *logits_offset);
-int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
-                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                     int want_grad, float *work, int64_t work_floats);
-int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
-                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
-                      int accumulate, float *work, int64_t work_floats);
-
 /* One-token inference with a KV cache, as llama2.c's run.c forward():
  * logits[vocab] for `token` at position `pos` (< max_seq_len), keys/values
  * of positions < pos read from kv_cache (ab_model_kv_cache_floats floats),
@@ -212,6 +205,13 @@ int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
 int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
                     int32_t token, int64_t pos, float *kv_cache, float *work,
                     int64_t work_floats);
+
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats);
+int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
+                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
+                      int accumulate, float *work, int64_t work_floats);
 
 /* CDEF END */
 
