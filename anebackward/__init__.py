@@ -10,6 +10,8 @@ Kernels (each returns its results and accepts preallocated outputs):
   cross_entropy, cross_entropy_backward              (.cross_entropy)
   embedding, embedding_backward                      (.embedding)
   clip_grad_norm, grad_norm, adamw_step              (.optim)
+The whole model (anebackward.model; C forward/backward in csrc/model):
+  LlamaConfig, Llama (flat params/grads, llama2.c checkpoints), AdamW, cosine_lr
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
 ANEBACKWARD_BACKEND, else "auto").
 """

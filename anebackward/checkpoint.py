@@ -23,7 +23,7 @@ directory, flushed, fsynced and renamed over the target (os.replace).
 import json
 import os
 import struct
-import tempfile
+import uuid
 
 import numpy as np
 
@@ -130,7 +130,9 @@ def _atomic_write(path, write):
     path; on any error the temporary file is removed and path is untouched."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    # like mkstemp, but with the umask's permissions (mkstemp would make it 0600)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -221,7 +221,9 @@ class Llama:
             off = ffi.new("int64_t *")
             check(lib.ab_model_workspace_floats(self._cfg, B, S, total, off), "Llama workspace")
             self._ws = None  # free the old one first
-            self._ws = (B, S, np.empty(total[0], dtype=np.float32), off[0])
+            work = np.empty(total[0], dtype=np.float32)
+            work[-1] = 0.0   # C's "dlogits ready" marker: nothing to backward yet
+            self._ws = (B, S, work, off[0])
         return self._ws[2]
 
     def workspace_bytes(self, batch_size, seq_len):
@@ -297,6 +299,12 @@ class Llama:
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()
 
+    def decoder(self):
+        """A KV-cache decoder for generation, one token per call, like
+        llama2.c's run.c: `dec.step(token, pos)` returns the logits [vocab]
+        of the next token (a buffer overwritten by the next call)."""
+        return Decoder(self)
+
     # -- gradients and parameters ------------------------------------------
     def zero_grad(self):
         self.flat_grads[:] = 0.0
@@ -330,6 +338,36 @@ class Llama:
         """Read a llama2.c v0 checkpoint."""
         from .checkpoint import load_model
         return load_model(path, backend=backend)
+
+
+class Decoder:
+    """Incremental inference over a Llama (see Llama.decoder). Positions must
+    be fed in order 0, 1, 2, ...; the cache holds max_seq_len positions."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model._cfg
+        self.kv_cache = np.zeros(lib.ab_model_kv_cache_floats(cfg), dtype=np.float32)
+        self._work = np.zeros(lib.ab_model_decode_workspace_floats(cfg), dtype=np.float32)
+        self._logits = np.zeros(model.config.vocab_size, dtype=np.float32)
+        self.pos = 0
+
+    def step(self, token, pos=None):
+        fn = "Decoder.step"
+        pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
+        if pos > self.pos:
+            raise ValueError(f"{fn}: pos {pos} skips positions; the next position is {self.pos}")
+        if pos >= self.model.config.max_seq_len:
+            raise ValueError(f"{fn}: pos {pos} >= max_seq_len {self.model.config.max_seq_len}")
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or \
+                not 0 <= token < self.model.config.vocab_size:
+            raise ValueError(f"{fn}: token must be an int in [0, {self.model.config.vocab_size}), "
+                             f"got {token!r}")
+        check(lib.ab_model_decode(fptr(self._logits), self.model._cfg,
+                                  fptr(self.model.flat_params), int(token), pos,
+                                  fptr(self.kv_cache), fptr(self._work), self._work.size), fn)
+        self.pos = pos + 1
+        return self._logits
 
 
 def cosine_lr(step, *, max_lr, warmup_steps, total_steps, min_lr=0.0):

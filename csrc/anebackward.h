@@ -177,8 +177,9 @@ int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  * ab_model_forward: tokens/targets [B*S] int32, targets -1 = ignored, may be
  *   NULL (logits only, at *logits_offset of the workspace). want_grad != 0
  *   overwrites the logits with dlogits (mean over counted targets).
- * ab_model_backward: after a want_grad forward on the same workspace; fills
- *   every gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
+ * ab_model_backward: after a want_grad forward on the same workspace (else
+ *   AB_EINVAL; one backward per forward); fills every gradient, scaled by
+ *   grad_scale; accumulate != 0 adds (+=) to grads.
  * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
@@ -195,6 +196,16 @@ int ab_model_config_check(const ab_model_config *c);
 int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
 int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
                               int64_t *total, int64_t *logits_offset);
+/* One-token inference with a KV cache, as llama2.c's run.c forward():
+ * logits[vocab] for `token` at position `pos` (< max_seq_len), keys/values
+ * of positions < pos read from kv_cache (ab_model_kv_cache_floats floats),
+ * this position's written to it. work: ab_model_decode_workspace_floats. */
+int64_t ab_model_kv_cache_floats(const ab_model_config *c);
+int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
+int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
+                    int32_t token, int64_t pos, float *kv_cache, float *work,
+                    int64_t work_floats);
+
 int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats);

@@ -144,6 +144,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "model.bin"
     m.save(path)
     before = open(path, "rb").read()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
     m.flat_params[:] = 0.5
     import anebackward.checkpoint as ck
 

@@ -243,3 +243,42 @@ def test_bad_input_raises(rng):
         LlamaConfig(dim=12, hidden_dim=8, n_layers=1, n_heads=4)
     with pytest.raises(TypeError):
         Llama({"dim": 3})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_kv_cache_decoder_matches_full_forward(rng, tied):
+    cfg = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=41,
+                      max_seq_len=12, shared_classifier=tied)
+    m = Llama(cfg, seed=0)
+    randomize(m, rng, norm_spread=0.2)
+    m.flat_params[:m.n_decay] *= 0.5
+    tokens = rng.integers(0, 41, size=12)
+    full = m.logits(tokens)[0]
+    dec = m.decoder()
+    for pos, t in enumerate(tokens):
+        np.testing.assert_allclose(dec.step(int(t)), full[pos], rtol=1e-4,
+                                   atol=1e-4 * np.abs(full[pos]).max())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        dec.step(1)
+    with pytest.raises(ValueError, match="token"):
+        m.decoder().step(41)
+    with pytest.raises(ValueError, match="skips"):
+        m.decoder().step(1, pos=3)
+
+
+def test_c_backward_refuses_without_a_grad_forward(rng):
+    """The C entry point itself (not only the Python guard) refuses a
+    backward whose dlogits were not produced, or were already used."""
+    from anebackward._native import fptr, iptr, lib
+    m = Llama(LlamaConfig.preset("tiny"), seed=0)
+    tokens = rng.integers(0, 259, size=(1, 8)).astype(np.int32)
+
+    def c_backward():
+        work = m._ws[2]
+        return lib.ab_model_backward(m._cfg, fptr(m.flat_params), fptr(m.flat_grads),
+                                     iptr(tokens), 1, 8, 1.0, 0, fptr(work), work.size)
+    m.forward(tokens, want_grad=False)
+    assert c_backward() == lib.AB_EINVAL
+    m.forward(tokens)
+    assert c_backward() == 0
+    assert c_backward() == lib.AB_EINVAL

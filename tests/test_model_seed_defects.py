@@ -5,7 +5,6 @@ misses by far more than the tolerance: so the test would catch the defect.
 (The checkpoint freq_cis defect is tested in test_checkpoint.py.)
 """
 import numpy as np
-import pytest
 
 from anebackward import AdamW, Llama, LlamaConfig
 from anebackward.model import param_layout, tensor_specs

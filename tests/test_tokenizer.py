@@ -3,7 +3,6 @@ encoding (checked on the real llama2.c tokenizer.bin when it is present)."""
 import os
 import struct
 
-import numpy as np
 import pytest
 
 from anebackward import CheckpointError

@@ -108,6 +108,7 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
 typedef struct {
     int64_t X, XA, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, ATTW;       /* scratch */
+    int64_t READY;   /* 1 float: 1 after a want_grad forward, 0 once backward used it */
     int64_t total;
 } ws_layout;
 
@@ -140,6 +141,7 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DK = p; p += N * kv;
     w->DV = p; p += N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
+    w->READY = p; p += 1;
     w->total = p;
     return AB_OK;
 }
@@ -176,6 +178,7 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
 
+    work[W.READY] = 0.0f;
     float *X0 = work + W.X;
     TRY(k->embedding_forward(X0, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++) {
@@ -218,6 +221,7 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
         double loss = 0.0;
         TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
         if (loss_out) *loss_out = loss;
+        if (want_grad) work[W.READY] = 1.0f;
     }
     return AB_OK;
 }
@@ -232,6 +236,9 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
     AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(tokens); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
+    /* dlogits must come from a want_grad forward on this workspace, once */
+    AB_REQUIRE(work[W.READY] == 1.0f, AB_EINVAL);
+    work[W.READY] = 0.0f;
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
     const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
@@ -307,5 +314,80 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
     }
     /* embedding: scatter-add (onto the classifier's dW when tied) */
     TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
+    return AB_OK;
+}
+
+/* ---- one-token inference with a KV cache (run.c's forward) ----
+ * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb,
+ * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. */
+int64_t ab_model_kv_cache_floats(const ab_model_config *c) {
+    if (ab_model_config_check(c)) return -1;
+    return 2 * c->n_layers * c->max_seq_len * (c->dim / c->n_heads * c->n_kv_heads);
+}
+
+int64_t ab_model_decode_workspace_floats(const ab_model_config *c) {
+    if (ab_model_config_check(c)) return -1;
+    return 4 * c->dim + 2 * c->hidden_dim + c->max_seq_len;
+}
+
+int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
+                    int32_t token, int64_t pos, float *kv_cache, float *work,
+                    int64_t work_floats) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_NONNULL(logits); AB_NONNULL(params); AB_NONNULL(kv_cache); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= ab_model_decode_workspace_floats(c), AB_EWORKSPACE);
+    AB_REQUIRE(pos >= 0 && pos < c->max_seq_len, AB_EINVAL);
+    AB_REQUIRE(token >= 0 && (int64_t)token < c->vocab_size, AB_ERANGE);
+    const kernel_table *k = c->reference ? &REFERENCE : &FAST;
+    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
+    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV;
+    const int64_t T = c->max_seq_len, group = H / KV;
+    const float eps = c->norm_eps, scale = 1.0f / sqrtf((float)hd);
+    float *x = work, *xb = x + D, *xb2 = xb + D, *q = xb2 + D;
+    float *hb = q + D, *hb2 = hb + Hd, *att = hb2 + Hd;
+    float *kc = kv_cache, *vc = kv_cache + L * T * kv;
+
+    memcpy(x, params + P.tok_embeddings + (int64_t)token * D, (size_t)D * sizeof(float));
+    for (int64_t l = 0; l < L; l++) {
+        float *kl = kc + l * T * kv, *vl = vc + l * T * kv;
+        TRY(k->rmsnorm_forward(xb, x, params + P.attention_norm + l * D, 1, D, eps));
+        TRY(k->linear_forward(q, xb, params + P.wq + l * D * D, 1, D, D));
+        TRY(k->linear_forward(kl + pos * kv, xb, params + P.wk + l * kv * D, 1, D, kv));
+        TRY(k->linear_forward(vl + pos * kv, xb, params + P.wv + l * kv * D, 1, D, kv));
+        TRY(k->rope_forward(q, q, 1, 1, H, hd, pos));
+        TRY(k->rope_forward(kl + pos * kv, kl + pos * kv, 1, 1, KV, hd, pos));
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t g = h / group;
+            const float *qh = q + h * hd;
+            float m = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t <= pos; t++) {
+                const float *kt = kl + t * kv + g * hd;
+                float s = 0.0f;
+                AB_SIMD_REDUCE(+, s)
+                for (int64_t i = 0; i < hd; i++) s += qh[i] * kt[i];
+                att[t] = s * scale;
+                m = att[t] > m ? att[t] : m;
+            }
+            for (int64_t t = 0; t <= pos; t++) { att[t] = ab_expf(att[t] - m); sum += att[t]; }
+            float *o = xb + h * hd;
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int64_t t = 0; t <= pos; t++) {
+                const float a = att[t] / sum, *vt = vl + t * kv + g * hd;
+                AB_SIMD
+                for (int64_t i = 0; i < hd; i++) o[i] += a * vt[i];
+            }
+        }
+        TRY(k->linear_forward(xb2, xb, params + P.wo + l * D * D, 1, D, D));
+        add_into(x, x, xb2, D);
+        TRY(k->rmsnorm_forward(xb, x, params + P.ffn_norm + l * D, 1, D, eps));
+        TRY(k->linear_forward(hb, xb, params + P.w1 + l * Hd * D, 1, D, Hd));
+        TRY(k->linear_forward(hb2, xb, params + P.w3 + l * Hd * D, 1, D, Hd));
+        TRY(k->swiglu_forward(hb, hb, hb2, Hd));
+        TRY(k->linear_forward(xb2, hb, params + P.w2 + l * D * Hd, 1, Hd, D));
+        add_into(x, x, xb2, D);
+    }
+    TRY(k->rmsnorm_forward(xb, x, params + P.norm, 1, D, eps));
+    TRY(k->linear_forward(logits, xb, params + P.output, 1, D, V));
     return AB_OK;
 }

@@ -1,0 +1,88 @@
+"""Token streams for training: the default corpus, a text file, or llama2.c
+pretokenized shards (flat little-endian uint16 token ids, one file per shard,
+as llama2.c's tinystories.py pretokenize writes them; memory-mapped).
+
+Batches are random windows of seq_len + 1 tokens (x = window[:-1],
+y = window[1:]). The windows of step i come from a generator seeded with
+(seed, i), so a resumed run sees exactly the batches of an uninterrupted one.
+"""
+import glob
+import os
+
+import numpy as np
+
+
+class TokenData:
+    """Train and validation token streams (lists of 1-D integer arrays)."""
+
+    def __init__(self, train, val, description):
+        self.train = [s for s in train if len(s) > 1]
+        self.val = [s for s in val if len(s) > 1]
+        self.description = description
+        if not self.train:
+            raise ValueError(f"{description}: no training tokens")
+
+    @property
+    def n_train_tokens(self):
+        return int(sum(len(s) for s in self.train))
+
+    def max_token(self):
+        return int(max(int(s.max()) for s in self.train + self.val))
+
+    def batch(self, step, batch_size, seq_len, seed=0, split="train"):
+        """(x, y) int32 [batch_size, seq_len] for this step (deterministic)."""
+        streams = self.train if split == "train" or not self.val else self.val
+        lens = np.array([len(s) - seq_len - 1 for s in streams])
+        if lens.max() < 0:
+            raise ValueError(f"{self.description}: the {split} data has fewer than seq_len + 1 = "
+                             f"{seq_len + 1} tokens in every stream; use a smaller --seq-len")
+        r = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+        ok = np.flatnonzero(lens >= 0)
+        weights = (lens[ok] + 1) / (lens[ok] + 1).sum()
+        which = r.choice(ok, size=batch_size, p=weights)
+        xy = np.empty((batch_size, seq_len + 1), dtype=np.int32)
+        for b, k in enumerate(which):
+            start = int(r.integers(0, lens[k] + 1))
+            xy[b] = streams[k][start:start + seq_len + 1]
+        return xy[:, :-1], xy[:, 1:]
+
+
+def _split(stream, val_fraction):
+    n_val = int(len(stream) * val_fraction)
+    return [stream[:len(stream) - n_val]], ([stream[len(stream) - n_val:]] if n_val else [])
+
+
+def load_data(path, tokenizer, val_fraction=0.05):
+    """TokenData from None (the embedded corpus), a text file (documents
+    separated by blank lines, each encoded with BOS like run.c), a llama2.c
+    .bin shard, or a directory of .bin shards (the first shard is held out
+    for validation when there are several, as llama2.c does)."""
+    if path is None:
+        from .corpus import default_corpus
+        stream = tokenizer.encode_documents(default_corpus())
+        return TokenData(*_split(stream, val_fraction), "the embedded default corpus")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        shards = sorted(glob.glob(os.path.join(path, "*.bin")))
+        if not shards:
+            raise ValueError(f"--data {path}: the directory holds no .bin token shards")
+    elif path.endswith(".bin"):
+        shards = [path]
+    else:
+        try:
+            text = open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--data {path}: cannot read it as UTF-8 text: {e}") from None
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        if not docs:
+            raise ValueError(f"--data {path}: the file holds no text")
+        stream = tokenizer.encode_documents(docs)
+        return TokenData(*_split(stream, val_fraction), f"text file {path}")
+    maps = []
+    for s in shards:
+        if os.path.getsize(s) % 2:
+            raise ValueError(f"--data {s}: not a uint16 token shard (odd number of bytes)")
+        maps.append(np.memmap(s, dtype="<u2", mode="r"))
+    if len(maps) > 1:
+        return TokenData(maps[1:], maps[:1], f"{len(maps)} token shards in {path}")
+    return TokenData(*_split(maps[0], val_fraction), f"token shard {path}")
