@@ -64,7 +64,7 @@ def attention(q, k, v, n_heads, n_kv_heads=None):
 
 def silu(a):
     a = f64(a)
-    return a / (1.0 + np.exp(-a))
+    return a * 0.5 * (1.0 + np.tanh(0.5 * a))   # a*sigmoid(a), no overflow for large |a|
 
 
 def swiglu(h1, h3):
