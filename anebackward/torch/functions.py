@@ -351,32 +351,30 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
             ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
             if need_grad:
                 dl = logits if not return_logits else torch.empty_like(logits)
-                loss_f, _ = ab.cross_entropy_backward(la, tg, dlogits=np_view(dl), backend=backend)
+                dla = la if dl is logits else np_view(dl)  # the same array: written in place
+                loss_f, _ = ab.cross_entropy_backward(la, tg, dlogits=dla, backend=backend)
             else:
                 dl = None
                 loss_f = ab.cross_entropy(la, tg, backend=backend)
             loss = torch.tensor(loss_f, dtype=F32)
-        ctx.dlogits = dl if need_grad else None
-        if need_grad:
-            ctx.save_for_backward(x, weight)
+        if need_grad:  # saved tensors are freed by autograd right after backward
+            ctx.save_for_backward(x, weight, dl)
         if return_logits:
             return loss, logits
         if dt == F32:
-            del logits  # the buffer lives on as ctx.dlogits (in place) or is freed
+            del logits  # the buffer lives on as the saved dlogits (in place) or is freed
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss, dlogits_out=None):
-        dl = ctx.dlogits
-        if dl is None:
-            raise RuntimeError("classifier_cross_entropy: backward called on a forward that ran "
-                               "without grad (or backward called twice)")
-        ctx.dlogits = None  # free the vocab-sized buffer as soon as we are done
-        x, W = ctx.saved_tensors
+        if len(ctx.saved_tensors) != 3:
+            raise RuntimeError("classifier_cross_entropy: backward through a forward that ran "
+                               "without grad")
+        x, W, dl = ctx.saved_tensors
         s = 0.0 if dloss is None else dloss
         if dlogits_out is not None:  # the returned logits were used downstream too
-            dl = dl * s + grad_view(dlogits_out) if x.dtype != F32 else dl.mul_(s).add_(dlogits_out)
+            dl = dl * s + grad_view(dlogits_out)  # new buffer: dl may be needed again (retain_graph)
             s = 1.0
         N, V, D = dl.numel() // dl.shape[-1], W.shape[0], W.shape[1]
         dx = dW = None
