@@ -164,14 +164,15 @@ def test_linear_f32(torch, at, rng):
     _check_f32_vs_f64(torch, lambda x, W: at.linear(x, W), lambda x, W: x @ W.t(), [x, W], "linear")
 
 
+@pytest.mark.parametrize("matmul", ["torch", "anebackward"])
 @pytest.mark.parametrize("return_logits", [False, True])
-def test_classifier_cross_entropy_f32(torch, at, rng, return_logits):
+def test_classifier_cross_entropy_f32(torch, at, rng, return_logits, matmul):
     x, W = _t(torch, rng, 2, 9, 16), _t(torch, rng, 101, 16, scale=0.3)
     tg = torch.from_numpy(rng.integers(0, 101, (2, 9)))
     tg[0, 2] = tg[1, 8] = -1
 
     def ours(x, W):
-        out = at.classifier_cross_entropy(x, W, tg, return_logits=return_logits)
+        out = at.classifier_cross_entropy(x, W, tg, return_logits=return_logits, matmul=matmul)
         return out[0] if return_logits else out
 
     _check_f32_vs_f64(torch, ours, lambda x, W: o_ce(torch, x, W, tg), [x, W], "classifier CE",
@@ -258,11 +259,14 @@ def test_zero_copy_between_tensors_and_kernels(torch, at, rng, monkeypatch):
     # fused classifier: dlogits is written over the logits buffer (one vocab buffer)
     xx = _t(torch, rng, 4, 8, dtype=torch.float32)
     W = _t(torch, rng, 50, 8, dtype=torch.float32)
-    at.classifier_cross_entropy(xx, W, torch.tensor([1, 2, -1, 49]))
+    at.classifier_cross_entropy(xx, W, torch.tensor([1, 2, -1, 49]), matmul="anebackward")
     (args, kw), = calls["cross_entropy_backward"]
     (largs, lkw), = calls["linear"]
     assert shares(largs[0], xx.detach().numpy()) and shares(largs[1], W.detach().numpy())
-    assert shares(args[0], lkw["out"]) and shares(kw["dlogits"], args[0])
+    assert shares(args[0], lkw["out"]) and kw["dlogits"] is args[0]
+    at.classifier_cross_entropy(xx, W, torch.tensor([1, 2, -1, 49]))  # torch's mm into our buffer
+    (args, kw) = calls["cross_entropy_backward"][1]
+    assert kw["dlogits"] is args[0] and args[0].shape == (4, 50)
 
 
 def test_grad_of_expanded_upstream_gradient(torch, at, rng):
@@ -317,6 +321,8 @@ def test_rejects_bad_targets(torch, at):
         at.classifier_cross_entropy(x, W, torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="shape"):
         at.classifier_cross_entropy(x, W, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="matmul"):
+        at.classifier_cross_entropy(x, W, torch.tensor([0, 1, 2]), matmul="blas")
 
 
 def test_double_backward_is_refused(torch, at, rng):

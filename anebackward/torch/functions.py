@@ -23,6 +23,9 @@ from anebackward._native import lib as _lib
 from ._bridge import F32, grad_view, np_view, path, targets_check
 
 
+MATMULS = ("torch", "anebackward")
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -322,15 +325,18 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
     is a second buffer. Without grad (eval), only the loss is computed."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, return_logits, need_grad, backend):
+    def forward(ctx, x, weight, targets, return_logits, need_grad, matmul, backend):
         dt = path("classifier_cross_entropy", x=x, weight=weight)
         if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"classifier_cross_entropy: weight must be [vocab, D] with "
                              f"D = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
         V = weight.shape[0]
         tg = targets_check("classifier_cross_entropy", "targets", targets, x.shape[:-1])
+        if matmul not in MATMULS:
+            raise ValueError(f"classifier_cross_entropy: matmul must be one of {MATMULS}, "
+                             f"got {matmul!r}")
         ctx.set_materialize_grads(False)
-        ctx.backend = backend
+        ctx.backend, ctx.matmul = backend, matmul
         if dt != F32:
             logits = x @ weight.t()
             tg = _C.tokens("classifier_cross_entropy", "targets", tg, V, allow_ignore=True)
@@ -348,7 +354,10 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
         else:
             logits = torch.empty(x.shape[:-1] + (V,), dtype=F32)
             la = np_view(logits)
-            ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
+            if matmul == "torch":
+                torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=logits.view(-1, V))
+            else:
+                ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
             if need_grad:
                 dl = logits if not return_logits else torch.empty_like(logits)
                 dla = la if dl is logits else np_view(dl)  # the same array: written in place
@@ -383,26 +392,38 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
                 dx = (dl @ W) * s
             if ctx.needs_input_grad[1]:
                 dW = (dl.reshape(N, V).t() @ x.reshape(N, D)) * s
-            return dx, dW, None, None, None, None
+            return dx, dW, None, None, None, None, None, None
         scale = float(s)
+        use_torch = ctx.matmul == "torch"
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            ab.linear_backward_dx(np_view(dl), np_view(W), out=np_view(dx), backend=ctx.backend)
+            if use_torch:
+                torch.mm(dl.view(N, V), W, out=dx.view(N, D))
+            else:
+                ab.linear_backward_dx(np_view(dl), np_view(W), out=np_view(dx), backend=ctx.backend)
             if scale != 1.0:
                 dx.mul_(scale)
         if ctx.needs_input_grad[1]:
             dW = torch.empty_like(W)
-            ab.linear_backward_dW(np_view(dl), np_view(x), out=np_view(dW), backend=ctx.backend)
+            if use_torch:
+                torch.mm(dl.view(N, V).t(), x.view(N, D), out=dW)
+            else:
+                ab.linear_backward_dW(np_view(dl), np_view(x), out=np_view(dW), backend=ctx.backend)
             if scale != 1.0:
                 dW.mul_(scale)
-        return dx, dW, None, None, None, None
+        return dx, dW, None, None, None, None, None
 
 
-def classifier_cross_entropy(x, weight, targets, *, return_logits=False, backend=None):
+def classifier_cross_entropy(x, weight, targets, *, return_logits=False, matmul="torch",
+                             backend=None):
     """Mean cross-entropy of logits = x·weightᵀ against targets (−1 = ignored),
     fused so that the logits' gradient reuses the logits buffer.
 
     Returns loss, or (loss, logits) with return_logits=True (costs a second
-    vocab-sized buffer while grad is needed)."""
+    vocab-sized buffer while grad is needed). matmul: who runs the three
+    vocab-sized matmuls, "torch" (its BLAS, written into our buffers) or
+    "anebackward" (the package's linear kernels); the softmax/loss/dlogits
+    pass is the package's fused cross-entropy kernel either way."""
     need = _needs_grad(x, weight)
-    return ClassifierCrossEntropyFunction.apply(x, weight, targets, bool(return_logits), need, backend)
+    return ClassifierCrossEntropyFunction.apply(x, weight, targets, bool(return_logits), need,
+                                                matmul, backend)

@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
         if targets is not None:
             out = classifier_cross_entropy(h, self.output.weight, targets,
-                                           return_logits=self.return_logits)
+                                           return_logits=self.return_logits, matmul=self._linear)
             if self.return_logits:
                 self.last_loss, logits = out
             else:

@@ -1,0 +1,203 @@
+"""One training step (forward + backward + AdamW) of a llama2.c-style Llama:
+plain PyTorch eager vs the same model on anebackward.torch.
+
+    python bench/torch_step.py                      # small shape and stories15M
+    python bench/torch_step.py --shape small --repeats 20
+    python bench/torch_step.py --threads 2 --shape stories15M
+
+"plain" is PyTorch eager written as llama2.c's model.py (its flash path:
+F.scaled_dot_product_attention(is_causal=True), F.cross_entropy); the other
+rows are anebackward.torch.Transformer with the same weights, with the dense
+projections in torch (MKL) or in the package's linear kernels (OpenBLAS).
+Variants run round-robin (one step each per round) so that load from other
+processes on a shared machine hits them alike; the medians are reported.
+"""
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import anebackward
+import anebackward.torch as at
+
+SHAPES = {
+    "small": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=None, vocab_size=2048,
+                  hidden_dim=352, max_seq_len=128, batch=4),
+    "stories15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=None, vocab_size=32000,
+                       hidden_dim=768, max_seq_len=256, batch=1),
+}
+
+
+# ---- plain PyTorch eager Llama, as llama2.c's model.py computes it ----
+class _Norm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rotary(x, cos, sin):
+    xr, xi = x.reshape(x.shape[:-1] + (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3)
+
+
+class _Attn(nn.Module):
+    def __init__(self, dim, H, KV):
+        super().__init__()
+        self.H, self.KV, self.hd = H, KV, dim // H
+        self.wq = nn.Linear(dim, H * self.hd, bias=False)
+        self.wk = nn.Linear(dim, KV * self.hd, bias=False)
+        self.wv = nn.Linear(dim, KV * self.hd, bias=False)
+        self.wo = nn.Linear(H * self.hd, dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, S, _ = x.shape
+        q = _rotary(self.wq(x).view(B, S, self.H, self.hd), cos, sin)
+        k = _rotary(self.wk(x).view(B, S, self.KV, self.hd), cos, sin)
+        v = self.wv(x).view(B, S, self.KV, self.hd)
+        if self.KV != self.H:
+            k = k.repeat_interleave(self.H // self.KV, dim=2)
+            v = v.repeat_interleave(self.H // self.KV, dim=2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        return self.wo(o.transpose(1, 2).contiguous().view(B, S, -1))
+
+
+class _FFN(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = _Attn(c["dim"], c["n_heads"], c["n_kv_heads"] or c["n_heads"])
+        self.feed_forward = _FFN(c["dim"], c["hidden_dim"])
+        self.attention_norm = _Norm(c["dim"], 1e-5)
+        self.ffn_norm = _Norm(c["dim"], 1e-5)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class PlainLlama(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(c["vocab_size"], c["dim"])
+        self.layers = nn.ModuleList(_Block(c) for _ in range(c["n_layers"]))
+        self.norm = _Norm(c["dim"], 1e-5)
+        self.output = nn.Linear(c["dim"], c["vocab_size"], bias=False)
+        self.tok_embeddings.weight = self.output.weight
+        cos, sin = at.precompute_freqs_cis(c["dim"] // c["n_heads"], c["max_seq_len"])
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+
+    def forward(self, tokens, targets):
+        S = tokens.shape[1]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, self.freqs_cos[:S], self.freqs_sin[:S])
+        logits = self.output(self.norm(h))
+        self.last_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                         ignore_index=-1)
+        return logits
+
+
+def build(shape, variant):
+    c = SHAPES[shape]
+    args = {k: v for k, v in c.items() if k != "batch"}
+    torch.manual_seed(0)
+    ours = at.Transformer(at.ModelArgs(**args),
+                          linear="anebackward" if variant == "ab-linear" else "torch",
+                          return_logits=variant != "ab-nologits")
+    if variant == "plain":
+        plain = PlainLlama(c)
+        plain.load_state_dict(ours.state_dict())
+        return plain
+    return ours
+
+
+def step(model, opt, X, Y):
+    model(X, Y)
+    model.last_loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.last_loss.item()
+
+
+def run_shape(shape, variants, repeats, warmup):
+    c = SHAPES[shape]
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, c["vocab_size"], (c["batch"], c["max_seq_len"]), generator=g)
+    Y = torch.randint(0, c["vocab_size"], (c["batch"], c["max_seq_len"]), generator=g)
+    setups = {}
+    for v in variants:
+        m = build(shape, v)
+        setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1))
+    first = {v: step(m, o, X, Y) for v, (m, o) in setups.items()}  # same weights: same loss
+    for _ in range(warmup - 1):
+        for v, (m, o) in setups.items():
+            step(m, o, X, Y)
+    times = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, (m, o) in setups.items():
+            t0 = time.perf_counter()
+            step(m, o, X, Y)
+            times[v].append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in setups[variants[0]][0].parameters())
+    print(f"\n{shape}: dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads, hidden "
+          f"{c['hidden_dim']}, vocab {c['vocab_size']}, seq {c['max_seq_len']}, batch {c['batch']} "
+          f"({n_params / 1e6:.1f}M params); {repeats} timed steps each after {warmup} warm-up")
+    base = statistics.median(times["plain"]) if "plain" in times else None
+    print(f"  {'variant':<12} {'median ms':>10} {'min ms':>8} {'vs plain':>9}  first-step loss")
+    for v in variants:
+        med, mn = statistics.median(times[v]), min(times[v])
+        rel = f"{base / med:8.2f}x" if base else ""
+        print(f"  {v:<12} {med * 1e3:10.1f} {mn * 1e3:8.1f} {rel:>9}  {first[v]:.6f}")
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab-threads", type=int, default=None,
+                    help="OpenBLAS threads of anebackward's C core (default: --threads)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default="plain,ab,ab-linear,ab-nologits",
+                    help="comma list of plain, ab (kernels + torch matmuls), ab-linear (kernels + "
+                         "package linear), ab-nologits (ab with return_logits=False)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    anebackward.set_num_threads(a.ab_threads or a.threads)
+    info = anebackward.blas_info()
+    la = os.getloadavg()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, load avg {la[0]:.2f} "
+          f"{la[1]:.2f} {la[2]:.2f} (shared machine: timings are noisy)")
+    print(f"torch {torch.__version__} threads {torch.get_num_threads()}; anebackward BLAS "
+          f"{info['blas']} core {info['corename']} threads {info['threads']}; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    variants = a.variants.split(",")
+    for shape in (SHAPES if a.shape == "all" else [a.shape]):
+        run_shape(shape, variants, a.repeats, a.warmup)
+
+
+if __name__ == "__main__":
+    main()
