@@ -223,3 +223,23 @@ def test_unsupported_configurations_raise_clearly(torch, at):
         at.Transformer(**MHA, linear="mkl")
     with pytest.raises(TypeError, match="either"):
         at.Transformer(at.ModelArgs(), dim=8)
+
+
+def test_torch_compile_runs_the_kernels_eagerly(torch, at, ref):
+    """llama2.c's train.py compiles by default: dynamo must not trace into the
+    cffi calls (each Function is a graph break) and the results must not change.
+    backend="eager" exercises dynamo without a C++ toolchain for inductor."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    ours, _ = _pair(torch, at, ref, GQA)
+    twin = copy.deepcopy(ours)
+    tok, tgt = _batch(torch, GQA)
+    compiled = torch.compile(ours, backend="eager")
+    compiled(tok, tgt)
+    ours.last_loss.backward()
+    twin(tok, tgt)
+    twin.last_loss.backward()
+    assert torch.equal(ours.last_loss, twin.last_loss)
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+    torch._dynamo.reset()

@@ -25,6 +25,10 @@ from ._bridge import F32, grad_view, np_view, path, targets_check
 
 MATMULS = ("torch", "anebackward")
 
+# torch.compile cannot trace into cffi calls: under torch.compile each
+# Function runs eagerly (a graph break) and the code around it is compiled.
+_eager_only = torch.compiler.disable
+
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -66,6 +70,7 @@ class LinearFunction(torch.autograd.Function):
         return dx, dW, None
 
 
+@_eager_only
 def linear(x, weight, *, backend=None):
     """y[..., out] = x[..., in] · weight[out, in]ᵀ (no bias)."""
     return LinearFunction.apply(x, weight, backend)
@@ -113,6 +118,7 @@ class RMSNormFunction(torch.autograd.Function):
                 dw if ctx.needs_input_grad[1] else None, None, None)
 
 
+@_eager_only
 def rmsnorm(x, weight, eps=1e-5, *, backend=None):
     """RMSNorm over the last axis, with gradients for x and weight."""
     return RMSNormFunction.apply(x, weight, eps, backend)
@@ -160,6 +166,7 @@ class RoPEFunction(torch.autograd.Function):
         return dx, None, None, None
 
 
+@_eager_only
 def rope(x, head_dim, pos_offset=0, *, backend=None):
     """Rotate each head's pairs by position (angles 10000^(−2i/head_dim), as llama2.c)."""
     return RoPEFunction.apply(x, head_dim, pos_offset, backend)
@@ -270,6 +277,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@_eager_only
 def attention(q, k, v, n_heads, n_kv_heads=None, *, workspace=None, backend=None):
     """Causal attention (scale 1/√head_dim); n_kv_heads < n_heads is GQA.
     workspace: an AttentionWorkspace to reuse scratch across calls."""
@@ -309,6 +317,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return dh1, dh3, None
 
 
+@_eager_only
 def swiglu(h1, h3, *, backend=None):
     """silu(h1)·h3 with its gradients for h1 and h3."""
     return SwiGLUFunction.apply(h1, h3, backend)
@@ -414,6 +423,7 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
         return dx, dW, None, None, None, None, None
 
 
+@_eager_only
 def classifier_cross_entropy(x, weight, targets, *, return_logits=False, matmul="torch",
                              backend=None):
     """Mean cross-entropy of logits = x·weightᵀ against targets (−1 = ignored),
