@@ -3,7 +3,7 @@ plain PyTorch eager vs the same model on anebackward.torch.
 
     python bench/torch_step.py                      # small shape and stories15M
     python bench/torch_step.py --shape small --repeats 20
-    python bench/torch_step.py --threads 2 --shape stories15M
+    python bench/torch_step.py --threads 2 --shape stories15M --variants plain,ab
 
 "plain" is PyTorch eager written as llama2.c's model.py (its flash path:
 F.scaled_dot_product_attention(is_causal=True), F.cross_entropy); the other
@@ -13,7 +13,6 @@ Variants run round-robin (one step each per round) so that load from other
 processes on a shared machine hits them alike; the medians are reported.
 """
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -119,14 +118,30 @@ class PlainLlama(nn.Module):
         return logits
 
 
+# name: (model, linear, return_logits, torch threads, anebackward threads);
+# "T" = --threads. PyTorch's and OpenBLAS's thread pools both busy-wait, so
+# each variant gives the threads to whoever runs the matmuls.
+VARIANTS = {
+    "plain": ("plain", "torch", True, "T", 1),
+    "ab": ("ab", "torch", True, "T", 1),
+    "ab-nologits": ("ab", "torch", False, "T", 1),
+    "ab-2pools": ("ab", "torch", True, "T", "T"),
+    "ab-linear": ("ab", "anebackward", True, 1, "T"),
+}
+
+
+def threads_of(variant, T):
+    _, _, _, tt, at_ = VARIANTS[variant]
+    return (T if tt == "T" else tt), (T if at_ == "T" else at_)
+
+
 def build(shape, variant):
     c = SHAPES[shape]
+    kind, linear, return_logits, _, _ = VARIANTS[variant]
     args = {k: v for k, v in c.items() if k != "batch"}
     torch.manual_seed(0)
-    ours = at.Transformer(at.ModelArgs(**args),
-                          linear="anebackward" if variant == "ab-linear" else "torch",
-                          return_logits=variant != "ab-nologits")
-    if variant == "plain":
+    ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits)
+    if kind == "plain":
         plain = PlainLlama(c)
         plain.load_state_dict(ours.state_dict())
         return plain
@@ -141,7 +156,7 @@ def step(model, opt, X, Y):
     return model.last_loss.item()
 
 
-def run_shape(shape, variants, repeats, warmup):
+def run_shape(shape, variants, repeats, warmup, T):
     c = SHAPES[shape]
     g = torch.Generator().manual_seed(1)
     X = torch.randint(0, c["vocab_size"], (c["batch"], c["max_seq_len"]), generator=g)
@@ -150,26 +165,38 @@ def run_shape(shape, variants, repeats, warmup):
     for v in variants:
         m = build(shape, v)
         setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1))
-    first = {v: step(m, o, X, Y) for v, (m, o) in setups.items()}  # same weights: same loss
+
+    def timed_step(v):
+        tt, abt = threads_of(v, T)
+        torch.set_num_threads(tt)
+        anebackward.set_num_threads(abt)
+        m, o = setups[v]
+        t0 = time.perf_counter()
+        loss = step(m, o, X, Y)
+        return time.perf_counter() - t0, loss
+
+    first = {v: timed_step(v)[1] for v in variants}  # same weights: same first loss
     for _ in range(warmup - 1):
-        for v, (m, o) in setups.items():
-            step(m, o, X, Y)
+        for v in variants:
+            timed_step(v)
     times = {v: [] for v in variants}
     for _ in range(repeats):
-        for v, (m, o) in setups.items():
-            t0 = time.perf_counter()
-            step(m, o, X, Y)
-            times[v].append(time.perf_counter() - t0)
+        for v in variants:
+            times[v].append(timed_step(v)[0])
     n_params = sum(p.numel() for p in setups[variants[0]][0].parameters())
     print(f"\n{shape}: dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads, hidden "
           f"{c['hidden_dim']}, vocab {c['vocab_size']}, seq {c['max_seq_len']}, batch {c['batch']} "
           f"({n_params / 1e6:.1f}M params); {repeats} timed steps each after {warmup} warm-up")
     base = statistics.median(times["plain"]) if "plain" in times else None
-    print(f"  {'variant':<12} {'median ms':>10} {'min ms':>8} {'vs plain':>9}  first-step loss")
+    print(f"  {'variant':<12} {'threads':>8} {'median ms':>10} {'min ms':>8} {'plain/this':>11}"
+          f"  first-step loss")
     for v in variants:
         med, mn = statistics.median(times[v]), min(times[v])
-        rel = f"{base / med:8.2f}x" if base else ""
-        print(f"  {v:<12} {med * 1e3:10.1f} {mn * 1e3:8.1f} {rel:>9}  {first[v]:.6f}")
+        tt, abt = threads_of(v, T)
+        rel = f"{base / med:10.2f}x" if base else ""
+        print(f"  {v:<12} {f'{tt}+{abt}':>8} {med * 1e3:10.1f} {mn * 1e3:8.1f} {rel:>11}  "
+              f"{first[v]:.6f}")
+    print("  threads = torch + anebackward(OpenBLAS); plain/this > 1 means anebackward is faster")
     return times
 
 
@@ -177,26 +204,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ab-threads", type=int, default=None,
-                    help="OpenBLAS threads of anebackward's C core (default: --threads)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--variants", default="plain,ab,ab-linear,ab-nologits",
-                    help="comma list of plain, ab (kernels + torch matmuls), ab-linear (kernels + "
-                         "package linear), ab-nologits (ab with return_logits=False)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of: plain (PyTorch eager), ab (package kernels + torch "
+                         "matmuls), ab-nologits (ab, return_logits=False), ab-2pools (ab with "
+                         "both thread pools at --threads), ab-linear (package linear kernels too)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    anebackward.set_num_threads(a.ab_threads or a.threads)
     info = anebackward.blas_info()
     la = os.getloadavg()
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, load avg {la[0]:.2f} "
           f"{la[1]:.2f} {la[2]:.2f} (shared machine: timings are noisy)")
-    print(f"torch {torch.__version__} threads {torch.get_num_threads()}; anebackward BLAS "
-          f"{info['blas']} core {info['corename']} threads {info['threads']}; "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"torch {torch.__version__}; anebackward BLAS {info['blas']} core {info['corename']}; "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; --threads {a.threads}")
     variants = a.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
     for shape in (SHAPES if a.shape == "all" else [a.shape]):
-        run_shape(shape, variants, a.repeats, a.warmup)
+        run_shape(shape, variants, a.repeats, a.warmup, a.threads)
 
 
 if __name__ == "__main__":
