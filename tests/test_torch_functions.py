@@ -1,7 +1,6 @@
 """anebackward.torch Functions: float64 gradcheck of the reference path, the
 float32 C path against float64 autograd of plain torch ops, zero-copy, and
 clear errors for what is not supported."""
-import math
 import subprocess
 import sys
 

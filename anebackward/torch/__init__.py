@@ -11,7 +11,7 @@ Modules: RMSNorm, Attention, FeedForward, TransformerBlock, Transformer.
 Importing anebackward does not import torch; importing anebackward.torch does.
 """
 try:
-    import torch as _torch  # absolute import: PyTorch, not this package
+    import torch as _torch  # noqa: F401  (absolute import: PyTorch, not this package)
 except ImportError as e:  # pragma: no cover - exercised only without torch
     raise ImportError("anebackward.torch needs PyTorch: pip install torch "
                       "(or pip install 'anebackward[torch]')") from e
