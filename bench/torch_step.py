@@ -140,7 +140,8 @@ def build(shape, variant):
     kind, linear, return_logits, _, _ = VARIANTS[variant]
     args = {k: v for k, v in c.items() if k != "batch"}
     torch.manual_seed(0)
-    ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits)
+    ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits,
+                          blas_threads=None)  # each variant sets its threads per step
     if kind == "plain":
         plain = PlainLlama(c)
         plain.load_state_dict(ours.state_dict())

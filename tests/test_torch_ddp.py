@@ -7,7 +7,20 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _keep_blas_threads():
+    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
+    count; put it back so other test modules see what they expect."""
+    import anebackward
+    n = anebackward.get_num_threads()
+    yield
+    if n > 0:
+        anebackward.set_num_threads(n)
 
 
 def _free_port():

@@ -10,6 +10,17 @@ MHA = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=67, multip
 GQA = dict(MHA, n_heads=6, n_kv_heads=2, hidden_dim=80)
 
 
+@pytest.fixture(autouse=True)
+def _keep_blas_threads():
+    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
+    count; put it back so other test modules see what they expect."""
+    import anebackward
+    n = anebackward.get_num_threads()
+    yield
+    if n > 0:
+        anebackward.set_num_threads(n)
+
+
 @pytest.fixture
 def at(torch):
     import anebackward.torch as at
@@ -243,3 +254,21 @@ def test_torch_compile_runs_the_kernels_eagerly(torch, at, ref):
     for p, q in zip(ours.parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9)
     torch._dynamo.reset()
+
+
+def test_blas_threads_setting(torch, at):
+    import anebackward
+    before = anebackward.get_num_threads()
+    if before == 0:
+        pytest.skip("this BLAS does not report or take a thread count (Accelerate)")
+    try:
+        at.Transformer(**MHA)  # linear="torch": PyTorch owns the cores
+        assert anebackward.get_num_threads() == 1
+        at.Transformer(**MHA, blas_threads=2)
+        assert anebackward.get_num_threads() == 2
+        at.Transformer(**MHA, linear="anebackward")  # "auto" leaves it alone
+        assert anebackward.get_num_threads() == 2
+        at.Transformer(**MHA, blas_threads=None)
+        assert anebackward.get_num_threads() == 2
+    finally:
+        anebackward.set_num_threads(before)

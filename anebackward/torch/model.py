@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import anebackward
+
 from .functions import (AttentionWorkspace, attention, classifier_cross_entropy, linear,
                         rmsnorm, rope, swiglu)
 
@@ -165,12 +167,18 @@ class Transformer(nn.Module):
     with ModelArgs' fields as keywords. Keyword-only extras:
       return_logits=True   False: forward(tokens, targets) returns None (one
                            vocab-sized buffer fewer); last_loss is set as usual.
-      linear="torch"       or "anebackward": who runs the dense projections."""
+      linear="torch"       or "anebackward": who runs the dense projections.
+      blas_threads="auto"  threads of anebackward's OpenBLAS (a process-wide
+                           setting, applied here once): "auto" = 1 when
+                           PyTorch runs the matmuls (linear="torch"), since
+                           both pools busy-wait and two pools on the same
+                           cores slow each other down several-fold; an int
+                           sets it; None leaves it alone."""
 
     last_loss: Optional[torch.Tensor]
 
     def __init__(self, params: Optional[ModelArgs] = None, *, return_logits: bool = True,
-                 linear: str = "torch", **kwargs):
+                 linear: str = "torch", blas_threads="auto", **kwargs):
         super().__init__()
         if params is None:
             params = ModelArgs(**kwargs)
@@ -207,6 +215,10 @@ class Transformer(nn.Module):
 
         self.workspace = AttentionWorkspace()
         self.linear = linear
+        if blas_threads == "auto":
+            blas_threads = 1 if linear == "torch" else None
+        if blas_threads is not None:
+            anebackward.set_num_threads(blas_threads)
 
     @property
     def linear(self):
