@@ -308,6 +308,9 @@ def test_rejects_mixed_dtypes_and_non_contiguous(torch, at):
         at.rmsnorm(torch.ones(3, 8), torch.ones(7))
     with pytest.raises(ValueError, match="head_dim"):
         at.rope(torch.ones(3, 6), 3)
+    for dt in (torch.float32, torch.float64):
+        with pytest.raises(ValueError, match="weight"):
+            at.linear(torch.ones(3, 8, dtype=dt), torch.ones(4, 7, dtype=dt))
 
 
 def test_rejects_bad_targets(torch, at):

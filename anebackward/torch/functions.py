@@ -27,7 +27,8 @@ MATMULS = ("torch", "anebackward")
 
 # torch.compile cannot trace into cffi calls: under torch.compile each
 # Function runs eagerly (a graph break) and the code around it is compiled.
-_eager_only = torch.compiler.disable
+_compiler = getattr(torch, "compiler", None)
+_eager_only = getattr(_compiler, "disable", None) or (lambda fn: fn)
 
 
 def _needs_grad(*tensors):
@@ -41,6 +42,9 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, backend):
         dt = path("linear", x=x, weight=weight)
+        if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: weight must be [out, in] with in = x.shape[-1]; got x "
+                             f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
         ctx.backend = backend
         ctx.save_for_backward(x, weight)
         if dt != F32:
