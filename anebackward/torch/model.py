@@ -13,10 +13,11 @@ for
 and nothing else. RMSNorm, RoPE, causal attention (MHA/GQA), SwiGLU and the
 fused classifier + cross-entropy are anebackward Functions; the embedding is
 torch's. The dense projections are torch's F.linear by default, so that
-torch.set_num_threads alone governs the heavy work (measured: even with the
-package's OpenBLAS at 2 threads on the 2-core AMD dev machine, OpenBLAS
-10-25 % faster single-threaded; docs/torch.md); Transformer(...,
-linear="anebackward") routes them to the package's linear kernels instead.
+torch.set_num_threads alone governs the heavy work (measured on the 2-core
+AMD dev machine: a whole step about even at 2 threads; single-threaded the
+package's OpenBLAS sgemm was 10-25 % faster than MKL; docs/torch.md);
+Transformer(..., linear="anebackward") routes them to the package's linear
+kernels instead.
 
 Differences from llama2.c, each deliberate:
   - dropout > 0 in training mode raises NotImplementedError (the attention
