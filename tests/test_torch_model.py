@@ -291,3 +291,45 @@ def test_reference_backend_through_torch(torch, at, ref, monkeypatch):
     monkeypatch.setenv("ANEBACKWARD_BACKEND", "gpu")
     with pytest.raises(ValueError, match="ANEBACKWARD_BACKEND"):
         slow(tok, tgt)
+
+
+def test_llama2c_train_loop_flow(torch, at, tmp_path):
+    """The calls llama2.c's train.py makes, in its order: ModelArgs(**dict),
+    Transformer(args), configure_optimizers, GradScaler (disabled on CPU),
+    gradient accumulation, clipping, estimate_mfu, checkpoint save/resume."""
+    model_args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=41,
+                      multiple_of=16, max_seq_len=16, dropout=0.0)
+    model = at.Transformer(at.ModelArgs(**model_args))
+    optimizer = model.configure_optimizers(0.1, 5e-3, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randint(0, 41, (4, 16), generator=g)
+    Y = torch.roll(X, -1, dims=1)
+    first = None
+    for it in range(6):
+        for micro in range(2):
+            logits = model(X[2 * micro:2 * micro + 2], Y[2 * micro:2 * micro + 2])
+            loss = model.last_loss / 2
+            scaler.scale(loss).backward()
+        assert logits.shape == (2, 16, 41)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        first = first if first is not None else loss.item() * 2
+    assert loss.item() * 2 < first
+    assert 0 < model.estimate_mfu(4, 0.5) < 1
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": model_args,
+                "optimizer": optimizer.state_dict()}, ckpt)
+    c = torch.load(ckpt)
+    resumed = at.Transformer(at.ModelArgs(**c["model_args"]))
+    resumed.load_state_dict(c["model"])
+    model.eval()
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), resumed(X))
+        model(X, Y)
+        resumed(X, Y)
+    assert torch.equal(model.last_loss, resumed.last_loss)
