@@ -8,7 +8,9 @@ plain PyTorch eager vs the same model on anebackward.torch.
 "plain" is PyTorch eager written as llama2.c's model.py (its flash path:
 F.scaled_dot_product_attention(is_causal=True), F.cross_entropy); the other
 rows are anebackward.torch.Transformer with the same weights, with the dense
-projections in torch (MKL) or in the package's linear kernels (OpenBLAS).
+projections in torch (MKL) or in the package's linear kernels (OpenBLAS), and
+the optimizer its configure_optimizers returns (anebackward.torch.AdamW)
+unless the variant says otherwise.
 Variants run round-robin (one step each per round) so that load from other
 processes on a shared machine hits them alike; the medians are reported.
 """
@@ -124,10 +126,22 @@ class PlainLlama(nn.Module):
 VARIANTS = {
     "plain": ("plain", "torch", True, "T", 1),
     "ab": ("ab", "torch", True, "T", 1),
+    "ab-torchopt": ("ab", "torch", True, "T", 1),  # ab with torch.optim.AdamW
     "ab-nologits": ("ab", "torch", False, "T", 1),
     "ab-2pools": ("ab", "torch", True, "T", "T"),
     "ab-linear": ("ab", "anebackward", True, 1, "T"),
 }
+
+
+def optimizer_for(variant, model):
+    """llama2.c's configure_optimizers groups: torch.optim.AdamW for plain
+    (and ab-torchopt), anebackward.torch.AdamW (the fused C update, what
+    anebackward.torch.Transformer.configure_optimizers returns) otherwise."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    nodecay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": nodecay, "weight_decay": 0.0}]
+    cls = torch.optim.AdamW if variant in ("plain", "ab-torchopt") else at.AdamW
+    return cls(groups, lr=1e-4, betas=(0.9, 0.95))
 
 
 def threads_of(variant, T):
@@ -165,7 +179,7 @@ def run_shape(shape, variants, repeats, warmup, T):
     setups = {}
     for v in variants:
         m = build(shape, v)
-        setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1))
+        setups[v] = (m, optimizer_for(v, m))
 
     def timed_step(v):
         tt, abt = threads_of(v, T)
@@ -213,7 +227,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list of: plain (PyTorch eager), ab (package kernels + torch "
-                         "matmuls), ab-nologits (ab, return_logits=False), ab-2pools (ab with "
+                         "matmuls + anebackward.torch.AdamW), ab-torchopt (ab with "
+                         "torch.optim.AdamW), ab-nologits (ab, return_logits=False), ab-2pools (ab with "
                          "both thread pools at --threads), ab-linear (package linear kernels too)")
     a = ap.parse_args()
     info = anebackward.blas_info()

@@ -7,6 +7,8 @@ Functions (zero-copy on contiguous CPU float32 tensors; float64 takes a
 reference path for torch.autograd.gradcheck):
   rmsnorm, rope, attention (MHA/GQA), swiglu, classifier_cross_entropy, linear
 Modules: RMSNorm, Attention, FeedForward, TransformerBlock, Transformer.
+Optimizer: AdamW (torch.optim.AdamW's interface on the fused C update; what
+Transformer.configure_optimizers returns).
 
 Importing anebackward does not import torch; importing anebackward.torch does.
 """
@@ -19,6 +21,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 from .functions import (AttentionFunction, AttentionWorkspace, ClassifierCrossEntropyFunction,
                         LinearFunction, RMSNormFunction, RoPEFunction, SwiGLUFunction, attention,
                         classifier_cross_entropy, linear, rmsnorm, rope, swiglu)
+from .optim import AdamW
 from .model import (Attention, FeedForward, ModelArgs, RMSNorm, Transformer, TransformerBlock,
                     precompute_freqs_cis)
 
@@ -26,5 +29,5 @@ __all__ = [
     "AttentionFunction", "AttentionWorkspace", "ClassifierCrossEntropyFunction", "LinearFunction",
     "RMSNormFunction", "RoPEFunction", "SwiGLUFunction", "attention", "classifier_cross_entropy",
     "linear", "rmsnorm", "rope", "swiglu", "Attention", "FeedForward", "ModelArgs", "RMSNorm",
-    "Transformer", "TransformerBlock", "precompute_freqs_cis",
+    "Transformer", "TransformerBlock", "precompute_freqs_cis", "AdamW",
 ]

@@ -31,7 +31,6 @@ Differences from llama2.c, each deliberate:
     of two.
   - float32 on the CPU only (float64 runs the slow reference path).
 """
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +41,7 @@ from torch import nn
 
 import anebackward
 
+from .optim import AdamW
 from .functions import (AttentionWorkspace, attention, classifier_cross_entropy, linear,
                         rmsnorm, rope, swiglu)
 
@@ -276,7 +276,9 @@ class Transformer(nn.Module):
 
     # ---- llama2.c's helpers, same signatures ----
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on the ≥2-D parameters only (as llama2.c)."""
+        """AdamW with weight decay on the ≥2-D parameters only (as llama2.c),
+        as anebackward.torch.AdamW: torch.optim.AdamW's math and state_dict,
+        the update in one fused C pass per parameter."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         nodecay = [p for p in params if p.dim() < 2]
@@ -286,10 +288,8 @@ class Transformer(nn.Module):
               f"{sum(p.numel() for p in decay):,} parameters")
         print(f"num non-decayed parameter tensors: {len(nodecay)}, with "
               f"{sum(p.numel() for p in nodecay):,} parameters")
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
-        print(f"using fused AdamW: {fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 **({"fused": True} if fused else {}))
+        print("using fused AdamW: True (anebackward's C kernel)")
+        return AdamW(groups, lr=learning_rate, betas=betas)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt):
         """Model flops utilisation against an A100's bf16 peak (llama2.c's formula)."""
