@@ -30,6 +30,8 @@ Differences from llama2.c, each deliberate:
     instead of the logits, so the step keeps one vocab-sized buffer instead
     of two.
   - float32 on the CPU only (float64 runs the slow reference path).
+  - configure_optimizers returns anebackward.torch.AdamW (torch.optim.AdamW's
+    math and state_dict, fused C update) instead of torch.optim.AdamW.
 """
 import math
 from dataclasses import dataclass
