@@ -1,0 +1,443 @@
+"""torch.autograd.Functions over the C kernels, and functional wrappers.
+
+Each Function has two paths, chosen by the input dtype:
+  float32  the C kernels, zero-copy (anebackward.kernels.*), backend= passed on;
+  float64  a reference path in plain torch ops whose backward is the same
+           hand-written formula as the C kernel (for torch.autograd.gradcheck).
+Backward is first-order only (double backward raises).
+
+Shapes follow the kernels: token-major rows, x[..., D] or [B, S, D]; weights
+[out, in] like nn.Linear.weight.
+"""
+import math
+import threading
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+import anebackward as ab
+from anebackward import _checks as _C
+from anebackward._native import lib as _lib
+
+from ._bridge import F32, grad_view, np_view, path, targets_check
+
+
+MATMULS = ("torch", "anebackward")
+
+# torch.compile cannot trace into cffi calls: under torch.compile each
+# Function runs eagerly (a graph break) and the code around it is compiled.
+_compiler = getattr(torch, "compiler", None)
+_eager_only = getattr(_compiler, "disable", None) or (lambda fn: fn)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------- linear ----
+class LinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ with the package's BLAS-backed linear kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, backend):
+        dt = path("linear", x=x, weight=weight)
+        if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: weight must be [out, in] with in = x.shape[-1]; got x "
+                             f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+        ctx.backend = backend
+        ctx.save_for_backward(x, weight)
+        if dt != F32:
+            return x @ weight.t()
+        y = torch.empty(x.shape[:-1] + (weight.shape[0],), dtype=F32)
+        ab.linear(np_view(x), np_view(weight), out=np_view(y), backend=backend)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = grad_view(dy)
+        dx = dW = None
+        if x.dtype != F32:
+            if ctx.needs_input_grad[0]:
+                dx = dy @ weight
+            if ctx.needs_input_grad[1]:
+                dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            return dx, dW, None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            ab.linear_backward_dx(np_view(dy), np_view(weight), out=np_view(dx), backend=ctx.backend)
+        if ctx.needs_input_grad[1]:
+            dW = torch.empty_like(weight)
+            ab.linear_backward_dW(np_view(dy), np_view(x), out=np_view(dW), backend=ctx.backend)
+        return dx, dW, None
+
+
+@_eager_only
+def linear(x, weight, *, backend=None):
+    """y[..., out] = x[..., in] · weight[out, in]ᵀ (no bias)."""
+    return LinearFunction.apply(x, weight, backend)
+
+
+# --------------------------------------------------------------- RMSNorm ----
+def _rms_inv(x, eps):
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x²) + eps) · weight; backward gives dx and dweight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, backend):
+        dt = path("rmsnorm", x=x, weight=weight)
+        if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0]:
+            raise ValueError(f"rmsnorm: weight must be [D] with D = x.shape[-1]; got x "
+                             f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+        ctx.eps, ctx.backend = float(eps), backend
+        ctx.save_for_backward(x, weight)
+        if dt != F32:
+            return x * _rms_inv(x, eps) * weight
+        y = torch.empty_like(x)
+        ab.rmsnorm(np_view(x), np_view(weight), eps=ctx.eps, out=np_view(y), backend=backend)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = grad_view(dy)
+        if x.dtype != F32:
+            # dx = w·dy·r − x·r³/D·Σ(w·dy·x),  dw = Σ_rows dy·x·r
+            r = _rms_inv(x, ctx.eps)
+            wdy = w * dy
+            dx = wdy * r - x * r.pow(3) * (wdy * x).mean(-1, keepdim=True)
+            dw = (dy * x * r).reshape(-1, x.shape[-1]).sum(0)
+            return dx, dw, None, None
+        dx = torch.empty_like(x)
+        dw = torch.zeros_like(w)  # the kernel accumulates into dw
+        ab.rmsnorm_backward(np_view(dy), np_view(x), np_view(w), eps=ctx.eps, dx=np_view(dx),
+                            dw=np_view(dw), backend=ctx.backend)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None, None, None)
+
+
+@_eager_only
+def rmsnorm(x, weight, eps=1e-5, *, backend=None):
+    """RMSNorm over the last axis, with gradients for x and weight."""
+    return RMSNormFunction.apply(x, weight, eps, backend)
+
+
+# ------------------------------------------------------------------ RoPE ----
+def _rope_ref(x, head_dim, pos_offset, sign):
+    """Rotate pairs (2i, 2i+1) by sign·(pos_offset + s)·10000^(−2i/head_dim), float64."""
+    S = x.shape[-2]
+    i = torch.arange(0, head_dim, 2, dtype=x.dtype)
+    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * 10000.0 ** (-i / head_dim)
+    c, s = torch.cos(ang)[:, None, :], sign * torch.sin(ang)[:, None, :]
+    xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).reshape(x.shape)
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd] (llama2.c pairs)."""
+
+    @staticmethod
+    def forward(ctx, x, head_dim, pos_offset, backend):
+        dt = path("rope", x=x)
+        ctx.head_dim, ctx.pos_offset, ctx.backend = head_dim, pos_offset, backend
+        if dt != F32:
+            _C.positive_int("rope", "head_dim", head_dim)
+            _C.nonneg_int("rope", "pos_offset", pos_offset)
+            if head_dim % 2 or x.dim() not in (2, 3) or x.shape[-1] % head_dim:
+                raise ValueError(f"rope: x must be [S, H*head_dim] or [B, S, H*head_dim] with an "
+                                 f"even head_dim, got {tuple(x.shape)} with head_dim {head_dim}")
+            return _rope_ref(x, head_dim, pos_offset, 1.0)
+        y = torch.empty_like(x)
+        ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y), backend=backend)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dy = grad_view(dy)
+        if dy.dtype != F32:
+            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0), None, None, None
+        dx = torch.empty_like(dy)
+        ab.rope_backward(np_view(dy), head_dim=ctx.head_dim, pos_offset=ctx.pos_offset,
+                         out=np_view(dx), backend=ctx.backend)
+        return dx, None, None, None
+
+
+@_eager_only
+def rope(x, head_dim, pos_offset=0, *, backend=None):
+    """Rotate each head's pairs by position (angles 10000^(−2i/head_dim), as llama2.c)."""
+    return RoPEFunction.apply(x, head_dim, pos_offset, backend)
+
+
+# ------------------------------------------------------------- attention ----
+class AttentionWorkspace:
+    """Reusable attention scratch (2·S² floats), one array per thread, grown
+    on demand: the forward and backward of every layer reuse it instead of
+    allocating S×S memory per call. Copies and pickles start empty."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, S):
+        need = max(int(_lib.ab_attention_workspace_floats(S)), 1)
+        a = getattr(self._local, "array", None)
+        if a is None or a.size < need:
+            a = np.empty(need, dtype=np.float32)
+            self._local.array = a
+        return a
+
+    def __reduce__(self):
+        return (AttentionWorkspace, ())
+
+
+def _attn_dims(fn, q, k, v, n_heads, n_kv_heads):
+    if q.dim() not in (2, 3):
+        raise ValueError(f"{fn}: q must be [S, n_heads*head_dim] or [B, S, n_heads*head_dim], "
+                         f"got {tuple(q.shape)}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[-1] % n_heads:
+        raise ValueError(f"{fn}: need n_kv_heads ({n_kv_heads}) dividing n_heads ({n_heads}) "
+                         f"dividing q.shape[-1] ({q.shape[-1]})")
+    hd = q.shape[-1] // n_heads
+    kv = tuple(q.shape[:-1]) + (n_kv_heads * hd,)
+    if tuple(k.shape) != kv or tuple(v.shape) != kv:
+        raise ValueError(f"{fn}: k and v must have shape {kv}, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    return hd
+
+
+def _heads(t, n, hd):
+    """[B, S, n*hd] -> [B, n, S, hd] (view-free reshape for the reference path)."""
+    return t.reshape(t.shape[0], t.shape[1], n, hd).transpose(1, 2)
+
+
+def _attn_probs(q, k, hd):
+    S = q.shape[-2]
+    sc = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1)
+    return torch.softmax(sc.masked_fill(mask, float("-inf")), dim=-1)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Causal softmax attention, MHA and GQA: q[.., S, H·hd], k, v[.., S, KV·hd]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n_heads, n_kv_heads, workspace, backend):
+        dt = path("attention", q=q, k=k, v=v)
+        hd = _attn_dims("attention", q, k, v, n_heads, n_kv_heads)
+        ctx.dims, ctx.workspace, ctx.backend = (n_heads, n_kv_heads, hd), workspace, backend
+        ctx.save_for_backward(q, k, v)
+        if dt != F32:
+            squeeze = q.dim() == 2
+            q3, k3, v3 = (t.unsqueeze(0) if squeeze else t for t in (q, k, v))
+            rep = n_heads // n_kv_heads
+            qh = _heads(q3, n_heads, hd)
+            kh = _heads(k3, n_kv_heads, hd).repeat_interleave(rep, 1)
+            vh = _heads(v3, n_kv_heads, hd).repeat_interleave(rep, 1)
+            o = (_attn_probs(qh, kh, hd) @ vh).transpose(1, 2).reshape(q3.shape)
+            return o[0] if squeeze else o
+        out = torch.empty_like(q)
+        ws = workspace.get(q.shape[-2]) if workspace is not None else None
+        ab.attention(np_view(q), np_view(k), np_view(v), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     out=np_view(out), workspace=ws, backend=backend)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        H, KV, hd = ctx.dims
+        dout = grad_view(dout)
+        if q.dtype != F32:
+            squeeze = q.dim() == 2
+            q3, k3, v3, do3 = (t.unsqueeze(0) if squeeze else t for t in (q, k, v, dout))
+            B, S, rep = q3.shape[0], q3.shape[1], H // KV
+            qh = _heads(q3, H, hd)
+            kh = _heads(k3, KV, hd).repeat_interleave(rep, 1)
+            vh = _heads(v3, KV, hd).repeat_interleave(rep, 1)
+            doh = _heads(do3, H, hd)
+            P = _attn_probs(qh, kh, hd)
+            dP = doh @ vh.transpose(-1, -2)
+            dS = P * (dP - (dP * P).sum(-1, keepdim=True)) / math.sqrt(hd)
+            dq = dS @ kh
+            dk = (dS.transpose(-1, -2) @ qh).reshape(B, KV, rep, S, hd).sum(2)
+            dv = (P.transpose(-1, -2) @ doh).reshape(B, KV, rep, S, hd).sum(2)
+            back = lambda t, n: t.transpose(1, 2).reshape(B, S, n * hd)  # noqa: E731
+            dq, dk, dv = back(dq, H), back(dk, KV), back(dv, KV)
+            if squeeze:
+                dq, dk, dv = dq[0], dk[0], dv[0]
+            return dq, dk, dv, None, None, None, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ws = ctx.workspace.get(q.shape[-2]) if ctx.workspace is not None else None
+        ab.attention_backward(np_view(dout), np_view(q), np_view(k), np_view(v), n_heads=H,
+                              n_kv_heads=KV, dq=np_view(dq), dk=np_view(dk), dv=np_view(dv),
+                              workspace=ws, backend=ctx.backend)
+        return dq, dk, dv, None, None, None, None
+
+
+@_eager_only
+def attention(q, k, v, n_heads, n_kv_heads=None, *, workspace=None, backend=None):
+    """Causal attention (scale 1/√head_dim); n_kv_heads < n_heads is GQA.
+    workspace: an AttentionWorkspace to reuse scratch across calls."""
+    return AttentionFunction.apply(q, k, v, n_heads, n_heads if n_kv_heads is None else n_kv_heads,
+                                   workspace, backend)
+
+
+# ---------------------------------------------------------------- SwiGLU ----
+class SwiGLUFunction(torch.autograd.Function):
+    """y = silu(h1)·h3 (the Llama FFN gate)."""
+
+    @staticmethod
+    def forward(ctx, h1, h3, backend):
+        dt = path("swiglu", h1=h1, h3=h3)
+        if h1.shape != h3.shape:
+            raise ValueError(f"swiglu: h1 and h3 must have one shape, got {tuple(h1.shape)} and "
+                             f"{tuple(h3.shape)}")
+        ctx.backend = backend
+        ctx.save_for_backward(h1, h3)
+        if dt != F32:
+            return h1 * torch.sigmoid(h1) * h3
+        y = torch.empty_like(h1)
+        ab.swiglu(np_view(h1), np_view(h3), out=np_view(y), backend=backend)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        h1, h3 = ctx.saved_tensors
+        dy = grad_view(dy)
+        if h1.dtype != F32:
+            sg = torch.sigmoid(h1)
+            return dy * h3 * sg * (1 + h1 * (1 - sg)), dy * h1 * sg, None
+        dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
+        ab.swiglu_backward(np_view(dy), np_view(h1), np_view(h3), dh1=np_view(dh1),
+                           dh3=np_view(dh3), backend=ctx.backend)
+        return dh1, dh3, None
+
+
+@_eager_only
+def swiglu(h1, h3, *, backend=None):
+    """silu(h1)·h3 with its gradients for h1 and h3."""
+    return SwiGLUFunction.apply(h1, h3, backend)
+
+
+# ------------------------------------------- classifier + cross-entropy ----
+class ClassifierCrossEntropyFunction(torch.autograd.Function):
+    """loss = cross_entropy(x·Wᵀ, targets, ignore_index=-1), mean over counted rows.
+
+    The forward computes the logits, then the loss and dlogits in one fused
+    pass. With return_logits=False dlogits overwrites the logits in place, so
+    the step holds ONE vocab-sized buffer; with return_logits=True the logits
+    are returned (and may be used in further differentiable code) and dlogits
+    is a second buffer. Without grad (eval), only the loss is computed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, return_logits, need_grad, matmul, backend):
+        dt = path("classifier_cross_entropy", x=x, weight=weight)
+        if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"classifier_cross_entropy: weight must be [vocab, D] with "
+                             f"D = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        V = weight.shape[0]
+        tg = targets_check("classifier_cross_entropy", "targets", targets, x.shape[:-1])
+        if matmul not in MATMULS:
+            raise ValueError(f"classifier_cross_entropy: matmul must be one of {MATMULS}, "
+                             f"got {matmul!r}")
+        ctx.set_materialize_grads(False)
+        ctx.backend, ctx.matmul = backend, matmul
+        if dt != F32:
+            logits = x @ weight.t()
+            tg = _C.tokens("classifier_cross_entropy", "targets", tg, V, allow_ignore=True)
+            tgt = torch.from_numpy(tg.astype(np.int64))
+            z = logits.reshape(-1, V)
+            t = tgt.reshape(-1)
+            keep = t != -1
+            logp = torch.log_softmax(z, dim=-1)
+            n = keep.sum()
+            nll = -logp[torch.arange(t.numel()), t.clamp(min=0)]
+            loss = (nll * keep).sum() / n
+            dl = logp.exp()
+            dl[torch.arange(t.numel()), t.clamp(min=0)] -= keep.to(dl.dtype)
+            dl = (dl * keep[:, None] / n).reshape(logits.shape)
+        else:
+            logits = torch.empty(x.shape[:-1] + (V,), dtype=F32)
+            la = np_view(logits)
+            if matmul == "torch":
+                torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=logits.view(-1, V))
+            else:
+                ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
+            if need_grad:
+                dl = logits if not return_logits else torch.empty_like(logits)
+                dla = la if dl is logits else np_view(dl)  # the same array: written in place
+                loss_f, _ = ab.cross_entropy_backward(la, tg, dlogits=dla, backend=backend)
+            else:
+                dl = None
+                loss_f = ab.cross_entropy(la, tg, backend=backend)
+            loss = torch.tensor(loss_f, dtype=F32)
+        if need_grad:  # saved tensors are freed by autograd right after backward
+            ctx.save_for_backward(x, weight, dl)
+        if return_logits:
+            return loss, logits
+        if dt == F32:
+            del logits  # the buffer lives on as the saved dlogits (in place) or is freed
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, dlogits_out=None):
+        if len(ctx.saved_tensors) != 3:
+            raise RuntimeError("classifier_cross_entropy: backward through a forward that ran "
+                               "without grad")
+        x, W, dl = ctx.saved_tensors
+        s = 0.0 if dloss is None else dloss
+        if dlogits_out is not None:  # the returned logits were used downstream too
+            dl = dl * s + grad_view(dlogits_out)  # new buffer: dl may be needed again (retain_graph)
+            s = 1.0
+        N, V, D = dl.numel() // dl.shape[-1], W.shape[0], W.shape[1]
+        dx = dW = None
+        if x.dtype != F32:
+            if ctx.needs_input_grad[0]:
+                dx = (dl @ W) * s
+            if ctx.needs_input_grad[1]:
+                dW = (dl.reshape(N, V).t() @ x.reshape(N, D)) * s
+            return dx, dW, None, None, None, None, None, None
+        scale = float(s)
+        use_torch = ctx.matmul == "torch"
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            if use_torch:
+                torch.mm(dl.view(N, V), W, out=dx.view(N, D))
+            else:
+                ab.linear_backward_dx(np_view(dl), np_view(W), out=np_view(dx), backend=ctx.backend)
+            if scale != 1.0:
+                dx.mul_(scale)
+        if ctx.needs_input_grad[1]:
+            dW = torch.empty_like(W)
+            if use_torch:
+                torch.mm(dl.view(N, V).t(), x.view(N, D), out=dW)
+            else:
+                ab.linear_backward_dW(np_view(dl), np_view(x), out=np_view(dW), backend=ctx.backend)
+            if scale != 1.0:
+                dW.mul_(scale)
+        return dx, dW, None, None, None, None, None
+
+
+@_eager_only
+def classifier_cross_entropy(x, weight, targets, *, return_logits=False, matmul="torch",
+                             backend=None):
+    """Mean cross-entropy of logits = x·weightᵀ against targets (−1 = ignored),
+    fused so that the logits' gradient reuses the logits buffer.
+
+    Returns loss, or (loss, logits) with return_logits=True (costs a second
+    vocab-sized buffer while grad is needed). matmul: who runs the three
+    vocab-sized matmuls, "torch" (its BLAS, written into our buffers) or
+    "anebackward" (the package's linear kernels); the softmax/loss/dlogits
+    pass is the package's fused cross-entropy kernel either way."""
+    need = _needs_grad(x, weight)
+    return ClassifierCrossEntropyFunction.apply(x, weight, targets, bool(return_logits), need,
+                                                matmul, backend)

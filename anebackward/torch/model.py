@@ -1,0 +1,319 @@
+"""A llama2.c-compatible Llama whose transformer-specific forward and backward
+run in anebackward's C kernels.
+
+Same constructor arguments (ModelArgs), module tree, parameter names,
+initialisation (same RNG draws in the same order, so one seed gives the same
+weights), state_dict keys and forward(tokens, targets=None) behaviour as
+llama2.c's model.py, so a llama2.c trainer swaps
+
+    from model import Transformer, ModelArgs
+for
+    from anebackward.torch import Transformer, ModelArgs
+
+and nothing else. RMSNorm, RoPE, causal attention (MHA/GQA), SwiGLU and the
+fused classifier + cross-entropy are anebackward Functions; the embedding is
+torch's. The dense projections are torch's F.linear by default, so that
+torch.set_num_threads alone governs the heavy work (measured on the 2-core
+AMD dev machine: a whole step about even at 2 threads; single-threaded the
+package's OpenBLAS sgemm was 10-25 % faster than MKL; docs/torch.md);
+Transformer(..., linear="anebackward") routes them to the package's linear
+kernels instead.
+
+Differences from llama2.c, each deliberate:
+  - dropout > 0 in training mode raises NotImplementedError (the attention
+    kernel has no dropout on the probabilities); eval mode ignores dropout as
+    llama2.c does.
+  - RoPE angles are computed by the kernel from the position (identical
+    formula); the freqs_cos/freqs_sin buffers exist for compatibility but are
+    not read.
+  - return_logits=False (keyword) makes forward(tokens, targets) return None
+    instead of the logits, so the step keeps one vocab-sized buffer instead
+    of two.
+  - float32 on the CPU only (float64 runs the slow reference path).
+  - configure_optimizers returns anebackward.torch.AdamW (torch.optim.AdamW's
+    math and state_dict, fused C update) instead of torch.optim.AdamW.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import anebackward
+
+from .optim import AdamW
+from .functions import (AttentionWorkspace, attention, classifier_cross_entropy, linear,
+                        rmsnorm, rope, swiglu)
+
+LINEAR_CHOICES = ("torch", "anebackward")
+
+
+@dataclass
+class ModelArgs:
+    # llama2.c's fields and defaults (the Llama 7B shape)
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+
+
+def _ffn_hidden_dim(dim, hidden_dim, multiple_of):
+    """llama2.c's rule: 2/3 of 4·dim, rounded up to a multiple of multiple_of."""
+    if hidden_dim is not None:
+        return hidden_dim
+    h = int(2 * (4 * dim) / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+def precompute_freqs_cis(dim, end, theta=10000.0):
+    """cos/sin tables [end, dim/2] as llama2.c builds them (kept as buffers)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    ang = torch.outer(torch.arange(end).float(), freqs)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def _project(module, x, linear_impl):
+    if linear_impl == "anebackward":
+        return linear(x, module.weight)
+    return F.linear(x, module.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rmsnorm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        if args.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({args.n_heads})")
+        if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
+            raise ValueError(f"dim ({args.dim}) must be n_heads ({args.n_heads}) times an even "
+                             f"head_dim (RoPE rotates pairs)")
+        self.n_local_heads = args.n_heads
+        self.n_local_kv_heads = self.n_kv_heads
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.attn_dropout = nn.Dropout(args.dropout)
+        self.resid_dropout = nn.Dropout(args.dropout)
+        self.dropout = args.dropout
+        self.workspace = AttentionWorkspace()  # Transformer shares one across layers
+        self.linear_impl = "torch"
+
+    def forward(self, x, freqs_cos=None, freqs_sin=None):
+        # freqs_cos/freqs_sin: accepted for llama2.c's call signature; the kernel
+        # computes the same angles from the positions 0..S-1.
+        lin = self.linear_impl
+        xq = rope(_project(self.wq, x, lin), self.head_dim)
+        xk = rope(_project(self.wk, x, lin), self.head_dim)
+        xv = _project(self.wv, x, lin)
+        out = attention(xq, xk, xv, self.n_local_heads, self.n_local_kv_heads,
+                        workspace=self.workspace)
+        return _project(self.wo, out, lin)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, dropout: float):
+        super().__init__()
+        hidden_dim = _ffn_hidden_dim(dim, hidden_dim, multiple_of)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.linear_impl = "torch"
+
+    def forward(self, x):
+        lin = self.linear_impl
+        return _project(self.w2, swiglu(_project(self.w1, x, lin), _project(self.w3, x, lin)), lin)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.dim = args.dim
+        self.head_dim = args.dim // args.n_heads
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=args.hidden_dim,
+                                        multiple_of=args.multiple_of, dropout=args.dropout)
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cos=None, freqs_sin=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """llama2.c's Transformer over anebackward kernels.
+
+    Transformer(params: ModelArgs) as in llama2.c, or Transformer(dim=..., ...)
+    with ModelArgs' fields as keywords. Keyword-only extras:
+      return_logits=True   False: forward(tokens, targets) returns None (one
+                           vocab-sized buffer fewer); last_loss is set as usual.
+      linear="torch"       or "anebackward": who runs the dense projections.
+      blas_threads="auto"  threads of anebackward's OpenBLAS (a process-wide
+                           setting, applied here once): "auto" = 1 when
+                           PyTorch runs the matmuls (linear="torch"), since
+                           both pools busy-wait and two pools on the same
+                           cores slow each other down several-fold; an int
+                           sets it; None leaves it alone."""
+
+    last_loss: Optional[torch.Tensor]
+
+    def __init__(self, params: Optional[ModelArgs] = None, *, return_logits: bool = True,
+                 linear: str = "torch", blas_threads="auto", **kwargs):
+        super().__init__()
+        if params is None:
+            params = ModelArgs(**kwargs)
+        elif kwargs:
+            raise TypeError(f"Transformer: pass either a ModelArgs or its fields as keywords, "
+                            f"not both (got extra {sorted(kwargs)})")
+        if linear not in LINEAR_CHOICES:
+            raise ValueError(f"Transformer: linear must be one of {LINEAR_CHOICES}, got {linear!r}")
+        if not 0.0 <= params.dropout < 1.0:
+            raise ValueError(f"Transformer: dropout must be in [0, 1), got {params.dropout}")
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.return_logits = bool(return_logits)
+
+        # Same modules, registered and initialised in the same order as
+        # llama2.c, so torch.manual_seed(s) gives the same weights.
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.dropout = nn.Dropout(params.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.tok_embeddings.weight = self.output.weight  # tied, as llama2.c
+
+        freqs_cos, freqs_sin = precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len)
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("w3.weight") or pn.endswith("wo.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * params.n_layers))
+        self.last_loss = None
+
+        self.workspace = AttentionWorkspace()
+        self.linear = linear
+        if blas_threads == "auto":
+            blas_threads = 1 if linear == "torch" else None
+        if blas_threads is not None:
+            anebackward.set_num_threads(blas_threads)
+
+    @property
+    def linear(self):
+        return self._linear
+
+    @linear.setter
+    def linear(self, impl):
+        if impl not in LINEAR_CHOICES:
+            raise ValueError(f"Transformer.linear must be one of {LINEAR_CHOICES}, got {impl!r}")
+        self._linear = impl
+        for layer in self.layers:
+            layer.attention.linear_impl = impl
+            layer.feed_forward.linear_impl = impl
+            layer.attention.workspace = self.workspace
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        if self.training and self.params.dropout > 0.0 and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"anebackward.torch.Transformer: dropout={self.params.dropout} in training mode is "
+                f"not supported (no dropout in the attention kernel). Train with dropout=0.0 "
+                f"(llama2.c's default), or use llama2.c's model.py for dropout")
+        if tokens.dim() != 2:
+            raise ValueError(f"Transformer.forward: tokens must be [batch, seqlen], got shape "
+                             f"{tuple(tokens.shape)}")
+        _bsz, seqlen = tokens.shape
+        if seqlen > self.params.max_seq_len:
+            raise ValueError(f"Transformer.forward: seqlen {seqlen} exceeds max_seq_len "
+                             f"{self.params.max_seq_len}; crop the tokens (as generate() does)")
+        h = self.tok_embeddings(tokens)
+        freqs_cos, freqs_sin = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen]
+        for layer in self.layers:
+            h = layer(h, freqs_cos, freqs_sin)
+        h = self.norm(h)
+
+        if targets is not None:
+            out = classifier_cross_entropy(h, self.output.weight, targets,
+                                           return_logits=self.return_logits, matmul=self._linear)
+            if self.return_logits:
+                self.last_loss, logits = out
+            else:
+                self.last_loss, logits = out, None
+        else:
+            # inference: only the last position's logits (time axis kept)
+            logits = F.linear(h[:, [-1], :], self.output.weight)
+            self.last_loss = None
+        return logits
+
+    # ---- llama2.c's helpers, same signatures ----
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on the ≥2-D parameters only (as llama2.c),
+        as anebackward.torch.AdamW: torch.optim.AdamW's math and state_dict,
+        the update in one fused C pass per parameter."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        nodecay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": nodecay, "weight_decay": 0.0}]
+        print(f"num decayed parameter tensors: {len(decay)}, with "
+              f"{sum(p.numel() for p in decay):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay)}, with "
+              f"{sum(p.numel() for p in nodecay):,} parameters")
+        print("using fused AdamW: True (anebackward's C kernel)")
+        return AdamW(groups, lr=learning_rate, betas=betas)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """Model flops utilisation against an A100's bf16 peak (llama2.c's formula)."""
+        N = sum(p.numel() for p in self.parameters())
+        cfg = self.params
+        L, H, Q, T = cfg.n_layers, cfg.n_heads, cfg.dim // cfg.n_heads, cfg.max_seq_len
+        flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * fwdbwd_per_iter
+        return flops_per_iter / dt / 312e12
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens continuations of idx [B, T] (no KV cache)."""
+        for _ in range(max_new_tokens):
+            ctx = idx if idx.size(1) <= self.params.max_seq_len else idx[:, -self.params.max_seq_len:]
+            logits = self(ctx)[:, -1, :]
+            if temperature == 0.0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx

@@ -1,0 +1,75 @@
+"""Scale-out: anebackward.torch.Transformer under DistributedDataParallel,
+2 processes, gloo on loopback. The all-reduced (averaged) gradients equal
+the single-process gradients on the concatenated batch, and so does the
+AdamW step."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _keep_blas_threads():
+    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
+    count; put it back so other test modules see what they expect."""
+    import anebackward
+    n = anebackward.get_num_threads()
+    yield
+    if n > 0:
+        anebackward.set_num_threads(n)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path):
+    sys.path.insert(0, HERE)
+    import ddp_worker
+
+    g = torch.Generator().manual_seed(7)
+    B, S = 4, 12
+    tok = torch.randint(0, ddp_worker.CFG["vocab_size"], (B, S), generator=g)
+    tgt = torch.randint(0, ddp_worker.CFG["vocab_size"], (B, S), generator=g)
+    # every position counted, so the mean over the whole batch is the mean
+    # of the two shards' means (what DDP's gradient averaging computes)
+    batch = str(tmp_path / "batch.pt")
+    torch.save((tok, tgt), batch)
+    out = str(tmp_path / "rank0.pt")
+
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(r), "2",
+                               str(port), out, batch], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    ddp = torch.load(out)
+
+    model = ddp_worker.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(tok, tgt)
+    model.last_loss.backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(ddp["grads"]) == sorted(names)
+    for n, p in model.named_parameters():
+        d = ddp["grads"][n]
+        assert torch.allclose(d, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item()), \
+            f"{n}: DDP gradient differs, max err {(d - p.grad).abs().max():.3e}"
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.allclose(ddp["params"][n], p.detach(), rtol=0, atol=1e-5), n

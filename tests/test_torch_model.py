@@ -1,0 +1,335 @@
+"""anebackward.torch.Transformer against a plain-PyTorch Llama written in
+llama2.c's model.py style (tests/torch_llama_ref.py): same init, same
+state_dict, same loss and every parameter gradient, AdamW training."""
+import copy
+
+import pytest
+
+MHA = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=67, multiple_of=16,
+           max_seq_len=32)
+GQA = dict(MHA, n_heads=6, n_kv_heads=2, hidden_dim=80)
+
+
+@pytest.fixture(autouse=True)
+def _keep_blas_threads():
+    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
+    count; put it back so other test modules see what they expect."""
+    import anebackward
+    n = anebackward.get_num_threads()
+    yield
+    if n > 0:
+        anebackward.set_num_threads(n)
+
+
+@pytest.fixture
+def at(torch):
+    import anebackward.torch as at
+    return at
+
+
+@pytest.fixture
+def ref(torch):
+    import torch_llama_ref
+    return torch_llama_ref
+
+
+def _pair(torch, at, ref, cfg, seed=0, **kw):
+    torch.manual_seed(seed)
+    ours = at.Transformer(at.ModelArgs(**cfg), **kw)
+    torch.manual_seed(seed)
+    theirs = ref.RefLlama(**cfg)
+    return ours, theirs
+
+
+def _batch(torch, cfg, B=2, S=17, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, cfg["vocab_size"], (B, S), generator=g)
+    tgt = torch.randint(0, cfg["vocab_size"], (B, S), generator=g)
+    tgt[0, 0] = tgt[-1, 5] = -1  # llama2.c's ignore_index
+    return tok, tgt
+
+
+def _rel(torch, a, e):
+    a, e = a.detach().double(), e.detach().double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["MHA", "GQA"])
+def test_same_init_names_and_state_dict_as_llama2c(torch, at, ref, cfg):
+    ours, theirs = _pair(torch, at, ref, cfg)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == [n for n, _ in theirs.named_parameters()]
+    assert "output.weight" in ours.state_dict() and "tok_embeddings.weight" in names
+    assert ours.output.weight is ours.tok_embeddings.weight  # tied
+    for (n, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert torch.equal(p, q), f"{n}: same seed, different init"
+    # state_dicts load both ways, ties kept
+    torch.manual_seed(5)
+    other = at.Transformer(**cfg)
+    other.load_state_dict(theirs.state_dict())
+    assert other.output.weight is other.tok_embeddings.weight
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), theirs.parameters()))
+    theirs.load_state_dict(at.Transformer(**cfg).state_dict())
+    assert torch.equal(ours.freqs_cos, theirs.freqs_cos) and torch.equal(ours.freqs_sin, theirs.freqs_sin)
+
+
+def test_hidden_dim_rule(torch, at):
+    m = at.Transformer(dim=288, n_layers=1, n_heads=6, vocab_size=10, multiple_of=32, max_seq_len=8)
+    assert m.layers[0].feed_forward.w1.weight.shape == (768, 288)  # stories15M
+    m = at.Transformer(dim=64, n_layers=1, n_heads=4, vocab_size=10, multiple_of=256, max_seq_len=8)
+    assert m.layers[0].feed_forward.w2.weight.shape == (64, 256)
+    assert m.params.hidden_dim is None  # the ModelArgs is not mutated
+
+
+@pytest.mark.parametrize("linear", ["torch", "anebackward"])
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["MHA", "GQA"])
+def test_loss_and_every_gradient_match_pytorch_llama(torch, at, ref, cfg, linear):
+    ours, theirs = _pair(torch, at, ref, cfg, linear=linear)
+    theirs = theirs.double()  # float64 autograd is the oracle
+    tok, tgt = _batch(torch, cfg)
+    logits = ours(tok, tgt)
+    ours.last_loss.backward()
+    logits_ref = theirs(tok, tgt)
+    theirs.last_loss.backward()
+    assert logits.shape == logits_ref.shape == (2, 17, cfg["vocab_size"])
+    assert abs(ours.last_loss.item() - theirs.last_loss.item()) < 1e-5
+    assert _rel(torch, logits, logits_ref) < 1e-5
+    n = 0
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert p.grad is not None, name
+        err = _rel(torch, p.grad, q.grad)
+        assert err < 2e-5, f"{name}: relative gradient error {err:.2e}"
+        n += 1
+    assert n == 9 * cfg["n_layers"] + 2
+
+
+def test_float64_model_runs_the_reference_path_exactly(torch, at, ref):
+    ours, theirs = _pair(torch, at, ref, GQA)
+    ours, theirs = ours.double(), theirs.double()
+    # the reference's RoPE tables are float32 (as llama2.c's); give it float64
+    # angles like the float64 path's, so the two agree to rounding
+    hd = GQA["dim"] // GQA["n_heads"]
+    i = torch.arange(0, hd, 2, dtype=torch.float64)
+    ang = torch.arange(GQA["max_seq_len"], dtype=torch.float64)[:, None] * 10000.0 ** (-i / hd)
+    theirs.freqs_cos, theirs.freqs_sin = torch.cos(ang), torch.sin(ang)
+    tok, tgt = _batch(torch, GQA, B=1, S=9)
+    ours(tok, tgt).sum()
+    ours.last_loss.backward()
+    theirs(tok, tgt)
+    theirs.last_loss.backward()
+    assert abs(ours.last_loss.item() - theirs.last_loss.item()) < 1e-12
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert _rel(torch, p.grad, q.grad) < 1e-10, name
+
+
+def test_return_logits_false_keeps_loss_and_grads(torch, at, ref):
+    a, _ = _pair(torch, at, ref, MHA)
+    b, _ = _pair(torch, at, ref, MHA, return_logits=False)
+    tok, tgt = _batch(torch, MHA)
+    a(tok, tgt)
+    assert b(tok, tgt) is None
+    assert torch.equal(a.last_loss, b.last_loss)
+    a.last_loss.backward()
+    b.last_loss.backward()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-7)
+
+
+def test_inference_returns_last_position_logits(torch, at, ref):
+    ours, theirs = _pair(torch, at, ref, GQA)
+    tok, _ = _batch(torch, GQA)
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(tok)
+        assert ours.last_loss is None and logits.shape == (2, 1, GQA["vocab_size"])
+        assert _rel(torch, logits, theirs.double()(tok)) < 1e-5
+    theirs.float()
+    torch.manual_seed(3)
+    g1 = ours.generate(tok[:, :4], 5, temperature=0.0)
+    assert g1.shape == (2, 9) and torch.equal(g1[:, :4], tok[:, :4])
+    assert torch.equal(g1, ours.generate(tok[:, :4], 5, temperature=0.0))
+    assert ours.generate(tok[:, :4], 3, temperature=0.8, top_k=5).shape == (2, 7)
+
+
+def test_adamw_training_matches_pytorch_llama(torch, at, ref):
+    """llama2.c's configure_optimizers + a few AdamW steps: same trajectory."""
+    ours, theirs = _pair(torch, at, ref, GQA)
+    opt = ours.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    decay = [p for p in theirs.parameters() if p.dim() >= 2]
+    nodecay = [p for p in theirs.parameters() if p.dim() < 2]
+    opt_ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                 {"params": nodecay, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95))
+    tok, tgt = _batch(torch, GQA)
+    before = [p.detach().clone() for p in ours.parameters()]
+    losses, losses_ref = [], []
+    for _ in range(4):
+        for m, o, out in ((ours, opt, losses), (theirs, opt_ref, losses_ref)):
+            m(tok, tgt)
+            m.last_loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            out.append(m.last_loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses  # it trains
+    assert max(abs(a - b) for a, b in zip(losses, losses_ref)) < 2e-4, (losses, losses_ref)
+    for p, p0 in zip(ours.parameters(), before):
+        assert not torch.equal(p, p0)  # every parameter (the RMSNorm weights too) moved
+
+
+def test_gradient_accumulation_and_retain_graph(torch, at, ref):
+    ours, _ = _pair(torch, at, ref, MHA)
+    tok, tgt = _batch(torch, MHA)
+    ours(tok, tgt)
+    ours.last_loss.backward(retain_graph=True)
+    g1 = [p.grad.clone() for p in ours.parameters()]
+    ours.last_loss.backward()
+    for p, g in zip(ours.parameters(), g1):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-6, atol=1e-9)
+
+
+def test_deepcopy_and_threads_do_not_share_scratch(torch, at, ref):
+    import threading
+    ours, _ = _pair(torch, at, ref, MHA)
+    twin = copy.deepcopy(ours)
+    assert twin.workspace is not ours.workspace
+    assert twin.layers[1].attention.workspace is twin.workspace
+    tok, tgt = _batch(torch, MHA)
+    ours(tok, tgt)
+    expect = ours.last_loss.item()
+    results = []
+
+    def run():
+        results.append(twin(tok, tgt) is not None and twin.last_loss.item())
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expect, expect]
+
+
+def test_unsupported_configurations_raise_clearly(torch, at):
+    cfg = dict(MHA, dropout=0.1)
+    m = at.Transformer(**cfg)
+    tok = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="dropout=0.0"):
+        m(tok, tok)
+    m.eval()
+    m(tok)  # dropout is a no-op in eval mode, as in llama2.c
+    m = at.Transformer(**MHA)
+    with pytest.raises(TypeError, match="float32"):
+        copy.deepcopy(m).half()(tok)
+    with pytest.raises(TypeError, match="float32"):
+        copy.deepcopy(m).bfloat16()(tok, tok)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        copy.deepcopy(m).to("meta")(tok.to("meta"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch, seqlen"):
+        m(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        at.Transformer(**dict(MHA, n_kv_heads=3))
+    with pytest.raises(ValueError, match="linear"):
+        at.Transformer(**MHA, linear="mkl")
+    with pytest.raises(TypeError, match="either"):
+        at.Transformer(at.ModelArgs(), dim=8)
+
+
+def test_torch_compile_runs_the_kernels_eagerly(torch, at, ref):
+    """llama2.c's train.py compiles by default: dynamo must not trace into the
+    cffi calls (each Function is a graph break) and the results must not change.
+    backend="eager" exercises dynamo without a C++ toolchain for inductor."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    ours, _ = _pair(torch, at, ref, GQA)
+    twin = copy.deepcopy(ours)
+    tok, tgt = _batch(torch, GQA)
+    compiled = torch.compile(ours, backend="eager")
+    compiled(tok, tgt)
+    ours.last_loss.backward()
+    twin(tok, tgt)
+    twin.last_loss.backward()
+    assert torch.equal(ours.last_loss, twin.last_loss)
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+    torch._dynamo.reset()
+
+
+def test_blas_threads_setting(torch, at):
+    import anebackward
+    before = anebackward.get_num_threads()
+    if before == 0:
+        pytest.skip("this BLAS does not report or take a thread count (Accelerate)")
+    try:
+        at.Transformer(**MHA)  # linear="torch": PyTorch owns the cores
+        assert anebackward.get_num_threads() == 1
+        at.Transformer(**MHA, blas_threads=2)
+        assert anebackward.get_num_threads() == 2
+        at.Transformer(**MHA, linear="anebackward")  # "auto" leaves it alone
+        assert anebackward.get_num_threads() == 2
+        at.Transformer(**MHA, blas_threads=None)
+        assert anebackward.get_num_threads() == 2
+    finally:
+        anebackward.set_num_threads(before)
+
+
+def test_reference_backend_through_torch(torch, at, ref, monkeypatch):
+    """ANEBACKWARD_BACKEND=reference routes every kernel call of the model to
+    the seed's scalar loops (math corrected); they agree with the fast ones."""
+    fast, _ = _pair(torch, at, ref, GQA, linear="anebackward")
+    slow = copy.deepcopy(fast)
+    tok, tgt = _batch(torch, GQA, B=1, S=9)
+    fast(tok, tgt)
+    fast.last_loss.backward()
+    monkeypatch.setenv("ANEBACKWARD_BACKEND", "reference")
+    slow(tok, tgt)
+    slow.last_loss.backward()
+    assert abs(fast.last_loss.item() - slow.last_loss.item()) < 1e-5
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert _rel(torch, q.grad, p.grad) < 2e-5, name
+    monkeypatch.setenv("ANEBACKWARD_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="ANEBACKWARD_BACKEND"):
+        slow(tok, tgt)
+
+
+def test_llama2c_train_loop_flow(torch, at, tmp_path):
+    """The calls llama2.c's train.py makes, in its order: ModelArgs(**dict),
+    Transformer(args), configure_optimizers, GradScaler (disabled on CPU),
+    gradient accumulation, clipping, estimate_mfu, checkpoint save/resume."""
+    model_args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=41,
+                      multiple_of=16, max_seq_len=16, dropout=0.0)
+    model = at.Transformer(at.ModelArgs(**model_args))
+    optimizer = model.configure_optimizers(0.1, 5e-3, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randint(0, 41, (4, 16), generator=g)
+    Y = torch.roll(X, -1, dims=1)
+    first = None
+    for it in range(6):
+        for micro in range(2):
+            logits = model(X[2 * micro:2 * micro + 2], Y[2 * micro:2 * micro + 2])
+            loss = model.last_loss / 2
+            scaler.scale(loss).backward()
+        assert logits.shape == (2, 16, 41)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        first = first if first is not None else loss.item() * 2
+    assert loss.item() * 2 < first
+    assert 0 < model.estimate_mfu(4, 0.5) < 1
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": model_args,
+                "optimizer": optimizer.state_dict()}, ckpt)
+    c = torch.load(ckpt)
+    resumed = at.Transformer(at.ModelArgs(**c["model_args"]))
+    resumed.load_state_dict(c["model"])
+    model.eval()
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(model(X), resumed(X))
+        model(X, Y)
+        resumed(X, Y)
+    assert torch.equal(model.last_loss, resumed.last_loss)
