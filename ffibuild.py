@@ -43,7 +43,7 @@ def build_options():
     cflags = ["-O3", "-std=gnu11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
               "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if os.environ.get("ANEBACKWARD_NATIVE") == "1":
-        cflags.append("-march=native")
+        cflags += ["-march=native", "-DAB_NO_MULTIVERSION"]
     opts = dict(include_dirs=[CSRC, os.path.join(CSRC, "ane")], libraries=[], library_dirs=[],
                 extra_compile_args=cflags, extra_link_args=[], define_macros=[])
     if sys.platform == "darwin":

@@ -23,6 +23,18 @@
 #define AB_STR_(x) #x
 #define AB_SIMD_REDUCE(op, var) _Pragma(AB_STR_(omp simd reduction(op:var)))
 
+/* AB_HOT marks the elementwise hot loops: on x86-64 Linux with GCC they are
+ * compiled three times (AVX-512, AVX2+FMA, baseline SSE2) and the loader
+ * picks the best the CPU has (ifunc), so the default build stays portable and
+ * still uses wide vectors. ANEBACKWARD_NATIVE=1 builds (-march=native) and
+ * other compilers get one version. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(AB_NO_MULTIVERSION)
+#define AB_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AB_HOT
+#endif
+
 /* exp(x) for float, ~2 ulp, branch-free so loops over it vectorise.
  * exp(x) = 2^n * e^r with n = round(x log2 e), |r| <= ln2/2, e^r by its
  * degree-7 Taylor polynomial (truncation error < 6e-9 relative). 2^n is

@@ -33,6 +33,7 @@ static void causal_scores(float *P, const float *Q, int64_t ldq, const float *K,
 }
 
 /* row-wise softmax over s <= t; entries t < s < block_end are zeroed */
+AB_HOT
 static void causal_softmax(float *P, int64_t S) {
     for (int64_t t = 0; t < S; t++) {
         float *row = P + t * S;
@@ -45,6 +46,21 @@ static void causal_softmax(float *P, int64_t S) {
         AB_SIMD
         for (int64_t s = 0; s <= t; s++) row[s] *= inv;
         for (int64_t s = t + 1, e = block_end(t, S); s < e; s++) row[s] = 0.0f;
+    }
+}
+
+/* dS = c * P * (dP - rowsum(P * dP)) in place over dP; zero above the diagonal */
+AB_HOT
+static void causal_softmax_backward(float *dS, const float *P, int64_t S, float c) {
+    for (int64_t t = 0; t < S; t++) {
+        const float *pr = P + t * S;
+        float *dr = dS + t * S;
+        float dot = 0.0f;
+        AB_SIMD_REDUCE(+, dot)
+        for (int64_t s = 0; s <= t; s++) dot += pr[s] * dr[s];
+        AB_SIMD
+        for (int64_t s = 0; s <= t; s++) dr[s] = c * pr[s] * (dr[s] - dot);
+        for (int64_t s = t + 1, e = block_end(t, S); s < e; s++) dr[s] = 0.0f;
     }
 }
 
@@ -113,17 +129,7 @@ int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 int64_t r1 = min64(r0 + BLOCK, S);
                 ab_sgemm(0, 1, r1 - r0, r1, hd, 1.0f, dO + r0 * ldq, ldq, V, ldk, 0.0f, dS + r0 * S, S);
             }
-            /* dS = c * P * (dP - rowsum(P * dP)); zero above the diagonal */
-            for (int64_t t = 0; t < S; t++) {
-                const float *pr = P + t * S;
-                float *dr = dS + t * S;
-                float dot = 0.0f;
-                AB_SIMD_REDUCE(+, dot)
-                for (int64_t s = 0; s <= t; s++) dot += pr[s] * dr[s];
-                AB_SIMD
-                for (int64_t s = 0; s <= t; s++) dr[s] = c * pr[s] * (dr[s] - dot);
-                for (int64_t s = t + 1, e = block_end(t, S); s < e; s++) dr[s] = 0.0f;
-            }
+            causal_softmax_backward(dS, P, S, c);
             for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
                 int64_t r1 = min64(r0 + BLOCK, S);
                 /* dQ[r0:r1] = dS[r0:r1, 0:r1] K[0:r1] */

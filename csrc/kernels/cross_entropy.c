@@ -9,6 +9,7 @@
  * before the row is overwritten. */
 #include "ab_internal.h"
 
+AB_HOT
 int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                      const float *logits, const int32_t *targets,
                      int64_t N, int64_t V, float grad_scale) {

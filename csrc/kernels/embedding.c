@@ -21,6 +21,7 @@ int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
     return AB_OK;
 }
 
+AB_HOT
 int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                           int64_t N, int64_t V, int64_t D) {
     AB_NONNEG(N); AB_NONNEG(V); AB_NONNEG(D);

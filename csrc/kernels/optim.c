@@ -10,6 +10,7 @@
  * weight_decay = 0 is plain Adam (the seed's model_adam_step). */
 #include "ab_internal.h"
 
+AB_HOT
 int ab_sumsq(double *out, const float *x, int64_t n) {
     AB_NONNEG(n); AB_NONNULL(out); AB_NONNULL(x);
     double acc = 0.0;
@@ -19,6 +20,7 @@ int ab_sumsq(double *out, const float *x, int64_t n) {
     return AB_OK;
 }
 
+AB_HOT
 int ab_scale(float *x, int64_t n, float s) {
     AB_NONNEG(n); AB_NONNULL(x);
     AB_SIMD
@@ -26,6 +28,7 @@ int ab_scale(float *x, int64_t n, float s) {
     return AB_OK;
 }
 
+AB_HOT
 int ab_adamw(float *p, const float *g, float *m, float *v, int64_t n,
              int64_t step, float lr, float beta1, float beta2, float eps,
              float weight_decay) {

@@ -16,6 +16,7 @@ static inline float inv_rms(const float *x, int64_t D, float eps) {
     return 1.0f / sqrtf(ss / (float)D + eps);
 }
 
+AB_HOT
 int ab_rmsnorm_forward(float *y, const float *x, const float *w,
                        int64_t N, int64_t D, float eps) {
     AB_NONNEG(N); AB_REQUIRE(D > 0, AB_EINVAL); AB_REQUIRE(eps >= 0.0f, AB_EINVAL);
@@ -30,6 +31,7 @@ int ab_rmsnorm_forward(float *y, const float *x, const float *w,
     return AB_OK;
 }
 
+AB_HOT
 int ab_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                         const float *w, int64_t N, int64_t D, float eps,
                         int accumulate_dx) {

@@ -6,6 +6,7 @@
  * Outputs may alias dy (each element is read before it is written). */
 #include "ab_internal.h"
 
+AB_HOT
 int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n) {
     AB_NONNEG(n); AB_NONNULL(y); AB_NONNULL(h1); AB_NONNULL(h3);
     AB_SIMD
@@ -13,6 +14,7 @@ int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n) {
     return AB_OK;
 }
 
+AB_HOT
 int ab_swiglu_backward(float *dh1, float *dh3, const float *dy,
                        const float *h1, const float *h3, int64_t n) {
     AB_NONNEG(n); AB_NONNULL(dh1); AB_NONNULL(dh3); AB_NONNULL(dy);
