@@ -28,6 +28,25 @@ def l2_size_kb():
         return None
 
 
+def cpu_busy(seconds=0.5):
+    """Share of all cores busy over a short window, from /proc/stat (None
+    elsewhere). Taken before the suite starts: on a shared machine it says
+    how much of the CPU other processes were using."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+    try:
+        import time
+        t0, i0 = snap()
+        time.sleep(seconds)
+        t1, i1 = snap()
+        return round(100.0 * (1 - (i1 - i0) / max(t1 - t0, 1)), 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def threadpools():
     """threadpoolctl's view of every BLAS/OpenMP pool in the process, or None."""
     try:
@@ -64,6 +83,7 @@ def collect(args, torch_mod, torch_note, threads):
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cpu_busy_before_pct": cpu_busy(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "anebackward": ab.__version__,
@@ -104,7 +124,8 @@ def describe(env):
     lines = [
         f"date        {env['date_utc']}",
         f"machine     {env['cpu']}, {env['cores']} cores ({env['cores_usable']} usable), "
-        f"load avg {env['load_avg']}",
+        f"load avg {env['load_avg']}, CPU busy before start {env['cpu_busy_before_pct']}% "
+        f"(other processes)",
         f"package     anebackward {env['anebackward']}  flags: {env['build_flags']}",
         f"BLAS        {env['blas']}, core {env['blas_core']}",
         f"OpenBLAS    OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']!s}  "
