@@ -76,6 +76,17 @@ def table(records, env):
         for c, r in row.items():
             if r["note"]:
                 notes.setdefault((c, r["note"]), []).append(f"{name} {label}")
+    steps = [(k, cases[k]) for k in order if k[0] == "full_step"]
+    if steps:
+        lines += ["", "Full training step (forward, backward, clip, AdamW), time per step and "
+                  "ratios (row / column):"]
+        for (name, shape, site), row in steps:
+            ok = {c: r["median_s"] for c, r in row.items() if r["status"] == "ok"}
+            lines.append(f"  {shape}: " + ", ".join(f"{c} {fmt_t(t)}" for c, t in ok.items()))
+            for base in ("ours", "composed"):
+                if base in ok:
+                    lines.append(f"    {base} is faster than: " + ", ".join(
+                        f"{c} ×{t / ok[base]:.2f}" for c, t in ok.items() if c != base))
     if overhead:
         lines += ["", "Python call overhead (swiglu on 8 floats, out= preallocated):"] + overhead
     if notes:
