@@ -49,6 +49,10 @@ def build_options():
     if sys.platform == "darwin":
         opts["define_macros"].append(("ACCELERATE_NEW_LAPACK", None))
         opts["extra_link_args"] += ["-framework", "Accelerate"]
+        # ANE platform (csrc/ane/ane_darwin.c): objc runtime + CF/IOSurface;
+        # the private AppleNeuralEngine.framework itself is dlopen()ed at run time.
+        opts["extra_link_args"] += ["-framework", "Foundation", "-framework", "CoreFoundation",
+                                    "-framework", "IOSurface", "-lobjc"]
     else:
         import scipy_openblas32 as sob
         opts["include_dirs"].append(sob.get_include_dir())

@@ -24,6 +24,7 @@ from .kernels.rmsnorm import rmsnorm, rmsnorm_backward
 from .kernels.rope import rope, rope_backward
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
+from .model import AdamW, Llama, LlamaConfig, cosine_lr
 
 __version__ = "0.1.0"
 
@@ -60,4 +61,5 @@ __all__ = [
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
     "blas_info", "set_num_threads", "get_num_threads", "ane",
+    "LlamaConfig", "Llama", "AdamW", "cosine_lr",
 ]

@@ -167,6 +167,137 @@ int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
                  int64_t step, float lr, float beta1, float beta2, float eps,
                  float weight_decay);
 
+/* ---- whole model (csrc/model/model.c) ----
+ * A Llama-2 model over the kernels above: one call per step. Parameters and
+ * gradients are flat float buffers laid out by ab_model_param_layout
+ * (offsets in floats; 2-D weights first, so weight decay covers the prefix
+ * [0, n_decay); a tied classifier has output == tok_embeddings). Activations
+ * live in a caller-owned workspace of ab_model_workspace_floats floats,
+ * reused across steps of the same (B, S).
+ * ab_model_forward: tokens/targets [B*S] int32, targets -1 = ignored, may be
+ *   NULL (logits only, at *logits_offset of the workspace). want_grad != 0
+ *   overwrites the logits with dlogits (mean over counted targets).
+ * ab_model_backward: after a want_grad forward on the same workspace; fills
+ *   every gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
+ * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
+typedef struct {
+    int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+    int shared_classifier;
+    float norm_eps;
+    int reference;
+} ab_model_config;
+typedef struct {
+    int64_t tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output;
+    int64_t attention_norm, ffn_norm, norm;
+    int64_t n_decay, n_params;
+} ab_model_layout;
+int ab_model_config_check(const ab_model_config *c);
+int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
+int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
+                              int64_t *total, int64_t *logits_offset);
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats);
+int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
+                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
+                      int accumulate, float *work, int64_t work_floats);
+
+/* ---- Apple Neural Engine dispatch (csrc/ane) ----
+ * A context owns one platform ("darwin": the private AppleNeuralEngine
+ * framework, Apple Silicon only; "emulated": a software interpreter of the
+ * generated MIL, fp16 storage rounding, any OS), a cache of compiled programs
+ * keyed by shape, and counters. Unlike the kernels above it is stateful; its
+ * calls are serialised by the context's own mutex.
+ * Errors: AB_* codes above or AB_ANE_E* below; every function that can meet a
+ * platform failure takes (err, errcap) and writes the platform's message. */
+enum {
+    AB_ANE_EUNAVAILABLE = -20,  /* the platform cannot run here                 */
+    AB_ANE_EPLATFORM = -21,     /* unknown platform name                        */
+    AB_ANE_EMIL = -22,          /* malformed or unsupported MIL text            */
+    AB_ANE_ECOMPILE = -23,      /* the platform rejected the program            */
+    AB_ANE_ELOAD = -24,         /* loading the compiled program failed          */
+    AB_ANE_EEVAL = -25,         /* evaluating the program failed                */
+    AB_ANE_ESURFACE = -26       /* creating or locking a tensor surface failed  */
+};
+/* Why a tile of rows ran on the CPU instead (ab_ane_call_info.fallback). */
+enum {
+    AB_ANE_FB_NONE = 0,
+    AB_ANE_FB_OVERFLOW = 1,     /* the fp16 result held inf/NaN                 */
+    AB_ANE_FB_RANGE = 2,        /* dy not finite, or W beyond fp16 range        */
+    AB_ANE_FB_BUDGET = 3,       /* the program budget (compiles) is spent       */
+    AB_ANE_FB_ERROR = 4         /* platform error, call was not strict          */
+};
+/* ab_ane_linear_backward_dx flags */
+enum {
+    AB_ANE_STRICT = 1,          /* platform errors are returned, not hidden     */
+    AB_ANE_NO_LOSS_SCALE = 2    /* skip the power-of-two scaling of dy          */
+};
+typedef struct ab_ane_ctx ab_ane_ctx;
+typedef struct {
+    int64_t compiles;       /* programs compiled by this context (incl. failed) */
+    int64_t programs;       /* shapes in the cache (loaded or failed)           */
+    int64_t max_programs;   /* compile budget; beyond it new shapes use the CPU */
+    int64_t tile_rows;      /* rows per program (spatial size S)                */
+    int64_t calls, tiles_ane, tiles_cpu;
+    int64_t fallback_overflow, fallback_range, fallback_budget, fallback_error;
+    int loss_scaling;
+} ab_ane_stats;
+typedef struct {
+    int64_t tiles;          /* row tiles of this call                           */
+    int64_t tiles_cpu;      /* of which ran on the CPU                          */
+    int fallback;           /* first AB_ANE_FB_* reason met, 0 if none          */
+    int scale_log2;         /* dy scale 2^k of the first ANE tile               */
+} ab_ane_call_info;
+
+const char *ab_ane_strerror(int code);
+/* platform: "darwin", "emulated", or NULL for the native one of this OS. */
+int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap);
+void ab_ane_close(ab_ane_ctx *ctx);
+const char *ab_ane_platform_name(const ab_ane_ctx *ctx);
+/* Negative arguments keep the current value. tile_rows: a multiple of 32. */
+int ab_ane_configure(ab_ane_ctx *ctx, int loss_scaling, int64_t max_programs,
+                     int64_t tile_rows);
+int ab_ane_get_stats(ab_ane_ctx *ctx, ab_ane_stats *out);
+/* The latest platform failure met by this context ("" if none). */
+int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap);
+/* dx[N,in] (+)= dy[N,out] · W[out,in] on the ANE, tile by tile; a tile whose
+ * fp16 result overflows (or a budget/range problem) is computed on the CPU.
+ * Platform errors: without AB_ANE_STRICT the CPU takes over silently; with
+ * it the error is returned, and dx is either untouched (the program could not
+ * be built) or complete (evaluation failed midway: the rest ran on the CPU). */
+int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
+                              const float *W, int64_t N, int64_t in, int64_t out,
+                              int accumulate, int flags, ab_ane_call_info *info,
+                              char *err, size_t errcap);
+/* Compile, load, evaluate once and unload arbitrary MIL with one input and
+ * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
+int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
+                   void *out, size_t out_bytes, char *err, size_t errcap);
+/* Run a small exactly representable dx problem through the platform and
+ * compare with the CPU bit for bit (one compile; the darwin platform runs it
+ * when a context opens). */
+int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
+/* Test hook of the emulated platform: the next "compile", "load" or
+ * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
+int ab_ane_emulated_fail_next(const char *stage);
+
+/* Core pieces, exposed for tests. */
+/* MIL text of the dynamic-weight dx program; snprintf semantics: returns the
+ * length needed (without NUL), writes at most cap bytes; < 0 on bad sizes. */
+int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out);
+/* fp32 <-> fp16 (IEEE binary16, round to nearest even; subnormals, inf and
+ * NaN kept). The default functions use F16C/NEON when the CPU has it. */
+void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
+void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
+void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
+void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
+const char *ab_ane_fp16_path(void);
+/* Token-major [N, C] <-> channels-first [C, ld] (spatial stride ld >= N). */
+void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
+                             float scale);
+void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
+                             float scale, int accumulate);
+
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -5,8 +5,9 @@
  *   forward:  y0 = x0 cos a - x1 sin a,    y1 = x0 sin a + x1 cos a
  *   backward: the transpose, a rotation by -a:
  *             dx0 = dy0 cos a + dy1 sin a, dx1 = -dy0 sin a + dy1 cos a
- * Angles are formed in float like run.c (p * f in float), then cos/sin are
- * evaluated in double and rounded, so results match llama2.c to rounding.
+ * Angles are formed in float exactly as llama2.c's run.c forms them
+ * (f = 1/powf(10000, 2i/head_dim), a = p * f in float, cosf/sinf), so the
+ * rotation matches run.c's bit for bit on the same libm.
  * out may equal in (in place). */
 #include "ab_internal.h"
 
@@ -17,14 +18,18 @@ static int rope_apply(float *y, const float *x, int64_t B, int64_t S,
     AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
     AB_NONNULL(y); AB_NONNULL(x);
     const int64_t half = head_dim / 2, D = n_heads * head_dim;
+    float freq_small[256];                 /* frequencies hoisted out of the position loop */
+    const int hoist = half <= 256;
+    if (hoist)
+        for (int64_t i = 0; i < half; i++) freq_small[i] = ab_rope_freq(2 * i, head_dim);
     for (int64_t b = 0; b < B; b++) {
         for (int64_t s = 0; s < S; s++) {
             float pos = (float)(pos_offset + s);
             const float *xr = x + (b * S + s) * D;
             float *yr = y + (b * S + s) * D;
             for (int64_t i = 0; i < half; i++) {
-                float a = pos * ab_rope_freq(2 * i, head_dim);
-                float c = (float)cos((double)a), sn = sign * (float)sin((double)a);
+                float a = pos * (hoist ? freq_small[i] : ab_rope_freq(2 * i, head_dim));
+                float c = cosf(a), sn = sign * sinf(a);
                 for (int64_t h = 0; h < n_heads; h++) {
                     int64_t o = h * head_dim + 2 * i;
                     float x0 = xr[o], x1 = xr[o + 1];

@@ -101,7 +101,7 @@ static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_he
             for (int64_t h = 0; h < n_heads; h++)
                 for (int64_t i = 0; i < head_dim; i += 2) {
                     float val = (float)(pos_offset + t) * ab_rope_freq(i, head_dim);
-                    float cos_v = (float)cos((double)val), sin_v = sign * (float)sin((double)val);
+                    float cos_v = cosf(val), sin_v = sign * sinf(val);
                     int64_t off = (b * S + t) * n_heads * head_dim + h * head_dim + i;
                     float x0 = x[off], x1 = x[off + 1];
                     y[off] = x0 * cos_v - x1 * sin_v;

@@ -1,0 +1,402 @@
+"""A Llama-2 model (llama2.c's model.py architecture) trained through the C
+core: LlamaConfig, Llama, AdamW and the cosine learning-rate schedule.
+
+All parameters live in ONE flat float32 buffer (`model.flat_params`) and all
+gradients in another (`model.flat_grads`); `model.params[name]` and
+`model.grads[name]` are views into them, named like llama2.c's PyTorch state
+dict. The flat layout (csrc/model/model.c, ab_model_param_layout) puts every
+2-D weight first and the 1-D RMSNorm weights last:
+
+    tok_embeddings | wq | wk | wv | wo | w1 | w2 | w3 | output (untied) || norms
+
+so AdamW's weight decay (2-D weights only, like llama2.c's train.py) is the
+prefix `flat[:n_decay]` and the update is one pass over two contiguous
+regions. A tied classifier has no `output.weight`: it IS
+`tok_embeddings.weight`, with one gradient and one update.
+
+    model = Llama(LlamaConfig.preset("stories15M"), seed=0)
+    loss = model.forward(tokens)      # tokens [S] or [B, S]: t predicts t+1
+    model.backward()                  # fills model.grads (one C call)
+    model.clip_grad_norm(1.0)
+    opt.step()
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+from . import _checks as C
+from ._backend import resolve
+from ._native import check, ffi, fptr, iptr, lib
+from .kernels.optim import clip_grad_norm as _clip_grad_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The hyperparameters of a Llama-2 model (the llama2.c v0 header plus
+    the classifier tying and the RMSNorm epsilon)."""
+    dim: int = 128
+    hidden_dim: int = 352
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = None
+    vocab_size: int = 259
+    max_seq_len: int = 128
+    shared_classifier: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        fn = "LlamaConfig"
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                     "max_seq_len"):
+            object.__setattr__(self, name, C.positive_int(fn, name, getattr(self, name)))
+        if self.dim % self.n_heads:
+            raise ValueError(f"{fn}: dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"{fn}: the head size dim/n_heads = {self.dim // self.n_heads} must be "
+                             "even (RoPE rotates pairs)")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{fn}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        object.__setattr__(self, "norm_eps", C.finite_float(fn, "norm_eps", self.norm_eps, lo=0.0))
+        object.__setattr__(self, "shared_classifier", bool(self.shared_classifier))
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self):
+        return self.head_dim * self.n_kv_heads
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A named configuration: one of PRESETS, with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; choose one of "
+                             f"{', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    # the main job's model: byte-level vocabulary, trains in about a minute on 2 cores
+    "default": LlamaConfig(dim=128, hidden_dim=352, n_layers=4, n_heads=4, n_kv_heads=2,
+                           vocab_size=259, max_seq_len=128),
+    # a model small enough for tests
+    "tiny": LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        vocab_size=259, max_seq_len=64),
+    # llama2.c's TinyStories checkpoints (Llama 2 vocabulary)
+    "stories15M": LlamaConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
+                              vocab_size=32000, max_seq_len=256),
+    "stories42M": LlamaConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
+                              vocab_size=32000, max_seq_len=1024),
+    "stories110M": LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
+                               vocab_size=32000, max_seq_len=1024),
+}
+
+
+def _c_config(config, reference=False):
+    c = ffi.new("ab_model_config *")
+    c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
+    c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
+    c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
+    c.shared_classifier = int(config.shared_classifier)
+    c.norm_eps = config.norm_eps
+    c.reference = int(reference)
+    return c
+
+
+def param_layout(config):
+    """The flat-buffer offsets (in floats) of each tensor kind, from C: a dict
+    with tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output, attention_norm,
+    ffn_norm, norm, n_decay, n_params (64-bit, no overflow at any size)."""
+    lay = ffi.new("ab_model_layout *")
+    check(lib.ab_model_param_layout(_c_config(config), lay), "param_layout")
+    keys = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "output",
+            "attention_norm", "ffn_norm", "norm", "n_decay", "n_params")
+    return {k: int(getattr(lay, k)) for k in keys}
+
+
+def tensor_specs(config):
+    """[(name, offset, shape)] of every parameter, in flat-buffer order.
+    Per-kind stacks: layer i of wq is at layout['wq'] + i * dim * dim."""
+    c, lay = config, param_layout(config)
+    D, Hd, V, kv, L = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers
+    specs = [("tok_embeddings.weight", lay["tok_embeddings"], (V, D))]
+    kinds = [("attention.wq", "wq", (D, D)), ("attention.wk", "wk", (kv, D)),
+             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, D)),
+             ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),
+             ("feed_forward.w3", "w3", (Hd, D))]
+    for sub, key, shape in kinds:
+        n = shape[0] * shape[1]
+        specs += [(f"layers.{i}.{sub}.weight", lay[key] + i * n, shape) for i in range(L)]
+    if not c.shared_classifier:
+        specs.append(("output.weight", lay["output"], (V, D)))
+    specs += [(f"layers.{i}.attention_norm.weight", lay["attention_norm"] + i * D, (D,))
+              for i in range(L)]
+    specs += [(f"layers.{i}.ffn_norm.weight", lay["ffn_norm"] + i * D, (D,)) for i in range(L)]
+    specs.append(("norm.weight", lay["norm"], (D,)))
+    return specs
+
+
+def _views(flat, specs):
+    return {name: flat[off:off + math.prod(shape)].reshape(shape) for name, off, shape in specs}
+
+
+class Llama:
+    """A Llama-2 model whose forward and backward run in C (one call each).
+
+    Llama(config, seed=0): weights initialised like llama2.c's model.py —
+    normal(0, 0.02) for every linear and embedding weight, normal(0,
+    0.02/sqrt(2 n_layers)) for the residual projections (names ending in
+    w3.weight and wo.weight, as llama2.c selects them), ones for the RMSNorm
+    weights. backend="reference" runs the seed's scalar loops (slow; the
+    baseline)."""
+
+    def __init__(self, config=None, seed=0, *, backend=None, init=True):
+        if config is None:
+            config = PRESETS["default"]
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = resolve("Llama", backend)
+        self._cfg = _c_config(config, reference=self.backend == "reference")
+        self.layout = param_layout(config)
+        self.n_params = self.layout["n_params"]
+        self.n_decay = self.layout["n_decay"]
+        self.flat_params = np.zeros(self.n_params, dtype=np.float32)
+        self.flat_grads = np.zeros(self.n_params, dtype=np.float32)
+        self._specs = tensor_specs(config)
+        self.params = _views(self.flat_params, self._specs)
+        self.grads = _views(self.flat_grads, self._specs)
+        self._ws = None            # (B, S, workspace array, logits offset)
+        self._pending = None       # (tokens, B, S) of the last want_grad forward
+        self.last_loss = None
+        if init:
+            self.init_weights(seed)
+
+    # -- initialisation ----------------------------------------------------
+    def init_weights(self, seed=0):
+        """Re-initialise every weight like llama2.c's model.py (seedable)."""
+        rng = np.random.default_rng(seed)
+        lay, c = self.layout, self.config
+        w = self.flat_params[:self.n_decay]
+        rng.standard_normal(out=w, dtype=np.float32)
+        w *= np.float32(0.02)
+        resid = np.float32(1.0 / math.sqrt(2 * c.n_layers))
+        for key, n in (("wo", c.dim * c.dim), ("w3", c.hidden_dim * c.dim)):
+            self.flat_params[lay[key]:lay[key] + c.n_layers * n] *= resid
+        self.flat_params[self.n_decay:] = 1.0
+        self.flat_grads[:] = 0.0
+        self._pending = None
+
+    # -- forward / backward ------------------------------------------------
+    def _batch(self, fn, tokens, name="tokens"):
+        if not isinstance(tokens, np.ndarray):
+            try:
+                tokens = np.asarray(tokens)
+            except Exception:
+                raise TypeError(f"{fn}: {name} must be an integer array, got "
+                                f"{type(tokens).__name__}") from None
+        if tokens.ndim not in (1, 2) or tokens.size == 0:
+            raise ValueError(f"{fn}: {name} must be a non-empty [S] or [B, S] array, got shape "
+                             f"{tokens.shape}")
+        tok = C.tokens(fn, name, tokens, self.config.vocab_size,
+                       allow_ignore=(name == "targets"))
+        tok = tok.reshape(1, -1) if tok.ndim == 1 else tok
+        B, S = tok.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"{fn}: the sequence length {S} exceeds max_seq_len = "
+                             f"{self.config.max_seq_len}")
+        return tok, B, S
+
+    def _workspace(self, B, S):
+        if self._ws is None or self._ws[:2] != (B, S):
+            total = ffi.new("int64_t *")
+            off = ffi.new("int64_t *")
+            check(lib.ab_model_workspace_floats(self._cfg, B, S, total, off), "Llama workspace")
+            self._ws = None  # free the old one first
+            self._ws = (B, S, np.empty(total[0], dtype=np.float32), off[0])
+        return self._ws[2]
+
+    def workspace_bytes(self, batch_size, seq_len):
+        """Bytes of the activation workspace for a [batch_size, seq_len] batch."""
+        total = ffi.new("int64_t *")
+        check(lib.ab_model_workspace_floats(self._cfg, batch_size, seq_len, total, ffi.NULL),
+              "workspace_bytes")
+        return total[0] * 4
+
+    def forward(self, tokens, targets=None, *, want_grad=True):
+        """The mean cross-entropy loss of a batch.
+
+        tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
+        targets: same shape, -1 = ignored; default: position t predicts
+        tokens[t+1], i.e. the mean over the B*(S-1) predictions (the seed's
+        semantics). With want_grad (default) the activations and dlogits are
+        kept for backward()."""
+        fn = "Llama.forward"
+        tok, B, S = self._batch(fn, tokens)
+        if targets is None:
+            if S < 2:
+                raise ValueError(f"{fn}: tokens must hold at least 2 positions per sequence "
+                                 "(position t predicts t+1), or pass targets=")
+            tgt = np.empty_like(tok)
+            tgt[:, :-1] = tok[:, 1:]
+            tgt[:, -1] = -1
+        else:
+            tgt, Bt, St = self._batch(fn, targets, "targets")
+            if (Bt, St) != (B, S):
+                raise ValueError(f"{fn}: targets must have the shape of tokens ({B}, {S}), got "
+                                 f"({Bt}, {St})")
+            if not (tgt >= 0).any():
+                raise ValueError(f"{fn}: every target is -1 (ignored); there is nothing to predict")
+        work = self._workspace(B, S)
+        loss = ffi.new("double *")
+        self._pending = None
+        check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok), iptr(tgt),
+                                   B, S, int(bool(want_grad)), fptr(work), work.size), fn)
+        if want_grad:
+            self._pending = (tok, B, S)
+        self.last_loss = float(loss[0])
+        return self.last_loss
+
+    __call__ = forward
+
+    def backward(self, *, accumulate=False, grad_scale=1.0):
+        """Fill model.grads with the gradient of the last forward()'s loss
+        times grad_scale (overwriting them, or adding to them with
+        accumulate=True — gradient accumulation over micro-batches: pass
+        grad_scale=1/n_micro). One C call over all layers."""
+        fn = "Llama.backward"
+        if self._pending is None:
+            raise RuntimeError(f"{fn}: call forward(tokens) (with want_grad=True) first; each "
+                               "forward allows one backward")
+        grad_scale = C.finite_float(fn, "grad_scale", grad_scale)
+        tok, B, S = self._pending
+        self._pending = None  # dlogits are consumed (scaled in place)
+        work = self._workspace(B, S)
+        check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(self.flat_grads),
+                                    iptr(tok), B, S, grad_scale, int(bool(accumulate)),
+                                    fptr(work), work.size), fn)
+
+    def logits(self, tokens, *, last_only=False):
+        """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
+        last_only=True returns only the last position's [B, vocab]."""
+        fn = "Llama.logits"
+        tok, B, S = self._batch(fn, tokens)
+        work = self._workspace(B, S)
+        self._pending = None
+        check(lib.ab_model_forward(ffi.NULL, self._cfg, fptr(self.flat_params), iptr(tok),
+                                   ffi.NULL, B, S, 0, fptr(work), work.size), fn)
+        off, V = self._ws[3], self.config.vocab_size
+        lg = work[off:off + B * S * V].reshape(B, S, V)
+        return lg[:, -1, :].copy() if last_only else lg.copy()
+
+    # -- gradients and parameters ------------------------------------------
+    def zero_grad(self):
+        self.flat_grads[:] = 0.0
+
+    def grad_norm(self):
+        from .kernels.optim import grad_norm
+        return grad_norm(self.flat_grads)
+
+    def clip_grad_norm(self, max_norm):
+        """Scale all gradients so that their global L2 norm is at most
+        max_norm (one pass over the flat buffer); returns the norm before."""
+        return _clip_grad_norm(self.flat_grads, max_norm)
+
+    def named_parameters(self):
+        return list(self.params.items())
+
+    def num_params(self, *, non_embedding=False):
+        n = self.n_params
+        if non_embedding:
+            n -= self.config.vocab_size * self.config.dim
+        return n
+
+    # -- checkpoints ---------------------------------------------------------
+    def save(self, path):
+        """Write a llama2.c v0 checkpoint (atomically)."""
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path, *, backend=None):
+        """Read a llama2.c v0 checkpoint."""
+        from .checkpoint import load_model
+        return load_model(path, backend=backend)
+
+
+def cosine_lr(step, *, max_lr, warmup_steps, total_steps, min_lr=0.0):
+    """The learning rate at `step` (counting from 0) as llama2.c's train.py
+    get_lr: linear warm-up from 0 over warmup_steps, cosine decay to min_lr
+    at total_steps, min_lr after."""
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    if step > total_steps:
+        return min_lr
+    span = max(total_steps - warmup_steps, 1)
+    ratio = (step - warmup_steps) / span
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+class AdamW:
+    """AdamW over a Llama's flat buffers, one fused C pass per step.
+
+    Decoupled weight decay (torch.optim.AdamW semantics) applies only to the
+    2-D weights, as llama2.c's train.py configures its optimiser: embeddings
+    and every linear weight decay; RMSNorm weights do not. The flat layout
+    keeps the decayed weights in the prefix flat[:model.n_decay], so a step is
+    ab_adamw over that prefix with weight_decay and over the rest with 0. A
+    tied classifier is one tensor and is updated once."""
+
+    def __init__(self, model, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        fn = "AdamW"
+        if not isinstance(model, Llama):
+            raise TypeError(f"{fn}: model must be an anebackward.Llama, got {type(model).__name__}")
+        self.model = model
+        self.lr = C.finite_float(fn, "lr", lr, lo=0.0)
+        b1, b2 = betas
+        self.betas = (C.finite_float(fn, "betas[0]", b1, lo=0.0, hi=1.0, hi_open=True),
+                      C.finite_float(fn, "betas[1]", b2, lo=0.0, hi=1.0, hi_open=True))
+        self.eps = C.finite_float(fn, "eps", eps, lo=0.0)
+        self.weight_decay = C.finite_float(fn, "weight_decay", weight_decay, lo=0.0)
+        self.m = np.zeros(model.n_params, dtype=np.float32)
+        self.v = np.zeros(model.n_params, dtype=np.float32)
+        self.step_count = 0
+
+    def step(self, lr=None):
+        """One update of every parameter from model.flat_grads; lr overrides
+        self.lr for this step (and becomes self.lr)."""
+        if lr is not None:
+            self.lr = C.finite_float("AdamW.step", "lr", lr, lo=0.0)
+        self.step_count += 1
+        m, nd = self.model, self.model.n_decay
+        b1, b2 = self.betas
+        for lo, hi, wd in ((0, nd, self.weight_decay), (nd, m.n_params, 0.0)):
+            check(lib.ab_adamw(fptr(m.flat_params[lo:hi]), fptr(m.flat_grads[lo:hi]),
+                               fptr(self.m[lo:hi]), fptr(self.v[lo:hi]), hi - lo,
+                               self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
+
+    def state_dict(self):
+        return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),
+                "eps": self.eps, "weight_decay": self.weight_decay, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        for name in ("m", "v"):
+            a = state[name]
+            if a.shape != (self.model.n_params,) or a.dtype != np.float32:
+                raise ValueError(f"AdamW.load_state_dict: {name} must be float32 of shape "
+                                 f"({self.model.n_params},), got {a.dtype} {a.shape}")
+        self.m[:] = state["m"]
+        self.v[:] = state["v"]
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+        self.betas = tuple(float(b) for b in state["betas"])
+        self.eps = float(state["eps"])
+        self.weight_decay = float(state["weight_decay"])

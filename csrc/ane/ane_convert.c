@@ -1,0 +1,187 @@
+/* ane_convert.c — fp32 <-> fp16 conversion and the layout transposes between
+ * token-major rows [N, C] and the ANE's channels-first [1, C, 1, S] tensors.
+ *
+ * fp16 is IEEE binary16: 1 sign, 5 exponent (bias 15), 10 mantissa bits.
+ * fp32 -> fp16 rounds to nearest, ties to even; values from 65520 up become
+ * inf; values below 2^-14 become subnormals (multiples of 2^-24) and values
+ * up to 2^-25 (inclusive, a tie to even) become zero; NaN stays NaN (quiet,
+ * top payload bits kept) — the same results as F16C's VCVTPS2PH with
+ * round-to-nearest and as NEON's FCVTN under the default FPCR.
+ *
+ * Vector paths: F16C on x86-64 (the default build has no -mf16c, so the
+ * functions carry a target attribute and are chosen by a runtime CPU check)
+ * and NEON on arm64 (always present). The scalar path is the fallback and
+ * the reference in the tests. */
+#include <string.h>
+#include "ane_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define AB_HAVE_F16C_CODE 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define AB_HAVE_NEON_F16 1
+#endif
+
+static inline uint16_t f32_to_f16_one(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) {                       /* inf or NaN */
+        if (ax == 0x7f800000u) return (uint16_t)(sign | 0x7c00u);
+        return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+    }
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);   /* >= 65520 */
+    if (ax < 0x38800000u) {                        /* below 2^-14: subnormal */
+        if (ax <= 0x33000000u) return (uint16_t)sign;           /* <= 2^-25 */
+        uint32_t e = ax >> 23;                     /* 102 .. 112 */
+        uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126u - e;                 /* 14 .. 24 */
+        uint32_t h = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+        if (rem > half || (rem == half && (h & 1u))) h++;   /* may carry to 2^-14 */
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (ax - 0x38000000u) >> 13;         /* rebias 127 -> 15 */
+    uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+static inline float f16_to_f32_one(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) {
+        float v = (float)m * 0x1p-24f;             /* subnormal or zero, exact */
+        memcpy(&bits, &v, sizeof bits);
+        bits |= sign;
+    } else {
+        bits = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
+}
+
+void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32_one(src[i]);
+}
+
+#if defined(AB_HAVE_F16C_CODE)
+__attribute__((target("avx,f16c")))
+static void f32_to_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(void *)(dst + i), h);
+    }
+    for (; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
+}
+
+__attribute__((target("avx,f16c")))
+static void f16_to_f32_f16c(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + i))));
+    for (; i < n; i++) dst[i] = f16_to_f32_one(src[i]);
+}
+
+static int have_f16c(void) {
+    static int cached = -1;     /* benign race: every thread computes the same value */
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#endif
+
+#if defined(AB_HAVE_NEON_F16)
+static void f32_to_f16_neon(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+    for (; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
+}
+
+static void f16_to_f32_neon(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+    for (; i < n; i++) dst[i] = f16_to_f32_one(src[i]);
+}
+#endif
+
+void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n) {
+#if defined(AB_HAVE_F16C_CODE)
+    if (have_f16c()) { f32_to_f16_f16c(dst, src, n); return; }
+#elif defined(AB_HAVE_NEON_F16)
+    f32_to_f16_neon(dst, src, n); return;
+#endif
+    ab_ane_f32_to_f16_scalar(dst, src, n);
+}
+
+void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+#if defined(AB_HAVE_F16C_CODE)
+    if (have_f16c()) { f16_to_f32_f16c(dst, src, n); return; }
+#elif defined(AB_HAVE_NEON_F16)
+    f16_to_f32_neon(dst, src, n); return;
+#endif
+    ab_ane_f16_to_f32_scalar(dst, src, n);
+}
+
+const char *ab_ane_fp16_path(void) {
+#if defined(AB_HAVE_F16C_CODE)
+    return have_f16c() ? "f16c" : "scalar";
+#elif defined(AB_HAVE_NEON_F16)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}
+
+/* Blocked transposes: 32x32 blocks keep both the row reads and the channel
+ * writes within a few cache lines. */
+#define AB_TB 32
+
+/* dst[c*ld + t] = src[t*C + c] * scale  for t < N, c < C. */
+void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
+                             float scale) {
+    for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
+        int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
+        for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
+            int64_t c1 = c0 + AB_TB < C ? c0 + AB_TB : C;
+            for (int64_t c = c0; c < c1; c++) {
+                float *d = dst + c * ld;
+                for (int64_t t = t0; t < t1; t++) d[t] = src[t * C + c] * scale;
+            }
+        }
+    }
+}
+
+/* dst[t*C + c] (+)= src[c*ld + t] * scale  for t < N, c < C. */
+void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
+                             float scale, int accumulate) {
+    for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
+        int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
+        for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
+            int64_t c1 = c0 + AB_TB < C ? c0 + AB_TB : C;
+            for (int64_t t = t0; t < t1; t++) {
+                float *d = dst + t * C;
+                if (accumulate) {
+                    for (int64_t c = c0; c < c1; c++) d[c] += src[c * ld + t] * scale;
+                } else {
+                    for (int64_t c = c0; c < c1; c++) d[c] = src[c * ld + t] * scale;
+                }
+            }
+        }
+    }
+}

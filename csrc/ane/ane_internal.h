@@ -1,0 +1,51 @@
+/* ane_internal.h — what the ANE core (ane_core.c) needs from the platforms,
+ * and the helpers shared inside csrc/ane. Not part of the Python API.
+ *
+ * A platform is a table of functions. The core never knows whether a program
+ * runs on the Neural Engine (ane_darwin.c) or in the interpreter
+ * (ane_emulated.c): it hands over MIL text, gets an opaque program, and moves
+ * bytes through opaque surfaces (IOSurfaces on Apple, heap blocks otherwise).
+ * Every function that can fail returns an AB_* / AB_ANE_E* code and writes a
+ * sentence into err (capacity errcap, always NUL-terminated). */
+#ifndef AB_ANE_INTERNAL_H
+#define AB_ANE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "anebackward.h"
+
+typedef struct ab_ane_platform {
+    const char *name;
+    /* Run ab_ane_self_test when a context opens: a framework that loads may
+     * still be unable to run programs (e.g. in a virtual machine). */
+    int self_test_on_open;
+    /* Can this platform run in this process? (framework, classes, CPU) */
+    int (*probe)(char *err, size_t errcap);
+    /* MIL text -> program (not yet loaded). */
+    int (*compile)(const char *mil, size_t mil_len, void **prog, char *err, size_t errcap);
+    int (*load)(void *prog, char *err, size_t errcap);
+    /* One input surface, one output surface (a request with several inputs
+     * fails on the ANE, so the core packs everything into one). */
+    int (*eval)(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap);
+    /* Unload (if loaded) and free the program. */
+    void (*unload)(void *prog);
+    int (*surface_create)(size_t bytes, void **surface, char *err, size_t errcap);
+    /* Base address while locked; NULL if the lock failed. */
+    void *(*surface_lock)(void *surface, int read_only);
+    void (*surface_unlock)(void *surface, int read_only);
+    void (*surface_release)(void *surface);
+} ab_ane_platform;
+
+extern const ab_ane_platform ab_ane_platform_emulated;
+#if defined(__APPLE__)
+extern const ab_ane_platform ab_ane_platform_darwin;
+#endif
+
+/* snprintf into err, truncating safely; returns code (for `return ab_ane_fail(...)`). */
+int ab_ane_fail(char *err, size_t errcap, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* fp16 bit helpers used by the interpreter and the core. */
+static inline int ab_ane_f16_is_finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+
+#endif

@@ -1,0 +1,311 @@
+/* model.c — the whole Llama forward and backward over the kernels.
+ *
+ * What the seed's model_backward was, done right: one call per step, any
+ * number of layers, GQA, RMSNorm weight gradients, the FFN norm
+ * differentiated at its real input, one gradient for a tied classifier,
+ * int64 sizes throughout.
+ *
+ * Parameters: one flat float buffer laid out by ab_model_param_layout:
+ *   [tok_embeddings | wq(L) | wk(L) | wv(L) | wo(L) | w1(L) | w2(L) | w3(L)
+ *    | output (untied only) | attention_norm(L) | ffn_norm(L) | norm]
+ * Every 2-D weight comes first, every 1-D norm weight last, so weight decay
+ * is a prefix of the buffer (n_decay floats). Gradients use the same layout.
+ *
+ * Activations: a caller-owned workspace of ab_model_workspace_floats floats,
+ * reused across steps of one (B, S). Per layer l it keeps what the backward
+ * needs, N = B*S rows:
+ *   X[l]    residual input of layer l            [N, dim]   (X[L] = final)
+ *   XA[l]   attention_norm(X[l])                 [N, dim]
+ *   Q[l]    rope(XA wq^T)                        [N, dim]
+ *   K[l]    rope(XA wk^T), V[l] = XA wv^T        [N, kv_dim]
+ *   AT[l]   attention(Q, K, V)                   [N, dim]
+ *   HM[l]   X[l] + AT wo^T  (FFN-norm input)     [N, dim]
+ *   XF[l]   ffn_norm(HM[l])                      [N, dim]
+ *   H1[l], H3[l]  XF w1^T, XF w3^T               [N, hidden]
+ *   X[l+1] = HM[l] + swiglu(H1, H3) w2^T
+ * then XN = norm(X[L]) [N, dim] and LOGITS [N, vocab]. swiglu(H1, H3) is
+ * recomputed in the backward rather than stored. The forward with
+ * want_grad writes dlogits over LOGITS, so the backward starts from it.
+ */
+#include "ab_internal.h"
+
+/* The kernels the model runs: fast (BLAS + SIMD) or the seed's loops. */
+typedef struct {
+    int (*linear_forward)(float *, const float *, const float *, int64_t, int64_t, int64_t);
+    int (*linear_backward_dx)(float *, const float *, const float *, int64_t, int64_t, int64_t, int);
+    int (*linear_backward_dW)(float *, const float *, const float *, int64_t, int64_t, int64_t, int);
+    int (*rmsnorm_forward)(float *, const float *, const float *, int64_t, int64_t, float);
+    int (*rmsnorm_backward)(float *, float *, const float *, const float *, const float *,
+                            int64_t, int64_t, float, int);
+    int (*rope_forward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t);
+    int (*rope_backward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t);
+    int (*attention_forward)(float *, const float *, const float *, const float *, int64_t,
+                             int64_t, int64_t, int64_t, int64_t, float *, int64_t);
+    int (*attention_backward)(float *, float *, float *, const float *, const float *,
+                              const float *, const float *, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, float *, int64_t);
+    int (*swiglu_forward)(float *, const float *, const float *, int64_t);
+    int (*swiglu_backward)(float *, float *, const float *, const float *, const float *, int64_t);
+    int (*cross_entropy)(double *, int64_t *, float *, const float *, const int32_t *,
+                         int64_t, int64_t, float);
+    int (*embedding_forward)(float *, const float *, const int32_t *, int64_t, int64_t, int64_t);
+    int (*embedding_backward)(float *, const float *, const int32_t *, int64_t, int64_t, int64_t);
+} kernel_table;
+
+static const kernel_table FAST = {
+    ab_linear_forward, ab_linear_backward_dx, ab_linear_backward_dW,
+    ab_rmsnorm_forward, ab_rmsnorm_backward, ab_rope_forward, ab_rope_backward,
+    ab_attention_forward, ab_attention_backward, ab_swiglu_forward, ab_swiglu_backward,
+    ab_cross_entropy, ab_embedding_forward, ab_embedding_backward,
+};
+static const kernel_table REFERENCE = {
+    ab_ref_linear_forward, ab_ref_linear_backward_dx, ab_ref_linear_backward_dW,
+    ab_ref_rmsnorm_forward, ab_ref_rmsnorm_backward, ab_ref_rope_forward, ab_ref_rope_backward,
+    ab_ref_attention_forward, ab_ref_attention_backward, ab_ref_swiglu_forward,
+    ab_ref_swiglu_backward, ab_ref_cross_entropy, ab_ref_embedding_forward,
+    ab_ref_embedding_backward,
+};
+
+#define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
+
+int ab_model_config_check(const ab_model_config *c) {
+    AB_NONNULL(c);
+    AB_REQUIRE(c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0
+               && c->n_kv_heads > 0 && c->vocab_size > 0 && c->max_seq_len > 0, AB_EINVAL);
+    AB_REQUIRE(c->dim % c->n_heads == 0, AB_EINVAL);
+    AB_REQUIRE((c->dim / c->n_heads) % 2 == 0, AB_EINVAL);          /* RoPE pairs */
+    AB_REQUIRE(c->n_heads % c->n_kv_heads == 0, AB_EINVAL);
+    AB_REQUIRE(c->norm_eps >= 0.0f, AB_EINVAL);
+    AB_BLAS_FITS(c->dim); AB_BLAS_FITS(c->hidden_dim); AB_BLAS_FITS(c->vocab_size);
+    return AB_OK;
+}
+
+int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
+    TRY(ab_model_config_check(c));
+    AB_NONNULL(o);
+    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
+    const int64_t kv = D / c->n_heads * c->n_kv_heads;
+    int64_t p = 0;
+    o->tok_embeddings = p; p += V * D;
+    o->wq = p; p += L * D * D;
+    o->wk = p; p += L * kv * D;
+    o->wv = p; p += L * kv * D;
+    o->wo = p; p += L * D * D;
+    o->w1 = p; p += L * Hd * D;
+    o->w2 = p; p += L * D * Hd;
+    o->w3 = p; p += L * Hd * D;
+    if (c->shared_classifier) o->output = o->tok_embeddings;
+    else { o->output = p; p += V * D; }
+    o->n_decay = p;
+    o->attention_norm = p; p += L * D;
+    o->ffn_norm = p; p += L * D;
+    o->norm = p; p += D;
+    o->n_params = p;
+    return AB_OK;
+}
+
+/* Workspace offsets (floats) for a batch of B sequences of S tokens. */
+typedef struct {
+    int64_t X, XA, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
+    int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, ATTW;       /* scratch */
+    int64_t total;
+} ws_layout;
+
+static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_layout *w) {
+    TRY(ab_model_config_check(c));
+    AB_REQUIRE(B > 0 && S > 0, AB_EINVAL);
+    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
+    const int64_t kv = D / c->n_heads * c->n_kv_heads, N = B * S;
+    AB_BLAS_FITS(N);
+    int64_t p = 0;
+    w->X = p; p += (L + 1) * N * D;
+    w->XA = p; p += L * N * D;
+    w->Q = p; p += L * N * D;
+    w->K = p; p += L * N * kv;
+    w->V = p; p += L * N * kv;
+    w->AT = p; p += L * N * D;
+    w->HM = p; p += L * N * D;
+    w->XF = p; p += L * N * D;
+    w->H1 = p; p += L * N * Hd;
+    w->H3 = p; p += L * N * Hd;
+    w->XN = p; p += N * D;
+    w->LOGITS = p; p += N * V;
+    w->G = p; p += N * Hd;
+    w->DH1 = p; p += N * Hd;
+    w->DH3 = p; p += N * Hd;
+    w->DX = p; p += N * D;
+    w->DXN = p; p += N * D;
+    w->DA = p; p += N * D;
+    w->DQ = p; p += N * D;
+    w->DK = p; p += N * kv;
+    w->DV = p; p += N * kv;
+    w->ATTW = p; p += ab_attention_workspace_floats(S);
+    w->total = p;
+    return AB_OK;
+}
+
+int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
+                              int64_t *total, int64_t *logits_offset) {
+    AB_NONNULL(total);
+    ws_layout w;
+    TRY(workspace_layout(c, B, S, &w));
+    *total = w.total;
+    if (logits_offset) *logits_offset = w.LOGITS;
+    return AB_OK;
+}
+
+static void add_into(float *y, const float *a, const float *b, int64_t n) {
+    AB_SIMD
+    for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats) {
+    ab_model_layout P;
+    ws_layout W;
+    TRY(ab_model_param_layout(c, &P));
+    TRY(workspace_layout(c, B, S, &W));
+    AB_NONNULL(params); AB_NONNULL(tokens); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
+    AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
+    AB_REQUIRE(!want_grad || (targets && loss_out), AB_EINVAL);
+    const kernel_table *k = c->reference ? &REFERENCE : &FAST;
+    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
+    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
+    const float eps = c->norm_eps;
+    const int64_t attw = ab_attention_workspace_floats(S);
+
+    float *X0 = work + W.X;
+    TRY(k->embedding_forward(X0, params + P.tok_embeddings, tokens, N, V, D));
+    for (int64_t l = 0; l < L; l++) {
+        const float *wq = params + P.wq + l * D * D, *wk = params + P.wk + l * kv * D;
+        const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * D;
+        const float *w1 = params + P.w1 + l * Hd * D, *w2 = params + P.w2 + l * D * Hd;
+        const float *w3 = params + P.w3 + l * Hd * D;
+        const float *rms_att = params + P.attention_norm + l * D;
+        const float *rms_ffn = params + P.ffn_norm + l * D;
+        float *X = work + W.X + l * N * D, *Xnext = X + N * D;
+        float *XA = work + W.XA + l * N * D, *Q = work + W.Q + l * N * D;
+        float *K = work + W.K + l * N * kv, *Vv = work + W.V + l * N * kv;
+        float *AT = work + W.AT + l * N * D, *HM = work + W.HM + l * N * D;
+        float *XF = work + W.XF + l * N * D;
+        float *H1 = work + W.H1 + l * N * Hd, *H3 = work + W.H3 + l * N * Hd;
+        float *G = work + W.G, *T = work + W.DXN;   /* scratch */
+
+        /* attention block */
+        TRY(k->rmsnorm_forward(XA, X, rms_att, N, D, eps));
+        TRY(k->linear_forward(Q, XA, wq, N, D, D));
+        TRY(k->linear_forward(K, XA, wk, N, D, kv));
+        TRY(k->linear_forward(Vv, XA, wv, N, D, kv));
+        TRY(k->rope_forward(Q, Q, B, S, H, hd, 0));
+        TRY(k->rope_forward(K, K, B, S, KV, hd, 0));
+        TRY(k->attention_forward(AT, Q, K, Vv, B, S, H, KV, hd, work + W.ATTW, attw));
+        TRY(k->linear_forward(T, AT, wo, N, D, D));
+        add_into(HM, X, T, N * D);
+        /* feed-forward block */
+        TRY(k->rmsnorm_forward(XF, HM, rms_ffn, N, D, eps));
+        TRY(k->linear_forward(H1, XF, w1, N, D, Hd));
+        TRY(k->linear_forward(H3, XF, w3, N, D, Hd));
+        TRY(k->swiglu_forward(G, H1, H3, N * Hd));
+        TRY(k->linear_forward(T, G, w2, N, Hd, D));
+        add_into(Xnext, HM, T, N * D);
+    }
+    float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
+    TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, eps));
+    TRY(k->linear_forward(LOGITS, XN, params + P.output, N, D, V));
+    if (targets) {
+        double loss = 0.0;
+        TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
+        if (loss_out) *loss_out = loss;
+    }
+    return AB_OK;
+}
+
+int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
+                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
+                      int accumulate, float *work, int64_t work_floats) {
+    ab_model_layout P;
+    ws_layout W;
+    TRY(ab_model_param_layout(c, &P));
+    TRY(workspace_layout(c, B, S, &W));
+    AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(tokens); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
+    AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
+    const kernel_table *k = c->reference ? &REFERENCE : &FAST;
+    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
+    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
+    const float eps = c->norm_eps;
+    const int64_t attw = ab_attention_workspace_floats(S);
+    const int acc = accumulate != 0;
+
+    /* Every dW below is written with beta = acc except those that are sums:
+     * the norm weights (the rmsnorm kernel always adds) and the embedding
+     * (scatter-add). Those start from zero unless accumulating. A tied
+     * classifier's dW is written first into the embedding gradient, and the
+     * scatter-add of the embedding adds to it: one gradient, one buffer. */
+    if (!acc) {
+        memset(grads + P.n_decay, 0, (size_t)(P.n_params - P.n_decay) * sizeof(float));
+        if (!c->shared_classifier)
+            memset(grads + P.tok_embeddings, 0, (size_t)(V * D) * sizeof(float));
+    }
+    float *DL = work + W.LOGITS;               /* dlogits, written by the forward */
+    if (grad_scale != 1.0f) TRY(ab_scale(DL, N * V, grad_scale));
+    float *DX = work + W.DX, *DXN = work + W.DXN;
+
+    /* classifier and final norm */
+    const float *XN = work + W.XN;
+    TRY(k->linear_backward_dW(grads + P.output, DL, XN, N, D, V, acc));
+    TRY(k->linear_backward_dx(DXN, DL, params + P.output, N, D, V, 0));
+    TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
+                            N, D, eps, 0));
+
+    for (int64_t l = L - 1; l >= 0; l--) {
+        const float *wq = params + P.wq + l * D * D, *wk = params + P.wk + l * kv * D;
+        const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * D;
+        const float *w1 = params + P.w1 + l * Hd * D, *w2 = params + P.w2 + l * D * Hd;
+        const float *w3 = params + P.w3 + l * Hd * D;
+        float *gwq = grads + P.wq + l * D * D, *gwk = grads + P.wk + l * kv * D;
+        float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * D;
+        float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
+        float *gw3 = grads + P.w3 + l * Hd * D;
+        const float *X = work + W.X + l * N * D, *XA = work + W.XA + l * N * D;
+        const float *Q = work + W.Q + l * N * D, *K = work + W.K + l * N * kv;
+        const float *Vv = work + W.V + l * N * kv, *AT = work + W.AT + l * N * D;
+        const float *HM = work + W.HM + l * N * D, *XF = work + W.XF + l * N * D;
+        const float *H1 = work + W.H1 + l * N * Hd, *H3 = work + W.H3 + l * N * Hd;
+        float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
+        float *DA = work + W.DA, *DQ = work + W.DQ, *DK = work + W.DK, *DV = work + W.DV;
+
+        /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
+        TRY(k->swiglu_forward(G, H1, H3, N * Hd));
+        TRY(k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
+        TRY(k->linear_backward_dx(DH1, DX, w2, N, Hd, D, 0));
+        TRY(k->swiglu_backward(DH1, DH3, DH1, H1, H3, N * Hd));
+        TRY(k->linear_backward_dW(gw1, DH1, XF, N, D, Hd, acc));
+        TRY(k->linear_backward_dW(gw3, DH3, XF, N, D, Hd, acc));
+        TRY(k->linear_backward_dx(DXN, DH1, w1, N, D, Hd, 0));
+        TRY(k->linear_backward_dx(DXN, DH3, w3, N, D, Hd, 1));
+        /* the FFN norm's input is HM, the residual after attention */
+        TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, HM,
+                                params + P.ffn_norm + l * D, N, D, eps, 1));
+        /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
+        TRY(k->linear_backward_dW(gwo, DX, AT, N, D, D, acc));
+        TRY(k->linear_backward_dx(DA, DX, wo, N, D, D, 0));
+        TRY(k->attention_backward(DQ, DK, DV, DA, Q, K, Vv, B, S, H, KV, hd,
+                                  work + W.ATTW, attw));
+        TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0));
+        TRY(k->rope_backward(DK, DK, B, S, KV, hd, 0));
+        TRY(k->linear_backward_dW(gwq, DQ, XA, N, D, D, acc));
+        TRY(k->linear_backward_dW(gwk, DK, XA, N, D, kv, acc));
+        TRY(k->linear_backward_dW(gwv, DV, XA, N, D, kv, acc));
+        TRY(k->linear_backward_dx(DXN, DQ, wq, N, D, D, 0));
+        TRY(k->linear_backward_dx(DXN, DK, wk, N, D, kv, 1));
+        TRY(k->linear_backward_dx(DXN, DV, wv, N, D, kv, 1));
+        TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, X,
+                                params + P.attention_norm + l * D, N, D, eps, 1));
+    }
+    /* embedding: scatter-add (onto the classifier's dW when tied) */
+    TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
+    return AB_OK;
+}
