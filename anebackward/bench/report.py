@@ -83,7 +83,7 @@ def table(records, env):
         for (name, shape, site), row in steps:
             ok = {c: r["median_s"] for c, r in row.items() if r["status"] == "ok"}
             lines.append(f"  {shape}: " + ", ".join(f"{c} {fmt_t(t)}" for c, t in ok.items()))
-            for base in ("ours", "composed"):
+            for base in ("ours",) if "ours" in ok else ("composed",):
                 if base in ok:
                     lines.append(f"    {base} is faster than: " + ", ".join(
                         f"{c} ×{t / ok[base]:.2f}" for c, t in ok.items() if c != base))
