@@ -136,7 +136,7 @@ def describe(env):
         + ("  (set by the bench: spinning torch workers starve the BLAS pools on 2 cores)"
            if env["omp_wait_policy_set_by_bench"] else ""),
         f"versions    python {env['python']}, numpy {env['numpy']}, torch "
-        f"{env['torch'] or 'not installed'}",
+        f"{env['torch'] or 'not loaded (see torch line)'}",
         "threads     " + ", ".join(f"{k}: {v if v is not None else '?'}" for k, v in t.items()),
     ]
     if env["torch_note"]:
