@@ -1,0 +1,121 @@
+"""The benchmark suite runs through the CLI and writes well-formed records.
+Timings are not asserted (speed belongs to the benchmark, not to a test)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from anebackward.bench import cases as K
+
+from conftest import import_torch
+
+KEYS = {"name", "shape", "site", "dims", "contender", "status", "median_s", "min_s", "max_s",
+        "repeats", "gflops", "ratio_to_ours", "note"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = dict(os.environ)
+    env.pop("ANEBACKWARD_BACKEND", None)   # "ours" must be the fast kernels
+    proc = subprocess.run([sys.executable, "-m", "anebackward", "bench", "--quick", "--json",
+                           str(path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(path) as f:
+        return json.load(f), proc.stdout
+
+
+def _by(records, **kw):
+    return [r for r in records if all(r[k] == v for k, v in kw.items())]
+
+
+def test_quick_records_every_kernel(quick):
+    doc, out = quick
+    recs = doc["records"]
+    assert recs and all(set(r) == KEYS for r in recs)
+    for kernel in K.KERNELS:
+        ours = _by(recs, name=kernel, contender="ours")
+        assert ours, f"no record for {kernel}"
+        for r in ours:
+            assert r["status"] == "ok", r
+            assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+            assert r["ratio_to_ours"] == pytest.approx(1.0)
+            assert r["shape"] == "tiny" and r["repeats"] >= 1
+    # every linear site is compared with the raw sgemm of the same shape, with GFLOP/s
+    for kernel in K.LINEAR:
+        sites = {site for site, _, _ in K.linear_sites(K.SHAPES["tiny"])}
+        assert {r["site"] for r in _by(recs, name=kernel, contender="ours")} == sites
+        for r in _by(recs, name=kernel, contender="sgemm"):
+            assert r["status"] == "ok"
+            o = _by(recs, name=kernel, site=r["site"], contender="ours")[0]
+            assert r["ratio_to_ours"] == pytest.approx(r["median_s"] / o["median_s"])
+            d = r["dims"]
+            assert o["gflops"] == pytest.approx(2 * d["N"] * d["n_in"] * d["n_out"] / o["median_s"] / 1e9)
+        assert len(_by(recs, name=kernel, contender="sgemm")) == len(sites)
+    # NumPy and the reference backend on every kernel at the tiny shape
+    for contender in ("numpy", "reference"):
+        for kernel in K.KERNELS:
+            rs = _by(recs, name=kernel, contender=contender)
+            assert rs and all(r["status"] == "ok" and r["median_s"] > 0 for r in rs), (kernel, rs)
+    assert _by(recs, name="call_overhead", contender="ours")[0]["median_s"] > 0
+    env = doc["environment"]
+    for key in ("cpu", "cores", "blas", "blas_core", "threads", "anebackward", "build_flags",
+                "OPENBLAS_CORETYPE", "date_utc"):
+        assert key in env
+    assert "machine" in out and "ours median" in out
+
+
+def test_quick_full_step_is_real_or_says_so(quick):
+    doc, out = quick
+    ours = _by(doc["records"], name="full_step", contender="ours")
+    assert len(ours) == 1
+    try:
+        import anebackward.model  # noqa: F401
+        assert ours[0]["status"] == "ok" and ours[0]["median_s"] > 0
+    except ImportError:
+        assert ours[0]["status"] == "unavailable"
+        assert "full step: not available in this build" in ours[0]["note"]
+        assert "full step: not available in this build" in out
+    for contender in ("numpy", "reference", "composed"):
+        r = _by(doc["records"], name="full_step", contender=contender)
+        assert r and r[0]["status"] == "ok"
+
+
+def test_quick_torch_contender_or_says_so(quick):
+    doc, _ = quick
+    recs = _by(doc["records"], contender="torch")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        import_torch()  # fails under ANEBACKWARD_REQUIRE_TORCH=1, else skips
+    for kernel in K.KERNELS + ("full_step",):
+        rs = _by(recs, name=kernel)
+        assert rs and all(r["status"] == "ok" for r in rs), (kernel, rs)
+
+
+def test_filters_and_bad_names(tmp_path):
+    path = tmp_path / "f.json"
+    proc = subprocess.run([sys.executable, "-m", "anebackward", "bench", "--quick", "--kernels",
+                           "rmsnorm*", "--contenders", "numpy", "--json", str(path),
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(path.read_text())["records"]
+    assert {r["name"] for r in recs} == {"rmsnorm", "rmsnorm_backward"}
+    assert {r["contender"] for r in recs} == {"ours", "numpy"}
+    bad = subprocess.run([sys.executable, "-m", "anebackward", "bench", "--kernels", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unknown kernel 'nope'" in bad.stderr
+
+
+def test_flop_counts():
+    c = K.cases(["stories15M"], ["linear", "attention", "attention_backward"])
+    cls = [x for x in c if x.site == "cls"][0]
+    assert cls.flops == 2 * 256 * 288 * 32000
+    att = [x for x in c if x.kernel == "attention"][0]
+    assert att.flops == 2 * 256 * 256 * 48 * 6
+    assert K.n_params(K.SHAPES["stories15M"]) == 32000 * 288 + 6 * (4 * 288 * 288 + 3 * 288 * 768
+                                                                     + 2 * 288) + 288
+    assert math.isclose(K.n_params(K.SHAPES["stories110M"]) / 1e6, 109.5, abs_tol=0.2)
