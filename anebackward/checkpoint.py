@@ -27,6 +27,7 @@ import uuid
 
 import numpy as np
 
+from . import _checks as C
 from .errors import CheckpointError
 from .model import Llama, LlamaConfig, param_layout
 
@@ -84,8 +85,10 @@ def read_header(path):
                               "v0 format is supported: export with `python export.py --version 0`")
     dim, hidden, L, H, KV, vocab, seq = vals
     try:
-        return LlamaConfig(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=H, n_kv_heads=KV,
-                           vocab_size=abs(vocab), max_seq_len=seq, shared_classifier=vocab > 0)
+        config = LlamaConfig(dim=dim, hidden_dim=hidden, n_layers=L, n_heads=H, n_kv_heads=KV,
+                             vocab_size=abs(vocab), max_seq_len=seq, shared_classifier=vocab > 0)
+        expected_size(config)   # sizes the C layout accepts (no overflow, BLAS-sized dims)
+        return config
     except (ValueError, TypeError) as e:
         names = "dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len"
         raise CheckpointError(f"{path}: corrupt header ({names} = {vals}): {e}") from None
@@ -213,6 +216,24 @@ def load_optimizer(opt, path):
         except (UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
         model = opt.model
+        try:   # every field checked before anything of opt is touched
+            if not isinstance(meta, dict):
+                raise ValueError("the metadata is not a JSON object")
+            step = meta["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            lr = C.finite_float("load_optimizer", "lr", meta["lr"], lo=0.0)
+            betas = meta["betas"]
+            if not isinstance(betas, list) or len(betas) != 2:
+                raise ValueError(f"betas must be a list of two numbers, got {betas!r}")
+            betas = tuple(C.finite_float("load_optimizer", "beta", b, lo=0.0, hi=1.0, hi_open=True)
+                          for b in betas)
+            eps = C.finite_float("load_optimizer", "eps", meta["eps"], lo=0.0)
+            wd = C.finite_float("load_optimizer", "weight_decay", meta["weight_decay"], lo=0.0)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: corrupt metadata: missing {e}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
         if meta.get("n_params") != model.n_params or meta.get("n_decay") != model.n_decay:
             raise CheckpointError(f"{path}: optimizer state is for {meta.get('n_params')} "
                                   f"parameters, the model has {model.n_params}")
@@ -221,12 +242,18 @@ def load_optimizer(opt, path):
         if size != want:
             raise CheckpointError(f"{path}: {'truncated' if size < want else 'oversized'}: "
                                   f"{size} bytes, expected {want}")
-        for a in (opt.m, opt.v):   # size checked above: read straight into the moments
+        m = np.empty_like(opt.m)
+        v = np.empty_like(opt.v)
+        for a in (m, v):   # size checked above
             if f.readinto(memoryview(a).cast("B")) != a.nbytes:
                 raise CheckpointError(f"{path}: truncated optimizer moments")
-    opt.step_count = int(meta["step"])
-    opt.lr = float(meta["lr"])
-    opt.betas = tuple(float(b) for b in meta["betas"])
-    opt.eps = float(meta["eps"])
-    opt.weight_decay = float(meta["weight_decay"])
+        if not (np.isfinite(m).all() and np.isfinite(v).all() and (v >= 0).all()):
+            raise CheckpointError(f"{path}: corrupt: non-finite moments (or negative second moments)")
+    opt.m[:] = m
+    opt.v[:] = v
+    opt.step_count = step
+    opt.lr = lr
+    opt.betas = betas
+    opt.eps = eps
+    opt.weight_decay = wd
     return meta.get("extra", {})

@@ -169,8 +169,8 @@ class Llama:
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
-        self.flat_params = np.zeros(self.n_params, dtype=np.float32)
-        self.flat_grads = np.zeros(self.n_params, dtype=np.float32)
+        self._flat_params = np.zeros(self.n_params, dtype=np.float32)
+        self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config)
         self.params = _views(self.flat_params, self._specs)
         self.grads = _views(self.flat_grads, self._specs)
@@ -179,6 +179,19 @@ class Llama:
         self.last_loss = None
         if init:
             self.init_weights(seed)
+
+    # The C model reads these buffers by the layout above: they are fixed
+    # for the model's life (read-only attributes); change their contents, as
+    # params[name][...] = ... or flat_params[:] = ... do, never the arrays.
+    @property
+    def flat_params(self):
+        """All parameters, one float32 buffer (params[name] are views into it)."""
+        return self._flat_params
+
+    @property
+    def flat_grads(self):
+        """All gradients, one float32 buffer (grads[name] are views into it)."""
+        return self._flat_grads
 
     # -- initialisation ----------------------------------------------------
     def init_weights(self, seed=0):
@@ -263,7 +276,7 @@ class Llama:
         check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok), iptr(tgt),
                                    B, S, int(bool(want_grad)), fptr(work), work.size), fn)
         if want_grad:
-            self._pending = (tok, B, S)
+            self._pending = (tok.copy(), B, S)   # the caller may reuse its token buffer
         self.last_loss = float(loss[0])
         return self.last_loss
 
@@ -404,9 +417,19 @@ class AdamW:
                       C.finite_float(fn, "betas[1]", b2, lo=0.0, hi=1.0, hi_open=True))
         self.eps = C.finite_float(fn, "eps", eps, lo=0.0)
         self.weight_decay = C.finite_float(fn, "weight_decay", weight_decay, lo=0.0)
-        self.m = np.zeros(model.n_params, dtype=np.float32)
-        self.v = np.zeros(model.n_params, dtype=np.float32)
+        self._m = np.zeros(model.n_params, dtype=np.float32)
+        self._v = np.zeros(model.n_params, dtype=np.float32)
         self.step_count = 0
+
+    @property
+    def m(self):
+        """First moments, one float32 buffer laid out like model.flat_params."""
+        return self._m
+
+    @property
+    def v(self):
+        """Second moments, one float32 buffer laid out like model.flat_params."""
+        return self._v
 
     def step(self, lr=None):
         """One update of every parameter from model.flat_grads; lr overrides

@@ -62,7 +62,8 @@ static inline float ab_expf(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     int32_t n1 = ni >> 1, n2 = ni - n1;
-    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    /* unsigned shifts: for NaN input ni is garbage and a signed shift would be UB */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
     memcpy(&s1, &b1, sizeof s1);
     memcpy(&s2, &b2, sizeof s2);

@@ -12,7 +12,7 @@ const char *ab_strerror(int code) {
     case AB_ENULL: return "a required buffer is NULL";
     case AB_ERANGE: return "a token id or target is outside [0, vocab_size)";
     case AB_EWORKSPACE: return "the workspace is smaller than required";
-    case AB_ETOOBIG: return "a dimension exceeds the BLAS integer range (2^31 - 1)";
+    case AB_ETOOBIG: return "too large: a BLAS dimension above 2^31 - 1, or a buffer above 2^52 floats";
     case AB_ENOMEM: return "out of memory";
     default: return "unknown error";
     }

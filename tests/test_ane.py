@@ -193,15 +193,17 @@ def test_overflow_in_one_tile_keeps_accumulate_exact(emulator, rng):
     assert np.array_equal(out[32:], cpu[32:])
 
 
-@pytest.mark.parametrize("what", ["dy_nan", "dy_inf", "W_big"])
+@pytest.mark.parametrize("what", ["dy_nan", "dy_inf", "W_big", "W_tiny"])
 def test_inputs_outside_fp16_go_to_the_cpu(emulator, rng, what):
     dy, W, _ = problem(rng, 8, 16, 12)
     if what == "dy_nan":
         dy[3, 2] = np.nan
     elif what == "dy_inf":
         dy[0, 0] = np.inf
-    else:
+    elif what == "W_big":
         W[1, 1] = 1e5
+    else:   # every weight would be an fp16 subnormal (they are not loss-scaled)
+        W *= np.float32(1e-7)
     got = ab.linear_backward_dx(dy, W, backend="ane")
     assert ane.last_call()["fallback"].startswith("input outside fp16 range")
     np.testing.assert_array_equal(got, ab.linear_backward_dx(dy, W, backend="cpu"))

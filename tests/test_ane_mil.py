@@ -168,6 +168,14 @@ MALFORMED = [
     ("empty", "", "starts with 'program(<version>)'"),
     ("dtype", prog("tensor<fp64, [2]> x", [], "x"), "unsupported tensor dtype 'fp64'"),
     ("trailing text", prog(X, GOOD, "y") + "garbage", "text after the end of the program"),
+    # a const has no tensor data: using one as an op's data input once crashed the emulator
+    ("const as data", prog(X, GOOD + [
+        'tensor<int32, [1]> q = const()[name = string("q"), val = tensor<int32, [1]>([0])];',
+        'tensor<int32, [2]> t = transpose(perm = q, x = r)[name = string("t")];'], "y"),
+     "'x' must be an fp16 or fp32 tensor computed by the program, 'r' is not"),
+    ("val twice", prog(X, ['tensor<int32, [2]> r = const()[name = string("r"), val = tensor<int32, [2]>([4, 2]), '
+                           'val = tensor<int32, [2]>([4, 2])];', GOOD[1]], "y"),
+     "const 'r' has 'val' twice"),
 ]
 
 

@@ -95,12 +95,14 @@ static void f16_to_f32_f16c(float *dst, const uint16_t *src, int64_t n) {
 }
 
 static int have_f16c(void) {
-    static int cached = -1;     /* benign race: every thread computes the same value */
-    if (cached < 0) {
+    static int cached = -1;     /* every thread computes the same value; atomics keep it race-free */
+    int c = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (c < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+        c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+        __atomic_store_n(&cached, c, __ATOMIC_RELAXED);
     }
-    return cached;
+    return c;
 }
 #endif
 

@@ -372,9 +372,12 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
         else reason = AB_ANE_FB_ERROR;
     } else {
         int finite;
-        /* fp16 holds |x| < 65520; NaN/inf or larger weights cannot go there */
+        /* fp16 holds |x| < 65520; NaN/inf or larger weights cannot go there.
+         * Weights are not loss-scaled: if even the largest is below 2^-10,
+         * most of them would land in fp16's subnormal range (< 6.1e-5) and
+         * lose their precision, so such a matrix stays on the CPU too. */
         float wmax = max_abs(W, in * out, &finite);
-        if (!finite || wmax >= 65520.0f) reason = AB_ANE_FB_RANGE;
+        if (!finite || wmax >= 65520.0f || (wmax > 0.0f && wmax < 0x1p-10f)) reason = AB_ANE_FB_RANGE;
     }
     int W_written = 0, got_scale = 0, failed = AB_OK;
     for (int64_t t = 0; t < tiles && rc == AB_OK; t++) {

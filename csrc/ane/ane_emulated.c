@@ -385,10 +385,13 @@ static int const_bool(lexer *L, emu_prog *P, int vi, const char *op, const char 
     return AB_OK;
 }
 
-static int want_tensor(lexer *L, emu_prog *P, int vi, const char *op, const char *key, int line, int float_only) {
+/* A data operand: an fp16/fp32 tensor computed by the program (consts hold
+ * int32/bool attribute values, no tensor data). */
+static int want_tensor(lexer *L, emu_prog *P, int vi, const char *op, const char *key, int line) {
     emu_value *v = &P->vals[vi];
-    if (!v->t.is_tensor || (float_only && v->t.dtype != DT_FP16 && v->t.dtype != DT_FP32))
-        return lex_fail(L, line, "%s: '%s' must be an fp16 or fp32 tensor, '%s' is not", op, key, v->name);
+    if (!v->t.is_tensor || v->is_const || (v->t.dtype != DT_FP16 && v->t.dtype != DT_FP32))
+        return lex_fail(L, line, "%s: '%s' must be an fp16 or fp32 tensor computed by the program, "
+                        "'%s' is not", op, key, v->name);
     return AB_OK;
 }
 
@@ -406,7 +409,7 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
         ix->op = OP_CAST;
         ARG(ix->x, "x");
         ARG(dt, "dtype");
-        if ((rc = want_tensor(L, P, ix->x, op, "x", line, 1))) return rc;
+        if ((rc = want_tensor(L, P, ix->x, op, "x", line))) return rc;
         emu_value *d = &P->vals[dt];
         if (!d->is_const || d->t.dtype != DT_STRING || d->t.is_tensor)
             return lex_fail(L, line, "cast: 'dtype' must be a const string");
@@ -420,7 +423,7 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
         ARG(ix->x, "x");
         ARG(b, "begin");
         ARG(s, "size");
-        if ((rc = want_tensor(L, P, ix->x, op, "x", line, 0))) return rc;
+        if ((rc = want_tensor(L, P, ix->x, op, "x", line))) return rc;
         const emu_type *xt = &P->vals[ix->x].t;
         if ((rc = const_ints(L, P, b, xt->rank, op, "begin", line))) return rc;
         if ((rc = const_ints(L, P, s, xt->rank, op, "size", line))) return rc;
@@ -440,7 +443,7 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
         ix->op = OP_RESHAPE;
         ARG(ix->x, "x");
         ARG(sh, "shape");
-        if ((rc = want_tensor(L, P, ix->x, op, "x", line, 0))) return rc;
+        if ((rc = want_tensor(L, P, ix->x, op, "x", line))) return rc;
         emu_value *sv = &P->vals[sh];
         if (!sv->is_const || !sv->t.is_tensor || sv->t.dtype != DT_INT32 || sv->t.rank != 1 ||
             sv->t.dims[0] > EMU_MAX_RANK)
@@ -465,7 +468,7 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
         ix->op = OP_TRANSPOSE;
         ARG(ix->x, "x");
         ARG(pm, "perm");
-        if ((rc = want_tensor(L, P, ix->x, op, "x", line, 0))) return rc;
+        if ((rc = want_tensor(L, P, ix->x, op, "x", line))) return rc;
         const emu_type *xt = &P->vals[ix->x].t;
         if ((rc = const_ints(L, P, pm, xt->rank, op, "perm", line))) return rc;
         int seen[EMU_MAX_RANK] = {0};
@@ -485,8 +488,8 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
         ARG(ix->y, "y");
         ARG(txv, "transpose_x");
         ARG(tyv, "transpose_y");
-        if ((rc = want_tensor(L, P, ix->x, op, "x", line, 1))) return rc;
-        if ((rc = want_tensor(L, P, ix->y, op, "y", line, 1))) return rc;
+        if ((rc = want_tensor(L, P, ix->x, op, "x", line))) return rc;
+        if ((rc = want_tensor(L, P, ix->y, op, "y", line))) return rc;
         if ((rc = const_bool(L, P, txv, op, "transpose_x", line, &ix->tx))) return rc;
         if ((rc = const_bool(L, P, tyv, op, "transpose_y", line, &ix->ty))) return rc;
         const emu_type *xt = &P->vals[ix->x].t, *yt = &P->vals[ix->y].t;
@@ -569,6 +572,7 @@ static int parse_statement(lexer *L, emu_prog *P) {
             if ((rc = expect_ident(L, key, sizeof key, "an attribute name"))) return rc;
             if ((rc = expect_punct(L, '=', "after the attribute name"))) return rc;
             if (strcmp(key, "val") == 0 && is_const) {
+                if (have_val) return lex_fail(L, L->tline, "const '%s' has 'val' twice", name);
                 if ((rc = parse_literal(L, &P->vals[vi]))) return rc;
                 have_val = 1;
             } else if (strcmp(key, "name") == 0) {

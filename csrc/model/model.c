@@ -67,6 +67,7 @@ static const kernel_table REFERENCE = {
 };
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
+#define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
 int ab_model_config_check(const ab_model_config *c) {
     AB_NONNULL(c);
@@ -77,6 +78,13 @@ int ab_model_config_check(const ab_model_config *c) {
     AB_REQUIRE(c->n_heads % c->n_kv_heads == 0, AB_EINVAL);
     AB_REQUIRE(c->norm_eps >= 0.0f, AB_EINVAL);
     AB_BLAS_FITS(c->dim); AB_BLAS_FITS(c->hidden_dim); AB_BLAS_FITS(c->vocab_size);
+    /* Sizes are sums of products of these dimensions; an upper bound of each
+     * computed in double (no overflow there) keeps every int64 product and
+     * partial sum below 2^52. Bigger models could not be allocated anyway. */
+    const double L = (double)c->n_layers, D = (double)c->dim, Hd = (double)c->hidden_dim;
+    const double V = (double)c->vocab_size, T = (double)c->max_seq_len;
+    AB_REQUIRE(2 * V * D + L * (4 * D * D + 3 * Hd * D + 2 * D) + D < AB_SIZE_LIMIT, AB_ETOOBIG);
+    AB_REQUIRE(2 * L * T * D + 4 * D + 2 * Hd + T < AB_SIZE_LIMIT, AB_ETOOBIG);  /* decode */
     return AB_OK;
 }
 
@@ -115,6 +123,12 @@ typedef struct {
 static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_layout *w) {
     TRY(ab_model_config_check(c));
     AB_REQUIRE(B > 0 && S > 0, AB_EINVAL);
+    {   /* an upper bound of the total in double: no int64 overflow below */
+        const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
+        const double est = Ld * n * (8.0 * c->dim + 5.0 * c->hidden_dim) + n * c->vocab_size
+                           + 2.0 * (double)S * (double)S + 1;
+        AB_REQUIRE(est < AB_SIZE_LIMIT, AB_ETOOBIG);
+    }
     const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
     const int64_t kv = D / c->n_heads * c->n_kv_heads, N = B * S;
     AB_BLAS_FITS(N);
@@ -237,6 +251,10 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
     /* dlogits must come from a want_grad forward on this workspace, once */
+    /* the tokens come separately from the forward's: check them before any
+     * gradient is touched, so a bad call leaves grads and dlogits as they were */
+    for (int64_t t = 0; t < B * S; t++)
+        AB_REQUIRE(tokens[t] >= 0 && (int64_t)tokens[t] < c->vocab_size, AB_ERANGE);
     AB_REQUIRE(work[W.READY] == 1.0f, AB_EINVAL);
     work[W.READY] = 0.0f;
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
