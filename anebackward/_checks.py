@@ -74,7 +74,7 @@ def tokens(fn, name, a, vocab_size, allow_ignore=False):
             raise ValueError(f"{fn}: {name} must be in {rng}; {name}.flat[{bad}] = "
                              f"{int(a.ravel()[bad])}")
     if a.dtype != I32 or not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a, dtype=I32)
+        a = a.astype(I32, order="C")        # keeps a 0-d array 0-d, unlike ascontiguousarray
     return a
 
 

@@ -16,6 +16,7 @@ decays the 2-D weights only. --resume DIR continues a run from its last save:
 the batches of step i depend only on (seed, i), so the loss curve continues
 as if the run had not stopped.
 """
+import hashlib
 import json
 import math
 import os
@@ -175,6 +176,11 @@ def train(args, stream=sys.stdout):
         model = Llama.load(os.path.join(args.resume, "model.bin"))
         opt = AdamW(model)
         resume_extra = checkpoint.load_optimizer(opt, saved_opt)
+        digest = resume_extra.get("params_digest")
+        if digest is not None and digest != _params_digest(model):
+            raise checkpoint.CheckpointError(
+                f"{args.resume}: model.bin and optimizer.bin are from different saves (a run "
+                "stopped between writing them); resume from a directory saved whole, or start anew")
         st.update(resume_extra["settings"])
         if "steps" in given:
             st["steps"] = given["steps"]
@@ -236,9 +242,13 @@ def train(args, stream=sys.stdout):
     settings = {k: st[k] for k in DEFAULTS}
 
     def save(step):
+        # Two files, each replaced atomically; the optimizer file (written
+        # second) records a digest of the weights it belongs with, so a crash
+        # between the two renames is caught on --resume, not trained through.
         model.save(os.path.join(out, "model.bin"))
         checkpoint.save_optimizer(opt, os.path.join(out, "optimizer.bin"),
-                                  extra={"step": step, "settings": settings})
+                                  extra={"step": step, "settings": settings,
+                                         "params_digest": _params_digest(model)})
 
     first_loss = last_loss = val = None
     with open(log_path, "a") as log:
@@ -297,6 +307,11 @@ def _truncate_log(path, step):
     with open(path, "w") as f:
         f.writelines(keep)
 
+
+
+def _params_digest(model):
+    """A short digest of the weights, tying optimizer.bin to its model.bin."""
+    return hashlib.blake2b(memoryview(model.flat_params).cast("B"), digest_size=16).hexdigest()
 
 def run(args):
     try:

@@ -152,11 +152,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ck, "freq_cis", boom)
+    # fail inside the temporary-file write, after part of the new file was written
+    monkeypatch.setattr(ck.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         m.save(path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["model.bin"]   # no temporary left behind
+    monkeypatch.undo()
+    m.save(path)                                   # and a save that succeeds replaces it
+    assert open(path, "rb").read() != before
 
 
 def test_optimizer_state_round_trip(tmp_path, rng):

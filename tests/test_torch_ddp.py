@@ -43,7 +43,7 @@ def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path):
     torch.save((tok, tgt), batch)
     out = str(tmp_path / "rank0.pt")
 
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo0" if sys.platform == "darwin" else "lo", OMP_NUM_THREADS="1")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(r), "2",
                                str(port), out, batch], env=env, stdout=subprocess.PIPE,

@@ -128,3 +128,14 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", "tiny", "--seq-len", "999", "--out", str(tmp_path / "x"),
               "--quiet"])
+
+
+def test_resume_refuses_a_model_and_optimizer_from_different_saves(tmp_path, capsys):
+    """A crash between the two atomic renames leaves model.bin from one save
+    and optimizer.bin from another: resume must say so, not train on."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_train(TINY + ["--steps", "2", "--out", a])
+    run_train(TINY + ["--steps", "3", "--out", b])
+    os.replace(os.path.join(b, "model.bin"), os.path.join(a, "model.bin"))
+    assert main(["train", "--resume", a, "--steps", "4", "--quiet"]) == 1
+    assert "different saves" in capsys.readouterr().err

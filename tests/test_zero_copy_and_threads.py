@@ -9,42 +9,60 @@ import anebackward as ab
 from anebackward._native import ffi, lib
 
 
+def _same(got, out, fresh):
+    """got is the caller's out array (same memory) and holds what a call
+    without out= computes."""
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(got, fresh)
+
+
 def test_every_output_argument_is_written_in_place(rng):
     a = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
-    x, W, w, q, h = a(5, 8), a(3, 8), a(8), a(5, 8), a(5, 8)
-    o = np.empty((5, 3), np.float32)
-    assert np.shares_memory(ab.linear(x, W, out=o), o)
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.linear_backward_dx(a(5, 3), W, out=o), o)
-    o = np.empty((3, 8), np.float32)
-    assert np.shares_memory(ab.linear_backward_dW(a(5, 3), x, out=o), o)
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.rmsnorm(x, w, out=o), o)
-    dx, dw = np.empty((5, 8), np.float32), np.zeros(8, np.float32)
-    r = ab.rmsnorm_backward(h, x, w, dx=dx, dw=dw)
-    assert np.shares_memory(r[0], dx) and np.shares_memory(r[1], dw)
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.rope(q, head_dim=4, out=o), o)
-    assert np.shares_memory(ab.rope_backward(q, head_dim=4, out=o), o)
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.attention(q, x, h, n_heads=2, out=o), o)
-    outs = [np.empty((5, 8), np.float32) for _ in range(3)]
+    x, W, w, q, h, g3 = a(5, 8), a(3, 8), a(8), a(5, 8), a(5, 8), a(5, 3)
+    E = a(9, 8)
+    e = lambda *s: np.full(s, np.nan, np.float32)  # noqa: E731  (stale contents)
+    o = e(5, 3)
+    _same(ab.linear(x, W, out=o), o, ab.linear(x, W))
+    o = e(5, 8)
+    _same(ab.linear_backward_dx(g3, W, out=o), o, ab.linear_backward_dx(g3, W))
+    o = e(3, 8)
+    _same(ab.linear_backward_dW(g3, x, out=o), o, ab.linear_backward_dW(g3, x))
+    o = e(5, 8)
+    _same(ab.rmsnorm(x, w, out=o), o, ab.rmsnorm(x, w))
+    dx, dw = e(5, 8), np.zeros(8, np.float32)
+    r, fresh = ab.rmsnorm_backward(h, x, w, dx=dx, dw=dw), ab.rmsnorm_backward(h, x, w)
+    _same(r[0], dx, fresh[0])
+    _same(r[1], dw, fresh[1])
+    o = e(5, 8)
+    _same(ab.rope(q, head_dim=4, out=o), o, ab.rope(q, head_dim=4))
+    _same(ab.rope_backward(q, head_dim=4, out=o), o, ab.rope_backward(q, head_dim=4))
+    o = e(5, 8)
+    _same(ab.attention(q, x, h, n_heads=2, out=o), o, ab.attention(q, x, h, n_heads=2))
+    outs = [e(5, 8) for _ in range(3)]
     r = ab.attention_backward(q, q, x, h, n_heads=2, dq=outs[0], dk=outs[1], dv=outs[2])
-    assert all(np.shares_memory(u, v) for u, v in zip(r, outs))
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.swiglu(x, h, out=o), o)
-    d1, d3 = np.empty((5, 8), np.float32), np.empty((5, 8), np.float32)
-    r = ab.swiglu_backward(q, x, h, dh1=d1, dh3=d3)
-    assert np.shares_memory(r[0], d1) and np.shares_memory(r[1], d3)
+    for got, out, fresh in zip(r, outs, ab.attention_backward(q, q, x, h, n_heads=2)):
+        _same(got, out, fresh)
+    o = e(5, 8)
+    _same(ab.swiglu(x, h, out=o), o, ab.swiglu(x, h))
+    d1, d3 = e(5, 8), e(5, 8)
+    r, fresh = ab.swiglu_backward(q, x, h, dh1=d1, dh3=d3), ab.swiglu_backward(q, x, h)
+    _same(r[0], d1, fresh[0])
+    _same(r[1], d3, fresh[1])
     logits = a(5, 8)
-    assert np.shares_memory(ab.cross_entropy_backward(logits, np.arange(5), dlogits=logits)[1], logits)
-    o = np.empty((5, 8), np.float32)
-    assert np.shares_memory(ab.embedding(np.arange(5), a(9, 8), out=o), o)
+    fresh = ab.cross_entropy_backward(logits, np.arange(5))
+    loss, got = ab.cross_entropy_backward(logits, np.arange(5), dlogits=logits)
+    _same(got, logits, fresh[1])
+    assert loss == fresh[0]
+    o = e(5, 8)
+    _same(ab.embedding(np.arange(5), E, out=o), o, ab.embedding(np.arange(5), E))
     dE = np.zeros((9, 8), np.float32)
-    assert np.shares_memory(ab.embedding_backward(x, np.arange(5), dE=dE), dE)
-    p = a(7)
-    assert np.shares_memory(ab.adamw_step(p, a(7), np.zeros(7, np.float32), np.zeros(7, np.float32),
-                                          step=1, lr=1e-3), p)
+    _same(ab.embedding_backward(x, np.arange(5), dE=dE), dE,
+          ab.embedding_backward(x, np.arange(5), dE=np.zeros((9, 8), np.float32)))
+    p, gp = a(7), a(7)
+    p2 = p.copy()
+    z = lambda: np.zeros(7, np.float32)  # noqa: E731
+    _same(ab.adamw_step(p, gp, z(), z(), step=1, lr=1e-3), p,
+          ab.adamw_step(p2, gp, z(), z(), step=1, lr=1e-3))
 
 
 def test_c_receives_the_numpy_data_pointer(rng):

@@ -32,6 +32,10 @@ _eager_only = getattr(_compiler, "disable", None) or (lambda fn: fn)
 
 
 def _needs_grad(*tensors):
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"anebackward.torch: argument {i} must be a torch.Tensor, got "
+                            f"{type(t).__name__}; for NumPy arrays use the anebackward.* kernels")
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
@@ -285,8 +289,10 @@ class AttentionFunction(torch.autograd.Function):
 def attention(q, k, v, n_heads, n_kv_heads=None, *, workspace=None, backend=None):
     """Causal attention (scale 1/√head_dim); n_kv_heads < n_heads is GQA.
     workspace: an AttentionWorkspace to reuse scratch across calls."""
-    return AttentionFunction.apply(q, k, v, n_heads, n_heads if n_kv_heads is None else n_kv_heads,
-                                   workspace, backend)
+    n_heads = _C.positive_int("anebackward.torch.attention", "n_heads", n_heads)
+    n_kv_heads = (n_heads if n_kv_heads is None else
+                  _C.positive_int("anebackward.torch.attention", "n_kv_heads", n_kv_heads))
+    return AttentionFunction.apply(q, k, v, n_heads, n_kv_heads, workspace, backend)
 
 
 # ---------------------------------------------------------------- SwiGLU ----
@@ -360,10 +366,11 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
             logp = torch.log_softmax(z, dim=-1)
             n = keep.sum()
             nll = -logp[torch.arange(t.numel()), t.clamp(min=0)]
-            loss = (nll * keep).sum() / n
+            loss = (nll * keep).sum() / n          # NaN when nothing is counted, like torch
             dl = logp.exp()
             dl[torch.arange(t.numel()), t.clamp(min=0)] -= keep.to(dl.dtype)
-            dl = (dl * keep[:, None] / n).reshape(logits.shape)
+            # zero gradient when nothing is counted, like torch and the float32 kernel
+            dl = (dl * keep[:, None] / n.clamp(min=1)).reshape(logits.shape)
         else:
             logits = torch.empty(x.shape[:-1] + (V,), dtype=F32)
             la = np_view(logits)
