@@ -91,7 +91,8 @@ class Transformer(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * c["n_layers"]) if name.endswith(("wo.weight", "w2.weight")) \
+                # llama2.c's model.py scales these two residual projections
+                std = 0.02 / math.sqrt(2 * c["n_layers"]) if name.endswith(("wo.weight", "w3.weight")) \
                     else 0.02
                 nn.init.normal_(p, 0.0, std)
 
