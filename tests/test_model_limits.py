@@ -92,3 +92,22 @@ def test_backward_uses_the_tokens_of_its_forward():
     tok[:] = 0          # the caller reuses its buffer between forward and backward
     model.backward()
     np.testing.assert_array_equal(model.flat_grads, expect)
+
+
+def test_c_backward_checks_tokens_before_touching_gradients():
+    """The C API takes the tokens again in the backward: bad ones must be
+    refused before any gradient (or the saved dlogits) is written."""
+    from anebackward._native import fptr, iptr, lib
+    model = ab.Llama(ab.LlamaConfig.preset("tiny"), seed=0)
+    tok = (np.arange(10, dtype=np.int32) * 3) % model.config.vocab_size
+    model.forward(tok)
+    model.flat_grads[:] = 7.0
+    work = model._ws[2]
+    bad = tok.copy()
+    bad[4] = model.config.vocab_size
+    rc = lib.ab_model_backward(model._cfg, fptr(model.flat_params), fptr(model.flat_grads),
+                               iptr(bad), 1, 10, 1.0, 0, fptr(work), work.size)
+    assert rc == lib.AB_ERANGE
+    assert (model.flat_grads == 7.0).all()
+    model.backward()                      # the forward's dlogits are still there
+    assert np.isfinite(model.flat_grads).all() and not (model.flat_grads == 7.0).all()
