@@ -27,3 +27,15 @@ def torch():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def keep_blas_threads():
+    """anebackward.torch.Transformer(blas_threads="auto") sets the
+    process-wide OpenBLAS thread count; put it back afterwards so other test
+    modules see what they expect."""
+    import anebackward
+    n = anebackward.get_num_threads()
+    yield
+    if n > 0:
+        anebackward.set_num_threads(n)

@@ -9,18 +9,9 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("keep_blas_threads")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(autouse=True)
-def _keep_blas_threads():
-    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
-    count; put it back so other test modules see what they expect."""
-    import anebackward
-    n = anebackward.get_num_threads()
-    yield
-    if n > 0:
-        anebackward.set_num_threads(n)
 
 
 def _free_port():

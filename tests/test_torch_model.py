@@ -5,20 +5,11 @@ import copy
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("keep_blas_threads")
+
 MHA = dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=None, vocab_size=67, multiple_of=16,
            max_seq_len=32)
 GQA = dict(MHA, n_heads=6, n_kv_heads=2, hidden_dim=80)
-
-
-@pytest.fixture(autouse=True)
-def _keep_blas_threads():
-    """Transformer(blas_threads="auto") sets the process-wide OpenBLAS thread
-    count; put it back so other test modules see what they expect."""
-    import anebackward
-    n = anebackward.get_num_threads()
-    yield
-    if n > 0:
-        anebackward.set_num_threads(n)
 
 
 @pytest.fixture
