@@ -5,6 +5,7 @@ Builds anebackward.torch.Transformer from a fixed seed, wraps it in
 DistributedDataParallel (gloo, TCP on 127.0.0.1), runs forward/backward on
 its shard of the batch, takes one AdamW step, and (rank 0) saves the
 all-reduced gradients and the updated parameters."""
+import datetime
 import sys
 
 import torch
@@ -26,8 +27,11 @@ def main():
     rank, world, port, out, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
+    print(f"rank {rank}: joining on port {port}", flush=True)
+    # a rendezvous that cannot complete fails in 60 s instead of hanging
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    print(f"rank {rank}: joined", flush=True)
     try:
         tok, tgt = torch.load(batch)
         shard = tok.shape[0] // world
