@@ -28,7 +28,8 @@ def read_cdef(path=API_HEADER):
     begin, end = "/* CDEF BEGIN */", "/* CDEF END */"
     if begin not in text or end not in text:
         raise RuntimeError(f"{path}: missing CDEF markers")
-    return text.split(begin, 1)[1].split(end, 1)[0]
+    # AB_API (the export attribute) is for C compilers, not for cffi's parser.
+    return text.split(begin, 1)[1].split(end, 1)[0].replace("AB_API ", "")
 
 
 def c_sources():

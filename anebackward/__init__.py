@@ -47,7 +47,7 @@ def set_num_threads(n):
     """Set the BLAS thread count (OpenBLAS; Accelerate decides by itself)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
-    _lib.ab_blas_set_num_threads(n)
+    _lib.ab_set_num_threads(n)
 
 
 def get_num_threads():

@@ -24,6 +24,18 @@
 #include <stdint.h>
 #include <stddef.h>
 
+/* AB_API marks the exported C API (default visibility; the rest of the
+ * library is built hidden). ffibuild.py strips it from the cdef. */
+#ifndef AB_API
+#  if defined(_WIN32)
+#    define AB_API
+#  elif defined(__GNUC__)
+#    define AB_API __attribute__((visibility("default")))
+#  else
+#    define AB_API
+#  endif
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -40,44 +52,48 @@ enum {
     AB_ETOOBIG = -5,     /* a dimension exceeds what the BLAS can index      */
     AB_ENOMEM = -6       /* an allocation failed                             */
 };
-const char *ab_strerror(int code);
+AB_API const char *ab_strerror(int code);
 
 /* Runtime facts: BLAS in use, its core, threads. */
-const char *ab_blas_name(void);
-const char *ab_blas_corename(void);
-const char *ab_build_flags(void);
-int ab_blas_get_num_threads(void);
-void ab_blas_set_num_threads(int n);
+AB_API const char *ab_blas_name(void);
+AB_API const char *ab_blas_corename(void);
+AB_API const char *ab_build_flags(void);
+AB_API int ab_blas_get_num_threads(void);
+AB_API void ab_blas_set_num_threads(int n);
+/* The package's one thread setting (kernels, model and BLAS together);
+ * n < 1 is AB_EINVAL. */
+AB_API int ab_set_num_threads(int n);
+AB_API int ab_get_num_threads(void);
 
 /* ---- linear (csrc/kernels/linear.c) ----
  * y[N,out] = x[N,in] · W[out,in]^T
  * dx[N,in]  (+)= dy[N,out] · W[out,in]
  * dW[out,in] (+)= dy[N,out]^T · x[N,in]       (accumulate != 0: beta = 1) */
-int ab_linear_forward(float *y, const float *x, const float *W,
+AB_API int ab_linear_forward(float *y, const float *x, const float *W,
                       int64_t N, int64_t in, int64_t out);
-int ab_linear_backward_dx(float *dx, const float *dy, const float *W,
+AB_API int ab_linear_backward_dx(float *dx, const float *dy, const float *W,
                           int64_t N, int64_t in, int64_t out, int accumulate);
-int ab_linear_backward_dW(float *dW, const float *dy, const float *x,
+AB_API int ab_linear_backward_dW(float *dW, const float *dy, const float *x,
                           int64_t N, int64_t in, int64_t out, int accumulate);
-int ab_ref_linear_forward(float *y, const float *x, const float *W,
+AB_API int ab_ref_linear_forward(float *y, const float *x, const float *W,
                           int64_t N, int64_t in, int64_t out);
-int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
+AB_API int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
                               int64_t N, int64_t in, int64_t out, int accumulate);
-int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
+AB_API int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
                               int64_t N, int64_t in, int64_t out, int accumulate);
 
 /* ---- RMSNorm (csrc/kernels/rmsnorm.c) ----
  * r_t = 1/sqrt(mean_i x_ti^2 + eps);  y_ti = x_ti * r_t * w_i
  * dx_ti (+)= w_i dy_ti r_t - x_ti r_t^3 / D * sum_j w_j dy_tj x_tj
  * dw_i   += sum_t dy_ti x_ti r_t            (always accumulates; may be NULL) */
-int ab_rmsnorm_forward(float *y, const float *x, const float *w,
+AB_API int ab_rmsnorm_forward(float *y, const float *x, const float *w,
                        int64_t N, int64_t D, float eps);
-int ab_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+AB_API int ab_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                         const float *w, int64_t N, int64_t D, float eps,
                         int accumulate_dx);
-int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
+AB_API int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
                            int64_t N, int64_t D, float eps);
-int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+AB_API int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                             const float *w, int64_t N, int64_t D, float eps,
                             int accumulate_dx);
 
@@ -85,13 +101,13 @@ int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *
  * x[B, S, n_heads*head_dim]; pairs (2i, 2i+1) of each head rotate by
  * angle (pos_offset + s) * 10000^(-2i/head_dim). Backward rotates by the
  * negative angle. y may equal x (in place). */
-int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+AB_API int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                     int64_t n_heads, int64_t head_dim, int64_t pos_offset);
-int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+AB_API int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
                      int64_t n_heads, int64_t head_dim, int64_t pos_offset);
-int ab_ref_rope_forward(float *y, const float *x, int64_t B, int64_t S,
+AB_API int ab_ref_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                         int64_t n_heads, int64_t head_dim, int64_t pos_offset);
-int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
+AB_API int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
                          int64_t n_heads, int64_t head_dim, int64_t pos_offset);
 
 /* ---- causal attention, MHA and GQA (csrc/kernels/attention.c) ----
@@ -99,18 +115,18 @@ int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
  * h / (H/KV). P = softmax_causal(q_h k_g^T / sqrt(hd)); out_h = P v_g.
  * Backward recomputes P; dq, dk, dv are written (not accumulated).
  * work: ab_attention_workspace_floats(S) floats owned by the caller. */
-int64_t ab_attention_workspace_floats(int64_t S);
-int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
+AB_API int64_t ab_attention_workspace_floats(int64_t S);
+AB_API int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
                          int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
                          int64_t head_dim, float *work, int64_t work_floats);
-int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+AB_API int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                           const float *q, const float *k, const float *v,
                           int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
                           int64_t head_dim, float *work, int64_t work_floats);
-int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
+AB_API int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
                              int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
                              int64_t head_dim, float *work, int64_t work_floats);
-int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+AB_API int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                               const float *q, const float *k, const float *v,
                               int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
                               int64_t head_dim, float *work, int64_t work_floats);
@@ -119,11 +135,11 @@ int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *dout
  * y = silu(h1) * h3, silu(a) = a * sigmoid(a)
  * dh1 = dy * h3 * sigmoid(h1) * (1 + h1 * (1 - sigmoid(h1))),  dh3 = dy * silu(h1)
  * dh1 or dh3 may equal dy (in place). */
-int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
-int ab_swiglu_backward(float *dh1, float *dh3, const float *dy,
+AB_API int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
+AB_API int ab_swiglu_backward(float *dh1, float *dh3, const float *dy,
                        const float *h1, const float *h3, int64_t n);
-int ab_ref_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
-int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
+AB_API int ab_ref_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n);
+AB_API int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
                            const float *h1, const float *h3, int64_t n);
 
 /* ---- cross-entropy (csrc/kernels/cross_entropy.c) ----
@@ -132,22 +148,22 @@ int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
  * dlogits = (softmax(row) - onehot(target)) * grad_scale / n_counted,
  * ignored rows get zeros. dlogits may equal logits (in place) or be NULL
  * (loss only). *n_counted_out may be NULL. */
-int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
+AB_API int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                      const float *logits, const int32_t *targets,
                      int64_t N, int64_t V, float grad_scale);
-int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
+AB_API int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                          const float *logits, const int32_t *targets,
                          int64_t N, int64_t V, float grad_scale);
 
 /* ---- embedding (csrc/kernels/embedding.c) ----
  * x[N,D] = E[tokens[N], :];   dE[tokens[t], :] += dx[t, :]  (accumulates) */
-int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
+AB_API int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
                          int64_t N, int64_t V, int64_t D);
-int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
+AB_API int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                           int64_t N, int64_t V, int64_t D);
-int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
+AB_API int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
                              int64_t N, int64_t V, int64_t D);
-int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
+AB_API int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                               int64_t N, int64_t V, int64_t D);
 
 /* ---- optimiser (csrc/kernels/optim.c) ----
@@ -156,14 +172,14 @@ int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
  * ab_adamw:   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
  *             p -= lr * wd * p   (decoupled weight decay, before the step);
  *             p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).  */
-int ab_sumsq(double *out, const float *x, int64_t n);
-int ab_scale(float *x, int64_t n, float s);
-int ab_adamw(float *p, const float *g, float *m, float *v, int64_t n,
+AB_API int ab_sumsq(double *out, const float *x, int64_t n);
+AB_API int ab_scale(float *x, int64_t n, float s);
+AB_API int ab_adamw(float *p, const float *g, float *m, float *v, int64_t n,
              int64_t step, float lr, float beta1, float beta2, float eps,
              float weight_decay);
-int ab_ref_sumsq(double *out, const float *x, int64_t n);
-int ab_ref_scale(float *x, int64_t n, float s);
-int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
+AB_API int ab_ref_sumsq(double *out, const float *x, int64_t n);
+AB_API int ab_ref_scale(float *x, int64_t n, float s);
+AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
                  int64_t step, float lr, float beta1, float beta2, float eps,
                  float weight_decay);
 
@@ -192,24 +208,24 @@ typedef struct {
     int64_t attention_norm, ffn_norm, norm;
     int64_t n_decay, n_params;
 } ab_model_layout;
-int ab_model_config_check(const ab_model_config *c);
-int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
-int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
+AB_API int ab_model_config_check(const ab_model_config *c);
+AB_API int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
+AB_API int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
                               int64_t *total, int64_t *logits_offset);
 /* One-token inference with a KV cache, as llama2.c's run.c forward():
  * logits[vocab] for `token` at position `pos` (< max_seq_len), keys/values
  * of positions < pos read from kv_cache (ab_model_kv_cache_floats floats),
  * this position's written to it. work: ab_model_decode_workspace_floats. */
-int64_t ab_model_kv_cache_floats(const ab_model_config *c);
-int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
-int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
+AB_API int64_t ab_model_kv_cache_floats(const ab_model_config *c);
+AB_API int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
+AB_API int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
                     int32_t token, int64_t pos, float *kv_cache, float *work,
                     int64_t work_floats);
 
-int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats);
-int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
+AB_API int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
                       int accumulate, float *work, int64_t work_floats);
 
@@ -260,53 +276,53 @@ typedef struct {
     int scale_log2;         /* dy scale 2^k of the first ANE tile               */
 } ab_ane_call_info;
 
-const char *ab_ane_strerror(int code);
+AB_API const char *ab_ane_strerror(int code);
 /* platform: "darwin", "emulated", or NULL for the native one of this OS. */
-int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap);
-void ab_ane_close(ab_ane_ctx *ctx);
-const char *ab_ane_platform_name(const ab_ane_ctx *ctx);
+AB_API int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap);
+AB_API void ab_ane_close(ab_ane_ctx *ctx);
+AB_API const char *ab_ane_platform_name(const ab_ane_ctx *ctx);
 /* Negative arguments keep the current value. tile_rows: a multiple of 32. */
-int ab_ane_configure(ab_ane_ctx *ctx, int loss_scaling, int64_t max_programs,
+AB_API int ab_ane_configure(ab_ane_ctx *ctx, int loss_scaling, int64_t max_programs,
                      int64_t tile_rows);
-int ab_ane_get_stats(ab_ane_ctx *ctx, ab_ane_stats *out);
+AB_API int ab_ane_get_stats(ab_ane_ctx *ctx, ab_ane_stats *out);
 /* The latest platform failure met by this context ("" if none). */
-int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap);
+AB_API int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap);
 /* dx[N,in] (+)= dy[N,out] · W[out,in] on the ANE, tile by tile; a tile whose
  * fp16 result overflows (or a budget/range problem) is computed on the CPU.
  * Platform errors: without AB_ANE_STRICT the CPU takes over silently; with
  * it the error is returned, and dx is either untouched (the program could not
  * be built) or complete (evaluation failed midway: the rest ran on the CPU). */
-int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
+AB_API int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
                               const float *W, int64_t N, int64_t in, int64_t out,
                               int accumulate, int flags, ab_ane_call_info *info,
                               char *err, size_t errcap);
 /* Compile, load, evaluate once and unload arbitrary MIL with one input and
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
-int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
+AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
 /* Run a small exactly representable dx problem through the platform and
  * compare with the CPU bit for bit (one compile; the darwin platform runs it
  * when a context opens). */
-int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
+AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
 /* Test hook of the emulated platform: the next "compile", "load" or
  * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
-int ab_ane_emulated_fail_next(const char *stage);
+AB_API int ab_ane_emulated_fail_next(const char *stage);
 
 /* Core pieces, exposed for tests. */
 /* MIL text of the dynamic-weight dx program; snprintf semantics: returns the
  * length needed (without NUL), writes at most cap bytes; < 0 on bad sizes. */
-int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out);
+AB_API int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out);
 /* fp32 <-> fp16 (IEEE binary16, round to nearest even; subnormals, inf and
  * NaN kept). The default functions use F16C/NEON when the CPU has it. */
-void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
-void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
-void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
-void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
-const char *ab_ane_fp16_path(void);
+AB_API void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
+AB_API void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
+AB_API void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
+AB_API void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
+AB_API const char *ab_ane_fp16_path(void);
 /* Token-major [N, C] <-> channels-first [C, ld] (spatial stride ld >= N). */
-void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
+AB_API void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
                              float scale);
-void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
+AB_API void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
                              float scale, int accumulate);
 
 /* CDEF END */
