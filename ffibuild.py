@@ -21,6 +21,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 API_HEADER = os.path.join(CSRC, "anebackward.h")
+TESTING_HEADER = os.path.join(CSRC, "ab_testing.h")   # test hooks, not public
 
 
 def read_cdef(path=API_HEADER):
@@ -66,10 +67,10 @@ def build_options():
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(read_cdef())
+ffibuilder.cdef(read_cdef() + read_cdef(TESTING_HEADER))
 ffibuilder.set_source(
     "anebackward._lib",
-    '#include "anebackward.h"\n',
+    '#include "anebackward.h"\n#include "ab_testing.h"\n',
     sources=c_sources(),
     **build_options(),
 )

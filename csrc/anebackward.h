@@ -304,9 +304,6 @@ AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size
  * compare with the CPU bit for bit (one compile; the darwin platform runs it
  * when a context opens). */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
-/* Test hook of the emulated platform: the next "compile", "load" or
- * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
-AB_API int ab_ane_emulated_fail_next(const char *stage);
 
 /* Core pieces, exposed for tests. */
 /* MIL text of the dynamic-weight dx program; snprintf semantics: returns the

@@ -32,6 +32,7 @@
 #include <string.h>
 #include "ab_internal.h"
 #include "ane_internal.h"
+#include "ab_testing.h"
 
 #define EMU_MAX_RANK 6
 #define EMU_NAME 64
