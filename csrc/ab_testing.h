@@ -12,9 +12,23 @@ extern "C" {
 
 /* CDEF BEGIN */
 
-/* Test hook of the emulated ANE platform: the next "compile", "load" or
- * "evaluate" fails with a platform error (NULL: clear). Process-wide. */
-int ab_ane_emulated_fail_next(const char *stage);
+/* Test hooks of the emulated ANE platform (process-wide):
+ * fail_next: the next `times` "compile", "load" or "evaluate" calls fail with
+ *   a platform error whose message is msg_bytes long (0: a short one);
+ *   stage NULL clears.
+ * saturate: fp16 results clamp at +-65504 instead of becoming inf (as the
+ *   Neural Engine may do).
+ * workdir: compile into <root>/<hash of the MIL>/ as the darwin platform does
+ *   in the temp directory, removed at unload if this program created it
+ *   (NULL: no directories, the default). */
+int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes);
+int ab_ane_emulated_saturate(int on);
+int ab_ane_emulated_workdir(const char *root);
+/* The process-wide compile count the budget is checked against. */
+int ab_ane_testing_set_process_compiles(int64_t n);
+/* The working directory of the cached program of this shape ("" if none). */
+int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t out,
+                               char *buf, size_t cap);
 
 /* CDEF END */
 

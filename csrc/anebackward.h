@@ -233,10 +233,12 @@ AB_API int ab_model_backward(const ab_model_config *c, const float *params, floa
  * A context owns one platform ("darwin": the private AppleNeuralEngine
  * framework, Apple Silicon only; "emulated": a software interpreter of the
  * generated MIL, fp16 storage rounding, any OS), a cache of compiled programs
- * keyed by shape, and counters. Unlike the kernels above it is stateful; its
- * calls are serialised by the context's own mutex.
+ * keyed by shape, staged fp16 weights, an asynchronous worker, and counters.
+ * Unlike the kernels above it is stateful; its calls are serialised by the
+ * context's own mutex. Every function returns AB_OK or an error code.
  * Errors: AB_* codes above or AB_ANE_E* below; every function that can meet a
- * platform failure takes (err, errcap) and writes the platform's message. */
+ * platform failure takes (err, errcap) and writes the platform's whole
+ * message (AB_ANE_ERRCAP bytes always suffice for the core's own text). */
 enum {
     AB_ANE_EUNAVAILABLE = -20,  /* the platform cannot run here                 */
     AB_ANE_EPLATFORM = -21,     /* unknown platform name                        */
@@ -244,14 +246,17 @@ enum {
     AB_ANE_ECOMPILE = -23,      /* the platform rejected the program            */
     AB_ANE_ELOAD = -24,         /* loading the compiled program failed          */
     AB_ANE_EEVAL = -25,         /* evaluating the program failed                */
-    AB_ANE_ESURFACE = -26       /* creating or locking a tensor surface failed  */
+    AB_ANE_ESURFACE = -26,      /* creating or locking a tensor surface failed  */
+    AB_ANE_EBUDGET = -27        /* the process's compile budget is spent        */
 };
+enum { AB_ANE_ERRCAP = 8192 };
 /* Why a tile of rows ran on the CPU instead (ab_ane_call_info.fallback). */
 enum {
     AB_ANE_FB_NONE = 0,
-    AB_ANE_FB_OVERFLOW = 1,     /* the fp16 result held inf/NaN                 */
+    AB_ANE_FB_OVERFLOW = 1,     /* fp16 result inf/NaN or saturated (|x| >= 65504),
+                                   also after a re-run at a lower scale         */
     AB_ANE_FB_RANGE = 2,        /* dy not finite, or W beyond fp16 range        */
-    AB_ANE_FB_BUDGET = 3,       /* the program budget (compiles) is spent       */
+    AB_ANE_FB_BUDGET = 3,       /* the process's compile budget is spent        */
     AB_ANE_FB_ERROR = 4         /* platform error, call was not strict          */
 };
 /* ab_ane_linear_backward_dx flags */
@@ -260,67 +265,105 @@ enum {
     AB_ANE_NO_LOSS_SCALE = 2    /* skip the power-of-two scaling of dy          */
 };
 typedef struct ab_ane_ctx ab_ane_ctx;
+typedef struct ab_ane_job ab_ane_job;
 typedef struct {
-    int64_t compiles;       /* programs compiled by this context (incl. failed) */
-    int64_t programs;       /* shapes in the cache (loaded or failed)           */
-    int64_t max_programs;   /* compile budget; beyond it new shapes use the CPU */
-    int64_t tile_rows;      /* rows per program (spatial size S)                */
+    int64_t compiles;           /* programs compiled by this context (incl. failed) */
+    int64_t process_compiles;   /* by every context of this process: the ANE's
+                                   limit (~119 compiles) is per process         */
+    int64_t programs;           /* shapes in the cache (loaded or failed)       */
+    int64_t max_programs;       /* process compile budget; at it, new shapes
+                                   run on the CPU                               */
+    int64_t tile_rows;          /* rows per program (spatial size S)            */
     int64_t calls, tiles_ane, tiles_cpu;
     int64_t fallback_overflow, fallback_range, fallback_budget, fallback_error;
+    int64_t overflow_reruns;    /* tiles re-run at a lower scale                */
+    int64_t load_retries;       /* loads retried after a failure                */
+    int64_t weight_stagings;    /* fp32 -> fp16 conversions of a whole W        */
+    int64_t weight_reuses;      /* calls that found W staged at their version   */
     int loss_scaling;
+    int self_test_code;         /* 1: not run; AB_OK: passed; else its error    */
+    double self_test_rel_err;   /* relative error of the last self-test, or -1  */
 } ab_ane_stats;
 typedef struct {
-    int64_t tiles;          /* row tiles of this call                           */
-    int64_t tiles_cpu;      /* of which ran on the CPU                          */
-    int fallback;           /* first AB_ANE_FB_* reason met, 0 if none          */
-    int scale_log2;         /* dy scale 2^k of the first ANE tile               */
+    int64_t tiles;              /* row tiles of this call                       */
+    int64_t tiles_cpu;          /* of which ran on the CPU                      */
+    int fallback;               /* first AB_ANE_FB_* reason met, 0 if none      */
+    int scale_log2;             /* dy scale 2^k of the first ANE tile           */
+    int w_staged;               /* 1: W converted to fp16 by this call; 0: reused
+                                   (or the call never reached the ANE)          */
+    int64_t t_start_ns, t_end_ns;   /* when the call ran (ab_ane_clock_ns)     */
 } ab_ane_call_info;
 
 AB_API const char *ab_ane_strerror(int code);
 /* platform: "darwin", "emulated", or NULL for the native one of this OS. */
 AB_API int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap);
-AB_API void ab_ane_close(ab_ane_ctx *ctx);
+/* Waits for the context's queued jobs, then frees it (NULL: nothing to do). */
+AB_API int ab_ane_close(ab_ane_ctx *ctx);
 AB_API const char *ab_ane_platform_name(const ab_ane_ctx *ctx);
-/* Negative arguments keep the current value. tile_rows: a multiple of 32. */
+/* Negative arguments keep the current value. tile_rows: a multiple of 64.
+ * max_programs: the compile budget counted over the whole process. */
 AB_API int ab_ane_configure(ab_ane_ctx *ctx, int loss_scaling, int64_t max_programs,
                      int64_t tile_rows);
 AB_API int ab_ane_get_stats(ab_ane_ctx *ctx, ab_ane_stats *out);
-/* The latest platform failure met by this context ("" if none). */
-AB_API int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap);
+/* The latest platform failure met by this context ("" if none), and the
+ * self-test's report; *needed (may be NULL) = its length + 1. */
+AB_API int ab_ane_last_error(ab_ane_ctx *ctx, char *buf, size_t cap, size_t *needed);
+AB_API int ab_ane_self_test_report(ab_ane_ctx *ctx, char *buf, size_t cap, size_t *needed);
+/* Drop every cached program (a failed shape is tried again afterwards) and
+ * staged weight; compiles already spent stay spent. */
+AB_API int ab_ane_clear_cache(ab_ane_ctx *ctx);
 /* dx[N,in] (+)= dy[N,out] · W[out,in] on the ANE, tile by tile; a tile whose
- * fp16 result overflows (or a budget/range problem) is computed on the CPU.
+ * fp16 result overflows or saturates is re-run at a lower scale, then on the
+ * CPU (as are budget/range problems).
+ * w_version: 0 = convert W to fp16 on this call; else the version of the
+ * buffer holding W (bump it whenever W changes, e.g. at each optimiser step):
+ * W is converted once per (W, shape, version) and the fp16 copy reused.
  * Platform errors: without AB_ANE_STRICT the CPU takes over silently; with
  * it the error is returned, and dx is either untouched (the program could not
  * be built) or complete (evaluation failed midway: the rest ran on the CPU). */
 AB_API int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy,
-                              const float *W, int64_t N, int64_t in, int64_t out,
-                              int accumulate, int flags, ab_ane_call_info *info,
-                              char *err, size_t errcap);
+                              const float *W, uint64_t w_version, int64_t N, int64_t in,
+                              int64_t out, int accumulate, int flags,
+                              ab_ane_call_info *info, char *err, size_t errcap);
+/* The same call queued to the context's worker thread: returns at once, so
+ * the caller can do CPU work (the weight gradients) meanwhile. dx, dy and W
+ * must stay valid and untouched until ab_ane_job_wait, which every job needs
+ * (it reports like the synchronous call and frees the job). */
+AB_API int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *dx,
+                                     const float *dy, const float *W, uint64_t w_version,
+                                     int64_t N, int64_t in, int64_t out, int accumulate,
+                                     int flags);
+AB_API int ab_ane_job_wait(ab_ane_job *job, ab_ane_call_info *info, char *err, size_t errcap);
+/* Monotonic clock in ns, the one ab_ane_call_info's timestamps use. */
+AB_API int ab_ane_clock_ns(int64_t *out);
 /* Compile, load, evaluate once and unload arbitrary MIL with one input and
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
 AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
-/* Run a small exactly representable dx problem through the platform and
- * compare with the CPU bit for bit (one compile; the darwin platform runs it
- * when a context opens). */
+/* dx of a 64 x 64 x 64 problem (the smallest the origin project ran) through
+ * the platform, compared with the CPU within fp16 tolerance; the result is
+ * kept for ab_ane_self_test_report and the stats. The darwin platform runs it
+ * once per process when a context opens. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
 
 /* Core pieces, exposed for tests. */
-/* MIL text of the dynamic-weight dx program; snprintf semantics: returns the
- * length needed (without NUL), writes at most cap bytes; < 0 on bad sizes. */
-AB_API int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out);
+/* MIL text of the dynamic-weight dx program; snprintf semantics: *len = the
+ * length needed (without NUL), at most cap bytes written. */
+AB_API int ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
+                         int64_t *len);
 /* fp32 <-> fp16 (IEEE binary16, round to nearest even; subnormals, inf and
- * NaN kept). The default functions use F16C/NEON when the CPU has it. */
-AB_API void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
-AB_API void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
-AB_API void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
-AB_API void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
+ * NaN kept). The default functions use F16C/NEON when the CPU has it.
+ * n < 0: AB_EINVAL; NULL with n > 0: AB_ENULL. */
+AB_API int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
+AB_API int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
+AB_API int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
+AB_API int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
 AB_API const char *ab_ane_fp16_path(void);
 /* Token-major [N, C] <-> channels-first [C, ld] (spatial stride ld >= N). */
-AB_API void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
-                             float scale);
-AB_API void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
-                             float scale, int accumulate);
+AB_API int ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N,
+                            int64_t C, float scale);
+AB_API int ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N,
+                            int64_t C, float scale, int accumulate);
 
 /* CDEF END */
 

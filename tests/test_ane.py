@@ -18,8 +18,10 @@ not_mac = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the nati
 
 @pytest.fixture
 def emulator(monkeypatch):
+    from anebackward._native import lib
     monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
     ane.reset()
+    lib.ab_ane_testing_set_process_compiles(0)      # each test starts with the whole budget
     prev = ane.use_emulator(True)
     saved = ane.configure()
     yield ane
@@ -139,17 +141,24 @@ def test_emulated_several_tiles(emulator, rng):
 
 
 def test_program_cache_is_keyed_by_shape(emulator, rng):
-    dy, W, _ = problem(rng, 64, 32, 48)
+    dy, W, _ = problem(rng, 128, 32, 48)
     ab.linear_backward_dx(dy, W, backend="ane")
     assert ane.status()["compiles"] == 1 and ane.status()["cache_size"] == 1
-    dy2, W2, ref2 = problem(rng, 64, 32, 48)              # same shape, new weights: no compile
+    dy2, W2, ref2 = problem(rng, 128, 32, 48)             # same shape, new weights: no compile
     got = ab.linear_backward_dx(dy2, W2, backend="ane")
     assert ane.status()["compiles"] == 1
     assert rel_err(got, ref2) < 1e-3, "weights are data, not baked into the program"
-    ab.linear_backward_dx(dy[:40], W, backend="ane")      # 40 rows -> S=64 again
+    ab.linear_backward_dx(dy[:100], W, backend="ane")     # 100 rows -> S=128 again
     assert ane.status()["compiles"] == 1
-    ab.linear_backward_dx(dy[:20], W, backend="ane")      # 20 rows -> S=32: new program
+    ab.linear_backward_dx(dy[:40], W, backend="ane")      # 40 rows -> S=64: new program
     assert ane.status()["compiles"] == 2 and ane.status()["cache_size"] == 2
+    # in and out are padded to multiples of 64 too: 20 x 50 runs in the 64 x 64 program
+    dy3, W3, ref3 = problem(rng, 40, 20, 50)
+    got = ab.linear_backward_dx(dy3, W3, backend="ane")
+    assert ane.status()["compiles"] == 2 and rel_err(got, ref3) < 1e-3
+    dy4, W4, ref4 = problem(rng, 40, 65, 64)              # in 65 -> 128: a new program
+    got = ab.linear_backward_dx(dy4, W4, backend="ane")
+    assert ane.status()["compiles"] == 3 and rel_err(got, ref4) < 1e-3
 
 
 def test_small_gradients_survive_only_with_loss_scaling(emulator, rng):
@@ -167,30 +176,65 @@ def test_small_gradients_survive_only_with_loss_scaling(emulator, rng):
     assert np.any(raw == 0), "some gradients flush to zero"
 
 
-def test_fp16_overflow_falls_back_to_the_cpu(emulator, rng):
-    dy, W, _ = problem(rng, 64, 32, 128, w_scale=100.0)   # |dx| far above 65504 after scaling
-    before = ane.status()["fallbacks"]["overflow"]
+def test_fp16_overflow_is_rerun_at_a_lower_scale(emulator, rng):
+    dy, W, ref = problem(rng, 64, 32, 128, w_scale=100.0)  # |dx| above 65504 at the first scale only
     got = ab.linear_backward_dx(dy, W, backend="ane")
-    assert ane.last_call()["fallback"] == "fp16 overflow" and ane.last_call()["tiles_cpu"] == 1
-    assert ane.status()["fallbacks"]["overflow"] == before + 1
+    info, st = ane.last_call(), ane.status()
+    assert st["overflow_reruns"] == 1 and st["fallbacks"]["overflow"] == 0
+    assert info["fallback"] is None and info["tiles_cpu"] == 0
+    assert info["scale_log2"] == ane.last_call()["scale_log2"] and info["scale_log2"] < 0
+    assert rel_err(got, ref) < 1e-3
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_fp16_overflow_falls_back_to_the_cpu(emulator, rng, saturate):
+    """inf, or (hardware that saturates) +-65504, even at the lower scale."""
+    from anebackward._native import lib
+    dy, W, _ = problem(rng, 64, 32, 128, w_scale=5000.0)
+    lib.ab_ane_emulated_saturate(int(saturate))
+    try:
+        got = ab.linear_backward_dx(dy, W, backend="ane")
+    finally:
+        lib.ab_ane_emulated_saturate(0)
+    assert ane.last_call()["fallback"] == "fp16 overflow or saturation" and ane.last_call()["tiles_cpu"] == 1
+    st = ane.status()
+    assert st["fallbacks"]["overflow"] == 1 and st["overflow_reruns"] == 1
     assert np.array_equal(got, ab.linear_backward_dx(dy, W, backend="cpu"))
 
 
-def test_overflow_in_one_tile_keeps_accumulate_exact(emulator, rng):
-    ane.configure(tile_rows=32, loss_scaling=False)
-    dy, W, ref = problem(rng, 64, 24, 64, w_scale=1.0)
-    dy[32:] *= 1e4                                         # second tile overflows fp16 unscaled
+def test_saturated_results_are_not_taken_for_values(emulator, rng):
+    """The emulator in saturating mode returns finite +-65504 where the true
+    value overflows; the dispatch must not hand those back as dx."""
+    from anebackward._native import lib
+    ane.configure(loss_scaling=False)                       # no re-run: straight to the check
+    dy, W, _ = problem(rng, 64, 32, 128, w_scale=2000.0)
+    dy *= np.float32(8.0)
     ref = dy.astype(np.float64) @ W.astype(np.float64)
-    out = rng.standard_normal((64, 24)).astype(np.float32)
+    lib.ab_ane_emulated_saturate(1)
+    try:
+        got = ab.linear_backward_dx(dy, W, backend="ane")
+    finally:
+        lib.ab_ane_emulated_saturate(0)
+    assert np.abs(ref).max() > 65504, "the problem does overflow fp16"
+    assert ane.last_call()["fallback"] == "fp16 overflow or saturation"
+    assert rel_err(got, ref) < 1e-6
+
+
+def test_overflow_in_one_tile_keeps_accumulate_exact(emulator, rng):
+    ane.configure(tile_rows=64, loss_scaling=False)
+    dy, W, ref = problem(rng, 128, 24, 64, w_scale=1.0)
+    dy[64:] *= 1e4                                         # second tile overflows fp16 unscaled
+    ref = dy.astype(np.float64) @ W.astype(np.float64)
+    out = rng.standard_normal((128, 24)).astype(np.float32)
     start = out.copy()
     ab.linear_backward_dx(dy, W, out=out, accumulate=True, backend="ane")
     info = ane.last_call()
-    assert info["tiles"] == 2 and info["tiles_cpu"] == 1 and info["fallback"] == "fp16 overflow"
+    assert info["tiles"] == 2 and info["tiles_cpu"] == 1 and info["fallback"] == "fp16 overflow or saturation"
     want = start + ref
-    assert np.abs(out[:32] - want[:32]).max() <= 2e-3 * np.abs(ref[:32]).max() + 1e-6   # ANE tile
+    assert np.abs(out[:64] - want[:64]).max() <= 2e-3 * np.abs(ref[:64]).max() + 1e-6   # ANE tile
     cpu = start.copy()                                     # the CPU tile is the CPU kernel's result
-    ab.linear_backward_dx(dy[32:], W, out=cpu[32:], accumulate=True, backend="cpu")
-    assert np.array_equal(out[32:], cpu[32:])
+    ab.linear_backward_dx(dy[64:], W, out=cpu[64:], accumulate=True, backend="cpu")
+    assert np.array_equal(out[64:], cpu[64:])
 
 
 @pytest.mark.parametrize("what", ["dy_nan", "dy_inf", "W_big", "W_tiny"])
@@ -213,10 +257,11 @@ def test_compile_budget_sends_new_shapes_to_the_cpu(emulator, rng):
     ane.configure(max_programs=1)
     dy, W, _ = problem(rng, 32, 16, 8)
     ab.linear_backward_dx(dy, W, backend="ane")
-    dy2, W2, ref2 = problem(rng, 32, 24, 8)
+    dy2, W2, ref2 = problem(rng, 32, 80, 8)               # in 80 -> 128: another program
     got = ab.linear_backward_dx(dy2, W2, backend="ane")
     assert ane.last_call()["fallback"] == "compile budget spent"
     assert ane.status()["compiles"] == 1 and ane.status()["fallbacks"]["budget"] == 1
+    assert "budget of 1 programs per process is spent" in ane.status()["last_error"]
     assert rel_err(got, ref2) < 1e-6
     ab.linear_backward_dx(dy, W, backend="ane")            # the cached shape still runs there
     assert ane.last_call()["fallback"] is None
@@ -235,6 +280,7 @@ def test_auto_uses_the_ane_only_when_worth_it(emulator, rng):
     assert rel_err(got, small[2]) < 1e-6
     assert ane.routes("ane", "linear_backward_dx", N=1, n_in=1, n_out=1)
     assert not ane.routes("auto", "linear_backward_dx", N=64, n_in=20000, n_out=96)
+    assert "min_flops" in ane.route_reason("auto", "linear_backward_dx", N=8, n_in=96, n_out=96)
     assert not ane.routes("auto", "linear_backward_dW", N=64, n_in=96, n_out=96)
     assert not ane.routes("cpu", "linear_backward_dx", N=64, n_in=96, n_out=96)
 
@@ -244,6 +290,8 @@ def test_status_reports_the_emulator(emulator, rng):
     assert st["available"] and st["platform"] == "emulated" and st["reason"] is None
     assert st["max_programs"] == 100 and st["loss_scaling"] is True
     assert st["fp16_path"] in ("f16c", "neon", "scalar")
+    assert st["process_compiles"] == 0 and st["compiles_remaining"] == 100
+    assert st["self_test"] == "not run"                    # the emulator does not test itself at open
 
 
 def test_threads_share_one_context(emulator, rng):
@@ -274,8 +322,10 @@ def test_bad_arguments(emulator, rng):
         ane.linear_backward_dx(dy, W, backend="cpu")
     with pytest.raises(ValueError, match="accumulate=True needs"):
         ane.linear_backward_dx(dy, W, accumulate=True)
-    with pytest.raises(ValueError, match="tile_rows must be a multiple of 32"):
-        ane.configure(tile_rows=33)
+    with pytest.raises(ValueError, match="tile_rows must be a multiple of 64"):
+        ane.configure(tile_rows=32)
+    with pytest.raises(ValueError, match="w_version must be a non-negative"):
+        ane.linear_backward_dx(dy, W, w_version=-1)
     with pytest.raises(TypeError, match="loss_scaling"):
         ane.configure(loss_scaling=1)
     with pytest.raises(ValueError, match="use_emulator"):
@@ -288,31 +338,64 @@ def test_bad_arguments(emulator, rng):
 def fail_next():
     from anebackward._native import ffi, lib
 
-    def arm(stage):
-        assert lib.ab_ane_emulated_fail_next(stage.encode()) == 0
+    def arm(stage, times=1, msg_bytes=0):
+        assert lib.ab_ane_emulated_fail_next(stage.encode(), times, msg_bytes) == 0
     yield arm
-    lib.ab_ane_emulated_fail_next(ffi.NULL)
+    lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
 
 
-@pytest.mark.parametrize("stage", ["compile", "load"])
-def test_build_failure_strict_raises_with_the_platform_message(emulator, rng, fail_next, stage):
+# a load is retried once, so it takes two failures in a row to fail a build
+BUILD_FAILURES = [("compile", 1), ("load", 2)]
+
+
+@pytest.mark.parametrize("stage,times", BUILD_FAILURES)
+def test_build_failure_strict_raises_with_the_platform_message(emulator, rng, fail_next, stage, times):
     from anebackward.errors import AnebackwardError
     dy, W, ref = problem(rng, 32, 16, 24)
-    fail_next(stage)
+    fail_next(stage, times)
     with pytest.raises(AnebackwardError, match=f"emulated platform, {stage} of the linear_backward_dx "
-                                               f"program \\(S=32, in=16, out=24\\) failed: injected {stage} failure"):
+                                               f"program \\(S=64, in=64, out=64\\) failed: injected {stage} failure"):
         ab.linear_backward_dx(dy, W, backend="ane")
     # the failed shape is remembered: no second compile, same message
     with pytest.raises(AnebackwardError, match=f"injected {stage} failure"):
         ab.linear_backward_dx(dy, W, backend="ane")
     assert ane.status()["compiles"] == 1
+    # ... until the cache is cleared: then it is compiled again (and works)
+    ane.clear_cache()
+    got = ab.linear_backward_dx(dy, W, backend="ane")
+    assert ane.status()["compiles"] == 2 and ane.last_call()["fallback"] is None
+    assert rel_err(got, ref) < 1e-3
 
 
-@pytest.mark.parametrize("stage", ["compile", "load"])
-def test_build_failure_auto_never_fails(emulator, rng, fail_next, stage):
+def test_transient_load_failure_is_retried_once(emulator, rng, fail_next):
+    dy, W, ref = problem(rng, 32, 16, 24)
+    fail_next("load", 1)
+    got = ab.linear_backward_dx(dy, W, backend="ane")
+    st = ane.status()
+    assert st["load_retries"] == 1 and st["compiles"] == 1 and st["last_error"] is None
+    assert ane.last_call()["fallback"] is None and rel_err(got, ref) < 1e-3
+
+
+def test_long_platform_messages_arrive_whole(emulator, rng, fail_next):
+    from anebackward.errors import AnebackwardError
+    dy, W, _ = problem(rng, 32, 16, 24)
+    fail_next("compile", 1, msg_bytes=5000)
+    with pytest.raises(AnebackwardError) as e:
+        ab.linear_backward_dx(dy, W, backend="ane")
+    msg = str(e.value)
+    assert "injected compile failure" in msg and "x" * 4000 in msg and "@END" in msg
+    assert ane.status()["last_error"].endswith("@END")
+    fail_next("evaluate", 1, msg_bytes=6000)
+    ane.clear_cache()
+    with pytest.raises(AnebackwardError, match="@END"):
+        ab.linear_backward_dx(dy, W, backend="ane")
+
+
+@pytest.mark.parametrize("stage,times", BUILD_FAILURES)
+def test_build_failure_auto_never_fails(emulator, rng, fail_next, stage, times):
     ane.configure(min_flops=0)
     dy, W, ref = problem(rng, 32, 16, 24)
-    fail_next(stage)
+    fail_next(stage, times)
     got = ab.linear_backward_dx(dy, W, backend="auto")
     assert ane.last_call()["fallback"] == "platform error"
     assert rel_err(got, ref) < 1e-6
@@ -341,8 +424,54 @@ def test_evaluate_failure(emulator, rng, fail_next):
 
 def test_self_test_passes_and_reports_failures(emulator, fail_next):
     assert ane.self_test() is None
-    assert ane.status()["compiles"] == 1 and ane.status()["cache_size"] == 1
+    st = ane.status()
+    assert st["compiles"] == 1 and st["cache_size"] == 1
+    assert st["self_test"].startswith("passed: 64x64x64 dx, relative error")
+    rel = float(st["self_test"].split("relative error ")[1].split()[0])
+    assert 1e-5 < rel < 4e-3, "fp16 rounding shows, within the tolerance"
     ane.reset()
     fail_next("evaluate")
     why = ane.self_test()
     assert "emulated platform failed its self-test" in why and "injected evaluate failure" in why
+    assert ane.status()["self_test"] == why
+
+
+def test_self_test_tolerates_fp16_rounding_but_not_garbage(emulator, monkeypatch):
+    """The self-test compares within fp16 tolerance: values that are not
+    exact in fp16 pass; a platform returning saturated values fails it."""
+    from anebackward._native import lib
+    assert ane.self_test() is None
+    ane.reset()
+    ane.configure(loss_scaling=False)
+    lib.ab_ane_emulated_saturate(1)
+    try:
+        # with every value clamped nothing changes here (|dx| < 64): still passes
+        assert ane.self_test() is None
+    finally:
+        lib.ab_ane_emulated_saturate(0)
+
+
+def test_compile_budget_is_per_process(emulator, rng):
+    """reset() and new contexts do not give the compiles back."""
+    ab.linear_backward_dx(*problem(rng, 32, 16, 24)[:2], backend="ane")
+    assert ane.status()["process_compiles"] == 1
+    ane.reset()
+    ab.linear_backward_dx(*problem(rng, 32, 16, 24)[:2], backend="ane")
+    st = ane.status()
+    assert st["compiles"] == 1 and st["process_compiles"] == 2 and st["compiles_remaining"] == 98
+    ane.configure(max_programs=3)
+    ab.linear_backward_dx(*problem(rng, 32, 80, 24)[:2], backend="ane")    # third compile: allowed
+    ane.reset()
+    dy, W, ref = problem(rng, 32, 16, 200)
+    got = ab.linear_backward_dx(dy, W, backend="ane")                      # a fresh context: refused
+    assert ane.last_call()["fallback"] == "compile budget spent"
+    assert ane.status()["compiles_remaining"] == 0 and rel_err(got, ref) < 1e-6
+
+
+def test_compile_budget_counts_in_subprocesses_separately(emulator):
+    code = ("import anebackward.ane as a, numpy as np; a.use_emulator(True); "
+            "a.linear_backward_dx(np.ones((8, 8), np.float32), np.ones((8, 8), np.float32)); "
+            "print(a.status()['process_compiles'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"

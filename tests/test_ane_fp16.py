@@ -18,14 +18,14 @@ PATHS = {
 def to_f16(fn, x):
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, dtype=np.uint16)
-    fn(ffi.from_buffer("uint16_t[]", out), ffi.from_buffer("float[]", x), x.size)
+    assert fn(ffi.from_buffer("uint16_t[]", out), ffi.from_buffer("float[]", x), x.size) == lib.AB_OK
     return out
 
 
 def to_f32(fn, h):
     h = np.ascontiguousarray(h, dtype=np.uint16)
     out = np.empty(h.shape, dtype=np.float32)
-    fn(ffi.from_buffer("float[]", out), ffi.from_buffer("uint16_t[]", h), h.size)
+    assert fn(ffi.from_buffer("float[]", out), ffi.from_buffer("uint16_t[]", h), h.size) == lib.AB_OK
     return out
 
 
@@ -102,12 +102,46 @@ def test_rows_channels_transposes(N, C, ld):
     rng = np.random.default_rng(3)
     rows = rng.standard_normal((N, C)).astype(np.float32)
     cf = np.full((C, ld), 7.0, dtype=np.float32)
-    lib.ab_ane_rows_to_channels(ffi.from_buffer("float[]", cf), ld, ffi.from_buffer("float[]", rows), N, C, 4.0)
+    assert lib.ab_ane_rows_to_channels(ffi.from_buffer("float[]", cf), ld, ffi.from_buffer("float[]", rows),
+                                       N, C, 4.0) == lib.AB_OK
     assert np.array_equal(cf[:, :N], 4.0 * rows.T)
     assert np.all(cf[:, N:] == 7.0), "columns beyond N are not touched"
     back = rng.standard_normal((N, C)).astype(np.float32)
     start = back.copy()
-    lib.ab_ane_channels_to_rows(ffi.from_buffer("float[]", back), ffi.from_buffer("float[]", cf), ld, N, C, 0.5, 1)
+    assert lib.ab_ane_channels_to_rows(ffi.from_buffer("float[]", back), ffi.from_buffer("float[]", cf), ld,
+                                       N, C, 0.5, 1) == lib.AB_OK
     np.testing.assert_allclose(back, start + 2.0 * rows, rtol=1e-6, atol=1e-6)
     lib.ab_ane_channels_to_rows(ffi.from_buffer("float[]", back), ffi.from_buffer("float[]", cf), ld, N, C, 0.25, 0)
     assert np.array_equal(back, rows)
+
+
+@pytest.mark.parametrize("name", ["ab_ane_f32_to_f16", "ab_ane_f16_to_f32", "ab_ane_f32_to_f16_scalar",
+                                  "ab_ane_f16_to_f32_scalar"])
+def test_converters_return_error_codes(name):
+    fn = getattr(lib, name)
+    buf = ffi.new("char[]", 64)
+    assert fn(ffi.cast("void *", buf), ffi.cast("void *", buf), -1) == lib.AB_EINVAL
+    assert fn(ffi.NULL, ffi.cast("void *", buf), 4) == lib.AB_ENULL
+    assert fn(ffi.cast("void *", buf), ffi.NULL, 4) == lib.AB_ENULL
+    assert fn(ffi.NULL, ffi.NULL, 0) == lib.AB_OK, "nothing to convert: no pointer needed"
+
+
+def test_transposes_return_error_codes():
+    a = ffi.new("float[]", 64)
+    for fn, args in ((lib.ab_ane_rows_to_channels, lambda ld, N, C, d, s: (d, ld, s, N, C, 1.0)),
+                     (lib.ab_ane_channels_to_rows, lambda ld, N, C, d, s: (d, s, ld, N, C, 1.0, 0))):
+        assert fn(*args(4, 4, 4, a, a)) == lib.AB_OK
+        assert fn(*args(3, 4, 4, a, a)) == lib.AB_EINVAL, "ld < N"
+        assert fn(*args(4, -1, 4, a, a)) == lib.AB_EINVAL
+        assert fn(*args(4, 4, -1, a, a)) == lib.AB_EINVAL
+        assert fn(*args(4, 4, 4, ffi.NULL, a)) == lib.AB_ENULL
+        assert fn(*args(4, 0, 4, ffi.NULL, ffi.NULL)) == lib.AB_OK
+
+
+def test_mil_generator_returns_error_codes():
+    n = ffi.new("int64_t *")
+    assert lib.ab_ane_mil_linear_dx(ffi.NULL, 0, 32, 48, 16, n) == lib.AB_OK and n[0] > 500
+    assert lib.ab_ane_mil_linear_dx(ffi.NULL, 0, 0, 48, 16, n) == lib.AB_EINVAL
+    assert lib.ab_ane_mil_linear_dx(ffi.NULL, 10, 32, 48, 16, n) == lib.AB_ENULL
+    assert lib.ab_ane_mil_linear_dx(ffi.NULL, 0, 32, 48, 16, ffi.NULL) == lib.AB_ENULL
+    assert lib.ab_ane_mil_linear_dx(ffi.NULL, 0, 2 ** 31, 48, 16, n) == lib.AB_ETOOBIG

@@ -173,6 +173,18 @@ MALFORMED = [
         'tensor<int32, [1]> q = const()[name = string("q"), val = tensor<int32, [1]>([0])];',
         'tensor<int32, [2]> t = transpose(perm = q, x = r)[name = string("t")];'], "y"),
      "'x' must be an fp16 or fp32 tensor computed by the program, 'r' is not"),
+    # shape values whose product wraps around 2**64 to exactly the input's 8 elements:
+    # multiplied unbounded, the reshape was accepted (signed overflow) and failed later
+    ("reshape overflow", prog(X, [
+        'tensor<int32, [5]> r = const()[name = string("r"), val = tensor<int32, [5]>('
+        '[8, 733583431, 1720196969, 236235671, 504117497])];',
+        'tensor<fp16, [4, 2]> y = reshape(shape = r, x = x)[name = string("y")];'], "y"),
+     "reshape: 8 elements cannot take the requested shape"),
+    ("reshape overflow, inferred axis", prog(X, [
+        'tensor<int32, [6]> r = const()[name = string("r"), val = tensor<int32, [6]>('
+        '[-1, 8, 733583431, 1720196969, 236235671, 504117497])];',
+        'tensor<fp16, [4, 2]> y = reshape(shape = r, x = x)[name = string("y")];'], "y"),
+     "reshape: 8 elements cannot take the requested shape"),
     ("val twice", prog(X, ['tensor<int32, [2]> r = const()[name = string("r"), val = tensor<int32, [2]>([4, 2]), '
                            'val = tensor<int32, [2]>([4, 2])];', GOOD[1]], "y"),
      "const 'r' has 'val' twice"),

@@ -14,14 +14,21 @@ matmul FLOPs). Weight gradients and everything else stay on the CPU.
 Routing (backend= of anebackward.linear_backward_dx):
   "ane"   always this route; AneUnavailableError (with the reason) where
           there is no platform; platform errors raise AnebackwardError.
-  "auto"  the ANE when available() and the call is worth it:
-          2·N·in·out >= min_flops (default 2**26 ≈ 67 MFLOP, e.g. 256 rows of
-          a 768×768 layer; smaller calls cost more in packing and dispatch
-          than they save) and in, out <= 16384 (a conservative tensor-size
-          limit). Never fails: any ANE problem means the CPU result.
-Both: a row tile whose fp16 result overflows, or whose dy is not finite, or
-weights beyond fp16 range, or a spent compile budget, runs on the CPU
-(status() counts these). Nothing here runs at import time.
+  "auto"  the ANE when available(), the call is worth it (2·N·in·out >=
+          min_flops, default 2**26 ≈ 67 MFLOP, e.g. 256 rows of a 768×768
+          layer: a starting point, not a measurement on a Mac) and the shape
+          lies in the envelope the origin project ran on the hardware
+          (ENVELOPE; route_reason() says why not). Never fails: any ANE
+          problem means the CPU result.
+Both: a row tile whose fp16 result overflows or saturates (re-run once at a
+lower scale first), or whose dy is not finite, weights beyond fp16 range, or
+a spent compile budget, runs on the CPU (status() counts these). Nothing
+here runs at import time.
+
+Weight staging: pass w_version (a number that changes whenever W changes,
+e.g. the optimiser's step count + 1) and W is converted to fp16 once per
+version instead of on every call. linear_backward() overlaps the ANE's dx
+with the CPU's dW (linear_backward_dx_async() for other overlaps).
 """
 import os
 import sys
@@ -35,7 +42,13 @@ from ..errors import AnebackwardError, AneUnavailableError
 
 ENV = "ANEBACKWARD_ANE"
 KERNELS = ("linear_backward_dx",)
-MAX_DIM = 16384
+# The shapes the origin project (github maderix/ANE, training_dynamic: the
+# Stories110M and Qwen3-0.6B projections, S = 256) evaluated on the hardware:
+# in and out up to 3072, packed input surfaces up to 3072 x 2560 fp16 values.
+# "auto" keeps everything else on the CPU; backend="ane" may go beyond.
+ENVELOPE = {"max_in": 3072, "max_out": 3072, "max_rows_per_tile": 256,
+            "max_input_elements": 3072 * 2560}
+ALIGN = 64                  # the core pads S, in and out to multiples of this
 
 _lock = threading.Lock()
 _override = None            # None: follow ENV; True: emulator; False: native
@@ -43,10 +56,10 @@ _contexts = {}              # platform key -> (ctx or None, reason)
 _config = {"loss_scaling": True, "min_flops": 2 ** 26, "max_programs": 100, "tile_rows": 256}
 _local = threading.local()
 
-_ERRCAP = 1024
+_ERRCAP = 2 * lib.AB_ANE_ERRCAP
 _CODE_TO_EXC = {lib.AB_EINVAL: ValueError, lib.AB_ERANGE: ValueError, lib.AB_ETOOBIG: ValueError,
                 lib.AB_ENOMEM: MemoryError}
-_FALLBACKS = {lib.AB_ANE_FB_NONE: None, lib.AB_ANE_FB_OVERFLOW: "fp16 overflow",
+_FALLBACKS = {lib.AB_ANE_FB_NONE: None, lib.AB_ANE_FB_OVERFLOW: "fp16 overflow or saturation",
               lib.AB_ANE_FB_RANGE: "input outside fp16 range (inf/NaN in dy or |W| >= 65520)",
               lib.AB_ANE_FB_BUDGET: "compile budget spent", lib.AB_ANE_FB_ERROR: "platform error"}
 
@@ -123,9 +136,12 @@ def configure(*, loss_scaling=None, min_flops=None, max_programs=None, tile_rows
                   small gradients do not underflow (default True; turn off
                   only to see why it is on).
     min_flops     "auto" sends a call to the ANE when 2·N·in·out >= this.
-    max_programs  compile budget of each context (the ANE allows ~119
-                  compiles per process); new shapes beyond it use the CPU.
-    tile_rows     rows per ANE program (spatial size), a multiple of 32."""
+    max_programs  compile budget of the process (the ANE allows ~119
+                  compiles per process, whatever the contexts); new shapes
+                  beyond it use the CPU. The origin project works around the
+                  limit by re-executing the process (execl) and resuming from
+                  a checkpoint.
+    tile_rows     rows per ANE program (spatial size), a multiple of 64."""
     fn = "anebackward.ane.configure"
     new = dict(_config)
     if loss_scaling is not None:
@@ -138,8 +154,8 @@ def configure(*, loss_scaling=None, min_flops=None, max_programs=None, tile_rows
         new["max_programs"] = C.nonneg_int(fn, "max_programs", max_programs)
     if tile_rows is not None:
         t = C.positive_int(fn, "tile_rows", tile_rows)
-        if t % 32 or t > 1 << 20:
-            raise ValueError(f"{fn}: tile_rows must be a multiple of 32 up to 2**20, got {t}")
+        if t % ALIGN or t > 1 << 20:
+            raise ValueError(f"{fn}: tile_rows must be a multiple of {ALIGN} up to 2**20, got {t}")
         new["tile_rows"] = t
     with _lock:
         _config.update(new)
@@ -155,29 +171,46 @@ def available():
     return _current()[0] is not None
 
 
+def _text(getter, ctx):
+    """A whole string from one of the C getters (asks for the length first)."""
+    need = ffi.new("size_t *")
+    getter(ctx, ffi.NULL, 0, need)
+    buf = ffi.new("char[]", need[0])
+    getter(ctx, buf, need[0], ffi.NULL)
+    return ffi.string(buf).decode(errors="replace")
+
+
 def status():
     """Where ANE programs run and why not, as a dict: available, platform
-    ("darwin", "emulated" or None), reason (None when available),
-    compiles, cache_size (programs cached), max_programs, calls, tiles on
-    ANE/CPU, fallbacks by cause, last_error, settings, fp16 conversion path."""
+    ("darwin", "emulated" or None), reason (None when available), self_test
+    (its report: "passed: ..., relative error ..." or the failure), compiles
+    (this context), process_compiles and compiles_remaining (the budget is per
+    process), cache_size (programs cached), max_programs, calls, tiles on
+    ANE/CPU, fallbacks by cause, overflow_reruns, load_retries,
+    weight_stagings/weight_reuses, last_error, settings, fp16 conversion path."""
     ctx, key, reason = _current()
-    d = {"available": ctx is not None, "platform": None, "reason": reason,
+    d = {"available": ctx is not None, "platform": None, "reason": reason, "self_test": None,
          "os": sys.platform, "fp16_path": ffi.string(lib.ab_ane_fp16_path()).decode(),
-         "compiles": 0, "cache_size": 0}
+         "compiles": 0, "process_compiles": None, "compiles_remaining": None, "cache_size": 0,
+         "envelope": dict(ENVELOPE)}
     d.update(_config)
     if ctx is None:
         return d
     st = ffi.new("ab_ane_stats *")
     lib.ab_ane_get_stats(ctx, st)
-    buf = ffi.new("char[]", _ERRCAP)
-    lib.ab_ane_last_error(ctx, buf, _ERRCAP)
+    last = _text(lib.ab_ane_last_error, ctx)
     d.update(platform=ffi.string(lib.ab_ane_platform_name(ctx)).decode(),
-             compiles=st.compiles, cache_size=st.programs, max_programs=st.max_programs,
+             self_test=_text(lib.ab_ane_self_test_report, ctx),
+             compiles=st.compiles, process_compiles=st.process_compiles,
+             compiles_remaining=max(0, st.max_programs - st.process_compiles),
+             cache_size=st.programs, max_programs=st.max_programs,
              tile_rows=st.tile_rows, loss_scaling=bool(st.loss_scaling), calls=st.calls,
              tiles_ane=st.tiles_ane, tiles_cpu=st.tiles_cpu,
              fallbacks={"overflow": st.fallback_overflow, "range": st.fallback_range,
                         "budget": st.fallback_budget, "error": st.fallback_error},
-             last_error=ffi.string(buf).decode(errors="replace") or None)
+             overflow_reruns=st.overflow_reruns, load_retries=st.load_retries,
+             weight_stagings=st.weight_stagings, weight_reuses=st.weight_reuses,
+             last_error=last or None)
     return d
 
 
@@ -189,32 +222,70 @@ def require():
                                   "use backend='auto' (falls back to the CPU) or 'cpu'")
 
 
+def route_reason(backend, kernel, **shape):
+    """None when a call of `kernel` with this resolved backend and shape
+    (N, n_in, n_out) runs on the ANE, else why it stays on the CPU."""
+    if backend not in ("ane", "auto"):
+        return f"backend={backend!r}"
+    if kernel not in KERNELS:
+        return f"{kernel} has no ANE program (only {', '.join(KERNELS)})"
+    ctx, _, reason = _current()
+    if ctx is None:
+        return reason
+    if backend == "ane":
+        return None
+    N, n_in, n_out = shape["N"], shape["n_in"], shape["n_out"]
+    if 2 * N * n_in * n_out < _config["min_flops"]:
+        return f"2·N·in·out = {2 * N * n_in * n_out} is below min_flops = {_config['min_flops']}"
+    S = min(_config["tile_rows"], -(-N // ALIGN) * ALIGN)
+    in_p, out_p = -(-n_in // ALIGN) * ALIGN, -(-n_out // ALIGN) * ALIGN
+    E = ENVELOPE
+    if not (0 < n_in <= E["max_in"] and 0 < n_out <= E["max_out"] and S <= E["max_rows_per_tile"]
+            and out_p * (S + in_p) <= E["max_input_elements"]):
+        return (f"in={n_in}, out={n_out} (input surface {out_p} x {S + in_p} after padding, "
+                f"{S} rows per tile) is outside the shapes the origin project ran on the Neural "
+                f"Engine (in, out <= {E['max_in']}, <= {E['max_rows_per_tile']} rows per tile, "
+                f"input <= {E['max_input_elements']} values)")
+    return None
+
+
 def routes(backend, kernel, **shape):
     """Whether a call of `kernel` with this resolved backend and shape runs on
     the ANE (see the module docstring for the "auto" rule)."""
-    if backend not in ("ane", "auto") or kernel not in KERNELS or not available():
-        return False
-    if backend == "ane":
-        return True
-    N, n_in, n_out = shape["N"], shape["n_in"], shape["n_out"]
-    return (2 * N * n_in * n_out >= _config["min_flops"] and 0 < n_in <= MAX_DIM
-            and 0 < n_out <= MAX_DIM)
+    return route_reason(backend, kernel, **shape) is None
 
 
 def last_call():
     """How this thread's latest ANE call went: tiles, tiles_cpu, fallback
     (cause of the first CPU tile, or None), scale_log2 (dy was scaled by
-    2**scale_log2 on the way into fp16). None before the first call."""
+    2**scale_log2 on the way into fp16), w_staged (W converted to fp16 by this
+    call, False when a staged copy was reused), t_start_ns/t_end_ns (when the
+    call ran, clock_ns()); linear_backward() adds dW_start_ns/dW_end_ns.
+    None before the first call."""
     return getattr(_local, "info", None)
 
 
-def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane"):
-    """dx[..., in] = dy[..., out] · W[out, in] on the ANE (accumulate=True:
-    out += that). backend="ane" raises if there is no ANE or the platform
-    fails (out is then untouched, or complete when evaluation failed midway
-    and the CPU finished the rows); "auto" falls back to the CPU on any ANE
-    problem. See last_call() for how the call went."""
-    fn = "anebackward.ane.linear_backward_dx"
+def clock_ns():
+    """The monotonic clock (ns) of last_call()'s timestamps."""
+    t = ffi.new("int64_t *")
+    lib.ab_ane_clock_ns(t)
+    return t[0]
+
+
+def _info(info):
+    return {"tiles": info.tiles, "tiles_cpu": info.tiles_cpu,
+            "fallback": _FALLBACKS.get(info.fallback, info.fallback), "scale_log2": info.scale_log2,
+            "w_staged": bool(info.w_staged), "t_start_ns": info.t_start_ns, "t_end_ns": info.t_end_ns}
+
+
+def _raise(fn, rc, err):
+    msg = ffi.string(err).decode(errors="replace") if err is not None else ""
+    msg = msg or ffi.string(lib.ab_ane_strerror(rc)).decode()
+    raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{fn}: {msg} (C error {rc})")
+
+
+def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
+    """Checked arguments of a dx call: (out, N, n_in, n_out, w_version)."""
     if backend not in ("ane", "auto"):
         raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")
     C.f32(fn, "dy", dy)
@@ -225,38 +296,142 @@ def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane"):
     N = int(np.prod(dy.shape[:-1], dtype=np.int64))
     if accumulate and out is None:
         raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
+    w_version = C.nonneg_int(fn, "w_version", w_version)
+    if w_version >= 2 ** 64:
+        raise ValueError(f"{fn}: w_version must be below 2**64, got {w_version}")
     out = C.out(fn, "out", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
+    return out, N, n_in, n_out, w_version
+
+
+def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane", w_version=0):
+    """dx[..., in] = dy[..., out] · W[out, in] on the ANE (accumulate=True:
+    out += that). backend="ane" raises if there is no ANE or the platform
+    fails (out is then untouched, or complete when evaluation failed midway
+    and the CPU finished the rows); "auto" falls back to the CPU on any ANE
+    problem. w_version: 0 converts W to fp16 on this call; else W's fp16 copy
+    is reused while the version is unchanged (change it whenever W changes,
+    e.g. after every optimiser step). See last_call() for how the call went."""
+    fn = "anebackward.ane.linear_backward_dx"
+    out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
     ctx, _, reason = _current()
     if ctx is None:
         if backend == "ane":
             require()
         rc = lib.ab_linear_backward_dx(fptr(out), fptr(dy), fptr(W), N, n_in, n_out, int(bool(accumulate)))
-        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0}
-    else:
-        info = ffi.new("ab_ane_call_info *")
-        err = ffi.new("char[]", _ERRCAP)
-        flags = (lib.AB_ANE_STRICT if backend == "ane" else 0)
-        rc = lib.ab_ane_linear_backward_dx(ctx, fptr(out), fptr(dy), fptr(W), N, n_in, n_out,
-                                           int(bool(accumulate)), flags, info, err, _ERRCAP)
-        _local.info = {"tiles": info.tiles, "tiles_cpu": info.tiles_cpu,
-                       "fallback": _FALLBACKS.get(info.fallback, info.fallback),
-                       "scale_log2": info.scale_log2}
+        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
         if rc:
-            msg = ffi.string(err).decode(errors="replace") or ffi.string(lib.ab_ane_strerror(rc)).decode()
-            raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{fn}: {msg} (C error {rc})")
+            _raise(fn, rc, None)
+        return out
+    info = ffi.new("ab_ane_call_info *")
+    err = ffi.new("char[]", _ERRCAP)
+    flags = (lib.AB_ANE_STRICT if backend == "ane" else 0)
+    rc = lib.ab_ane_linear_backward_dx(ctx, fptr(out), fptr(dy), fptr(W), w_version, N, n_in, n_out,
+                                       int(bool(accumulate)), flags, info, err, _ERRCAP)
+    _local.info = _info(info)
     if rc:
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(
-            f"{fn}: {ffi.string(lib.ab_strerror(rc)).decode()} (C error {rc})")
+        _raise(fn, rc, err)
     return out
 
 
+class AneJob:
+    """A dx call running on the context's worker thread
+    (linear_backward_dx_async). wait() returns dx; every job must be waited
+    for, and its arrays left untouched until then (the job holds references,
+    so they stay alive)."""
+
+    def __init__(self, fn, ctx, job, arrays, out):
+        self._fn, self._ctx, self._job, self._arrays, self._out = fn, ctx, job, arrays, out
+        self.info = None
+
+    def done(self):
+        return self._job is None
+
+    def wait(self):
+        if self._job is None:
+            return self._out
+        info = ffi.new("ab_ane_call_info *")
+        err = ffi.new("char[]", _ERRCAP)
+        job, self._job = self._job, None
+        rc = lib.ab_ane_job_wait(job, info, err, _ERRCAP)
+        self.info = _info(info)
+        _local.info = dict(self.info)
+        self._arrays = None
+        if rc:
+            _raise(self._fn, rc, err)
+        return self._out
+
+    def __del__(self):              # an abandoned job is still waited for: it writes into out
+        if getattr(self, "_job", None) is not None:
+            lib.ab_ane_job_wait(self._job, ffi.NULL, ffi.NULL, 0)
+
+
+def linear_backward_dx_async(dy, W, *, out=None, accumulate=False, backend="ane", w_version=0):
+    """linear_backward_dx queued to the ANE context's worker thread; returns
+    an AneJob at once (its wait() gives dx), so the caller's thread can do CPU
+    work meanwhile. Without an ANE: backend="ane" raises, "auto" computes dx
+    on the CPU now and returns a finished job."""
+    fn = "anebackward.ane.linear_backward_dx_async"
+    out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
+    ctx, _, _ = _current()
+    if ctx is None:
+        linear_backward_dx(dy, W, out=out, accumulate=accumulate, backend=backend)
+        j = AneJob(fn, None, None, None, out)
+        j.info = dict(_local.info)
+        return j
+    p = ffi.new("ab_ane_job **")
+    flags = (lib.AB_ANE_STRICT if backend == "ane" else 0)
+    rc = lib.ab_ane_linear_backward_dx_submit(ctx, p, fptr(out), fptr(dy), fptr(W), w_version, N, n_in,
+                                              n_out, int(bool(accumulate)), flags)
+    if rc:
+        _raise(fn, rc, None)
+    return AneJob(fn, ctx, p[0], (dy, W, out), out)
+
+
+def linear_backward(dy, x, W, *, dx=None, dW=None, accumulate_dx=False, accumulate_dW=False,
+                    backend="ane", w_version=0):
+    """Both gradients of y = x·Wᵀ with the ANE and the CPU working at once:
+    dx (+)= dy·W is queued to the ANE, dW (+)= dyᵀ·x runs on the CPU (BLAS)
+    meanwhile, then the dx job is waited for (the origin project's overlap).
+    Returns (dx, dW); last_call() holds the dx timings plus dW_start_ns and
+    dW_end_ns, on the same clock."""
+    fn = "anebackward.ane.linear_backward"
+    from ..kernels.linear import linear_backward_dW
+    C.f32(fn, "x", x)
+    if x.shape[:-1] != dy.shape[:-1] or x.ndim < 1 or W.ndim != 2 or x.shape[-1] != W.shape[1]:
+        raise ValueError(f"{fn}: x must be [..., in] with dy's leading axes and in = W.shape[1], got "
+                         f"x.shape = {x.shape}, dy.shape = {dy.shape}, W.shape = {W.shape}")
+    job = linear_backward_dx_async(dy, W, out=dx, accumulate=accumulate_dx, backend=backend,
+                                   w_version=w_version)
+    try:
+        t0 = clock_ns()
+        dW = linear_backward_dW(dy, x, out=dW, accumulate=accumulate_dW, backend="cpu")
+        t1 = clock_ns()
+    finally:
+        dx = job.wait()
+    info = dict(job.info)
+    info.update(dW_start_ns=t0, dW_end_ns=t1)
+    _local.info = info
+    return dx, dW
+
+
+def clear_cache():
+    """Drop the current context's programs and staged weights: a shape whose
+    compile or load failed is tried again at its next call (compiles already
+    spent stay spent: the limit is per process)."""
+    ctx = _current()[0]
+    if ctx is not None:
+        lib.ab_ane_clear_cache(ctx)
+
+
 def self_test():
-    """Run a small dx problem whose every value is exact in fp16 on the
-    current platform and compare with the CPU bit for bit. Returns None when
-    it passes, else the reason (a string). Costs one compile (the program
-    stays cached). The darwin platform runs this when it opens, so that a
-    Mac whose Neural Engine cannot run programs (e.g. a virtual machine)
-    reports available() False with that reason."""
+    """Run a 64×64×64 dx problem (the smallest shape the origin project ran
+    on the hardware) on the current platform and compare with the CPU within
+    fp16 tolerance. Returns None when it passes, else the reason (a string);
+    status()["self_test"] keeps the report. Costs one compile unless that
+    shape is cached. The darwin platform runs it once per process when a
+    context opens, so that a Mac whose Neural Engine cannot run programs
+    (e.g. a virtual machine) reports available() False with that reason."""
     ctx, _, reason = _current()
     if ctx is None:
         return reason
@@ -266,15 +441,16 @@ def self_test():
 
 
 def mil_linear_dx(S, n_in, n_out):
-    """The MIL program text that computes dx for S rows (diagnosis, tests)."""
+    """The MIL program text that computes dx for S rows (diagnosis, tests).
+    The core adds a per-context tag to its build info when it compiles."""
     fn = "anebackward.ane.mil_linear_dx"
     S, n_in, n_out = (C.positive_int(fn, k, v) for k, v in (("S", S), ("n_in", n_in), ("n_out", n_out)))
-    n = lib.ab_ane_mil_linear_dx(ffi.NULL, 0, S, n_in, n_out)
-    if n < 0:
+    n = ffi.new("int64_t *")
+    if lib.ab_ane_mil_linear_dx(ffi.NULL, 0, S, n_in, n_out, n):
         raise ValueError(f"{fn}: sizes too large for an ANE tensor (S={S}, n_in={n_in}, n_out={n_out})")
-    buf = ffi.new("char[]", n + 1)
-    lib.ab_ane_mil_linear_dx(buf, n + 1, S, n_in, n_out)
-    return ffi.string(buf, n).decode()
+    buf = ffi.new("char[]", n[0] + 1)
+    lib.ab_ane_mil_linear_dx(buf, n[0] + 1, S, n_in, n_out, n)
+    return ffi.string(buf, n[0]).decode()
 
 
 def run_mil(mil, x, out_shape, out_dtype=np.float16):
@@ -302,7 +478,7 @@ def run_mil(mil, x, out_shape, out_dtype=np.float16):
 
 def reset():
     """Close every context (programs, surfaces, counters) — a fresh start,
-    e.g. between tests. The process-wide compile limit of the ANE is not
-    reset by this."""
+    e.g. between tests. Compiles already spent stay spent (the ANE's limit
+    is per process: status()["process_compiles"])."""
     with _lock:
         _contexts.clear()

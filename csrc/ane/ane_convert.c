@@ -13,6 +13,7 @@
  * and NEON on arm64 (always present). The scalar path is the fallback and
  * the reference in the tests. */
 #include <string.h>
+#include "ab_internal.h"
 #include "ane_internal.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -66,12 +67,25 @@ static inline float f16_to_f32_one(uint16_t h) {
     return f;
 }
 
-void ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
+/* The public converters' one argument check: n >= 0, pointers set unless n == 0. */
+static int convert_args_ok(const void *dst, const void *src, int64_t n) {
+    AB_NONNEG(n);
+    AB_REQUIRE(n == 0 || (dst && src), AB_ENULL);
+    return AB_OK;
 }
 
-void ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
+int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (rc) return rc;
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
+    return AB_OK;
+}
+
+int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (rc) return rc;
     for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32_one(src[i]);
+    return AB_OK;
 }
 
 #if defined(AB_HAVE_F16C_CODE)
@@ -122,22 +136,26 @@ static void f16_to_f32_neon(float *dst, const uint16_t *src, int64_t n) {
 }
 #endif
 
-void ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n) {
+int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (rc) return rc;
 #if defined(AB_HAVE_F16C_CODE)
-    if (have_f16c()) { f32_to_f16_f16c(dst, src, n); return; }
+    if (have_f16c()) { f32_to_f16_f16c(dst, src, n); return AB_OK; }
 #elif defined(AB_HAVE_NEON_F16)
-    f32_to_f16_neon(dst, src, n); return;
+    f32_to_f16_neon(dst, src, n); return AB_OK;
 #endif
-    ab_ane_f32_to_f16_scalar(dst, src, n);
+    return ab_ane_f32_to_f16_scalar(dst, src, n);
 }
 
-void ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (rc) return rc;
 #if defined(AB_HAVE_F16C_CODE)
-    if (have_f16c()) { f16_to_f32_f16c(dst, src, n); return; }
+    if (have_f16c()) { f16_to_f32_f16c(dst, src, n); return AB_OK; }
 #elif defined(AB_HAVE_NEON_F16)
-    f16_to_f32_neon(dst, src, n); return;
+    f16_to_f32_neon(dst, src, n); return AB_OK;
 #endif
-    ab_ane_f16_to_f32_scalar(dst, src, n);
+    return ab_ane_f16_to_f32_scalar(dst, src, n);
 }
 
 const char *ab_ane_fp16_path(void) {
@@ -154,9 +172,20 @@ const char *ab_ane_fp16_path(void) {
  * writes within a few cache lines. */
 #define AB_TB 32
 
+/* The transposes' argument check: sizes >= 0, ld >= N, pointers set unless empty. */
+static int transpose_args_ok(const float *dst, const float *src, int64_t ld, int64_t N, int64_t C) {
+    AB_NONNEG(N);
+    AB_NONNEG(C);
+    AB_REQUIRE(ld >= N, AB_EINVAL);
+    AB_REQUIRE(N == 0 || C == 0 || (dst && src), AB_ENULL);
+    return AB_OK;
+}
+
 /* dst[c*ld + t] = src[t*C + c] * scale  for t < N, c < C. */
-void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
-                             float scale) {
+int ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
+                            float scale) {
+    int rc = transpose_args_ok(dst, src, ld, N, C);
+    if (rc) return rc;
     for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
         int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
         for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
@@ -167,11 +196,14 @@ void ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N
             }
         }
     }
+    return AB_OK;
 }
 
 /* dst[t*C + c] (+)= src[c*ld + t] * scale  for t < N, c < C. */
-void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
-                             float scale, int accumulate) {
+int ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
+                            float scale, int accumulate) {
+    int rc = transpose_args_ok(dst, src, ld, N, C);
+    if (rc) return rc;
     for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
         int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
         for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
@@ -186,4 +218,5 @@ void ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N
             }
         }
     }
+    return AB_OK;
 }

@@ -20,19 +20,23 @@
  *
  * Every class and selector is checked with the runtime before first use, so
  * an OS where they changed gives "... does not respond to ..." instead of an
- * unrecognised-selector exception. CF objects are toll-free bridged to their
- * NS counterparts (CFDataRef = NSData *, CFDictionaryRef = NSDictionary *). */
+ * unrecognised-selector exception. The framework calls that can still throw
+ * (descriptor, model, compile, load, evaluate, unload, request) go through
+ * guarded(): when the build compiles ane_darwin_guard.m and defines
+ * AB_ANE_OBJC_GUARD, an Objective-C exception becomes an error carrying its
+ * name and reason instead of terminating the process. The framework's error
+ * descriptions are copied whole, however long. CF objects are toll-free
+ * bridged to their NS counterparts (CFDataRef = NSData *, CFDictionaryRef =
+ * NSDictionary *). */
 #include <CoreFoundation/CoreFoundation.h>
 #include <IOSurface/IOSurface.h>
 #include <dlfcn.h>
-#include <dirent.h>
 #include <objc/message.h>
 #include <objc/runtime.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include "ane_internal.h"
 
@@ -53,15 +57,90 @@ static char g_init_msg[512];
 static id msg0(id obj, const char *sel) { return ((id (*)(id, SEL))objc_msgSend)(obj, SEL_(sel)); }
 static id msg1(id obj, const char *sel, id a) { return ((id (*)(id, SEL, id))objc_msgSend)(obj, SEL_(sel), a); }
 
-/* [error description] as UTF-8 into buf. */
-static const char *error_text(id error, char *buf, size_t cap) {
-    snprintf(buf, cap, "no error object was returned");
-    if (error) {
-        id d = msg0(error, "description");
-        if (!d || !CFStringGetCString((CFStringRef)d, buf, (CFIndex)cap, kCFStringEncodingUTF8))
-            snprintf(buf, cap, "an error whose description cannot be read");
-    }
+/* [obj description] as UTF-8, whole (malloc'ed; NULL if unreadable). */
+static char *describe(id obj) {
+    id d = obj ? msg0(obj, "description") : NULL;
+    if (!d) return NULL;
+    CFIndex cap = CFStringGetMaximumSizeForEncoding(CFStringGetLength((CFStringRef)d), kCFStringEncodingUTF8) + 1;
+    char *buf = cap > 0 ? malloc((size_t)cap) : NULL;
+    if (buf && !CFStringGetCString((CFStringRef)d, buf, cap, kCFStringEncodingUTF8)) { free(buf); buf = NULL; }
     return buf;
+}
+
+/* "<what>: <the NSError's description>" into err; returns code. */
+static int fail_with_error(char *err, size_t errcap, int code, const char *what, id error) {
+    char *d = describe(error);
+    ab_ane_fail(err, errcap, code, "%s: %s", what,
+                d ? d : error ? "an error whose description cannot be read" : "no error object was returned");
+    free(d);
+    return code;
+}
+
+/* The framework calls that may raise, as data, so that one guard covers all. */
+enum { CALL_DESC, CALL_MODEL, CALL_COMPILE, CALL_LOAD, CALL_EVAL, CALL_UNLOAD, CALL_REQUEST };
+typedef struct {
+    int kind;
+    id self, a, b, c, d;
+    id *error;
+    BOOL ok;
+    id result;
+} dw_call;
+
+static void dw_invoke(void *p) {
+    dw_call *c = p;
+    switch (c->kind) {
+    case CALL_DESC:
+        c->result = ((id (*)(id, SEL, id, id, id))objc_msgSend)(
+            c->self, SEL_("modelWithMILText:weights:optionsPlist:"), c->a, c->b, (id)NULL);
+        break;
+    case CALL_MODEL:
+        c->result = msg1(c->self, "inMemoryModelWithDescriptor:", c->a);
+        break;
+    case CALL_COMPILE:
+        c->ok = ((BOOL (*)(id, SEL, unsigned int, id, id *))objc_msgSend)(
+            c->self, SEL_("compileWithQoS:options:error:"), ANE_QOS, c->a, c->error);
+        break;
+    case CALL_LOAD:
+        c->ok = ((BOOL (*)(id, SEL, unsigned int, id, id *))objc_msgSend)(
+            c->self, SEL_("loadWithQoS:options:error:"), ANE_QOS, c->a, c->error);
+        break;
+    case CALL_EVAL:
+        c->ok = ((BOOL (*)(id, SEL, unsigned int, id, id, id *))objc_msgSend)(
+            c->self, SEL_("evaluateWithQoS:options:request:error:"), ANE_QOS, c->a, c->b, c->error);
+        break;
+    case CALL_UNLOAD:
+        c->ok = ((BOOL (*)(id, SEL, unsigned int, id *))objc_msgSend)(
+            c->self, SEL_("unloadWithQoS:error:"), ANE_QOS, c->error);
+        break;
+    case CALL_REQUEST:
+        c->result = ((id (*)(id, SEL, id, id, id, id, id, id, id))objc_msgSend)(
+            c->self,
+            SEL_("requestWithInputs:inputIndices:outputs:outputIndices:weightsBuffer:perfStats:procedureIndex:"),
+            c->a, c->b, c->c, c->b, (id)NULL, (id)NULL, c->d);
+        break;
+    }
+}
+
+#if defined(AB_ANE_OBJC_GUARD)
+/* ane_darwin_guard.m: fn(arg) inside @try; on an exception 1 and *msg =
+ * "<name>: <reason>" (malloc'ed). */
+int ab_ane_darwin_try(void (*fn)(void *), void *arg, char **msg);
+#endif
+
+/* Run one framework call; AB_OK, or `code` when it raised. */
+static int guarded(dw_call *c, int code, const char *what, char *err, size_t errcap) {
+#if defined(AB_ANE_OBJC_GUARD)
+    char *exc = NULL;
+    if (ab_ane_darwin_try(dw_invoke, c, &exc)) {
+        ab_ane_fail(err, errcap, code, "%s raised an Objective-C exception: %s", what,
+                    exc ? exc : "(no description)");
+        free(exc);
+        return code;
+    }
+#else
+    dw_invoke(c);
+#endif
+    return AB_OK;
 }
 
 static void init_once(void) {
@@ -126,7 +205,8 @@ typedef struct {
     id request;                  /* retained _ANERequest for (req_in, req_out) */
     void *req_in, *req_out;
     int loaded;
-    char dir[1024];              /* the compiler's working directory */
+    char dir[AB_ANE_PATH];       /* the compiler's working directory */
+    int owns_dir;                /* created by this program: removed at unload */
 } dw_prog;
 
 static CFDictionaryRef empty_dict(void) {
@@ -134,36 +214,9 @@ static CFDictionaryRef empty_dict(void) {
                               &kCFTypeDictionaryValueCallBacks);
 }
 
-/* rm -r of the compiler's working directory (a few levels at most). */
-static void remove_tree_depth(const char *dir, int depth) {
-    DIR *d = depth > 0 ? opendir(dir) : NULL;
-    if (d) {
-        struct dirent *ent;
-        char path[1200];
-        while ((ent = readdir(d)) != NULL) {
-            if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0) continue;
-            snprintf(path, sizeof path, "%s/%s", dir, ent->d_name);
-            struct stat sb;
-            if (lstat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) remove_tree_depth(path, depth - 1);
-            else remove(path);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-}
-
-static void remove_tree(const char *dir) {
-    if (dir[0]) remove_tree_depth(dir, 4);
-}
-
-static int write_file(const char *path, const char *data, size_t len) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    size_t n = fwrite(data, 1, len, f);
-    return (fclose(f) == 0 && n == len) ? 0 : -1;
-}
-
 static void dw_unload(void *prog);
+
+static const char *dw_program_dir(void *prog) { return ((dw_prog *)prog)->dir; }
 
 static int dw_compile(const char *mil, size_t mil_len, void **prog, char *err, size_t errcap) {
     *prog = NULL;
@@ -174,45 +227,38 @@ static int dw_compile(const char *mil, size_t mil_len, void **prog, char *err, s
     void *pool = objc_autoreleasePoolPush();
     CFDataRef text = CFDataCreate(NULL, (const UInt8 *)mil, (CFIndex)mil_len);
     CFDictionaryRef empty = empty_dict();
-    char why[512];
-    id desc = text && empty
-        ? ((id (*)(id, SEL, id, id, id))objc_msgSend)((id)g_desc, SEL_("modelWithMILText:weights:optionsPlist:"),
-                                                      (id)text, (id)empty, (id)NULL)
-        : NULL;
-    if (!desc) {
+    dw_call c = {CALL_DESC, (id)g_desc, (id)text, (id)empty};
+    if (!text || !empty) { rc = ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory"); goto done; }
+    if ((rc = guarded(&c, AB_ANE_ECOMPILE, "modelWithMILText:weights:optionsPlist:", err, errcap))) goto done;
+    if (!c.result) {
         rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "_ANEInMemoryModelDescriptor refused the MIL text");
         goto done;
     }
-    id model = msg1((id)g_model, "inMemoryModelWithDescriptor:", desc);
-    if (!model) {
+    c = (dw_call){CALL_MODEL, (id)g_model, c.result};
+    if ((rc = guarded(&c, AB_ANE_ECOMPILE, "inMemoryModelWithDescriptor:", err, errcap))) goto done;
+    if (!c.result) {
         rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "_ANEInMemoryModel could not be created");
         goto done;
     }
-    P->model = msg0(model, "retain");
-    /* the compiler's directory: <user temp dir>/<hexStringIdentifier>/ */
+    P->model = msg0(c.result, "retain");
+    /* the compiler's directory: <user temp dir>/<hexStringIdentifier>/. The
+     * core tags every program per process and context, so the identifier
+     * (derived from the program) differs between contexts and processes. */
     char tmp[512] = "";
     size_t n = confstr(_CS_DARWIN_USER_TEMP_DIR, tmp, sizeof tmp);
-    if (n == 0 || n > sizeof tmp) snprintf(tmp, sizeof tmp, "%s/", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    if (n == 0 || n > sizeof tmp) snprintf(tmp, sizeof tmp, "%s", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
     id hex = msg0(P->model, "hexStringIdentifier");
     char hexs[256];
     if (!hex || !CFStringGetCString((CFStringRef)hex, hexs, sizeof hexs, kCFStringEncodingUTF8)) {
         rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "the model has no hexStringIdentifier");
         goto done;
     }
-    char path[1200];
-    snprintf(P->dir, sizeof P->dir, "%s%s%s", tmp, tmp[strlen(tmp) - 1] == '/' ? "" : "/", hexs);
-    snprintf(path, sizeof path, "%s/weights", P->dir);
-    mkdir(P->dir, 0700);
-    mkdir(path, 0700);
-    snprintf(path, sizeof path, "%s/model.mil", P->dir);
-    if (write_file(path, mil, mil_len)) {
-        rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "cannot write %s", path);
-        goto done;
-    }
+    rc = ab_ane_workdir_create(tmp, hexs, mil, mil_len, P->dir, sizeof P->dir, &P->owns_dir, err, errcap);
+    if (rc) goto done;
     id error = NULL;
-    BOOL ok = ((BOOL (*)(id, SEL, unsigned int, id, id *))objc_msgSend)(
-        P->model, SEL_("compileWithQoS:options:error:"), ANE_QOS, (id)empty, &error);
-    if (!ok) rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "compileWithQoS: %s", error_text(error, why, sizeof why));
+    c = (dw_call){CALL_COMPILE, P->model, (id)empty, .error = &error};
+    if ((rc = guarded(&c, AB_ANE_ECOMPILE, "compileWithQoS:options:error:", err, errcap))) goto done;
+    if (!c.ok) rc = fail_with_error(err, errcap, AB_ANE_ECOMPILE, "compileWithQoS", error);
 done:
     if (text) CFRelease(text);
     if (empty) CFRelease(empty);
@@ -228,11 +274,10 @@ static int dw_load(void *prog, char *err, size_t errcap) {
     void *pool = objc_autoreleasePoolPush();
     CFDictionaryRef empty = empty_dict();
     id error = NULL;
-    char why[512];
-    BOOL ok = ((BOOL (*)(id, SEL, unsigned int, id, id *))objc_msgSend)(
-        P->model, SEL_("loadWithQoS:options:error:"), ANE_QOS, (id)empty, &error);
-    int rc = ok ? AB_OK : ab_ane_fail(err, errcap, AB_ANE_ELOAD, "loadWithQoS: %s", error_text(error, why, sizeof why));
-    P->loaded = ok;
+    dw_call c = {CALL_LOAD, P->model, (id)empty, .error = &error};
+    int rc = guarded(&c, AB_ANE_ELOAD, "loadWithQoS:options:error:", err, errcap);
+    if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_ELOAD, "loadWithQoS", error);
+    P->loaded = !rc;
     CFRelease(empty);
     objc_autoreleasePoolPop(pool);
     return rc;
@@ -252,16 +297,15 @@ static int bind_request(dw_prog *P, void *in_surface, void *out_surface, char *e
     int zero = 0;
     CFNumberRef idx0 = CFNumberCreate(NULL, kCFNumberIntType, &zero);
     CFArrayRef ins = array1(in_obj), outs = array1(out_obj), idx = array1(idx0);
-    id req = ((id (*)(id, SEL, id, id, id, id, id, id, id))objc_msgSend)(
-        (id)g_request,
-        SEL_("requestWithInputs:inputIndices:outputs:outputIndices:weightsBuffer:perfStats:procedureIndex:"),
-        (id)ins, (id)idx, (id)outs, (id)idx, (id)NULL, (id)NULL, (id)idx0);
+    dw_call c = {CALL_REQUEST, (id)g_request, (id)ins, (id)idx, (id)outs, (id)idx0};
+    int rc = guarded(&c, AB_ANE_EEVAL, "requestWithInputs:...", err, errcap);
     CFRelease(ins);
     CFRelease(outs);
     CFRelease(idx);
     CFRelease(idx0);
-    if (!req) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "_ANERequest could not be created");
-    P->request = msg0(req, "retain");
+    if (rc) return rc;
+    if (!c.result) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "_ANERequest could not be created");
+    P->request = msg0(c.result, "retain");
     P->req_in = in_surface;
     P->req_out = out_surface;
     return AB_OK;
@@ -275,10 +319,9 @@ static int dw_eval(void *prog, void *in_surface, void *out_surface, char *err, s
     if (!rc) {
         CFDictionaryRef empty = empty_dict();
         id error = NULL;
-        char why[512];
-        BOOL ok = ((BOOL (*)(id, SEL, unsigned int, id, id, id *))objc_msgSend)(
-            P->model, SEL_("evaluateWithQoS:options:request:error:"), ANE_QOS, (id)empty, P->request, &error);
-        if (!ok) rc = ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluateWithQoS: %s", error_text(error, why, sizeof why));
+        dw_call c = {CALL_EVAL, P->model, (id)empty, P->request, .error = &error};
+        rc = guarded(&c, AB_ANE_EEVAL, "evaluateWithQoS:options:request:error:", err, errcap);
+        if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_EEVAL, "evaluateWithQoS", error);
         CFRelease(empty);
     }
     objc_autoreleasePoolPop(pool);
@@ -291,12 +334,14 @@ static void dw_unload(void *prog) {
     void *pool = objc_autoreleasePoolPush();
     if (P->loaded) {
         id error = NULL;
-        ((BOOL (*)(id, SEL, unsigned int, id *))objc_msgSend)(P->model, SEL_("unloadWithQoS:error:"), ANE_QOS, &error);
+        char ignored[256];           /* nothing to report to: the program is going away */
+        dw_call c = {CALL_UNLOAD, P->model, .error = &error};
+        guarded(&c, AB_ANE_ELOAD, "unloadWithQoS:error:", ignored, sizeof ignored);
     }
     if (P->request) msg0(P->request, "release");
     if (P->model) msg0(P->model, "release");
     objc_autoreleasePoolPop(pool);
-    remove_tree(P->dir);
+    ab_ane_workdir_remove(P->dir, P->owns_dir);
     free(P);
 }
 
@@ -333,6 +378,6 @@ static void dw_surface_release(void *surface) {
 }
 
 const ab_ane_platform ab_ane_platform_darwin = {
-    "darwin", 1, dw_probe, dw_compile, dw_load, dw_eval, dw_unload,
+    "darwin", 1, dw_probe, dw_compile, dw_load, dw_eval, dw_unload, dw_program_dir,
     dw_surface_create, dw_surface_lock, dw_surface_unlock, dw_surface_release,
 };

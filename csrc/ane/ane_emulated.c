@@ -26,6 +26,7 @@
  * and one output, as in the core's requests. */
 #include <ctype.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,23 +38,62 @@
 #define EMU_MAX_RANK 6
 #define EMU_NAME 64
 #define EMU_MAX_ELEMS ((int64_t)1 << 34)
+#define EMU_MAX_PROGRAM_BYTES ((int64_t)1 << 31)   /* all computed tensors of one program */
 
-/* Test hook: make the next compile / load / evaluate of this platform fail,
- * as the Neural Engine's can, so the dispatch's error paths get exercised. */
+/* Test hooks (ab_testing.h): make the next compiles / loads / evaluations
+ * of this platform fail, as the Neural Engine's can, so the dispatch's error
+ * paths get exercised; saturate fp16 results instead of overflowing; keep a
+ * working directory per program as the darwin platform does. */
 enum { FAIL_NONE, FAIL_COMPILE, FAIL_LOAD, FAIL_EVAL };
-static volatile int g_fail_next = FAIL_NONE;
+static pthread_mutex_t g_hook_mu = PTHREAD_MUTEX_INITIALIZER;
+static int g_fail_stage = FAIL_NONE, g_fail_times;
+static int64_t g_fail_msg_bytes;
+static volatile int g_saturate;
+static char g_workdir[AB_ANE_PATH - 64];
 
-int ab_ane_emulated_fail_next(const char *stage) {
-    if (!stage) { g_fail_next = FAIL_NONE; return AB_OK; }
-    if (strcmp(stage, "compile") == 0) g_fail_next = FAIL_COMPILE;
-    else if (strcmp(stage, "load") == 0) g_fail_next = FAIL_LOAD;
-    else if (strcmp(stage, "evaluate") == 0) g_fail_next = FAIL_EVAL;
+int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes) {
+    int st;
+    if (!stage) st = FAIL_NONE;
+    else if (strcmp(stage, "compile") == 0) st = FAIL_COMPILE;
+    else if (strcmp(stage, "load") == 0) st = FAIL_LOAD;
+    else if (strcmp(stage, "evaluate") == 0) st = FAIL_EVAL;
     else return AB_EINVAL;
+    if (stage && (times < 1 || msg_bytes < 0 || msg_bytes > (1 << 20))) return AB_EINVAL;
+    pthread_mutex_lock(&g_hook_mu);
+    g_fail_stage = st;
+    g_fail_times = stage ? times : 0;
+    g_fail_msg_bytes = msg_bytes;
+    pthread_mutex_unlock(&g_hook_mu);
     return AB_OK;
 }
 
-static int take_failure(int stage) {
-    return __sync_bool_compare_and_swap(&g_fail_next, stage, FAIL_NONE);
+int ab_ane_emulated_saturate(int on) { g_saturate = on != 0; return AB_OK; }
+
+int ab_ane_emulated_workdir(const char *root) {
+    if (root && strlen(root) >= sizeof g_workdir) return AB_EINVAL;
+    pthread_mutex_lock(&g_hook_mu);
+    snprintf(g_workdir, sizeof g_workdir, "%s", root ? root : "");
+    pthread_mutex_unlock(&g_hook_mu);
+    return AB_OK;
+}
+
+/* AB_OK, or the injected failure of this stage (code) with its message. */
+static int take_failure(int stage, int code, char *err, size_t errcap) {
+    pthread_mutex_lock(&g_hook_mu);
+    int hit = g_fail_stage == stage && g_fail_times > 0;
+    int64_t nbytes = g_fail_msg_bytes;
+    if (hit && --g_fail_times == 0) g_fail_stage = FAIL_NONE;
+    pthread_mutex_unlock(&g_hook_mu);
+    if (!hit) return AB_OK;
+    static const char *names[] = {"", "compile", "load", "evaluate"};
+    int n = snprintf(err, errcap, "injected %s failure (test hook)", names[stage]);
+    /* a long framework message: "...", then filler, then a marker at the very end */
+    for (int64_t i = n; nbytes > 0 && i < nbytes - 4 && (size_t)i + 1 < errcap; i++) err[i] = 'x';
+    if (nbytes > n && (size_t)nbytes < errcap) {
+        memcpy(err + nbytes - 4, "@END", 4);
+        err[nbytes] = '\0';
+    }
+    return code;
 }
 
 enum { DT_FP16, DT_FP32, DT_INT32, DT_BOOL, DT_STRING };
@@ -95,6 +135,8 @@ typedef struct {
     float *scratch;
     int64_t scratch_floats;
     int loaded;
+    char dir[AB_ANE_PATH];       /* working directory ("" if none) */
+    int owns_dir;
 } emu_prog;
 
 /* ---------------------------------------------------------------- tokens */
@@ -264,6 +306,7 @@ static int parse_type(lexer *L, emu_type *t) {
 
 static void prog_free(emu_prog *P) {
     if (!P) return;
+    ab_ane_workdir_remove(P->dir, P->owns_dir);
     for (int i = 0; i < P->nvals; i++) {
         free(P->vals[i].ivals);
         if (P->vals[i].owns_data) free(P->vals[i].data);
@@ -458,6 +501,9 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
             int64_t d = sv->ivals[i];
             if (d == -1 && infer < 0) { infer = i; continue; }
             if (d <= 0) return lex_fail(L, line, "reshape: dimension %lld is invalid", (long long)d);
+            /* bounded before multiplying: the product never exceeds the input's count */
+            if (d > have / known)
+                return lex_fail(L, line, "reshape: %lld elements cannot take the requested shape", (long long)have);
             res->dims[i] = d;
             known *= d;
         }
@@ -686,14 +732,32 @@ static int parse_program(lexer *L, emu_prog *P) {
     return AB_OK;
 }
 
+/* Like the darwin platform: <root>/<identifier>/model.mil, the identifier a
+ * hash of the program text (FNV-1a, as hex), when a root is set. */
+static int emu_workdir(emu_prog *P, const char *mil, size_t len, char *err, size_t errcap) {
+    char root[sizeof g_workdir];
+    pthread_mutex_lock(&g_hook_mu);
+    snprintf(root, sizeof root, "%s", g_workdir);
+    pthread_mutex_unlock(&g_hook_mu);
+    if (!root[0]) return AB_OK;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < len; i++) { h ^= (unsigned char)mil[i]; h *= 1099511628211ull; }
+    char name[24];
+    snprintf(name, sizeof name, "%016llx", (unsigned long long)h);
+    return ab_ane_workdir_create(root, name, mil, len, P->dir, sizeof P->dir, &P->owns_dir, err, errcap);
+}
+
+static const char *emu_program_dir(void *prog) { return ((emu_prog *)prog)->dir; }
+
 static int emu_compile(const char *mil, size_t len, void **prog, char *err, size_t errcap) {
     *prog = NULL;
-    if (take_failure(FAIL_COMPILE))
-        return ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "injected compile failure (test hook)");
+    int rc = take_failure(FAIL_COMPILE, AB_ANE_ECOMPILE, err, errcap);
+    if (rc) return rc;
     emu_prog *P = calloc(1, sizeof *P);
     if (!P) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
     lexer L = {mil, mil + len, 1, TK_EOF, 1, "", err, errcap, 0};
-    int rc = parse_program(&L, P);
+    rc = parse_program(&L, P);
+    if (!rc) rc = emu_workdir(P, mil, len, err, errcap);
     if (rc) { prog_free(P); return rc; }
     *prog = P;
     return AB_OK;
@@ -703,10 +767,17 @@ static int emu_compile(const char *mil, size_t len, void **prog, char *err, size
  * plus the fp32 scratch matmul needs: allocated once, reused by each eval. */
 static int emu_load(void *prog, char *err, size_t errcap) {
     emu_prog *P = prog;
-    if (take_failure(FAIL_LOAD))
-        return ab_ane_fail(err, errcap, AB_ANE_ELOAD, "injected load failure (test hook)");
+    int rc = take_failure(FAIL_LOAD, AB_ANE_ELOAD, err, errcap);
+    if (rc) return rc;
     if (P->loaded) return AB_OK;
-    int64_t scratch = 0;
+    int64_t scratch = 0, total = 0;
+    for (int i = 0; i < P->nins; i++) {           /* bounded before anything is allocated */
+        const emu_value *o = &P->vals[P->ins[i].out];
+        if (P->ins[i].op != OP_RESHAPE) total += o->count * (int64_t)dt_size(o->t.dtype);
+        if (total > EMU_MAX_PROGRAM_BYTES)
+            return ab_ane_fail(err, errcap, AB_ENOMEM, "the program's tensors need more than the emulator's "
+                               "limit of %lld bytes", (long long)EMU_MAX_PROGRAM_BYTES);
+    }
     for (int i = 0; i < P->nins; i++) {
         emu_instr *ix = &P->ins[i];
         emu_value *o = &P->vals[ix->out];
@@ -784,6 +855,9 @@ static void run_matmul(emu_prog *P, const emu_instr *ix) {
             ab_ane_f16_to_f32(A, (const uint16_t *)x->data + b * xr * xc, xr * xc);
             ab_ane_f16_to_f32(B, (const uint16_t *)y->data + b * yr * yc, yr * yc);
             ab_sgemm(ix->tx, ix->ty, M, N, K, 1.0f, A, xc, B, yc, 0.0f, C, N);
+            if (g_saturate)          /* clamp at fp16's largest finite value, NaN kept */
+                for (int64_t i = 0; i < M * N; i++)
+                    C[i] = C[i] > 65504.0f ? 65504.0f : (C[i] < -65504.0f ? -65504.0f : C[i]);
             ab_ane_f32_to_f16((uint16_t *)o->data + b * M * N, C, M * N);
         }
     }
@@ -827,8 +901,8 @@ static void emu_surface_release(void *surface) {
 static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap) {
     emu_prog *P = prog;
     emu_surface *si = in_surface, *so = out_surface;
-    if (take_failure(FAIL_EVAL))
-        return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "injected evaluate failure (test hook)");
+    int rc = take_failure(FAIL_EVAL, AB_ANE_EEVAL, err, errcap);
+    if (rc) return rc;
     if (!P->loaded) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: the program is not loaded");
     if (!si || !so || si->bytes != P->in_bytes || so->bytes != P->out_bytes)
         return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: surfaces of %zu/%zu bytes, the program "
@@ -873,6 +947,6 @@ static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, 
 static int emu_probe(char *err, size_t errcap) { return AB_OK; }
 
 const ab_ane_platform ab_ane_platform_emulated = {
-    "emulated", 0, emu_probe, emu_compile, emu_load, emu_eval, emu_unload,
+    "emulated", 0, emu_probe, emu_compile, emu_load, emu_eval, emu_unload, emu_program_dir,
     emu_surface_create, emu_surface_lock, emu_surface_unlock, emu_surface_release,
 };

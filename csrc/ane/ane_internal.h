@@ -6,13 +6,16 @@
  * (ane_emulated.c): it hands over MIL text, gets an opaque program, and moves
  * bytes through opaque surfaces (IOSurfaces on Apple, heap blocks otherwise).
  * Every function that can fail returns an AB_* / AB_ANE_E* code and writes a
- * sentence into err (capacity errcap, always NUL-terminated). */
+ * sentence into err (capacity errcap, always NUL-terminated; the core passes
+ * AB_ANE_ERRCAP bytes, so framework messages arrive whole). */
 #ifndef AB_ANE_INTERNAL_H
 #define AB_ANE_INTERNAL_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include "anebackward.h"
+
+#define AB_ANE_PATH 1200
 
 typedef struct ab_ane_platform {
     const char *name;
@@ -29,6 +32,8 @@ typedef struct ab_ane_platform {
     int (*eval)(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap);
     /* Unload (if loaded) and free the program. */
     void (*unload)(void *prog);
+    /* The compiler's working directory of a program ("" if none). */
+    const char *(*program_dir)(void *prog);
     int (*surface_create)(size_t bytes, void **surface, char *err, size_t errcap);
     /* Base address while locked; NULL if the lock failed. */
     void *(*surface_lock)(void *surface, int read_only);
@@ -44,6 +49,17 @@ extern const ab_ane_platform ab_ane_platform_darwin;
 /* snprintf into err, truncating safely; returns code (for `return ab_ane_fail(...)`). */
 int ab_ane_fail(char *err, size_t errcap, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* The dx program's MIL with an instance tag in its build info (NULL: none),
+ * which makes programs of different contexts/processes distinct texts. */
+int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
+                                const char *tag, int64_t *len);
+
+/* ane_workdir.c: <root>/<name>/ with model.mil written atomically; *owned = 1
+ * when this call created the directory (only then does remove delete it). */
+int ab_ane_workdir_create(const char *root, const char *name, const char *mil, size_t mil_len,
+                          char *dir, size_t dircap, int *owned, char *err, size_t errcap);
+void ab_ane_workdir_remove(const char *dir, int owned);
 
 /* fp16 bit helpers used by the interpreter and the core. */
 static inline int ab_ane_f16_is_finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }

@@ -16,6 +16,7 @@
  * (plus cast). Values are fp16 end to end; the caller scales dy first. */
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include "ane_internal.h"
 
 typedef struct {
@@ -34,13 +35,17 @@ static void put(mil_out *o, const char *fmt, ...) {
 }
 
 /* Header every program starts with: MIL program version and the build info
- * the Core ML compiler writes (the ANE compiler accepts this header). */
-static void put_header(mil_out *o) {
+ * the Core ML compiler writes (the ANE compiler accepts this header). The
+ * optional tag is one more build-info entry: the compiler's working
+ * directory is named after a hash of the program, so a per-context tag keeps
+ * two contexts or processes out of each other's directory (ane_workdir.c). */
+static void put_header(mil_out *o, const char *tag) {
     put(o, "program(1.3)\n"
            "[buildInfo = dict<string, string>({{\"coremlc-component-MIL\", \"3510.2.1\"}, "
            "{\"coremlc-version\", \"3505.4.1\"}, {\"coremltools-component-milinternal\", \"\"}, "
-           "{\"coremltools-version\", \"9.0\"}})]\n"
-           "{\n");
+           "{\"coremltools-version\", \"9.0\"}");
+    if (tag) put(o, ", {\"anebackward-instance\", \"%s\"}", tag);
+    put(o, "})]\n{\n");
 }
 
 static void put_const4(mil_out *o, const char *name, int64_t a, int64_t b, int64_t c, int64_t d) {
@@ -64,12 +69,21 @@ static void put_op(mil_out *o, const char *name, int64_t a, int64_t b, int64_t c
     put(o, "[name = string(\"%s\")];\n", name);
 }
 
-int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out) {
-    if (S <= 0 || in <= 0 || out <= 0 || cap < 0 || (cap > 0 && buf == NULL)) return AB_EINVAL;
+int ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out, int64_t *len) {
+    return ab_ane_mil_linear_dx_tagged(buf, cap, S, in, out, NULL, len);
+}
+
+int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
+                                const char *tag, int64_t *len) {
+    if (!len) return AB_ENULL;
+    *len = 0;
+    if (S <= 0 || in <= 0 || out <= 0 || cap < 0) return AB_EINVAL;
+    if (cap > 0 && buf == NULL) return AB_ENULL;
     if (S > INT32_MAX || in > INT32_MAX - S || out > INT32_MAX) return AB_ETOOBIG;
+    if (tag && strlen(tag) > 64) return AB_EINVAL;
     mil_out o = {buf, cap, 0};
     if (cap > 0) buf[0] = '\0';
-    put_header(&o);
+    put_header(&o, tag);
     put(&o, "    func main<ios18>(tensor<fp16, [1, %lld, 1, %lld]> packed) {\n",
         (long long)out, (long long)(S + in));
     /* dy^T: channels 0..out, spatial 0..S */
@@ -96,5 +110,6 @@ int64_t ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int6
     put_const4(&o, "dx_shape", 1, in, 1, S);
     put_op(&o, "dx", 1, in, 1, S, "reshape(shape = dx_shape, x = dx_mat)");
     put(&o, "    } -> (dx);\n}\n");
-    return o.len;
+    *len = o.len;
+    return AB_OK;
 }

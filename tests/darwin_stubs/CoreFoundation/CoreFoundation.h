@@ -31,6 +31,8 @@ CFArrayRef CFArrayCreate(CFAllocatorRef allocator, const void **values, CFIndex 
 CFNumberRef CFNumberCreate(CFAllocatorRef allocator, CFNumberType theType, const void *valuePtr);
 Boolean CFStringGetCString(CFStringRef theString, char *buffer, CFIndex bufferSize,
                            CFStringEncoding encoding);
+CFIndex CFStringGetLength(CFStringRef theString);
+CFIndex CFStringGetMaximumSizeForEncoding(CFIndex length, CFStringEncoding encoding);
 void CFRelease(CFTypeRef cf);
 #ifndef _CS_DARWIN_USER_TEMP_DIR
 #define _CS_DARWIN_USER_TEMP_DIR 65537   /* from Darwin's <unistd.h> */
