@@ -59,3 +59,30 @@ def test_native_small_gradients_with_loss_scaling(native):
 def test_native_compile_error_carries_the_framework_message(native):
     with pytest.raises(AnebackwardError, match="darwin platform, compile"):
         ane.run_mil("program(1.3)\n{\n}\n", np.zeros(4, np.float16), (4,))
+
+
+def test_native_self_test_report(native):
+    assert ane.status()["self_test"].startswith("passed"), ane.status()["self_test"]
+
+
+def test_native_staged_weights_and_overlap(native):
+    rng = np.random.default_rng(9)
+    W = (rng.standard_normal((768, 768)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((256, 768)).astype(np.float32)
+    dy = rng.standard_normal((256, 768)).astype(np.float32)
+    ref = dy.astype(np.float64) @ W.astype(np.float64)
+    for _ in range(2):
+        dx, dW = ane.linear_backward(dy, x, W, w_version=1)
+        assert np.linalg.norm(dx - ref) / np.linalg.norm(ref) < 4e-3
+    assert ane.last_call()["w_staged"] is False and ane.last_call()["tiles_cpu"] == 0
+    np.testing.assert_allclose(dW, dy.T @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_native_probe_runs():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "anebackward.ane.probe", "--repeat", "1", "--compiles", "20"],
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WRONG" not in r.stdout and "ERROR" not in r.stdout, r.stdout

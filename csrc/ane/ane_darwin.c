@@ -200,10 +200,16 @@ static int dw_probe(char *err, size_t errcap) {
     return AB_OK;
 }
 
+#define DW_REQUESTS 32
+
 typedef struct {
     id model;                    /* retained _ANEInMemoryModel */
-    id request;                  /* retained _ANERequest for (req_in, req_out) */
-    void *req_in, *req_out;
+    /* retained _ANERequests, one per (input, output) surface pair: with
+     * staged weights each layer has its own input surface. The core keeps
+     * every surface alive as long as the program, so a pointer is never
+     * reused for another surface while its request is cached here. */
+    struct { id request; void *in, *out; } req[DW_REQUESTS];
+    int nreq, next_req;
     int loaded;
     char dir[AB_ANE_PATH];       /* the compiler's working directory */
     int owns_dir;                /* created by this program: removed at unload */
@@ -227,14 +233,14 @@ static int dw_compile(const char *mil, size_t mil_len, void **prog, char *err, s
     void *pool = objc_autoreleasePoolPush();
     CFDataRef text = CFDataCreate(NULL, (const UInt8 *)mil, (CFIndex)mil_len);
     CFDictionaryRef empty = empty_dict();
-    dw_call c = {CALL_DESC, (id)g_desc, (id)text, (id)empty};
+    dw_call c = {.kind = CALL_DESC, .self = (id)g_desc, .a = (id)text, .b = (id)empty};
     if (!text || !empty) { rc = ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory"); goto done; }
     if ((rc = guarded(&c, AB_ANE_ECOMPILE, "modelWithMILText:weights:optionsPlist:", err, errcap))) goto done;
     if (!c.result) {
         rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "_ANEInMemoryModelDescriptor refused the MIL text");
         goto done;
     }
-    c = (dw_call){CALL_MODEL, (id)g_model, c.result};
+    c = (dw_call){.kind = CALL_MODEL, .self = (id)g_model, .a = c.result};
     if ((rc = guarded(&c, AB_ANE_ECOMPILE, "inMemoryModelWithDescriptor:", err, errcap))) goto done;
     if (!c.result) {
         rc = ab_ane_fail(err, errcap, AB_ANE_ECOMPILE, "_ANEInMemoryModel could not be created");
@@ -256,7 +262,7 @@ static int dw_compile(const char *mil, size_t mil_len, void **prog, char *err, s
     rc = ab_ane_workdir_create(tmp, hexs, mil, mil_len, P->dir, sizeof P->dir, &P->owns_dir, err, errcap);
     if (rc) goto done;
     id error = NULL;
-    c = (dw_call){CALL_COMPILE, P->model, (id)empty, .error = &error};
+    c = (dw_call){.kind = CALL_COMPILE, .self = P->model, .a = (id)empty, .error = &error};
     if ((rc = guarded(&c, AB_ANE_ECOMPILE, "compileWithQoS:options:error:", err, errcap))) goto done;
     if (!c.ok) rc = fail_with_error(err, errcap, AB_ANE_ECOMPILE, "compileWithQoS", error);
 done:
@@ -274,7 +280,7 @@ static int dw_load(void *prog, char *err, size_t errcap) {
     void *pool = objc_autoreleasePoolPush();
     CFDictionaryRef empty = empty_dict();
     id error = NULL;
-    dw_call c = {CALL_LOAD, P->model, (id)empty, .error = &error};
+    dw_call c = {.kind = CALL_LOAD, .self = P->model, .a = (id)empty, .error = &error};
     int rc = guarded(&c, AB_ANE_ELOAD, "loadWithQoS:options:error:", err, errcap);
     if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_ELOAD, "loadWithQoS", error);
     P->loaded = !rc;
@@ -287,17 +293,20 @@ static CFArrayRef array1(const void *obj) {
     return CFArrayCreate(NULL, &obj, 1, &kCFTypeArrayCallBacks);
 }
 
-/* The request binds the two surfaces; rebuilt only when they change. */
-static int bind_request(dw_prog *P, void *in_surface, void *out_surface, char *err, size_t errcap) {
-    if (P->request && P->req_in == in_surface && P->req_out == out_surface) return AB_OK;
-    if (P->request) { msg0(P->request, "release"); P->request = NULL; }
+/* The request binding the two surfaces: built once per pair, cached (the
+ * oldest is replaced when the cache is full). */
+static int bind_request(dw_prog *P, void *in_surface, void *out_surface, id *request, char *err,
+                        size_t errcap) {
+    for (int i = 0; i < P->nreq; i++)
+        if (P->req[i].in == in_surface && P->req[i].out == out_surface) { *request = P->req[i].request; return AB_OK; }
+    int slot = P->nreq < DW_REQUESTS ? P->nreq : P->next_req;
     id in_obj = ((id (*)(id, SEL, IOSurfaceRef))objc_msgSend)((id)g_io, SEL_("objectWithIOSurface:"), (IOSurfaceRef)in_surface);
     id out_obj = ((id (*)(id, SEL, IOSurfaceRef))objc_msgSend)((id)g_io, SEL_("objectWithIOSurface:"), (IOSurfaceRef)out_surface);
     if (!in_obj || !out_obj) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "_ANEIOSurfaceObject refused a surface");
     int zero = 0;
     CFNumberRef idx0 = CFNumberCreate(NULL, kCFNumberIntType, &zero);
     CFArrayRef ins = array1(in_obj), outs = array1(out_obj), idx = array1(idx0);
-    dw_call c = {CALL_REQUEST, (id)g_request, (id)ins, (id)idx, (id)outs, (id)idx0};
+    dw_call c = {.kind = CALL_REQUEST, .self = (id)g_request, .a = (id)ins, .b = (id)idx, .c = (id)outs, .d = (id)idx0};
     int rc = guarded(&c, AB_ANE_EEVAL, "requestWithInputs:...", err, errcap);
     CFRelease(ins);
     CFRelease(outs);
@@ -305,9 +314,13 @@ static int bind_request(dw_prog *P, void *in_surface, void *out_surface, char *e
     CFRelease(idx0);
     if (rc) return rc;
     if (!c.result) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "_ANERequest could not be created");
-    P->request = msg0(c.result, "retain");
-    P->req_in = in_surface;
-    P->req_out = out_surface;
+    if (slot < P->nreq) msg0(P->req[slot].request, "release");
+    else P->nreq++;
+    P->next_req = (slot + 1) % DW_REQUESTS;
+    P->req[slot].request = msg0(c.result, "retain");
+    P->req[slot].in = in_surface;
+    P->req[slot].out = out_surface;
+    *request = P->req[slot].request;
     return AB_OK;
 }
 
@@ -315,11 +328,12 @@ static int dw_eval(void *prog, void *in_surface, void *out_surface, char *err, s
     dw_prog *P = prog;
     if (!P->loaded) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "the program is not loaded");
     void *pool = objc_autoreleasePoolPush();
-    int rc = bind_request(P, in_surface, out_surface, err, errcap);
+    id request = NULL;
+    int rc = bind_request(P, in_surface, out_surface, &request, err, errcap);
     if (!rc) {
         CFDictionaryRef empty = empty_dict();
         id error = NULL;
-        dw_call c = {CALL_EVAL, P->model, (id)empty, P->request, .error = &error};
+        dw_call c = {.kind = CALL_EVAL, .self = P->model, .a = (id)empty, .b = request, .error = &error};
         rc = guarded(&c, AB_ANE_EEVAL, "evaluateWithQoS:options:request:error:", err, errcap);
         if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_EEVAL, "evaluateWithQoS", error);
         CFRelease(empty);
@@ -335,10 +349,10 @@ static void dw_unload(void *prog) {
     if (P->loaded) {
         id error = NULL;
         char ignored[256];           /* nothing to report to: the program is going away */
-        dw_call c = {CALL_UNLOAD, P->model, .error = &error};
+        dw_call c = {.kind = CALL_UNLOAD, .self = P->model, .error = &error};
         guarded(&c, AB_ANE_ELOAD, "unloadWithQoS:error:", ignored, sizeof ignored);
     }
-    if (P->request) msg0(P->request, "release");
+    for (int i = 0; i < P->nreq; i++) msg0(P->req[i].request, "release");
     if (P->model) msg0(P->model, "release");
     objc_autoreleasePoolPop(pool);
     ab_ane_workdir_remove(P->dir, P->owns_dir);
