@@ -30,6 +30,7 @@ def test_probe_report_under_the_emulator():
     assert all(r[3] == "ok" for r in rows), text
     assert "raw program output: inf" in text, "the emulator overflows to inf"
     assert "dispatch: fallback=fp16 overflow or saturation, result = CPU" in text
+    assert re.search(r"auto rule from this sweep: (min_flops = \d+|the ANE won at no swept size)", text)
     assert "compiled and ran: 150 of 150" in text and "first failure: none" in text
     assert len(re.findall(r"^\s+\d+\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.M)) == 4, text
 

@@ -282,3 +282,23 @@ def test_a_directory_found_in_place_is_not_removed(emulator, rng, tmp_path):
         p.stdin.close()
         p.wait(timeout=60)
     assert os.listdir(tmp_path) == [], "its creator removed it"
+
+
+def test_close_waits_for_queued_jobs(rng):
+    """ab_ane_close drains the worker's queue: a job submitted just before
+    still completes, and its wait() works after the context is gone."""
+    p = ffi.new("ab_ane_ctx **")
+    err = ffi.new("char[]", 256)
+    assert lib.ab_ane_open(p, b"emulated", err, 256) == 0
+    ctx = p[0]
+    dy = rng.standard_normal((256, 192)).astype(np.float32)
+    W = (rng.standard_normal((192, 128)) * 0.05).astype(np.float32)
+    dx = np.zeros((256, 128), np.float32)
+    jp = ffi.new("ab_ane_job **")
+    fp = lambda a: ffi.cast("float *", ffi.from_buffer(a))         # noqa: E731
+    assert lib.ab_ane_linear_backward_dx_submit(ctx, jp, fp(dx), fp(dy), fp(W), 1, 256, 128, 192, 0, 0) == 0
+    assert lib.ab_ane_close(ctx) == 0
+    info = ffi.new("ab_ane_call_info *")
+    assert lib.ab_ane_job_wait(jp[0], info, err, 256) == 0
+    assert info.tiles == 1 and info.tiles_cpu == 0
+    assert rel_err(dx, dy.astype(np.float64) @ W.astype(np.float64)) < 1e-3

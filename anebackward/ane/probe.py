@@ -122,6 +122,7 @@ def timings(ab, ane, out, rng, repeat):
     out(f"[timings] median of {repeat} runs, ms (cpu: BLAS fp32; ane: fp16 W converted per call; "
         "staged: W reused)")
     out(f"  {'N':>5} {'in':>5} {'out':>5}  {'cpu':>9} {'ane':>9} {'staged':>9}  {'cpu/staged':>10}")
+    wins = []
     for N, n_in, n_out in SWEEP:
         dy, W, _ = _problem(rng, N, n_in, n_out)
         dx = np.empty((N, n_in), np.float32)
@@ -130,8 +131,15 @@ def timings(ab, ane, out, rng, repeat):
             a = _median_ms(lambda: ane.linear_backward_dx(dy, W, out=dx, backend="ane"), repeat)
             s = _median_ms(lambda: ane.linear_backward_dx(dy, W, out=dx, backend="ane", w_version=1), repeat)
             out(f"  {N:>5} {n_in:>5} {n_out:>5}  {cpu:>9.3f} {a:>9.3f} {s:>9.3f}  {cpu / s:>10.2f}")
+            wins.append((2 * N * n_in * n_out, s < cpu))
         except Exception as e:
             out(f"  {N:>5} {n_in:>5} {n_out:>5}  ERROR {e}")
+    # the measured rule for "auto": the smallest swept call from which on the
+    # staged ANE call beat the CPU in every larger swept call
+    flops = [f for i, (f, _) in enumerate(wins) if all(w for _, w in wins[i:])]
+    out(f"  auto rule from this sweep: "
+        + (f"min_flops = {min(flops)} (ane.configure(min_flops={min(flops)}))" if flops
+           else "the ANE won at no swept size (keep backend='cpu')"))
 
 
 def main(argv=None):
