@@ -14,7 +14,9 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 @pytest.fixture
 def emulator():
+    from anebackward._native import lib
     ane.reset()
+    lib.ab_ane_testing_set_process_compiles(0)      # every run_mil is a compile: start with the budget
     prev = ane.use_emulator(True)
     yield ane
     ane.use_emulator(prev)
