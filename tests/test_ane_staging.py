@@ -224,6 +224,15 @@ def test_auto_keeps_to_the_origins_envelope(emulator, N, n_in, n_out, inside):
     assert ane.routes("ane", "linear_backward_dx", N=N, n_in=n_in, n_out=n_out), "'ane' is the user's call"
 
 
+def test_auto_calls_kept_on_the_cpu_say_why(emulator, rng):
+    dy = rng.standard_normal((256, 64)).astype(np.float32)
+    W = (rng.standard_normal((64, 4096)) * 0.02).astype(np.float32)     # in = 4096: outside
+    got = ab.linear_backward_dx(dy, W, backend="auto")
+    assert ane.last_call()["fallback"].startswith("not routed: in=4096, out=64")
+    assert rel_err(got, dy.astype(np.float64) @ W.astype(np.float64)) < 1e-6
+    assert ane.status()["calls"] == 0
+
+
 # ------------------------------------------------------- working directories
 
 def test_work_dirs_are_unique_per_context_and_removed(emulator, rng, tmp_path):

@@ -251,8 +251,13 @@ def route_reason(backend, kernel, **shape):
 
 def routes(backend, kernel, **shape):
     """Whether a call of `kernel` with this resolved backend and shape runs on
-    the ANE (see the module docstring for the "auto" rule)."""
-    return route_reason(backend, kernel, **shape) is None
+    the ANE (see the module docstring for the "auto" rule). An "auto" call
+    the rule keeps on the CPU leaves its reason in last_call()["fallback"]."""
+    reason = route_reason(backend, kernel, **shape)
+    if reason is not None and backend == "auto" and kernel in KERNELS:
+        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": f"not routed: {reason}", "scale_log2": 0,
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+    return reason is None
 
 
 def last_call():
