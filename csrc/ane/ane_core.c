@@ -242,7 +242,7 @@ int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap
     c->loss_scaling = 1;
     c->st.self_test_code = 1;
     c->st.self_test_rel_err = -1.0;
-    snprintf(c->tag, sizeof c->tag, "pid%ld-ctx%lld", (long)getpid(),
+    snprintf(c->tag, sizeof c->tag, "p%ld_c%lld", (long)getpid(),
              (long long)__atomic_add_fetch(&g_next_ctx_id, 1, __ATOMIC_SEQ_CST));
     if (pf->self_test_on_open) {
         pthread_mutex_lock(&g_selftest_mu);

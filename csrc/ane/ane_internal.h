@@ -50,8 +50,9 @@ extern const ab_ane_platform ab_ane_platform_darwin;
 int ab_ane_fail(char *err, size_t errcap, int code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-/* The dx program's MIL with an instance tag in its build info (NULL: none),
- * which makes programs of different contexts/processes distinct texts. */
+/* The dx program's MIL with an instance tag ([A-Za-z0-9_], NULL: none) in one
+ * op's name, which makes programs of different contexts/processes distinct
+ * texts. */
 int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
                                 const char *tag, int64_t *len);
 

@@ -35,23 +35,25 @@ static void put(mil_out *o, const char *fmt, ...) {
 }
 
 /* Header every program starts with: MIL program version and the build info
- * the Core ML compiler writes (the ANE compiler accepts this header). The
- * optional tag is one more build-info entry: the compiler's working
- * directory is named after a hash of the program, so a per-context tag keeps
- * two contexts or processes out of each other's directory (ane_workdir.c). */
-static void put_header(mil_out *o, const char *tag) {
+ * the Core ML compiler writes (the ANE compiler accepts this header). */
+static void put_header(mil_out *o) {
     put(o, "program(1.3)\n"
            "[buildInfo = dict<string, string>({{\"coremlc-component-MIL\", \"3510.2.1\"}, "
            "{\"coremlc-version\", \"3505.4.1\"}, {\"coremltools-component-milinternal\", \"\"}, "
-           "{\"coremltools-version\", \"9.0\"}");
-    if (tag) put(o, ", {\"anebackward-instance\", \"%s\"}", tag);
-    put(o, "})]\n{\n");
+           "{\"coremltools-version\", \"9.0\"}})]\n"
+           "{\n");
+}
+
+/* tag (may be NULL) is appended to the op's name string, a free-form label. */
+static void put_const4_tagged(mil_out *o, const char *name, const char *tag, int64_t a, int64_t b,
+                              int64_t c, int64_t d) {
+    put(o, "        tensor<int32, [4]> %s = const()[name = string(\"%s%s%s\"), "
+           "val = tensor<int32, [4]>([%lld, %lld, %lld, %lld])];\n",
+        name, name, tag ? "_" : "", tag ? tag : "", (long long)a, (long long)b, (long long)c, (long long)d);
 }
 
 static void put_const4(mil_out *o, const char *name, int64_t a, int64_t b, int64_t c, int64_t d) {
-    put(o, "        tensor<int32, [4]> %s = const()[name = string(\"%s\"), "
-           "val = tensor<int32, [4]>([%lld, %lld, %lld, %lld])];\n",
-        name, name, (long long)a, (long long)b, (long long)c, (long long)d);
+    put_const4_tagged(o, name, NULL, a, b, c, d);
 }
 
 /* tensor<fp16, [a, b, c, d]> name = op(args)[name = string("name")]; */
@@ -80,14 +82,22 @@ int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, i
     if (S <= 0 || in <= 0 || out <= 0 || cap < 0) return AB_EINVAL;
     if (cap > 0 && buf == NULL) return AB_ENULL;
     if (S > INT32_MAX || in > INT32_MAX - S || out > INT32_MAX) return AB_ETOOBIG;
-    if (tag && strlen(tag) > 64) return AB_EINVAL;
+    if (tag) {                                   /* a label: letters, digits, '_' */
+        if (strlen(tag) > 64) return AB_EINVAL;
+        for (const char *t = tag; *t; t++)
+            if (!((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z') || (*t >= '0' && *t <= '9') || *t == '_'))
+                return AB_EINVAL;
+    }
     mil_out o = {buf, cap, 0};
     if (cap > 0) buf[0] = '\0';
-    put_header(&o, tag);
+    put_header(&o);
     put(&o, "    func main<ios18>(tensor<fp16, [1, %lld, 1, %lld]> packed) {\n",
         (long long)out, (long long)(S + in));
     /* dy^T: channels 0..out, spatial 0..S */
-    put_const4(&o, "dy_begin", 0, 0, 0, 0);
+    /* The tag (per process and context) only labels this op: the compiler's
+     * working directory is named after a hash of the program, so the label
+     * keeps two contexts or processes out of each other's (ane_workdir.c). */
+    put_const4_tagged(&o, "dy_begin", tag, 0, 0, 0, 0);
     put_const4(&o, "dy_size", 1, out, 1, S);
     put_op(&o, "dy_cf", 1, out, 1, S, "slice_by_size(x = packed, begin = dy_begin, size = dy_size)");
     /* W: channels 0..out, spatial S..S+in */

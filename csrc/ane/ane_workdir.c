@@ -5,7 +5,8 @@
  * the program, so two contexts or two processes (DDP workers) compiling the
  * same program would share one directory and delete it under each other.
  * Two defences: the core puts a per-process, per-context tag into every
- * program's text (ane_mil.c), so the identifiers differ; and a directory is
+ * program's text (ane_mil.c), so the identifiers should differ (assumed:
+ * not yet confirmed on a Mac); and, whatever the identifier, a directory is
  * removed at unload only by the program that created it (mkdir succeeded),
  * never by one that found it already there.
  *
