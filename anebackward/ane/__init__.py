@@ -402,8 +402,10 @@ def linear_backward(dy, x, W, *, dx=None, dW=None, accumulate_dx=False, accumula
     dW_end_ns, on the same clock."""
     fn = "anebackward.ane.linear_backward"
     from ..kernels.linear import linear_backward_dW
+    C.f32(fn, "dy", dy)
     C.f32(fn, "x", x)
-    if x.shape[:-1] != dy.shape[:-1] or x.ndim < 1 or W.ndim != 2 or x.shape[-1] != W.shape[1]:
+    C.f32(fn, "W", W, 2)
+    if x.ndim < 1 or x.shape[:-1] != dy.shape[:-1] or x.shape[-1] != W.shape[1]:
         raise ValueError(f"{fn}: x must be [..., in] with dy's leading axes and in = W.shape[1], got "
                          f"x.shape = {x.shape}, dy.shape = {dy.shape}, W.shape = {W.shape}")
     job = linear_backward_dx_async(dy, W, out=dx, accumulate=accumulate_dx, backend=backend,
