@@ -311,3 +311,25 @@ def test_close_waits_for_queued_jobs(rng):
     assert lib.ab_ane_job_wait(jp[0], info, err, 256) == 0
     assert info.tiles == 1 and info.tiles_cpu == 0
     assert rel_err(dx, dy.astype(np.float64) @ W.astype(np.float64)) < 1e-3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_async_after_fork_starts_a_worker_in_the_child():
+    """A child forked after the parent used the async path (e.g. a
+    fork-started DDP worker) has the context but not its worker thread: its
+    jobs must still run (they hung on the parent's absent worker)."""
+    code = r'''
+import os, sys, numpy as np, anebackward.ane as a
+a.use_emulator(True)
+W = np.full((64, 64), 0.1, np.float32); dy = np.ones((64, 64), np.float32)
+a.linear_backward_dx_async(dy, W).wait()
+pid = os.fork()
+if pid == 0:
+    import signal; signal.alarm(60)     # a hang ends the child instead of outliving the test
+    got = a.linear_backward_dx_async(dy, W).wait()
+    os._exit(0 if abs(float(got[0, 0]) - 6.4) < 0.01 else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

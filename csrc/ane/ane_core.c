@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/types.h>
 #include <unistd.h>
 #include "ab_internal.h"
 #include "ab_testing.h"
@@ -127,7 +128,8 @@ struct ab_ane_ctx {
     pthread_mutex_t qmu;
     pthread_cond_t qcv;
     ab_ane_job *qhead, *qtail;
-    int worker_started, stopping, queued;
+    int worker_started, stopping;
+    pid_t worker_pid;           /* a forked child has no worker: it starts its own */
     pthread_t worker;
 };
 
@@ -290,7 +292,7 @@ static void cache_release(ab_ane_ctx *ctx) {
 
 static void worker_stop(ab_ane_ctx *ctx) {
     pthread_mutex_lock(&ctx->qmu);
-    int started = ctx->worker_started;
+    int started = ctx->worker_started && ctx->worker_pid == getpid();   /* ours, not a parent's */
     ctx->stopping = 1;
     pthread_cond_broadcast(&ctx->qcv);
     pthread_mutex_unlock(&ctx->qmu);
@@ -793,10 +795,16 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     pthread_mutex_init(&j->mu, NULL);
     pthread_cond_init(&j->cv, NULL);
     pthread_mutex_lock(&ctx->qmu);
+    if (ctx->worker_started && ctx->worker_pid != getpid()) {
+        /* fork() copied the context but not its worker thread (nor the
+         * parent's queue, whose jobs belong to the parent) */
+        ctx->worker_started = 0;
+        ctx->qhead = ctx->qtail = NULL;
+    }
     if (ctx->stopping) rc = AB_EINVAL;
     else if (!ctx->worker_started) {
         if (pthread_create(&ctx->worker, NULL, worker_main, ctx) != 0) rc = AB_ENOMEM;
-        else ctx->worker_started = 1;
+        else { ctx->worker_started = 1; ctx->worker_pid = getpid(); }
     }
     if (!rc) {
         if (ctx->qtail) ctx->qtail->next = j;
