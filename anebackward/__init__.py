@@ -28,7 +28,7 @@ from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def blas_info():
