@@ -147,6 +147,7 @@ class build_ext(_build_ext):
             extra = ""
         else:
             import scipy_openblas32 as sob
-            extra = " -L${openblasdir} -Wl,-rpath,${openblasdir} -l%s" % sob.get_library()
+            extra = (" -L${openblasdir} -Wl,-rpath,${openblasdir}"
+                     " -Wl,--push-state,--no-as-needed -l%s -Wl,--pop-state" % sob.get_library())
         with open(os.path.join(pcdir, "anebackward.pc"), "w") as f:
             f.write(PC_TEMPLATE % dict(version=read_version(), lib=LIB_NAME, extra_libs=extra))
