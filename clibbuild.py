@@ -126,7 +126,9 @@ class build_ext(_build_ext):
         else:
             with open(exports, "w") as f:
                 f.write("{ global: ab_*; local: *; };\n")
-            cmd += ["-shared", "-Wl,--version-script=" + exports,
+            # -z defs: an unresolved symbol fails the build, not the user's load;
+            # -pthread: older glibc keeps pthreads in libpthread
+            cmd += ["-shared", "-pthread", "-Wl,--version-script=" + exports,
                     "-Wl,-soname," + shared_lib_filename(), "-Wl,-z,defs", "-Wl,--enable-new-dtags",
                     "-Wl,-rpath,$ORIGIN/../../scipy_openblas32/lib"]
         cmd += objects + ["-o", tmp]
