@@ -55,15 +55,10 @@ def libs():
     return ["-L" + d, "-Wl,-rpath," + d, "-l" + get_library()] + _blas_libs() + ["-lm"]
 
 
-def _check_installed():
+def _missing_files():
     name = "libanebackward.dylib" if sys.platform == "darwin" else "libanebackward.so"
-    missing = [p for p in (os.path.join(get_include(), "anebackward.h"),
-                           os.path.join(get_lib_dir(), name)) if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            "anebackward config: this install has no C library (missing "
-            + ", ".join(missing) + "); reinstall with `pip install .` (or rebuild in place with "
-            "`python setup.py build_ext --inplace`)")
+    return [p for p in (os.path.join(get_include(), "anebackward.h"),
+                        os.path.join(get_lib_dir(), name)) if not os.path.exists(p)]
 
 
 def add_arguments(parser):
@@ -77,7 +72,12 @@ def add_arguments(parser):
 
 
 def run(args):
-    _check_installed()
+    missing = _missing_files()
+    if missing:
+        print("anebackward config: this install has no C library (missing "
+              + ", ".join(missing) + "); reinstall with `pip install .`, or rebuild in place with "
+              "`python setup.py build_ext --inplace`", file=sys.stderr)
+        return 1
     out = []
     if args.version:
         from ._version import __version__

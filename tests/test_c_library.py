@@ -58,6 +58,12 @@ def test_discovery_paths():
     assert f"Version: {ab.__version__}" in open(pc).read()
 
 
+def test_config_without_a_question_says_what_to_ask():
+    r = subprocess.run([sys.executable, "-m", "anebackward", "config"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--cflags --libs" in r.stderr
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="no nm")
 def test_shared_library_exports_only_ab_symbols():
     path = os.path.join(ab.get_lib_dir(), LIB)
