@@ -105,6 +105,9 @@ class build_ext(_build_ext):
         # the cffi module: its generated source + the same objects
         ext.sources = [s for s in ext.sources if s not in csrc]
         ext.extra_objects = list(ext.extra_objects or []) + objects
+        # the objects are its inputs now: without this, build_ext would keep a
+        # module older than changed C sources (it compares sources + depends)
+        ext.depends = list(ext.depends or []) + objects
         return super().build_extension(ext)
 
     def _link_shared_library(self, ext, objects):
