@@ -9,9 +9,10 @@ library: `import anebackward` then depends on no run-time search path at all
 (editable installs, relocated or repaired wheels behave like a plain install),
 and the test hooks (csrc/ab_testing.h) stay out of the library's exports.
 
-Exports: only the AB_API functions (everything is compiled with
--fvisibility=hidden; a linker version script / exported-symbols list keeps
-the table to ab_* as a second guard).
+Exports: exactly the AB_API functions of csrc/anebackward.h. Everything is
+compiled with -fvisibility=hidden, and a linker version script (an exported
+symbols list on macOS) naming those functions is the second guard; it also
+hides the `.resolver` helpers of the multiversioned (target_clones) kernels.
 
 Finding the BLAS at run time (Linux): pip builds in an isolated environment
 whose scipy-openblas32 is deleted after the build (DESIGN.md §5), so the
@@ -22,6 +23,7 @@ names that library explicitly, so programs link and run even where the
 relative path does not hold (editable installs).
 """
 import os
+import re
 import shutil
 import sys
 
@@ -36,6 +38,12 @@ LIB_NAME = "anebackward"
 
 sys.path.insert(0, HERE)
 from ffibuild import read_version  # noqa: E402  (one reader of the version file)
+
+
+def public_functions(header=os.path.join(CSRC, "anebackward.h")):
+    """The names the library exports: every AB_API function of the public header."""
+    with open(header, encoding="utf-8") as f:
+        return sorted(set(re.findall(r"\bAB_API\b[^;(]*?\b(ab_\w+)\s*\(", f.read())))
 
 
 def shared_lib_filename():
@@ -121,14 +129,15 @@ class build_ext(_build_ext):
         # lib dir, no bundle flags; only the -arch choices are kept (macOS).
         ld = self.compiler.linker_so
         cmd = [ld[0]] + [x for i, x in enumerate(ld) if x == "-arch" or (i and ld[i - 1] == "-arch")]
+        names = public_functions()
         if sys.platform == "darwin":
             with open(exports, "w") as f:
-                f.write("_ab_*\n")
+                f.write("".join("_%s\n" % n for n in names))
             cmd += ["-dynamiclib", "-install_name", "@rpath/" + shared_lib_filename(),
                     "-Wl,-exported_symbols_list," + exports]
         else:
             with open(exports, "w") as f:
-                f.write("{ global: ab_*; local: *; };\n")
+                f.write("{ global: %s local: *; };\n" % "".join("%s; " % n for n in names))
             # -z defs: an unresolved symbol fails the build, not the user's load;
             # -pthread: older glibc keeps pthreads in libpthread
             cmd += ["-shared", "-pthread", "-Wl,--version-script=" + exports,
