@@ -96,6 +96,7 @@ static const kernel_table REFERENCE = {
 };
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
+#define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
 /* Workspace header: int64 words stored in float slots with memcpy. */
 enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_FLOATS = 8 };
@@ -107,7 +108,6 @@ static int64_t hdr_get(const float *work, int slot) {
     return v;
 }
 static void hdr_set(float *work, int slot, int64_t v) { memcpy(work + slot, &v, sizeof v); }
-#define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
 int ab_model_config_check(const ab_model_config *c) {
     AB_NONNULL(c);
@@ -379,9 +379,9 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
 
 /* ---- one-token inference with a KV cache (run.c's forward) ----
  * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb,
- * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. */
-/* Both sizes are bounded by ab_model_config_check (in double, before any
- * int64 product: 2*L*T*dim + 4*dim + 2*hidden + T < 2^52, kv_dim <= dim). */
+ * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. Both sizes are bounded
+ * by ab_model_config_check (in double, before any int64 product:
+ * 2*L*T*dim + 4*dim + 2*hidden + T < 2^52, and kv_dim <= dim). */
 int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out) {
     TRY(ab_model_config_check(c));
     AB_NONNULL(out);
