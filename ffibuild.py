@@ -24,6 +24,15 @@ API_HEADER = os.path.join(CSRC, "anebackward.h")
 TESTING_HEADER = os.path.join(CSRC, "ab_testing.h")   # test hooks, not public
 
 
+def read_version():
+    """The one version string: anebackward/_version.py (also read by
+    pyproject.toml and compiled into ab_version())."""
+    ns = {}
+    with open(os.path.join(HERE, "anebackward", "_version.py"), encoding="utf-8") as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
 def read_cdef(path=API_HEADER):
     text = open(path, encoding="utf-8").read()
     begin, end = "/* CDEF BEGIN */", "/* CDEF END */"
@@ -34,7 +43,9 @@ def read_cdef(path=API_HEADER):
 
 
 def c_sources():
-    # ANE platform back ends compile only where they can run.
+    # ANE platform back ends compile only where they can run. setup.py's
+    # build_ext (clibbuild.py) compiles these once for both the cffi module
+    # and libanebackward.
     srcs = sorted(glob.glob(os.path.join(CSRC, "**", "*.c"), recursive=True))
     if sys.platform != "darwin":
         srcs = [s for s in srcs if not s.endswith("_darwin.c")]
@@ -63,6 +74,7 @@ def build_options():
         opts["libraries"].append("m")
     flags = " ".join(cflags)
     opts["define_macros"].append(("AB_BUILD_FLAGS", '"%s"' % flags))
+    opts["define_macros"].append(("AB_VERSION", '"%s"' % read_version()))
     return opts
 
 

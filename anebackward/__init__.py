@@ -27,8 +27,9 @@ from .kernels.rope import rope, rope_backward
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
+from .config import get_include, get_lib_dir, get_library
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def blas_info():
@@ -64,4 +65,5 @@ __all__ = [
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
     "blas_info", "set_num_threads", "get_num_threads", "ane",
     "LlamaConfig", "Llama", "AdamW", "cosine_lr",
+    "get_include", "get_lib_dir", "get_library",
 ]

@@ -12,6 +12,7 @@ COMMANDS = {
     "sample": ("anebackward.sample", "generate text from a llama2.c checkpoint"),
     "bench": ("anebackward.bench", "benchmark the kernels and the training step"),
     "selfcheck": ("anebackward.selfcheck", "check every kernel against float64 NumPy"),
+    "config": ("anebackward.config", "compiler and linker flags for C programs (--cflags --libs)"),
 }
 
 

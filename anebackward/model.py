@@ -175,7 +175,7 @@ class Llama:
         self.params = _views(self.flat_params, self._specs)
         self.grads = _views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
-        self._pending = None       # (tokens, B, S) of the last want_grad forward
+        self._pending = None       # (B, S) of the last want_grad forward, until its backward
         self.last_loss = None
         if init:
             self.init_weights(seed)
@@ -234,9 +234,8 @@ class Llama:
             off = ffi.new("int64_t *")
             check(lib.ab_model_workspace_floats(self._cfg, B, S, total, off), "Llama workspace")
             self._ws = None  # free the old one first
-            work = np.empty(total[0], dtype=np.float32)
-            work[-1] = 0.0   # C's "dlogits ready" marker: nothing to backward yet
-            self._ws = (B, S, work, off[0])
+            # zeroed (calloc: lazily mapped pages, no cost): no stale "ready" tag
+            self._ws = (B, S, np.zeros(total[0], dtype=np.float32), off[0])
         return self._ws[2]
 
     def workspace_bytes(self, batch_size, seq_len):
@@ -276,7 +275,7 @@ class Llama:
         check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok), iptr(tgt),
                                    B, S, int(bool(want_grad)), fptr(work), work.size), fn)
         if want_grad:
-            self._pending = (tok.copy(), B, S)   # the caller may reuse its token buffer
+            self._pending = (B, S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = float(loss[0])
         return self.last_loss
 
@@ -292,11 +291,11 @@ class Llama:
             raise RuntimeError(f"{fn}: call forward(tokens) (with want_grad=True) first; each "
                                "forward allows one backward")
         grad_scale = C.finite_float(fn, "grad_scale", grad_scale)
-        tok, B, S = self._pending
+        B, S = self._pending
         self._pending = None  # dlogits are consumed (scaled in place)
         work = self._workspace(B, S)
         check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(self.flat_grads),
-                                    iptr(tok), B, S, grad_scale, int(bool(accumulate)),
+                                    B, S, grad_scale, int(bool(accumulate)),
                                     fptr(work), work.size), fn)
 
     def logits(self, tokens, *, last_only=False):
@@ -360,8 +359,11 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         cfg = model._cfg
-        self.kv_cache = np.zeros(lib.ab_model_kv_cache_floats(cfg), dtype=np.float32)
-        self._work = np.zeros(lib.ab_model_decode_workspace_floats(cfg), dtype=np.float32)
+        n = ffi.new("int64_t *")
+        check(lib.ab_model_kv_cache_floats(cfg, n), "Llama.decoder")
+        self.kv_cache = np.zeros(n[0], dtype=np.float32)
+        check(lib.ab_model_decode_workspace_floats(cfg, n), "Llama.decoder")
+        self._work = np.zeros(n[0], dtype=np.float32)
         self._logits = np.zeros(model.config.vocab_size, dtype=np.float32)
         self.pos = 0
 

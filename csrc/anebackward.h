@@ -54,6 +54,9 @@ enum {
 };
 AB_API const char *ab_strerror(int code);
 
+/* The package version ("0.1.0"; the same string as anebackward.__version__). */
+AB_API const char *ab_version(void);
+
 /* Runtime facts: BLAS in use, its core, threads. */
 AB_API const char *ab_blas_name(void);
 AB_API const char *ab_blas_corename(void);
@@ -189,13 +192,17 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  * (offsets in floats; 2-D weights first, so weight decay covers the prefix
  * [0, n_decay); a tied classifier has output == tok_embeddings). Activations
  * live in a caller-owned workspace of ab_model_workspace_floats floats,
- * reused across steps of the same (B, S).
+ * reused across steps of the same (B, S). Zero it once (calloc) before its
+ * first use, so that no stale "dlogits ready" tag can be found in it.
  * ab_model_forward: tokens/targets [B*S] int32, targets -1 = ignored, may be
  *   NULL (logits only, at *logits_offset of the workspace). want_grad != 0
- *   overwrites the logits with dlogits (mean over counted targets).
- * ab_model_backward: after a want_grad forward on the same workspace (else
- *   AB_EINVAL; one backward per forward); fills every gradient, scaled by
- *   grad_scale; accumulate != 0 adds (+=) to grads.
+ *   overwrites the logits with dlogits (mean over counted targets) and keeps
+ *   in the workspace what the backward needs (B, S and a copy of the tokens,
+ *   so the caller may reuse its token buffer).
+ * ab_model_backward: takes no tokens: it uses the forward's. AB_EINVAL unless
+ *   the last forward on this workspace had want_grad and the same B and S,
+ *   and no backward has used it yet (one backward per forward); fills every
+ *   gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
  * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
@@ -215,9 +222,10 @@ AB_API int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_
 /* One-token inference with a KV cache, as llama2.c's run.c forward():
  * logits[vocab] for `token` at position `pos` (< max_seq_len), keys/values
  * of positions < pos read from kv_cache (ab_model_kv_cache_floats floats),
- * this position's written to it. work: ab_model_decode_workspace_floats. */
-AB_API int64_t ab_model_kv_cache_floats(const ab_model_config *c);
-AB_API int64_t ab_model_decode_workspace_floats(const ab_model_config *c);
+ * this position's written to it. work: ab_model_decode_workspace_floats.
+ * The two size functions return AB_OK and the size in *out, or an error. */
+AB_API int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out);
+AB_API int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out);
 AB_API int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
                     int32_t token, int64_t pos, float *kv_cache, float *work,
                     int64_t work_floats);
@@ -226,8 +234,8 @@ AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const fl
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats);
 AB_API int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
-                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
-                      int accumulate, float *work, int64_t work_floats);
+                      int64_t B, int64_t S, float grad_scale, int accumulate,
+                      float *work, int64_t work_floats);
 
 /* ---- Apple Neural Engine dispatch (csrc/ane) ----
  * A context owns one platform ("darwin": the private AppleNeuralEngine

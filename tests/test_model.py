@@ -269,16 +269,18 @@ def test_kv_cache_decoder_matches_full_forward(rng, tied):
 def test_c_backward_refuses_without_a_grad_forward(rng):
     """The C entry point itself (not only the Python guard) refuses a
     backward whose dlogits were not produced, or were already used."""
-    from anebackward._native import fptr, iptr, lib
+    from anebackward._native import fptr, lib
     m = Llama(LlamaConfig.preset("tiny"), seed=0)
     tokens = rng.integers(0, 259, size=(1, 8)).astype(np.int32)
 
     def c_backward():
         work = m._ws[2]
         return lib.ab_model_backward(m._cfg, fptr(m.flat_params), fptr(m.flat_grads),
-                                     iptr(tokens), 1, 8, 1.0, 0, fptr(work), work.size)
+                                     1, 8, 1.0, 0, fptr(work), work.size)
+    m.logits(tokens)                       # fresh workspace, no forward with want_grad yet
+    assert c_backward() == lib.AB_EINVAL
     m.forward(tokens, want_grad=False)
     assert c_backward() == lib.AB_EINVAL
     m.forward(tokens)
     assert c_backward() == 0
-    assert c_backward() == lib.AB_EINVAL
+    assert c_backward() == lib.AB_EINVAL   # twice: the dlogits were used

@@ -94,20 +94,73 @@ def test_backward_uses_the_tokens_of_its_forward():
     np.testing.assert_array_equal(model.flat_grads, expect)
 
 
-def test_c_backward_checks_tokens_before_touching_gradients():
-    """The C API takes the tokens again in the backward: bad ones must be
-    refused before any gradient (or the saved dlogits) is written."""
+def test_c_backward_refuses_a_different_batch_shape_before_touching_gradients():
+    """The C backward takes no tokens (the forward keeps them with B and S):
+    a B or S other than the forward's is refused before any gradient (or the
+    saved dlogits) is written. On the old API the backward trusted its B, S
+    and tokens arguments."""
+    from anebackward._native import fptr, lib
+    model = ab.Llama(ab.LlamaConfig.preset("tiny"), seed=0)
+    tok = ((np.arange(12, dtype=np.int32) * 3) % model.config.vocab_size).reshape(2, 6)
+    model.forward(tok)
+    expect_grads = None
+    work = model._ws[2]
+    for B, S in ((1, 12), (3, 4), (2, 5), (1, 6)):   # same N, or a smaller workspace
+        model.flat_grads[:] = 7.0
+        rc = lib.ab_model_backward(model._cfg, fptr(model.flat_params), fptr(model.flat_grads),
+                                   B, S, 1.0, 0, fptr(work), work.size)
+        assert rc == lib.AB_EINVAL, (B, S)
+        assert (model.flat_grads == 7.0).all()
+    model.backward()                      # the forward's dlogits are still there
+    expect_grads = model.flat_grads.copy()
+    model.forward(tok)
+    model.backward()
+    np.testing.assert_array_equal(model.flat_grads, expect_grads)
+
+
+def test_c_forward_keeps_a_copy_of_its_tokens():
+    """Writing the caller's token buffer between the C forward and the C
+    backward changes nothing: the backward reads the forward's copy."""
     from anebackward._native import fptr, iptr, lib
     model = ab.Llama(ab.LlamaConfig.preset("tiny"), seed=0)
-    tok = (np.arange(10, dtype=np.int32) * 3) % model.config.vocab_size
+    tok = (np.arange(10, dtype=np.int32) * 5) % model.config.vocab_size
     model.forward(tok)
-    model.flat_grads[:] = 7.0
+    model.backward()
+    expect = model.flat_grads.copy()
     work = model._ws[2]
-    bad = tok.copy()
-    bad[4] = model.config.vocab_size
-    rc = lib.ab_model_backward(model._cfg, fptr(model.flat_params), fptr(model.flat_grads),
-                               iptr(bad), 1, 10, 1.0, 0, fptr(work), work.size)
-    assert rc == lib.AB_ERANGE
-    assert (model.flat_grads == 7.0).all()
-    model.backward()                      # the forward's dlogits are still there
-    assert np.isfinite(model.flat_grads).all() and not (model.flat_grads == 7.0).all()
+    tgt = np.append(tok[1:], -1).astype(np.int32)
+    loss = ab._ffi.new("double *")
+    buf = tok.copy()
+    assert lib.ab_model_forward(loss, model._cfg, fptr(model.flat_params), iptr(buf), iptr(tgt),
+                                1, 10, 1, fptr(work), work.size) == 0
+    buf[:] = model.config.vocab_size + 5   # garbage ids in the caller's buffer
+    assert lib.ab_model_backward(model._cfg, fptr(model.flat_params), fptr(model.flat_grads),
+                                 1, 10, 1.0, 0, fptr(work), work.size) == 0
+    np.testing.assert_array_equal(model.flat_grads, expect)
+
+
+def test_decode_sizes_come_back_through_an_out_parameter():
+    """ab_model_kv_cache_floats / ab_model_decode_workspace_floats return an
+    error code (they returned -1 as a size before) and the size in *out."""
+    from anebackward._native import ffi, lib
+    good = dict(dim=8, hidden_dim=12, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=11,
+                max_seq_len=5, shared_classifier=1, norm_eps=1e-5, reference=0)
+    out = ffi.new("int64_t *")
+    cfg = ffi.new("ab_model_config *", good)
+    assert lib.ab_model_kv_cache_floats(cfg, out) == lib.AB_OK
+    assert out[0] == 2 * 3 * 5 * (8 // 4 * 2)
+    assert lib.ab_model_decode_workspace_floats(cfg, out) == lib.AB_OK
+    assert out[0] == 4 * 8 + 2 * 12 + 5
+    assert lib.ab_model_kv_cache_floats(cfg, ffi.NULL) == lib.AB_ENULL
+    assert lib.ab_model_decode_workspace_floats(cfg, ffi.NULL) == lib.AB_ENULL
+    out[0] = 123
+    for bad in (dict(dim=0), dict(n_layers=2**61, max_seq_len=2**40)):
+        cfg = ffi.new("ab_model_config *", {**good, **bad})
+        assert lib.ab_model_kv_cache_floats(cfg, out) < 0
+        assert lib.ab_model_decode_workspace_floats(cfg, out) < 0
+        assert out[0] == 123          # untouched on error
+
+
+def test_c_version_is_the_python_version():
+    from anebackward._native import ffi, lib
+    assert ffi.string(lib.ab_version()).decode() == ab.__version__

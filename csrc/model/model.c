@@ -26,6 +26,14 @@
  * then XN = norm(X[L]) [N, dim] and LOGITS [N, vocab]. swiglu(H1, H3) is
  * recomputed in the backward rather than stored. The forward with
  * want_grad writes dlogits over LOGITS, so the backward starts from it.
+ *
+ * Like llm.c's gpt2_forward/gpt2_backward, the forward keeps what the
+ * backward needs besides activations: a header at offset 0 of the workspace
+ * (HDR_FLOATS floats: a "dlogits ready" tag, B, S) and a copy of the tokens
+ * (TOKENS, N int32 in N float slots). The backward takes no tokens; it
+ * refuses to run unless the tag is set and B, S match, and clears the tag
+ * (one backward per forward). The header is at a fixed place so a backward
+ * with the wrong B or S is recognised before any layout is derived from them.
  */
 #include "ab_internal.h"
 
@@ -52,22 +60,54 @@ typedef struct {
     int (*embedding_backward)(float *, const float *, const int32_t *, int64_t, int64_t, int64_t);
 } kernel_table;
 
+/* Designated initialisers: a reordered or added member cannot silently
+ * pair a slot with the wrong kernel. */
 static const kernel_table FAST = {
-    ab_linear_forward, ab_linear_backward_dx, ab_linear_backward_dW,
-    ab_rmsnorm_forward, ab_rmsnorm_backward, ab_rope_forward, ab_rope_backward,
-    ab_attention_forward, ab_attention_backward, ab_swiglu_forward, ab_swiglu_backward,
-    ab_cross_entropy, ab_embedding_forward, ab_embedding_backward,
+    .linear_forward = ab_linear_forward,
+    .linear_backward_dx = ab_linear_backward_dx,
+    .linear_backward_dW = ab_linear_backward_dW,
+    .rmsnorm_forward = ab_rmsnorm_forward,
+    .rmsnorm_backward = ab_rmsnorm_backward,
+    .rope_forward = ab_rope_forward,
+    .rope_backward = ab_rope_backward,
+    .attention_forward = ab_attention_forward,
+    .attention_backward = ab_attention_backward,
+    .swiglu_forward = ab_swiglu_forward,
+    .swiglu_backward = ab_swiglu_backward,
+    .cross_entropy = ab_cross_entropy,
+    .embedding_forward = ab_embedding_forward,
+    .embedding_backward = ab_embedding_backward,
 };
 static const kernel_table REFERENCE = {
-    ab_ref_linear_forward, ab_ref_linear_backward_dx, ab_ref_linear_backward_dW,
-    ab_ref_rmsnorm_forward, ab_ref_rmsnorm_backward, ab_ref_rope_forward, ab_ref_rope_backward,
-    ab_ref_attention_forward, ab_ref_attention_backward, ab_ref_swiglu_forward,
-    ab_ref_swiglu_backward, ab_ref_cross_entropy, ab_ref_embedding_forward,
-    ab_ref_embedding_backward,
+    .linear_forward = ab_ref_linear_forward,
+    .linear_backward_dx = ab_ref_linear_backward_dx,
+    .linear_backward_dW = ab_ref_linear_backward_dW,
+    .rmsnorm_forward = ab_ref_rmsnorm_forward,
+    .rmsnorm_backward = ab_ref_rmsnorm_backward,
+    .rope_forward = ab_ref_rope_forward,
+    .rope_backward = ab_ref_rope_backward,
+    .attention_forward = ab_ref_attention_forward,
+    .attention_backward = ab_ref_attention_backward,
+    .swiglu_forward = ab_ref_swiglu_forward,
+    .swiglu_backward = ab_ref_swiglu_backward,
+    .cross_entropy = ab_ref_cross_entropy,
+    .embedding_forward = ab_ref_embedding_forward,
+    .embedding_backward = ab_ref_embedding_backward,
 };
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
+
+/* Workspace header: int64 words stored in float slots with memcpy. */
+enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_FLOATS = 8 };
+static const int64_t READY_TAG = 0x0a59444145524241LL;   /* "ABREADY\n" */
+
+static int64_t hdr_get(const float *work, int slot) {
+    int64_t v;
+    memcpy(&v, work + slot, sizeof v);
+    return v;
+}
+static void hdr_set(float *work, int slot, int64_t v) { memcpy(work + slot, &v, sizeof v); }
 
 int ab_model_config_check(const ab_model_config *c) {
     AB_NONNULL(c);
@@ -116,7 +156,7 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
 typedef struct {
     int64_t X, XA, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, ATTW;       /* scratch */
-    int64_t READY;   /* 1 float: 1 after a want_grad forward, 0 once backward used it */
+    int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
     int64_t total;
 } ws_layout;
 
@@ -126,13 +166,14 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     {   /* an upper bound of the total in double: no int64 overflow below */
         const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
         const double est = Ld * n * (8.0 * c->dim + 5.0 * c->hidden_dim) + n * c->vocab_size
-                           + 2.0 * (double)S * (double)S + 1;
+                           + 2.0 * (double)S * (double)S + n + HDR_FLOATS;
         AB_REQUIRE(est < AB_SIZE_LIMIT, AB_ETOOBIG);
     }
     const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
     const int64_t kv = D / c->n_heads * c->n_kv_heads, N = B * S;
     AB_BLAS_FITS(N);
-    int64_t p = 0;
+    int64_t p = HDR_FLOATS;
+    w->TOKENS = p; p += N;
     w->X = p; p += (L + 1) * N * D;
     w->XA = p; p += L * N * D;
     w->Q = p; p += L * N * D;
@@ -155,7 +196,6 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DK = p; p += N * kv;
     w->DV = p; p += N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
-    w->READY = p; p += 1;
     w->total = p;
     return AB_OK;
 }
@@ -192,7 +232,10 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
 
-    work[W.READY] = 0.0f;
+    hdr_set(work, HDR_TAG, 0);
+    hdr_set(work, HDR_B, B);
+    hdr_set(work, HDR_S, S);
+    memcpy(work + W.TOKENS, tokens, (size_t)N * sizeof(int32_t));
     float *X0 = work + W.X;
     TRY(k->embedding_forward(X0, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++) {
@@ -235,28 +278,27 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
         double loss = 0.0;
         TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
         if (loss_out) *loss_out = loss;
-        if (want_grad) work[W.READY] = 1.0f;
+        if (want_grad) hdr_set(work, HDR_TAG, READY_TAG);
     }
     return AB_OK;
 }
 
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
-                      const int32_t *tokens, int64_t B, int64_t S, float grad_scale,
-                      int accumulate, float *work, int64_t work_floats) {
+                      int64_t B, int64_t S, float grad_scale, int accumulate,
+                      float *work, int64_t work_floats) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
     TRY(workspace_layout(c, B, S, &W));
-    AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(tokens); AB_NONNULL(work);
+    AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
+    /* dlogits must come from a want_grad forward of this (B, S) on this
+     * workspace, and are used once (the backward scales them in place) */
+    AB_REQUIRE(hdr_get(work, HDR_TAG) == READY_TAG, AB_EINVAL);
+    AB_REQUIRE(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
-    AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
-    /* dlogits must come from a want_grad forward on this workspace, once */
-    /* the tokens come separately from the forward's: check them before any
-     * gradient is touched, so a bad call leaves grads and dlogits as they were */
-    for (int64_t t = 0; t < B * S; t++)
-        AB_REQUIRE(tokens[t] >= 0 && (int64_t)tokens[t] < c->vocab_size, AB_ERANGE);
-    AB_REQUIRE(work[W.READY] == 1.0f, AB_EINVAL);
-    work[W.READY] = 0.0f;
+    hdr_set(work, HDR_TAG, 0);
+    const int32_t *tokens = (const int32_t *)(work + W.TOKENS);   /* the forward's */
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
     const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
@@ -337,24 +379,32 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
 
 /* ---- one-token inference with a KV cache (run.c's forward) ----
  * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb,
- * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. */
-int64_t ab_model_kv_cache_floats(const ab_model_config *c) {
-    if (ab_model_config_check(c)) return -1;
-    return 2 * c->n_layers * c->max_seq_len * (c->dim / c->n_heads * c->n_kv_heads);
+ * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. Both sizes are bounded
+ * by ab_model_config_check (in double, before any int64 product:
+ * 2*L*T*dim + 4*dim + 2*hidden + T < 2^52, and kv_dim <= dim). */
+int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out) {
+    TRY(ab_model_config_check(c));
+    AB_NONNULL(out);
+    *out = 2 * c->n_layers * c->max_seq_len * (c->dim / c->n_heads * c->n_kv_heads);
+    return AB_OK;
 }
 
-int64_t ab_model_decode_workspace_floats(const ab_model_config *c) {
-    if (ab_model_config_check(c)) return -1;
-    return 4 * c->dim + 2 * c->hidden_dim + c->max_seq_len;
+int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out) {
+    TRY(ab_model_config_check(c));
+    AB_NONNULL(out);
+    *out = 4 * c->dim + 2 * c->hidden_dim + c->max_seq_len;
+    return AB_OK;
 }
 
 int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
                     int32_t token, int64_t pos, float *kv_cache, float *work,
                     int64_t work_floats) {
     ab_model_layout P;
+    int64_t need;
     TRY(ab_model_param_layout(c, &P));
+    TRY(ab_model_decode_workspace_floats(c, &need));
     AB_NONNULL(logits); AB_NONNULL(params); AB_NONNULL(kv_cache); AB_NONNULL(work);
-    AB_REQUIRE(work_floats >= ab_model_decode_workspace_floats(c), AB_EWORKSPACE);
+    AB_REQUIRE(work_floats >= need, AB_EWORKSPACE);
     AB_REQUIRE(pos >= 0 && pos < c->max_seq_len, AB_EINVAL);
     AB_REQUIRE(token >= 0 && (int64_t)token < c->vocab_size, AB_ERANGE);
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;

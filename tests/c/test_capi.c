@@ -1,0 +1,170 @@
+/* test_capi.c — libanebackward from a C program, built with nothing but
+ * `anebackward config --cflags --libs`: kernels against float64 loops, the
+ * model (forward, backward against central differences of its own loss,
+ * the KV-cache decoder against the full forward), the backward's state
+ * checks, version and threads. Exit 0: all passed.
+ *
+ *   test_capi [EXPECTED_VERSION]
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <anebackward.h>
+
+static int failures = 0;
+
+static void expect(const char *what, int ok) {
+    printf("%-60s %s\n", what, ok ? "ok" : "FAIL");
+    if (!ok) failures++;
+}
+
+static unsigned long long rng_state = 0x9E3779B97F4A7C15ULL;
+static float frand(void) {   /* xorshift64, uniform in [-1, 1) */
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0) * 2.0 - 1.0);
+}
+
+static double max_rel(const float *a, const double *ref, int64_t n) {
+    double w = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double e = fabs(a[i] - ref[i]) / (1e-5 + 1e-4 * fabs(ref[i]));
+        if (!(e <= w)) w = e;
+    }
+    return w;
+}
+
+static void test_kernels(void) {
+    enum { N = 6, IN = 13, OUT = 9 };
+    float x[N * IN], W[OUT * IN], dy[N * OUT], y[N * OUT], dx[N * IN], dW[OUT * IN];
+    double ry[N * OUT] = {0}, rdx[N * IN] = {0}, rdW[OUT * IN] = {0};
+    for (int i = 0; i < N * IN; i++) x[i] = frand();
+    for (int i = 0; i < OUT * IN; i++) W[i] = frand();
+    for (int i = 0; i < N * OUT; i++) dy[i] = frand();
+    for (int t = 0; t < N; t++)
+        for (int o = 0; o < OUT; o++)
+            for (int i = 0; i < IN; i++) {
+                ry[t * OUT + o] += (double)x[t * IN + i] * W[o * IN + i];
+                rdx[t * IN + i] += (double)dy[t * OUT + o] * W[o * IN + i];
+                rdW[o * IN + i] += (double)dy[t * OUT + o] * x[t * IN + i];
+            }
+    expect("ab_linear_forward == float64",
+           ab_linear_forward(y, x, W, N, IN, OUT) == AB_OK && max_rel(y, ry, N * OUT) <= 1);
+    expect("ab_linear_backward_dx == float64",
+           ab_linear_backward_dx(dx, dy, W, N, IN, OUT, 0) == AB_OK && max_rel(dx, rdx, N * IN) <= 1);
+    expect("ab_linear_backward_dW == float64",
+           ab_linear_backward_dW(dW, dy, x, N, IN, OUT, 0) == AB_OK && max_rel(dW, rdW, OUT * IN) <= 1);
+
+    float w[IN], rx[N * IN], rw[IN];
+    double rrx[N * IN], rrw[IN] = {0};
+    for (int i = 0; i < IN; i++) w[i] = frand();
+    for (int t = 0; t < N; t++) {
+        double ss = 0, dot = 0;
+        for (int i = 0; i < IN; i++) ss += (double)x[t * IN + i] * x[t * IN + i];
+        double r = 1 / sqrt(ss / IN + 1e-5);
+        for (int i = 0; i < IN; i++) dot += (double)w[i] * dx[t * IN + i] * x[t * IN + i];
+        for (int i = 0; i < IN; i++) {
+            rrx[t * IN + i] = w[i] * dx[t * IN + i] * r - x[t * IN + i] * r * r * r * dot / IN;
+            rrw[i] += (double)dx[t * IN + i] * x[t * IN + i] * r;
+        }
+    }
+    memset(rw, 0, sizeof rw);
+    expect("ab_rmsnorm_backward dx, dw == float64",
+           ab_rmsnorm_backward(rx, rw, dx, x, w, N, IN, 1e-5f, 0) == AB_OK
+           && max_rel(rx, rrx, N * IN) <= 1 && max_rel(rw, rrw, IN) <= 1);
+    expect("a kernel refuses NULL with AB_ENULL",
+           ab_linear_forward(NULL, x, W, N, IN, OUT) == AB_ENULL);
+    expect("ab_strerror names the code", strstr(ab_strerror(AB_ENULL), "NULL") != NULL);
+}
+
+static void test_model(void) {
+    ab_model_config c = {.dim = 16, .hidden_dim = 40, .n_layers = 2, .n_heads = 4,
+                         .n_kv_heads = 2, .vocab_size = 23, .max_seq_len = 12,
+                         .shared_classifier = 0, .norm_eps = 1e-5f, .reference = 0};
+    ab_model_layout P;
+    expect("ab_model_param_layout", ab_model_param_layout(&c, &P) == AB_OK && P.n_params > 0);
+    const int64_t B = 2, S = 7, N = B * S;
+    int64_t nw;
+    expect("ab_model_workspace_floats", ab_model_workspace_floats(&c, B, S, &nw, NULL) == AB_OK);
+    float *params = malloc(P.n_params * sizeof(float)), *grads = malloc(P.n_params * sizeof(float));
+    float *work = calloc(nw, sizeof(float));
+    for (int64_t i = 0; i < P.n_params; i++) params[i] = 0.3f * frand();
+    for (int64_t i = P.n_decay; i < P.n_params; i++) params[i] = 1.0f + 0.1f * frand();
+    int32_t tok[14], tgt[14];
+    for (int i = 0; i < N; i++) tok[i] = (i * 5 + 3) % 23;
+    for (int i = 0; i < N; i++) tgt[i] = (i % S == S - 1) ? -1 : tok[i + 1];
+
+    expect("backward before any forward: AB_EINVAL",
+           ab_model_backward(&c, params, grads, B, S, 1.0f, 0, work, nw) == AB_EINVAL);
+    double loss;
+    expect("ab_model_forward (want_grad)",
+           ab_model_forward(&loss, &c, params, tok, tgt, B, S, 1, work, nw) == AB_OK && isfinite(loss));
+    expect("backward with another (B, S): AB_EINVAL",
+           ab_model_backward(&c, params, grads, 1, N, 1.0f, 0, work, nw) == AB_EINVAL);
+    tok[0] = 999;   /* the backward uses the forward's copy, not this buffer */
+    expect("ab_model_backward", ab_model_backward(&c, params, grads, B, S, 1.0f, 0, work, nw) == AB_OK);
+    tok[0] = 3;
+    expect("a second backward of the same forward: AB_EINVAL",
+           ab_model_backward(&c, params, grads, B, S, 1.0f, 0, work, nw) == AB_EINVAL);
+
+    /* central differences of the loss (double) at the largest gradient of each tensor */
+    const int64_t starts[] = {P.tok_embeddings, P.wq, P.wk, P.w2, P.output, P.ffn_norm, P.norm};
+    const int64_t ends[] = {P.wq, P.wk, P.wv, P.w3, P.attention_norm, P.norm, P.n_params};
+    int ok = 1;
+    for (int r = 0; r < 7; r++) {
+        int64_t best = starts[r];
+        for (int64_t i = starts[r]; i < ends[r]; i++)
+            if (fabsf(grads[i]) > fabsf(grads[best])) best = i;
+        const float h = 1e-2f, p0 = params[best];
+        double lp, lm;
+        params[best] = p0 + h;
+        ab_model_forward(&lp, &c, params, tok, tgt, B, S, 0, work, nw);
+        params[best] = p0 - h;
+        ab_model_forward(&lm, &c, params, tok, tgt, B, S, 0, work, nw);
+        params[best] = p0;
+        double fd = (lp - lm) / ((double)(p0 + h) - (double)(p0 - h));
+        int this_ok = fabs(fd - grads[best]) <= 2e-4 + 0.03 * fabs(fd);
+        if (!this_ok)
+            printf("  param %lld: backward %.6g, central difference %.6g\n", (long long)best,
+                   grads[best], fd);
+        ok &= this_ok;
+    }
+    expect("model gradients == central differences of the loss", ok);
+
+    /* KV-cache decoding == the full forward's logits, position by position */
+    int64_t nkv, ndec;
+    expect("decode sizes through out-parameters",
+           ab_model_kv_cache_floats(&c, &nkv) == AB_OK && ab_model_decode_workspace_floats(&c, &ndec) == AB_OK);
+    float *kv = calloc(nkv, sizeof(float)), *dw = calloc(ndec, sizeof(float));
+    float *lg = malloc(c.vocab_size * sizeof(float));
+    int64_t nw1, off1;   /* the workspace of (B, S) is big enough for (1, S) */
+    ab_model_workspace_floats(&c, 1, S, &nw1, &off1);
+    ab_model_forward(NULL, &c, params, tok, NULL, 1, S, 0, work, nw);
+    double worst = 0;
+    for (int64_t pos = 0; pos < S; pos++) {
+        if (ab_model_decode(lg, &c, params, tok[pos], pos, kv, dw, ndec) != AB_OK) worst = INFINITY;
+        for (int64_t v = 0; v < c.vocab_size; v++) {
+            double d = fabs(lg[v] - work[off1 + pos * c.vocab_size + v]);
+            if (!(d <= worst)) worst = d;
+        }
+    }
+    expect("ab_model_decode == forward logits (KV cache)", worst < 1e-4);
+    ab_model_config bad = c;
+    bad.n_heads = 3;
+    expect("a bad config: AB_EINVAL from the size functions",
+           ab_model_kv_cache_floats(&bad, &nkv) == AB_EINVAL);
+    free(params); free(grads); free(work); free(kv); free(dw); free(lg);
+}
+
+int main(int argc, char **argv) {
+    const char *v = ab_version();
+    printf("libanebackward %s, %s, %d threads\n", v, ab_blas_name(), ab_get_num_threads());
+    expect("ab_version", v && *v && (argc < 2 || !strcmp(v, argv[1])));
+    expect("ab_set_num_threads(1)", ab_set_num_threads(1) == AB_OK && ab_get_num_threads() == 1);
+    expect("ab_set_num_threads(0): AB_EINVAL", ab_set_num_threads(0) == AB_EINVAL);
+    test_kernels();
+    test_model();
+    printf("%s (%d failures)\n", failures ? "FAILED" : "all passed", failures);
+    return failures != 0;
+}
