@@ -550,4 +550,8 @@ def run(args):
     except (ValueError, OSError) as e:
         print(f"anebackward train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # before training started, or a second Ctrl-C
+        print("\nanebackward train: interrupted; nothing saved since the last checkpoint",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return {"ok": 0, "interrupted": EXIT_INTERRUPTED, "diverged": 1}[res["status"]]

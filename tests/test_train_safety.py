@@ -164,6 +164,17 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     np.testing.assert_allclose(train_losses(out), train_losses(ref), rtol=1e-6)
 
 
+def test_ctrl_c_before_training_starts_is_a_clean_exit_130(tmp_path, monkeypatch, capsys):
+    import anebackward.data as D
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "load_data", interrupted)
+    out = tmp_path / "run"
+    assert train(["--steps", "3", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err and not out.exists()
+
+
 def test_kill_9_loses_at_most_the_save_interval(tmp_path):
     """Saves happen at every evaluation by default (the old default saved only
     at the end, so a kill lost the whole run)."""
