@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _checks as C
 from .errors import CheckpointError
+from .kernels.optim import check_adamw_hparams, check_adamw_step
 from .model import Llama, LlamaConfig, param_layout
 
 HEADER = struct.Struct("<7i")
@@ -216,26 +217,27 @@ def load_optimizer(opt, path):
         except (UnicodeDecodeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
         model = opt.model
+        fn = "optimizer metadata"
         try:   # every field checked before anything of opt is touched
             if not isinstance(meta, dict):
                 raise ValueError("the metadata is not a JSON object")
-            step = meta["step"]
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"step must be a non-negative int, got {step!r}")
-            lr = C.finite_float("load_optimizer", "lr", meta["lr"], lo=0.0)
-            betas = meta["betas"]
-            if not isinstance(betas, list) or len(betas) != 2:
-                raise ValueError(f"betas must be a list of two numbers, got {betas!r}")
-            betas = tuple(C.finite_float("load_optimizer", "beta", b, lo=0.0, hi=1.0, hi_open=True)
-                          for b in betas)
-            eps = C.finite_float("load_optimizer", "eps", meta["eps"], lo=0.0)
-            wd = C.finite_float("load_optimizer", "weight_decay", meta["weight_decay"], lo=0.0)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: corrupt metadata: missing {e}") from None
+            missing = [k for k in ("step", "lr", "betas", "eps", "weight_decay", "n_params",
+                                   "n_decay") if k not in meta]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            step = check_adamw_step(fn, meta["step"], lo=0)
+            lr, betas, eps, wd = check_adamw_hparams(fn, lr=meta["lr"], betas=meta["betas"],
+                                                     eps=meta["eps"],
+                                                     weight_decay=meta["weight_decay"])
+            for k in ("n_params", "n_decay"):
+                C.nonneg_int(fn, k, meta[k])
+            extra = meta.get("extra", {})
+            if not isinstance(extra, dict):
+                raise ValueError(f"extra must be a JSON object, got {type(extra).__name__}")
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
-        if meta.get("n_params") != model.n_params or meta.get("n_decay") != model.n_decay:
-            raise CheckpointError(f"{path}: optimizer state is for {meta.get('n_params')} "
+        if meta["n_params"] != model.n_params or meta["n_decay"] != model.n_decay:
+            raise CheckpointError(f"{path}: optimizer state is for {meta['n_params']} "
                                   f"parameters, the model has {model.n_params}")
         want = 16 + n + 8 * model.n_params
         size = os.fstat(f.fileno()).st_size
@@ -256,4 +258,4 @@ def load_optimizer(opt, path):
     opt.betas = betas
     opt.eps = eps
     opt.weight_decay = wd
-    return meta.get("extra", {})
+    return extra

@@ -28,6 +28,7 @@ import numpy as np
 from . import _checks as C
 from ._backend import resolve
 from ._native import check, ffi, fptr, iptr, lib
+from .kernels.optim import check_adamw_hparams, check_adamw_step
 from .kernels.optim import clip_grad_norm as _clip_grad_norm
 
 
@@ -413,12 +414,8 @@ class AdamW:
         if not isinstance(model, Llama):
             raise TypeError(f"{fn}: model must be an anebackward.Llama, got {type(model).__name__}")
         self.model = model
-        self.lr = C.finite_float(fn, "lr", lr, lo=0.0)
-        b1, b2 = betas
-        self.betas = (C.finite_float(fn, "betas[0]", b1, lo=0.0, hi=1.0, hi_open=True),
-                      C.finite_float(fn, "betas[1]", b2, lo=0.0, hi=1.0, hi_open=True))
-        self.eps = C.finite_float(fn, "eps", eps, lo=0.0)
-        self.weight_decay = C.finite_float(fn, "weight_decay", weight_decay, lo=0.0)
+        self.lr, self.betas, self.eps, self.weight_decay = check_adamw_hparams(
+            fn, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._m = np.zeros(model.n_params, dtype=np.float32)
         self._v = np.zeros(model.n_params, dtype=np.float32)
         self.step_count = 0
@@ -437,7 +434,8 @@ class AdamW:
         """One update of every parameter from model.flat_grads; lr overrides
         self.lr for this step (and becomes self.lr)."""
         if lr is not None:
-            self.lr = C.finite_float("AdamW.step", "lr", lr, lo=0.0)
+            self.lr = check_adamw_hparams("AdamW.step", lr=lr)[0]
+        check_adamw_step("AdamW.step", self.step_count + 1)
         self.step_count += 1
         m, nd = self.model, self.model.n_decay
         b1, b2 = self.betas
@@ -451,15 +449,25 @@ class AdamW:
                 "eps": self.eps, "weight_decay": self.weight_decay, "m": self.m, "v": self.v}
 
     def load_state_dict(self, state):
+        """Restore a state_dict(); every entry is checked before anything of
+        self changes (ValueError/TypeError naming the entry, KeyError for a
+        missing one)."""
+        fn = "AdamW.load_state_dict"
         for name in ("m", "v"):
             a = state[name]
-            if a.shape != (self.model.n_params,) or a.dtype != np.float32:
-                raise ValueError(f"AdamW.load_state_dict: {name} must be float32 of shape "
-                                 f"({self.model.n_params},), got {a.dtype} {a.shape}")
+            if (not isinstance(a, np.ndarray) or a.shape != (self.model.n_params,)
+                    or a.dtype != np.float32):
+                raise ValueError(f"{fn}: {name} must be a float32 array of shape "
+                                 f"({self.model.n_params},), got {getattr(a, 'dtype', type(a))} "
+                                 f"{getattr(a, 'shape', '')}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{fn}: {name} holds non-finite values")
+        if (state["v"] < 0).any():
+            raise ValueError(f"{fn}: v (second moments) holds negative values")
+        step = check_adamw_step(fn, state["step"], lo=0)
+        lr, betas, eps, wd = check_adamw_hparams(fn, lr=state["lr"], betas=state["betas"],
+                                                 eps=state["eps"],
+                                                 weight_decay=state["weight_decay"])
         self.m[:] = state["m"]
         self.v[:] = state["v"]
-        self.step_count = int(state["step"])
-        self.lr = float(state["lr"])
-        self.betas = tuple(float(b) for b in state["betas"])
-        self.eps = float(state["eps"])
-        self.weight_decay = float(state["weight_decay"])
+        self.step_count, self.lr, self.betas, self.eps, self.weight_decay = step, lr, betas, eps, wd

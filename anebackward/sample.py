@@ -8,6 +8,7 @@ on ties), otherwise softmax(logits / temperature) with top-p (nucleus)
 sampling. The printed text follows run.c's decode (leading space dropped
 after BOS, <0xXX> pieces as bytes, unprintable ASCII control bytes skipped).
 """
+import math
 import os
 import sys
 import time
@@ -43,13 +44,20 @@ def _pick(logits, temperature, top_p, rng):
     return int(np.searchsorted(np.cumsum(p), rng.random(), side="right").clip(0, len(p) - 1))
 
 
+def _check_sampling(prefix, temperature, top_p, names=("temperature", "top_p")):
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{prefix}{names[0]} must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}")
+    if not 0 < top_p <= 1:     # NaN fails this too
+        raise ValueError(f"{prefix}{names[1]} must be in (0, 1] (1 = plain sampling), got {top_p}")
+
+
 def generate(model, tokenizer, prompt="", steps=256, temperature=0.0, top_p=0.9, seed=0,
              on_token=None):
     """run.c's generate loop. Returns the list of tokens after the first
     (prompt tokens after BOS, then generated ones). on_token(prev, token) is
     called for each, e.g. to print it."""
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    _check_sampling("generate: ", temperature, top_p)
     steps = min(int(steps), model.config.max_seq_len)
     prompt_tokens = tokenizer.encode(prompt, bos=True, eos=False)
     if len(prompt_tokens) > steps:
@@ -81,6 +89,15 @@ def run(args):
     from .model import Llama
     from .tokenizer import Tokenizer
 
+    try:    # the options first: a bad one is reported before any file is read
+        _check_sampling("", args.temperature, args.top_p, ("--temperature", "--top-p"))
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.seed is not None and not 0 <= args.seed < 2**64:
+            raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    except ValueError as e:
+        print(f"anebackward sample: {e}", file=sys.stderr)
+        return 1
     tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.model)),
                                               "tokenizer.bin")
     try:
@@ -90,9 +107,6 @@ def run(args):
         tokenizer = Tokenizer.load(tok_path, vocab_size=model.config.vocab_size)
     except CheckpointError as e:
         print(f"anebackward sample: {e}", file=sys.stderr)
-        return 1
-    if args.steps < 1:
-        print("anebackward sample: --steps must be >= 1", file=sys.stderr)
         return 1
     seed = args.seed if args.seed is not None else time.time_ns() % (1 << 32)
     out = sys.stdout.buffer

@@ -15,20 +15,75 @@ to --min-lr at --decay-steps), gradients are clipped to --grad-clip, AdamW
 decays the 2-D weights only. --resume DIR continues a run from its last save:
 the batches of step i depend only on (seed, i), so the loss curve continues
 as if the run had not stopped.
+
+No run is lost: a checkpoint is saved at every evaluation (--save-every);
+SIGINT/SIGTERM finish the current step, save and exit 130; a loss that turns
+NaN/inf stops the run (exit 1) and keeps the last good checkpoint; an existing
+run in --out is never mixed with a new one (--resume continues it,
+--overwrite replaces it, atomically, at the new run's first save).
 """
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
 
-DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=128, lr=2e-3, min_lr=1e-4,
+# seq_len None = the preset's max_seq_len; save_every None = --eval-every
+DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
                 warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
                 grad_clip=1.0, grad_accum=1, seed=0, eval_every=100, eval_batches=4,
-                save_every=0, data=None, tokenizer=None)
+                save_every=None, data=None, tokenizer=None)
+
+INT_MAX = 2**31 - 1
+# name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
+# allowed where the default is None. Checked for the command line and for the
+# settings a resumed optimizer.bin brings.
+RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
+              seq_len=("int", 1, INT_MAX), lr=("float", 0.0, None), min_lr=("float", 0.0, None),
+              warmup=("int", 0, INT_MAX), decay_steps=("int", 1, INT_MAX),
+              weight_decay=("float", 0.0, None), beta1=("beta", 0.0, 1.0),
+              beta2=("beta", 0.0, 1.0), grad_clip=("float", 0.0, None),
+              grad_accum=("int", 1, INT_MAX), seed=("int", 0, 2**63 - 1),
+              eval_every=("int", 0, INT_MAX), eval_batches=("int", 1, 10_000),
+              save_every=("int", 0, INT_MAX), config=("str", None, None),
+              data=("str", None, None), tokenizer=("str", None, None),
+              threads=("int", 1, 4096))
+EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
+
+
+def _check_setting(name, v, label=None):
+    """v for setting `name` if it has the right type and range, else a
+    ValueError naming it as `label` (default: the name)."""
+    kind, lo, hi = RANGES[name]
+    if v is None and DEFAULTS.get(name, 0) is None:
+        return v
+    name = label or name
+    if kind == "str":
+        if not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {v!r}")
+        return v
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or v < lo or (kind == "beta" and v >= hi):
+        what = f"in [{lo}, {hi})" if kind == "beta" else f"a finite number >= {lo}"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return float(v)
+
+
+def _usage(msg):
+    """A command-line mistake: the message and exit status 1, before anything
+    is written."""
+    raise SystemExit(f"anebackward train: {msg}")
 
 
 def add_arguments(p):
@@ -42,8 +97,8 @@ def add_arguments(p):
       "(vocab_size follows the tokenizer)")
     a("--steps", type=int, help="optimizer steps in total (default 500)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 16)")
-    a("--seq-len", type=int, help="tokens per sequence (default 128; at most the preset's "
-      "max_seq_len)")
+    a("--seq-len", type=int, help="tokens per sequence (default: the preset's max_seq_len, "
+      "128 for default, 64 for tiny)")
     a("--lr", type=float, help="peak learning rate (default 2e-3)")
     a("--min-lr", type=float, help="final learning rate of the cosine decay (default 1e-4)")
     a("--warmup", type=int, help="warm-up steps (default 50)")
@@ -54,10 +109,14 @@ def add_arguments(p):
     a("--grad-accum", type=int, help="micro-batches per step (default 1)")
     a("--seed", type=int, help="seed of the weights and of the batches (default 0)")
     a("--eval-every", type=int, help="validation loss every N steps (0 = only at the end)")
-    a("--save-every", type=int, help="save model and optimizer every N steps (0 = at the end)")
+    a("--save-every", type=int, help="save model and optimizer every N steps (default: at "
+      "every evaluation; 0 = only at the end; always on SIGINT/SIGTERM)")
     a("--resume", metavar="DIR", help="continue the run saved in DIR (its settings are kept; "
       "--steps may extend it)")
-    a("--out", metavar="DIR", help="output directory (default runs/default, or the --resume DIR)")
+    a("--out", metavar="DIR", help="output directory (default runs/default, or the --resume DIR); "
+      "must be empty or new unless --resume or --overwrite")
+    a("--overwrite", action="store_true", help="replace the run in a non-empty --out (the old "
+      "run stays until the new one's first save replaces it whole)")
     a("--threads", type=int, help="BLAS threads (default: the BLAS default)")
     a("--quiet", action="store_true", help="no progress bar")
 
@@ -94,19 +153,44 @@ class Progress:
         self.stream.flush()
 
 
-def _settings(args):
-    """The run's settings: defaults < saved settings (resume) < command line."""
-    s = dict(DEFAULTS)
-    saved = None
-    out = args.out
-    if args.resume:
-        path = os.path.join(args.resume, "optimizer.bin")
-        if not os.path.exists(path):
-            raise SystemExit(f"anebackward train: --resume {args.resume}: no optimizer.bin there")
-        saved = path
-        out = out or args.resume
-    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
-    return s, given, saved, out or os.path.join("runs", "default")
+def _given(args):
+    """Command-line settings (those given), each range-checked."""
+    given = {}
+    for k in list(DEFAULTS) + ["threads"]:
+        v = getattr(args, k, None)
+        if v is not None:
+            try:
+                given[k] = _check_setting(k, v, "--" + k.replace("_", "-"))
+            except ValueError as e:
+                _usage(str(e))
+    return given
+
+
+def _resume_state(path, model, opt, checkpoint):
+    """The trainer position and settings saved in optimizer.bin, every field
+    checked (CheckpointError naming it)."""
+    extra = checkpoint.load_optimizer(opt, path)
+    try:
+        from .kernels.optim import check_adamw_step
+        start = check_adamw_step("extra", extra.get("step"), lo=0, name="step")
+        saved = extra.get("settings")
+        if not isinstance(saved, dict):
+            raise ValueError(f"extra.settings must be a JSON object, got {saved!r}")
+        missing = sorted(set(DEFAULTS) - set(saved))
+        if missing:
+            raise ValueError(f"extra.settings lacks {', '.join(missing)}")
+        st = {k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS}
+        if st["seq_len"] is None or st["seq_len"] > model.config.max_seq_len:
+            raise ValueError(f"settings.seq_len {st['seq_len']!r} does not fit the model's "
+                             f"max_seq_len {model.config.max_seq_len}")
+        if st["save_every"] is None:
+            raise ValueError("settings.save_every must be an integer, got None")
+        digest = extra.get("params_digest")
+        if digest is not None and not isinstance(digest, str):
+            raise ValueError(f"extra.params_digest must be a string, got {digest!r}")
+    except (TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{path}: corrupt trainer settings: {e}") from None
+    return start, st, digest
 
 
 def _evaluate(model, data, st, step):
@@ -114,6 +198,102 @@ def _evaluate(model, data, st, step):
                                         st["seed"], split="val"), want_grad=False)
               for i in range(st["eval_batches"])]
     return float(np.mean(losses))
+
+
+def _read_log(path, before):
+    """The lines of a run's log.jsonl for steps < before (a line torn by a
+    crash is dropped)."""
+    keep = []
+    if not os.path.exists(path):
+        return keep
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
+
+
+class _Signals:
+    """SIGINT/SIGTERM while training: the first one asks the loop to stop
+    after the current step (and save); a second one acts at once (the
+    default action), for a run that must die now."""
+
+    def __init__(self):
+        self.received, self.old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        # os.write: a handler may run in the middle of a print to the same stream
+        try:
+            os.write(2, f"\n{self.received}: finishing this step, then saving (send it again "
+                        "to quit without saving)\n".encode())
+        except OSError:
+            pass
+
+    def __exit__(self, *exc):
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+class _RunDir:
+    """Where a run's files go. A resumed run writes into its own directory.
+    A new run writes into a hidden staging directory beside --out, which
+    becomes --out at the first save (a rename; with --overwrite the old run
+    is renamed aside first, then deleted), so a run that fails or stops
+    before saving leaves nothing behind, and an old run is never mixed with
+    a new one."""
+
+    def __init__(self, out, in_place):
+        self.out = out
+        if in_place:
+            self.path, self.staging = out, False
+        else:
+            parent = os.path.dirname(os.path.abspath(out))
+            os.makedirs(parent, exist_ok=True)
+            base = os.path.basename(os.path.abspath(out))
+            self.path = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+            os.chmod(self.path, 0o777 & ~_umask())
+            self.staging = True
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def publish(self):
+        """Make the staged run --out (after its first save)."""
+        if not self.staging:
+            return
+        out = os.path.abspath(self.out)
+        old = None
+        if os.path.isdir(out) and os.listdir(out):     # --overwrite
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
+                                   dir=os.path.dirname(out))
+            os.replace(out, os.path.join(old, "run"))
+        os.replace(self.path, out)      # a new name or an empty directory: one rename
+        self.path, self.staging = self.out, False
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self):
+        if self.staging:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _plot(out, log_path, say):
@@ -155,66 +335,97 @@ def _plot(out, log_path, say):
     return path
 
 
-def train(args, stream=sys.stdout):
+def train(args, stream=None):
     """Run the training job described by argparse-style args; returns a dict
-    with the final losses and output paths."""
+    whose "status" is "ok", "interrupted" (SIGINT/SIGTERM: saved, resumable)
+    or "diverged" (NaN/inf loss: stopped, the last good save kept), with the
+    final losses and output paths."""
     from . import checkpoint
     from .data import load_data
     from .model import AdamW, Llama, LlamaConfig, cosine_lr
     from .tokenizer import Tokenizer
     from . import set_num_threads
 
-    if getattr(args, "threads", None):
-        set_num_threads(args.threads)
-    st, given, saved_opt, out = _settings(args)
-    os.makedirs(out, exist_ok=True)
-    progress = Progress(1, stream, quiet=getattr(args, "quiet", False))
-    say = progress.message
+    stream = sys.stdout if stream is None else stream    # the current one, not import time's
+    quiet = getattr(args, "quiet", False)
+    say = Progress(1, stream, quiet=quiet).message
+    given = _given(args)            # every number range-checked before anything happens
+    overwrite = bool(getattr(args, "overwrite", False))
 
-    resume_extra = None
-    if saved_opt:
+    if args.resume:
+        opt_path = os.path.join(args.resume, "optimizer.bin")
+        if not os.path.exists(opt_path):
+            _usage(f"--resume {args.resume}: no optimizer.bin there")
         model = Llama.load(os.path.join(args.resume, "model.bin"))
         opt = AdamW(model)
-        resume_extra = checkpoint.load_optimizer(opt, saved_opt)
-        digest = resume_extra.get("params_digest")
+        start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
         if digest is not None and digest != _params_digest(model):
             raise checkpoint.CheckpointError(
                 f"{args.resume}: model.bin and optimizer.bin are from different saves (a run "
                 "stopped between writing them); resume from a directory saved whole, or start anew")
-        st.update(resume_extra["settings"])
         if "steps" in given:
+            if given["steps"] < start:
+                _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
+                       f"was saved at; a resumed run can only go on (--steps >= {start})")
             st["steps"] = given["steps"]
-        ignored = sorted(k for k in given if k != "steps" and given[k] != st[k])
+        ignored = sorted(k for k in given if k not in ("steps", "threads") and given[k] != st[k])
         if ignored:
             say("--resume keeps the saved run's settings; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in ignored))
         tokenizer = Tokenizer.load(os.path.join(args.resume, "tokenizer.bin"),
                                    vocab_size=model.config.vocab_size)
-        start = int(resume_extra["step"])
-        say(f"resuming {args.resume} at step {start} of {st['steps']}")
+        out = args.out or args.resume
+        in_place = os.path.exists(out) and os.path.samefile(out, args.resume)
+        if in_place and overwrite:
+            _usage("--overwrite with --resume into the same directory: a resumed run continues "
+                   "its directory; drop --overwrite, or pass another --out")
     else:
-        st.update(given)
-        tokenizer = (Tokenizer.load(st["tokenizer"]) if st["tokenizer"]
-                     else Tokenizer.byte_level())
-        start = 0
-    for k in ("steps", "batch_size", "seq_len", "grad_accum", "warmup"):
-        if not isinstance(st[k], int) or st[k] < (0 if k == "warmup" else 1):
-            raise SystemExit(f"anebackward train: --{k.replace('_', '-')} must be a positive "
-                             f"integer, got {st[k]!r}")
-    data = load_data(st["data"], tokenizer)
-
-    if not saved_opt:
+        st = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
         try:
             base = LlamaConfig.preset(st["config"])
         except ValueError as e:
-            raise SystemExit(f"anebackward train: --config: {e}") from None
+            _usage(f"--config: {e}")
+        if st["seq_len"] is None:       # preset-dependent default
+            st["seq_len"] = base.max_seq_len
         if st["seq_len"] > base.max_seq_len:
-            raise SystemExit(f"anebackward train: --seq-len {st['seq_len']} exceeds the "
-                             f"{st['config']} preset's max_seq_len {base.max_seq_len}")
+            _usage(f"--seq-len {st['seq_len']} exceeds the {st['config']} preset's "
+                   f"max_seq_len {base.max_seq_len}")
+        if st["save_every"] is None:
+            st["save_every"] = st["eval_every"]
+        tokenizer = (Tokenizer.load(st["tokenizer"]) if st["tokenizer"]
+                     else Tokenizer.byte_level())
+        start, out, in_place = 0, args.out or os.path.join("runs", "default"), False
+    if os.path.exists(out) and not os.path.isdir(out):
+        _usage(f"--out {out} is a file, not a directory")
+    if not in_place and os.path.isdir(out) and os.listdir(out) and not overwrite:
+        _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
+               f"continue it, --overwrite to replace it, or another --out")
+    if start == st["steps"] and args.resume:
+        say(f"{args.resume} is already at step {start} of {st['steps']}; nothing to train "
+            "(--steps N extends it)")
+        return {"status": "ok", "first_loss": None, "last_loss": None, "val_loss": None,
+                "out": out, "model": model}
+    if "threads" in given:
+        set_num_threads(given["threads"])
+
+    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
+    data = load_data(st["data"], tokenizer)
+    if data.longest("train") < S + 1:
+        raise ValueError(f"{data.description}: the longest training stream has "
+                         f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
+                         "use a smaller --seq-len or more data")
+    evaluate = True
+    if data.val and data.longest("val") < S + 1:
+        say(f"warning: the validation split of {data.description} has at most "
+            f"{data.longest('val')} tokens per stream, fewer than seq_len + 1 = {S + 1}: "
+            "no validation loss in this run")
+        evaluate = False
+
+    if not args.resume:
         vocab = max(tokenizer.vocab_size, data.max_token() + 1)
         if st["tokenizer"] is None and data.max_token() >= tokenizer.vocab_size:
-            raise SystemExit(f"anebackward train: --data has token ids up to {data.max_token()}; "
-                             "pass the tokenizer.bin it was made with as --tokenizer")
+            _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
+                   "was made with as --tokenizer")
         config = base.replace(vocab_size=vocab)
         model = Llama(config, seed=st["seed"])
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
@@ -222,72 +433,104 @@ def train(args, stream=sys.stdout):
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)
-    tokenizer.save(os.path.join(out, "tokenizer.bin"))
 
     total, decay = st["steps"], st["decay_steps"] or st["steps"]
-    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
     say(f"model: {config.n_layers} layers, dim {config.dim}, hidden {config.hidden_dim}, "
         f"{config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
         f"{model.n_params:,} parameters; data: {data.description} "
         f"({data.n_train_tokens:,} training tokens)")
+    if args.resume:
+        say(f"resuming {args.resume} at step {start} of {total}")
     say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st['lr']:g} "
         f"(warm-up {st['warmup']}, cosine to {st['min_lr']:g} at {decay}); output in {out}")
 
-    log_path = os.path.join(out, "log.jsonl")
-    if start == 0:
-        open(log_path, "w").close()
-    else:  # drop log lines past the resumed step (from a run that went further)
-        _truncate_log(log_path, start)
-    progress = Progress(total, stream, quiet=getattr(args, "quiet", False))
+    run_dir = _RunDir(out, in_place)
+    try:
+        tokenizer.save(run_dir.file("tokenizer.bin"))
+        from .checkpoint import _atomic_write
+        old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start) if args.resume else []
+        _atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
+        with open(run_dir.file("log.jsonl"), "a") as log, _Signals() as signals:
+            return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
+                         evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
+                         checkpoint)
+    finally:
+        run_dir.discard()       # a run stopped before its first save leaves nothing
+
+
+def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
+          progress, say, cosine_lr, checkpoint):
+    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
     settings = {k: st[k] for k in DEFAULTS}
+    saved_at = start if not run_dir.staging else None
 
     def save(step):
         # Two files, each replaced atomically; the optimizer file (written
         # second) records a digest of the weights it belongs with, so a crash
         # between the two renames is caught on --resume, not trained through.
-        model.save(os.path.join(out, "model.bin"))
-        checkpoint.save_optimizer(opt, os.path.join(out, "optimizer.bin"),
+        nonlocal saved_at
+        log.flush()
+        model.save(run_dir.file("model.bin"))
+        checkpoint.save_optimizer(opt, run_dir.file("optimizer.bin"),
                                   extra={"step": step, "settings": settings,
                                          "params_digest": _params_digest(model)})
+        run_dir.publish()
+        saved_at = step
 
     first_loss = last_loss = val = None
-    with open(log_path, "a") as log:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            lr = cosine_lr(step, max_lr=st["lr"], warmup_steps=st["warmup"], total_steps=decay,
-                           min_lr=st["min_lr"])
-            loss = 0.0
-            for micro in range(accum):
-                x, y = data.batch(step * accum + micro, B, S, st["seed"])
-                loss += model.forward(x, y) / accum
-                model.backward(accumulate=micro > 0, grad_scale=1.0 / accum)
-            norm = model.clip_grad_norm(st["grad_clip"]) if st["grad_clip"] > 0 else \
-                model.grad_norm()
-            if not math.isfinite(loss) or not math.isfinite(norm):
-                say(f"step {step}: non-finite loss or gradient ({loss}, {norm}); stopping. "
-                    "Try a lower --lr.")
-                save(step)
-                return {"status": "diverged", "step": step}
-            opt.step(lr=lr)
-            ms = 1e3 * (time.perf_counter() - t0)
-            tok_s = B * S * accum / (ms / 1e3)
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            rec = {"step": step, "loss": round(loss, 6), "lr": lr, "ms": round(ms, 3),
-                   "tok_s": round(tok_s, 1), "grad_norm": round(float(norm), 6)}
-            log.write(json.dumps(rec) + "\n")
-            progress.update(step, loss, lr, ms, tok_s)
-            done = step + 1
-            if (st["eval_every"] and done % st["eval_every"] == 0) or done == total:
-                val = _evaluate(model, data, st, step)
-                log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
-                progress.message(f"step {done}: validation loss {val:.4f}")
-            if st["save_every"] and done % st["save_every"] == 0 and done < total:
-                log.flush()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, max_lr=st["lr"], warmup_steps=st["warmup"], total_steps=decay,
+                       min_lr=st["min_lr"])
+        loss = 0.0
+        for micro in range(accum):
+            x, y = data.batch(step * accum + micro, B, S, st["seed"])
+            loss += model.forward(x, y) / accum
+            model.backward(accumulate=micro > 0, grad_scale=1.0 / accum)
+        norm = model.clip_grad_norm(st["grad_clip"]) if st["grad_clip"] > 0 else \
+            model.grad_norm()
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            # The weights that gave this loss are not saved: the last save
+            # (if any) is the last good checkpoint.
+            kept = (f"the last good checkpoint (step {saved_at}) is kept in {run_dir.out}; "
+                    f"resume it with anebackward train --resume {run_dir.out}, or start again"
+                    if saved_at is not None else "nothing was saved; start again")
+            say(f"step {step + 1}: the loss is {loss} (gradient norm {norm}): the run diverged "
+                f"and stopped; {kept} with a lower --lr (now {st['lr']:g}) or --grad-clip")
+            return {"status": "diverged", "step": step, "saved_step": saved_at,
+                    "out": run_dir.out, "model": model}
+        opt.step(lr=lr)
+        ms = 1e3 * (time.perf_counter() - t0)
+        tok_s = B * S * accum / (ms / 1e3)
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+        rec = {"step": step, "loss": round(loss, 6), "lr": lr, "ms": round(ms, 3),
+               "tok_s": round(tok_s, 1), "grad_norm": round(float(norm), 6)}
+        log.write(json.dumps(rec) + "\n")
+        progress.update(step, loss, lr, ms, tok_s)
+        done = step + 1
+        if done == total or (st["save_every"] and done % st["save_every"] == 0):
+            save(done)      # before the evaluation, which may fail
+        if signals.received:
+            if saved_at != done:
                 save(done)
-            log.flush()
-    save(total)
-    plot = _plot(out, log_path, say)
+            say(f"stopped by {signals.received} after step {done} of {total}; saved in "
+                f"{run_dir.out}. Resume with: anebackward train --resume {run_dir.out}")
+            return {"status": "interrupted", "step": done, "out": run_dir.out, "model": model}
+        if evaluate and ((st["eval_every"] and done % st["eval_every"] == 0) or done == total):
+            try:
+                val = _evaluate(model, data, st, step)
+            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
+                say(f"warning: evaluation failed at step {done} ({e}); training goes on "
+                    "without validation loss")
+                evaluate = False
+            else:
+                log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
+                log.flush()
+                progress.message(f"step {done}: validation loss {val:.4f}")
+        log.flush()
+    out = run_dir.out
+    plot = _plot(out, os.path.join(out, "log.jsonl"), say)
     say(f"wrote {os.path.join(out, 'model.bin')}, tokenizer.bin, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
     say(f"sample it:  anebackward sample {os.path.join(out, 'model.bin')} --prompt \"Once upon\" "
@@ -296,27 +539,19 @@ def train(args, stream=sys.stdout):
             "out": out, "model": model}
 
 
-def _truncate_log(path, step):
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            if line.strip() and json.loads(line)["step"] < step:
-                keep.append(line)
-    with open(path, "w") as f:
-        f.writelines(keep)
-
-
-
 def _params_digest(model):
     """A short digest of the weights, tying optimizer.bin to its model.bin."""
     return hashlib.blake2b(memoryview(model.flat_params).cast("B"), digest_size=16).hexdigest()
 
+
 def run(args):
     try:
-        train(args)
+        res = train(args)
     except (ValueError, OSError) as e:
         print(f"anebackward train: {e}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:   # before training started, or a second Ctrl-C
+        print("\nanebackward train: interrupted; nothing saved since the last checkpoint",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return {"ok": 0, "interrupted": EXIT_INTERRUPTED, "diverged": 1}[res["status"]]

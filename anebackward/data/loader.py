@@ -26,6 +26,12 @@ class TokenData:
     def n_train_tokens(self):
         return int(sum(len(s) for s in self.train))
 
+    def longest(self, split="train"):
+        """Tokens in the longest stream of a split (a batch window needs
+        seq_len + 1)."""
+        streams = self.train if split == "train" else self.val
+        return max((len(s) for s in streams), default=0)
+
     def max_token(self):
         return int(max(int(s.max()) for s in self.train + self.val))
 
@@ -62,6 +68,8 @@ def load_data(path, tokenizer, val_fraction=0.05):
         stream = tokenizer.encode_documents(default_corpus())
         return TokenData(*_split(stream, val_fraction), "the embedded default corpus")
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"--data {path}: no such file or directory")
     if os.path.isdir(path):
         shards = sorted(glob.glob(os.path.join(path, "*.bin")))
         if not shards:
@@ -71,8 +79,11 @@ def load_data(path, tokenizer, val_fraction=0.05):
     else:
         try:
             text = open(path, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--data {path}: cannot read it as UTF-8 text: {e}") from None
+        except OSError as e:
+            raise ValueError(f"--data {path}: cannot read it: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--data {path}: not UTF-8 text ({e}); a token shard must be "
+                             "named *.bin") from None
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if not docs:
             raise ValueError(f"--data {path}: the file holds no text")
@@ -80,9 +91,18 @@ def load_data(path, tokenizer, val_fraction=0.05):
         return TokenData(*_split(stream, val_fraction), f"text file {path}")
     maps = []
     for s in shards:
-        if os.path.getsize(s) % 2:
+        if not os.path.isfile(s):
+            raise ValueError(f"--data {s}: not a file (a .bin token shard is a file of uint16 "
+                             "token ids)")
+        size = os.path.getsize(s)
+        if size == 0:
+            raise ValueError(f"--data {s}: the token shard is empty")
+        if size % 2:
             raise ValueError(f"--data {s}: not a uint16 token shard (odd number of bytes)")
-        maps.append(np.memmap(s, dtype="<u2", mode="r"))
+        try:
+            maps.append(np.memmap(s, dtype="<u2", mode="r"))
+        except OSError as e:
+            raise ValueError(f"--data {s}: cannot read it: {e.strerror or e}") from None
     if len(maps) > 1:
         return TokenData(maps[1:], maps[:1], f"{len(maps)} token shards in {path}")
     return TokenData(*_split(maps[0], val_fraction), f"token shard {path}")

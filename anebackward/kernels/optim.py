@@ -56,6 +56,54 @@ def clip_grad_norm(grads, max_norm, *, backend=None):
     return norm
 
 
+# Step counts go to C as int64 and grow by one per update; this bound keeps
+# every reachable count (and a file's stored one) far from overflow.
+MAX_STEP = 2**62
+
+
+def _hparam(fn, name, v, **bounds):
+    # float() also parses strings and turns True into 1.0: neither is a number here
+    if isinstance(v, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{fn}: {name} must be a real number, got {v!r}")
+    return C.finite_float(fn, name, v, **bounds)
+
+
+_UNSET = object()
+
+
+def check_adamw_hparams(fn, *, lr=_UNSET, betas=_UNSET, eps=_UNSET, weight_decay=_UNSET,
+                        beta_names=("betas[0]", "betas[1]")):
+    """The one validation of AdamW's hyper-parameters, used by adamw_step,
+    anebackward.AdamW (constructor, step, load_state_dict), the optimizer-state
+    reader and anebackward.torch.AdamW. Checks the ones given and returns
+    (lr, betas, eps, weight_decay) as floats (betas a pair; None for one not
+    given). TypeError for a non-number (also None, bool, str), ValueError
+    for a value out of range (lr, eps, weight_decay finite and >= 0; betas
+    in [0, 1)); the message names fn and the argument."""
+    lr = None if lr is _UNSET else _hparam(fn, "lr", lr, lo=0.0)
+    if betas is _UNSET:
+        betas = None
+    else:
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise TypeError(f"{fn}: betas must be a pair of numbers (beta1, beta2), got {betas!r}")
+        betas = tuple(_hparam(fn, name, b, lo=0.0, hi=1.0, hi_open=True)
+                      for name, b in zip(beta_names, betas))
+    eps = None if eps is _UNSET else _hparam(fn, "eps", eps, lo=0.0)
+    weight_decay = (None if weight_decay is _UNSET
+                    else _hparam(fn, "weight_decay", weight_decay, lo=0.0))
+    return lr, betas, eps, weight_decay
+
+
+def check_adamw_step(fn, step, lo=1, name="step"):
+    """An AdamW step count: an int in [lo, MAX_STEP] (1 for the update
+    about to be taken, 0 for a state that has not stepped yet)."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be an int, got {step!r}")
+    if not lo <= step <= MAX_STEP:
+        raise ValueError(f"{fn}: {name} must be in [{lo}, 2**62], got {step!r}")
+    return int(step)
+
+
 def adamw_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                weight_decay=0.0, backend=None):
     """One AdamW update of param, m and v in place (decoupled weight decay,
@@ -74,12 +122,10 @@ def adamw_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
         for nb, b in arrays[i + 1:]:
             if np.may_share_memory(a, b):
                 raise ValueError(f"{fn}: {na} and {nb} overlap; they must be separate arrays")
-    step = C.positive_int(fn, "step", step)
-    lr = C.finite_float(fn, "lr", lr, lo=0.0)
-    beta1 = C.finite_float(fn, "beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    beta2 = C.finite_float(fn, "beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
-    eps = C.finite_float(fn, "eps", eps, lo=0.0)
-    weight_decay = C.finite_float(fn, "weight_decay", weight_decay, lo=0.0)
+    step = check_adamw_step(fn, step)
+    lr, (beta1, beta2), eps, weight_decay = check_adamw_hparams(
+        fn, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        beta_names=("beta1", "beta2"))
     check(cfunc(fn, "adamw", backend)(fptr(param), fptr(grad), fptr(m), fptr(v), param.size, step,
                                       lr, beta1, beta2, eps, weight_decay), fn)
     return param

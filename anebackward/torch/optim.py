@@ -10,6 +10,7 @@ step against 52 ms (foreach) / 75 ms (for-loop) for torch.optim.AdamW.
 import torch
 
 import anebackward as ab
+from anebackward.kernels.optim import check_adamw_hparams
 
 from ._bridge import F32
 
@@ -22,16 +23,24 @@ class AdamW(torch.optim.Optimizer):
     or for parameters that are not CPU float32."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        if not 0.0 <= float(lr):
-            raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
-        if not 0.0 <= eps:
-            raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
+        check_adamw_hparams("AdamW", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
+
+    def add_param_group(self, param_group):
+        # the constructor's groups come through here too; a group's own
+        # settings (those not given fall back to the defaults) are checked
+        check_adamw_hparams("AdamW.add_param_group", **{
+            k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay") if k in param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, after checking every group's
+        hyper-parameters (nothing is loaded when one is bad)."""
+        for i, g in enumerate(state_dict.get("param_groups", [])):
+            check_adamw_hparams(f"AdamW.load_state_dict (param_groups[{i}])", **{
+                k: g[k] for k in ("lr", "betas", "eps", "weight_decay") if k in g})
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _check(p):

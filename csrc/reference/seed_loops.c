@@ -8,11 +8,28 @@
  *   - attention handles GQA (n_kv_heads) and a batch axis.
  *   - indices are int64_t (the seed's int overflowed for vocab*dim).
  *   - scratch comes from the caller's workspace (the seed malloc'ed per call).
+ *   - sizes are bounded before they are multiplied (REF_FITS), so no index
+ *     product or position can overflow int64 (signed overflow is UB).
+ *   - RMSNorm and AdamW scale before cubing/squaring (as the fast kernels
+ *     do), so large activations or gradients do not overflow float.
  * Kernels the seed did not have (forwards, cross-entropy, embedding) are
  * written in the same plain style. */
 #include "ab_internal.h"
 
-#define GUARD_DIMS3(a, b, c) do { AB_NONNEG(a); AB_NONNEG(b); AB_NONNEG(c); } while (0)
+/* 1 when a*b*c*d (each >= 0, checked before) fits int64_t: bound first,
+ * then multiply. Every index in a kernel is below such a product. */
+static int ref_fits(int64_t a, int64_t b, int64_t c, int64_t d) {
+    int64_t f[4] = {a, b, c, d}, acc = 1;
+    for (int i = 0; i < 4; i++) if (f[i] == 0) return 1;
+    for (int i = 0; i < 4; i++) {
+        if (acc > INT64_MAX / f[i]) return 0;
+        acc *= f[i];
+    }
+    return 1;
+}
+#define REF_FITS(a, b, c, d) AB_REQUIRE(ref_fits(a, b, c, d), AB_ETOOBIG)
+#define GUARD_DIMS3(a, b, c) do { AB_NONNEG(a); AB_NONNEG(b); AB_NONNEG(c); \
+    REF_FITS(a, b, 1, 1); REF_FITS(a, c, 1, 1); REF_FITS(b, c, 1, 1); } while (0)
 
 /* seed: none (forward). y = x W^T */
 int ab_ref_linear_forward(float *y, const float *x, const float *W,
@@ -55,7 +72,7 @@ int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
 /* seed: rmsnorm forward (forward.h). */
 int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
                            int64_t N, int64_t D, float eps) {
-    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL);
+    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL); REF_FITS(N, D, 1, 1);
     AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(w);
     for (int64_t t = 0; t < N; t++) {
         float ss = 0;
@@ -66,11 +83,13 @@ int ab_ref_rmsnorm_forward(float *y, const float *x, const float *w,
     return AB_OK;
 }
 
-/* seed: cpu_rmsnorm_backward — FIXED: dot / (D rms^3), and dw. */
+/* seed: cpu_rmsnorm_backward — FIXED: dot / (D rms^3), and dw. The
+ * correction multiplies by 1/rms three times instead of dividing by rms^3,
+ * which overflows float once rms > ~7e12 (and then dropped the term). */
 int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
                             const float *w, int64_t N, int64_t D, float eps,
                             int accumulate_dx) {
-    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL);
+    AB_NONNEG(N); AB_REQUIRE(D > 0 && eps >= 0.0f, AB_EINVAL); REF_FITS(N, D, 1, 1);
     AB_NONNULL(dx); AB_NONNULL(dy); AB_NONNULL(x); AB_NONNULL(w);
     for (int64_t t = 0; t < N; t++) {
         float ss = 0;
@@ -79,7 +98,7 @@ int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *
         float inv_rms = 1.0f / rms;
         float dot = 0;
         for (int64_t i = 0; i < D; i++) dot += dy[t * D + i] * w[i] * x[t * D + i];
-        dot /= (D * rms * rms * rms);   /* the seed had D * rms * rms */
+        dot = dot * inv_rms * inv_rms * inv_rms / D;   /* the seed had D * rms * rms */
         for (int64_t i = 0; i < D; i++) {
             float g = dy[t * D + i] * w[i] * inv_rms - x[t * D + i] * dot;
             dx[t * D + i] = accumulate_dx ? dx[t * D + i] + g : g;
@@ -95,6 +114,8 @@ static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_he
                     int64_t head_dim, int64_t pos_offset, float sign) {
     AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
     AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_REQUIRE(pos_offset <= INT64_MAX - S, AB_EINVAL);   /* pos_offset + t must not overflow */
+    REF_FITS(B, S, n_heads, head_dim);
     AB_NONNULL(y); AB_NONNULL(x);
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < S; t++)
@@ -122,7 +143,8 @@ static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64
                               int64_t work_floats) {
     AB_NONNEG(B); AB_NONNEG(S);
     AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
-    AB_REQUIRE(work_floats >= 2 * S, AB_EWORKSPACE);
+    REF_FITS(B, S, H, hd);
+    AB_REQUIRE(S <= INT64_MAX / 2 && work_floats >= 2 * S, AB_EWORKSPACE);
     return AB_OK;
 }
 
@@ -242,7 +264,7 @@ int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
 int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                          const float *logits, const int32_t *targets,
                          int64_t N, int64_t V, float grad_scale) {
-    AB_NONNEG(N); AB_REQUIRE(V > 0, AB_EINVAL);
+    AB_NONNEG(N); AB_REQUIRE(V > 0, AB_EINVAL); REF_FITS(N, V, 1, 1);
     AB_NONNULL(loss_out); AB_NONNULL(logits); AB_NONNULL(targets);
     int64_t n = 0;
     for (int64_t t = 0; t < N; t++) {
@@ -310,14 +332,16 @@ int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
     AB_NONNULL(p); AB_NONNULL(g); AB_NONNULL(m); AB_NONNULL(v);
     float bc1 = 1.0f - powf(beta1, (float)step);
     float bc2 = 1.0f - powf(beta2, (float)step);
+    /* sqrt(v)/sqrt(bc2), not sqrt(v/bc2): early in training bc2 is small and
+     * v/bc2 overflowed for |g| > ~2e19, which gave no update at all */
+    float inv_sqrt_bc2 = 1.0f / sqrtf(bc2);
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i];
         m[i] = beta1 * m[i] + (1 - beta1) * gi;
         v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
         float m_hat = m[i] / bc1;
-        float v_hat = v[i] / bc2;
         p[i] -= lr * weight_decay * p[i];
-        p[i] -= lr * m_hat / (sqrtf(v_hat) + eps);
+        p[i] -= lr * m_hat / (sqrtf(v[i]) * inv_sqrt_bc2 + eps);
     }
     return AB_OK;
 }

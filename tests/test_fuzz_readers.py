@@ -1,0 +1,202 @@
+"""Fuzzed files for every reader of untrusted bytes: llama2.c checkpoints,
+tokenizer.bin, optimizer.bin and training data (text files and uint16
+shards). Each starts from a valid file and mutates it (truncation, byte
+flips, appended junk, and format-aware edits: header ints, JSON fields).
+The only acceptable outcomes are a clean load or the documented exception
+(CheckpointError for the three binary formats, ValueError for --data);
+anything else (IndexError, struct.error, MemoryError, a hang, a crash)
+fails. derandomize=True makes each run the same examples (seeded), so a
+failure reproduces."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import anebackward as ab  # noqa: E402
+from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer  # noqa: E402
+from anebackward.data import load_data  # noqa: E402
+from anebackward.tokenizer import Tokenizer  # noqa: E402
+
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+SMALL = ab.LlamaConfig(dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                       vocab_size=12, max_seq_len=4)
+
+
+def _mutations(n):
+    """Byte-level edits of an n-byte file."""
+    return st.one_of(
+        st.tuples(st.just("truncate"), st.integers(0, max(n - 1, 0))),
+        st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 255)),
+                                            min_size=1, max_size=8)),
+        st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
+        st.tuples(st.just("insert"), st.integers(0, n), st.binary(min_size=1, max_size=16)),
+        st.tuples(st.just("int32"), st.integers(0, max(n // 4 - 1, 0)),
+                  st.one_of(st.integers(-2**31, 2**31 - 1), st.sampled_from(
+                      [0, -1, 1, 2**31 - 1, -2**31, 2**30, 2**16, 259, 65536]))),
+    )
+
+
+def _apply(raw, m):
+    raw = bytearray(raw)
+    kind = m[0]
+    if kind == "truncate":
+        return bytes(raw[:m[1]])
+    if kind == "flip":
+        for i, b in m[1]:
+            raw[i] = b
+        return bytes(raw)
+    if kind == "append":
+        return bytes(raw) + m[1]
+    if kind == "insert":
+        return bytes(raw[:m[1]]) + m[2] + bytes(raw[m[1]:])
+    i, v = m[1], m[2]
+    raw[4 * i:4 * i + 4] = struct.pack("<i", v)
+    return bytes(raw)
+
+
+# -- llama2.c checkpoint -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "model.bin"
+    ab.Llama(SMALL, seed=0).save(path)
+    return path
+
+
+def _header_edits():
+    # any of the 7 header ints set to an interesting value: the reader must
+    # refuse what does not match the file before allocating anything
+    return st.tuples(st.just("int32"), st.integers(0, 6), st.one_of(
+        st.integers(-2**31, 2**31 - 1),
+        st.sampled_from([0, -1, 1, 2, 3, 4, 8, 12, -12, 16, 2**31 - 1, -2**31, 2**16, 2**30])))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_checkpoints(model_file, data, tmp_path):
+    raw = model_file.read_bytes()
+    m = data.draw(st.one_of(_header_edits(), _mutations(len(raw))))
+    path = tmp_path / "m.bin"
+    path.write_bytes(_apply(raw, m))
+    try:
+        model = ab.Llama.load(path)
+    except ab.CheckpointError:
+        return
+    assert np.isfinite(model.flat_params).all()
+    model.forward(np.arange(3) % model.config.vocab_size)   # a loaded model runs
+
+
+# -- tokenizer.bin ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "tokenizer.bin"
+    pieces = Tokenizer.byte_level().pieces + [b"he", b"ll", b"hell", b"o w"]
+    Tokenizer(pieces, scores=list(range(len(pieces)))).save(path)
+    return path
+
+
+@FUZZ
+@given(data=st.data(), vocab=st.sampled_from([None, 259, 263, 264, 300]))
+def test_fuzzed_tokenizers(tokenizer_file, data, vocab, tmp_path):
+    raw = tokenizer_file.read_bytes()
+    m = data.draw(_mutations(len(raw)))
+    path = tmp_path / "t.bin"
+    path.write_bytes(_apply(raw, m))
+    try:
+        tok = Tokenizer.load(path, vocab_size=vocab)
+    except ab.CheckpointError:
+        return
+    try:
+        ids = tok.encode("hello world \u00e9\u4e2d!")
+    except ValueError:       # documented: a vocabulary without the ' ' piece
+        return
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    tok.decode(ids[1:])
+
+
+# -- optimizer.bin ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def opt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "optimizer.bin"
+    model = ab.Llama(SMALL, seed=0)
+    opt = ab.AdamW(model)
+    model.flat_grads[:] = 0.5
+    opt.step()
+    save_optimizer(opt, path, extra={"step": 1, "settings": {"lr": 1e-3}})
+    return path
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers(-2**70, 2**70)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=8)
+
+
+@st.composite
+def _meta_edit(draw, raw):
+    (n,) = struct.unpack("<Q", raw[8:16])
+    meta = json.loads(raw[16:16 + n])
+    key = draw(st.sampled_from(sorted(meta) + ["extra", "unknown"]))
+    if draw(st.booleans()):
+        meta.pop(key, None)
+    else:
+        meta[key] = draw(json_values)
+    text = json.dumps(meta).encode()
+    return ("raw", OPT_MAGIC + struct.pack("<Q", len(text)) + text + raw[16 + n:])
+
+
+@FUZZ
+@given(data=st.data(), metadata=st.booleans())
+def test_fuzzed_optimizer_states(opt_file, data, metadata, tmp_path):
+    """Half the examples edit one JSON field (drop it, or any JSON value),
+    half the bytes."""
+    raw = opt_file.read_bytes()
+    m = data.draw(_meta_edit(raw) if metadata else _mutations(len(raw)))
+    path = tmp_path / "o.bin"
+    path.write_bytes(m[1] if m[0] == "raw" else _apply(raw, m))
+    model = ab.Llama(SMALL, seed=0)
+    opt = ab.AdamW(model)
+    try:
+        extra = load_optimizer(opt, path)
+    except ab.CheckpointError:
+        assert opt.step_count == 0 and not opt.m.any()     # nothing half-loaded
+        return
+    assert isinstance(extra, dict)
+    assert np.isfinite(opt.m).all() and (opt.v >= 0).all()
+    model.flat_grads[:] = 0.1
+    opt.step()                                              # a loaded state steps
+
+
+# -- training data ---------------------------------------------------------------
+
+@FUZZ
+@given(shards=st.lists(st.binary(max_size=80), min_size=1, max_size=3),
+       text=st.binary(max_size=200), seq_len=st.integers(1, 12))
+def test_fuzzed_training_data(shards, text, seq_len, tmp_path):
+    tok = Tokenizer.byte_level()
+    d = tmp_path / "shards"
+    d.mkdir(exist_ok=True)
+    for old in d.iterdir():
+        old.unlink()
+    for i, s in enumerate(shards):
+        (d / f"data{i:02d}.bin").write_bytes(s)
+    (tmp_path / "corpus.txt").write_bytes(text)
+    for path in (d, d / "data00.bin", tmp_path / "corpus.txt"):
+        try:
+            data = load_data(str(path), tok)
+            x, y = data.batch(3, 2, seq_len)
+        except ValueError:
+            continue
+        assert x.shape == y.shape == (2, seq_len) and x.dtype == np.int32
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
