@@ -15,6 +15,7 @@ The whole model (anebackward.model; C forward/backward in csrc/model):
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
 ANEBACKWARD_BACKEND, else "auto").
 """
+from ._version import __version__
 from ._native import ffi as _ffi, lib as _lib
 from .errors import AnebackwardError, AneUnavailableError, CheckpointError
 from .kernels.attention import attention, attention_backward, attention_workspace
@@ -28,14 +29,13 @@ from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
 
-__version__ = "0.1.0"
-
 
 def blas_info():
-    """Which BLAS the C core calls, the kernel core it picked, its threads,
-    and the C compiler flags of this build."""
+    """The package version, which BLAS the C core calls, the kernel core it
+    picked, its threads, and the C compiler flags of this build."""
     s = lambda p: _ffi.string(p).decode()  # noqa: E731
     return {
+        "version": __version__,
         "blas": s(_lib.ab_blas_name()),
         "corename": s(_lib.ab_blas_corename()),
         "threads": int(_lib.ab_blas_get_num_threads()),

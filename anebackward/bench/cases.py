@@ -1,6 +1,6 @@
 """What is timed: named model shapes, one case per kernel × shape (× matmul
 site for the linear kernels), the inputs of each case, and the callables of
-the contenders that do not need bench/ (ours, the reference backend, raw
+the contenders that need no module of their own (ours, the reference backend, raw
 sgemm)."""
 import ctypes
 import os
@@ -123,7 +123,7 @@ def inputs(case, rng):
 
 def api_callable(case, ops, inp, prealloc):
     """(fn, reset) doing the case through an object with the anebackward
-    kernel API (anebackward bound to a backend, or bench/numpy_impl). With
+    kernel API (anebackward bound to a backend, or numpy_impl). With
     prealloc, outputs are allocated once and passed (the zero-copy use)."""
     k, d, a = case.kernel, case.dims, inp
 

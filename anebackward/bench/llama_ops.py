@@ -1,5 +1,5 @@
 """A Llama training step written once against the kernel API, run with any
-set of kernels ("ops"): NumPy (bench/numpy_impl.py), or anebackward's own
+set of kernels ("ops"): NumPy (numpy_impl.py), or anebackward's own
 kernels with backend="reference" (the seed's scalar loops, corrected) or
 backend="auto" (anebackward.bench.cases.KernelOps). This gives the full-step figures of the NumPy contender
 and of the seed loops; it is NOT anebackward.model (that is timed as "ours").
