@@ -21,7 +21,26 @@ def _preload_openblas():
 
 _openblas = _preload_openblas()
 
-from ._lib import ffi, lib  # noqa: E402
+def _no_core(e):
+    """The C core is missing here: most often a source checkout (no in-place
+    build) shadowing an installed copy because it comes first on sys.path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tree = os.path.dirname(here)
+    if os.path.isfile(os.path.join(tree, "setup.py")) and os.path.isdir(os.path.join(tree, "csrc")):
+        return ImportError(
+            f"anebackward: {here} is the source tree without its C core built in place, and it "
+            f"shadows any installed copy; run `pip install -e .` in {tree} (or "
+            "`python setup.py build_ext --inplace`), or run from another directory")
+    return ImportError(f"anebackward: the C core anebackward._lib is missing from {here}; "
+                       f"reinstall the package ({e})")
+
+
+try:
+    from ._lib import ffi, lib  # noqa: E402
+except ModuleNotFoundError as e:
+    if e.name != __name__.rpartition(".")[0] + "._lib":
+        raise
+    raise _no_core(e) from None
 
 from .errors import AnebackwardError  # noqa: E402
 

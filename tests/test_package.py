@@ -13,3 +13,61 @@ def test_version_is_one_string_everywhere(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"anebackward {ab.__version__}"
+
+
+def _copy_tree_without_core(tmp_path):
+    """A source checkout as `pip install .` leaves it: no in-place _lib."""
+    import os
+    import shutil
+    src = os.path.dirname(os.path.dirname(ab.__file__))
+    tree = tmp_path / "checkout"
+    shutil.copytree(os.path.join(src, "anebackward"), tree / "anebackward",
+                    ignore=shutil.ignore_patterns("__pycache__", "_lib*.so", "_lib*.pyd", "_lib.c"))
+    (tree / "csrc").mkdir()
+    shutil.copy(os.path.join(src, "setup.py"), tree / "setup.py")
+    return tree
+
+
+@pytest.mark.parametrize("cmd", [["-c", "import anebackward"], ["-m", "anebackward", "train"]])
+def test_source_tree_shadowing_says_what_to_do(tmp_path, cmd):
+    """Inside a checkout after a non-editable install, the tree shadows the
+    install; the error must say so in one line (it was a bare
+    ModuleNotFoundError: No module named 'anebackward._lib')."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    tree = _copy_tree_without_core(tmp_path)
+    # -S with site-packages on PYTHONPATH: the dependencies import, but no .pth
+    # file runs, so an editable install of this checkout cannot step in
+    paths = sysconfig.get_paths()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join({paths["purelib"], paths["platlib"]}))
+    r = subprocess.run([sys.executable, "-S"] + cmd, cwd=tree, capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: anebackward:") and "pip install -e ." in last, r.stderr
+    assert "shadows any installed copy" in last
+
+
+def test_main_job_draws_loss_png_without_a_display(tmp_path):
+    """`pip install . && anebackward train` lists loss.png among its outputs:
+    matplotlib is a dependency (it was an extra, so the plot was skipped), and
+    the job draws it headless."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import requires
+    assert any(r.split(";")[0].strip().startswith("matplotlib") and "extra ==" not in r
+               for r in requires("anebackward"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY",
+                                                            "MPLBACKEND")}
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "anebackward", "train", "--config", "tiny",
+                        "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                        "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skipped loss.png" not in r.stdout + r.stderr
+    with open(out / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
