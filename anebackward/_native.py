@@ -44,6 +44,7 @@ except ModuleNotFoundError as e:
 
 from .errors import AnebackwardError  # noqa: E402
 
+# The one map from C error codes (csrc/anebackward.h) to Python exceptions.
 _CODE_TO_EXC = {
     lib.AB_EINVAL: ValueError,
     lib.AB_ERANGE: ValueError,
@@ -53,11 +54,17 @@ _CODE_TO_EXC = {
 }
 
 
+def exception_for(rc):
+    """The exception class for a nonzero C error code (AnebackwardError for
+    codes without a more specific Python meaning)."""
+    return _CODE_TO_EXC.get(rc, AnebackwardError)
+
+
 def check(rc, what):
     """Raise if a C call returned an error code."""
     if rc != 0:
         msg = ffi.string(lib.ab_strerror(rc)).decode()
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{what}: {msg} (C error {rc})")
+        raise exception_for(rc)(f"{what}: {msg} (C error {rc})")
 
 
 def fptr(a):

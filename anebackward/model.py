@@ -4,8 +4,8 @@ core: LlamaConfig, Llama, AdamW and the cosine learning-rate schedule.
 All parameters live in ONE flat float32 buffer (`model.flat_params`) and all
 gradients in another (`model.flat_grads`); `model.params[name]` and
 `model.grads[name]` are views into them, named like llama2.c's PyTorch state
-dict. The flat layout (csrc/model/model.c, ab_model_param_layout) puts every
-2-D weight first and the 1-D RMSNorm weights last:
+dict. The flat layout (anebackward/layout.py, from C) puts every 2-D weight
+first and the 1-D RMSNorm weights last:
 
     tok_embeddings | wq | wk | wv | wo | w1 | w2 | w3 | output (untied) || norms
 
@@ -20,132 +20,17 @@ regions. A tied classifier has no `output.weight`: it IS
     model.clip_grad_norm(1.0)
     opt.step()
 """
-import dataclasses
 import math
 
 import numpy as np
 
 from . import _checks as C
+from . import checkpoint
 from ._backend import resolve
 from ._native import check, ffi, fptr, iptr, lib
-from .kernels.optim import clip_grad_norm as _clip_grad_norm
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """The hyperparameters of a Llama-2 model (the llama2.c v0 header plus
-    the classifier tying and the RMSNorm epsilon)."""
-    dim: int = 128
-    hidden_dim: int = 352
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = None
-    vocab_size: int = 259
-    max_seq_len: int = 128
-    shared_classifier: bool = True
-    norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        fn = "LlamaConfig"
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                     "max_seq_len"):
-            object.__setattr__(self, name, C.positive_int(fn, name, getattr(self, name)))
-        if self.dim % self.n_heads:
-            raise ValueError(f"{fn}: dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"{fn}: the head size dim/n_heads = {self.dim // self.n_heads} must be "
-                             "even (RoPE rotates pairs)")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{fn}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
-        object.__setattr__(self, "norm_eps", C.finite_float(fn, "norm_eps", self.norm_eps, lo=0.0))
-        object.__setattr__(self, "shared_classifier", bool(self.shared_classifier))
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
-
-    @property
-    def kv_dim(self):
-        return self.head_dim * self.n_kv_heads
-
-    @classmethod
-    def preset(cls, name, **overrides):
-        """A named configuration: one of PRESETS, with fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; choose one of "
-                             f"{', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS = {
-    # the main job's model: byte-level vocabulary, trains in about a minute on 2 cores
-    "default": LlamaConfig(dim=128, hidden_dim=352, n_layers=4, n_heads=4, n_kv_heads=2,
-                           vocab_size=259, max_seq_len=128),
-    # a model small enough for tests
-    "tiny": LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                        vocab_size=259, max_seq_len=64),
-    # llama2.c's TinyStories checkpoints (Llama 2 vocabulary)
-    "stories15M": LlamaConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
-                              vocab_size=32000, max_seq_len=256),
-    "stories42M": LlamaConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
-                              vocab_size=32000, max_seq_len=1024),
-    "stories110M": LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
-                               vocab_size=32000, max_seq_len=1024),
-}
-
-
-def _c_config(config, reference=False):
-    c = ffi.new("ab_model_config *")
-    c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
-    c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
-    c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
-    c.shared_classifier = int(config.shared_classifier)
-    c.norm_eps = config.norm_eps
-    c.reference = int(reference)
-    return c
-
-
-def param_layout(config):
-    """The flat-buffer offsets (in floats) of each tensor kind, from C: a dict
-    with tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output, attention_norm,
-    ffn_norm, norm, n_decay, n_params (64-bit, no overflow at any size)."""
-    lay = ffi.new("ab_model_layout *")
-    check(lib.ab_model_param_layout(_c_config(config), lay), "param_layout")
-    keys = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "output",
-            "attention_norm", "ffn_norm", "norm", "n_decay", "n_params")
-    return {k: int(getattr(lay, k)) for k in keys}
-
-
-def tensor_specs(config):
-    """[(name, offset, shape)] of every parameter, in flat-buffer order.
-    Per-kind stacks: layer i of wq is at layout['wq'] + i * dim * dim."""
-    c, lay = config, param_layout(config)
-    D, Hd, V, kv, L = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers
-    specs = [("tok_embeddings.weight", lay["tok_embeddings"], (V, D))]
-    kinds = [("attention.wq", "wq", (D, D)), ("attention.wk", "wk", (kv, D)),
-             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, D)),
-             ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),
-             ("feed_forward.w3", "w3", (Hd, D))]
-    for sub, key, shape in kinds:
-        n = shape[0] * shape[1]
-        specs += [(f"layers.{i}.{sub}.weight", lay[key] + i * n, shape) for i in range(L)]
-    if not c.shared_classifier:
-        specs.append(("output.weight", lay["output"], (V, D)))
-    specs += [(f"layers.{i}.attention_norm.weight", lay["attention_norm"] + i * D, (D,))
-              for i in range(L)]
-    specs += [(f"layers.{i}.ffn_norm.weight", lay["ffn_norm"] + i * D, (D,)) for i in range(L)]
-    specs.append(("norm.weight", lay["norm"], (D,)))
-    return specs
-
-
-def _views(flat, specs):
-    return {name: flat[off:off + math.prod(shape)].reshape(shape) for name, off, shape in specs}
+from .config import PRESETS, LlamaConfig
+from .kernels.optim import clip_grad_norm, grad_norm
+from .layout import c_config, param_layout, tensor_specs, views
 
 
 class Llama:
@@ -165,15 +50,15 @@ class Llama:
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve("Llama", backend)
-        self._cfg = _c_config(config, reference=self.backend == "reference")
+        self._cfg = c_config(config, reference=self.backend == "reference")
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
         self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config)
-        self.params = _views(self.flat_params, self._specs)
-        self.grads = _views(self.flat_grads, self._specs)
+        self.params = views(self.flat_params, self._specs)
+        self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
         self._pending = None       # (tokens, B, S) of the last want_grad forward
         self.last_loss = None
@@ -323,13 +208,12 @@ class Llama:
         self.flat_grads[:] = 0.0
 
     def grad_norm(self):
-        from .kernels.optim import grad_norm
         return grad_norm(self.flat_grads)
 
     def clip_grad_norm(self, max_norm):
         """Scale all gradients so that their global L2 norm is at most
         max_norm (one pass over the flat buffer); returns the norm before."""
-        return _clip_grad_norm(self.flat_grads, max_norm)
+        return clip_grad_norm(self.flat_grads, max_norm)
 
     def named_parameters(self):
         return list(self.params.items())
@@ -343,14 +227,12 @@ class Llama:
     # -- checkpoints ---------------------------------------------------------
     def save(self, path):
         """Write a llama2.c v0 checkpoint (atomically)."""
-        from .checkpoint import save_model
-        save_model(self, path)
+        checkpoint.save_model(self, path)
 
     @classmethod
     def load(cls, path, *, backend=None):
         """Read a llama2.c v0 checkpoint."""
-        from .checkpoint import load_model
-        return load_model(path, backend=backend)
+        return checkpoint.load_model(path, cls, backend=backend)
 
 
 class Decoder:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from anebackward import Llama, LlamaConfig
+from anebackward.layout import tensor_specs
 
 
 def torch_model(torch, cfg, params, norm=None):
@@ -147,7 +148,7 @@ def test_params_and_grads_are_views_into_flat_buffers():
     assert model.params["layers.1.attention.wk.weight"].shape == (cfg.kv_dim, cfg.dim)
     assert model.params["layers.0.feed_forward.w2.weight"].shape == (cfg.dim, cfg.hidden_dim)
     # the 2-D weights are exactly the prefix [0, n_decay)
-    for name, off, shape in __import__("anebackward.model", fromlist=["x"]).tensor_specs(cfg):
+    for name, off, shape in tensor_specs(cfg):
         assert (len(shape) == 2) == (off < model.n_decay), name
 
 

@@ -1,5 +1,5 @@
 """One test per defect of the seed's model_backward / model_adam_step
-(DESIGN.md §2). Each test checks the package against the float64 torch
+(README.md, "The model from Python"). Each test checks the package against the float64 torch
 oracle AND shows that the seed's behaviour, plugged into the same oracle,
 misses by far more than the tolerance: so the test would catch the defect.
 (The checkpoint freq_cis defect is tested in test_checkpoint.py.)
@@ -7,7 +7,7 @@ misses by far more than the tolerance: so the test would catch the defect.
 import numpy as np
 
 from anebackward import AdamW, Llama, LlamaConfig
-from anebackward.model import param_layout, tensor_specs
+from anebackward.layout import param_layout, tensor_specs
 from test_model import assert_grads_match, randomize, shifted, torch_grads, torch_model
 
 CFG = LlamaConfig(dim=16, hidden_dim=32, n_layers=2, n_heads=2, vocab_size=31, max_seq_len=16)

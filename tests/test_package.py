@@ -71,3 +71,70 @@ def test_main_job_draws_loss_png_without_a_display(tmp_path):
     assert "skipped loss.png" not in r.stdout + r.stderr
     with open(out / "loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _imports():
+    """{module: {(imported module, names)}} for every module of the package,
+    imports inside functions included."""
+    import ast
+    import pathlib
+    root = pathlib.Path(ab.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        parts = list(rel.parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts = parts[:-1]
+        mod = ".".join(parts)
+        base = parts if is_pkg else parts[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    pkg = base[:len(base) - node.level + 1]
+                    target = ".".join(pkg + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                names = tuple(a.name for a in node.names)
+                if target.startswith("anebackward"):
+                    if node.module is None:      # from . import x: x is a module
+                        edges |= {(f"{target}.{n}", ()) for n in names}
+                    else:
+                        edges.add((target, names))
+            elif isinstance(node, ast.Import):
+                edges |= {(a.name, ()) for a in node.names if a.name.startswith("anebackward")}
+        graph[mod] = edges
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    """checkpoint <-> model was a cycle; layout, config and atomic writes have
+    their own modules now. (Imports of the package root, which re-exports
+    everything, are not counted.)"""
+    imports = _imports()
+    graph = {m: {t for t, _ in e if t in imports and t != "anebackward"} for m, e in imports.items()}
+    assert "anebackward.model" not in graph["anebackward.checkpoint"]
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for t in graph.get(m, ()):
+            if state.get(t) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack + [t]))
+            if t not in state:
+                visit(t, stack + [t])
+        state[m] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_private_names_imported_across_modules():
+    """e.g. tokenizer used checkpoint._atomic_write. Private modules of the
+    package (anebackward._native, _checks) may be imported; private names
+    from another module may not."""
+    imports = _imports()
+    bad = [(m, t, n) for m, edges in imports.items() for t, names in edges for n in names
+           if n.startswith("_") and n != "__version__" and f"{t}.{n}" not in imports]
+    assert not bad

@@ -30,8 +30,8 @@ import threading
 import numpy as np
 
 from .. import _checks as C
-from .._native import ffi, lib, fptr
-from ..errors import AnebackwardError, AneUnavailableError
+from .._native import exception_for, ffi, fptr, lib
+from ..errors import AneUnavailableError
 
 ENV = "ANEBACKWARD_ANE"
 KERNELS = ("linear_backward_dx",)
@@ -44,8 +44,6 @@ _config = {"loss_scaling": True, "min_flops": 2 ** 26, "max_programs": 100, "til
 _local = threading.local()
 
 _ERRCAP = 1024
-_CODE_TO_EXC = {lib.AB_EINVAL: ValueError, lib.AB_ERANGE: ValueError, lib.AB_ETOOBIG: ValueError,
-                lib.AB_ENOMEM: MemoryError}
 _FALLBACKS = {lib.AB_ANE_FB_NONE: None, lib.AB_ANE_FB_OVERFLOW: "fp16 overflow",
               lib.AB_ANE_FB_RANGE: "input outside fp16 range (inf/NaN in dy or |W| >= 65520)",
               lib.AB_ANE_FB_BUDGET: "compile budget spent", lib.AB_ANE_FB_ERROR: "platform error"}
@@ -243,9 +241,9 @@ def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane"):
                        "scale_log2": info.scale_log2}
         if rc:
             msg = ffi.string(err).decode(errors="replace") or ffi.string(lib.ab_ane_strerror(rc)).decode()
-            raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{fn}: {msg} (C error {rc})")
+            raise exception_for(rc)(f"{fn}: {msg} (C error {rc})")
     if rc:
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(
+        raise exception_for(rc)(
             f"{fn}: {ffi.string(lib.ab_strerror(rc)).decode()} (C error {rc})")
     return out
 
@@ -295,7 +293,7 @@ def run_mil(mil, x, out_shape, out_dtype=np.float16):
     rc = lib.ab_ane_run_mil(ctx, mil.encode(), ffi.from_buffer(x), x.nbytes,
                             ffi.from_buffer(res), res.nbytes, err, _ERRCAP)
     if rc:
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(
+        raise exception_for(rc)(
             f"{fn}: {ffi.string(err).decode(errors='replace')} (C error {rc})")
     return res
 
