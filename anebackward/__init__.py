@@ -30,7 +30,7 @@ from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
 
 
-def blas_info():
+def blas_info() -> dict:
     """The package version, which BLAS the C core calls, the kernel core it
     picked, its threads, and the C compiler flags of this build."""
     s = lambda p: _ffi.string(p).decode()  # noqa: E731
@@ -43,14 +43,14 @@ def blas_info():
     }
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Set the BLAS thread count (OpenBLAS; Accelerate decides by itself)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
     _lib.ab_set_num_threads(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The BLAS thread count (0 where the BLAS does not say)."""
     return int(_lib.ab_blas_get_num_threads())
 

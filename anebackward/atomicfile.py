@@ -1,10 +1,13 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never
 half of it (checkpoints, optimizer state, tokenizer)."""
+from __future__ import annotations
+
 import os
 import uuid
+from typing import BinaryIO, Callable
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call write(file) on a temporary file beside path, then rename it over
     path; on any error the temporary file is removed and path is untouched."""
     path = os.fspath(path)

@@ -4,7 +4,7 @@ Plain data with its own checks: the layout, checkpoint and model modules all
 read it, and it imports none of them.
 """
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from . import _checks as C
 
@@ -42,22 +42,22 @@ class LlamaConfig:
         object.__setattr__(self, "shared_classifier", bool(self.shared_classifier))
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.dim // self.n_heads
 
     @property
-    def kv_dim(self):
-        return self.head_dim * self.n_kv_heads
+    def kv_dim(self) -> int:
+        return self.head_dim * (self.n_kv_heads or self.n_heads)   # set in __post_init__
 
     @classmethod
-    def preset(cls, name, **overrides):
+    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
         """A named configuration: one of PRESETS, with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; choose one of "
                              f"{', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
-    def replace(self, **changes):
+    def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
 
 

@@ -9,8 +9,10 @@ so weight decay covers the prefix flat[:n_decay]. Per-kind stacks cover all
 layers, as in the llama2.c checkpoint file.
 """
 import math
+from typing import Dict, List, Tuple
 
 from ._native import check, ffi, lib
+from .config import LlamaConfig
 
 
 def c_config(config, reference=False):
@@ -25,7 +27,7 @@ def c_config(config, reference=False):
     return c
 
 
-def param_layout(config):
+def param_layout(config: LlamaConfig) -> Dict[str, int]:
     """The flat-buffer offsets (in floats) of each tensor kind, from C: a dict
     with tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output, attention_norm,
     ffn_norm, norm, n_decay, n_params (64-bit, no overflow at any size)."""
@@ -36,12 +38,13 @@ def param_layout(config):
     return {k: int(getattr(lay, k)) for k in keys}
 
 
-def tensor_specs(config):
+def tensor_specs(config: LlamaConfig) -> List[Tuple[str, int, Tuple[int, ...]]]:
     """[(name, offset, shape)] of every parameter, in flat-buffer order.
     Per-kind stacks: layer i of wq is at layout['wq'] + i * dim * dim."""
     c, lay = config, param_layout(config)
     D, Hd, V, kv, L = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers
-    specs = [("tok_embeddings.weight", lay["tok_embeddings"], (V, D))]
+    specs: List[Tuple[str, int, Tuple[int, ...]]] = [("tok_embeddings.weight",
+                                                      lay["tok_embeddings"], (V, D))]
     kinds = [("attention.wq", "wq", (D, D)), ("attention.wk", "wk", (kv, D)),
              ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, D)),
              ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),

@@ -20,7 +20,11 @@ regions. A tied classifier has no `output.weight`: it IS
     model.clip_grad_norm(1.0)
     opt.step()
 """
+from __future__ import annotations
+
 import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from ._native import check, ffi, fptr, iptr, lib
 from .config import PRESETS, LlamaConfig
 from .kernels.optim import clip_grad_norm, grad_norm
 from .layout import c_config, param_layout, tensor_specs, views
+from .types import Backend, F32Array, Tokens
 
 
 class Llama:
@@ -43,7 +48,8 @@ class Llama:
     weights. backend="reference" runs the seed's scalar loops (slow; the
     baseline)."""
 
-    def __init__(self, config=None, seed=0, *, backend=None, init=True):
+    def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
+                 backend: Backend = None, init: bool = True) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
@@ -69,17 +75,17 @@ class Llama:
     # for the model's life (read-only attributes); change their contents, as
     # params[name][...] = ... or flat_params[:] = ... do, never the arrays.
     @property
-    def flat_params(self):
+    def flat_params(self) -> F32Array:
         """All parameters, one float32 buffer (params[name] are views into it)."""
         return self._flat_params
 
     @property
-    def flat_grads(self):
+    def flat_grads(self) -> F32Array:
         """All gradients, one float32 buffer (grads[name] are views into it)."""
         return self._flat_grads
 
     # -- initialisation ----------------------------------------------------
-    def init_weights(self, seed=0):
+    def init_weights(self, seed: int = 0) -> None:
         """Re-initialise every weight like llama2.c's model.py (seedable)."""
         rng = np.random.default_rng(seed)
         lay, c = self.layout, self.config
@@ -124,14 +130,15 @@ class Llama:
             self._ws = (B, S, work, off[0])
         return self._ws[2]
 
-    def workspace_bytes(self, batch_size, seq_len):
+    def workspace_bytes(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the activation workspace for a [batch_size, seq_len] batch."""
         total = ffi.new("int64_t *")
         check(lib.ab_model_workspace_floats(self._cfg, batch_size, seq_len, total, ffi.NULL),
               "workspace_bytes")
         return total[0] * 4
 
-    def forward(self, tokens, targets=None, *, want_grad=True):
+    def forward(self, tokens: Tokens, targets: Optional[Tokens] = None, *,
+                want_grad: bool = True) -> float:
         """The mean cross-entropy loss of a batch.
 
         tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
@@ -167,7 +174,7 @@ class Llama:
 
     __call__ = forward
 
-    def backward(self, *, accumulate=False, grad_scale=1.0):
+    def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0) -> None:
         """Fill model.grads with the gradient of the last forward()'s loss
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
@@ -184,7 +191,7 @@ class Llama:
                                     iptr(tok), B, S, grad_scale, int(bool(accumulate)),
                                     fptr(work), work.size), fn)
 
-    def logits(self, tokens, *, last_only=False):
+    def logits(self, tokens: Tokens, *, last_only: bool = False) -> F32Array:
         """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
         last_only=True returns only the last position's [B, vocab]."""
         fn = "Llama.logits"
@@ -197,40 +204,40 @@ class Llama:
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()
 
-    def decoder(self):
+    def decoder(self) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like
         llama2.c's run.c: `dec.step(token, pos)` returns the logits [vocab]
         of the next token (a buffer overwritten by the next call)."""
         return Decoder(self)
 
     # -- gradients and parameters ------------------------------------------
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.flat_grads[:] = 0.0
 
-    def grad_norm(self):
+    def grad_norm(self) -> float:
         return grad_norm(self.flat_grads)
 
-    def clip_grad_norm(self, max_norm):
+    def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so that their global L2 norm is at most
         max_norm (one pass over the flat buffer); returns the norm before."""
         return clip_grad_norm(self.flat_grads, max_norm)
 
-    def named_parameters(self):
+    def named_parameters(self) -> List[Tuple[str, F32Array]]:
         return list(self.params.items())
 
-    def num_params(self, *, non_embedding=False):
+    def num_params(self, *, non_embedding: bool = False) -> int:
         n = self.n_params
         if non_embedding:
             n -= self.config.vocab_size * self.config.dim
         return n
 
     # -- checkpoints ---------------------------------------------------------
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write a llama2.c v0 checkpoint (atomically)."""
         checkpoint.save_model(self, path)
 
     @classmethod
-    def load(cls, path, *, backend=None):
+    def load(cls, path: str | os.PathLike, *, backend: Backend = None) -> Llama:
         """Read a llama2.c v0 checkpoint."""
         return checkpoint.load_model(path, cls, backend=backend)
 
@@ -239,7 +246,7 @@ class Decoder:
     """Incremental inference over a Llama (see Llama.decoder). Positions must
     be fed in order 0, 1, 2, ...; the cache holds max_seq_len positions."""
 
-    def __init__(self, model):
+    def __init__(self, model: Llama) -> None:
         self.model = model
         cfg = model._cfg
         self.kv_cache = np.zeros(lib.ab_model_kv_cache_floats(cfg), dtype=np.float32)
@@ -247,7 +254,7 @@ class Decoder:
         self._logits = np.zeros(model.config.vocab_size, dtype=np.float32)
         self.pos = 0
 
-    def step(self, token, pos=None):
+    def step(self, token: int, pos: Optional[int] = None) -> F32Array:
         fn = "Decoder.step"
         pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
         if pos > self.pos:
@@ -265,7 +272,8 @@ class Decoder:
         return self._logits
 
 
-def cosine_lr(step, *, max_lr, warmup_steps, total_steps, min_lr=0.0):
+def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps: int,
+              min_lr: float = 0.0) -> float:
     """The learning rate at `step` (counting from 0) as llama2.c's train.py
     get_lr: linear warm-up from 0 over warmup_steps, cosine decay to min_lr
     at total_steps, min_lr after."""
@@ -288,7 +296,8 @@ class AdamW:
     ab_adamw over that prefix with weight_decay and over the rest with 0. A
     tied classifier is one tensor and is updated once."""
 
-    def __init__(self, model, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, model: Llama, lr: float = 5e-4, betas: Tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.1) -> None:
         fn = "AdamW"
         if not isinstance(model, Llama):
             raise TypeError(f"{fn}: model must be an anebackward.Llama, got {type(model).__name__}")
@@ -304,16 +313,16 @@ class AdamW:
         self.step_count = 0
 
     @property
-    def m(self):
+    def m(self) -> F32Array:
         """First moments, one float32 buffer laid out like model.flat_params."""
         return self._m
 
     @property
-    def v(self):
+    def v(self) -> F32Array:
         """Second moments, one float32 buffer laid out like model.flat_params."""
         return self._v
 
-    def step(self, lr=None):
+    def step(self, lr: Optional[float] = None) -> None:
         """One update of every parameter from model.flat_grads; lr overrides
         self.lr for this step (and becomes self.lr)."""
         if lr is not None:
@@ -326,11 +335,11 @@ class AdamW:
                                fptr(self.m[lo:hi]), fptr(self.v[lo:hi]), hi - lo,
                                self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),
                 "eps": self.eps, "weight_decay": self.weight_decay, "m": self.m, "v": self.v}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         for name in ("m", "v"):
             a = state[name]
             if a.shape != (self.model.n_params,) or a.dtype != np.float32:

@@ -138,3 +138,27 @@ def test_no_private_names_imported_across_modules():
     bad = [(m, t, n) for m, edges in imports.items() for t, names in edges for n in names
            if n.startswith("_") and n != "__version__" and f"{t}.{n}" not in imports]
     assert not bad
+
+
+def test_public_api_is_annotated_and_typed():
+    """Type hints on the public API; py.typed and the _lib stub ship with the
+    package (pyproject package-data; .ci/wheel checks the wheel holds them)."""
+    import inspect
+    import os
+    root = os.path.dirname(ab.__file__)
+    assert os.path.isfile(os.path.join(root, "py.typed"))
+    assert os.path.isfile(os.path.join(root, "_lib.pyi"))
+    public = [getattr(ab, n) for n in ab.__all__ if inspect.isfunction(getattr(ab, n))]
+    for cls in (ab.Llama, ab.AdamW, ab.LlamaConfig):
+        public += [f for n, f in vars(cls).items() if inspect.isfunction(f) and
+                   (not n.startswith("_") or n == "__init__")]
+        public += [f.__func__ for f in vars(cls).values() if isinstance(f, classmethod)]
+    assert len(public) > 40
+    for f in public:
+        sig = inspect.signature(f)
+        missing = [p for p in sig.parameters.values() if p.name not in ("self", "cls") and
+                   p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and
+                   p.annotation is inspect.Parameter.empty]
+        assert not missing, f"{f.__qualname__}: no annotation for {[p.name for p in missing]}"
+        assert sig.return_annotation is not inspect.Signature.empty or f.__name__ == "__post_init__", \
+            f.__qualname__
