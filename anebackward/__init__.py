@@ -15,6 +15,7 @@ The whole model (anebackward.model; C forward/backward in csrc/model):
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
 ANEBACKWARD_BACKEND, else "auto").
 """
+from ._version import __version__
 from ._native import ffi as _ffi, lib as _lib
 from .errors import AnebackwardError, AneUnavailableError, CheckpointError
 from .kernels.attention import attention, attention_backward, attention_workspace
@@ -27,16 +28,14 @@ from .kernels.rope import rope, rope_backward
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
-from .config import get_include, get_lib_dir, get_library
+from .capi import get_include, get_lib_dir, get_library
 
-from ._version import __version__
-
-
-def blas_info():
-    """Which BLAS the C core calls, the kernel core it picked, its threads,
-    and the C compiler flags of this build."""
+def blas_info() -> dict:
+    """The package version, which BLAS the C core calls, the kernel core it
+    picked, its threads, and the C compiler flags of this build."""
     s = lambda p: _ffi.string(p).decode()  # noqa: E731
     return {
+        "version": __version__,
         "blas": s(_lib.ab_blas_name()),
         "corename": s(_lib.ab_blas_corename()),
         "threads": int(_lib.ab_blas_get_num_threads()),
@@ -44,14 +43,14 @@ def blas_info():
     }
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Set the BLAS thread count (OpenBLAS; Accelerate decides by itself)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
     _lib.ab_set_num_threads(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The BLAS thread count (0 where the BLAS does not say)."""
     return int(_lib.ab_blas_get_num_threads())
 

@@ -7,29 +7,27 @@ import argparse
 import importlib
 import sys
 
+from ._version import __version__
+
 COMMANDS = {
     "train": ("anebackward.train", "train a small Llama (default: the embedded corpus)"),
     "sample": ("anebackward.sample", "generate text from a llama2.c checkpoint"),
     "bench": ("anebackward.bench", "benchmark the kernels and the training step"),
     "selfcheck": ("anebackward.selfcheck", "check every kernel against float64 NumPy"),
-    "config": ("anebackward.config", "compiler and linker flags for C programs (--cflags --libs)"),
+    "config": ("anebackward.capi", "compiler and linker flags for C programs (--cflags --libs)"),
 }
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="anebackward", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"anebackward {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (modname, helptext) in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
         if argv[:1] == [name]:  # import only the command being run
-            try:
-                modules[name] = importlib.import_module(modname)
-            except ModuleNotFoundError as e:
-                if e.name != modname:
-                    raise
-                parser.error(f"the '{name}' command is not part of this build")
+            modules[name] = importlib.import_module(modname)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     if args.command is None:

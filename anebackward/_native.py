@@ -21,10 +21,30 @@ def _preload_openblas():
 
 _openblas = _preload_openblas()
 
-from ._lib import ffi, lib  # noqa: E402
+def _no_core(e):
+    """The C core is missing here: most often a source checkout (no in-place
+    build) shadowing an installed copy because it comes first on sys.path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tree = os.path.dirname(here)
+    if os.path.isfile(os.path.join(tree, "setup.py")) and os.path.isdir(os.path.join(tree, "csrc")):
+        return ImportError(
+            f"anebackward: {here} is the source tree without its C core built in place, and it "
+            f"shadows any installed copy; run `pip install -e .` in {tree} (or "
+            "`python setup.py build_ext --inplace`), or run from another directory")
+    return ImportError(f"anebackward: the C core anebackward._lib is missing from {here}; "
+                       f"reinstall the package ({e})")
+
+
+try:
+    from ._lib import ffi, lib  # noqa: E402
+except ModuleNotFoundError as e:
+    if e.name != __name__.rpartition(".")[0] + "._lib":
+        raise
+    raise _no_core(e) from None
 
 from .errors import AnebackwardError  # noqa: E402
 
+# The one map from C error codes (csrc/anebackward.h) to Python exceptions.
 _CODE_TO_EXC = {
     lib.AB_EINVAL: ValueError,
     lib.AB_ERANGE: ValueError,
@@ -34,11 +54,17 @@ _CODE_TO_EXC = {
 }
 
 
+def exception_for(rc):
+    """The exception class for a nonzero C error code (AnebackwardError for
+    codes without a more specific Python meaning)."""
+    return _CODE_TO_EXC.get(rc, AnebackwardError)
+
+
 def check(rc, what):
     """Raise if a C call returned an error code."""
     if rc != 0:
         msg = ffi.string(lib.ab_strerror(rc)).decode()
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{what}: {msg} (C error {rc})")
+        raise exception_for(rc)(f"{what}: {msg} (C error {rc})")
 
 
 def fptr(a):

@@ -23,14 +23,15 @@ directory, flushed, fsynced and renamed over the target (os.replace).
 import json
 import os
 import struct
-import uuid
 
 import numpy as np
 
 from . import _checks as C
+from .atomicfile import atomic_write
+from .config import LlamaConfig
 from .errors import CheckpointError
 from .kernels.optim import check_adamw_hparams, check_adamw_step
-from .model import Llama, LlamaConfig, param_layout
+from .layout import param_layout
 
 HEADER = struct.Struct("<7i")
 V1_MAGIC = 0x616B3432   # llama2.c export.py version >= 1 files start with "ak42"
@@ -95,9 +96,11 @@ def read_header(path):
         raise CheckpointError(f"{path}: corrupt header ({names} = {vals}): {e}") from None
 
 
-def load_model(path, *, backend=None):
-    """A Llama from a llama2.c v0 checkpoint. CheckpointError names what is
-    wrong with a truncated, oversized, corrupt or unreadable file."""
+def load_model(path, model_class, *, backend=None):
+    """A model_class (anebackward.Llama) from a llama2.c v0 checkpoint.
+    CheckpointError names what is wrong with a truncated, oversized, corrupt
+    or unreadable file. (The class is passed in: this module reads and writes
+    the format and imports no model.)"""
     path = os.fspath(path)
     config = read_header(path)
     want = expected_size(config)
@@ -110,7 +113,7 @@ def load_model(path, *, backend=None):
             f"n_kv_heads={config.n_kv_heads}, vocab_size={config.vocab_size}, "
             f"max_seq_len={config.max_seq_len}, "
             f"{'tied' if config.shared_classifier else 'untied'} classifier) needs {want}")
-    model = Llama(config, init=False, backend=backend)
+    model = model_class(config, init=False, backend=backend)
     with open(path, "rb") as f:
         f.seek(HEADER.size)
         for name, start, n in _regions(model):
@@ -129,28 +132,6 @@ def load_model(path, *, backend=None):
     return model
 
 
-def _atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, then rename it over
-    path; on any error the temporary file is removed and path is untouched."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    # like mkstemp, but with the umask's permissions (mkstemp would make it 0600)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_model(model, path):
     """Write model as a llama2.c v0 checkpoint, atomically."""
     c = model.config
@@ -167,7 +148,7 @@ def save_model(model, path):
                 f.write(memoryview(sin).cast("B"))
             else:
                 f.write(memoryview(model.flat_params[start:start + n]).cast("B"))
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # -- optimizer state -----------------------------------------------------------
@@ -193,7 +174,7 @@ def save_optimizer(opt, path, extra=None):
         f.write(blob)
         f.write(memoryview(opt.m).cast("B"))
         f.write(memoryview(opt.v).cast("B"))
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_optimizer(opt, path):

@@ -1,98 +1,78 @@
-"""Where the C library is, for C programs: `anebackward config --cflags --libs`.
+"""LlamaConfig: the hyperparameters of a Llama-2 model, and the named presets.
 
-    cc train.c $(anebackward config --cflags --libs) -o train
-
-The same facts from Python: anebackward.get_include(), get_lib_dir(),
-get_library() (as numpy.get_include() and scipy_openblas32.get_lib_dir()),
-and a pkg-config file (--pkgconfigdir prints its directory).
-
---libs names libanebackward with an rpath to its directory, and on Linux the
-BLAS it needs (the scipy-openblas32 wheel installed next to it) with its own
-rpath, linked even under --as-needed: a program then links and runs without
-LD_LIBRARY_PATH, also from an editable install where the library's own
-relative RUNPATH ($ORIGIN/../../scipy_openblas32/lib) cannot reach the wheel.
+Plain data with its own checks: the layout, checkpoint and model modules all
+read it, and it imports none of them.
 """
-import os
-import shlex
-import sys
+import dataclasses
+from typing import Any, Optional
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def get_include():
-    """Directory with anebackward.h (and anebackward/seed_compat.h)."""
-    return os.path.join(_PACKAGE_DIR, "include")
+from . import _checks as C
 
 
-def get_lib_dir():
-    """Directory with the shared library libanebackward (and pkgconfig/)."""
-    return os.path.join(_PACKAGE_DIR, "lib")
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The hyperparameters of a Llama-2 model (the llama2.c v0 header plus
+    the classifier tying and the RMSNorm epsilon)."""
+    dim: int = 128
+    hidden_dim: int = 352
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None   # None: n_heads (multi-head attention)
+    vocab_size: int = 259
+    max_seq_len: int = 128
+    shared_classifier: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        fn = "LlamaConfig"
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                     "max_seq_len"):
+            object.__setattr__(self, name, C.positive_int(fn, name, getattr(self, name)))
+        if self.dim % self.n_heads:
+            raise ValueError(f"{fn}: dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"{fn}: the head size dim/n_heads = {self.dim // self.n_heads} must be "
+                             "even (RoPE rotates pairs)")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{fn}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        object.__setattr__(self, "norm_eps", C.finite_float(fn, "norm_eps", self.norm_eps, lo=0.0))
+        object.__setattr__(self, "shared_classifier", bool(self.shared_classifier))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * (self.n_kv_heads or self.n_heads)   # set in __post_init__
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A named configuration: one of PRESETS, with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; choose one of "
+                             f"{', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
 
 
-def get_library():
-    """The library name for the linker: -l<get_library()>."""
-    return "anebackward"
-
-
-def _blas_libs():
-    if sys.platform == "darwin":
-        return ["-framework", "Accelerate"]
-    import scipy_openblas32 as sob
-    d = sob.get_lib_dir()
-    # Kept even under --as-needed (the program itself calls no BLAS): the
-    # program's rpath then finds the BLAS also where the library's own
-    # relative RUNPATH does not reach it (editable installs).
-    return ["-L" + d, "-Wl,-rpath," + d,
-            "-Wl,--push-state,--no-as-needed", "-l" + sob.get_library(), "-Wl,--pop-state"]
-
-
-def cflags():
-    return ["-I" + get_include()]
-
-
-def libs():
-    d = get_lib_dir()
-    return ["-L" + d, "-Wl,-rpath," + d, "-l" + get_library()] + _blas_libs() + ["-lm"]
-
-
-def _missing_files():
-    name = "libanebackward.dylib" if sys.platform == "darwin" else "libanebackward.so"
-    return [p for p in (os.path.join(get_include(), "anebackward.h"),
-                        os.path.join(get_lib_dir(), name)) if not os.path.exists(p)]
-
-
-def add_arguments(parser):
-    parser.add_argument("--cflags", action="store_true", help="compiler flags (-I...)")
-    parser.add_argument("--libs", action="store_true", help="linker flags (-L... -l...)")
-    parser.add_argument("--includedir", action="store_true", help="the include directory")
-    parser.add_argument("--libdir", action="store_true", help="the library directory")
-    parser.add_argument("--pkgconfigdir", action="store_true",
-                        help="the directory of anebackward.pc (for PKG_CONFIG_PATH)")
-    parser.add_argument("--version", action="store_true", help="the library version")
-
-
-def run(args):
-    missing = _missing_files()
-    if missing:
-        print("anebackward config: this install has no C library (missing "
-              + ", ".join(missing) + "); reinstall with `pip install .`, or rebuild in place with "
-              "`python setup.py build_ext --inplace`", file=sys.stderr)
-        return 1
-    out = []
-    if args.version:
-        from ._version import __version__
-        out.append(__version__)
-    if args.includedir:
-        out.append(shlex.quote(get_include()))
-    if args.libdir:
-        out.append(shlex.quote(get_lib_dir()))
-    if args.pkgconfigdir:
-        out.append(shlex.quote(os.path.join(get_lib_dir(), "pkgconfig")))
-    flags = (cflags() if args.cflags else []) + (libs() if args.libs else [])
-    if flags:
-        out.append(" ".join(shlex.quote(f) for f in flags))
-    if not out:
-        print("anebackward config: say what to print, e.g. --cflags --libs", file=sys.stderr)
-        return 2
-    print(" ".join(out))
-    return 0
+PRESETS = {
+    # the main job's model: byte-level vocabulary, trains in about a minute on 2 cores
+    "default": LlamaConfig(dim=128, hidden_dim=352, n_layers=4, n_heads=4, n_kv_heads=2,
+                           vocab_size=259, max_seq_len=128),
+    # a model small enough for tests
+    "tiny": LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        vocab_size=259, max_seq_len=64),
+    # llama2.c's TinyStories checkpoints (Llama 2 vocabulary)
+    "stories15M": LlamaConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
+                              vocab_size=32000, max_seq_len=256),
+    "stories42M": LlamaConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
+                              vocab_size=32000, max_seq_len=1024),
+    "stories110M": LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
+                               vocab_size=32000, max_seq_len=1024),
+}

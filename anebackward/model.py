@@ -4,8 +4,8 @@ core: LlamaConfig, Llama, AdamW and the cosine learning-rate schedule.
 All parameters live in ONE flat float32 buffer (`model.flat_params`) and all
 gradients in another (`model.flat_grads`); `model.params[name]` and
 `model.grads[name]` are views into them, named like llama2.c's PyTorch state
-dict. The flat layout (csrc/model/model.c, ab_model_param_layout) puts every
-2-D weight first and the 1-D RMSNorm weights last:
+dict. The flat layout (anebackward/layout.py, from C) puts every 2-D weight
+first and the 1-D RMSNorm weights last:
 
     tok_embeddings | wq | wk | wv | wo | w1 | w2 | w3 | output (untied) || norms
 
@@ -20,133 +20,22 @@ regions. A tied classifier has no `output.weight`: it IS
     model.clip_grad_norm(1.0)
     opt.step()
 """
-import dataclasses
+from __future__ import annotations
+
 import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _checks as C
+from . import checkpoint
 from ._backend import resolve
 from ._native import check, ffi, fptr, iptr, lib
-from .kernels.optim import check_adamw_hparams, check_adamw_step
-from .kernels.optim import clip_grad_norm as _clip_grad_norm
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """The hyperparameters of a Llama-2 model (the llama2.c v0 header plus
-    the classifier tying and the RMSNorm epsilon)."""
-    dim: int = 128
-    hidden_dim: int = 352
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = None
-    vocab_size: int = 259
-    max_seq_len: int = 128
-    shared_classifier: bool = True
-    norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        fn = "LlamaConfig"
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
-                     "max_seq_len"):
-            object.__setattr__(self, name, C.positive_int(fn, name, getattr(self, name)))
-        if self.dim % self.n_heads:
-            raise ValueError(f"{fn}: dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"{fn}: the head size dim/n_heads = {self.dim // self.n_heads} must be "
-                             "even (RoPE rotates pairs)")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{fn}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads})")
-        object.__setattr__(self, "norm_eps", C.finite_float(fn, "norm_eps", self.norm_eps, lo=0.0))
-        object.__setattr__(self, "shared_classifier", bool(self.shared_classifier))
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
-
-    @property
-    def kv_dim(self):
-        return self.head_dim * self.n_kv_heads
-
-    @classmethod
-    def preset(cls, name, **overrides):
-        """A named configuration: one of PRESETS, with fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"LlamaConfig.preset: unknown preset {name!r}; choose one of "
-                             f"{', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-
-PRESETS = {
-    # the main job's model: byte-level vocabulary, trains in about a minute on 2 cores
-    "default": LlamaConfig(dim=128, hidden_dim=352, n_layers=4, n_heads=4, n_kv_heads=2,
-                           vocab_size=259, max_seq_len=128),
-    # a model small enough for tests
-    "tiny": LlamaConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                        vocab_size=259, max_seq_len=64),
-    # llama2.c's TinyStories checkpoints (Llama 2 vocabulary)
-    "stories15M": LlamaConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
-                              vocab_size=32000, max_seq_len=256),
-    "stories42M": LlamaConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
-                              vocab_size=32000, max_seq_len=1024),
-    "stories110M": LlamaConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
-                               vocab_size=32000, max_seq_len=1024),
-}
-
-
-def _c_config(config, reference=False):
-    c = ffi.new("ab_model_config *")
-    c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
-    c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
-    c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
-    c.shared_classifier = int(config.shared_classifier)
-    c.norm_eps = config.norm_eps
-    c.reference = int(reference)
-    return c
-
-
-def param_layout(config):
-    """The flat-buffer offsets (in floats) of each tensor kind, from C: a dict
-    with tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output, attention_norm,
-    ffn_norm, norm, n_decay, n_params (64-bit, no overflow at any size)."""
-    lay = ffi.new("ab_model_layout *")
-    check(lib.ab_model_param_layout(_c_config(config), lay), "param_layout")
-    keys = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "output",
-            "attention_norm", "ffn_norm", "norm", "n_decay", "n_params")
-    return {k: int(getattr(lay, k)) for k in keys}
-
-
-def tensor_specs(config):
-    """[(name, offset, shape)] of every parameter, in flat-buffer order.
-    Per-kind stacks: layer i of wq is at layout['wq'] + i * dim * dim."""
-    c, lay = config, param_layout(config)
-    D, Hd, V, kv, L = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers
-    specs = [("tok_embeddings.weight", lay["tok_embeddings"], (V, D))]
-    kinds = [("attention.wq", "wq", (D, D)), ("attention.wk", "wk", (kv, D)),
-             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, D)),
-             ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),
-             ("feed_forward.w3", "w3", (Hd, D))]
-    for sub, key, shape in kinds:
-        n = shape[0] * shape[1]
-        specs += [(f"layers.{i}.{sub}.weight", lay[key] + i * n, shape) for i in range(L)]
-    if not c.shared_classifier:
-        specs.append(("output.weight", lay["output"], (V, D)))
-    specs += [(f"layers.{i}.attention_norm.weight", lay["attention_norm"] + i * D, (D,))
-              for i in range(L)]
-    specs += [(f"layers.{i}.ffn_norm.weight", lay["ffn_norm"] + i * D, (D,)) for i in range(L)]
-    specs.append(("norm.weight", lay["norm"], (D,)))
-    return specs
-
-
-def _views(flat, specs):
-    return {name: flat[off:off + math.prod(shape)].reshape(shape) for name, off, shape in specs}
+from .config import PRESETS, LlamaConfig
+from .kernels.optim import check_adamw_hparams, check_adamw_step, clip_grad_norm, grad_norm
+from .layout import c_config, param_layout, tensor_specs, views
+from .types import Backend, F32Array, Tokens
 
 
 class Llama:
@@ -159,22 +48,23 @@ class Llama:
     weights. backend="reference" runs the seed's scalar loops (slow; the
     baseline)."""
 
-    def __init__(self, config=None, seed=0, *, backend=None, init=True):
+    def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
+                 backend: Backend = None, init: bool = True) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve("Llama", backend)
-        self._cfg = _c_config(config, reference=self.backend == "reference")
+        self._cfg = c_config(config, reference=self.backend == "reference")
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
         self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config)
-        self.params = _views(self.flat_params, self._specs)
-        self.grads = _views(self.flat_grads, self._specs)
+        self.params = views(self.flat_params, self._specs)
+        self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
         self._pending = None       # (B, S) of the last want_grad forward, until its backward
         self.last_loss = None
@@ -185,17 +75,17 @@ class Llama:
     # for the model's life (read-only attributes); change their contents, as
     # params[name][...] = ... or flat_params[:] = ... do, never the arrays.
     @property
-    def flat_params(self):
+    def flat_params(self) -> F32Array:
         """All parameters, one float32 buffer (params[name] are views into it)."""
         return self._flat_params
 
     @property
-    def flat_grads(self):
+    def flat_grads(self) -> F32Array:
         """All gradients, one float32 buffer (grads[name] are views into it)."""
         return self._flat_grads
 
     # -- initialisation ----------------------------------------------------
-    def init_weights(self, seed=0):
+    def init_weights(self, seed: int = 0) -> None:
         """Re-initialise every weight like llama2.c's model.py (seedable)."""
         rng = np.random.default_rng(seed)
         lay, c = self.layout, self.config
@@ -239,14 +129,15 @@ class Llama:
             self._ws = (B, S, np.zeros(total[0], dtype=np.float32), off[0])
         return self._ws[2]
 
-    def workspace_bytes(self, batch_size, seq_len):
+    def workspace_bytes(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the activation workspace for a [batch_size, seq_len] batch."""
         total = ffi.new("int64_t *")
         check(lib.ab_model_workspace_floats(self._cfg, batch_size, seq_len, total, ffi.NULL),
               "workspace_bytes")
         return total[0] * 4
 
-    def forward(self, tokens, targets=None, *, want_grad=True):
+    def forward(self, tokens: Tokens, targets: Optional[Tokens] = None, *,
+                want_grad: bool = True) -> float:
         """The mean cross-entropy loss of a batch.
 
         tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
@@ -282,7 +173,7 @@ class Llama:
 
     __call__ = forward
 
-    def backward(self, *, accumulate=False, grad_scale=1.0):
+    def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0) -> None:
         """Fill model.grads with the gradient of the last forward()'s loss
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
@@ -299,7 +190,7 @@ class Llama:
                                     B, S, grad_scale, int(bool(accumulate)),
                                     fptr(work), work.size), fn)
 
-    def logits(self, tokens, *, last_only=False):
+    def logits(self, tokens: Tokens, *, last_only: bool = False) -> F32Array:
         """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
         last_only=True returns only the last position's [B, vocab]."""
         fn = "Llama.logits"
@@ -312,52 +203,49 @@ class Llama:
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()
 
-    def decoder(self):
+    def decoder(self) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like
         llama2.c's run.c: `dec.step(token, pos)` returns the logits [vocab]
         of the next token (a buffer overwritten by the next call)."""
         return Decoder(self)
 
     # -- gradients and parameters ------------------------------------------
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.flat_grads[:] = 0.0
 
-    def grad_norm(self):
-        from .kernels.optim import grad_norm
+    def grad_norm(self) -> float:
         return grad_norm(self.flat_grads)
 
-    def clip_grad_norm(self, max_norm):
+    def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so that their global L2 norm is at most
         max_norm (one pass over the flat buffer); returns the norm before."""
-        return _clip_grad_norm(self.flat_grads, max_norm)
+        return clip_grad_norm(self.flat_grads, max_norm)
 
-    def named_parameters(self):
+    def named_parameters(self) -> List[Tuple[str, F32Array]]:
         return list(self.params.items())
 
-    def num_params(self, *, non_embedding=False):
+    def num_params(self, *, non_embedding: bool = False) -> int:
         n = self.n_params
         if non_embedding:
             n -= self.config.vocab_size * self.config.dim
         return n
 
     # -- checkpoints ---------------------------------------------------------
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write a llama2.c v0 checkpoint (atomically)."""
-        from .checkpoint import save_model
-        save_model(self, path)
+        checkpoint.save_model(self, path)
 
     @classmethod
-    def load(cls, path, *, backend=None):
+    def load(cls, path: str | os.PathLike, *, backend: Backend = None) -> Llama:
         """Read a llama2.c v0 checkpoint."""
-        from .checkpoint import load_model
-        return load_model(path, backend=backend)
+        return checkpoint.load_model(path, cls, backend=backend)
 
 
 class Decoder:
     """Incremental inference over a Llama (see Llama.decoder). Positions must
     be fed in order 0, 1, 2, ...; the cache holds max_seq_len positions."""
 
-    def __init__(self, model):
+    def __init__(self, model: Llama) -> None:
         self.model = model
         cfg = model._cfg
         n = ffi.new("int64_t *")
@@ -368,7 +256,7 @@ class Decoder:
         self._logits = np.zeros(model.config.vocab_size, dtype=np.float32)
         self.pos = 0
 
-    def step(self, token, pos=None):
+    def step(self, token: int, pos: Optional[int] = None) -> F32Array:
         fn = "Decoder.step"
         pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
         if pos > self.pos:
@@ -386,7 +274,8 @@ class Decoder:
         return self._logits
 
 
-def cosine_lr(step, *, max_lr, warmup_steps, total_steps, min_lr=0.0):
+def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps: int,
+              min_lr: float = 0.0) -> float:
     """The learning rate at `step` (counting from 0) as llama2.c's train.py
     get_lr: linear warm-up from 0 over warmup_steps, cosine decay to min_lr
     at total_steps, min_lr after."""
@@ -409,7 +298,8 @@ class AdamW:
     ab_adamw over that prefix with weight_decay and over the rest with 0. A
     tied classifier is one tensor and is updated once."""
 
-    def __init__(self, model, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, model: Llama, lr: float = 5e-4, betas: Tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.1) -> None:
         fn = "AdamW"
         if not isinstance(model, Llama):
             raise TypeError(f"{fn}: model must be an anebackward.Llama, got {type(model).__name__}")
@@ -421,16 +311,16 @@ class AdamW:
         self.step_count = 0
 
     @property
-    def m(self):
+    def m(self) -> F32Array:
         """First moments, one float32 buffer laid out like model.flat_params."""
         return self._m
 
     @property
-    def v(self):
+    def v(self) -> F32Array:
         """Second moments, one float32 buffer laid out like model.flat_params."""
         return self._v
 
-    def step(self, lr=None):
+    def step(self, lr: Optional[float] = None) -> None:
         """One update of every parameter from model.flat_grads; lr overrides
         self.lr for this step (and becomes self.lr)."""
         if lr is not None:
@@ -444,11 +334,11 @@ class AdamW:
                                fptr(self.m[lo:hi]), fptr(self.v[lo:hi]), hi - lo,
                                self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),
                 "eps": self.eps, "weight_decay": self.weight_decay, "m": self.m, "v": self.v}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a state_dict(); every entry is checked before anything of
         self changes (ValueError/TypeError naming the entry, KeyError for a
         missing one)."""

@@ -107,12 +107,12 @@ class Tokenizer:
 
     def save(self, path):
         """Write tokenizer.bin (atomically) for llama2.c's run.c."""
-        from .checkpoint import _atomic_write
+        from .atomicfile import atomic_write
         parts = [struct.pack("<i", self.max_token_length)]
         for p, s in zip(self.pieces, self.scores):
             parts.append(struct.pack("<fi", s, len(p)) + p)
         data = b"".join(parts)
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))
 
     def padded(self, vocab_size):
         """This vocabulary extended with never-produced pieces to vocab_size

@@ -447,9 +447,9 @@ def train(args, stream=None):
     run_dir = _RunDir(out, in_place)
     try:
         tokenizer.save(run_dir.file("tokenizer.bin"))
-        from .checkpoint import _atomic_write
+        from .atomicfile import atomic_write
         old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start) if args.resume else []
-        _atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
+        atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
         with open(run_dir.file("log.jsonl"), "a") as log, _Signals() as signals:
             return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
                          evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,

@@ -126,7 +126,7 @@ def test_emulated_batch_axes_out_and_accumulate(emulator, rng):
     dy, W, ref = problem(rng, 16, 40, 24, lead=(3,))
     out = rng.standard_normal((3, 16, 40)).astype(np.float32)
     start = out.copy()
-    got = ab.linear_backward_dx(dy, W, out=out, accumulate=True, backend="ane")
+    got = ab.linear_backward_dx(dy, W, dx=out, accumulate=True, backend="ane")
     assert got is out
     assert ane.last_call()["tiles"] == 1 and ane.last_call()["tiles_cpu"] == 0
     assert np.abs(got - (start + ref)).max() <= 2e-3 * np.abs(ref).max() + 1e-6
@@ -227,13 +227,13 @@ def test_overflow_in_one_tile_keeps_accumulate_exact(emulator, rng):
     ref = dy.astype(np.float64) @ W.astype(np.float64)
     out = rng.standard_normal((128, 24)).astype(np.float32)
     start = out.copy()
-    ab.linear_backward_dx(dy, W, out=out, accumulate=True, backend="ane")
+    ab.linear_backward_dx(dy, W, dx=out, accumulate=True, backend="ane")
     info = ane.last_call()
     assert info["tiles"] == 2 and info["tiles_cpu"] == 1 and info["fallback"] == "fp16 overflow or saturation"
     want = start + ref
     assert np.abs(out[:64] - want[:64]).max() <= 2e-3 * np.abs(ref[:64]).max() + 1e-6   # ANE tile
     cpu = start.copy()                                     # the CPU tile is the CPU kernel's result
-    ab.linear_backward_dx(dy[64:], W, out=cpu[64:], accumulate=True, backend="cpu")
+    ab.linear_backward_dx(dy[64:], W, dx=cpu[64:], accumulate=True, backend="cpu")
     assert np.array_equal(out[64:], cpu[64:])
 
 
@@ -413,7 +413,7 @@ def test_evaluate_failure(emulator, rng, fail_next):
     out = np.zeros((32, 16), np.float32)
     with pytest.raises(AnebackwardError, match="emulated platform, evaluate linear_backward_dx .*: "
                                                "injected evaluate failure"):
-        ab.linear_backward_dx(dy, W, out=out, backend="ane")
+        ab.linear_backward_dx(dy, W, dx=out, backend="ane")
     assert rel_err(out, ref) < 1e-6, "the failed tile was still computed (on the CPU)"
     fail_next("evaluate")
     got = ab.linear_backward_dx(dy, W, backend="auto")     # auto: CPU result

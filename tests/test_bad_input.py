@@ -36,7 +36,7 @@ CALLS = {
     "cross_entropy_backward": (lambda A, **kw: ab.cross_entropy_backward(A["logits"], A["tok"], **kw),
                                "logits"),
     "embedding": (lambda A, **kw: ab.embedding(A["tok"], A["E"], **kw), "E"),
-    "embedding_backward": (lambda A, **kw: ab.embedding_backward(A["x"], A["tok"], dE=A["E"], **kw), "x"),
+    "embedding_backward": (lambda A, **kw: ab.embedding_backward(A["x"], A["tok"], dE=A["E"], **kw, accumulate=True), "x"),
     "clip_grad_norm": (lambda A, **kw: ab.clip_grad_norm([A["x"], A["w"]], 1.0, **kw), "w"),
     "grad_norm": (lambda A, **kw: ab.grad_norm([A["x"]], **kw), "x"),
     "adamw_step": (lambda A, **kw: ab.adamw_step(A["x"], A["dy"], A["h"], np.zeros((S, D), f),
@@ -162,7 +162,7 @@ def test_token_range_and_dtype():
     dE = A["E"].copy()
     before = dE.copy()
     with pytest.raises(ValueError):
-        ab.embedding_backward(A["x"], np.array([0, 1, 2, 3, 4, 99]), dE=dE)
+        ab.embedding_backward(A["x"], np.array([0, 1, 2, 3, 4, 99]), dE=dE, accumulate=True)
     assert np.array_equal(dE, before), "a rejected call must not write anything"
 
 

@@ -1,22 +1,18 @@
 """The benchmark's contenders compute the same thing as the package, so the
-ratios compare equal work: bench/numpy_impl.py and bench/torch_impl.py per
-kernel, and the full-step implementations (bench/llama_ops.py with NumPy,
-the reference backend and our kernels; bench/torch_llama.py) on one step."""
-import os
-
+ratios compare equal work: anebackward/bench/numpy_impl.py and torch_impl.py
+per kernel, and the full-step implementations (llama_ops.py with NumPy, the
+reference backend and our kernels; torch_llama.py) on one step."""
 import numpy as np
 import pytest
 
 import anebackward as ab
-from anebackward import bench as B
 from anebackward.bench import cases as K
-
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from anebackward.bench import llama_ops, numpy_impl
 
 
 @pytest.fixture(scope="module")
 def mods():
-    return {n: B._load(BENCH_DIR, n) for n in ("numpy_impl", "llama_ops")}
+    return {"numpy_impl": numpy_impl, "llama_ops": llama_ops}
 
 
 def _tiny_cases():
@@ -53,7 +49,7 @@ def test_numpy_impl_matches_ours(kernel, mods, rng):
 
 @pytest.mark.parametrize("kernel", [k for k in K.KERNELS if k not in ("clip_grad_norm", "adamw_step")])
 def test_torch_impl_matches_ours(kernel, torch, rng):
-    ti = B._load(BENCH_DIR, "torch_impl")
+    from anebackward.bench import torch_impl as ti
     case = [c for c in _tiny_cases() if c.kernel == kernel][0]
     inp = K.inputs(case, rng)
     ours = _result(kernel, K.KernelOps(ab, "cpu"), inp, True)
@@ -87,13 +83,14 @@ def test_full_step_implementations_agree(mods, torch):
         # Adam's first step is ~lr·sign(g): tiny gradients may differ by a fraction of lr
         np.testing.assert_allclose(p, p0, rtol=1e-4, atol=0.05 * K.ADAMW["lr"])
     # the PyTorch model: same parameters (llama2.c names), same loss and gradients
-    tl = B._load(BENCH_DIR, "torch_llama")
-    model = tl.Transformer(c)
+    from anebackward.bench.torch_llama import Transformer
+    model = Transformer.from_config(c)
     ref = lo.ComposedLlama(c, K.KernelOps(ab, "cpu"), seed=3)
     with torch.no_grad():
         for name, prm in model.named_parameters():
             prm.copy_(torch.from_numpy(ref.p[name]))
-    loss_t = model(torch.from_numpy(tokens).long()[None], torch.from_numpy(targets).long()[None])
+    model(torch.from_numpy(tokens).long()[None], torch.from_numpy(targets).long()[None])
+    loss_t = model.last_loss
     loss_t.backward()
     assert float(loss_t.detach()) == pytest.approx(loss0, rel=1e-5)
     ref_g = lo.ComposedLlama(c, K.KernelOps(ab, "cpu"), seed=3)

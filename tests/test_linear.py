@@ -36,14 +36,14 @@ def test_accumulate_adds_into_given_buffer(rng, backend):
     W = rng.standard_normal((4, 6), dtype=np.float32)
     dy = rng.standard_normal((9, 4), dtype=np.float32)
     dW = np.ones((4, 6), np.float32)
-    res = ab.linear_backward_dW(dy, x, out=dW, accumulate=True, backend=backend)
+    res = ab.linear_backward_dW(dy, x, dW=dW, accumulate=True, backend=backend)
     assert res is dW
     assert_close(dW, 1 + f64(dy).T @ f64(x), what="dW accumulated")
     dx = np.full((9, 6), 2, np.float32)
-    ab.linear_backward_dx(dy, W, out=dx, accumulate=True, backend=backend)
+    ab.linear_backward_dx(dy, W, dx=dx, accumulate=True, backend=backend)
     assert_close(dx, 2 + f64(dy) @ f64(W), what="dx accumulated")
     # without accumulate the buffer is overwritten, whatever it held
-    ab.linear_backward_dx(dy, W, out=dx, backend=backend)
+    ab.linear_backward_dx(dy, W, dx=dx, backend=backend)
     assert_close(dx, f64(dy) @ f64(W), what="dx overwritten")
 
 
@@ -53,12 +53,12 @@ def test_outputs_are_written_in_place(rng):
     y = np.empty((8, 5), np.float32)
     assert np.shares_memory(ab.linear(x, W, out=y), y)
     dx = np.empty_like(x)
-    assert np.shares_memory(ab.linear_backward_dx(y, W, out=dx), dx)
+    assert np.shares_memory(ab.linear_backward_dx(y, W, dx=dx), dx)
 
 
 def test_empty_rows_give_zero_weight_gradient():
     x = np.zeros((0, 6), np.float32)
     dy = np.zeros((0, 5), np.float32)
     dW = np.full((5, 6), 7, np.float32)
-    ab.linear_backward_dW(dy, x, out=dW)
+    ab.linear_backward_dW(dy, x, dW=dW)
     assert not dW.any()

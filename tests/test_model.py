@@ -1,8 +1,8 @@
 """The whole model against PyTorch autograd in float64 on the same weights.
 
-The reference below is written here, in the style of llama2.c's model.py
-(RMSNorm, RoPE with freqs_cos/sin, repeat_kv for GQA, SwiGLU, tied or untied
-classifier), as plain functions of a dict of float64 tensors.
+The reference is the project's one plain-PyTorch Llama in llama2.c's model.py
+style (anebackward/bench/torch_llama.py: RMSNorm, RoPE with freqs_cos/sin,
+repeat_kv for GQA, SwiGLU, tied or untied classifier).
 """
 import math
 
@@ -10,67 +10,24 @@ import numpy as np
 import pytest
 
 from anebackward import Llama, LlamaConfig
+from anebackward.layout import tensor_specs
 
 
-def torch_llama_loss(torch, cfg, W, tokens, targets, norm=None):
-    """float64 loss of llama2.c's Llama on weights W (name -> tensor).
-
+def torch_model(torch, cfg, params, norm=None):
+    """The project's plain-PyTorch Llama (anebackward/bench/torch_llama.py,
+    llama2.c's model.py) in float64, holding a copy of params (name -> array).
     norm(x, w, layer_input) may replace RMSNorm (the seed-defect tests plug
-    in the seed's wrong backward); layer_input is the residual input of the
-    layer being computed."""
-    F = torch.nn.functional
-    B, S = tokens.shape
-    hd, H, KV = cfg.dim // cfg.n_heads, cfg.n_heads, cfg.n_kv_heads
-
-    def rmsnorm(x, w, layer_input=None):
-        if norm is not None:
-            return norm(x, w, layer_input)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
-
-    # llama2.c precompute_freqs_cis: frequencies in float32, as run.c
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    ang = torch.outer(torch.arange(S).float(), freqs).double()
-    cos, sin = torch.cos(ang), torch.sin(ang)
-
-    def rope(x):  # x [B, S, h, hd]
-        xr, xi = x[..., 0::2], x[..., 1::2]
-        c, s = cos[None, :, None, :], sin[None, :, None, :]
-        return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3)
-
-    mask = torch.full((S, S), float("-inf"), dtype=torch.float64).triu(1)
-    h = W["tok_embeddings.weight"][tokens]
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        x_in = h
-        xn = rmsnorm(h, W[p + "attention_norm.weight"], x_in)
-        q = (xn @ W[p + "attention.wq.weight"].T).view(B, S, H, hd)
-        k = (xn @ W[p + "attention.wk.weight"].T).view(B, S, KV, hd)
-        v = (xn @ W[p + "attention.wv.weight"].T).view(B, S, KV, hd)
-        q, k = rope(q), rope(k)
-        rep = H // KV  # repeat_kv
-        k = k.repeat_interleave(rep, dim=2)
-        v = v.repeat_interleave(rep, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        att = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, dim=-1) @ v
-        att = att.transpose(1, 2).reshape(B, S, cfg.dim)
-        h = h + att @ W[p + "attention.wo.weight"].T
-        xf = rmsnorm(h, W[p + "ffn_norm.weight"], x_in)
-        g = F.silu(xf @ W[p + "feed_forward.w1.weight"].T) * (xf @ W[p + "feed_forward.w3.weight"].T)
-        h = h + g @ W[p + "feed_forward.w2.weight"].T
-    h = rmsnorm(h, W["norm.weight"])
-    wcls = W["tok_embeddings.weight"] if cfg.shared_classifier else W["output.weight"]
-    logits = h @ wcls.T
-    return F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1),
-                           ignore_index=-1)
+    in the seed's wrong backward)."""
+    from anebackward.bench.torch_llama import Transformer
+    torch.manual_seed(0)
+    return Transformer.from_config(cfg, norm_fn=norm).double().load_arrays(params)
 
 
 def torch_grads(torch, model, tokens, targets, norm=None):
-    W = {n: torch.tensor(p, dtype=torch.float64, requires_grad=True)
-         for n, p in model.params.items()}
-    loss = torch_llama_loss(torch, model.config, W, torch.tensor(tokens, dtype=torch.long),
-                            torch.tensor(targets, dtype=torch.long), norm)
-    loss.backward()
-    return loss.item(), {n: t.grad.numpy() for n, t in W.items()}
+    ref = torch_model(torch, model.config, model.params, norm)
+    ref(torch.tensor(tokens, dtype=torch.long), torch.tensor(targets, dtype=torch.long))
+    ref.last_loss.backward()
+    return ref.last_loss.item(), {n: p.grad.numpy() for n, p in ref.named_parameters()}
 
 
 def randomize(model, rng, norm_spread=0.5):
@@ -191,7 +148,7 @@ def test_params_and_grads_are_views_into_flat_buffers():
     assert model.params["layers.1.attention.wk.weight"].shape == (cfg.kv_dim, cfg.dim)
     assert model.params["layers.0.feed_forward.w2.weight"].shape == (cfg.dim, cfg.hidden_dim)
     # the 2-D weights are exactly the prefix [0, n_decay)
-    for name, off, shape in __import__("anebackward.model", fromlist=["x"]).tensor_specs(cfg):
+    for name, off, shape in tensor_specs(cfg):
         assert (len(shape) == 2) == (off < model.n_decay), name
 
 

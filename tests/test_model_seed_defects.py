@@ -1,5 +1,5 @@
 """One test per defect of the seed's model_backward / model_adam_step
-(DESIGN.md §2). Each test checks the package against the float64 torch
+(README.md, "The model from Python"). Each test checks the package against the float64 torch
 oracle AND shows that the seed's behaviour, plugged into the same oracle,
 misses by far more than the tolerance: so the test would catch the defect.
 (The checkpoint freq_cis defect is tested in test_checkpoint.py.)
@@ -7,8 +7,8 @@ misses by far more than the tolerance: so the test would catch the defect.
 import numpy as np
 
 from anebackward import AdamW, Llama, LlamaConfig
-from anebackward.model import param_layout, tensor_specs
-from test_model import assert_grads_match, randomize, shifted, torch_grads
+from anebackward.layout import param_layout, tensor_specs
+from test_model import assert_grads_match, randomize, shifted, torch_grads, torch_model
 
 CFG = LlamaConfig(dim=16, hidden_dim=32, n_layers=2, n_heads=2, vocab_size=31, max_seq_len=16)
 
@@ -98,13 +98,11 @@ def test_tied_classifier_has_one_gradient_and_one_update(torch, rng):
     model.forward(tokens)
     model.backward()
     # torch with the two uses of the weight as separate leaves: both parts nonzero
-    W = {n: torch.tensor(p, dtype=torch.float64, requires_grad=True) for n, p in model.params.items()}
-    untied = CFG.replace(shared_classifier=False)
-    W["output.weight"] = torch.tensor(model.params["tok_embeddings.weight"], dtype=torch.float64,
-                                      requires_grad=True)
-    from test_model import torch_llama_loss
-    torch_llama_loss(torch, untied, W, torch.tensor(tokens), torch.tensor(shifted(tokens))).backward()
-    g_cls, g_emb = W["output.weight"].grad.numpy(), W["tok_embeddings.weight"].grad.numpy()
+    W = dict(model.params, **{"output.weight": model.params["tok_embeddings.weight"]})
+    ref = torch_model(torch, CFG.replace(shared_classifier=False), W)
+    ref(torch.tensor(tokens), torch.tensor(shifted(tokens)))
+    ref.last_loss.backward()
+    g_cls, g_emb = ref.output.weight.grad.numpy(), ref.tok_embeddings.weight.grad.numpy()
     assert np.abs(g_cls).max() > 0 and np.abs(g_emb).max() > 0
     ours = model.grads["tok_embeddings.weight"]
     scale = np.abs(g_cls + g_emb).max()

@@ -1,5 +1,6 @@
 """anebackward.torch.Transformer against a plain-PyTorch Llama written in
-llama2.c's model.py style (tests/torch_llama_ref.py): same init, same
+llama2.c's model.py style (anebackward/bench/torch_llama.py, the project's
+one plain-PyTorch Llama): same init, same
 state_dict, same loss and every parameter gradient, AdamW training."""
 import copy
 
@@ -20,15 +21,15 @@ def at(torch):
 
 @pytest.fixture
 def ref(torch):
-    import torch_llama_ref
-    return torch_llama_ref
+    from anebackward.bench import torch_llama
+    return torch_llama
 
 
 def _pair(torch, at, ref, cfg, seed=0, **kw):
     torch.manual_seed(seed)
     ours = at.Transformer(at.ModelArgs(**cfg), **kw)
     torch.manual_seed(seed)
-    theirs = ref.RefLlama(**cfg)
+    theirs = ref.Transformer(**cfg)
     return ours, theirs
 
 

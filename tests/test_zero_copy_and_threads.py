@@ -24,18 +24,19 @@ def test_every_output_argument_is_written_in_place(rng):
     o = e(5, 3)
     _same(ab.linear(x, W, out=o), o, ab.linear(x, W))
     o = e(5, 8)
-    _same(ab.linear_backward_dx(g3, W, out=o), o, ab.linear_backward_dx(g3, W))
+    _same(ab.linear_backward_dx(g3, W, dx=o), o, ab.linear_backward_dx(g3, W))
     o = e(3, 8)
-    _same(ab.linear_backward_dW(g3, x, out=o), o, ab.linear_backward_dW(g3, x))
+    _same(ab.linear_backward_dW(g3, x, dW=o), o, ab.linear_backward_dW(g3, x))
     o = e(5, 8)
     _same(ab.rmsnorm(x, w, out=o), o, ab.rmsnorm(x, w))
-    dx, dw = e(5, 8), np.zeros(8, np.float32)
-    r, fresh = ab.rmsnorm_backward(h, x, w, dx=dx, dw=dw), ab.rmsnorm_backward(h, x, w)
+    dx, dw = e(5, 8), e(8)
+    r = ab.rmsnorm_backward(h, x, w, dx=dx, dw=dw, accumulate=False)
+    fresh = ab.rmsnorm_backward(h, x, w)
     _same(r[0], dx, fresh[0])
     _same(r[1], dw, fresh[1])
     o = e(5, 8)
     _same(ab.rope(q, head_dim=4, out=o), o, ab.rope(q, head_dim=4))
-    _same(ab.rope_backward(q, head_dim=4, out=o), o, ab.rope_backward(q, head_dim=4))
+    _same(ab.rope_backward(q, head_dim=4, dx=o), o, ab.rope_backward(q, head_dim=4))
     o = e(5, 8)
     _same(ab.attention(q, x, h, n_heads=2, out=o), o, ab.attention(q, x, h, n_heads=2))
     outs = [e(5, 8) for _ in range(3)]
@@ -55,9 +56,9 @@ def test_every_output_argument_is_written_in_place(rng):
     assert loss == fresh[0]
     o = e(5, 8)
     _same(ab.embedding(np.arange(5), E, out=o), o, ab.embedding(np.arange(5), E))
-    dE = np.zeros((9, 8), np.float32)
-    _same(ab.embedding_backward(x, np.arange(5), dE=dE), dE,
-          ab.embedding_backward(x, np.arange(5), dE=np.zeros((9, 8), np.float32)))
+    dE = e(9, 8)
+    _same(ab.embedding_backward(x, np.arange(5), dE=dE, accumulate=False), dE,
+          ab.embedding_backward(x, np.arange(5), dE=np.zeros((9, 8), np.float32), accumulate=True))
     p, gp = a(7), a(7)
     p2 = p.copy()
     z = lambda: np.zeros(7, np.float32)  # noqa: E731

@@ -37,7 +37,7 @@ import threading
 import numpy as np
 
 from .. import _checks as C
-from .._native import ffi, lib, fptr
+from .._native import exception_for, ffi, fptr, lib
 from ..errors import AnebackwardError, AneUnavailableError
 
 ENV = "ANEBACKWARD_ANE"
@@ -57,8 +57,6 @@ _config = {"loss_scaling": True, "min_flops": 2 ** 26, "max_programs": 100, "til
 _local = threading.local()
 
 _ERRCAP = 2 * lib.AB_ANE_ERRCAP
-_CODE_TO_EXC = {lib.AB_EINVAL: ValueError, lib.AB_ERANGE: ValueError, lib.AB_ETOOBIG: ValueError,
-                lib.AB_ENOMEM: MemoryError}
 _FALLBACKS = {lib.AB_ANE_FB_NONE: None, lib.AB_ANE_FB_OVERFLOW: "fp16 overflow or saturation",
               lib.AB_ANE_FB_RANGE: "input outside fp16 range (inf/NaN in dy or |W| >= 65520)",
               lib.AB_ANE_FB_BUDGET: "compile budget spent", lib.AB_ANE_FB_ERROR: "platform error"}
@@ -286,7 +284,7 @@ def _info(info):
 def _raise(fn, rc, err):
     msg = ffi.string(err).decode(errors="replace") if err is not None else ""
     msg = msg or ffi.string(lib.ab_ane_strerror(rc)).decode()
-    raise _CODE_TO_EXC.get(rc, AnebackwardError)(f"{fn}: {msg} (C error {rc})")
+    raise exception_for(rc)(f"{fn}: {msg} (C error {rc})")
 
 
 def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
@@ -401,19 +399,26 @@ def linear_backward(dy, x, W, *, dx=None, dW=None, accumulate_dx=False, accumula
     Returns (dx, dW); last_call() holds the dx timings plus dW_start_ns and
     dW_end_ns, on the same clock."""
     fn = "anebackward.ane.linear_backward"
-    from ..kernels.linear import linear_backward_dW
     C.f32(fn, "dy", dy)
     C.f32(fn, "x", x)
     C.f32(fn, "W", W, 2)
     if x.ndim < 1 or x.shape[:-1] != dy.shape[:-1] or x.shape[-1] != W.shape[1]:
         raise ValueError(f"{fn}: x must be [..., in] with dy's leading axes and in = W.shape[1], got "
                          f"x.shape = {x.shape}, dy.shape = {dy.shape}, W.shape = {W.shape}")
+    n_out, n_in = W.shape
+    # the CPU kernel called directly: anebackward.kernels imports this module (no cycle)
+    if accumulate_dW and dW is None:
+        raise ValueError(f"{fn}: accumulate_dW=True needs the array to accumulate into: pass dW=")
+    dW = C.out(fn, "dW", dW, (n_out, n_in), ("dy", dy), ("x", x), ("W", W))
     job = linear_backward_dx_async(dy, W, out=dx, accumulate=accumulate_dx, backend=backend,
                                    w_version=w_version)
     try:
         t0 = clock_ns()
-        dW = linear_backward_dW(dy, x, out=dW, accumulate=accumulate_dW, backend="cpu")
+        rc = lib.ab_linear_backward_dW(fptr(dW), fptr(dy), fptr(x), x.size // max(n_in, 1), n_in,
+                                       n_out, int(bool(accumulate_dW)))
         t1 = clock_ns()
+        if rc:
+            _raise(fn, rc, None)
     finally:
         dx = job.wait()
     info = dict(job.info)
@@ -478,7 +483,7 @@ def run_mil(mil, x, out_shape, out_dtype=np.float16):
     rc = lib.ab_ane_run_mil(ctx, mil.encode(), ffi.from_buffer(x), x.nbytes,
                             ffi.from_buffer(res), res.nbytes, err, _ERRCAP)
     if rc:
-        raise _CODE_TO_EXC.get(rc, AnebackwardError)(
+        raise exception_for(rc)(
             f"{fn}: {ffi.string(err).decode(errors='replace')} (C error {rc})")
     return res
 

@@ -1,17 +1,15 @@
 """`anebackward bench`: time every kernel (forward and backward) and the full
 training step at named model shapes, against the reference backend (the
-seed's scalar loops, corrected), plain NumPy (bench/numpy_impl.py), PyTorch
-eager on the CPU, and a raw sgemm of the same shape.
+seed's scalar loops, corrected), plain NumPy (numpy_impl.py), PyTorch eager
+on the CPU (torch_impl.py per kernel, torch_llama.py for the full step; when
+torch is importable), and a raw sgemm of the same shape.
 
 Ratios are measured in the same run with the contenders interleaved;
 "×N" in the table means ours is N times faster than that contender, and
 the sgemm column is ours' fraction of the raw sgemm (sgemm time / ours).
-The NumPy and PyTorch contenders live in the repository's bench/ folder
-(found next to this package in a source checkout, or via
-ANEBACKWARD_BENCH_DIR).
+Every contender lives in this package, so the installed command has them all.
 """
 import fnmatch
-import importlib.util
 import json
 import os
 import sys
@@ -19,6 +17,7 @@ import time
 
 from . import cases as K
 from . import env as E
+from . import llama_ops, numpy_impl
 from .report import plot, progress, table
 from .timing import Contender, Settler, measure
 
@@ -47,7 +46,6 @@ def add_arguments(p):
     p.add_argument("--unset-coretype", action="store_true",
                    help="re-run with OPENBLAS_CORETYPE unset (OpenBLAS detects the CPU itself; "
                         "OPENBLAS_L2_SIZE is set) and say so")
-    p.add_argument("--bench-dir", help="the repository's bench/ folder (NumPy/PyTorch contenders)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -79,26 +77,6 @@ def _reexec_without_coretype():
     os.execve(sys.executable, [sys.executable, "-m", "anebackward"] + argv, env)
 
 
-def _bench_dir(args):
-    cands = [args.bench_dir, os.environ.get("ANEBACKWARD_BENCH_DIR"),
-             os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "bench")]
-    for c in cands:
-        if c and os.path.isfile(os.path.join(c, "numpy_impl.py")):
-            return os.path.abspath(c)
-    return None
-
-
-def _load(bench_dir, name):
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)   # torch_llama imports torch_impl
-    spec = importlib.util.spec_from_file_location(name, os.path.join(bench_dir, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _select(names, spec, what, allowed):
     if not spec:
         return list(names)
@@ -125,41 +103,7 @@ def _torch():
         return None, f"PyTorch not installed ({e}): torch contender skipped (pip install torch)"
 
 
-def _model_api():
-    """(LlamaConfig, Llama, AdamW) of this build, or (None, why)."""
-    try:
-        from anebackward.model import Llama, LlamaConfig
-        from anebackward import AdamW
-        return (LlamaConfig, Llama, AdamW), None
-    except (ImportError, AttributeError) as e:
-        return None, f"full step: not available in this build ({type(e).__name__}: {e})"
-
-
-def _make_adamw(AdamW, model):
-    """anebackward.AdamW with the suite's hyper-parameters, whichever keyword
-    style it takes (beta1/beta2 or betas=(b1, b2)); (optimizer, note)."""
-    import inspect
-    h = K.ADAMW
-    try:
-        names = set(inspect.signature(AdamW).parameters)
-    except (TypeError, ValueError):
-        names = set()
-    kw = {"lr": h["lr"]}
-    if {"beta1", "beta2"} <= names:
-        kw.update(beta1=h["beta1"], beta2=h["beta2"])
-    elif "betas" in names:
-        kw["betas"] = (h["beta1"], h["beta2"])
-    for k in ("eps", "weight_decay"):
-        if k in names:
-            kw[k] = h[k]
-    missing = {"beta1", "beta2", "eps", "weight_decay"} - set(kw) - ({"beta1", "beta2"} if "betas"
-                                                                     in kw else set())
-    note = (f"anebackward.AdamW takes no {', '.join(sorted(missing))}: its defaults used"
-            if missing else "")
-    return AdamW(model, **kw), note
-
-
-def _step_contenders(case, mods, torch_mod, wanted, ref_budget, notes):
+def _step_contenders(case, torch_mod, wanted, ref_budget):
     import numpy as np
     import anebackward as ab
     d = case.dims
@@ -167,52 +111,27 @@ def _step_contenders(case, mods, torch_mod, wanted, ref_budget, notes):
     tokens = rng.integers(0, d["vocab_size"], d["max_seq_len"]).astype(np.int32)
     targets = np.append(tokens[1:], -1).astype(np.int32)
     out = []
+    config = ab.LlamaConfig(**_cfg_kwargs(d))
+    adamw = dict(lr=K.ADAMW["lr"], betas=(K.ADAMW["beta1"], K.ADAMW["beta2"]), eps=K.ADAMW["eps"],
+                 weight_decay=K.ADAMW["weight_decay"])
     if "ours" in wanted:
-        api, why = _model_api()
-        if api is None:
-            notes["ours"] = why
-        else:
-            LlamaConfig, Llama, AdamW = api
-            try:
-                model = Llama(LlamaConfig(**_cfg_kwargs(d)), seed=0)
-                opt, why = _make_adamw(AdamW, model)
-            except Exception as e:  # an interface mismatch is reported, not hidden
-                notes["ours"] = f"full step: the model could not be built ({type(e).__name__}: {e})"
-            else:
-                if why:
-                    notes["ours"] = why
-
-                out.append(Contender("ours", lambda: _model_step(model, opt, tokens)))
-    lo = mods.get("llama_ops")
-    if "torch" in wanted and torch_mod is not None and "torch_llama" in mods:
-        out.append(Contender("torch", mods["torch_llama"].make_step(d, tokens, targets, K.ADAMW)))
-    if "numpy" in wanted and lo is not None:
-        m = lo.ComposedLlama(d, mods["numpy_impl"])
+        model = ab.Llama(config, seed=0)
+        opt = ab.AdamW(model, **adamw)
+        out.append(Contender("ours", lambda: _model_step(model, opt, tokens)))
+    if "torch" in wanted and torch_mod is not None:
+        from .torch_llama import make_step
+        out.append(Contender("torch", make_step(d, tokens, targets, K.ADAMW)))
+    if "numpy" in wanted:
+        m = llama_ops.ComposedLlama(d, numpy_impl)
         out.append(Contender("numpy", lambda: m.step(tokens, targets, K.ADAMW)))
-    if "composed" in wanted and lo is not None:
-        mc = lo.ComposedLlama(d, K.KernelOps(ab, "auto"))
+    if "composed" in wanted:
+        mc = llama_ops.ComposedLlama(d, K.KernelOps(ab, "auto"))
         out.append(Contender("composed", lambda: mc.step(tokens, targets, K.ADAMW)))
-    if "reference" in wanted:
-        # the seed loops: the model itself with backend="reference" where this build has
-        # one, else the same step assembled from the reference kernels (bench/llama_ops.py)
-        api, _ = _model_api()
-        built = False
-        if api is not None:
-            LlamaConfig, Llama, AdamW = api
-            try:
-                mref = Llama(LlamaConfig(**_cfg_kwargs(d)), seed=0, backend="reference")
-                oref, _ = _make_adamw(AdamW, mref)
-                out.append(Contender("reference", lambda: _model_step(mref, oref, tokens),
-                                     slow_budget_s=ref_budget))
-                built = True
-            except Exception as e:
-                notes["reference"] = f"Llama(backend='reference') failed ({type(e).__name__}: {e})"
-        if not built and lo is not None:
-            mr = lo.ComposedLlama(d, K.KernelOps(ab, "reference"))
-            out.append(Contender("reference", lambda: mr.step(tokens, targets, K.ADAMW),
-                                 slow_budget_s=ref_budget))
-            notes.setdefault("reference", "reference kernels assembled in bench/llama_ops.py "
-                                          "(no reference model in this build)")
+    if "reference" in wanted:   # the seed loops: the whole model with backend="reference"
+        mref = ab.Llama(config, seed=0, backend="reference")
+        oref = ab.AdamW(mref, **adamw)
+        out.append(Contender("reference", lambda: _model_step(mref, oref, tokens),
+                             slow_budget_s=ref_budget))
     return out
 
 
@@ -230,7 +149,7 @@ def _model_step(model, opt, tokens):
     return loss
 
 
-def _overhead_contenders(wanted, mods, torch_mod):
+def _overhead_contenders(wanted, torch_mod):
     """One tiny call (8 floats): the per-call cost of the Python layer."""
     import numpy as np
     import anebackward as ab
@@ -241,9 +160,8 @@ def _overhead_contenders(wanted, mods, torch_mod):
     out = [Contender("ours", lambda: ab.swiglu(h1, h3, out=y))]
     py, p1, p3 = fptr(y), fptr(h1), fptr(h3)
     out.append(Contender("raw-cffi", lambda: lib.ab_swiglu_forward(py, p1, p3, 8)))
-    if "numpy" in wanted and "numpy_impl" in mods:
-        npi = mods["numpy_impl"]
-        out.append(Contender("numpy", lambda: npi.swiglu(h1, h3, out=y)))
+    if "numpy" in wanted:
+        out.append(Contender("numpy", lambda: numpy_impl.swiglu(h1, h3, out=y)))
     if "torch" in wanted and torch_mod is not None:
         F = torch_mod.nn.functional
         t1, t3 = torch_mod.from_numpy(h1), torch_mod.from_numpy(h3)
@@ -279,17 +197,9 @@ def run(args):
 
     torch_mod, torch_note = _torch() if "torch" in wanted else (None, "torch contender not selected")
     notes = {}
-    mods = {}
-    bdir = _bench_dir(args)
-    if bdir is None:
-        notes["numpy"] = notes["torch"] = ("bench/ folder not found (run from a source checkout or "
-                                           "set ANEBACKWARD_BENCH_DIR)")
-    else:
-        mods["numpy_impl"] = _load(bdir, "numpy_impl")
-        mods["llama_ops"] = _load(bdir, "llama_ops")
-        if torch_mod is not None:
-            mods["torch_impl"] = _load(bdir, "torch_impl")
-            mods["torch_llama"] = _load(bdir, "torch_llama")
+    torch_impl = None
+    if torch_mod is not None:
+        from . import torch_impl
     if torch_note and "torch" in wanted:
         notes["torch"] = torch_note
     sgemm, sgemm_where = K.sgemm_library() if "sgemm" in wanted else (None, None)
@@ -300,7 +210,6 @@ def run(args):
     environment = E.collect(args, torch_mod, torch_note, threads)
     environment["sgemm_contender"] = (f"scipy_cblas_sgemm called directly (ctypes) from {sgemm_where}"
                                       if sgemm is not None else notes.get("sgemm"))
-    environment["bench_dir"] = bdir
     environment["settings"] = dict(quick=quick, warmup=warmup, repeats=repeats,
                                    ref_budget_s=ref_budget, min_sample_s=min_sample,
                                    settle_s=args.settle)
@@ -323,9 +232,9 @@ def run(args):
             progress(i, len(todo), f"{case.kernel} {case.label}", t_start)
         case_notes = dict(notes)
         if case.kernel == "call_overhead":
-            cs = _overhead_contenders(wanted, mods, torch_mod)
+            cs = _overhead_contenders(wanted, torch_mod)
         elif case.kernel == "full_step":
-            cs = _step_contenders(case, mods, torch_mod, wanted, ref_budget, case_notes)
+            cs = _step_contenders(case, torch_mod, wanted, ref_budget)
         else:
             inp = K.inputs(case, rng)
             cs = []
@@ -334,12 +243,12 @@ def run(args):
             if "reference" in wanted:
                 fn, reset = K.api_callable(case, K.KernelOps(ab, "reference"), inp, True)
                 cs.append(Contender("reference", fn, reset, slow_budget_s=ref_budget))
-            if "numpy" in wanted and "numpy_impl" in mods:
-                fn, reset = K.api_callable(case, mods["numpy_impl"], inp, False)
+            if "numpy" in wanted:
+                fn, reset = K.api_callable(case, numpy_impl, inp, False)
                 cs.append(Contender("numpy", fn, reset))
-            if "torch" in wanted and "torch_impl" in mods:
+            if "torch" in wanted and torch_impl is not None:
                 try:
-                    fn = mods["torch_impl"].make(case.kernel, inp, case.dims)
+                    fn = torch_impl.make(case.kernel, inp, case.dims)
                     cs.append(Contender("torch", fn, K.grad_reset(inp) if case.kernel ==
                                         "clip_grad_norm" else None))
                 except Exception as e:  # report, do not stop

@@ -1,6 +1,6 @@
 """What is timed: named model shapes, one case per kernel × shape (× matmul
 site for the linear kernels), the inputs of each case, and the callables of
-the contenders that do not need bench/ (ours, the reference backend, raw
+the contenders that need no module of their own (ours, the reference backend, raw
 sgemm)."""
 import ctypes
 import os
@@ -123,7 +123,7 @@ def inputs(case, rng):
 
 def api_callable(case, ops, inp, prealloc):
     """(fn, reset) doing the case through an object with the anebackward
-    kernel API (anebackward bound to a backend, or bench/numpy_impl). With
+    kernel API (anebackward bound to a backend, or numpy_impl). With
     prealloc, outputs are allocated once and passed (the zero-copy use)."""
     k, d, a = case.kernel, case.dims, inp
 
@@ -138,22 +138,23 @@ def api_callable(case, ops, inp, prealloc):
         return (lambda: ops.linear(a["x"], a["W"], **kw(out=y))), None
     if k == "linear_backward_dx":
         dx = o(a["x"])
-        return (lambda: ops.linear_backward_dx(a["dy"], a["W"], **kw(out=dx))), None
+        return (lambda: ops.linear_backward_dx(a["dy"], a["W"], **kw(dx=dx))), None
     if k == "linear_backward_dW":
         dW = o(a["W"])
-        return (lambda: ops.linear_backward_dW(a["dy"], a["x"], **kw(out=dW))), None
+        return (lambda: ops.linear_backward_dW(a["dy"], a["x"], **kw(dW=dW))), None
     if k == "rmsnorm":
         y = o(a["x"])
         return (lambda: ops.rmsnorm(a["x"], a["w"], **kw(out=y))), None
     if k == "rmsnorm_backward":
         dx, dw = o(a["x"]), np.zeros_like(a["w"])
-        return (lambda: ops.rmsnorm_backward(a["dy"], a["x"], a["w"], dw=dw, **kw(dx=dx))), None
+        return (lambda: ops.rmsnorm_backward(a["dy"], a["x"], a["w"], dw=dw, accumulate=False,
+                                             **kw(dx=dx))), None
     if k == "rope":
         y = o(a["x"])
         return (lambda: ops.rope(a["x"], head_dim=d["head_dim"], **kw(out=y))), None
     if k == "rope_backward":
         dx = o(a["dy"])
-        return (lambda: ops.rope_backward(a["dy"], head_dim=d["head_dim"], **kw(out=dx))), None
+        return (lambda: ops.rope_backward(a["dy"], head_dim=d["head_dim"], **kw(dx=dx))), None
     if k.startswith("attention"):
         H, KV = d["n_heads"], d["n_kv_heads"]
         extra = {}
@@ -184,7 +185,7 @@ def api_callable(case, ops, inp, prealloc):
         return (lambda: ops.embedding(a["tokens"], a["E"], **kw(out=y))), None
     if k == "embedding_backward":
         dE = np.zeros_like(a["E"])
-        return (lambda: ops.embedding_backward(a["dx"], a["tokens"], dE=dE)), None
+        return (lambda: ops.embedding_backward(a["dx"], a["tokens"], dE=dE, accumulate=True)), None
     if k == "grad_norm":
         return (lambda: ops.grad_norm(a["grad"])), None
     if k == "clip_grad_norm":

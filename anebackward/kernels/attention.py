@@ -7,14 +7,17 @@ The backward recomputes the softmax; its scratch (2·S² floats) is the
 `workspace` array, allocated per call unless you pass one to reuse
 (attention_workspace(S)).
 """
+from __future__ import annotations
+
 import numpy as np
 
 from .. import _checks as C
 from .._backend import cfunc
 from .._native import check, fptr, lib
+from ..types import Backend, F32Array
 
 
-def attention_workspace(S):
+def attention_workspace(S: int) -> F32Array:
     """A scratch array big enough for attention(_backward) at sequence length S."""
     return np.empty(max(int(lib.ab_attention_workspace_floats(S)), 1), dtype=np.float32)
 
@@ -51,7 +54,9 @@ def _workspace(fn, workspace, S):
     return workspace, workspace.size
 
 
-def attention(q, k, v, *, n_heads, n_kv_heads=None, out=None, workspace=None, backend=None):
+def attention(q: F32Array, k: F32Array, v: F32Array, *, n_heads: int, n_kv_heads: int | None = None,
+              out: F32Array | None = None, workspace: F32Array | None = None,
+              backend: Backend = None) -> F32Array:
     """out = softmax(q kᵀ/√hd + causal mask) v per head. Returns out."""
     fn = "attention"
     B, S, H, KV, hd = _dims(fn, q, k, v, n_heads, n_kv_heads)
@@ -63,8 +68,11 @@ def attention(q, k, v, *, n_heads, n_kv_heads=None, out=None, workspace=None, ba
     return out
 
 
-def attention_backward(dout, q, k, v, *, n_heads, n_kv_heads=None, dq=None, dk=None, dv=None,
-                       workspace=None, backend=None):
+def attention_backward(dout: F32Array, q: F32Array, k: F32Array, v: F32Array, *, n_heads: int,
+                       n_kv_heads: int | None = None, dq: F32Array | None = None,
+                       dk: F32Array | None = None, dv: F32Array | None = None,
+                       workspace: F32Array | None = None,
+                       backend: Backend = None) -> tuple[F32Array, F32Array, F32Array]:
     """Gradients of attention w.r.t. q, k, v. Returns (dq, dk, dv), written
     (not accumulated); for GQA, dk/dv sum over the heads sharing a kv head."""
     fn = "attention_backward"

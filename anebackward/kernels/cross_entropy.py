@@ -4,11 +4,14 @@ logits [..., V] float32; targets [...] integer ids in [0, V), or -1 to
 ignore a position (llama2.c's ignore_index). The loss is the mean over the
 counted positions, as torch.nn.functional.cross_entropy(..., ignore_index=-1).
 """
+from __future__ import annotations
+
 import math
 
 from .. import _checks as C
 from .._backend import cfunc
 from .._native import check, ffi, fptr, iptr
+from ..types import Backend, F32Array, Tokens
 
 
 def _common(fn, logits, targets):
@@ -23,7 +26,9 @@ def _common(fn, logits, targets):
     return tg, math.prod(logits.shape[:-1]), V
 
 
-def cross_entropy_backward(logits, targets, *, dlogits=None, grad_scale=1.0, backend=None):
+def cross_entropy_backward(logits: F32Array, targets: Tokens, *, dlogits: F32Array | None = None,
+                           grad_scale: float = 1.0,
+                           backend: Backend = None) -> tuple[float, F32Array]:
     """Returns (loss, dlogits), dlogits = (softmax − onehot)·grad_scale / n.
 
     dlogits may be `logits` itself to overwrite the logits buffer in place
@@ -39,7 +44,7 @@ def cross_entropy_backward(logits, targets, *, dlogits=None, grad_scale=1.0, bac
     return float(loss[0]), dlogits
 
 
-def cross_entropy(logits, targets, *, backend=None):
+def cross_entropy(logits: F32Array, targets: Tokens, *, backend: Backend = None) -> float:
     """The mean cross-entropy loss only (no gradient buffer)."""
     fn = "cross_entropy"
     tg, N, V = _common(fn, logits, targets)

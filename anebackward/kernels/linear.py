@@ -3,12 +3,15 @@
 x is [..., in] (token-major rows, any leading axes), W is [out, in] like
 nn.Linear.weight, y and dy are [..., out].
 """
+from __future__ import annotations
+
 import math
 
 from .. import _checks as C
 from .._backend import cfunc, cfunc_for, resolve
 from .._native import check, fptr
 from .. import ane
+from ..types import Backend, F32Array
 
 
 def _rows(fn, a, name, width, wname):
@@ -18,7 +21,8 @@ def _rows(fn, a, name, width, wname):
     return math.prod(a.shape[:-1])
 
 
-def linear(x, W, *, out=None, backend=None):
+def linear(x: F32Array, W: F32Array, *, out: F32Array | None = None,
+           backend: Backend = None) -> F32Array:
     """y[..., out] = x[..., in] · W[out, in]ᵀ. Returns y (written into `out` if given)."""
     fn = "linear"
     C.f32(fn, "x", x)
@@ -30,16 +34,20 @@ def linear(x, W, *, out=None, backend=None):
     return out
 
 
-def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend=None):
-    """dx[..., in] = dy[..., out] · W[out, in]; with accumulate=True, out += that."""
+def linear_backward_dx(dy: F32Array, W: F32Array, *, dx: F32Array | None = None,
+                       accumulate: bool = False, backend: Backend = None,
+                       out: F32Array | None = None) -> F32Array:
+    """dx[..., in] = dy[..., out] · W[out, in]; with accumulate=True, dx += that.
+    (out= is the deprecated old name of dx=.)"""
     fn = "linear_backward_dx"
+    out = C.renamed(fn, "dx", dx, "out", out)
     C.f32(fn, "dy", dy)
     C.f32(fn, "W", W, 2)
     n_out, n_in = W.shape
     N = _rows(fn, dy, "dy", n_out, "W.shape[0]")
     if accumulate and out is None:
-        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
-    out = C.out(fn, "out", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dx=")
+    out = C.out(fn, "dx", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
     b = resolve(fn, backend)
     if b in ("ane", "auto") and ane.routes(b, "linear_backward_dx", N=N, n_in=n_in, n_out=n_out):
         return ane.linear_backward_dx(dy, W, out=out, accumulate=accumulate, backend=b)
@@ -48,10 +56,14 @@ def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend=None):
     return out
 
 
-def linear_backward_dW(dy, x, *, out=None, accumulate=False, backend=None):
+def linear_backward_dW(dy: F32Array, x: F32Array, *, dW: F32Array | None = None,
+                       accumulate: bool = False, backend: Backend = None,
+                       out: F32Array | None = None) -> F32Array:
     """dW[out, in] = dy[..., out]ᵀ · x[..., in] summed over all rows;
-    with accumulate=True, out += that (gradient accumulation)."""
+    with accumulate=True, dW += that (gradient accumulation). (out= is the
+    deprecated old name of dW=.)"""
     fn = "linear_backward_dW"
+    out = C.renamed(fn, "dW", dW, "out", out)
     C.f32(fn, "dy", dy)
     C.f32(fn, "x", x)
     if dy.ndim < 1 or x.ndim < 1 or dy.shape[:-1] != x.shape[:-1]:
@@ -60,8 +72,8 @@ def linear_backward_dW(dy, x, *, out=None, accumulate=False, backend=None):
     n_out, n_in = dy.shape[-1], x.shape[-1]
     N = math.prod(x.shape[:-1])
     if accumulate and out is None:
-        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
-    out = C.out(fn, "out", out, (n_out, n_in), ("dy", dy), ("x", x))
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dW=")
+    out = C.out(fn, "dW", out, (n_out, n_in), ("dy", dy), ("x", x))
     check(cfunc(fn, "linear_backward_dW", backend)(fptr(out), fptr(dy), fptr(x), N, n_in, n_out,
                                                      int(bool(accumulate))), fn)
     return out

@@ -1,6 +1,8 @@
 """Gradient clipping by global L2 norm and the fused AdamW update
 (csrc/kernels/optim.c). Both are single passes over flat float32 memory.
 """
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -8,6 +10,7 @@ import numpy as np
 from .. import _checks as C
 from .._backend import cfunc
 from .._native import check, ffi, fptr
+from ..types import Backend, F32Array, Grads
 
 
 def _grad_list(fn, grads):
@@ -23,7 +26,7 @@ def _grad_list(fn, grads):
     return grads
 
 
-def grad_norm(grads, *, backend=None):
+def grad_norm(grads: Grads, *, backend: Backend = None) -> float:
     """The global L2 norm over one array or a sequence of arrays (double accumulation)."""
     fn = "grad_norm"
     grads = _grad_list(fn, grads)
@@ -34,7 +37,7 @@ def grad_norm(grads, *, backend=None):
     return math.sqrt(acc[0])
 
 
-def clip_grad_norm(grads, max_norm, *, backend=None):
+def clip_grad_norm(grads: Grads, max_norm: float, *, backend: Backend = None) -> float:
     """Scale grads in place so that their global L2 norm is at most max_norm.
 
     Returns the norm before clipping. As the seed does, grads are scaled by
@@ -104,8 +107,9 @@ def check_adamw_step(fn, step, lo=1, name="step"):
     return int(step)
 
 
-def adamw_step(param, grad, m, v, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-               weight_decay=0.0, backend=None):
+def adamw_step(param: F32Array, grad: F32Array, m: F32Array, v: F32Array, *, step: int, lr: float,
+               beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 0.0, backend: Backend = None) -> F32Array:
     """One AdamW update of param, m and v in place (decoupled weight decay,
     as torch.optim.AdamW; weight_decay=0 is Adam). `step` counts from 1.
     Returns param."""

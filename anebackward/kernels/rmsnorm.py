@@ -4,6 +4,8 @@ x, y, dy, dx: [..., D] token-major rows; w, dw: [D].
   y  = x / rms(x) * w,   rms(x) = sqrt(mean(x²) + eps)
   dx = w·dy/rms − x·Σ(w·dy·x)/(D·rms³)      dw += Σ_rows dy·x/rms
 """
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -11,6 +13,7 @@ import numpy as np
 from .. import _checks as C
 from .._backend import cfunc
 from .._native import check, fptr
+from ..types import Backend, F32Array
 
 
 def _common(fn, x, w, eps):
@@ -24,7 +27,8 @@ def _common(fn, x, w, eps):
     return math.prod(x.shape[:-1]), D, eps
 
 
-def rmsnorm(x, w, *, eps=1e-5, out=None, backend=None):
+def rmsnorm(x: F32Array, w: F32Array, *, eps: float = 1e-5, out: F32Array | None = None,
+            backend: Backend = None) -> F32Array:
     """y = x / sqrt(mean(x², axis=-1) + eps) * w. Returns y."""
     fn = "rmsnorm"
     N, D, eps = _common(fn, x, w, eps)
@@ -33,23 +37,35 @@ def rmsnorm(x, w, *, eps=1e-5, out=None, backend=None):
     return out
 
 
-def rmsnorm_backward(dy, x, w, *, eps=1e-5, dx=None, dw=None, accumulate=False, backend=None):
+def rmsnorm_backward(dy: F32Array, x: F32Array, w: F32Array, *, eps: float = 1e-5,
+                     dx: F32Array | None = None, dw: F32Array | None = None,
+                     accumulate: bool | None = None,
+                     backend: Backend = None) -> tuple[F32Array, F32Array]:
     """Gradients of rmsnorm. Returns (dx, dw).
 
-    dx is written (or, with accumulate=True, added to the given dx — the
-    residual stream's gradient). dw always accumulates: pass your gradient
-    buffer as dw= to add to it, or leave it None for a fresh zeroed one."""
+    The dx and dw you pass are overwritten, or added to with accumulate=True
+    (dx: the residual stream's gradient; dw: your gradient buffer); one you
+    do not pass comes back as a new array. (Until the next release a dw=
+    passed without accumulate= is added to, as it always was, with a
+    DeprecationWarning.)"""
     fn = "rmsnorm_backward"
     N, D, eps = _common(fn, x, w, eps)
     C.f32(fn, "dy", dy)
     C.same_shape(fn, "dy", dy, x.shape, "the shape of x")
-    if accumulate and dx is None:
-        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dx=")
+    if accumulate is None:   # the old convention: dx written, a given dw added to
+        acc_dx, acc_dw = False, dw is not None and C.accumulating(fn, "dw", None)
+    else:
+        if accumulate and dx is None and dw is None:
+            raise ValueError(f"{fn}: accumulate=True needs the arrays to accumulate into: pass "
+                             "dx= and/or dw=")
+        acc_dx, acc_dw = bool(accumulate) and dx is not None, bool(accumulate) and dw is not None
     dx = C.out(fn, "dx", dx, x.shape, ("dy", dy), ("x", x), ("w", w))
     if dw is None:
         dw = np.zeros(D, dtype=np.float32)
     else:
         dw = C.out(fn, "dw", dw, (D,), ("dy", dy), ("x", x), ("w", w), ("dx", dx))
+        if not acc_dw:
+            dw[...] = 0.0   # the C kernel adds into dw (D floats)
     check(cfunc(fn, "rmsnorm_backward", backend)(fptr(dx), fptr(dw), fptr(dy), fptr(x), fptr(w),
-                                                   N, D, eps, int(bool(accumulate))), fn)
+                                                   N, D, eps, int(acc_dx)), fn)
     return dx, dw

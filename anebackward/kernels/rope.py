@@ -4,9 +4,12 @@ x is [S, H*head_dim] or [B, S, H*head_dim]; pairs (2i, 2i+1) of each head
 rotate by (pos_offset + s)·10000^(−2i/head_dim). The backward is the inverse
 rotation. out may be x itself (in place).
 """
+from __future__ import annotations
+
 from .. import _checks as C
 from .._backend import cfunc
 from .._native import check, fptr
+from ..types import Backend, F32Array
 
 
 def _dims(fn, name, x, head_dim, pos_offset):
@@ -23,18 +26,22 @@ def _dims(fn, name, x, head_dim, pos_offset):
     return B, S, width // head_dim, head_dim, pos_offset
 
 
-def _run(fn, cname, name, x, head_dim, pos_offset, out, backend):
+def _run(fn, cname, name, x, head_dim, pos_offset, out, backend, out_name="out"):
     B, S, H, hd, pos_offset = _dims(fn, name, x, head_dim, pos_offset)
-    out = C.out(fn, "out", out, x.shape, (name, x), may_alias=(name,))
+    out = C.out(fn, out_name, out, x.shape, (name, x), may_alias=(name,))
     check(cfunc(fn, cname, backend)(fptr(out), fptr(x), B, S, H, hd, pos_offset), fn)
     return out
 
 
-def rope(x, *, head_dim, pos_offset=0, out=None, backend=None):
+def rope(x: F32Array, *, head_dim: int, pos_offset: int = 0, out: F32Array | None = None,
+         backend: Backend = None) -> F32Array:
     """Rotate q or k by their positions. Returns the rotated array."""
     return _run("rope", "rope_forward", "x", x, head_dim, pos_offset, out, backend)
 
 
-def rope_backward(dy, *, head_dim, pos_offset=0, out=None, backend=None):
-    """Gradient of rope: rotate dy back by the same angles. Returns dx."""
-    return _run("rope_backward", "rope_backward", "dy", dy, head_dim, pos_offset, out, backend)
+def rope_backward(dy: F32Array, *, head_dim: int, pos_offset: int = 0, dx: F32Array | None = None,
+                  backend: Backend = None, out: F32Array | None = None) -> F32Array:
+    """Gradient of rope: rotate dy back by the same angles. Returns dx (dx=
+    may be dy itself; out= is its deprecated old name)."""
+    dx = C.renamed("rope_backward", "dx", dx, "out", out)
+    return _run("rope_backward", "rope_backward", "dy", dy, head_dim, pos_offset, dx, backend, "dx")

@@ -71,10 +71,10 @@ class LinearFunction(torch.autograd.Function):
             return dx, dW, None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            ab.linear_backward_dx(np_view(dy), np_view(weight), out=np_view(dx), backend=ctx.backend)
+            ab.linear_backward_dx(np_view(dy), np_view(weight), dx=np_view(dx), backend=ctx.backend)
         if ctx.needs_input_grad[1]:
             dW = torch.empty_like(weight)
-            ab.linear_backward_dW(np_view(dy), np_view(x), out=np_view(dW), backend=ctx.backend)
+            ab.linear_backward_dW(np_view(dy), np_view(x), dW=np_view(dW), backend=ctx.backend)
         return dx, dW, None
 
 
@@ -119,9 +119,9 @@ class RMSNormFunction(torch.autograd.Function):
             dw = (dy * x * r).reshape(-1, x.shape[-1]).sum(0)
             return dx, dw, None, None
         dx = torch.empty_like(x)
-        dw = torch.zeros_like(w)  # the kernel accumulates into dw
+        dw = torch.empty_like(w)
         ab.rmsnorm_backward(np_view(dy), np_view(x), np_view(w), eps=ctx.eps, dx=np_view(dx),
-                            dw=np_view(dw), backend=ctx.backend)
+                            dw=np_view(dw), accumulate=False, backend=ctx.backend)
         return (dx if ctx.needs_input_grad[0] else None,
                 dw if ctx.needs_input_grad[1] else None, None, None)
 
@@ -170,7 +170,7 @@ class RoPEFunction(torch.autograd.Function):
             return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0), None, None, None
         dx = torch.empty_like(dy)
         ab.rope_backward(np_view(dy), head_dim=ctx.head_dim, pos_offset=ctx.pos_offset,
-                         out=np_view(dx), backend=ctx.backend)
+                         dx=np_view(dx), backend=ctx.backend)
         return dx, None, None, None
 
 
@@ -420,7 +420,7 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
             if use_torch:
                 torch.mm(dl.view(N, V), W, out=dx.view(N, D))
             else:
-                ab.linear_backward_dx(np_view(dl), np_view(W), out=np_view(dx), backend=ctx.backend)
+                ab.linear_backward_dx(np_view(dl), np_view(W), dx=np_view(dx), backend=ctx.backend)
             if scale != 1.0:
                 dx.mul_(scale)
         if ctx.needs_input_grad[1]:
@@ -428,7 +428,7 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
             if use_torch:
                 torch.mm(dl.view(N, V).t(), x.view(N, D), out=dW)
             else:
-                ab.linear_backward_dW(np_view(dl), np_view(x), out=np_view(dW), backend=ctx.backend)
+                ab.linear_backward_dW(np_view(dl), np_view(x), dW=np_view(dW), backend=ctx.backend)
             if scale != 1.0:
                 dW.mul_(scale)
         return dx, dW, None, None, None, None, None

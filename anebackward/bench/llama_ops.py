@@ -1,5 +1,5 @@
 """A Llama training step written once against the kernel API, run with any
-set of kernels ("ops"): NumPy (bench/numpy_impl.py), or anebackward's own
+set of kernels ("ops"): NumPy (numpy_impl.py), or anebackward's own
 kernels with backend="reference" (the seed's scalar loops, corrected) or
 backend="auto" (anebackward.bench.cases.KernelOps). This gives the full-step figures of the NumPy contender
 and of the seed loops; it is NOT anebackward.model (that is timed as "ours").
@@ -87,34 +87,35 @@ class ComposedLlama:
         loss, dlogits = o.cross_entropy_backward(logits, targets)
         # ---- backward ----
         self.gflat[...] = 0.0
-        o.linear_backward_dW(dlogits, xf, out=self._cls(g), accumulate=True)
+        o.linear_backward_dW(dlogits, xf, dW=self._cls(g), accumulate=True)
         dxf = o.linear_backward_dx(dlogits, self._cls(p))
-        dx, _ = o.rmsnorm_backward(dxf, x, p["norm.weight"], eps=eps, dw=g["norm.weight"])
+        dx, _ = o.rmsnorm_backward(dxf, x, p["norm.weight"], eps=eps, dw=g["norm.weight"],
+                                   accumulate=True)
         for i in reversed(range(c["n_layers"])):
             L = f"layers.{i}."
             x, xn, q, k, v, a, x2, xn2, h1, h3, s = cache[i]
-            o.linear_backward_dW(dx, s, out=g[L + "feed_forward.w2.weight"], accumulate=True)
+            o.linear_backward_dW(dx, s, dW=g[L + "feed_forward.w2.weight"], accumulate=True)
             ds = o.linear_backward_dx(dx, p[L + "feed_forward.w2.weight"])
             dh1, dh3 = o.swiglu_backward(ds, h1, h3)
-            o.linear_backward_dW(dh1, xn2, out=g[L + "feed_forward.w1.weight"], accumulate=True)
-            o.linear_backward_dW(dh3, xn2, out=g[L + "feed_forward.w3.weight"], accumulate=True)
+            o.linear_backward_dW(dh1, xn2, dW=g[L + "feed_forward.w1.weight"], accumulate=True)
+            o.linear_backward_dW(dh3, xn2, dW=g[L + "feed_forward.w3.weight"], accumulate=True)
             dxn2 = o.linear_backward_dx(dh1, p[L + "feed_forward.w1.weight"])
-            o.linear_backward_dx(dh3, p[L + "feed_forward.w3.weight"], out=dxn2, accumulate=True)
+            o.linear_backward_dx(dh3, p[L + "feed_forward.w3.weight"], dx=dxn2, accumulate=True)
             o.rmsnorm_backward(dxn2, x2, p[L + "ffn_norm.weight"], eps=eps, dx=dx, accumulate=True,
                                dw=g[L + "ffn_norm.weight"])
-            o.linear_backward_dW(dx, a, out=g[L + "attention.wo.weight"], accumulate=True)
+            o.linear_backward_dW(dx, a, dW=g[L + "attention.wo.weight"], accumulate=True)
             da = o.linear_backward_dx(dx, p[L + "attention.wo.weight"])
             dq, dk, dv = o.attention_backward(da, q, k, v, n_heads=H, n_kv_heads=KV)
             dq = o.rope_backward(dq, head_dim=hd)
             dk = o.rope_backward(dk, head_dim=hd)
             for name, d in (("wq", dq), ("wk", dk), ("wv", dv)):
-                o.linear_backward_dW(d, xn, out=g[L + f"attention.{name}.weight"], accumulate=True)
+                o.linear_backward_dW(d, xn, dW=g[L + f"attention.{name}.weight"], accumulate=True)
             dxn = o.linear_backward_dx(dq, p[L + "attention.wq.weight"])
-            o.linear_backward_dx(dk, p[L + "attention.wk.weight"], out=dxn, accumulate=True)
-            o.linear_backward_dx(dv, p[L + "attention.wv.weight"], out=dxn, accumulate=True)
+            o.linear_backward_dx(dk, p[L + "attention.wk.weight"], dx=dxn, accumulate=True)
+            o.linear_backward_dx(dv, p[L + "attention.wv.weight"], dx=dxn, accumulate=True)
             o.rmsnorm_backward(dxn, x, p[L + "attention_norm.weight"], eps=eps, dx=dx,
                                accumulate=True, dw=g[L + "attention_norm.weight"])
-        o.embedding_backward(dx, tokens, dE=g["tok_embeddings.weight"])
+        o.embedding_backward(dx, tokens, dE=g["tok_embeddings.weight"], accumulate=True)
         # ---- clip and AdamW over the flat buffers ----
         o.clip_grad_norm(self.gflat, 1.0)
         self.t += 1

@@ -21,22 +21,22 @@ def linear(x, W, *, out=None):
     return np.matmul(x, W.T, out=out)
 
 
-def linear_backward_dx(dy, W, *, out=None, accumulate=False):
+def linear_backward_dx(dy, W, *, dx=None, accumulate=False):
     if accumulate:
-        out += dy @ W
-        return out
-    return np.matmul(dy, W, out=out)
+        dx += dy @ W
+        return dx
+    return np.matmul(dy, W, out=dx)
 
 
-def linear_backward_dW(dy, x, *, out=None, accumulate=False):
+def linear_backward_dW(dy, x, *, dW=None, accumulate=False):
     g = _rows(dy).T @ _rows(x)
-    if out is None:
+    if dW is None:
         return g
     if accumulate:
-        out += g
+        dW += g
     else:
-        out[...] = g
-    return out
+        dW[...] = g
+    return dW
 
 
 # ---- RMSNorm ------------------------------------------------------------
@@ -46,6 +46,8 @@ def rmsnorm(x, w, *, eps=1e-5, out=None):
 
 
 def rmsnorm_backward(dy, x, w, *, eps=1e-5, dx=None, dw=None, accumulate=False):
+    """The package's convention: the dx and dw given are overwritten, or added
+    to with accumulate=True; one not given is a new array."""
     D = x.shape[-1]
     r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + F32(eps))
     wdy = w * dy
@@ -60,8 +62,10 @@ def rmsnorm_backward(dy, x, w, *, eps=1e-5, dx=None, dw=None, accumulate=False):
     gw = np.sum(_rows(dy * x * r), axis=0)
     if dw is None:
         dw = gw
-    else:
+    elif accumulate:
         dw += gw
+    else:
+        dw[...] = gw
     return dx, dw
 
 
@@ -99,8 +103,8 @@ def rope(x, *, head_dim, pos_offset=0, out=None):
     return _rotate(x, head_dim, pos_offset, 1.0, out)
 
 
-def rope_backward(dy, *, head_dim, pos_offset=0, out=None):
-    return _rotate(dy, head_dim, pos_offset, -1.0, out)
+def rope_backward(dy, *, head_dim, pos_offset=0, dx=None):
+    return _rotate(dy, head_dim, pos_offset, -1.0, dx)
 
 
 # ---- causal attention, MHA and GQA -----------------------------------------
@@ -207,7 +211,9 @@ def embedding(tokens, E, *, out=None):
     return np.take(E, tokens, axis=0, out=out)
 
 
-def embedding_backward(dx, tokens, *, dE):
+def embedding_backward(dx, tokens, *, dE, accumulate):
+    if not accumulate:
+        dE[...] = 0.0
     np.add.at(dE, tokens.reshape(-1), _rows(dx))
     return dE
 

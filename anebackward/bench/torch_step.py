@@ -1,12 +1,13 @@
 """One training step (forward + backward + AdamW) of a llama2.c-style Llama:
 plain PyTorch eager vs the same model on anebackward.torch.
 
-    python bench/torch_step.py                      # small shape and stories15M
-    python bench/torch_step.py --shape small --repeats 20
-    python bench/torch_step.py --threads 2 --shape stories15M --variants plain,ab
+    python -m anebackward.bench.torch_step            # small shape and stories15M
+    python -m anebackward.bench.torch_step --shape small --repeats 20
+    python -m anebackward.bench.torch_step --threads 2 --shape stories15M --variants plain,ab
 
 "plain" is PyTorch eager written as llama2.c's model.py (its flash path:
-F.scaled_dot_product_attention(is_causal=True), F.cross_entropy); the other
+F.scaled_dot_product_attention(is_causal=True), F.cross_entropy: the
+project's one plain-PyTorch Llama, anebackward/bench/torch_llama.py); the other
 rows are anebackward.torch.Transformer with the same weights, with the dense
 projections in torch (MKL) or in the package's linear kernels (OpenBLAS), and
 the optimizer its configure_optimizers returns (anebackward.torch.AdamW)
@@ -21,11 +22,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import anebackward
 import anebackward.torch as at
+
+from .torch_llama import Transformer as PlainLlama
 
 SHAPES = {
     "small": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=None, vocab_size=2048,
@@ -33,91 +34,6 @@ SHAPES = {
     "stories15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=None, vocab_size=32000,
                        hidden_dim=768, max_seq_len=256, batch=1),
 }
-
-
-# ---- plain PyTorch eager Llama, as llama2.c's model.py computes it ----
-class _Norm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def _rotary(x, cos, sin):
-    xr, xi = x.reshape(x.shape[:-1] + (-1, 2)).unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3)
-
-
-class _Attn(nn.Module):
-    def __init__(self, dim, H, KV):
-        super().__init__()
-        self.H, self.KV, self.hd = H, KV, dim // H
-        self.wq = nn.Linear(dim, H * self.hd, bias=False)
-        self.wk = nn.Linear(dim, KV * self.hd, bias=False)
-        self.wv = nn.Linear(dim, KV * self.hd, bias=False)
-        self.wo = nn.Linear(H * self.hd, dim, bias=False)
-
-    def forward(self, x, cos, sin):
-        B, S, _ = x.shape
-        q = _rotary(self.wq(x).view(B, S, self.H, self.hd), cos, sin)
-        k = _rotary(self.wk(x).view(B, S, self.KV, self.hd), cos, sin)
-        v = self.wv(x).view(B, S, self.KV, self.hd)
-        if self.KV != self.H:
-            k = k.repeat_interleave(self.H // self.KV, dim=2)
-            v = v.repeat_interleave(self.H // self.KV, dim=2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
-        return self.wo(o.transpose(1, 2).contiguous().view(B, S, -1))
-
-
-class _FFN(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.attention = _Attn(c["dim"], c["n_heads"], c["n_kv_heads"] or c["n_heads"])
-        self.feed_forward = _FFN(c["dim"], c["hidden_dim"])
-        self.attention_norm = _Norm(c["dim"], 1e-5)
-        self.ffn_norm = _Norm(c["dim"], 1e-5)
-
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class PlainLlama(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(c["vocab_size"], c["dim"])
-        self.layers = nn.ModuleList(_Block(c) for _ in range(c["n_layers"]))
-        self.norm = _Norm(c["dim"], 1e-5)
-        self.output = nn.Linear(c["dim"], c["vocab_size"], bias=False)
-        self.tok_embeddings.weight = self.output.weight
-        cos, sin = at.precompute_freqs_cis(c["dim"] // c["n_heads"], c["max_seq_len"])
-        self.register_buffer("freqs_cos", cos, persistent=False)
-        self.register_buffer("freqs_sin", sin, persistent=False)
-
-    def forward(self, tokens, targets):
-        S = tokens.shape[1]
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, self.freqs_cos[:S], self.freqs_sin[:S])
-        logits = self.output(self.norm(h))
-        self.last_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                                         ignore_index=-1)
-        return logits
 
 
 # name: (model, linear, return_logits, torch threads, anebackward threads);
@@ -157,7 +73,7 @@ def build(shape, variant):
     ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits,
                           blas_threads=None)  # each variant sets its threads per step
     if kind == "plain":
-        plain = PlainLlama(c)
+        plain = PlainLlama(**args)
         plain.load_state_dict(ours.state_dict())
         return plain
     return ours
