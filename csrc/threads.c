@@ -11,6 +11,9 @@
  *
  * Idle pool threads sleep on a condition variable (they spin only briefly
  * after a job, so back-to-back kernels start fast without burning a core).
+ * The caller takes tasks too and waits only for threads that joined before
+ * it had taken the last task: on a busy machine a descheduled worker costs
+ * nothing, so n threads are never much slower than one.
  * One parallel region runs at a time: a caller that finds the pool busy
  * (another Python thread, or a task of a running region) runs its tasks
  * itself, serially, with the same results.
@@ -41,7 +44,8 @@ static ab_task_fn job_fn;
 static void *job_ctx;
 static int64_t job_tasks;
 static int job_workers;              /* caller + pool threads 1..job_workers-1 */
-static int job_pending;              /* pool threads still in this job */
+static int job_open;                 /* pool threads may still join */
+static atomic_int job_active;        /* pool threads that joined and are not done */
 static atomic_uint_fast64_t generation;
 static atomic_int_fast64_t next_task;
 static uint64_t born_at[AB_MAX_THREADS];  /* generation when thread id was created */
@@ -73,6 +77,14 @@ static int current_setting(void) {
     return setting;
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 static void run_tasks(int worker) {
     ab_task_fn fn = job_fn;
     void *ctx = job_ctx;
@@ -87,20 +99,19 @@ static void *pool_main(void *arg) {
     pthread_mutex_unlock(&lock);
     for (;;) {
         /* brief poll first: the next kernel usually follows within microseconds */
-        for (int i = 0; i < SPIN_ROUNDS && atomic_load(&generation) == seen; i++) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        }
+        for (int i = 0; i < SPIN_ROUNDS && atomic_load(&generation) == seen; i++) cpu_relax();
         pthread_mutex_lock(&lock);
         while (atomic_load(&generation) == seen) pthread_cond_wait(&wake, &lock);
         seen = atomic_load(&generation);
-        int mine = id < job_workers;
+        /* a thread that wakes after the caller took the last task stays out:
+         * nobody ever waits for a thread the OS did not schedule in time */
+        int mine = id < job_workers && job_open;
+        if (mine) job_active++;
         pthread_mutex_unlock(&lock);
         if (!mine) continue;
         run_tasks(id);
         pthread_mutex_lock(&lock);
-        if (--job_pending == 0) pthread_cond_signal(&done);
+        if (--job_active == 0 && !job_open) pthread_cond_signal(&done);
         pthread_mutex_unlock(&lock);
     }
     return NULL;
@@ -148,7 +159,7 @@ int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx) 
     pthread_mutex_lock(&lock);
     n = ensure_started(n);
     job_fn = fn; job_ctx = ctx; job_tasks = n_tasks;
-    job_workers = n; job_pending = n - 1;
+    job_workers = n; job_open = 1; job_active = 0;
     atomic_store(&next_task, 0);
     atomic_fetch_add(&generation, 1);
     pthread_cond_broadcast(&wake);
@@ -157,7 +168,11 @@ int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx) 
     run_tasks(0);
 
     pthread_mutex_lock(&lock);
-    while (job_pending > 0) pthread_cond_wait(&done, &lock);
+    job_open = 0;                 /* every task is taken: latecomers stay out */
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load(&job_active) > 0; i++) cpu_relax();
+    pthread_mutex_lock(&lock);
+    while (atomic_load(&job_active) > 0) pthread_cond_wait(&done, &lock);
     pthread_mutex_unlock(&lock);
     pthread_mutex_unlock(&region);
     return n;

@@ -19,6 +19,7 @@ import time
 
 from . import cases as K
 from . import env as E
+from . import scaling
 from .report import plot, progress, table
 from .timing import Contender, Settler, measure
 
@@ -49,6 +50,7 @@ def add_arguments(p):
                         "OPENBLAS_L2_SIZE is set) and say so")
     p.add_argument("--bench-dir", help="the repository's bench/ folder (NumPy/PyTorch contenders)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    scaling.add_arguments(p)
 
 
 def pool_of(contender, kernel):
@@ -252,6 +254,8 @@ def _overhead_contenders(wanted, mods, torch_mod):
 
 
 def run(args):
+    if args.scaling:
+        return scaling.run(args)
     if args.unset_coretype and not os.environ.get(E.REEXEC_MARK):
         _reexec_without_coretype()
     import numpy as np
