@@ -90,6 +90,8 @@ static inline float ab_expf(float x) {
 #define AB_MAX_THREADS 256
 typedef void (*ab_task_fn)(void *ctx, int64_t task, int worker);
 int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx);
+/* Reads the setting once (and so puts the BLAS at 1 thread); cheap after. */
+void ab_threads_init(void);
 
 /* Fixed work per task for element-wise loops (floats): big enough that the
  * hand-out costs nothing, small enough to balance any thread count. */

@@ -82,6 +82,7 @@ void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
               float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
               float beta, float *C, int64_t ldc) {
 #ifdef AB_BLAS_HAVE_OPENBLAS_CONTROLS
+    ab_threads_init();   /* even an untiled call must not meet a multithreaded BLAS */
     if ((double)M * (double)N * (double)K >= (double)SMALL_MACS && M > 0 && N > 0 && K > 0) {
         gemm_job j = {transA, transB, M, N, K, lda, ldb, ldc, M, N, 1, K, 1,
                       alpha, beta, A, B, C, NULL};

@@ -35,7 +35,7 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;     /* a job was posted *
 static pthread_cond_t done = PTHREAD_COND_INITIALIZER;     /* pool threads finished it */
 static pthread_mutex_t region = PTHREAD_MUTEX_INITIALIZER; /* held by the running region */
 
-static int setting;           /* the thread setting; 0 until first read */
+static atomic_int setting;    /* the thread setting; 0 until first read */
 static int n_started;         /* pool threads created (ids 1..n_started) */
 static int atfork_registered;
 
@@ -186,6 +186,11 @@ int ab_set_num_threads(int n) {
     ab_blas_set_num_threads(1);
     pthread_mutex_unlock(&lock);
     return AB_OK;
+}
+
+/* The BLAS is switched to 1 thread with the first read of the setting. */
+void ab_threads_init(void) {
+    if (atomic_load(&setting) == 0) (void)ab_get_num_threads();
 }
 
 int ab_get_num_threads(void) {
