@@ -5,8 +5,9 @@ Per row: the median time at each thread count, the speed-up over 1 thread,
 the serial fraction s fitted to those speed-ups (Amdahl: T(n) = T(1)·(s +
 (1-s)/n); least squares on 1/speed-up), the speed-up s projects at 16
 cores, and "fraction of sgemm rate": the row's GFLOP/s over the GFLOP/s of a
-large sgemm measured in the same run at the same thread count (rows with a
-known flop count: the matmuls, attention and the full step).
+large sgemm (1024^3) measured in the same run at the same thread count, the
+faster of the package's tiled sgemm and OpenBLAS on its own threads (rows
+with a known flop count: the matmuls, attention and the full step).
 
 Method: for each row the thread counts are interleaved round by round (the
 order rotating), so a load change on a shared machine hits every count
@@ -116,12 +117,24 @@ def _sgemm_row():
     return (f"sgemm {n}^3 (ours, tiled)", 2.0 * n ** 3, lambda: ab.linear(x, W, out=y), None)
 
 
-def _measure(fn, reset, counts, repeats, min_sample):
-    """{n: median seconds per call}, thread counts interleaved per round."""
+def _set_ours(n):
     import anebackward as ab
+    ab.set_num_threads(n)
+
+
+def _set_blas_own(n):
+    """The package at 1 thread, OpenBLAS itself at n (its own pool)."""
+    import anebackward as ab
+    from anebackward._native import lib
+    ab.set_num_threads(1)
+    lib.ab_blas_set_num_threads(n)
+
+
+def _measure(fn, reset, counts, repeats, min_sample, set_threads=_set_ours):
+    """{n: median seconds per call}, thread counts interleaved per round."""
     inner = {}
     for n in counts:                       # warm up, size the inner loop
-        ab.set_num_threads(n)
+        set_threads(n)
         if reset:
             reset()
         t0 = time.perf_counter()
@@ -132,7 +145,7 @@ def _measure(fn, reset, counts, repeats, min_sample):
     for r in range(repeats):
         order = counts[r % len(counts):] + counts[:r % len(counts)]
         for n in order:
-            ab.set_num_threads(n)
+            set_threads(n)
             if reset:
                 reset()
             t0 = time.perf_counter()
@@ -185,20 +198,26 @@ def run(args):
           f", median of {repeats}")
     records = []
     try:
-        sg_t = _measure(*_sgemm_row()[2:], counts, repeats, min_sample)
-        sg_rate = {n: 2.0 * SGEMM_SIZE ** 3 / t for n, t in sg_t.items()}
-        records.append(_record(_sgemm_row()[0], 2.0 * SGEMM_SIZE ** 3, sg_t, counts, sg_rate))
+        # the reference rate: the faster of our tiled sgemm and OpenBLAS's own threads
+        label, flops, fn, _ = _sgemm_row()
+        sg_t = _measure(fn, None, counts, repeats, min_sample)
+        own_t = _measure(fn, None, counts, repeats, min_sample, _set_blas_own)
+        sg_rate = {n: flops / min(sg_t[n], own_t[n]) for n in counts}
+        records.append(_record(label, flops, sg_t, counts, sg_rate))
+        records.append(_record(f"sgemm {SGEMM_SIZE}^3 (OpenBLAS threads)", flops, own_t, counts,
+                               sg_rate))
         for shape in shapes:
             for label, flops, fn, reset in _rows(shape, kernels):
                 times = _measure(fn, reset, counts, repeats, min_sample)
                 records.append(_record(label, flops, times, counts, sg_rate))
-                _print_row(records[-1], counts, first=len(records) == 2)
+                _print_row(records[-1], counts, first=len(records) == 3)
     finally:
         ab.set_num_threads(default)
         if load is not None:
             load.terminate()
             load.wait()
-    _print_row(records[0], counts, first=False)
+    for r in records[:2]:
+        _print_row(r, counts, first=False)
     if args.json:
         _write_json(args.json, {"environment": env, "records": records,
                                 "method": __doc__})
