@@ -15,6 +15,8 @@ The whole model (anebackward.model; C forward/backward in csrc/model):
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
 ANEBACKWARD_BACKEND, else "auto").
 """
+import os as _os
+
 from ._version import __version__
 from ._native import ffi as _ffi, lib as _lib
 from .errors import AnebackwardError, AneUnavailableError, CheckpointError
@@ -44,15 +46,27 @@ def blas_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the BLAS thread count (OpenBLAS; Accelerate decides by itself)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"set_num_threads: n must be a positive int, got {n!r}")
+    """Set the package's one thread count: its own worker threads and the
+    BLAS's together use at most n cores (results do not depend on n).
+    Default: $ANEBACKWARD_NUM_THREADS, else the BLAS's default (the cores)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
+        raise ValueError(f"set_num_threads: n must be an int in [1, 256], got {n!r}")
     _lib.ab_set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """The BLAS thread count (0 where the BLAS does not say)."""
-    return int(_lib.ab_blas_get_num_threads())
+    """The package's thread count (see set_num_threads)."""
+    return int(_lib.ab_get_num_threads())
+
+
+def _check_env_threads() -> None:
+    v = _os.environ.get("ANEBACKWARD_NUM_THREADS", "")
+    if v and not (v.isdigit() and 1 <= int(v) <= 256):
+        raise ValueError(f"ANEBACKWARD_NUM_THREADS must be an integer in [1, 256], got {v!r}; "
+                         "unset it or fix its value")
+
+
+_check_env_threads()
 
 
 __all__ = [

@@ -17,6 +17,14 @@
 /* A dimension (or leading dimension) passed to the BLAS must fit its int. */
 #define AB_BLAS_FITS(n) AB_REQUIRE((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG)
 
+/* Sizes are bounded before they are multiplied (no signed overflow): a
+ * product of sizes stays below 2^52 floats (AB_ETOOBIG's promise). */
+#define AB_MAX_FLOATS (INT64_C(1) << 52)
+static inline int ab_mul_fits(int64_t a, int64_t b) {
+    return a >= 0 && b >= 0 && (a == 0 || b <= AB_MAX_FLOATS / a);
+}
+#define AB_MUL_FITS(a, b) AB_REQUIRE(ab_mul_fits((a), (b)), AB_ETOOBIG)
+
 /* Vectorisable loops without -ffast-math: `#pragma omp simd` (built with
  * -fopenmp-simd, no OpenMP runtime) allows reassociating reductions. */
 #define AB_SIMD _Pragma("omp simd")
@@ -73,18 +81,43 @@ static inline float ab_expf(float x) {
     return res;
 }
 
+/* ---- the worker pool (csrc/threads.c) ----
+ * Runs fn(ctx, task, worker) for task in [0, n_tasks) on at most
+ * min(ab_get_num_threads(), max_workers) threads; worker < that count picks
+ * a per-worker scratch slice. Task boundaries must not depend on the thread
+ * count (that is what makes results identical for every count).
+ * Returns the number of workers used. */
+#define AB_MAX_THREADS 256
+typedef void (*ab_task_fn)(void *ctx, int64_t task, int worker);
+int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx);
+/* Reads the setting once (and so puts the BLAS at 1 thread); cheap after. */
+void ab_threads_init(void);
+
+/* Fixed work per task for element-wise loops (floats): big enough that the
+ * hand-out costs nothing, small enough to balance any thread count. */
+#define AB_CHUNK 16384
+static inline int64_t ab_div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 static inline float ab_sigmoidf(float x) { return 1.0f / (1.0f + ab_expf(-x)); }
 
-/* C = alpha * op(A) · op(B) + beta * C, row-major, dims already checked. */
-static inline void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
-                            float alpha, const float *A, int64_t lda,
-                            const float *B, int64_t ldb, float beta,
-                            float *C, int64_t ldc) {
+/* C = alpha * op(A) · op(B) + beta * C, row-major, dims already checked:
+ * one BLAS call on the calling thread (the BLAS itself runs single-threaded,
+ * see csrc/gemm.c). */
+static inline void ab_sgemm_1(int transA, int transB, int64_t M, int64_t N, int64_t K,
+                              float alpha, const float *A, int64_t lda,
+                              const float *B, int64_t ldb, float beta,
+                              float *C, int64_t ldc) {
     AB_SGEMM(CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
              transB ? CblasTrans : CblasNoTrans, (ab_blasint)M, (ab_blasint)N,
              (ab_blasint)K, alpha, A, (ab_blasint)lda, B, (ab_blasint)ldb, beta,
              C, (ab_blasint)ldc);
 }
+
+/* The same product split into fixed tiles of C run on the worker pool
+ * (csrc/gemm.c): the result does not depend on the thread count. */
+void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
+              float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
+              float beta, float *C, int64_t ldc);
 
 /* RoPE frequency for pair index i (even, 0 <= i < head_dim), computed in
  * float as llama2.c's run.c and model.py do, so angles match theirs. */

@@ -63,8 +63,12 @@ AB_API const char *ab_blas_corename(void);
 AB_API const char *ab_build_flags(void);
 AB_API int ab_blas_get_num_threads(void);
 AB_API void ab_blas_set_num_threads(int n);
-/* The package's one thread setting (kernels, model and BLAS together);
- * n < 1 is AB_EINVAL. */
+/* The package's one thread setting: its worker pool (csrc/threads.c) and
+ * the BLAS together use at most n threads (the BLAS gets n for the sgemms
+ * and runs at 1 inside the package's own parallel regions). Default:
+ * ANEBACKWARD_NUM_THREADS, else the BLAS's default, else the online cores.
+ * Results of the package's kernels do not depend on n.
+ * n outside [1, 256] is AB_EINVAL. */
 AB_API int ab_set_num_threads(int n);
 AB_API int ab_get_num_threads(void);
 
@@ -117,7 +121,11 @@ AB_API int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S
  * q[B,S,H*hd], k,v[B,S,KV*hd], out[B,S,H*hd]; head h reads kv head
  * h / (H/KV). P = softmax_causal(q_h k_g^T / sqrt(hd)); out_h = P v_g.
  * Backward recomputes P; dq, dk, dv are written (not accumulated).
- * work: ab_attention_workspace_floats(S) floats owned by the caller. */
+ * work: ab_attention_workspace_floats(S) floats owned by the caller (one
+ * slab of 2*min(64,S)*S floats per worker thread, for up to 16; any
+ * work_floats of at least one slab is correct, fewer slabs use fewer
+ * threads). ab_attention_workspace_floats returns AB_EINVAL for S < 0 and
+ * AB_ETOOBIG for S > 2^31 - 1. */
 AB_API int64_t ab_attention_workspace_floats(int64_t S);
 AB_API int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
                          int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,

@@ -31,15 +31,4 @@ int ab_blas_get_num_threads(void) { return 0; }  /* Accelerate decides itself */
 void ab_blas_set_num_threads(int n) { (void)n; }
 #endif
 
-/* The one thread setting. Until the package has its own pool this is the
- * BLAS's thread count. */
-int ab_set_num_threads(int n) {
-    AB_REQUIRE(n >= 1, AB_EINVAL);
-    ab_blas_set_num_threads(n);
-    return AB_OK;
-}
-
-int ab_get_num_threads(void) {
-    int n = ab_blas_get_num_threads();
-    return n > 0 ? n : 1;
-}
+/* ab_set_num_threads / ab_get_num_threads: csrc/threads.c */

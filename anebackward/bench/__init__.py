@@ -18,6 +18,7 @@ import time
 from . import cases as K
 from . import env as E
 from . import llama_ops, numpy_impl
+from . import scaling
 from .report import plot, progress, table
 from .timing import Contender, Settler, measure
 
@@ -47,6 +48,7 @@ def add_arguments(p):
                    help="re-run with OPENBLAS_CORETYPE unset (OpenBLAS detects the CPU itself; "
                         "OPENBLAS_L2_SIZE is set) and say so")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    scaling.add_arguments(p)
 
 
 def pool_of(contender, kernel):
@@ -170,6 +172,8 @@ def _overhead_contenders(wanted, torch_mod):
 
 
 def run(args):
+    if args.scaling:
+        return scaling.run(args)
     if args.unset_coretype and not os.environ.get(E.REEXEC_MARK):
         _reexec_without_coretype()
     import numpy as np

@@ -3,9 +3,9 @@
 q, out, dout: [S, n_heads*head_dim] or [B, S, n_heads*head_dim];
 k, v: [.., S, n_kv_heads*head_dim], n_kv_heads dividing n_heads (GQA: query
 head h reads kv head h // (n_heads // n_kv_heads)). Scale 1/sqrt(head_dim).
-The backward recomputes the softmax; its scratch (2·S² floats) is the
-`workspace` array, allocated per call unless you pass one to reuse
-(attention_workspace(S)).
+The backward recomputes the softmax; its scratch (one 2·min(64, S)·S-float
+slab per worker thread) is the `workspace` array, allocated per call unless
+you pass one to reuse (attention_workspace(S)).
 """
 from __future__ import annotations
 
@@ -17,9 +17,19 @@ from .._native import check, fptr, lib
 from ..types import Backend, F32Array
 
 
+def _workspace_floats(fn: str, S: int) -> int:
+    S = C.nonneg_int(fn, "S", S)
+    if S > 2**31 - 1:
+        raise ValueError(f"{fn}: S must be at most 2**31 - 1 (the BLAS's int), got {S}")
+    n = int(lib.ab_attention_workspace_floats(S))
+    check(n if n < 0 else 0, fn)
+    return n
+
+
 def attention_workspace(S: int) -> F32Array:
-    """A scratch array big enough for attention(_backward) at sequence length S."""
-    return np.empty(max(int(lib.ab_attention_workspace_floats(S)), 1), dtype=np.float32)
+    """A scratch array big enough for attention(_backward) at sequence length S
+    (one slab of 2·min(64, S)·S floats per worker thread, up to 16)."""
+    return np.empty(max(_workspace_floats("attention_workspace", S), 1), dtype=np.float32)
 
 
 def _dims(fn, q, k, v, n_heads, n_kv_heads):
@@ -43,13 +53,13 @@ def _dims(fn, q, k, v, n_heads, n_kv_heads):
 
 
 def _workspace(fn, workspace, S):
-    need = int(lib.ab_attention_workspace_floats(S))
+    need = _workspace_floats(fn, S)
     if workspace is None:
         return attention_workspace(S), need
     C.f32(fn, "workspace", workspace)
     if not workspace.flags.writeable or workspace.size < need:
         raise ValueError(f"{fn}: workspace must be a writeable float32 array of at least {need} "
-                         f"elements (2*S*S for S = {S}), got size {workspace.size}; "
+                         f"elements for S = {S}, got size {workspace.size}; "
                          f"use attention_workspace(S)")
     return workspace, workspace.size
 

@@ -23,6 +23,9 @@ def _dims(fn, name, x, head_dim, pos_offset):
         raise ValueError(f"{fn}: the last axis of {name} ({width}) must be a positive multiple of "
                          f"head_dim = {head_dim}")
     B, S = (1, x.shape[0]) if x.ndim == 2 else x.shape[:2]
+    if pos_offset > 2**63 - 1 - S:
+        raise ValueError(f"{fn}: pos_offset + sequence length must stay below 2**63, got "
+                         f"pos_offset={pos_offset} with {S} positions")
     return B, S, width // head_dim, head_dim, pos_offset
 
 

@@ -8,59 +8,177 @@
  *   dV += P^T dO,   dP = dO V^T,
  *   dS = P * (dP - rowsum(P * dP)),
  *   dQ  = c dS K,   dK += c dS^T Q        (+= across the heads of a group)
- * Every product is an sgemm over row/column blocks of the lower triangle,
- * so the masked upper half is never multiplied. Scratch (P and dP, 2 S^2
- * floats) comes from the caller and is reused for every head. */
+ * Both passes walk blocks of BLOCK query rows [r0, r1); a block only meets
+ * keys s < r1, and each product is one sgemm over those columns, so the
+ * masked upper half is (almost) never multiplied. Inside the diagonal block
+ * the masked entries are exact zeros; they are multiplied too, which is
+ * exact unless a masked partner row (v[s] or k[s] for s > t, or q[t], dO[t]
+ * in the dK/dV products) is inf/NaN — such a block takes a triangular loop
+ * instead, so masked entries contribute exactly nothing.
+ *
+ * Threads: the forward runs one task per (b, h), the backward one per
+ * (b, kv head) (the heads of a group add into the same dK, dV in head
+ * order). Each worker owns one slab of the workspace (P and dS of one row
+ * block, 2 BLOCK S floats) and calls the (single-threaded) BLAS itself.
+ * Results are the same for every thread count. */
 #include "ab_internal.h"
 
 #define BLOCK 64
-
-int64_t ab_attention_workspace_floats(int64_t S) {
-    return S > 0 ? 2 * S * S : 0;
-}
+#define MAX_WORKERS 16   /* slabs in ab_attention_workspace_floats(S) */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-/* end of the row block containing row t: the last computed column + 1 */
-static inline int64_t block_end(int64_t t, int64_t S) { return min64((t / BLOCK + 1) * BLOCK, S); }
 
-/* P[t, 0:block_end(t)] = c * Q[t] . K[s]  for the lower block triangle */
-static void causal_scores(float *P, const float *Q, int64_t ldq, const float *K,
-                          int64_t ldk, int64_t S, int64_t hd, float c) {
-    for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
-        int64_t r1 = min64(r0 + BLOCK, S);
-        ab_sgemm(0, 1, r1 - r0, r1, hd, c, Q + r0 * ldq, ldq, K, ldk, 0.0f, P + r0 * S, S);
-    }
+/* one worker's scratch: P and dS of one row block, [min(BLOCK, S), S] each */
+static int64_t slab_floats(int64_t S) { return 2 * min64(BLOCK, S) * S; }
+
+int64_t ab_attention_workspace_floats(int64_t S) {
+    if (S < 0) return AB_EINVAL;
+    if (S > AB_BLAS_INT_MAX) return AB_ETOOBIG;   /* bounded before multiplying */
+    return slab_floats(S) * MAX_WORKERS;
 }
 
-/* row-wise softmax over s <= t; entries t < s < block_end are zeroed */
+typedef struct {
+    float *out, *dq, *dk, *dv;
+    const float *q, *k, *v, *dout;
+    float *work;
+    int64_t B, S, H, KV, hd, slab;
+} att_job;
+
+/* 1 if rows [0, n) of X (row stride ld, hd wide) are all finite */
 AB_HOT
-static void causal_softmax(float *P, int64_t S) {
-    for (int64_t t = 0; t < S; t++) {
-        float *row = P + t * S;
-        float m = -INFINITY, sum = 0.0f;
-        AB_SIMD_REDUCE(max, m)
-        for (int64_t s = 0; s <= t; s++) m = row[s] > m ? row[s] : m;
+static int rows_finite(const float *X, int64_t ld, int64_t n, int64_t hd) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < n; r++) {
+        const float *x = X + r * ld;
+        AB_SIMD_REDUCE(+, acc)
+        for (int64_t i = 0; i < hd; i++) acc += x[i] * 0.0f;   /* NaN iff some x is inf/NaN */
+    }
+    return acc == 0.0f;
+}
+
+/* rows t = r0 .. r0+m-1 of P[., 0:r1] (stride ldp): softmax over s <= t,
+ * zeros for t < s < r1 */
+AB_HOT
+static void causal_softmax(float *P, int64_t ldp, int64_t r0, int64_t m, int64_t r1) {
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t t = r0 + i;
+        float *row = P + i * ldp;
+        float mx = -INFINITY, sum = 0.0f;
+        AB_SIMD_REDUCE(max, mx)
+        for (int64_t s = 0; s <= t; s++) mx = row[s] > mx ? row[s] : mx;
         AB_SIMD_REDUCE(+, sum)
-        for (int64_t s = 0; s <= t; s++) { float e = ab_expf(row[s] - m); row[s] = e; sum += e; }
+        for (int64_t s = 0; s <= t; s++) { float e = ab_expf(row[s] - mx); row[s] = e; sum += e; }
         const float inv = 1.0f / sum;
         AB_SIMD
         for (int64_t s = 0; s <= t; s++) row[s] *= inv;
-        for (int64_t s = t + 1, e = block_end(t, S); s < e; s++) row[s] = 0.0f;
+        for (int64_t s = t + 1; s < r1; s++) row[s] = 0.0f;
     }
 }
 
-/* dS = c * P * (dP - rowsum(P * dP)) in place over dP; zero above the diagonal */
+/* dS = c * P * (dP - rowsum(P * dP)) in place over dP, same rows as above */
 AB_HOT
-static void causal_softmax_backward(float *dS, const float *P, int64_t S, float c) {
-    for (int64_t t = 0; t < S; t++) {
-        const float *pr = P + t * S;
-        float *dr = dS + t * S;
+static void causal_softmax_backward(float *dS, const float *P, int64_t ldp, int64_t r0,
+                                    int64_t m, int64_t r1, float c) {
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t t = r0 + i;
+        const float *pr = P + i * ldp;
+        float *dr = dS + i * ldp;
         float dot = 0.0f;
         AB_SIMD_REDUCE(+, dot)
         for (int64_t s = 0; s <= t; s++) dot += pr[s] * dr[s];
         AB_SIMD
         for (int64_t s = 0; s <= t; s++) dr[s] = c * pr[s] * (dr[s] - dot);
-        for (int64_t s = t + 1, e = block_end(t, S); s < e; s++) dr[s] = 0.0f;
+        for (int64_t s = t + 1; s < r1; s++) dr[s] = 0.0f;
+    }
+}
+
+/* y[hd] += a * x[hd] */
+AB_HOT
+static void axpy(float *y, float a, const float *x, int64_t hd) {
+    AB_SIMD
+    for (int64_t i = 0; i < hd; i++) y[i] += a * x[i];
+}
+
+/* Y[r0:r1] = A[., 0:r1] X[0:r1]  (A: block rows, stride lda; Y, X stride ld*)
+ * exact: the diagonal block by a triangular loop, s <= t only */
+static void rows_times(float *Y, int64_t ldy, const float *A, int64_t lda, const float *X,
+                       int64_t ldx, int64_t r0, int64_t r1, int64_t hd, int exact) {
+    const int64_t m = r1 - r0;
+    if (!exact) {
+        ab_sgemm_1(0, 0, m, hd, r1, 1.0f, A, lda, X, ldx, 0.0f, Y + r0 * ldy, ldy);
+        return;
+    }
+    if (r0 > 0)
+        ab_sgemm_1(0, 0, m, hd, r0, 1.0f, A, lda, X, ldx, 0.0f, Y + r0 * ldy, ldy);
+    else
+        for (int64_t i = 0; i < m; i++) memset(Y + i * ldy, 0, (size_t)hd * sizeof(float));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t s = r0; s <= r0 + i; s++)
+            axpy(Y + (r0 + i) * ldy, A[i * lda + s], X + s * ldx, hd);
+}
+
+/* Y[0:r1] += A[., 0:r1]^T X[r0:r1]  (A: block rows t = r0.., stride lda)
+ * exact: the diagonal block by a triangular loop, t >= s only */
+static void cols_times(float *Y, int64_t ldy, const float *A, int64_t lda, const float *X,
+                       int64_t ldx, int64_t r0, int64_t r1, int64_t hd, int exact) {
+    const int64_t m = r1 - r0;
+    const float *Xb = X + r0 * ldx;
+    if (!exact) {
+        ab_sgemm_1(1, 0, r1, hd, m, 1.0f, A, lda, Xb, ldx, 1.0f, Y, ldy);
+        return;
+    }
+    if (r0 > 0) ab_sgemm_1(1, 0, r0, hd, m, 1.0f, A, lda, Xb, ldx, 1.0f, Y, ldy);
+    for (int64_t s = r0; s < r1; s++)
+        for (int64_t i = s - r0; i < m; i++)
+            axpy(Y + s * ldy, A[i * lda + s], Xb + i * ldx, hd);
+}
+
+static void forward_task(void *ctx, int64_t task, int worker) {
+    const att_job *j = ctx;
+    const int64_t S = j->S, hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
+    const int64_t b = task / j->H, h = task % j->H, g = h / (j->H / j->KV);
+    const float c = 1.0f / sqrtf((float)hd);
+    const float *Q = j->q + b * S * ldq + h * hd;
+    const float *K = j->k + b * S * ldk + g * hd, *V = j->v + b * S * ldk + g * hd;
+    float *O = j->out + b * S * ldq + h * hd;
+    float *P = j->work + worker * j->slab;
+    for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
+        const int64_t r1 = min64(r0 + BLOCK, S), m = r1 - r0;
+        ab_sgemm_1(0, 1, m, r1, hd, c, Q + r0 * ldq, ldq, K, ldk, 0.0f, P, S);
+        causal_softmax(P, S, r0, m, r1);
+        int exact = !rows_finite(V + r0 * ldk, ldk, m, hd);
+        rows_times(O, ldq, P, S, V, ldk, r0, r1, hd, exact);
+    }
+}
+
+static void backward_task(void *ctx, int64_t task, int worker) {
+    const att_job *j = ctx;
+    const int64_t S = j->S, hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
+    const int64_t group = j->H / j->KV, b = task / j->KV, g = task % j->KV;
+    const float c = 1.0f / sqrtf((float)hd);
+    const float *K = j->k + b * S * ldk + g * hd, *V = j->v + b * S * ldk + g * hd;
+    float *dK = j->dk + b * S * ldk + g * hd, *dV = j->dv + b * S * ldk + g * hd;
+    float *P = j->work + worker * j->slab, *dS = P + min64(BLOCK, S) * S;
+    for (int64_t s = 0; s < S; s++) {
+        memset(dK + s * ldk, 0, (size_t)hd * sizeof(float));
+        memset(dV + s * ldk, 0, (size_t)hd * sizeof(float));
+    }
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
+        const float *Q = j->q + b * S * ldq + h * hd, *dO = j->dout + b * S * ldq + h * hd;
+        float *dQ = j->dq + b * S * ldq + h * hd;
+        for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
+            const int64_t r1 = min64(r0 + BLOCK, S), m = r1 - r0;
+            ab_sgemm_1(0, 1, m, r1, hd, c, Q + r0 * ldq, ldq, K, ldk, 0.0f, P, S);
+            causal_softmax(P, S, r0, m, r1);
+            ab_sgemm_1(0, 1, m, r1, hd, 1.0f, dO + r0 * ldq, ldq, V, ldk, 0.0f, dS, S);
+            causal_softmax_backward(dS, P, S, r0, m, r1, c);
+            int exact = !rows_finite(K + r0 * ldk, ldk, m, hd) ||
+                        !rows_finite(Q + r0 * ldq, ldq, m, hd) ||
+                        !rows_finite(dO + r0 * ldq, ldq, m, hd);
+            rows_times(dQ, ldq, dS, S, K, ldk, r0, r1, hd, exact);   /* dQ = dS K */
+            cols_times(dK, ldk, dS, S, Q, ldq, r0, r1, hd, exact);   /* dK += dS^T Q */
+            cols_times(dV, ldk, P, S, dO, ldq, r0, r1, hd, exact);   /* dV += P^T dO */
+        }
     }
 }
 
@@ -68,9 +186,17 @@ static int check_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
                       int64_t work_floats) {
     AB_NONNEG(B); AB_NONNEG(S);
     AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
+    AB_MUL_FITS(H, hd);
     AB_BLAS_FITS(H * hd); AB_BLAS_FITS(S);
-    AB_REQUIRE(work_floats >= ab_attention_workspace_floats(S), AB_EWORKSPACE);
+    AB_MUL_FITS(B, S);
+    AB_MUL_FITS(B * S, H * hd);
+    AB_REQUIRE(work_floats >= slab_floats(S), AB_EWORKSPACE);   /* at least one worker's slab */
     return AB_OK;
+}
+
+static int workers_for(int64_t S, int64_t work_floats) {
+    const int64_t slab = slab_floats(S), n = slab > 0 ? work_floats / slab : 1;
+    return n < AB_MAX_THREADS ? (int)n : AB_MAX_THREADS;
 }
 
 int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
@@ -81,23 +207,9 @@ int ab_attention_forward(float *out, const float *q, const float *k, const float
     AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
     if (B == 0 || S == 0) return AB_OK;
     AB_NONNULL(work);
-    const int64_t ldq = H * hd, ldk = KV * hd, group = H / KV;
-    const float c = 1.0f / sqrtf((float)hd);
-    float *P = work;
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t g = h / group;
-            const float *Q = q + b * S * ldq + h * hd;
-            const float *K = k + b * S * ldk + g * hd, *V = v + b * S * ldk + g * hd;
-            float *O = out + b * S * ldq + h * hd;
-            causal_scores(P, Q, ldq, K, ldk, S, hd, c);
-            causal_softmax(P, S);
-            for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
-                int64_t r1 = min64(r0 + BLOCK, S);
-                ab_sgemm(0, 0, r1 - r0, hd, r1, 1.0f, P + r0 * S, S, V, ldk, 0.0f, O + r0 * ldq, ldq);
-            }
-        }
-    }
+    att_job j = {.out = out, .q = q, .k = k, .v = v, .work = work,
+                 .B = B, .S = S, .H = H, .KV = KV, .hd = hd, .slab = slab_floats(S)};
+    ab_parallel_for(B * H, workers_for(S, work_floats), forward_task, &j);
     return AB_OK;
 }
 
@@ -111,38 +223,9 @@ int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
     if (B == 0 || S == 0) return AB_OK;
     AB_NONNULL(work);
-    const int64_t ldq = H * hd, ldk = KV * hd, group = H / KV;
-    const float c = 1.0f / sqrtf((float)hd);
-    float *P = work, *dS = work + S * S;
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t g = h / group;
-            const float beta = (h % group == 0) ? 0.0f : 1.0f;  /* first head of a group writes */
-            const float *Q = q + b * S * ldq + h * hd, *dO = dout + b * S * ldq + h * hd;
-            const float *K = k + b * S * ldk + g * hd, *V = v + b * S * ldk + g * hd;
-            float *dQ = dq + b * S * ldq + h * hd;
-            float *dK = dk + b * S * ldk + g * hd, *dV = dv + b * S * ldk + g * hd;
-            causal_scores(P, Q, ldq, K, ldk, S, hd, c);
-            causal_softmax(P, S);
-            /* dP = dO V^T on the lower block triangle */
-            for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
-                int64_t r1 = min64(r0 + BLOCK, S);
-                ab_sgemm(0, 1, r1 - r0, r1, hd, 1.0f, dO + r0 * ldq, ldq, V, ldk, 0.0f, dS + r0 * S, S);
-            }
-            causal_softmax_backward(dS, P, S, c);
-            for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
-                int64_t r1 = min64(r0 + BLOCK, S);
-                /* dQ[r0:r1] = dS[r0:r1, 0:r1] K[0:r1] */
-                ab_sgemm(0, 0, r1 - r0, hd, r1, 1.0f, dS + r0 * S, S, K, ldk, 0.0f, dQ + r0 * ldq, ldq);
-                /* column block [r0,r1): only rows t >= r0 are nonzero there
-                 * dV[r0:r1] (+)= P[r0:S, r0:r1]^T dO[r0:S]
-                 * dK[r0:r1] (+)= dS[r0:S, r0:r1]^T Q[r0:S] */
-                ab_sgemm(1, 0, r1 - r0, hd, S - r0, 1.0f, P + r0 * S + r0, S, dO + r0 * ldq, ldq,
-                         beta, dV + r0 * ldk, ldk);
-                ab_sgemm(1, 0, r1 - r0, hd, S - r0, 1.0f, dS + r0 * S + r0, S, Q + r0 * ldq, ldq,
-                         beta, dK + r0 * ldk, ldk);
-            }
-        }
-    }
+    att_job j = {.dq = dq, .dk = dk, .dv = dv, .dout = dout, .q = q, .k = k, .v = v,
+                 .work = work, .B = B, .S = S, .H = H, .KV = KV, .hd = hd,
+                 .slab = slab_floats(S)};
+    ab_parallel_for(B * KV, workers_for(S, work_floats), backward_task, &j);
     return AB_OK;
 }

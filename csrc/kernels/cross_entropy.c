@@ -6,10 +6,59 @@
  *   dz_tj  = (exp(z_tj - m_t) / Z_t - [j == y_t]) * grad_scale / n
  * loss = sum_t loss_t / n, n = number of counted rows.
  * dlogits may be the logits buffer itself (written in place): z[y_t] is read
- * before the row is overwritten. */
+ * before the row is overwritten.
+ * Threads: tasks of a fixed number of rows; their loss sums are added in
+ * task order. */
+#include <stdlib.h>
 #include "ab_internal.h"
 
+typedef struct {
+    float *dlogits;
+    const float *logits;
+    const int32_t *targets;
+    int64_t N, V, rows;
+    float inv_n;
+    double *part;
+} ce_job;
+
 AB_HOT
+static double ce_row(float *dz, const float *z, int32_t y, int64_t V, float inv_n) {
+    float m = -INFINITY;
+    AB_SIMD_REDUCE(max, m)
+    for (int64_t j = 0; j < V; j++) m = z[j] > m ? z[j] : m;
+    const float zy = z[y];
+    float sum = 0.0f;
+    if (dz) {
+        /* keep exp(z - m) in dz so the second pass only scales */
+        AB_SIMD_REDUCE(+, sum)
+        for (int64_t j = 0; j < V; j++) { float e = ab_expf(z[j] - m); dz[j] = e; sum += e; }
+        const float k = inv_n / sum;
+        AB_SIMD
+        for (int64_t j = 0; j < V; j++) dz[j] *= k;
+        dz[y] -= inv_n;
+    } else {
+        AB_SIMD_REDUCE(+, sum)
+        for (int64_t j = 0; j < V; j++) sum += ab_expf(z[j] - m);
+    }
+    return log((double)sum) + (double)m - (double)zy;
+}
+
+static void ce_task(void *ctx, int64_t task, int worker) {
+    const ce_job *j = ctx;
+    const int64_t t0 = task * j->rows, t1 = t0 + j->rows < j->N ? t0 + j->rows : j->N;
+    double total = 0.0;
+    for (int64_t t = t0; t < t1; t++) {
+        float *dz = j->dlogits ? j->dlogits + t * j->V : NULL;
+        int32_t y = j->targets[t];
+        if (y == -1) {
+            if (dz) memset(dz, 0, (size_t)j->V * sizeof(float));
+            continue;
+        }
+        total += ce_row(dz, j->logits + t * j->V, y, j->V, j->inv_n);
+    }
+    j->part[task] = total;
+}
+
 int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                      const float *logits, const int32_t *targets,
                      int64_t N, int64_t V, float grad_scale) {
@@ -21,35 +70,17 @@ int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
         AB_REQUIRE(y == -1 || (y >= 0 && (int64_t)y < V), AB_ERANGE);
         n += (y != -1);
     }
-    const float inv_n = n > 0 ? grad_scale / (float)n : 0.0f;
+    const int64_t rows = AB_CHUNK / V;
+    ce_job j = {dlogits, logits, targets, N, V, rows > 0 ? rows : 1,
+                n > 0 ? grad_scale / (float)n : 0.0f, NULL};
+    const int64_t n_tasks = ab_div_up(N, j.rows);
+    double small[64];
+    j.part = n_tasks <= 64 ? small : malloc((size_t)n_tasks * sizeof(double));
+    AB_REQUIRE(j.part != NULL, AB_ENOMEM);
+    ab_parallel_for(n_tasks, AB_MAX_THREADS, ce_task, &j);
     double total = 0.0;
-    for (int64_t t = 0; t < N; t++) {
-        const float *z = logits + t * V;
-        float *dz = dlogits ? dlogits + t * V : NULL;
-        int32_t y = targets[t];
-        if (y == -1) {
-            if (dz) memset(dz, 0, (size_t)V * sizeof(float));
-            continue;
-        }
-        float m = -INFINITY;
-        AB_SIMD_REDUCE(max, m)
-        for (int64_t j = 0; j < V; j++) m = z[j] > m ? z[j] : m;
-        const float zy = z[y];
-        float sum = 0.0f;
-        if (dz) {
-            /* keep exp(z - m) in dz so the second pass only scales */
-            AB_SIMD_REDUCE(+, sum)
-            for (int64_t j = 0; j < V; j++) { float e = ab_expf(z[j] - m); dz[j] = e; sum += e; }
-            const float k = inv_n / sum;
-            AB_SIMD
-            for (int64_t j = 0; j < V; j++) dz[j] *= k;
-            dz[y] -= inv_n;
-        } else {
-            AB_SIMD_REDUCE(+, sum)
-            for (int64_t j = 0; j < V; j++) sum += ab_expf(z[j] - m);
-        }
-        total += log((double)sum) + (double)m - (double)zy;
-    }
+    for (int64_t t = 0; t < n_tasks; t++) total += j.part[t];
+    if (j.part != small) free(j.part);
     *loss_out = n > 0 ? total / (double)n : NAN;
     if (n_counted_out) *n_counted_out = n;
     return AB_OK;

@@ -1,0 +1,253 @@
+"""`anebackward bench --scaling`: every kernel and the full training step at
+1..N threads of the package's one thread setting (anebackward.set_num_threads).
+
+Per row: the median time at each thread count, the speed-up over 1 thread,
+the serial fraction s fitted to those speed-ups (Amdahl: T(n) = T(1)·(s +
+(1-s)/n); least squares on 1/speed-up), the speed-up s projects at 16
+cores, and "fraction of sgemm rate": the row's GFLOP/s over the GFLOP/s of a
+large sgemm (1024^3) measured in the same run at the same thread count, the
+faster of the package's tiled sgemm and OpenBLAS on its own threads (rows
+with a known flop count: the matmuls, attention and the full step).
+
+Method: for each row the thread counts are interleaved round by round (the
+order rotating), so a load change on a shared machine hits every count
+alike; a sample is the mean of back-to-back calls lasting >= min_sample.
+--with-load starts one CPU-bound process before measuring and stops it at
+the end (the "busy machine" case: the default count must not lose to 1).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import cases as K
+
+SGEMM_SIZE = 1024          # the large sgemm: [1024, 1024] x [1024, 1024]
+
+
+def add_arguments(p):
+    p.add_argument("--scaling", action="store_true",
+                   help="thread scaling: each kernel and the full step at 1..N threads")
+    p.add_argument("--threads-list", help="with --scaling: comma-separated thread counts "
+                                          "(default 1..cores)")
+    p.add_argument("--with-load", action="store_true",
+                   help="with --scaling: run one CPU-bound process alongside (started and "
+                        "stopped by the bench)")
+
+
+def _counts(spec):
+    if not spec:
+        return list(range(1, (os.cpu_count() or 1) + 1))
+    try:
+        out = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"anebackward bench: --threads-list must be integers, got {spec!r}")
+    if not out or any(n < 1 or n > 256 for n in out):
+        raise SystemExit(f"anebackward bench: --threads-list entries must be in [1, 256], "
+                         f"got {spec!r}")
+    return sorted(set(out) | {1})
+
+
+def amdahl_fit(counts, times):
+    """Serial fraction s in [0, 1] fitted to T(n) = T(1)(s + (1-s)/n), least
+    squares on 1/speed-up; None with fewer than 2 counts."""
+    pts = [(n, times[1] / times[n]) for n in counts if n > 1 and times.get(n)]
+    if not pts or not times.get(1):
+        return None
+    a = np.array([1 - 1 / n for n, _ in pts])
+    b = np.array([1 / sp - 1 / n for n, sp in pts])
+    s = float(a @ b / (a @ a))
+    return min(max(s, 0.0), 1.0)
+
+
+def amdahl_speedup(s, n):
+    return 1.0 / (s + (1.0 - s) / n)
+
+
+def _step_flops(d):
+    """Matmul flops of one training step (forward 1x, backward 2x) plus the
+    attention products, counted like the attention rows."""
+    D, Hd, L, V, S = d["dim"], d["hidden_dim"], d["n_layers"], d["vocab_size"], d["max_seq_len"]
+    H, KV = d["n_heads"], d["n_kv_heads"]
+    hd = D // H
+    kv = KV * hd
+    fwd = 2.0 * S * (L * (2 * D * D + 2 * kv * D + 3 * D * Hd) + D * V)
+    attn = L * 7.0 * S * S * hd * H
+    return 3 * fwd + attn
+
+
+def _model_step(model, opt, tokens):
+    model.forward(tokens)
+    model.backward()
+    model.clip_grad_norm(1.0)
+    opt.step()
+
+
+def _rows(shape, kernels):
+    """(label, flops, fn, reset) per row."""
+    import anebackward as ab
+    rng = np.random.default_rng(0)
+    out = []
+    for case in K.cases([shape], [k for k in kernels if k != "full_step"]):
+        inp = K.inputs(case, rng)
+        fn, reset = K.api_callable(case, K.KernelOps(ab, "auto"), inp, True)
+        out.append((f"{case.kernel} {case.label}", case.flops, fn, reset))
+    if "full_step" in kernels:
+        s = K.SHAPES[shape]
+        cfg = K.model_config(s)
+        model = ab.Llama(ab.LlamaConfig(**cfg), seed=0)
+        opt = ab.AdamW(model, lr=K.ADAMW["lr"], betas=(K.ADAMW["beta1"], K.ADAMW["beta2"]),
+                       eps=K.ADAMW["eps"], weight_decay=K.ADAMW["weight_decay"])
+        tokens = rng.integers(0, s["vocab_size"], s["seq"]).astype(np.int32)
+        out.append((f"full_step {shape}", _step_flops(cfg),
+                    lambda: _model_step(model, opt, tokens), None))
+    return out
+
+
+def _sgemm_row():
+    import anebackward as ab
+    n = SGEMM_SIZE
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, n), dtype=np.float32)
+    W = rng.standard_normal((n, n), dtype=np.float32)
+    y = np.empty((n, n), np.float32)
+    return (f"sgemm {n}^3 (ours, tiled)", 2.0 * n ** 3, lambda: ab.linear(x, W, out=y), None)
+
+
+def _set_ours(n):
+    import anebackward as ab
+    ab.set_num_threads(n)
+
+
+def _set_blas_own(n):
+    """The package at 1 thread, OpenBLAS itself at n (its own pool)."""
+    import anebackward as ab
+    from anebackward._native import lib
+    ab.set_num_threads(1)
+    lib.ab_blas_set_num_threads(n)
+
+
+def _measure(fn, reset, counts, repeats, min_sample, set_threads=_set_ours):
+    """{n: median seconds per call}, thread counts interleaved per round."""
+    inner = {}
+    for n in counts:                       # warm up, size the inner loop
+        set_threads(n)
+        if reset:
+            reset()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        inner[n] = 1 if reset else max(1, min(1000, int(min_sample / max(dt, 1e-7))))
+    samples = {n: [] for n in counts}
+    for r in range(repeats):
+        order = counts[r % len(counts):] + counts[:r % len(counts)]
+        for n in order:
+            set_threads(n)
+            if reset:
+                reset()
+            t0 = time.perf_counter()
+            for _ in range(inner[n]):
+                fn()
+            samples[n].append((time.perf_counter() - t0) / inner[n])
+    return {n: float(np.median(v)) for n, v in samples.items()}
+
+
+def _start_load():
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _write_json(path, doc):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(args):
+    import anebackward as ab
+    counts = _counts(args.threads_list)
+    default = ab.get_num_threads()
+    shapes = [s.strip() for s in (args.shapes or "stories110M").split(",") if s.strip()]
+    for s in shapes:
+        if s not in K.SHAPES:
+            raise SystemExit(f"anebackward bench: unknown shape {s!r}; choose from "
+                             f"{', '.join(K.SHAPES)}")
+    allk = K.KERNELS + ("full_step",)
+    if args.kernels:
+        import fnmatch
+        pats = [p.strip() for p in args.kernels.split(",") if p.strip()]
+        kernels = tuple(k for k in allk if any(fnmatch.fnmatch(k, p) for p in pats))
+    else:
+        kernels = allk
+    repeats = args.repeats or (3 if args.quick else 7)
+    min_sample = 0.002 if args.quick else 0.02
+    load = _start_load() if args.with_load else None
+    try:
+        with open("/proc/loadavg") as f:
+            loadavg = f.read().split()[:3]
+    except OSError:
+        loadavg = None
+    env = {"threads_list": counts, "default_threads": default, "cpu_count": os.cpu_count(),
+           "with_load": bool(load), "loadavg_at_start": loadavg, "repeats": repeats,
+           "blas": ab.blas_info(), "python": sys.version.split()[0]}
+    print(f"thread scaling: counts {counts} (default {default}), {os.cpu_count()} cores, "
+          f"load average {loadavg}, {'one CPU-bound process alongside' if load else 'no extra load'}"
+          f", median of {repeats}")
+    records = []
+    try:
+        # the reference rate: the faster of our tiled sgemm and OpenBLAS's own threads
+        label, flops, fn, _ = _sgemm_row()
+        sg_t = _measure(fn, None, counts, repeats, min_sample)
+        own_t = _measure(fn, None, counts, repeats, min_sample, _set_blas_own)
+        sg_rate = {n: flops / min(sg_t[n], own_t[n]) for n in counts}
+        records.append(_record(label, flops, sg_t, counts, sg_rate))
+        records.append(_record(f"sgemm {SGEMM_SIZE}^3 (OpenBLAS threads)", flops, own_t, counts,
+                               sg_rate))
+        for shape in shapes:
+            for label, flops, fn, reset in _rows(shape, kernels):
+                times = _measure(fn, reset, counts, repeats, min_sample)
+                records.append(_record(label, flops, times, counts, sg_rate))
+                _print_row(records[-1], counts, first=len(records) == 3)
+    finally:
+        ab.set_num_threads(default)
+        if load is not None:
+            load.terminate()
+            load.wait()
+    for r in records[:2]:
+        _print_row(r, counts, first=False)
+    if args.json:
+        _write_json(args.json, {"environment": env, "records": records,
+                                "method": __doc__})
+        print(f"wrote {args.json} ({len(records)} records)")
+    return 0
+
+
+def _record(label, flops, times, counts, sg_rate):
+    s = amdahl_fit(counts, times)
+    return {
+        "name": label, "flops": flops,
+        "median_s": {str(n): times[n] for n in counts},
+        "speedup": {str(n): times[1] / times[n] for n in counts},
+        "serial_fraction": s,
+        "projected_speedup_16": amdahl_speedup(s, 16) if s is not None else None,
+        "fraction_of_sgemm_rate": ({str(n): flops / times[n] / sg_rate[n] for n in counts}
+                                   if flops else None),
+    }
+
+
+def _print_row(r, counts, first):
+    if first:
+        head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
+        head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
+        head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
+        print(head)
+    line = f"{r['name'][:38]:38s}" + "".join(f"{r['median_s'][str(n)] * 1e3:11.3f}" for n in counts)
+    line += "".join(f"{r['speedup'][str(n)]:7.2f}" for n in counts[1:])
+    s = r["serial_fraction"]
+    line += f"{s:8.3f}{r['projected_speedup_16']:7.1f}" if s is not None else f"{'-':>8s}{'-':>7s}"
+    fr = r["fraction_of_sgemm_rate"]
+    line += "".join(f"{fr[str(n)] * 100:8.0f}%" if fr else f"{'-':>9s}" for n in counts)
+    print(line, flush=True)
