@@ -56,6 +56,7 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               data=("str", None, None), tokenizer=("str", None, None),
               threads=("int", 1, 4096))
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
+NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
 
 
 def _check_setting(name, v, label=None):
@@ -191,6 +192,32 @@ def _resume_state(path, model, opt, checkpoint):
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{path}: corrupt trainer settings: {e}") from None
     return start, st, digest
+
+
+def _resume_pair(d, say):
+    """The model, optimizer, step and settings saved in run directory d. A
+    save that was killed between its two renames (model.bin new,
+    optimizer.bin old, the new one still in NEXT_OPT) is completed first."""
+    from . import checkpoint
+    from .model import AdamW, Llama
+    model = Llama.load(os.path.join(d, "model.bin"))
+    opt = AdamW(model)
+    opt_path = os.path.join(d, "optimizer.bin")
+    start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
+    if digest is not None and digest != _params_digest(model):
+        nxt = os.path.join(d, NEXT_OPT)
+        if os.path.exists(nxt):
+            try:
+                start, st, digest = _resume_state(nxt, model, opt, checkpoint)
+            except checkpoint.CheckpointError:
+                pass        # not the other half of this save: report the mismatch
+        if digest != _params_digest(model):
+            raise checkpoint.CheckpointError(
+                f"{d}: model.bin and optimizer.bin are from different saves (a run stopped "
+                "between writing them); resume from a directory saved whole, or start anew")
+        os.replace(nxt, opt_path)
+        say(f"{d}: completed the save of step {start} that was cut short")
+    return model, opt, start, st
 
 
 def _evaluate(model, data, st, step):
@@ -356,13 +383,7 @@ def train(args, stream=None):
         opt_path = os.path.join(args.resume, "optimizer.bin")
         if not os.path.exists(opt_path):
             _usage(f"--resume {args.resume}: no optimizer.bin there")
-        model = Llama.load(os.path.join(args.resume, "model.bin"))
-        opt = AdamW(model)
-        start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
-        if digest is not None and digest != _params_digest(model):
-            raise checkpoint.CheckpointError(
-                f"{args.resume}: model.bin and optimizer.bin are from different saves (a run "
-                "stopped between writing them); resume from a directory saved whole, or start anew")
+        model, opt, start, st = _resume_pair(args.resume, say)
         if "steps" in given:
             if given["steps"] < start:
                 _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
@@ -465,15 +486,19 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     saved_at = start if not run_dir.staging else None
 
     def save(step):
-        # Two files, each replaced atomically; the optimizer file (written
-        # second) records a digest of the weights it belongs with, so a crash
-        # between the two renames is caught on --resume, not trained through.
+        # Both files are written in full under temporary names first (the slow
+        # part), then renamed into place back to back. optimizer.bin records a
+        # digest of the weights it belongs with: a kill between the two
+        # renames leaves a new model.bin beside the old optimizer.bin and the
+        # new one as NEXT_OPT, which --resume then completes (_resume_pair).
         nonlocal saved_at
         log.flush()
-        model.save(run_dir.file("model.bin"))
-        checkpoint.save_optimizer(opt, run_dir.file("optimizer.bin"),
+        model.save(run_dir.file(NEXT_MODEL))
+        checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT),
                                   extra={"step": step, "settings": settings,
                                          "params_digest": _params_digest(model)})
+        os.replace(run_dir.file(NEXT_MODEL), run_dir.file("model.bin"))
+        os.replace(run_dir.file(NEXT_OPT), run_dir.file("optimizer.bin"))
         run_dir.publish()
         saved_at = step
 
