@@ -44,12 +44,12 @@ DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
 # allowed where the default is None. Checked for the command line and for the
-# settings a resumed optimizer.bin brings.
+# settings a resumed optimizer.bin brings. "adamw": AdamW's own validation.
 RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
-              seq_len=("int", 1, INT_MAX), lr=("float", 0.0, None), min_lr=("float", 0.0, None),
+              seq_len=("int", 1, INT_MAX), lr=("adamw", None, None), min_lr=("float", 0.0, None),
               warmup=("int", 0, INT_MAX), decay_steps=("int", 1, INT_MAX),
-              weight_decay=("float", 0.0, None), beta1=("beta", 0.0, 1.0),
-              beta2=("beta", 0.0, 1.0), grad_clip=("float", 0.0, None),
+              weight_decay=("adamw", None, None), beta1=("adamw", None, None),
+              beta2=("adamw", None, None), grad_clip=("float", 0.0, None),
               grad_accum=("int", 1, INT_MAX), seed=("int", 0, 2**63 - 1),
               eval_every=("int", 0, INT_MAX), eval_batches=("int", 1, 10_000),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
@@ -65,19 +65,25 @@ def _check_setting(name, v, label=None):
     kind, lo, hi = RANGES[name]
     if v is None and DEFAULTS.get(name, 0) is None:
         return v
-    name = label or name
+    what = label or name
     if kind == "str":
         if not isinstance(v, str):
-            raise ValueError(f"{name} must be a string, got {v!r}")
+            raise ValueError(f"{what} must be a string, got {v!r}")
         return v
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+            raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
         return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < lo or (kind == "beta" and v >= hi):
-        what = f"in [{lo}, {hi})" if kind == "beta" else f"a finite number >= {lo}"
-        raise ValueError(f"{name} must be {what}, got {v!r}")
+    if kind == "adamw":
+        from .kernels.optim import check_adamw_hparams
+        try:
+            if name.startswith("beta"):   # one of the pair, under its own name
+                return check_adamw_hparams(what, betas=(v, v), beta_names=(name, name))[1][0]
+            return check_adamw_hparams(what, **{name: v})[0 if name == "lr" else 3]
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+        raise ValueError(f"{what} must be a finite number >= {lo}, got {v!r}")
     return float(v)
 
 

@@ -281,6 +281,7 @@ def _edit_extra(path, edit):
     (lambda e: e["settings"].update(eval_batches=2**62), "settings.eval_batches"),  # hung
     (lambda e: e["settings"].update(batch_size="16"), "settings.batch_size"),
     (lambda e: e["settings"].update(lr=None), "settings.lr"),
+    (lambda e: e["settings"].update(beta2=1.5), "settings.beta2: beta2 must be < 1.0"),
     (lambda e: e["settings"].update(seq_len=10**6), "settings.seq_len"),
     (lambda e: e["settings"].pop("grad_clip"), "lacks grad_clip"),          # was a KeyError
     (lambda e: e.update(settings=[1]), "settings must be a JSON object"),   # AttributeError
