@@ -12,15 +12,13 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings   # the test extra installs it
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import anebackward as ab  # noqa: E402
-from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer  # noqa: E402
-from anebackward.data import load_data  # noqa: E402
-from anebackward.tokenizer import Tokenizer  # noqa: E402
+import anebackward as ab
+from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer
+from anebackward.data import load_data
+from anebackward.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
