@@ -180,7 +180,9 @@ def test_fuzzed_optimizer_states(opt_file, data, metadata, tmp_path):
 
 @FUZZ
 @given(shards=st.lists(st.binary(max_size=80), min_size=1, max_size=3),
-       text=st.binary(max_size=200), seq_len=st.integers(1, 12))
+       text=st.one_of(st.binary(max_size=200),
+                      st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+       seq_len=st.integers(1, 12))
 def test_fuzzed_training_data(shards, text, seq_len, tmp_path):
     tok = Tokenizer.byte_level()
     d = tmp_path / "shards"
