@@ -308,19 +308,38 @@ class _RunDir:
         if not self.staging:
             return
         out = os.path.abspath(self.out)
-        old = None
         if os.path.isdir(out) and os.listdir(out):     # --overwrite
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
-                                   dir=os.path.dirname(out))
-            os.replace(out, os.path.join(old, "run"))
-        os.replace(self.path, out)      # a new name or an empty directory: one rename
+            if _exchange(self.path, out):    # one atomic swap where the OS has it
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:       # else two renames; in between the old run is in `old`
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
+                                       dir=os.path.dirname(out))
+                os.replace(out, os.path.join(old, "run"))
+                os.replace(self.path, out)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, out)      # a new name or an empty directory: one rename
         self.path, self.staging = self.out, False
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
 
     def discard(self):
         if self.staging:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _exchange(a, b):
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE).
+    False where the C library or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def _umask():
