@@ -44,18 +44,19 @@ DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
 # allowed where the default is None. Checked for the command line and for the
-# settings a resumed optimizer.bin brings.
+# settings a resumed optimizer.bin brings. "adamw": AdamW's own validation.
 RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
-              seq_len=("int", 1, INT_MAX), lr=("float", 0.0, None), min_lr=("float", 0.0, None),
+              seq_len=("int", 1, INT_MAX), lr=("adamw", None, None), min_lr=("float", 0.0, None),
               warmup=("int", 0, INT_MAX), decay_steps=("int", 1, INT_MAX),
-              weight_decay=("float", 0.0, None), beta1=("beta", 0.0, 1.0),
-              beta2=("beta", 0.0, 1.0), grad_clip=("float", 0.0, None),
+              weight_decay=("adamw", None, None), beta1=("adamw", None, None),
+              beta2=("adamw", None, None), grad_clip=("float", 0.0, None),
               grad_accum=("int", 1, INT_MAX), seed=("int", 0, 2**63 - 1),
               eval_every=("int", 0, INT_MAX), eval_batches=("int", 1, 10_000),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
               data=("str", None, None), tokenizer=("str", None, None),
               threads=("int", 1, 4096))
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
+NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
 
 
 def _check_setting(name, v, label=None):
@@ -64,19 +65,25 @@ def _check_setting(name, v, label=None):
     kind, lo, hi = RANGES[name]
     if v is None and DEFAULTS.get(name, 0) is None:
         return v
-    name = label or name
+    what = label or name
     if kind == "str":
         if not isinstance(v, str):
-            raise ValueError(f"{name} must be a string, got {v!r}")
+            raise ValueError(f"{what} must be a string, got {v!r}")
         return v
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+            raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
         return v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < lo or (kind == "beta" and v >= hi):
-        what = f"in [{lo}, {hi})" if kind == "beta" else f"a finite number >= {lo}"
-        raise ValueError(f"{name} must be {what}, got {v!r}")
+    if kind == "adamw":
+        from .kernels.optim import check_adamw_hparams
+        try:
+            if name.startswith("beta"):   # one of the pair, under its own name
+                return check_adamw_hparams(what, betas=(v, v), beta_names=(name, name))[1][0]
+            return check_adamw_hparams(what, **{name: v})[0 if name == "lr" else 3]
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+        raise ValueError(f"{what} must be a finite number >= {lo}, got {v!r}")
     return float(v)
 
 
@@ -193,6 +200,32 @@ def _resume_state(path, model, opt, checkpoint):
     return start, st, digest
 
 
+def _resume_pair(d, say):
+    """The model, optimizer, step and settings saved in run directory d. A
+    save that was killed between its two renames (model.bin new,
+    optimizer.bin old, the new one still in NEXT_OPT) is completed first."""
+    from . import checkpoint
+    from .model import AdamW, Llama
+    model = Llama.load(os.path.join(d, "model.bin"))
+    opt = AdamW(model)
+    opt_path = os.path.join(d, "optimizer.bin")
+    start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
+    if digest is not None and digest != _params_digest(model):
+        nxt = os.path.join(d, NEXT_OPT)
+        if os.path.exists(nxt):
+            try:
+                start, st, digest = _resume_state(nxt, model, opt, checkpoint)
+            except checkpoint.CheckpointError:
+                pass        # not the other half of this save: report the mismatch
+        if digest != _params_digest(model):
+            raise checkpoint.CheckpointError(
+                f"{d}: model.bin and optimizer.bin are from different saves (a run stopped "
+                "between writing them); resume from a directory saved whole, or start anew")
+        os.replace(nxt, opt_path)
+        say(f"{d}: completed the save of step {start} that was cut short")
+    return model, opt, start, st
+
+
 def _evaluate(model, data, st, step):
     losses = [model.forward(*data.batch(10_000_000 + i, st["batch_size"], st["seq_len"],
                                         st["seed"], split="val"), want_grad=False)
@@ -275,19 +308,38 @@ class _RunDir:
         if not self.staging:
             return
         out = os.path.abspath(self.out)
-        old = None
         if os.path.isdir(out) and os.listdir(out):     # --overwrite
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
-                                   dir=os.path.dirname(out))
-            os.replace(out, os.path.join(old, "run"))
-        os.replace(self.path, out)      # a new name or an empty directory: one rename
+            if _exchange(self.path, out):    # one atomic swap where the OS has it
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:       # else two renames; in between the old run is in `old`
+                old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-",
+                                       dir=os.path.dirname(out))
+                os.replace(out, os.path.join(old, "run"))
+                os.replace(self.path, out)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, out)      # a new name or an empty directory: one rename
         self.path, self.staging = self.out, False
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
 
     def discard(self):
         if self.staging:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _exchange(a, b):
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE).
+    False where the C library or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def _umask():
@@ -356,13 +408,7 @@ def train(args, stream=None):
         opt_path = os.path.join(args.resume, "optimizer.bin")
         if not os.path.exists(opt_path):
             _usage(f"--resume {args.resume}: no optimizer.bin there")
-        model = Llama.load(os.path.join(args.resume, "model.bin"))
-        opt = AdamW(model)
-        start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
-        if digest is not None and digest != _params_digest(model):
-            raise checkpoint.CheckpointError(
-                f"{args.resume}: model.bin and optimizer.bin are from different saves (a run "
-                "stopped between writing them); resume from a directory saved whole, or start anew")
+        model, opt, start, st = _resume_pair(args.resume, say)
         if "steps" in given:
             if given["steps"] < start:
                 _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
@@ -465,15 +511,19 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     saved_at = start if not run_dir.staging else None
 
     def save(step):
-        # Two files, each replaced atomically; the optimizer file (written
-        # second) records a digest of the weights it belongs with, so a crash
-        # between the two renames is caught on --resume, not trained through.
+        # Both files are written in full under temporary names first (the slow
+        # part), then renamed into place back to back. optimizer.bin records a
+        # digest of the weights it belongs with: a kill between the two
+        # renames leaves a new model.bin beside the old optimizer.bin and the
+        # new one as NEXT_OPT, which --resume then completes (_resume_pair).
         nonlocal saved_at
         log.flush()
-        model.save(run_dir.file("model.bin"))
-        checkpoint.save_optimizer(opt, run_dir.file("optimizer.bin"),
+        model.save(run_dir.file(NEXT_MODEL))
+        checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT),
                                   extra={"step": step, "settings": settings,
                                          "params_digest": _params_digest(model)})
+        os.replace(run_dir.file(NEXT_MODEL), run_dir.file("model.bin"))
+        os.replace(run_dir.file(NEXT_OPT), run_dir.file("optimizer.bin"))
         run_dir.publish()
         saved_at = step
 

@@ -12,15 +12,13 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings   # the test extra installs it
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import anebackward as ab  # noqa: E402
-from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer  # noqa: E402
-from anebackward.data import load_data  # noqa: E402
-from anebackward.tokenizer import Tokenizer  # noqa: E402
+import anebackward as ab
+from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer
+from anebackward.data import load_data
+from anebackward.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -182,7 +180,9 @@ def test_fuzzed_optimizer_states(opt_file, data, metadata, tmp_path):
 
 @FUZZ
 @given(shards=st.lists(st.binary(max_size=80), min_size=1, max_size=3),
-       text=st.binary(max_size=200), seq_len=st.integers(1, 12))
+       text=st.one_of(st.binary(max_size=200),
+                      st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))),
+       seq_len=st.integers(1, 12))
 def test_fuzzed_training_data(shards, text, seq_len, tmp_path):
     tok = Tokenizer.byte_level()
     d = tmp_path / "shards"

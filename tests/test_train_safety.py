@@ -56,7 +56,11 @@ def test_a_non_empty_out_is_refused_and_left_alone(tmp_path, capsys):
     assert snapshot(out) == before       # the old code truncated log.jsonl at once
 
 
-def test_overwrite_replaces_the_run_whole_at_the_first_save(tmp_path):
+@pytest.mark.parametrize("swap", ["renameat2", "two renames"])
+def test_overwrite_replaces_the_run_whole_at_the_first_save(tmp_path, monkeypatch, swap):
+    import anebackward.train as T
+    if swap == "two renames":       # systems without an atomic directory swap
+        monkeypatch.setattr(T, "_exchange", lambda a, b: False)
     out = str(tmp_path / "run")
     assert train(["--steps", "3", "--out", out]) == 0
     with open(os.path.join(out, "notes.txt"), "w") as f:
@@ -145,9 +149,10 @@ def _log_path(tmp_path, out):
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     out = str(tmp_path / "run")
     common = ["--lr", "3e-3", "--warmup", "2", "--decay-steps", "400", "--eval-every", "0"]
-    proc = _spawn(common + ["--steps", "400", "--out", out], tmp_path)
+    # far more steps than it can take before the signal: it must still be training
+    proc = _spawn(common + ["--steps", "1000000", "--out", out], tmp_path)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(n.startswith(".run.") for n in os.listdir(tmp_path)):
+    while time.time() < deadline and not os.path.exists(_log_path(tmp_path, out)):
         time.sleep(0.05)
     _wait_for_steps(_log_path(tmp_path, out), 3, proc)
     proc.send_signal(sig)
@@ -156,7 +161,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_130(tmp_path, sig):
     lines = [ln for ln in stdout.decode().splitlines() if "Resume with" in ln]
     assert len(lines) == 1 and f"anebackward train --resume {out}" in lines[0]
     k = saved_step(out)
-    assert 3 <= k < 400 and len(train_losses(out)) == k
+    assert 3 <= k < 1000000 and len(train_losses(out)) == k
     # resuming gives the curve of a run that was never stopped
     assert main(["train", "--resume", out, "--steps", str(k + 2), "--quiet"]) == 0
     ref = str(tmp_path / "ref")
@@ -179,7 +184,7 @@ def test_kill_9_loses_at_most_the_save_interval(tmp_path):
     """Saves happen at every evaluation by default (the old default saved only
     at the end, so a kill lost the whole run)."""
     out = str(tmp_path / "run")
-    proc = _spawn(["--steps", "400", "--eval-every", "5", "--out", out], tmp_path)
+    proc = _spawn(["--steps", "1000000", "--eval-every", "5", "--out", out], tmp_path)
     deadline = time.time() + 60
     while time.time() < deadline and not os.path.exists(os.path.join(out, "optimizer.bin")):
         assert proc.poll() is None, proc.communicate()
@@ -187,10 +192,30 @@ def test_kill_9_loses_at_most_the_save_interval(tmp_path):
     _wait_for_steps(os.path.join(out, "log.jsonl"), 7, proc)
     proc.kill()
     proc.wait()
-    k = saved_step(out)
+    k = saved_step(out)      # 5 below the real one if killed between the two renames
     assert k % 5 == 0 and k >= 5
-    assert main(["train", "--resume", out, "--steps", str(k + 1), "--quiet"]) == 0
-    assert len(train_losses(out)) == k + 1
+    assert main(["train", "--resume", out, "--steps", str(k + 6), "--quiet"]) == 0
+    assert len(train_losses(out)) == k + 6 == saved_step(out)
+
+
+def test_resume_completes_a_save_killed_between_its_two_renames(tmp_path):
+    """model.bin renamed into place, optimizer.bin not yet: the new optimizer
+    state is still in .optimizer.bin.next; --resume finishes the save
+    instead of refusing the run (the old save wrote in place, so a kill there
+    left an unresumable pair)."""
+    import shutil
+    d, e = str(tmp_path / "d"), str(tmp_path / "e")
+    assert train(["--steps", "4", "--eval-every", "2", "--decay-steps", "20", "--out", d]) == 0
+    shutil.copytree(d, e)
+    assert main(["train", "--resume", e, "--steps", "6", "--quiet"]) == 0
+    for name, to in (("model.bin", "model.bin"), ("optimizer.bin", ".optimizer.bin.next"),
+                     ("log.jsonl", "log.jsonl")):
+        shutil.copy(os.path.join(e, name), os.path.join(d, to))
+    assert saved_step(d) == 4
+    assert main(["train", "--resume", d, "--steps", "8", "--quiet"]) == 0
+    assert saved_step(d) == 8 and not os.path.exists(os.path.join(d, ".optimizer.bin.next"))
+    assert main(["train", "--resume", e, "--steps", "8", "--quiet"]) == 0
+    assert train_losses(d) == train_losses(e) and len(train_losses(d)) == 8
 
 
 # -- item 5: a short validation split, a failing evaluation --------------------
@@ -260,6 +285,7 @@ def _edit_extra(path, edit):
     (lambda e: e["settings"].update(eval_batches=2**62), "settings.eval_batches"),  # hung
     (lambda e: e["settings"].update(batch_size="16"), "settings.batch_size"),
     (lambda e: e["settings"].update(lr=None), "settings.lr"),
+    (lambda e: e["settings"].update(beta2=1.5), "settings.beta2: beta2 must be < 1.0"),
     (lambda e: e["settings"].update(seq_len=10**6), "settings.seq_len"),
     (lambda e: e["settings"].pop("grad_clip"), "lacks grad_clip"),          # was a KeyError
     (lambda e: e.update(settings=[1]), "settings must be a JSON object"),   # AttributeError
