@@ -100,3 +100,14 @@ def test_full_step_implementations_agree(mods, torch):
     scale = min(1.0, 1.0 / norm)   # the step clipped its gradients to norm 1
     for name, prm in model.named_parameters():
         np.testing.assert_allclose(prm.grad.numpy() * scale, ref_g.g[name], rtol=2e-3, atol=1e-6)
+
+
+def test_torch_step_plain_and_package_agree_on_the_first_step(torch, capsys, keep_blas_threads):
+    """bench/torch_step's plain PyTorch Llama (torch_llama.py) and
+    anebackward.torch.Transformer start from the same weights: same first loss."""
+    from anebackward.bench import torch_step
+    torch_step.run_shape("small", ["plain", "ab"], repeats=1, warmup=1, T=1)
+    rows = {line.split()[0]: float(line.split()[-1]) for line in capsys.readouterr().out.splitlines()
+            if line.strip().startswith(("plain ", "ab "))}
+    assert set(rows) == {"plain", "ab"}
+    assert rows["ab"] == pytest.approx(rows["plain"], rel=1e-5)

@@ -8,16 +8,23 @@ import sys
 
 import numpy as np
 
-# Model shapes (llama2.c's stories models and a GQA variant). seq = tokens per step.
+from ..config import PRESETS
+
+
+def _shape(preset, seq=256, **changes):
+    """A bench shape from a model preset; seq = tokens per step."""
+    c = PRESETS[preset].replace(**changes)
+    return dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                hidden_dim=c.hidden_dim, vocab_size=c.vocab_size, seq=seq)
+
+
+# Model shapes (llama2.c's stories models and a GQA variant)
 SHAPES = {
-    "stories15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768,
-                       vocab_size=32000, seq=256),
-    "stories110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
-                        vocab_size=32000, seq=256),
-    "gqa15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=768,
-                   vocab_size=32000, seq=256),
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, vocab_size=512,
-                 seq=64),
+    "stories15M": _shape("stories15M"),
+    "stories110M": _shape("stories110M"),
+    "gqa15M": _shape("stories15M", n_kv_heads=2),
+    # what --quick runs: small, but with GQA, a hidden size that is no multiple of 8, vocab 512
+    "tiny": _shape("tiny", seq=64, dim=64, hidden_dim=172, vocab_size=512),
 }
 DEFAULT_SHAPES = ("stories15M", "gqa15M", "stories110M")
 QUICK_SHAPES = ("tiny",)

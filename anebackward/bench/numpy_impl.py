@@ -16,6 +16,18 @@ def _rows(a):
     return a.reshape(-1, a.shape[-1])
 
 
+def _store(g, dst, accumulate):
+    """The API's output convention: g itself when no output was passed, else
+    written into dst (or added to it with accumulate)."""
+    if dst is None:
+        return g
+    if accumulate:
+        dst += g
+    else:
+        dst[...] = g
+    return dst
+
+
 # ---- linear -------------------------------------------------------------
 def linear(x, W, *, out=None):
     return np.matmul(x, W.T, out=out)
@@ -29,14 +41,7 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False):
 
 
 def linear_backward_dW(dy, x, *, dW=None, accumulate=False):
-    g = _rows(dy).T @ _rows(x)
-    if dW is None:
-        return g
-    if accumulate:
-        dW += g
-    else:
-        dW[...] = g
-    return dW
+    return _store(_rows(dy).T @ _rows(x), dW, accumulate)
 
 
 # ---- RMSNorm ------------------------------------------------------------
@@ -53,20 +58,7 @@ def rmsnorm_backward(dy, x, w, *, eps=1e-5, dx=None, dw=None, accumulate=False):
     wdy = w * dy
     c = np.sum(wdy * x, axis=-1, keepdims=True) * (r * r * r) / F32(D)
     g = wdy * r - x * c
-    if dx is None:
-        dx = g
-    elif accumulate:
-        dx += g
-    else:
-        dx[...] = g
-    gw = np.sum(_rows(dy * x * r), axis=0)
-    if dw is None:
-        dw = gw
-    elif accumulate:
-        dw += gw
-    else:
-        dw[...] = gw
-    return dx, dw
+    return _store(g, dx, accumulate), _store(np.sum(_rows(dy * x * r), axis=0), dw, accumulate)
 
 
 # ---- RoPE (llama2.c convention: pairs (2i, 2i+1) of each head) -----------

@@ -9,8 +9,11 @@ Backward is first-order only (double backward raises).
 Shapes follow the kernels: token-major rows, x[..., D] or [B, S, D]; weights
 [out, in] like nn.Linear.weight.
 """
+from __future__ import annotations
+
 import math
 import threading
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ import anebackward as ab
 from anebackward import _checks as _C
 from anebackward._native import lib as _lib
 
+from ..types import Backend
 from ._bridge import F32, grad_view, np_view, path, targets_check
 
 
@@ -79,7 +83,7 @@ class LinearFunction(torch.autograd.Function):
 
 
 @_eager_only
-def linear(x, weight, *, backend=None):
+def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: Backend = None) -> torch.Tensor:
     """y[..., out] = x[..., in] · weight[out, in]ᵀ (no bias)."""
     return LinearFunction.apply(x, weight, backend)
 
@@ -127,7 +131,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 @_eager_only
-def rmsnorm(x, weight, eps=1e-5, *, backend=None):
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *,
+            backend: Backend = None) -> torch.Tensor:
     """RMSNorm over the last axis, with gradients for x and weight."""
     return RMSNormFunction.apply(x, weight, eps, backend)
 
@@ -175,7 +180,8 @@ class RoPEFunction(torch.autograd.Function):
 
 
 @_eager_only
-def rope(x, head_dim, pos_offset=0, *, backend=None):
+def rope(x: torch.Tensor, head_dim: int, pos_offset: int = 0, *,
+         backend: Backend = None) -> torch.Tensor:
     """Rotate each head's pairs by position (angles 10000^(−2i/head_dim), as llama2.c)."""
     return RoPEFunction.apply(x, head_dim, pos_offset, backend)
 
@@ -186,7 +192,7 @@ class AttentionWorkspace:
     on demand: the forward and backward of every layer reuse it instead of
     allocating S×S memory per call. Copies and pickles start empty."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._local = threading.local()
 
     def get(self, S):
@@ -286,7 +292,9 @@ class AttentionFunction(torch.autograd.Function):
 
 
 @_eager_only
-def attention(q, k, v, n_heads, n_kv_heads=None, *, workspace=None, backend=None):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int,
+              n_kv_heads: Optional[int] = None, *, workspace: Optional[AttentionWorkspace] = None,
+              backend: Backend = None) -> torch.Tensor:
     """Causal attention (scale 1/√head_dim); n_kv_heads < n_heads is GQA.
     workspace: an AttentionWorkspace to reuse scratch across calls."""
     n_heads = _C.positive_int("anebackward.torch.attention", "n_heads", n_heads)
@@ -328,7 +336,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 @_eager_only
-def swiglu(h1, h3, *, backend=None):
+def swiglu(h1: torch.Tensor, h3: torch.Tensor, *, backend: Backend = None) -> torch.Tensor:
     """silu(h1)·h3 with its gradients for h1 and h3."""
     return SwiGLUFunction.apply(h1, h3, backend)
 
@@ -435,8 +443,10 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
 
 
 @_eager_only
-def classifier_cross_entropy(x, weight, targets, *, return_logits=False, matmul="torch",
-                             backend=None):
+def classifier_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                             return_logits: bool = False, matmul: str = "torch",
+                             backend: Backend = None
+                             ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Mean cross-entropy of logits = x·weightᵀ against targets (−1 = ignored),
     fused so that the logits' gradient reuses the logits buffer.
 

@@ -35,7 +35,7 @@ Differences from llama2.c, each deliberate:
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,8 @@ def _ffn_hidden_dim(dim, hidden_dim, multiple_of):
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
 
 
-def precompute_freqs_cis(dim, end, theta=10000.0):
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [end, dim/2] as llama2.c builds them (kept as buffers)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     ang = torch.outer(torch.arange(end).float(), freqs)
@@ -182,7 +183,8 @@ class Transformer(nn.Module):
     last_loss: Optional[torch.Tensor]
 
     def __init__(self, params: Optional[ModelArgs] = None, *, return_logits: bool = True,
-                 linear: str = "torch", blas_threads="auto", **kwargs):
+                 linear: str = "torch", blas_threads: Union[str, int, None] = "auto",
+                 **kwargs: Any) -> None:
         super().__init__()
         if params is None:
             params = ModelArgs(**kwargs)
@@ -225,11 +227,11 @@ class Transformer(nn.Module):
             anebackward.set_num_threads(blas_threads)
 
     @property
-    def linear(self):
+    def linear(self) -> str:
         return self._linear
 
     @linear.setter
-    def linear(self, impl):
+    def linear(self, impl: str) -> None:
         if impl not in LINEAR_CHOICES:
             raise ValueError(f"Transformer.linear must be one of {LINEAR_CHOICES}, got {impl!r}")
         self._linear = impl
@@ -244,7 +246,8 @@ class Transformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, tokens: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if self.training and self.params.dropout > 0.0 and torch.is_grad_enabled():
             raise NotImplementedError(
                 f"anebackward.torch.Transformer: dropout={self.params.dropout} in training mode is "
@@ -277,7 +280,8 @@ class Transformer(nn.Module):
         return logits
 
     # ---- llama2.c's helpers, same signatures ----
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay: float, learning_rate: float,
+                             betas: Tuple[float, float], device_type: str) -> AdamW:
         """AdamW with weight decay on the ≥2-D parameters only (as llama2.c),
         as anebackward.torch.AdamW: torch.optim.AdamW's math and state_dict,
         the update in one fused C pass per parameter."""
@@ -293,7 +297,7 @@ class Transformer(nn.Module):
         print("using fused AdamW: True (anebackward's C kernel)")
         return AdamW(groups, lr=learning_rate, betas=betas)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt):
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float) -> float:
         """Model flops utilisation against an A100's bf16 peak (llama2.c's formula)."""
         N = sum(p.numel() for p in self.parameters())
         cfg = self.params
@@ -302,7 +306,8 @@ class Transformer(nn.Module):
         return flops_per_iter / dt / 312e12
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None) -> torch.Tensor:
         """Sample max_new_tokens continuations of idx [B, T] (no KV cache)."""
         for _ in range(max_new_tokens):
             ctx = idx if idx.size(1) <= self.params.max_seq_len else idx[:, -self.params.max_seq_len:]
