@@ -54,7 +54,8 @@ enum {
 };
 AB_API const char *ab_strerror(int code);
 
-/* Runtime facts: BLAS in use, its core, threads. */
+/* Runtime facts: BLAS in use, its core, threads. ab_blas_*_num_threads are
+ * OpenBLAS's own count, which the package keeps at 1 (ab_set_num_threads). */
 AB_API const char *ab_blas_name(void);
 AB_API const char *ab_blas_corename(void);
 AB_API const char *ab_build_flags(void);
