@@ -17,8 +17,9 @@ extern "C" {
 int ab_ane_emulated_fail_next(const char *stage);
 
 /* Bench hook of the worker pool (csrc/threads.c): enable 1 resets and
- * starts (2 resumes without reset, 0 stops) counting the wall time spent in parallel regions of at least two
- * tasks (at 1 thread: the work that more threads could share) and, in
+ * starts (2 resumes without reset, 0 stops) counting the wall time spent in
+ * parallel regions of at least two tasks that may use two threads or more
+ * (at 1 thread: the work that more threads could share) and, in
  * bound_ns[4], that time as it would be on 2, 4, 8, 16 threads if every task
  * of a region took the same time (its task count and worker cap kept);
  * every call first reports the counts so far (NULLs allowed). Process-wide. */

@@ -171,7 +171,8 @@ static int ensure_started(int want) {
 static int parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx);
 
 int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx) {
-    if (n_tasks < 2 || !atomic_load(&stats_on)) return parallel_for(n_tasks, max_workers, fn, ctx);
+    if (n_tasks < 2 || max_workers < 2 || !atomic_load(&stats_on))
+        return parallel_for(n_tasks, max_workers, fn, ctx);
     const int64_t t0 = now_ns();
     int n = parallel_for(n_tasks, max_workers, fn, ctx);
     const int64_t dt = now_ns() - t0;
