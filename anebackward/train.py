@@ -162,10 +162,11 @@ def train(args, stream=sys.stdout):
     from .data import load_data
     from .model import AdamW, Llama, LlamaConfig, cosine_lr
     from .tokenizer import Tokenizer
-    from . import set_num_threads
+    from . import distributed, set_num_threads
 
     if getattr(args, "threads", None):
         set_num_threads(args.threads)
+    dp = distributed.from_env(args)   # torchrun: data-parallel ranks (anebackward/distributed.py)
     st, given, saved_opt, out = _settings(args)
     os.makedirs(out, exist_ok=True)
     progress = Progress(1, stream, quiet=getattr(args, "quiet", False))
@@ -219,6 +220,7 @@ def train(args, stream=sys.stdout):
         model = Llama(config, seed=st["seed"])
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
                     weight_decay=st["weight_decay"])
+    dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)
