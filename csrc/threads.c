@@ -49,7 +49,7 @@ static int job_open;                 /* pool threads may still join */
 static atomic_int job_active;        /* pool threads that joined and are not done */
 static atomic_uint_fast64_t generation;
 static atomic_int_fast64_t next_task;
-static uint64_t born_at[AB_MAX_THREADS];
+static uint64_t born_at[AB_MAX_THREADS];  /* generation when thread id was created */
 
 /* ab_pool_stats (a test/bench hook): wall time inside regions of >= 2 tasks */
 static atomic_int stats_on;
