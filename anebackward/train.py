@@ -124,7 +124,8 @@ def add_arguments(p):
       "must be empty or new unless --resume or --overwrite")
     a("--overwrite", action="store_true", help="replace the run in a non-empty --out (the old "
       "run stays until the new one's first save replaces it whole)")
-    a("--threads", type=int, help="BLAS threads (default: the BLAS default)")
+    a("--threads", type=int, help="threads for the whole package, kernels and BLAS together "
+      "(default: $ANEBACKWARD_NUM_THREADS, else the cores)")
     a("--quiet", action="store_true", help="no progress bar")
 
 
@@ -396,9 +397,10 @@ def train(args, stream=None):
     from .data import load_data
     from .model import AdamW, Llama, LlamaConfig, cosine_lr
     from .tokenizer import Tokenizer
-    from . import set_num_threads
+    from . import distributed, set_num_threads
 
     stream = sys.stdout if stream is None else stream    # the current one, not import time's
+    dp = distributed.from_env(args)   # torchrun: data-parallel ranks (anebackward/distributed.py)
     quiet = getattr(args, "quiet", False)
     say = Progress(1, stream, quiet=quiet).message
     given = _given(args)            # every number range-checked before anything happens
@@ -476,6 +478,7 @@ def train(args, stream=None):
         model = Llama(config, seed=st["seed"])
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
                     weight_decay=st["weight_decay"])
+    dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)

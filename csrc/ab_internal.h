@@ -97,6 +97,14 @@ void ab_threads_init(void);
  * hand-out costs nothing, small enough to balance any thread count. */
 #define AB_CHUNK 16384
 static inline int64_t ab_div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+/* Workers for an element-wise job touching `floats` floats: below ~50 us of
+ * work one thread (waking a second costs about as much, and on a busy
+ * machine a preempted worker can stall the caller for a scheduler tick).
+ * Only who runs the tasks changes, never the tasks: results are the same. */
+#define AB_PAR_MIN_FLOATS 131072.0
+static inline int ab_workers_for(double floats) {   /* double: products cannot overflow */
+    return floats < AB_PAR_MIN_FLOATS ? 1 : AB_MAX_THREADS;
+}
 
 static inline float ab_sigmoidf(float x) { return 1.0f / (1.0f + ab_expf(-x)); }
 

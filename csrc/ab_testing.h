@@ -30,6 +30,15 @@ int ab_ane_testing_set_process_compiles(int64_t n);
 int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t out,
                                char *buf, size_t cap);
 
+/* Bench hook of the worker pool (csrc/threads.c): enable 1 resets and
+ * starts (2 resumes without reset, 0 stops) counting the wall time spent in
+ * parallel regions of at least two tasks that may use two threads or more
+ * (at 1 thread: the work that more threads could share) and, in
+ * bound_ns[4], that time as it would be on 2, 4, 8, 16 threads if every task
+ * of a region took the same time (its task count and worker cap kept);
+ * every call first reports the counts so far (NULLs allowed). Process-wide. */
+int ab_pool_stats(int enable, int64_t *parallel_ns, int64_t *regions, int64_t *bound_ns);
+
 /* CDEF END */
 
 #ifdef __cplusplus

@@ -57,7 +57,8 @@ AB_API const char *ab_strerror(int code);
 /* The package version ("0.1.0"; the same string as anebackward.__version__). */
 AB_API const char *ab_version(void);
 
-/* Runtime facts: BLAS in use, its core, threads. */
+/* Runtime facts: BLAS in use, its core, threads. ab_blas_*_num_threads are
+ * OpenBLAS's own count, which the package keeps at 1 (ab_set_num_threads). */
 AB_API const char *ab_blas_name(void);
 AB_API const char *ab_blas_corename(void);
 AB_API const char *ab_build_flags(void);

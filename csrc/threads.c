@@ -23,6 +23,7 @@
  * more than n threads and no second pool spins beside this one. */
 #include <errno.h>
 #include <pthread.h>
+#include <time.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -49,6 +50,28 @@ static atomic_int job_active;        /* pool threads that joined and are not don
 static atomic_uint_fast64_t generation;
 static atomic_int_fast64_t next_task;
 static uint64_t born_at[AB_MAX_THREADS];  /* generation when thread id was created */
+
+/* ab_pool_stats (a test/bench hook): wall time inside regions of >= 2 tasks */
+static atomic_int stats_on;
+static atomic_int_fast64_t stats_ns, stats_regions, stats_bound_ns[4];   /* n = 2, 4, 8, 16 */
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int ab_pool_stats(int enable, int64_t *parallel_ns, int64_t *regions, int64_t *bound_ns) {
+    if (parallel_ns) *parallel_ns = atomic_load(&stats_ns);
+    if (regions) *regions = atomic_load(&stats_regions);
+    for (int i = 0; i < 4 && bound_ns; i++) bound_ns[i] = atomic_load(&stats_bound_ns[i]);
+    if (enable == 1) {
+        atomic_store(&stats_ns, 0); atomic_store(&stats_regions, 0);
+        for (int i = 0; i < 4; i++) atomic_store(&stats_bound_ns[i], 0);
+    }
+    atomic_store(&stats_on, enable != 0);
+    return AB_OK;
+}  /* generation when thread id was created */
 
 static int env_threads(void) {
     const char *s = getenv("ANEBACKWARD_NUM_THREADS");
@@ -145,7 +168,26 @@ static int ensure_started(int want) {
     return n_started + 1 < want ? n_started + 1 : want;
 }
 
+static int parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx);
+
 int ab_parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx) {
+    if (n_tasks < 2 || max_workers < 2 || !atomic_load(&stats_on))
+        return parallel_for(n_tasks, max_workers, fn, ctx);
+    const int64_t t0 = now_ns();
+    int n = parallel_for(n_tasks, max_workers, fn, ctx);
+    const int64_t dt = now_ns() - t0;
+    atomic_fetch_add(&stats_ns, dt);
+    atomic_fetch_add(&stats_regions, 1);
+    /* the same region on k threads if its tasks were equal: dt ceil(T/k)/T */
+    for (int i = 0, k = 2; i < 4; i++, k *= 2) {
+        const int64_t kk = k < max_workers ? k : max_workers;
+        atomic_fetch_add(&stats_bound_ns[i],
+                         (int64_t)((double)dt * (double)ab_div_up(n_tasks, kk) / (double)n_tasks));
+    }
+    return n;
+}
+
+static int parallel_for(int64_t n_tasks, int max_workers, ab_task_fn fn, void *ctx) {
     if (n_tasks <= 0) return 0;
     pthread_mutex_lock(&lock);
     int n = current_setting();

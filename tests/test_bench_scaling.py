@@ -30,7 +30,28 @@ def test_scaling_run_writes_every_row(tmp_path, capsys):
     assert names[0].startswith("sgemm") and "full_step tiny" in names
     step = next(r for r in doc["records"] if r["name"] == "full_step tiny")
     assert set(step["median_s"]) == {"1", "2"} and step["fraction_of_sgemm_rate"]["2"] > 0
+    # at this tiny shape much of the step is too small to split; the share is measured
+    assert 0.0 < step["parallel_share_1"] <= 1.0
+    assert 1.0 <= step["bound_speedup"]["2"] <= 2.0 + 1e-9
     assert doc["environment"]["threads_list"] == [1, 2]
+
+
+def test_pool_stats_count_parallel_regions_only():
+    import numpy as np
+    import anebackward as ab
+    from anebackward._native import ffi, lib
+    ab.set_num_threads(1)
+    ns, regions, bound = ffi.new("int64_t*"), ffi.new("int64_t*"), ffi.new("int64_t[4]")
+    lib.ab_pool_stats(1, ffi.NULL, ffi.NULL, ffi.NULL)
+    ab.swiglu(np.ones(8, np.float32), np.ones(8, np.float32))          # one task: not counted
+    lib.ab_pool_stats(2, ns, regions, bound)
+    assert regions[0] == 0 and ns[0] == 0
+    ab.swiglu(np.ones(5 * 16384, np.float32), np.ones(5 * 16384, np.float32))   # 5 tasks
+    lib.ab_pool_stats(0, ns, regions, bound)
+    assert regions[0] == 1 and ns[0] > 0
+    # 5 equal tasks: 3 rounds on 2 threads, 2 on 4, 1 on 8 and 16
+    assert [bound[i] for i in range(4)] == pytest.approx([ns[0] * f for f in (.6, .4, .2, .2)],
+                                                         rel=1e-6, abs=2)
 
 
 def test_scaling_rejects_bad_thread_lists():

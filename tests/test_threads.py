@@ -21,13 +21,14 @@ COUNTS = (1, 2, 3, 4)
 def _inputs(seed=0):
     r = np.random.default_rng(seed)
     f = lambda *s: r.standard_normal(s, dtype=np.float32)  # noqa: E731
-    n = 5 * 16384 + 7                     # several chunks of AB_CHUNK, a ragged tail
-    d = dict(x=f(100, 300), w=f(300), dy=f(100, 300),                      # rmsnorm: 8 row tasks
-             rq=f(2, 50, 128), h1=f(3 * 16384 + 5), h3=f(3 * 16384 + 5), g=f(3 * 16384 + 5),
+    n = 9 * 16384 + 7                     # several chunks of AB_CHUNK, a ragged tail
+    # every size above the pool's minimum work (128 Ki floats), several tasks each
+    d = dict(x=f(500, 300), w=f(300), dy=f(500, 300),                      # rmsnorm: 39 row tasks
+             rq=f(2, 300, 256), h1=f(5 * 16384 + 5), h3=f(5 * 16384 + 5), g=f(5 * 16384 + 5),
              q=f(2, 130, 64), k=f(2, 130, 32), v=f(2, 130, 32), do=f(2, 130, 64),
-             logits=f(40, 1000), targets=r.integers(0, 1000, 40).astype(np.int32),
-             tok=r.integers(0, 50, 300).astype(np.int32), E=f(50, 200), dx=f(300, 200),
-             p=f(n), pg=f(n), pm=np.abs(f(n)), pv=np.abs(f(n)), W=f(500, 300), dy2=f(100, 500))
+             logits=f(200, 1000), targets=r.integers(0, 1000, 200).astype(np.int32),
+             tok=r.integers(0, 50, 600).astype(np.int32), E=f(50, 256), dx=f(600, 256),
+             p=f(n), pg=f(n), pm=np.abs(f(n)), pv=np.abs(f(n)), W=f(500, 300), dy2=f(500, 500))
     d["targets"][::7] = -1
     return d
 
@@ -41,8 +42,8 @@ def _run_all(d, backend=None):
     out += [("rmsnorm", ab.rmsnorm(d["x"], d["w"], **b))]
     dx, dw = ab.rmsnorm_backward(d["dy"], d["x"], d["w"], dw=np.ones(300, np.float32), **b)
     out += [("rmsnorm_backward dx", dx), ("rmsnorm_backward dw", dw)]
-    out += [("rope", ab.rope(d["rq"], head_dim=32, pos_offset=3, **b)),
-            ("rope_backward", ab.rope_backward(d["rq"], head_dim=32, **b)),
+    out += [("rope", ab.rope(d["rq"], head_dim=64, pos_offset=3, **b)),
+            ("rope_backward", ab.rope_backward(d["rq"], head_dim=64, **b)),
             ("swiglu", ab.swiglu(d["h1"], d["h3"], **b))]
     d1, d3 = ab.swiglu_backward(d["g"], d["h1"], d["h3"], **b)
     out += [("swiglu_backward dh1", d1), ("swiglu_backward dh3", d3)]
@@ -93,6 +94,36 @@ def _train_steps(n_threads):
         model.clip_grad_norm(1.0)
         opt.step()
     return losses, model.flat_grads.copy(), model.flat_params.copy()
+
+
+def test_those_inputs_run_every_kernel_through_the_pool():
+    """Each kernel call of the test above opens at least one parallel region
+    (so the bit-identity check covers the threaded path)."""
+    d = _inputs()
+    ab.set_num_threads(2)
+    regions = ffi.new("int64_t*")
+    seen = []
+    real = {}
+    for name in ("linear", "linear_backward_dx", "linear_backward_dW", "rmsnorm",
+                 "rmsnorm_backward", "rope", "rope_backward", "swiglu", "swiglu_backward",
+                 "attention", "attention_backward", "cross_entropy_backward", "embedding",
+                 "embedding_backward", "grad_norm", "adamw_step", "clip_grad_norm"):
+        real[name] = getattr(ab, name)
+
+        def counted(*a, _f=real[name], _n=name, **k):
+            lib.ab_pool_stats(1, ffi.NULL, ffi.NULL, ffi.NULL)
+            r = _f(*a, **k)
+            lib.ab_pool_stats(0, ffi.NULL, regions, ffi.NULL)
+            seen.append((_n, regions[0]))
+            return r
+        setattr(ab, name, counted)
+    try:
+        _run_all(d)
+    finally:
+        for name, f in real.items():
+            setattr(ab, name, f)
+    assert len(seen) >= len(real)
+    assert all(n >= 1 for _, n in seen), [name for name, n in seen if n < 1]
 
 
 def test_a_whole_training_step_is_bit_identical_at_1_2_3_4_threads():

@@ -14,6 +14,13 @@ order rotating), so a load change on a shared machine hits every count
 alike; a sample is the mean of back-to-back calls lasting >= min_sample.
 --with-load starts one CPU-bound process before measuring and stops it at
 the end (the "busy machine" case: the default count must not lose to 1).
+
+Load-independent columns, from one extra run at 1 thread with the pool's
+counters on (ab_pool_stats): "par%1", the share of the row's wall time spent
+in parallel regions (work more threads could share), and "bnd@16", the
+speed-up on 16 threads those regions' task counts allow if their tasks were
+equal (the serial rest kept): an upper bound that a busy 2-core machine can
+still measure.
 """
 import json
 import os
@@ -155,6 +162,35 @@ def _measure(fn, reset, counts, repeats, min_sample, set_threads=_set_ours):
     return {n: float(np.median(v)) for n, v in samples.items()}
 
 
+def _structure(fn, reset, min_sample):
+    """At 1 thread: the share of the wall time spent in the pool's parallel
+    regions, and the speed-ups on 2, 4, 8, 16 threads that the regions' task
+    counts allow if every task took the same time (serial part kept)."""
+    import anebackward as ab
+    from anebackward._native import ffi, lib
+    ab.set_num_threads(1)
+    ns, bound = ffi.new("int64_t*"), ffi.new("int64_t[4]")
+    wall, calls = 0.0, 0
+    lib.ab_pool_stats(1, ffi.NULL, ffi.NULL, ffi.NULL)
+    try:
+        while wall < min_sample or calls == 0:
+            if reset:
+                lib.ab_pool_stats(0, ffi.NULL, ffi.NULL, ffi.NULL)
+                reset()
+                lib.ab_pool_stats(2, ffi.NULL, ffi.NULL, ffi.NULL)   # on, not reset
+            t0 = time.perf_counter()
+            fn()
+            wall += time.perf_counter() - t0
+            calls += 1
+    finally:
+        lib.ab_pool_stats(0, ns, ffi.NULL, bound)
+    par = min(ns[0] * 1e-9, wall)
+    serial = wall - par
+    return {"parallel_share_1": par / wall,
+            "bound_speedup": {str(k): wall / (serial + min(bound[i] * 1e-9, par))
+                              for i, k in enumerate((2, 4, 8, 16))}}
+
+
 def _start_load():
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -210,6 +246,7 @@ def run(args):
             for label, flops, fn, reset in _rows(shape, kernels):
                 times = _measure(fn, reset, counts, repeats, min_sample)
                 records.append(_record(label, flops, times, counts, sg_rate))
+                records[-1].update(_structure(fn, reset, min_sample))
                 _print_row(records[-1], counts, first=len(records) == 3)
     finally:
         ab.set_num_threads(default)
@@ -243,6 +280,7 @@ def _print_row(r, counts, first):
         head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
         head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
         head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
+        head += f"{'par%1':>7s}{'bnd@16':>8s}"
         print(head)
     line = f"{r['name'][:38]:38s}" + "".join(f"{r['median_s'][str(n)] * 1e3:11.3f}" for n in counts)
     line += "".join(f"{r['speedup'][str(n)]:7.2f}" for n in counts[1:])
@@ -250,4 +288,6 @@ def _print_row(r, counts, first):
     line += f"{s:8.3f}{r['projected_speedup_16']:7.1f}" if s is not None else f"{'-':>8s}{'-':>7s}"
     fr = r["fraction_of_sgemm_rate"]
     line += "".join(f"{fr[str(n)] * 100:8.0f}%" if fr else f"{'-':>9s}" for n in counts)
+    if "parallel_share_1" in r:
+        line += f"{r['parallel_share_1'] * 100:6.1f}%{r['bound_speedup']['16']:8.1f}"
     print(line, flush=True)

@@ -77,7 +77,7 @@ int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
     double small[64];
     j.part = n_tasks <= 64 ? small : malloc((size_t)n_tasks * sizeof(double));
     AB_REQUIRE(j.part != NULL, AB_ENOMEM);
-    ab_parallel_for(n_tasks, AB_MAX_THREADS, ce_task, &j);
+    ab_parallel_for(n_tasks, ab_workers_for((double)N * V), ce_task, &j);
     double total = 0.0;
     for (int64_t t = 0; t < n_tasks; t++) total += j.part[t];
     if (j.part != small) free(j.part);

@@ -50,7 +50,7 @@ int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
     if (D == 0) return AB_OK;
     const int64_t rows = AB_CHUNK / D;
     emb_job j = {x, E, tokens, N, D, rows > 0 ? rows : 1};
-    ab_parallel_for(ab_div_up(N, j.rows), AB_MAX_THREADS, gather_task, &j);
+    ab_parallel_for(ab_div_up(N, j.rows), ab_workers_for((double)N * D), gather_task, &j);
     return AB_OK;
 }
 
@@ -61,6 +61,6 @@ int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
     AB_REQUIRE(tokens_in_range(tokens, N, V), AB_ERANGE);
     if (N == 0) return AB_OK;
     emb_job j = {dE, dx, tokens, N, D, 0};
-    ab_parallel_for(ab_div_up(D, COLS), AB_MAX_THREADS, scatter_task, &j);
+    ab_parallel_for(ab_div_up(D, COLS), ab_workers_for(2.0 * N * D), scatter_task, &j);
     return AB_OK;
 }

@@ -37,7 +37,7 @@ int ab_sumsq(double *out, const float *x, int64_t n) {
     double *part = chunks <= 64 ? small : malloc((size_t)chunks * sizeof(double));
     AB_REQUIRE(part != NULL, AB_ENOMEM);
     sumsq_job j = {x, n, part};
-    ab_parallel_for(chunks, AB_MAX_THREADS, sumsq_task, &j);
+    ab_parallel_for(chunks, ab_workers_for((double)n), sumsq_task, &j);
     double acc = 0.0;
     for (int64_t t = 0; t < chunks; t++) acc += part[t];
     if (part != small) free(part);
@@ -62,7 +62,7 @@ static void scale_task(void *ctx, int64_t t, int worker) {
 int ab_scale(float *x, int64_t n, float s) {
     AB_NONNEG(n); AB_NONNULL(x);
     scale_job j = {x, n, s};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), AB_MAX_THREADS, scale_task, &j);
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), scale_task, &j);
     return AB_OK;
 }
 
@@ -106,6 +106,6 @@ int ab_adamw(float *p, const float *g, float *m, float *v, int64_t n,
     const float c2 = (float)(1.0 - pow((double)beta2, (double)step));
     adamw_job j = {p, m, v, g, n, beta1, beta2, eps, lr / c1, 1.0f / sqrtf(c2),
                    1.0f - lr * weight_decay, 1.0f - beta1, 1.0f - beta2};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), AB_MAX_THREADS, adamw_task, &j);
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for(4.0 * n), adamw_task, &j);
     return AB_OK;
 }

@@ -108,7 +108,7 @@ int ab_rmsnorm_forward(float *y, const float *x, const float *w,
     AB_NONNEG(N); AB_REQUIRE(D > 0, AB_EINVAL); AB_REQUIRE(eps >= 0.0f, AB_EINVAL);
     AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(w);
     rms_job j = {.y = y, .x = x, .w = w, .N = N, .D = D, .rows = rows_per_task(D), .eps = eps};
-    ab_parallel_for(ab_div_up(N, j.rows), AB_MAX_THREADS, forward_task, &j);
+    ab_parallel_for(ab_div_up(N, j.rows), ab_workers_for((double)N * D), forward_task, &j);
     return AB_OK;
 }
 
@@ -128,9 +128,9 @@ int ab_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
         j.part = nf <= 4096 ? small : malloc((size_t)nf * sizeof(float));
         AB_REQUIRE(j.part != NULL, AB_ENOMEM);
     }
-    ab_parallel_for(j.n_tasks, AB_MAX_THREADS, backward_task, &j);
+    ab_parallel_for(j.n_tasks, ab_workers_for(2.0 * N * D), backward_task, &j);
     if (dw) {
-        ab_parallel_for(ab_div_up(D, DW_COLS), AB_MAX_THREADS, dw_reduce_task, &j);
+        ab_parallel_for(ab_div_up(D, DW_COLS), ab_workers_for((double)j.n_tasks * D), dw_reduce_task, &j);
         if (j.part != small) free(j.part);
     }
     return AB_OK;

@@ -43,7 +43,7 @@ static void backward_task(void *ctx, int64_t t, int worker) {
 int ab_swiglu_forward(float *y, const float *h1, const float *h3, int64_t n) {
     AB_NONNEG(n); AB_NONNULL(y); AB_NONNULL(h1); AB_NONNULL(h3);
     swiglu_job j = {.y = y, .h1 = h1, .h3 = h3, .n = n};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), AB_MAX_THREADS, forward_task, &j);
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for(2.0 * n), forward_task, &j);
     return AB_OK;
 }
 
@@ -52,6 +52,6 @@ int ab_swiglu_backward(float *dh1, float *dh3, const float *dy,
     AB_NONNEG(n); AB_NONNULL(dh1); AB_NONNULL(dh3); AB_NONNULL(dy);
     AB_NONNULL(h1); AB_NONNULL(h3);
     swiglu_job j = {.dh1 = dh1, .dh3 = dh3, .dy = dy, .h1 = h1, .h3 = h3, .n = n};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), AB_MAX_THREADS, backward_task, &j);
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for(3.0 * n), backward_task, &j);
     return AB_OK;
 }
