@@ -24,6 +24,7 @@ relative path does not hold (editable installs).
 """
 import os
 import re
+import shlex
 import shutil
 import sys
 
@@ -146,6 +147,9 @@ class build_ext(_build_ext):
         cmd += objects + ["-o", tmp]
         cmd += ["-L" + d for d in ext.library_dirs] + ["-l" + lib for lib in ext.libraries]
         cmd += list(ext.extra_link_args)
+        # the user's LDFLAGS (e.g. -fsanitize=... from .ci/sanitize) apply here
+        # too, as they do to the cffi module through Python's LDSHARED
+        cmd += shlex.split(os.environ.get("LDFLAGS", ""))
         self.compiler.spawn(cmd)
         shutil.move(tmp, out)   # never a half-written library in the package
 
