@@ -45,18 +45,23 @@ class Llama:
     normal(0, 0.02) for every linear and embedding weight, normal(0,
     0.02/sqrt(2 n_layers)) for the residual projections (names ending in
     w3.weight and wo.weight, as llama2.c selects them), ones for the RMSNorm
-    weights. backend="reference" runs the seed's scalar loops (slow; the
-    baseline)."""
+    weights (also Qwen3's q_norm/k_norm). backend="reference" runs the seed's
+    scalar loops (slow; the baseline). recompute=True keeps only each layer's
+    input between forward and backward and recomputes the rest layer by
+    layer in the backward: identical gradients, a fraction of the workspace
+    (see workspace_bytes), about one more forward per step."""
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
-                 backend: Backend = None, init: bool = True) -> None:
+                 backend: Backend = None, init: bool = True, recompute: bool = False) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve("Llama", backend)
-        self._cfg = c_config(config, reference=self.backend == "reference")
+        self.recompute = bool(recompute)
+        self._cfg = c_config(config, reference=self.backend == "reference",
+                             recompute=self.recompute)
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
@@ -93,7 +98,7 @@ class Llama:
         rng.standard_normal(out=w, dtype=np.float32)
         w *= np.float32(0.02)
         resid = np.float32(1.0 / math.sqrt(2 * c.n_layers))
-        for key, n in (("wo", c.dim * c.dim), ("w3", c.hidden_dim * c.dim)):
+        for key, n in (("wo", c.dim * c.q_dim), ("w3", c.hidden_dim * c.dim)):
             self.flat_params[lay[key]:lay[key] + c.n_layers * n] *= resid
         self.flat_params[self.n_decay:] = 1.0
         self.flat_grads[:] = 0.0
@@ -239,6 +244,21 @@ class Llama:
     def load(cls, path: str | os.PathLike, *, backend: Backend = None) -> Llama:
         """Read a llama2.c v0 checkpoint."""
         return checkpoint.load_model(path, cls, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backend: Backend = None,
+                        recompute: bool = False) -> Llama:
+        """Read a Hugging Face model directory (config.json + model.safetensors,
+        or a sharded model.safetensors.index.json) of model_type llama or qwen3;
+        float32/bfloat16/float16 weights become float32 (anebackward.hf)."""
+        from . import hf
+        return hf.load_pretrained(directory, cls, backend=backend, recompute=recompute)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a Hugging Face model directory (config.json + model.safetensors,
+        float32) that transformers' AutoModelForCausalLM.from_pretrained loads."""
+        from . import hf
+        hf.save_pretrained(self, directory)
 
 
 class Decoder:
