@@ -288,3 +288,75 @@ def save_pretrained(model, directory) -> None:
     atomic_write(os.path.join(directory, WEIGHTS), lambda f: f.write(data))
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(text.encode()))
+
+
+# ---- tokenizer.json ----------------------------------------------------------------
+TOKENIZER = "tokenizer.json"
+
+
+class HFTokenizer:
+    """An HF tokenizer.json (through the `tokenizers` package) with the
+    interface the trainer and the sampler use (anebackward.tokenizer's).
+    Documents are encoded with the tokenizer's own special tokens; a
+    sequence starts with bos_id (config.json's bos_token_id, else its
+    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
+    generation stops at config.json's eos_token_id(s)."""
+
+    def __init__(self, path, bos_id=None, stop_ids=()):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError:
+            raise ImportError("reading tokenizer.json needs the tokenizers package: "
+                              "pip install 'anebackward[hf]'") from None
+        self.path = os.fspath(path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:   # the package raises a bare Exception on bad files
+            raise _bad(self.path, f"not a readable tokenizer.json: {e}") from None
+        self.bos_id = bos_id
+        self.stop_ids = set(stop_ids)
+        self.is_byte_level = False
+
+    @classmethod
+    def from_dir(cls, directory):
+        """The tokenizer.json of an HF directory (None if it has none)."""
+        path = os.path.join(directory, TOKENIZER)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(os.path.join(directory, CONFIG)) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            d = {}
+        eos = d.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+        bos = d.get("bos_token_id")
+        return cls(path, bos if isinstance(bos, int) else (eos[0] if eos else None), eos)
+
+    @property
+    def vocab_size(self):
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def padded(self, vocab_size):
+        return self     # the model's vocabulary may be larger (HF pads it too)
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self._tok.encode(text, add_special_tokens=bos).ids
+        if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_documents(self, docs):
+        return np.array([t for d in docs for t in self.encode(d)], dtype=np.int32)
+
+    def decode_piece(self, prev, token):
+        return self._tok.decode([int(token)], skip_special_tokens=True).encode("utf-8")
+
+    def decode(self, tokens, prev=None):
+        return self._tok.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+    def save(self, path):
+        """Copy tokenizer.json to path (atomically)."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        atomic_write(path, lambda f: f.write(data))

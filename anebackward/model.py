@@ -76,6 +76,14 @@ class Llama:
         if init:
             self.init_weights(seed)
 
+    def set_recompute(self, recompute: bool) -> None:
+        """Switch activation recomputation (see the class doc) on or off."""
+        self.recompute = bool(recompute)
+        self._cfg = c_config(self.config, reference=self.backend == "reference",
+                             recompute=self.recompute)
+        self._ws = None
+        self._pending = None
+
     # The C model reads these buffers by the layout above: they are fixed
     # for the model's life (read-only attributes); change their contents, as
     # params[name][...] = ... or flat_params[:] = ... do, never the arrays.
@@ -208,11 +216,13 @@ class Llama:
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()
 
-    def decoder(self) -> Decoder:
+    def decoder(self, max_positions: Optional[int] = None) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like
         llama2.c's run.c: `dec.step(token, pos)` returns the logits [vocab]
-        of the next token (a buffer overwritten by the next call)."""
-        return Decoder(self)
+        of the next token (a buffer overwritten by the next call). The cache
+        holds max_positions positions (default max_seq_len: HF models have
+        tens of thousands, so pass what the generation needs)."""
+        return Decoder(self, max_positions)
 
     # -- gradients and parameters ------------------------------------------
     def zero_grad(self) -> None:
@@ -263,11 +273,20 @@ class Llama:
 
 class Decoder:
     """Incremental inference over a Llama (see Llama.decoder). Positions must
-    be fed in order 0, 1, 2, ...; the cache holds max_seq_len positions."""
+    be fed in order 0, 1, 2, ...; the cache holds max_positions positions
+    (default max_seq_len)."""
 
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: Llama, max_positions: Optional[int] = None) -> None:
         self.model = model
-        cfg = model._cfg
+        T = model.config.max_seq_len
+        if max_positions is not None:
+            T = min(C.positive_int("Llama.decoder", "max_positions", max_positions), T)
+        self.max_positions = T
+        # the same model with a cache of T positions (the parameter layout
+        # does not depend on max_seq_len)
+        cfg = model._cfg if T == model.config.max_seq_len else c_config(
+            model.config.replace(max_seq_len=T), reference=model.backend == "reference")
+        self._cfg = cfg
         n = ffi.new("int64_t *")
         check(lib.ab_model_kv_cache_floats(cfg, n), "Llama.decoder")
         self.kv_cache = np.zeros(n[0], dtype=np.float32)
@@ -281,13 +300,14 @@ class Decoder:
         pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
         if pos > self.pos:
             raise ValueError(f"{fn}: pos {pos} skips positions; the next position is {self.pos}")
-        if pos >= self.model.config.max_seq_len:
-            raise ValueError(f"{fn}: pos {pos} >= max_seq_len {self.model.config.max_seq_len}")
+        if pos >= self.max_positions:
+            raise ValueError(f"{fn}: pos {pos} >= the decoder's max_positions {self.max_positions} "
+                             f"(max_seq_len {self.model.config.max_seq_len})")
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or \
                 not 0 <= token < self.model.config.vocab_size:
             raise ValueError(f"{fn}: token must be an int in [0, {self.model.config.vocab_size}), "
                              f"got {token!r}")
-        check(lib.ab_model_decode(fptr(self._logits), self.model._cfg,
+        check(lib.ab_model_decode(fptr(self._logits), self._cfg,
                                   fptr(self.model.flat_params), int(token), pos,
                                   fptr(self.kv_cache), fptr(self._work), self._work.size), fn)
         self.pos = pos + 1

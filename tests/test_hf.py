@@ -266,3 +266,103 @@ def test_llama2c_save_converts_half_layout_and_refuses_the_rest(tmp_path):
     with pytest.raises(CheckpointError, match="v0 format cannot hold"):
         ab.Llama.from_pretrained(tmp_path / "q").save(tmp_path / "q.bin")
     assert not os.path.exists(tmp_path / "q.bin")
+
+
+# ---- the CLI: train --init-from, --format, --recompute; sample ----
+TEXT = "\n\n".join(f"Once upon a time there was a little {w} who liked to {v} in the park."
+                   for w in ("cat", "dog", "bird", "girl", "boy", "fox") for v in ("run", "play", "sing", "jump"))
+
+
+def hf_dir_with_tokenizer(tmp_path):
+    """A tiny Qwen3 directory with a tokenizer.json trained here."""
+    import_hf()
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<eos>"]))
+    m = hf_model("qwen3", True)
+    d = tmp_path / "qwen"
+    m.config.eos_token_id = 1
+    m.save_pretrained(d)
+    tok.save(str(d / "tokenizer.json"))
+    (tmp_path / "data.txt").write_text(TEXT)
+    return d, m
+
+
+def _train(argv):
+    from anebackward.__main__ import main
+    return main(["train", "--quiet", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                 "--warmup", "1", "--lr", "1e-3"] + argv)
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl")) if '"loss"' in l]
+
+
+def test_train_init_from_hf_dir_writes_hf_that_transformers_and_sample_read(tmp_path, capsys):
+    import torch
+    transformers = import_hf()
+    d, m = hf_dir_with_tokenizer(tmp_path)
+    out = tmp_path / "ft"
+    assert _train(["--init-from", str(d), "--data", str(tmp_path / "data.txt"), "--steps", "4",
+                   "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "optimizer.bin"} <= set(os.listdir(out))
+    assert not os.path.exists(out / "model.bin")
+    ours = ab.Llama.from_pretrained(out)
+    assert not np.array_equal(ours.flat_params, ab.Llama.from_pretrained(d).flat_params)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = np.arange(1, 20, dtype=np.int32)[None]
+    with torch.no_grad():
+        want = back(input_ids=torch.from_numpy(tok.astype(np.int64))).logits.numpy()
+    assert_close(ours.logits(tok), want, rtol=1e-5, atol=1e-5, what="fine-tuned model in HF")
+    # --recompute: the same run, the same losses
+    out2 = tmp_path / "ft2"
+    assert _train(["--init-from", str(d), "--data", str(tmp_path / "data.txt"), "--steps", "4",
+                   "--out", str(out2), "--recompute"]) == 0
+    assert _losses(out) == _losses(out2)
+    # resume an hf-format run, then sample it
+    from anebackward.__main__ import main
+    assert main(["train", "--quiet", "--resume", str(out), "--steps", "5"]) == 0
+    assert len(_losses(out)) == 5
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "Once upon", "--steps", "12",
+                 "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.strip()) > 0
+
+
+def test_train_init_from_llama2c_bin_and_format_hf(tmp_path, capsys):
+    import_hf()
+    from anebackward.__main__ import main
+    base = tmp_path / "base"
+    assert main(["train", "--quiet", "--config", "tiny", "--steps", "2", "--eval-every", "0",
+                 "--out", str(base)]) == 0
+    out = tmp_path / "ft"
+    assert _train(["--init-from", str(base / "model.bin"), "--steps", "2", "--out", str(out)]) == 0
+    assert os.path.isfile(out / "model.bin") and os.path.isfile(out / "tokenizer.bin")
+    out_hf = tmp_path / "ft_hf"
+    assert _train(["--init-from", str(base / "model.bin"), "--steps", "2", "--out", str(out_hf),
+                   "--format", "hf"]) == 0
+    a, b = ab.Llama.load(out / "model.bin"), ab.Llama.from_pretrained(out_hf)
+    tok = np.arange(3, 40, dtype=np.int32)
+    assert_close(b.logits(tok), a.logits(tok), rtol=1e-5, atol=1e-5, what="same run, two formats")
+    capsys.readouterr()
+    assert main(["sample", str(out / "model.bin"), "--steps", "8", "--temperature", "0"]) == 0
+
+
+def test_decode_threads_and_model_threads_deterministic(tmp_path):
+    m = hf_model("qwen3", False)
+    m.save_pretrained(tmp_path)
+    model = ab.Llama.from_pretrained(tmp_path)
+    tok = tokens_for(m, B=2, S=40)
+    n0 = ab.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2, 3, 4):
+            ab.set_num_threads(n)
+            loss = model.forward(tok)
+            model.backward()
+            res.append((loss, model.flat_grads.copy()))
+    finally:
+        ab.set_num_threads(n0)
+    for loss, g in res[1:]:
+        assert loss == res[0][0] and np.array_equal(g, res[0][1])
