@@ -72,22 +72,21 @@ def config_from_hf(d: Dict[str, Any], path: str = CONFIG) -> LlamaConfig:
     mt = d.get("model_type")
     if mt not in MODEL_TYPES:
         raise _bad(path, f"unsupported model_type {mt!r} (supported: {', '.join(MODEL_TYPES)})")
-    unsupported = [
+    unsupported = [   # (field, is it unsupported here, why)
         ("hidden_act", d.get("hidden_act", "silu") not in ("silu", "swish"),
-         "only silu (SwiGLU) is supported"),
-        ("attention_bias", bool(d.get("attention_bias", False)), "attention biases"),
-        ("mlp_bias", bool(d.get("mlp_bias", False)), "MLP biases"),
-        ("use_sliding_window", bool(d.get("use_sliding_window", False)), "sliding-window attention"),
+         "only silu (SwiGLU) is implemented"),
+        ("attention_bias", bool(d.get("attention_bias", False)), "no attention biases"),
+        ("mlp_bias", bool(d.get("mlp_bias", False)), "no MLP biases"),
+        ("use_sliding_window", bool(d.get("use_sliding_window", False)),
+         "no sliding-window attention"),
         ("layer_types", any(t != "full_attention" for t in d.get("layer_types") or []),
-         "sliding-window attention layers"),
+         "only full_attention layers"),
         ("attention_dropout", float(d.get("attention_dropout", 0.0) or 0.0) != 0.0,
-         "attention dropout"),
+         "no attention dropout"),
     ]
-    for field, bad, what in unsupported:
+    for field, bad, why in unsupported:
         if bad:
-            raise _bad(path, f"unsupported config field {field}={d.get(field)!r} ({what} "
-                             "are not implemented)" if not what.startswith("only") else
-                       f"unsupported config field {field}={d.get(field)!r} ({what})")
+            raise _bad(path, f"unsupported config field {field}={d.get(field)!r} ({why})")
     rp = d.get("rope_parameters") or {}
     if isinstance(rp, dict) and rp and "rope_type" not in rp and "rope_theta" not in rp:
         raise _bad(path, "per-layer rope_parameters are not supported")

@@ -94,8 +94,9 @@ def add_arguments(p):
       "(default: the embedded corpus)")
     a("--tokenizer", help="a llama2.c tokenizer.bin to use (e.g. with llama2.c token shards); "
       "default: the byte-level tokenizer for text")
-    a("--config", help="model preset: default, tiny, stories15M, stories42M, stories110M "
-      "(vocab_size follows the tokenizer)")
+    a("--config", help="model preset: default, tiny, stories15M, stories42M, stories110M, or the "
+      "Hugging Face shapes qwen3-0.6b, llama3.2-1b, smollm2-135m (random weights; vocab_size "
+      "follows the tokenizer)")
     a("--steps", type=int, help="optimizer steps in total (default 500)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 16)")
     a("--seq-len", type=int, help="tokens per sequence (default: the preset's max_seq_len, "
