@@ -159,3 +159,38 @@ def test_rope_matches_transformers(rng):
         assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"rope vs HF theta={theta} {scaling}")
         assert_close(ab.rope_inv_freq(hd, theta=theta, scaling=scaling), emb.inv_freq.numpy(),
                      rtol=1e-6, atol=0, what="inv_freq vs HF")
+
+
+def test_c_rope_params_are_checked_and_null_means_llama2c(rng):
+    from anebackward._native import ffi, fptr, lib
+    x = rng.standard_normal((5, 16), dtype=np.float32)
+    y, z = np.empty_like(x), np.empty_like(x)
+    assert lib.ab_rope_forward_ex(fptr(y), fptr(x), 1, 5, 2, 8, 3, ffi.NULL) == 0
+    zero = ffi.new("ab_rope_params *")            # all zero = llama2.c's defaults too
+    assert lib.ab_rope_forward_ex(fptr(z), fptr(x), 1, 5, 2, 8, 3, zero) == 0
+    assert np.array_equal(y, ab.rope(x, head_dim=8, pos_offset=3)) and np.array_equal(y, z)
+    for bad in (dict(layout=2), dict(theta=-1.0), dict(theta=float("inf")),
+                dict(factor=0.5, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8),
+                dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
+                     original_max_position_embeddings=8),
+                dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=0)):
+        p = ffi.new("ab_rope_params *", bad)
+        assert lib.ab_rope_params_check(p) == lib.AB_EINVAL, bad
+        assert lib.ab_rope_forward_ex(fptr(y), fptr(x), 1, 5, 2, 8, 3, p) == lib.AB_EINVAL
+        assert lib.ab_ref_rope_backward_ex(fptr(y), fptr(x), 1, 5, 2, 8, 3, p) == lib.AB_EINVAL
+
+
+def test_c_model_config_checks_head_dim():
+    from anebackward._native import ffi, lib
+    good = dict(dim=24, hidden_dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=11,
+                max_seq_len=8, shared_classifier=1, norm_eps=1e-5)
+    lay = ffi.new("ab_model_layout *")
+    assert lib.ab_model_param_layout(ffi.new("ab_model_config *", good), lay) == 0
+    assert lay.q_norm == lay.k_norm == lay.n_params          # no q/k norms: empty
+    for bad in (dict(head_dim=3), dict(head_dim=-2), dict(dim=26),      # 26/4 not integral
+                dict(rope={"layout": 5})):
+        assert lib.ab_model_config_check(ffi.new("ab_model_config *", {**good, **bad})) == lib.AB_EINVAL
+    ok = ffi.new("ab_model_config *", {**good, "dim": 26, "head_dim": 8, "qk_norm": 1})
+    assert lib.ab_model_param_layout(ok, lay) == 0 and lay.k_norm - lay.q_norm == 2 * 8
