@@ -108,7 +108,40 @@ AB_API int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const 
 /* ---- rotary embedding (csrc/kernels/rope.c) ----
  * x[B, S, n_heads*head_dim]; pairs (2i, 2i+1) of each head rotate by
  * angle (pos_offset + s) * 10000^(-2i/head_dim). Backward rotates by the
- * negative angle. y may equal x (in place). */
+ * negative angle. y may equal x (in place).
+ * The *_ex variants take ab_rope_params (NULL = llama2.c's defaults, which
+ * are also what an all-zero struct means):
+ *   layout AB_ROPE_INTERLEAVED: pairs (2i, 2i+1) (llama2.c);
+ *          AB_ROPE_HALF: pairs (i, i + head_dim/2) (HF's rotate_half);
+ *   theta: frequency base, f_i = theta^(-2i/head_dim) (0 means 10000);
+ *   factor > 0: Llama-3 scaling of f_i (HF rope_type "llama3"): with
+ *     wavelength w = 2 pi / f_i, L = original_max_position_embeddings,
+ *     w > L/low_freq_factor: f_i / factor; w < L/high_freq_factor: f_i;
+ *     between: (1 - s) f_i / factor + s f_i, s = (L/w - low) / (high - low).
+ *     factor 0 = no scaling; otherwise factor >= 1 (Llama-3's is 8),
+ *     0 < low_freq_factor < high_freq_factor, L >= 1, else AB_EINVAL.
+ * ab_rope_inv_freq writes the head_dim/2 frequencies f_i the kernels use. */
+enum { AB_ROPE_INTERLEAVED = 0, AB_ROPE_HALF = 1 };
+typedef struct {
+    int layout;
+    float theta;
+    float factor, low_freq_factor, high_freq_factor;
+    int64_t original_max_position_embeddings;
+} ab_rope_params;
+AB_API int ab_rope_params_check(const ab_rope_params *p);
+AB_API int ab_rope_inv_freq(float *inv_freq, int64_t head_dim, const ab_rope_params *p);
+AB_API int ab_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S,
+                       int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                       const ab_rope_params *p);
+AB_API int ab_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
+                        int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                        const ab_rope_params *p);
+AB_API int ab_ref_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S,
+                           int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                           const ab_rope_params *p);
+AB_API int ab_ref_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
+                            int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                            const ab_rope_params *p);
 AB_API int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                     int64_t n_heads, int64_t head_dim, int64_t pos_offset);
 AB_API int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
@@ -213,16 +246,34 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   and no backward has used it yet (one backward per forward); fills every
  *   gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
  * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
+/* The Hugging Face architectures (Llama 3, Qwen3) are the same model with
+ * the fields after `reference`, whose zero values are llama2.c's:
+ *   head_dim: 0 = dim / n_heads; else q is n_heads*head_dim wide (wq
+ *     [H*hd, dim], wo [dim, H*hd]) and k, v n_kv_heads*head_dim;
+ *   qk_norm != 0: Qwen3's per-head RMSNorm of q and k (over head_dim, eps
+ *     norm_eps, weights q_norm[L, hd], k_norm[L, hd]) before RoPE;
+ *   rope: see ab_rope_params (all zero: llama2.c's interleaved, theta 1e4);
+ *   recompute != 0: activation recomputation. The workspace keeps each
+ *     layer's input and one layer's other activations; the backward
+ *     recomputes them layer by layer (bit-identical gradients, one more
+ *     layer forward per layer, far less memory). */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
     int shared_classifier;
     float norm_eps;
     int reference;
+    int64_t head_dim;
+    int qk_norm;
+    ab_rope_params rope;
+    int recompute;      /* != 0: keep each layer's input only, recompute the rest */
 } ab_model_config;
+/* q_norm, k_norm follow norm in the no-decay tail ([L, head_dim] each; both
+ * equal n_params, i.e. empty, without qk_norm). */
 typedef struct {
     int64_t tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output;
     int64_t attention_norm, ffn_norm, norm;
     int64_t n_decay, n_params;
+    int64_t q_norm, k_norm;
 } ab_model_layout;
 AB_API int ab_model_config_check(const ab_model_config *c);
 AB_API int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);

@@ -24,6 +24,20 @@ def torch():
     return import_torch()
 
 
+def import_hf():
+    """transformers + safetensors (the `hf` extra): the oracle of the Hugging
+    Face tests; required, not skipped, when ANEBACKWARD_REQUIRE_HF=1 (CI)."""
+    import_torch()
+    try:
+        import safetensors  # noqa: F401
+        import transformers
+    except ImportError as e:
+        if os.environ.get("ANEBACKWARD_REQUIRE_HF") == "1":
+            pytest.fail(f"ANEBACKWARD_REQUIRE_HF=1 but the hf extra cannot be imported: {e}")
+        pytest.skip("transformers/safetensors are not installed (pip install -e '.[hf]')")
+    return transformers
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
