@@ -300,6 +300,7 @@ class HFTokenizer:
     sequence starts with bos_id (config.json's bos_token_id, else its
     eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
     generation stops at config.json's eos_token_id(s)."""
+    filename = TOKENIZER    # its name in a run directory (anebackward train)
 
     def __init__(self, path, bos_id=None, stop_ids=()):
         try:

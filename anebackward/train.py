@@ -532,8 +532,7 @@ def train(args, stream=None):
 
     run_dir = _RunDir(out, in_place)
     try:
-        tokenizer.save(run_dir.file("tokenizer.json" if isinstance(tokenizer, _hf().HFTokenizer)
-                                    else "tokenizer.bin"))
+        tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
         from .atomicfile import atomic_write
         old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start) if args.resume else []
         atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
