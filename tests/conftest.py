@@ -24,6 +24,19 @@ def torch():
     return import_torch()
 
 
+def import_transformers():
+    """Hugging Face transformers (the 'hf' extra), required like torch when
+    ANEBACKWARD_REQUIRE_TORCH=1."""
+    import_torch()
+    try:
+        import transformers
+    except ImportError as e:
+        if os.environ.get("ANEBACKWARD_REQUIRE_TORCH") == "1":
+            pytest.fail(f"ANEBACKWARD_REQUIRE_TORCH=1 but transformers cannot be imported: {e}")
+        pytest.skip("transformers is not installed (pip install -e '.[hf]')")
+    return transformers
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -345,3 +345,26 @@ def test_anebackward_torch_without_torch_says_how_to_install():
             "try:\n    import anebackward.torch\nexcept ImportError as e:\n"
             "    assert 'pip install torch' in str(e), e\nelse:\n    raise SystemExit('imported')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("chunk_rows,n_items", [(3, None), (4, 23.0), (None, None)])
+def test_chunked_classifier_cross_entropy(at, torch, rng, chunk_rows, n_items):
+    """Chunks of rows (one of them wholly ignored) against float64 autograd
+    of the full logits: loss and both gradients, with a dloss ≠ 1."""
+    N, D, V = 13, 8, 37
+    x = _t(torch, rng, N, D, dtype=torch.float32)
+    W = _t(torch, rng, V, D, dtype=torch.float32, scale=0.5)
+    tg = torch.from_numpy(rng.integers(0, V, N))
+    tg[3:6] = -1   # with chunk_rows=3 the chunk 3..5 counts nothing
+    tg[10] = -1
+    loss = at.chunked_classifier_cross_entropy(x, W, tg, n_items=n_items, chunk_rows=chunk_rows)
+    (loss * 2.5).backward()
+    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    keep = tg != -1
+    ce = torch.nn.functional.cross_entropy(x64[keep] @ W64.t(), tg[keep], reduction="sum")
+    ref = ce / (keep.sum() if n_items is None else n_items)
+    (ref * 2.5).backward()
+    _close(torch, loss, ref, "loss", rtol=1e-5)
+    _close(torch, x.grad, x64.grad, "dx", rtol=1e-5)
+    _close(torch, W.grad, W64.grad, "dW", rtol=1e-5)
+    assert x.grad[3:6].abs().max() == 0

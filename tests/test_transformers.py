@@ -1,0 +1,263 @@
+"""anebackward.transformers: patched vs unpatched Hugging Face models (tiny,
+random-init, built locally), the kernels actually taken, and each fallback to
+HF's own code."""
+import copy
+
+import pytest
+
+from conftest import import_transformers
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return import_transformers()
+
+
+@pytest.fixture
+def abt(hf):
+    import anebackward.transformers as abt
+    return abt
+
+
+@pytest.fixture
+def calls(abt, monkeypatch):
+    """Counts the kernel Functions the patched forwards call."""
+    from anebackward.transformers import _layers
+    n = {}
+    for name in ("attention", "rmsnorm", "swiglu", "chunked_classifier_cross_entropy"):
+        fn = getattr(_layers, name)
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            n[_name] = n.get(_name, 0) + 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(_layers, name, counted)
+    return n
+
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def build(hf, kind, tied=False, llama3=False, heads=(6, 2), seed=0, **extra):
+    import torch
+    torch.manual_seed(seed)
+    H, KV = heads
+    if kind == "llama":
+        kw = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=H, num_key_value_heads=KV, tie_word_embeddings=tied)
+        if llama3:
+            kw["rope_parameters"] = dict(ROPE_LLAMA3)
+        cfg, cls = hf.LlamaConfig(**kw, **extra), hf.LlamaForCausalLM
+    else:  # Qwen3: head_dim independent of hidden_size (q width 64, hidden 32), QK-norm
+        cfg = hf.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=80,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, tie_word_embeddings=tied, **extra)
+        cls = hf.Qwen3ForCausalLM
+    if "attn_implementation" not in extra:
+        cfg._attn_implementation = "sdpa"
+    m = cls(cfg).float()
+    # random norms, so that a wrong norm weight gradient would show
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m.train()
+
+
+def step(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    return out, grads
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_same(ref_out, ref_g, out, g):
+    assert rel(out.loss.detach(), ref_out.loss.detach()) < RTOL, (out.loss, ref_out.loss)
+    assert set(g) == set(ref_g)
+    worst = max(ref_g, key=lambda n: rel(g[n], ref_g[n]))
+    assert rel(g[worst], ref_g[worst]) < RTOL, (worst, rel(g[worst], ref_g[worst]))
+
+
+def batch(torch, B=3, S=11, V=97, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, S), generator=gen)
+    labels = ids.clone()
+    labels[0, :4] = -100          # a prompt masked out
+    labels[B - 1, 7:] = -100
+    return ids, labels
+
+
+CASES = [("llama", dict(tied=False, llama3=True)),            # GQA, untied, Llama-3 rope
+         ("llama", dict(tied=True, heads=(4, 4))),             # MHA, tied
+         ("qwen3", dict(tied=True)),                           # GQA, QK-norm, head_dim 16
+         ("qwen3", dict(tied=False))]
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=["llama-gqa-untied-llama3", "llama-mha-tied",
+                                                "qwen3-tied", "qwen3-untied"])
+def test_patched_matches_hf(hf, abt, calls, kind, kw):
+    import torch
+    ref = build(hf, kind, **kw)
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    r, rg = step(ref, input_ids=ids, labels=labels)
+    p, pg = step(pat, input_ids=ids, labels=labels)
+    assert_same(r, rg, p, pg)
+    assert p.logits is None  # training with labels: the logits never exist in full
+    L = ref.config.num_hidden_layers
+    assert calls["attention"] == L and calls["swiglu"] == L
+    assert calls["rmsnorm"] == (2 * L + 1) + (2 * L if kind == "qwen3" else 0)
+    assert calls["chunked_classifier_cross_entropy"] == 1
+
+
+def test_num_items_in_batch(hf, abt, calls):
+    """HF Trainer's gradient-accumulation divisor: sum of losses / num_items_in_batch."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    n = torch.tensor(57)
+    r, rg = step(ref, input_ids=ids, labels=labels, num_items_in_batch=n)
+    p, pg = step(pat, input_ids=ids, labels=labels, num_items_in_batch=n)
+    assert_same(r, rg, p, pg)
+    assert calls["chunked_classifier_cross_entropy"] == 1
+
+
+def test_all_ones_mask_and_explicit_positions_take_the_kernels(hf, abt, calls):
+    import torch
+    ref = build(hf, "qwen3")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    inputs = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
+                  position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+    assert_same(*step(ref, **inputs), *step(pat, **inputs))
+    assert calls["attention"] == 2
+
+
+def _fallback(hf, abt, calls, kind, inputs, *, kernel_attention, model_kw=None, dtype=None):
+    import torch
+    ref = build(hf, kind, **(model_kw or {}))
+    if dtype is not None:
+        ref = ref.to(dtype)
+    pat = abt.apply(copy.deepcopy(ref))
+    torch.manual_seed(5)
+    r, rg = step(ref, **inputs)
+    torch.manual_seed(5)
+    p, pg = step(pat, **inputs)
+    assert_same(r, rg, p, pg)
+    assert (calls.get("attention", 0) > 0) == kernel_attention
+    return r, p
+
+
+def test_fallback_padding_mask(hf, abt, calls):
+    import torch
+    ids, labels = batch(torch)
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0  # left padding
+    labels[2, :3] = -100
+    _fallback(hf, abt, calls, "llama", dict(input_ids=ids, labels=labels, attention_mask=mask),
+              kernel_attention=False)
+    assert calls["chunked_classifier_cross_entropy"] == 1  # the loss is still fused
+
+
+def test_fallback_packed_sequences(hf, abt, calls):
+    """position_ids restarting inside a row: HF masks the packed sequences apart."""
+    import torch
+    ids, labels = batch(torch, B=1, S=12)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    _fallback(hf, abt, calls, "qwen3", dict(input_ids=ids, labels=labels, position_ids=pos),
+              kernel_attention=False)
+
+
+def test_fallback_dropout_in_training(hf, abt, calls):
+    import torch
+    ids, labels = batch(torch)
+    _fallback(hf, abt, calls, "llama", dict(input_ids=ids, labels=labels),
+              kernel_attention=False, model_kw=dict(attention_dropout=0.3))
+
+
+def test_fallback_bfloat16(hf, abt, calls):
+    import torch
+    ids, labels = batch(torch)
+    r, p = _fallback(hf, abt, calls, "qwen3", dict(input_ids=ids, labels=labels),
+                     kernel_attention=False, dtype=torch.bfloat16)
+    assert calls == {}
+    assert p.logits is not None  # HF's own forward for the whole call
+
+
+def test_fallback_output_attentions(hf, abt, calls):
+    import torch
+    ids, labels = batch(torch)
+    r, p = _fallback(hf, abt, calls, "llama", dict(input_ids=ids, labels=labels,
+                                                    output_attentions=True),
+                     kernel_attention=False, model_kw=dict(attn_implementation="eager"))
+    assert len(p.attentions) == 2
+
+
+def test_eval_returns_logits(hf, abt, calls):
+    """Outside training the patched CausalLM is HF's forward (logits for the
+    caller), with the kernels for norms, attention and MLP."""
+    import torch
+    ref = build(hf, "llama").eval()
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    with torch.no_grad():
+        r, p = ref(input_ids=ids, labels=labels), pat(input_ids=ids, labels=labels)
+    assert rel(p.logits, r.logits) < RTOL and rel(p.loss, r.loss) < RTOL
+    assert calls["attention"] == 2 and "chunked_classifier_cross_entropy" not in calls
+
+
+def test_generate_with_cache_matches(hf, abt, calls):
+    """The prefill runs the kernels and fills HF's cache; decoding steps (tokens
+    already cached) fall back to HF's attention."""
+    import torch
+    ref = build(hf, "llama").eval()
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, _ = batch(torch, B=1, S=6)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(ids, **kw), pat.generate(ids, **kw))
+    assert calls["attention"] == 2  # the prefill only
+
+
+def test_unsupported_model_type(hf, abt):
+    cfg = hf.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)
+    with pytest.raises(NotImplementedError, match="llama, qwen3"):
+        abt.apply(hf.GPT2LMHeadModel(cfg))
+
+
+def test_apply_to_classes_before_building(hf, abt, calls):
+    """apply_to_qwen3() patches the modeling classes: models built later use
+    the kernels; the switches leave the others alone."""
+    import torch
+    from transformers.models.qwen3 import modeling_qwen3 as mq
+    ids, labels = batch(torch)
+    ref = step(build(hf, "qwen3"), input_ids=ids, labels=labels)  # before patching the classes
+    saved = {c: c.__dict__.get("forward") for c in (mq.Qwen3RMSNorm, mq.Qwen3MLP, mq.Qwen3Attention,
+                                                     mq.Qwen3Model, mq.Qwen3ForCausalLM)}
+    try:
+        abt.apply_to_qwen3(swiglu=False)
+        pat = build(hf, "qwen3")
+        assert_same(*ref, *step(pat, input_ids=ids, labels=labels))
+        assert calls["attention"] == 2 and "swiglu" not in calls
+    finally:
+        for c, f in saved.items():
+            c.forward = f
+            c.__dict__.get("_anebackward_original_forward") and delattr(
+                c, "_anebackward_original_forward")
+
+
+def test_negative_label_is_named(hf, abt):
+    import torch
+    pat = abt.apply(build(hf, "llama"))
+    ids, labels = batch(torch)
+    labels[1, 2] = -7
+    with pytest.raises(ValueError, match="labels"):
+        pat(input_ids=ids, labels=labels)
