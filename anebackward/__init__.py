@@ -4,7 +4,7 @@ correct and fast, callable from NumPy with zero-copy float32 buffers.
 Kernels (each returns its results and accepts preallocated outputs):
   linear, linear_backward_dx, linear_backward_dW     (anebackward.kernels.linear)
   rmsnorm, rmsnorm_backward                          (.rmsnorm)
-  rope, rope_backward                                (.rope)
+  rope, rope_backward, rope_inv_freq                 (.rope)
   attention, attention_backward                      (.attention)
   swiglu, swiglu_backward                            (.swiglu)
   cross_entropy, cross_entropy_backward              (.cross_entropy)
@@ -26,7 +26,7 @@ from .kernels.embedding import embedding, embedding_backward
 from .kernels.linear import linear, linear_backward_dW, linear_backward_dx
 from .kernels.optim import adamw_step, clip_grad_norm, grad_norm
 from .kernels.rmsnorm import rmsnorm, rmsnorm_backward
-from .kernels.rope import rope, rope_backward
+from .kernels.rope import rope, rope_backward, rope_inv_freq
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
@@ -72,7 +72,7 @@ _check_env_threads()
 __all__ = [
     "AnebackwardError", "AneUnavailableError", "CheckpointError",
     "linear", "linear_backward_dx", "linear_backward_dW",
-    "rmsnorm", "rmsnorm_backward", "rope", "rope_backward",
+    "rmsnorm", "rmsnorm_backward", "rope", "rope_backward", "rope_inv_freq",
     "attention", "attention_backward", "attention_workspace",
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",

@@ -125,4 +125,16 @@ static inline float ab_rope_freq(int64_t i, int64_t head_dim) {
     return 1.0f / powf(10000.0f, (float)i / (float)head_dim);
 }
 
+/* The same for any ab_rope_params (csrc/kernels/rope.c): theta and Llama-3
+ * scaling applied; with the defaults it equals ab_rope_freq bit for bit.
+ * p must have passed ab_rope_params_check (NULL = defaults). */
+float ab_rope_freq_p(int64_t i, int64_t head_dim, const ab_rope_params *p);
+/* Element offsets of rotation pair k (0 <= k < head_dim/2) inside a head. */
+static inline int64_t ab_rope_pair_first(int64_t k, int64_t head_dim, int layout) {
+    return layout == AB_ROPE_HALF ? k : 2 * k;
+}
+static inline int64_t ab_rope_pair_stride(int64_t head_dim, int layout) {
+    return layout == AB_ROPE_HALF ? head_dim / 2 : 1;
+}
+
 #endif

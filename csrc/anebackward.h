@@ -107,7 +107,40 @@ AB_API int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const 
 /* ---- rotary embedding (csrc/kernels/rope.c) ----
  * x[B, S, n_heads*head_dim]; pairs (2i, 2i+1) of each head rotate by
  * angle (pos_offset + s) * 10000^(-2i/head_dim). Backward rotates by the
- * negative angle. y may equal x (in place). */
+ * negative angle. y may equal x (in place).
+ * The *_ex variants take ab_rope_params (NULL = llama2.c's defaults, which
+ * are also what an all-zero struct means):
+ *   layout AB_ROPE_INTERLEAVED: pairs (2i, 2i+1) (llama2.c);
+ *          AB_ROPE_HALF: pairs (i, i + head_dim/2) (HF's rotate_half);
+ *   theta: frequency base, f_i = theta^(-2i/head_dim) (0 means 10000);
+ *   factor > 0: Llama-3 scaling of f_i (HF rope_type "llama3"): with
+ *     wavelength w = 2 pi / f_i, L = original_max_position_embeddings,
+ *     w > L/low_freq_factor: f_i / factor; w < L/high_freq_factor: f_i;
+ *     between: (1 - s) f_i / factor + s f_i, s = (L/w - low) / (high - low).
+ *     factor 0 = no scaling; otherwise factor >= 1 (Llama-3's is 8),
+ *     0 < low_freq_factor < high_freq_factor, L >= 1, else AB_EINVAL.
+ * ab_rope_inv_freq writes the head_dim/2 frequencies f_i the kernels use. */
+enum { AB_ROPE_INTERLEAVED = 0, AB_ROPE_HALF = 1 };
+typedef struct {
+    int layout;
+    float theta;
+    float factor, low_freq_factor, high_freq_factor;
+    int64_t original_max_position_embeddings;
+} ab_rope_params;
+AB_API int ab_rope_params_check(const ab_rope_params *p);
+AB_API int ab_rope_inv_freq(float *inv_freq, int64_t head_dim, const ab_rope_params *p);
+AB_API int ab_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S,
+                       int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                       const ab_rope_params *p);
+AB_API int ab_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
+                        int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                        const ab_rope_params *p);
+AB_API int ab_ref_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S,
+                           int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                           const ab_rope_params *p);
+AB_API int ab_ref_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
+                            int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                            const ab_rope_params *p);
 AB_API int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                     int64_t n_heads, int64_t head_dim, int64_t pos_offset);
 AB_API int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,

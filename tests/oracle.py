@@ -27,17 +27,44 @@ def rope_angles(S, head_dim, pos_offset=0):
     return (pos[:, None] * freq[None, :]).astype(np.float32).astype(np.float64)  # [S, hd/2]
 
 
-def rope(x, head_dim, pos_offset=0, inverse=False):
+def rope_inv_freq(head_dim, theta=10000.0, scaling=None):
+    """Frequencies in float64: theta^(-2k/head_dim), then Llama-3 scaling as
+    Meta's reference describes it (long wavelengths divided by factor, short
+    kept, a linear blend in 1/wavelength between)."""
+    f = 1.0 / np.power(float(theta), np.arange(0, head_dim, 2) / head_dim)
+    if scaling is None:
+        return f
+    L = scaling["original_max_position_embeddings"]
+    lo, hi, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    wavelen = 2 * np.pi / f
+    smooth = (L / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * f / factor + smooth * f
+    return np.where(wavelen > L / lo, f / factor, np.where(wavelen < L / hi, f, blended))
+
+
+def rope(x, head_dim, pos_offset=0, inverse=False, layout="interleaved", inv_freq=None):
+    """inv_freq: float32 frequencies (default llama2.c's); angles pos*freq are
+    formed in float32 as llama2.c and HF both do, the rotation in float64.
+    layout "half" pairs (k, k + head_dim/2) (HF rotate_half)."""
     x = f64(x)
     S = x.shape[-2]
-    a = rope_angles(S, head_dim, pos_offset)
+    if inv_freq is None:
+        a = rope_angles(S, head_dim, pos_offset)
+    else:
+        pos = np.arange(pos_offset, pos_offset + S, dtype=np.float32)
+        a = (pos[:, None] * np.asarray(inv_freq, np.float32)[None, :]).astype(np.float64)
     c, s = np.cos(a), np.sin(a)
     if inverse:
         s = -s
-    xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
     c = c[:, None, :]
     s = s[:, None, :]
+    if layout == "half":
+        xr = x.reshape(x.shape[:-1] + (-1, 2, head_dim // 2))
+        x0, x1 = xr[..., 0, :], xr[..., 1, :]
+        y = np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-2)
+        return y.reshape(x.shape)
+    xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
+    x0, x1 = xr[..., 0], xr[..., 1]
     y = np.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
     return y.reshape(x.shape)
 

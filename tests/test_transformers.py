@@ -5,14 +5,14 @@ import copy
 
 import pytest
 
-from conftest import import_transformers
+from conftest import import_hf
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def hf():
-    return import_transformers()
+    return import_hf()
 
 
 @pytest.fixture

@@ -78,7 +78,8 @@ def model_forward_wrapper(orig):
     def forward(self, *args, **kwargs):
         a = sig.bind_partial(self, *args, **kwargs).arguments
         kw = a.get("kwargs", {})
-        cache = a.get("cache", kw.get("past_key_values"))
+        cache = next((d[n] for d in (a, kw) for n in ("cache", "past_key_values")
+                      if d.get(n) is not None), None)
         token = _PLAIN_CAUSAL.set(_plain_causal(a.get("attention_mask"), a.get("position_ids"),
                                                 cache))
         try:
@@ -101,9 +102,9 @@ def _rope_half(x, cos, sin):
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                      cache=None, **kwargs):
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+                      **kwargs):
+    # the KV cache is `past_key_values` up to transformers 5.23 and `cache` from 5.24
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     B, S = hidden_states.shape[:2]
     hd = self.head_dim
     sliding = getattr(self, "sliding_window", None)
@@ -112,7 +113,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             or kwargs.get("output_attentions") or (sliding is not None and sliding < S)
             or abs(self.scaling - hd ** -0.5) > 1e-12 * hd ** -0.5):
         return original(type(self))(self, hidden_states, position_embeddings=position_embeddings,
-                                    attention_mask=attention_mask, cache=cache, **kwargs)
+                                    attention_mask=attention_mask, **kwargs)
     cfg = self.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     q = self.q_proj(hidden_states).view(B, S, H, hd)

@@ -109,34 +109,51 @@ int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *
 }
 
 /* seed: cpu_rope_backward (and its forward); per-element powf/cosf like
- * the seed, but the angle as llama2.c forms it, and both directions. */
+ * the seed, but the angle as llama2.c forms it, and both directions; p
+ * selects the pair layout, theta and Llama-3 scaling (NULL: llama2.c's). */
 static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_heads,
-                    int64_t head_dim, int64_t pos_offset, float sign) {
+                    int64_t head_dim, int64_t pos_offset, const ab_rope_params *p,
+                    float sign) {
     AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
     AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
     AB_REQUIRE(pos_offset <= INT64_MAX - S, AB_EINVAL);   /* pos_offset + t must not overflow */
+    int rc = ab_rope_params_check(p);
+    if (rc) return rc;
     REF_FITS(B, S, n_heads, head_dim);
     AB_NONNULL(y); AB_NONNULL(x);
+    const int layout = p ? p->layout : AB_ROPE_INTERLEAVED;
+    const int64_t stride = ab_rope_pair_stride(head_dim, layout);
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < S; t++)
             for (int64_t h = 0; h < n_heads; h++)
                 for (int64_t i = 0; i < head_dim; i += 2) {
-                    float val = (float)(pos_offset + t) * ab_rope_freq(i, head_dim);
+                    float val = (float)(pos_offset + t) * ab_rope_freq_p(i, head_dim, p);
                     float cos_v = cosf(val), sin_v = sign * sinf(val);
-                    int64_t off = (b * S + t) * n_heads * head_dim + h * head_dim + i;
-                    float x0 = x[off], x1 = x[off + 1];
+                    int64_t off = (b * S + t) * n_heads * head_dim + h * head_dim
+                                  + ab_rope_pair_first(i / 2, head_dim, layout);
+                    float x0 = x[off], x1 = x[off + stride];
                     y[off] = x0 * cos_v - x1 * sin_v;
-                    y[off + 1] = x0 * sin_v + x1 * cos_v;
+                    y[off + stride] = x0 * sin_v + x1 * cos_v;
                 }
     return AB_OK;
 }
 int ab_ref_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                         int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
-    return ref_rope(y, x, B, S, n_heads, head_dim, pos_offset, 1.0f);
+    return ref_rope(y, x, B, S, n_heads, head_dim, pos_offset, NULL, 1.0f);
 }
 int ab_ref_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
                          int64_t n_heads, int64_t head_dim, int64_t pos_offset) {
-    return ref_rope(dx, dy, B, S, n_heads, head_dim, pos_offset, -1.0f);
+    return ref_rope(dx, dy, B, S, n_heads, head_dim, pos_offset, NULL, -1.0f);
+}
+int ab_ref_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S,
+                           int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                           const ab_rope_params *p) {
+    return ref_rope(y, x, B, S, n_heads, head_dim, pos_offset, p, 1.0f);
+}
+int ab_ref_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
+                            int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                            const ab_rope_params *p) {
+    return ref_rope(dx, dy, B, S, n_heads, head_dim, pos_offset, p, -1.0f);
 }
 
 static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
