@@ -26,7 +26,7 @@ def calls(abt, monkeypatch):
     """Counts the kernel Functions the patched forwards call."""
     from anebackward.transformers import _layers
     n = {}
-    for name in ("attention", "rmsnorm", "swiglu", "chunked_classifier_cross_entropy"):
+    for name in ("attention", "rmsnorm", "rope", "swiglu", "chunked_classifier_cross_entropy"):
         fn = getattr(_layers, name)
 
         def counted(*a, _fn=fn, _name=name, **k):
@@ -113,7 +113,7 @@ def test_patched_matches_hf(hf, abt, calls, kind, kw):
     assert_same(r, rg, p, pg)
     assert p.logits is None  # training with labels: the logits never exist in full
     L = ref.config.num_hidden_layers
-    assert calls["attention"] == L and calls["swiglu"] == L
+    assert calls["attention"] == L and calls["swiglu"] == L and calls["rope"] == 2 * L
     assert calls["rmsnorm"] == (2 * L + 1) + (2 * L if kind == "qwen3" else 0)
     assert calls["chunked_classifier_cross_entropy"] == 1
 
@@ -140,6 +140,23 @@ def test_all_ones_mask_and_explicit_positions_take_the_kernels(hf, abt, calls):
                   position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
     assert_same(*step(ref, **inputs), *step(pat, **inputs))
     assert calls["attention"] == 2
+
+
+@pytest.mark.parametrize("offsets,rope_switch,kernel_rope", [((3, 3, 3), True, True),
+                                                            ((0, 4, 9), True, False),
+                                                            ((0, 0, 0), False, False)])
+def test_rope_kernel_or_hf_cos_sin(hf, abt, calls, offsets, rope_switch, kernel_rope):
+    """position_ids starting at one offset p0 (and rope=True) take the RoPE
+    kernel; rows at different offsets, or rope=False, apply HF's cos/sin in
+    torch; attention is the kernel's either way."""
+    import torch
+    ref = build(hf, "llama", llama3=True)
+    pat = abt.apply(copy.deepcopy(ref), rope=rope_switch)
+    ids, labels = batch(torch)
+    pos = torch.stack([torch.arange(o, o + ids.shape[1]) for o in offsets])
+    inputs = dict(input_ids=ids, labels=labels, position_ids=pos)
+    assert_same(*step(ref, **inputs), *step(pat, **inputs))
+    assert calls["attention"] == 2 and ("rope" in calls) == kernel_rope
 
 
 def _fallback(hf, abt, calls, kind, inputs, *, kernel_attention, model_kw=None, dtype=None):

@@ -133,33 +133,44 @@ def rmsnorm(x, weight, eps=1e-5, *, backend=None):
 
 
 # ------------------------------------------------------------------ RoPE ----
-def _rope_ref(x, head_dim, pos_offset, sign):
-    """Rotate pairs (2i, 2i+1) by sign·(pos_offset + s)·10000^(−2i/head_dim), float64."""
+def _rope_ref(x, head_dim, pos_offset, sign, layout="interleaved", theta=10000.0, scaling=None):
+    """Rotate each head's pairs by sign·(pos_offset + s)·f_k, float64; pairs
+    (2k, 2k+1) for layout "interleaved", (k, k + head_dim/2) for "half"."""
     S = x.shape[-2]
-    i = torch.arange(0, head_dim, 2, dtype=x.dtype)
-    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * 10000.0 ** (-i / head_dim)
+    if scaling is None:
+        f = theta ** (-torch.arange(0, head_dim, 2, dtype=x.dtype) / head_dim)
+    else:  # the kernel's (float32) Llama-3 frequencies
+        f = torch.from_numpy(ab.rope_inv_freq(head_dim, layout=layout, theta=theta,
+                                              scaling=scaling)).to(x.dtype)
+    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * f
     c, s = torch.cos(ang)[:, None, :], sign * torch.sin(ang)[:, None, :]
+    if layout == "half":
+        xr = x.reshape(x.shape[:-1] + (-1, 2, head_dim // 2))
+        x0, x1 = xr[..., 0, :], xr[..., 1, :]
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-2).reshape(x.shape)
     xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
     x0, x1 = xr[..., 0], xr[..., 1]
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).reshape(x.shape)
 
 
 class RoPEFunction(torch.autograd.Function):
-    """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd] (llama2.c pairs)."""
+    """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd]; rope= holds the
+    kernel's switches (layout, theta, scaling: anebackward.rope's keywords)."""
 
     @staticmethod
-    def forward(ctx, x, head_dim, pos_offset, backend):
+    def forward(ctx, x, head_dim, pos_offset, rope_kw, backend):
         dt = path("rope", x=x)
-        ctx.head_dim, ctx.pos_offset, ctx.backend = head_dim, pos_offset, backend
+        ctx.head_dim, ctx.pos_offset, ctx.rope_kw, ctx.backend = head_dim, pos_offset, rope_kw, backend
         if dt != F32:
             _C.positive_int("rope", "head_dim", head_dim)
             _C.nonneg_int("rope", "pos_offset", pos_offset)
             if head_dim % 2 or x.dim() not in (2, 3) or x.shape[-1] % head_dim:
                 raise ValueError(f"rope: x must be [S, H*head_dim] or [B, S, H*head_dim] with an "
                                  f"even head_dim, got {tuple(x.shape)} with head_dim {head_dim}")
-            return _rope_ref(x, head_dim, pos_offset, 1.0)
+            return _rope_ref(x, head_dim, pos_offset, 1.0, **rope_kw)
         y = torch.empty_like(x)
-        ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y), backend=backend)
+        ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y),
+                backend=backend, **rope_kw)
         return y
 
     @staticmethod
@@ -167,17 +178,21 @@ class RoPEFunction(torch.autograd.Function):
     def backward(ctx, dy):
         dy = grad_view(dy)
         if dy.dtype != F32:
-            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0), None, None, None
+            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0, **ctx.rope_kw), None, None, None, None
         dx = torch.empty_like(dy)
         ab.rope_backward(np_view(dy), head_dim=ctx.head_dim, pos_offset=ctx.pos_offset,
-                         dx=np_view(dx), backend=ctx.backend)
-        return dx, None, None, None
+                         dx=np_view(dx), backend=ctx.backend, **ctx.rope_kw)
+        return dx, None, None, None, None
 
 
 @_eager_only
-def rope(x, head_dim, pos_offset=0, *, backend=None):
-    """Rotate each head's pairs by position (angles 10000^(−2i/head_dim), as llama2.c)."""
-    return RoPEFunction.apply(x, head_dim, pos_offset, backend)
+def rope(x, head_dim, pos_offset=0, *, layout="interleaved", theta=10000.0, scaling=None,
+         backend=None):
+    """Rotate each head's pairs by position: llama2.c's interleaved pairs and
+    angles 10000^(−2i/head_dim) by default; layout="half", theta= and HF's
+    rope_scaling dict (scaling=) give Hugging Face's RoPE (anebackward.rope)."""
+    rope_kw = dict(layout=layout, theta=theta, scaling=scaling)
+    return RoPEFunction.apply(x, head_dim, pos_offset, rope_kw, backend)
 
 
 # ------------------------------------------------------------- attention ----

@@ -57,18 +57,21 @@ def _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
 
 def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model):
     m, prefix = _modeling(model_type)
-    del rope  # RoPE runs inside the patched attention (_layers.attention_forward)
     pairs = _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
+    attn_cls = getattr(m, prefix + "Attention")
     if model is None:  # patch the classes: every model built afterwards
         for cls, fn in pairs:
             if "_anebackward_original_forward" not in cls.__dict__:
                 cls._anebackward_original_forward = cls.forward
             cls.forward = fn
+        attn_cls._anebackward_rope = bool(rope)  # RoPE runs inside the patched attention
         return None
     for mod in model.modules():  # patch this model's modules only
         for cls, fn in pairs:
             if type(mod) is cls:
                 mod.forward = types.MethodType(fn, mod)
+        if type(mod) is attn_cls:
+            mod._anebackward_rope = bool(rope)
     return model
 
 

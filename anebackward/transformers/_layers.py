@@ -26,7 +26,7 @@ import inspect
 import torch
 
 from ..torch.functions import (AttentionWorkspace, attention, chunked_classifier_cross_entropy,
-                               rmsnorm, swiglu)
+                               rmsnorm, rope, swiglu)
 
 _PLAIN_CAUSAL = contextvars.ContextVar("anebackward_plain_causal", default=False)
 _WORKSPACE = AttentionWorkspace()
@@ -90,6 +90,23 @@ def model_forward_wrapper(orig):
     return forward
 
 
+def _kernel_rope(config, position_ids, S):
+    """(pos_offset, theta, scaling) when the RoPE kernel computes HF's angles
+    exactly for this call (every row at positions p0..p0+S-1, rope type
+    default or llama3), else None (then HF's cos/sin are applied in torch)."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    scaling = rp if rp.get("rope_type", "default") != "default" else None
+    theta = rp.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None or (scaling is not None and scaling.get("rope_type") != "llama3"):
+        return None
+    p0 = 0
+    if position_ids is not None:
+        p0 = int(position_ids.reshape(-1)[0])
+        if p0 < 0 or not torch.equal(position_ids, (torch.arange(S) + p0).expand_as(position_ids)):
+            return None
+    return p0, float(theta), scaling
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -121,8 +138,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     v = self.v_proj(hidden_states)
     if hasattr(self, "q_norm"):  # Qwen3: RMSNorm of each head over head_dim
         q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = position_embeddings
-    q, k = _rope_half(q, cos, sin), _rope_half(k, cos, sin)
+    kr = _kernel_rope(cfg, kwargs.get("position_ids"), S) if self._anebackward_rope else None
+    if kr is not None:  # the kernel's rotate-half layout, HF's theta and Llama-3 scaling
+        p0, theta, scaling = kr
+        sw = dict(layout="half", theta=theta, scaling=scaling)
+        q = rope(q.reshape(B, S, H * hd), hd, p0, **sw).view(B, S, H, hd)
+        k = rope(k.reshape(B, S, KV * hd), hd, p0, **sw).view(B, S, KV, hd)
+    else:
+        cos, sin = position_embeddings
+        q, k = _rope_half(q, cos, sin), _rope_half(k, cos, sin)
     if cache is not None:  # an empty cache (prefill): store the keys/values as HF does
         cache.update(k.transpose(1, 2), v.view(B, S, KV, hd).transpose(1, 2), self.layer_idx)
     out = attention(q.reshape(B, S, H * hd), k.reshape(B, S, KV * hd), v, H, KV,
