@@ -278,3 +278,36 @@ def test_negative_label_is_named(hf, abt):
     labels[1, 2] = -7
     with pytest.raises(ValueError, match="labels"):
         pat(input_ids=ids, labels=labels)
+
+
+def _trainer_losses(hf, abt, tmp_path, patched, steps=20):
+    """20 steps of HF Trainer (use_cpu, gradient accumulation 2, so that
+    num_items_in_batch is in play) on a tiny Llama; the logged loss curve."""
+    import torch
+    model = build(hf, "llama", llama3=True, seed=3)
+    if patched:
+        abt.apply(model)
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for _ in range(steps * 4):
+        ids = torch.randint(0, 97, (12,), generator=gen)
+        labels = ids.clone()
+        labels[: int(torch.randint(0, 6, (1,), generator=gen))] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    args = hf.TrainingArguments(output_dir=str(tmp_path / ("p" if patched else "u")), use_cpu=True,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                max_steps=steps, learning_rate=3e-3, logging_steps=1,
+                                report_to=[], save_strategy="no", seed=11, data_seed=11,
+                                dataloader_num_workers=0, disable_tqdm=True)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_same_loss_curve(hf, abt, calls, tmp_path):
+    ref = _trainer_losses(hf, abt, tmp_path, patched=False)
+    pat = _trainer_losses(hf, abt, tmp_path, patched=True)
+    assert len(ref) == 20 and len(pat) == 20
+    assert calls["chunked_classifier_cross_entropy"] == 40  # 20 steps × 2 micro-batches
+    for i, (a, b) in enumerate(zip(pat, ref)):
+        assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)
