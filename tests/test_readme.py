@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import import_torch
+from conftest import import_hf, import_torch
 from oracle import assert_close, f64
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -33,6 +33,8 @@ def test_readme_block_runs(code, skip_reason, tmp_path, monkeypatch):
         pytest.skip(f"README marks this block: {skip_reason}")
     if re.search(r"^\s*(from|import) (anebackward\.)?torch\b", code, re.M):
         import_torch()   # the PyTorch blocks need torch (required in CI)
+    if re.search(r"^\s*(from|import) transformers\b", code, re.M):
+        import_hf()      # the Hugging Face blocks need the hf extra (required in CI)
     monkeypatch.chdir(tmp_path)   # blocks may write files (model.bin)
     monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
