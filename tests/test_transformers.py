@@ -8,6 +8,7 @@ import pytest
 from conftest import import_hf
 
 RTOL = 1e-5
+pytestmark = pytest.mark.usefixtures("keep_blas_threads")  # apply() sets the package's threads
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +281,7 @@ def test_negative_label_is_named(hf, abt):
         pat(input_ids=ids, labels=labels)
 
 
-def _trainer_losses(hf, abt, tmp_path, patched, steps=20):
+def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False):
     """20 steps of HF Trainer (use_cpu, gradient accumulation 2, so that
     num_items_in_batch is in play) on a tiny Llama; the logged loss curve."""
     import torch
@@ -298,7 +299,8 @@ def _trainer_losses(hf, abt, tmp_path, patched, steps=20):
                                 per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                 max_steps=steps, learning_rate=3e-3, logging_steps=1,
                                 report_to=[], save_strategy="no", seed=11, data_seed=11,
-                                dataloader_num_workers=0, disable_tqdm=True)
+                                dataloader_num_workers=0, disable_tqdm=True,
+                                **(dict(ddp_backend="gloo") if ddp else {}))
     trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -310,4 +312,28 @@ def test_trainer_same_loss_curve(hf, abt, calls, tmp_path):
     assert len(ref) == 20 and len(pat) == 20
     assert calls["chunked_classifier_cross_entropy"] == 40  # 20 steps × 2 micro-batches
     for i, (a, b) in enumerate(zip(pat, ref)):
+        assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)
+
+
+def test_trainer_torchrun_two_processes(hf, abt, tmp_path):
+    """The same 20 Trainer steps as 2 processes under torchrun (gloo, loopback):
+    patched and unpatched give the same (rank-averaged) loss curve."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "curves.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_ddp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), worker, str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    c = json.loads(out.read_text())
+    assert c["world"] == 2 and len(c["unpatched"]) == 20 == len(c["patched"])
+    for i, (a, b) in enumerate(zip(c["patched"], c["unpatched"])):
         assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)
