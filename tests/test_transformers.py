@@ -186,6 +186,16 @@ def test_fallback_padding_mask(hf, abt, calls):
     assert calls["chunked_classifier_cross_entropy"] == 1  # the loss is still fused
 
 
+def test_fallback_non_causal_4d_mask(hf, abt, calls):
+    """A caller's own 4-D mask (here: every position sees every position) is HF's business."""
+    import torch
+    ids, labels = batch(torch)
+    B, S = ids.shape
+    mask = torch.ones(B, 1, S, S, dtype=torch.bool)
+    _fallback(hf, abt, calls, "llama", dict(input_ids=ids, labels=labels, attention_mask=mask),
+              kernel_attention=False, model_kw=dict(attn_implementation="eager"))
+
+
 def test_fallback_packed_sequences(hf, abt, calls):
     """position_ids restarting inside a row: HF masks the packed sequences apart."""
     import torch
