@@ -133,8 +133,27 @@ def load_model(path, model_class, *, backend=None):
 
 
 def save_model(model, path):
-    """Write model as a llama2.c v0 checkpoint, atomically."""
+    """Write model as a llama2.c v0 checkpoint, atomically. A Hugging Face
+    model whose only difference from llama2.c is the rotate-half RoPE layout
+    is written with its q/k rows permuted back to interleaved pairs (the same
+    network; through a converted copy of the model). Anything else the v0
+    format cannot hold (head_dim != dim/n_heads, q/k norms, another rope
+    theta or scaling, norm_eps != 1e-5) is a CheckpointError."""
     c = model.config
+    if c.rope_layout == "half" and c.replace(rope_layout="interleaved").is_llama2c:
+        from .hf import half_to_interleaved
+        conv = type(model)(c.replace(rope_layout="interleaved"), init=False)
+        for name, a in model.params.items():
+            qk = name.endswith((".wq.weight", ".wk.weight"))
+            conv.params[name][...] = half_to_interleaved(a, c.head_dim) if qk else a
+        model, c = conv, conv.config
+    if not c.is_llama2c:
+        raise CheckpointError(
+            f"{path}: the llama2.c v0 format cannot hold this model (it needs head_dim = dim / "
+            f"n_heads, no q/k norms, rope_theta 10000, no rope scaling and norm_eps 1e-5; this "
+            f"one has head_dim={c.head_dim}, qk_norm={c.qk_norm}, rope_theta={c.rope_theta:g}, "
+            f"rope_scaling={c.rope_scaling}, norm_eps={c.norm_eps:g}); write a Hugging Face directory instead "
+            "(save_pretrained, --format hf)")
     vocab = c.vocab_size if c.shared_classifier else -c.vocab_size
     header = HEADER.pack(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab,
                          c.max_seq_len)

@@ -15,8 +15,10 @@ from ._native import check, ffi, lib
 from .config import LlamaConfig
 
 
-def c_config(config, reference=False):
-    """The C struct ab_model_config of a LlamaConfig (reference=True: the seed loops)."""
+def c_config(config, reference=False, recompute=False):
+    """The C struct ab_model_config of a LlamaConfig (reference=True: the seed
+    loops; recompute=True: activation recomputation)."""
+    from .kernels.rope import rope_params
     c = ffi.new("ab_model_config *")
     c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
     c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
@@ -24,29 +26,33 @@ def c_config(config, reference=False):
     c.shared_classifier = int(config.shared_classifier)
     c.norm_eps = config.norm_eps
     c.reference = int(reference)
+    c.head_dim = config.head_dim
+    c.qk_norm = int(config.qk_norm)
+    c.rope = rope_params("LlamaConfig", config.rope_layout, config.rope_theta, config.rope_scaling)[0]
+    c.recompute = int(recompute)
     return c
 
 
 def param_layout(config: LlamaConfig) -> Dict[str, int]:
     """The flat-buffer offsets (in floats) of each tensor kind, from C: a dict
     with tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output, attention_norm,
-    ffn_norm, norm, n_decay, n_params (64-bit, no overflow at any size)."""
+    ffn_norm, norm, q_norm, k_norm, n_decay, n_params (64-bit, no overflow at any size)."""
     lay = ffi.new("ab_model_layout *")
     check(lib.ab_model_param_layout(c_config(config), lay), "param_layout")
     keys = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "output",
-            "attention_norm", "ffn_norm", "norm", "n_decay", "n_params")
+            "attention_norm", "ffn_norm", "norm", "q_norm", "k_norm", "n_decay", "n_params")
     return {k: int(getattr(lay, k)) for k in keys}
 
 
 def tensor_specs(config: LlamaConfig) -> List[Tuple[str, int, Tuple[int, ...]]]:
     """[(name, offset, shape)] of every parameter, in flat-buffer order.
-    Per-kind stacks: layer i of wq is at layout['wq'] + i * dim * dim."""
+    Per-kind stacks: layer i of wq is at layout["wq"] + i * q_dim * dim."""
     c, lay = config, param_layout(config)
-    D, Hd, V, kv, L = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers
+    D, Hd, V, kv, L, qd, hd = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers, c.q_dim, c.head_dim
     specs: List[Tuple[str, int, Tuple[int, ...]]] = [("tok_embeddings.weight",
                                                       lay["tok_embeddings"], (V, D))]
-    kinds = [("attention.wq", "wq", (D, D)), ("attention.wk", "wk", (kv, D)),
-             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, D)),
+    kinds = [("attention.wq", "wq", (qd, D)), ("attention.wk", "wk", (kv, D)),
+             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, qd)),
              ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),
              ("feed_forward.w3", "w3", (Hd, D))]
     for sub, key, shape in kinds:
@@ -58,6 +64,11 @@ def tensor_specs(config: LlamaConfig) -> List[Tuple[str, int, Tuple[int, ...]]]:
               for i in range(L)]
     specs += [(f"layers.{i}.ffn_norm.weight", lay["ffn_norm"] + i * D, (D,)) for i in range(L)]
     specs.append(("norm.weight", lay["norm"], (D,)))
+    if c.qk_norm:
+        specs += [(f"layers.{i}.attention.q_norm.weight", lay["q_norm"] + i * hd, (hd,))
+                  for i in range(L)]
+        specs += [(f"layers.{i}.attention.k_norm.weight", lay["k_norm"] + i * hd, (hd,))
+                  for i in range(L)]
     return specs
 
 

@@ -45,18 +45,23 @@ class Llama:
     normal(0, 0.02) for every linear and embedding weight, normal(0,
     0.02/sqrt(2 n_layers)) for the residual projections (names ending in
     w3.weight and wo.weight, as llama2.c selects them), ones for the RMSNorm
-    weights. backend="reference" runs the seed's scalar loops (slow; the
-    baseline)."""
+    weights (also Qwen3's q_norm/k_norm). backend="reference" runs the seed's
+    scalar loops (slow; the baseline). recompute=True keeps only each layer's
+    input between forward and backward and recomputes the rest layer by
+    layer in the backward: identical gradients, a fraction of the workspace
+    (see workspace_bytes), about one more forward per step."""
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
-                 backend: Backend = None, init: bool = True) -> None:
+                 backend: Backend = None, init: bool = True, recompute: bool = False) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve("Llama", backend)
-        self._cfg = c_config(config, reference=self.backend == "reference")
+        self.recompute = bool(recompute)
+        self._cfg = c_config(config, reference=self.backend == "reference",
+                             recompute=self.recompute)
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
@@ -70,6 +75,14 @@ class Llama:
         self.last_loss = None
         if init:
             self.init_weights(seed)
+
+    def set_recompute(self, recompute: bool) -> None:
+        """Switch activation recomputation (see the class doc) on or off."""
+        self.recompute = bool(recompute)
+        self._cfg = c_config(self.config, reference=self.backend == "reference",
+                             recompute=self.recompute)
+        self._ws = None
+        self._pending = None
 
     # The C model reads these buffers by the layout above: they are fixed
     # for the model's life (read-only attributes); change their contents, as
@@ -93,7 +106,7 @@ class Llama:
         rng.standard_normal(out=w, dtype=np.float32)
         w *= np.float32(0.02)
         resid = np.float32(1.0 / math.sqrt(2 * c.n_layers))
-        for key, n in (("wo", c.dim * c.dim), ("w3", c.hidden_dim * c.dim)):
+        for key, n in (("wo", c.dim * c.q_dim), ("w3", c.hidden_dim * c.dim)):
             self.flat_params[lay[key]:lay[key] + c.n_layers * n] *= resid
         self.flat_params[self.n_decay:] = 1.0
         self.flat_grads[:] = 0.0
@@ -207,11 +220,13 @@ class Llama:
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()
 
-    def decoder(self) -> Decoder:
+    def decoder(self, max_positions: Optional[int] = None) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like
         llama2.c's run.c: `dec.step(token, pos)` returns the logits [vocab]
-        of the next token (a buffer overwritten by the next call)."""
-        return Decoder(self)
+        of the next token (a buffer overwritten by the next call). The cache
+        holds max_positions positions (default max_seq_len: HF models have
+        tens of thousands, so pass what the generation needs)."""
+        return Decoder(self, max_positions)
 
     # -- gradients and parameters ------------------------------------------
     def zero_grad(self) -> None:
@@ -244,14 +259,38 @@ class Llama:
         """Read a llama2.c v0 checkpoint."""
         return checkpoint.load_model(path, cls, backend=backend)
 
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backend: Backend = None,
+                        recompute: bool = False) -> Llama:
+        """Read a Hugging Face model directory (config.json + model.safetensors,
+        or a sharded model.safetensors.index.json) of model_type llama or qwen3;
+        float32/bfloat16/float16 weights become float32 (anebackward.hf)."""
+        from . import hf
+        return hf.load_pretrained(directory, cls, backend=backend, recompute=recompute)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a Hugging Face model directory (config.json + model.safetensors,
+        float32) that transformers' AutoModelForCausalLM.from_pretrained loads."""
+        from . import hf
+        hf.save_pretrained(self, directory)
+
 
 class Decoder:
     """Incremental inference over a Llama (see Llama.decoder). Positions must
-    be fed in order 0, 1, 2, ...; the cache holds max_seq_len positions."""
+    be fed in order 0, 1, 2, ...; the cache holds max_positions positions
+    (default max_seq_len)."""
 
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: Llama, max_positions: Optional[int] = None) -> None:
         self.model = model
-        cfg = model._cfg
+        T = model.config.max_seq_len
+        if max_positions is not None:
+            T = min(C.positive_int("Llama.decoder", "max_positions", max_positions), T)
+        self.max_positions = T
+        # the same model with a cache of T positions (the parameter layout
+        # does not depend on max_seq_len)
+        cfg = model._cfg if T == model.config.max_seq_len else c_config(
+            model.config.replace(max_seq_len=T), reference=model.backend == "reference")
+        self._cfg = cfg
         n = ffi.new("int64_t *")
         check(lib.ab_model_kv_cache_floats(cfg, n), "Llama.decoder")
         self.kv_cache = np.zeros(n[0], dtype=np.float32)
@@ -265,13 +304,14 @@ class Decoder:
         pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
         if pos > self.pos:
             raise ValueError(f"{fn}: pos {pos} skips positions; the next position is {self.pos}")
-        if pos >= self.model.config.max_seq_len:
-            raise ValueError(f"{fn}: pos {pos} >= max_seq_len {self.model.config.max_seq_len}")
+        if pos >= self.max_positions:
+            raise ValueError(f"{fn}: pos {pos} >= the decoder's max_positions {self.max_positions} "
+                             f"(max_seq_len {self.model.config.max_seq_len})")
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or \
                 not 0 <= token < self.model.config.vocab_size:
             raise ValueError(f"{fn}: token must be an int in [0, {self.model.config.vocab_size}), "
                              f"got {token!r}")
-        check(lib.ab_model_decode(fptr(self._logits), self.model._cfg,
+        check(lib.ab_model_decode(fptr(self._logits), self._cfg,
                                   fptr(self.model.flat_params), int(token), pos,
                                   fptr(self.kv_cache), fptr(self._work), self._work.size), fn)
         self.pos = pos + 1

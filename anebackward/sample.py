@@ -64,7 +64,7 @@ def generate(model, tokenizer, prompt="", steps=256, temperature=0.0, top_p=0.9,
         raise ValueError(f"generate: the prompt is {len(prompt_tokens)} tokens, more than --steps "
                          f"{steps} (max_seq_len {model.config.max_seq_len})")
     rng = np.random.default_rng(seed)
-    dec = model.decoder()
+    dec = model.decoder(max_positions=steps)
     seq = [prompt_tokens[0]]
     out = []
     pos = 0
@@ -75,7 +75,7 @@ def generate(model, tokenizer, prompt="", steps=256, temperature=0.0, top_p=0.9,
         else:
             nxt = _pick(logits, temperature, top_p, rng)
         pos += 1
-        if nxt == 1:   # BOS delimits sequences
+        if nxt in getattr(tokenizer, "stop_ids", (1,)):   # BOS delimits sequences (HF: EOS)
             break
         if on_token:
             on_token(seq[-1], nxt)
@@ -98,13 +98,24 @@ def run(args):
     except ValueError as e:
         print(f"anebackward sample: {e}", file=sys.stderr)
         return 1
-    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.model)),
-                                              "tokenizer.bin")
+    from . import hf
     try:
-        model = Llama.load(args.model)
-        if not os.path.exists(tok_path):
-            raise CheckpointError(f"no tokenizer at {tok_path}: pass --tokenizer PATH")
-        tokenizer = Tokenizer.load(tok_path, vocab_size=model.config.vocab_size)
+        if hf.is_hf_dir(args.model):       # a Hugging Face directory and its tokenizer.json
+            model = Llama.from_pretrained(args.model)
+            tok_path = args.tokenizer or os.path.join(args.model, hf.TOKENIZER)
+            if not os.path.exists(tok_path):
+                raise CheckpointError(f"no tokenizer at {tok_path}: pass --tokenizer PATH")
+            tokenizer = (hf.HFTokenizer.from_dir(args.model) if not args.tokenizer else
+                         hf.HFTokenizer(tok_path) if tok_path.endswith(".json") else
+                         Tokenizer.load(tok_path, vocab_size=model.config.vocab_size))
+        else:
+            tok_path = args.tokenizer or os.path.join(
+                os.path.dirname(os.path.abspath(args.model)), "tokenizer.bin")
+            model = Llama.load(args.model)
+            if not os.path.exists(tok_path):
+                raise CheckpointError(f"no tokenizer at {tok_path}: pass --tokenizer PATH")
+            tokenizer = (hf.HFTokenizer(tok_path) if tok_path.endswith(".json") else
+                         Tokenizer.load(tok_path, vocab_size=model.config.vocab_size))
     except CheckpointError as e:
         print(f"anebackward sample: {e}", file=sys.stderr)
         return 1

@@ -39,7 +39,7 @@ import numpy as np
 DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
                 warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
                 grad_clip=1.0, grad_accum=1, seed=0, eval_every=100, eval_batches=4,
-                save_every=None, data=None, tokenizer=None)
+                save_every=None, data=None, tokenizer=None, init_from=None, format=None)
 
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
@@ -54,6 +54,7 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               eval_every=("int", 0, INT_MAX), eval_batches=("int", 1, 10_000),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
               data=("str", None, None), tokenizer=("str", None, None),
+              init_from=("str", None, None), format=("str", None, None),
               threads=("int", 1, 4096))
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 
@@ -117,6 +118,14 @@ def add_arguments(p):
       "must be empty or new unless --resume or --overwrite")
     a("--overwrite", action="store_true", help="replace the run in a non-empty --out (the old "
       "run stays until the new one's first save replaces it whole)")
+    a("--init-from", metavar="PATH", help="fine-tune this model instead of a new one: a "
+      "llama2.c .bin checkpoint or a Hugging Face directory (config.json + model.safetensors; "
+      "its tokenizer.json is used for text --data)")
+    a("--format", choices=("llama2c", "hf"), help="how the model is written: llama2c "
+      "(model.bin + tokenizer.bin) or hf (config.json + model.safetensors in --out); default: "
+      "the --init-from input's, else llama2c")
+    a("--recompute", action="store_true", help="recompute activations in the backward (a "
+      "fraction of the memory, about one more forward per step; same results)")
     a("--threads", type=int, help="BLAS threads (default: the BLAS default)")
     a("--quiet", action="store_true", help="no progress bar")
 
@@ -176,6 +185,7 @@ def _resume_state(path, model, opt, checkpoint):
         saved = extra.get("settings")
         if not isinstance(saved, dict):
             raise ValueError(f"extra.settings must be a JSON object, got {saved!r}")
+        saved = {"init_from": None, "format": None, **saved}   # runs saved before these
         missing = sorted(set(DEFAULTS) - set(saved))
         if missing:
             raise ValueError(f"extra.settings lacks {', '.join(missing)}")
@@ -351,12 +361,17 @@ def train(args, stream=None):
     say = Progress(1, stream, quiet=quiet).message
     given = _given(args)            # every number range-checked before anything happens
     overwrite = bool(getattr(args, "overwrite", False))
+    recompute = bool(getattr(args, "recompute", False))
+    if given.get("format") not in (None, "llama2c", "hf"):
+        _usage(f"--format must be llama2c or hf, got {given['format']!r}")
+    if "init_from" in given and "config" in given:
+        _usage("--init-from and --config both choose the model; pass one of them")
 
     if args.resume:
         opt_path = os.path.join(args.resume, "optimizer.bin")
         if not os.path.exists(opt_path):
             _usage(f"--resume {args.resume}: no optimizer.bin there")
-        model = Llama.load(os.path.join(args.resume, "model.bin"))
+        model, tokenizer = _load_run_model(args.resume, Llama, Tokenizer, recompute)
         opt = AdamW(model)
         start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
         if digest is not None and digest != _params_digest(model):
@@ -372,8 +387,6 @@ def train(args, stream=None):
         if ignored:
             say("--resume keeps the saved run's settings; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in ignored))
-        tokenizer = Tokenizer.load(os.path.join(args.resume, "tokenizer.bin"),
-                                   vocab_size=model.config.vocab_size)
         out = args.out or args.resume
         in_place = os.path.exists(out) and os.path.samefile(out, args.resume)
         if in_place and overwrite:
@@ -381,10 +394,20 @@ def train(args, stream=None):
                    "its directory; drop --overwrite, or pass another --out")
     else:
         st = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
-        try:
-            base = LlamaConfig.preset(st["config"])
-        except ValueError as e:
-            _usage(f"--config: {e}")
+        init = None
+        if st["init_from"]:
+            init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute)
+            base = init.config
+            st["config"] = "init-from"
+            st["format"] = st["format"] or init_format
+            if st["seq_len"] is None:   # HF models allow tens of thousands of positions
+                st["seq_len"] = min(base.max_seq_len, 256)
+        else:
+            try:
+                base = LlamaConfig.preset(st["config"])
+            except ValueError as e:
+                _usage(f"--config: {e}")
+        st["format"] = st["format"] or "llama2c"
         if st["seq_len"] is None:       # preset-dependent default
             st["seq_len"] = base.max_seq_len
         if st["seq_len"] > base.max_seq_len:
@@ -392,8 +415,11 @@ def train(args, stream=None):
                    f"max_seq_len {base.max_seq_len}")
         if st["save_every"] is None:
             st["save_every"] = st["eval_every"]
-        tokenizer = (Tokenizer.load(st["tokenizer"]) if st["tokenizer"]
-                     else Tokenizer.byte_level())
+        if st["tokenizer"]:
+            tokenizer = (_hf().HFTokenizer(st["tokenizer"]) if st["tokenizer"].endswith(".json")
+                         else Tokenizer.load(st["tokenizer"]))
+        else:
+            tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
         start, out, in_place = 0, args.out or os.path.join("runs", "default"), False
     if os.path.exists(out) and not os.path.isdir(out):
         _usage(f"--out {out} is a file, not a directory")
@@ -421,13 +447,21 @@ def train(args, stream=None):
             "no validation loss in this run")
         evaluate = False
 
-    if not args.resume:
+    if not args.resume and init is not None:
+        model = init
+        if data.max_token() >= model.config.vocab_size:
+            _usage(f"--data has token ids up to {data.max_token()}, beyond the vocabulary "
+                   f"({model.config.vocab_size}) of --init-from {st['init_from']}; pass the "
+                   "tokenizer the model was trained with")
+        opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
+                    weight_decay=st["weight_decay"])
+    elif not args.resume:
         vocab = max(tokenizer.vocab_size, data.max_token() + 1)
         if st["tokenizer"] is None and data.max_token() >= tokenizer.vocab_size:
             _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
                    "was made with as --tokenizer")
         config = base.replace(vocab_size=vocab)
-        model = Llama(config, seed=st["seed"])
+        model = Llama(config, seed=st["seed"], recompute=recompute)
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
                     weight_decay=st["weight_decay"])
     config = model.config
@@ -446,7 +480,8 @@ def train(args, stream=None):
 
     run_dir = _RunDir(out, in_place)
     try:
-        tokenizer.save(run_dir.file("tokenizer.bin"))
+        tokenizer.save(run_dir.file("tokenizer.json" if isinstance(tokenizer, _hf().HFTokenizer)
+                                    else "tokenizer.bin"))
         from .atomicfile import atomic_write
         old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start) if args.resume else []
         atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
@@ -470,7 +505,10 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         # between the two renames is caught on --resume, not trained through.
         nonlocal saved_at
         log.flush()
-        model.save(run_dir.file("model.bin"))
+        if st["format"] == "hf":
+            model.save_pretrained(run_dir.path)     # config.json + model.safetensors
+        else:
+            model.save(run_dir.file("model.bin"))
         checkpoint.save_optimizer(opt, run_dir.file("optimizer.bin"),
                                   extra={"step": step, "settings": settings,
                                          "params_digest": _params_digest(model)})
@@ -531,12 +569,60 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.flush()
     out = run_dir.out
     plot = _plot(out, os.path.join(out, "log.jsonl"), say)
-    say(f"wrote {os.path.join(out, 'model.bin')}, tokenizer.bin, optimizer.bin, log.jsonl"
+    model_path = out if st["format"] == "hf" else os.path.join(out, "model.bin")
+    what = "config.json, model.safetensors" if st["format"] == "hf" else "model.bin"
+    say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
-    say(f"sample it:  anebackward sample {os.path.join(out, 'model.bin')} --prompt \"Once upon\" "
-        "--temperature 0")
+    say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" --temperature 0")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
             "out": out, "model": model}
+
+
+def _hf():
+    from . import hf
+    return hf
+
+
+def _load_init(path, Llama, Tokenizer, recompute):
+    """The model of --init-from PATH, its format, and the tokenizer found
+    beside it (tokenizer.json in an HF directory, tokenizer.bin beside a
+    llama2.c .bin) or None."""
+    hf = _hf()
+    if hf.is_hf_dir(path):
+        return Llama.from_pretrained(path, recompute=recompute), "hf", hf.HFTokenizer.from_dir(path)
+    if os.path.isdir(path):
+        _usage(f"--init-from {path}: a directory without config.json is not a Hugging Face model "
+               "directory")
+    if not os.path.isfile(path):
+        _usage(f"--init-from {path}: no such file or directory")
+    model = Llama.load(path)
+    if recompute:
+        model = _with_recompute(model, Llama)
+    tok = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
+    return model, "llama2c", (Tokenizer.load(tok, vocab_size=model.config.vocab_size)
+                              if os.path.isfile(tok) else None)
+
+
+def _with_recompute(model, Llama):
+    model.set_recompute(True)
+    return model
+
+
+def _load_run_model(run, Llama, Tokenizer, recompute):
+    """A saved run's model and tokenizer, in whichever format it was written."""
+    hf = _hf()
+    if os.path.isfile(os.path.join(run, "model.bin")):
+        model = Llama.load(os.path.join(run, "model.bin"))
+        if recompute:
+            model = _with_recompute(model, Llama)
+    elif hf.is_hf_dir(run):
+        model = Llama.from_pretrained(run, recompute=recompute)
+    else:
+        _usage(f"--resume {run}: neither model.bin nor config.json there")
+    tok = hf.HFTokenizer.from_dir(run)
+    if tok is None:
+        tok = Tokenizer.load(os.path.join(run, "tokenizer.bin"), vocab_size=model.config.vocab_size)
+    return model, tok
 
 
 def _params_digest(model):

@@ -245,16 +245,34 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   and no backward has used it yet (one backward per forward); fills every
  *   gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
  * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
+/* The Hugging Face architectures (Llama 3, Qwen3) are the same model with
+ * the fields after `reference`, whose zero values are llama2.c's:
+ *   head_dim: 0 = dim / n_heads; else q is n_heads*head_dim wide (wq
+ *     [H*hd, dim], wo [dim, H*hd]) and k, v n_kv_heads*head_dim;
+ *   qk_norm != 0: Qwen3's per-head RMSNorm of q and k (over head_dim, eps
+ *     norm_eps, weights q_norm[L, hd], k_norm[L, hd]) before RoPE;
+ *   rope: see ab_rope_params (all zero: llama2.c's interleaved, theta 1e4);
+ *   recompute != 0: activation recomputation. The workspace keeps each
+ *     layer's input and one layer's other activations; the backward
+ *     recomputes them layer by layer (bit-identical gradients, one more
+ *     layer forward per layer, far less memory). */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
     int shared_classifier;
     float norm_eps;
     int reference;
+    int64_t head_dim;
+    int qk_norm;
+    ab_rope_params rope;
+    int recompute;      /* != 0: keep each layer's input only, recompute the rest */
 } ab_model_config;
+/* q_norm, k_norm follow norm in the no-decay tail ([L, head_dim] each; both
+ * equal n_params, i.e. empty, without qk_norm). */
 typedef struct {
     int64_t tok_embeddings, wq, wk, wv, wo, w1, w2, w3, output;
     int64_t attention_norm, ffn_norm, norm;
     int64_t n_decay, n_params;
+    int64_t q_norm, k_norm;
 } ab_model_layout;
 AB_API int ab_model_config_check(const ab_model_config *c);
 AB_API int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);

@@ -3,11 +3,15 @@
  * What the seed's model_backward was, done right: one call per step, any
  * number of layers, GQA, RMSNorm weight gradients, the FFN norm
  * differentiated at its real input, one gradient for a tied classifier,
- * int64 sizes throughout.
+ * int64 sizes throughout. The same code runs llama2.c's Llama 2 and the
+ * Hugging Face Llama 3 / Qwen3 shapes: head_dim independent of dim (q is
+ * qd = n_heads*head_dim wide), Qwen3's per-head q/k RMSNorm, RoPE layout,
+ * theta and Llama-3 scaling (ab_model_config's fields after `reference`).
  *
  * Parameters: one flat float buffer laid out by ab_model_param_layout:
  *   [tok_embeddings | wq(L) | wk(L) | wv(L) | wo(L) | w1(L) | w2(L) | w3(L)
- *    | output (untied only) | attention_norm(L) | ffn_norm(L) | norm]
+ *    | output (untied only) | attention_norm(L) | ffn_norm(L) | norm
+ *    | q_norm(L) | k_norm(L) (qk_norm only)]
  * Every 2-D weight comes first, every 1-D norm weight last, so weight decay
  * is a prefix of the buffer (n_decay floats). Gradients use the same layout.
  *
@@ -16,9 +20,10 @@
  * needs, N = B*S rows:
  *   X[l]    residual input of layer l            [N, dim]   (X[L] = final)
  *   XA[l]   attention_norm(X[l])                 [N, dim]
- *   Q[l]    rope(XA wq^T)                        [N, dim]
- *   K[l]    rope(XA wk^T), V[l] = XA wv^T        [N, kv_dim]
- *   AT[l]   attention(Q, K, V)                   [N, dim]
+ *   QR[l], KR[l]  XA wq^T, XA wk^T (qk_norm only: the q/k norms' inputs)
+ *   Q[l]    rope(qnorm(XA wq^T))                 [N, qd]
+ *   K[l]    rope(knorm(XA wk^T)), V[l] = XA wv^T [N, kv_dim]
+ *   AT[l]   attention(Q, K, V)                   [N, qd]
  *   HM[l]   X[l] + AT wo^T  (FFN-norm input)     [N, dim]
  *   XF[l]   ffn_norm(HM[l])                      [N, dim]
  *   H1[l], H3[l]  XF w1^T, XF w3^T               [N, hidden]
@@ -26,6 +31,10 @@
  * then XN = norm(X[L]) [N, dim] and LOGITS [N, vocab]. swiglu(H1, H3) is
  * recomputed in the backward rather than stored. The forward with
  * want_grad writes dlogits over LOGITS, so the backward starts from it.
+ * With c->recompute the workspace keeps only X[0..L] and ONE layer's set of
+ * the other activations: the forward overwrites it layer after layer, and
+ * the backward recomputes layer l's from X[l] just before differentiating
+ * it. The kernels are deterministic, so the gradients are bit-identical.
  *
  * Like llm.c's gpt2_forward/gpt2_backward, the forward keeps what the
  * backward needs besides activations: a header at offset 0 of the workspace
@@ -45,8 +54,10 @@ typedef struct {
     int (*rmsnorm_forward)(float *, const float *, const float *, int64_t, int64_t, float);
     int (*rmsnorm_backward)(float *, float *, const float *, const float *, const float *,
                             int64_t, int64_t, float, int);
-    int (*rope_forward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t);
-    int (*rope_backward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t);
+    int (*rope_forward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        const ab_rope_params *);
+    int (*rope_backward)(float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         const ab_rope_params *);
     int (*attention_forward)(float *, const float *, const float *, const float *, int64_t,
                              int64_t, int64_t, int64_t, int64_t, float *, int64_t);
     int (*attention_backward)(float *, float *, float *, const float *, const float *,
@@ -68,8 +79,8 @@ static const kernel_table FAST = {
     .linear_backward_dW = ab_linear_backward_dW,
     .rmsnorm_forward = ab_rmsnorm_forward,
     .rmsnorm_backward = ab_rmsnorm_backward,
-    .rope_forward = ab_rope_forward,
-    .rope_backward = ab_rope_backward,
+    .rope_forward = ab_rope_forward_ex,
+    .rope_backward = ab_rope_backward_ex,
     .attention_forward = ab_attention_forward,
     .attention_backward = ab_attention_backward,
     .swiglu_forward = ab_swiglu_forward,
@@ -84,8 +95,8 @@ static const kernel_table REFERENCE = {
     .linear_backward_dW = ab_ref_linear_backward_dW,
     .rmsnorm_forward = ab_ref_rmsnorm_forward,
     .rmsnorm_backward = ab_ref_rmsnorm_backward,
-    .rope_forward = ab_ref_rope_forward,
-    .rope_backward = ab_ref_rope_backward,
+    .rope_forward = ab_ref_rope_forward_ex,
+    .rope_backward = ab_ref_rope_backward_ex,
     .attention_forward = ab_ref_attention_forward,
     .attention_backward = ab_ref_attention_backward,
     .swiglu_forward = ab_ref_swiglu_forward,
@@ -109,36 +120,58 @@ static int64_t hdr_get(const float *work, int slot) {
 }
 static void hdr_set(float *work, int slot, int64_t v) { memcpy(work + slot, &v, sizeof v); }
 
+
+/* The model's sizes, derived once from a checked config. */
+typedef struct {
+    int64_t L, D, Hd, V, H, KV, hd, qd, kv;
+} dims;
+
+static dims model_dims(const ab_model_config *c) {
+    dims d;
+    d.L = c->n_layers; d.D = c->dim; d.Hd = c->hidden_dim; d.V = c->vocab_size;
+    d.H = c->n_heads; d.KV = c->n_kv_heads;
+    d.hd = c->head_dim ? c->head_dim : c->dim / c->n_heads;
+    d.qd = d.H * d.hd; d.kv = d.KV * d.hd;
+    return d;
+}
+
 int ab_model_config_check(const ab_model_config *c) {
     AB_NONNULL(c);
     AB_REQUIRE(c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0
                && c->n_kv_heads > 0 && c->vocab_size > 0 && c->max_seq_len > 0, AB_EINVAL);
-    AB_REQUIRE(c->dim % c->n_heads == 0, AB_EINVAL);
-    AB_REQUIRE((c->dim / c->n_heads) % 2 == 0, AB_EINVAL);          /* RoPE pairs */
+    AB_REQUIRE(c->head_dim >= 0, AB_EINVAL);
+    if (c->head_dim == 0) AB_REQUIRE(c->dim % c->n_heads == 0, AB_EINVAL);
+    const int64_t hd = c->head_dim ? c->head_dim : c->dim / c->n_heads;
+    AB_REQUIRE(hd > 0 && hd % 2 == 0, AB_EINVAL);                   /* RoPE pairs */
     AB_REQUIRE(c->n_heads % c->n_kv_heads == 0, AB_EINVAL);
     AB_REQUIRE(c->norm_eps >= 0.0f, AB_EINVAL);
+    TRY(ab_rope_params_check(&c->rope));
     AB_BLAS_FITS(c->dim); AB_BLAS_FITS(c->hidden_dim); AB_BLAS_FITS(c->vocab_size);
     /* Sizes are sums of products of these dimensions; an upper bound of each
      * computed in double (no overflow there) keeps every int64 product and
      * partial sum below 2^52. Bigger models could not be allocated anyway. */
     const double L = (double)c->n_layers, D = (double)c->dim, Hd = (double)c->hidden_dim;
     const double V = (double)c->vocab_size, T = (double)c->max_seq_len;
-    AB_REQUIRE(2 * V * D + L * (4 * D * D + 3 * Hd * D + 2 * D) + D < AB_SIZE_LIMIT, AB_ETOOBIG);
-    AB_REQUIRE(2 * L * T * D + 4 * D + 2 * Hd + T < AB_SIZE_LIMIT, AB_ETOOBIG);  /* decode */
+    const double Q = (double)c->n_heads * (double)hd;              /* q width, >= kv width */
+    AB_REQUIRE(Q < AB_SIZE_LIMIT, AB_ETOOBIG);
+    AB_BLAS_FITS(c->n_heads * hd);
+    AB_REQUIRE(2 * V * D + L * (4 * Q * D + 3 * Hd * D + 2 * D + 2 * Q) + D < AB_SIZE_LIMIT,
+               AB_ETOOBIG);
+    AB_REQUIRE(2 * L * T * Q + 4 * (D + Q) + 2 * Hd + T < AB_SIZE_LIMIT, AB_ETOOBIG);  /* decode */
     return AB_OK;
 }
 
 int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
     TRY(ab_model_config_check(c));
     AB_NONNULL(o);
-    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
-    const int64_t kv = D / c->n_heads * c->n_kv_heads;
+    const dims d = model_dims(c);
+    const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V;
     int64_t p = 0;
     o->tok_embeddings = p; p += V * D;
-    o->wq = p; p += L * D * D;
-    o->wk = p; p += L * kv * D;
-    o->wv = p; p += L * kv * D;
-    o->wo = p; p += L * D * D;
+    o->wq = p; p += L * d.qd * D;
+    o->wk = p; p += L * d.kv * D;
+    o->wv = p; p += L * d.kv * D;
+    o->wo = p; p += L * D * d.qd;
     o->w1 = p; p += L * Hd * D;
     o->w2 = p; p += L * D * Hd;
     o->w3 = p; p += L * Hd * D;
@@ -148,42 +181,50 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
     o->attention_norm = p; p += L * D;
     o->ffn_norm = p; p += L * D;
     o->norm = p; p += D;
+    o->q_norm = p; if (c->qk_norm) p += L * d.hd;
+    o->k_norm = p; if (c->qk_norm) p += L * d.hd;
     o->n_params = p;
     return AB_OK;
 }
 
-/* Workspace offsets (floats) for a batch of B sequences of S tokens. */
+/* Workspace offsets (floats) for a batch of B sequences of S tokens. The
+ * per-layer activations (XA .. H3) are `slots` deep: L, or 1 with recompute. */
 typedef struct {
-    int64_t X, XA, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
-    int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, ATTW;       /* scratch */
+    int64_t X, XA, QR, KR, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
+    int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, DQN, DKN, ATTW;    /* scratch */
     int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
-    int64_t total;
+    int64_t slots, total;
 } ws_layout;
 
 static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_layout *w) {
     TRY(ab_model_config_check(c));
     AB_REQUIRE(B > 0 && S > 0, AB_EINVAL);
+    const dims d = model_dims(c);
     {   /* an upper bound of the total in double: no int64 overflow below */
         const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
-        const double est = Ld * n * (8.0 * c->dim + 5.0 * c->hidden_dim) + n * c->vocab_size
-                           + 2.0 * (double)S * (double)S + n + HDR_FLOATS;
+        const double est = Ld * n * (5.0 * c->dim + 8.0 * (double)d.qd + 5.0 * c->hidden_dim)
+                           + n * c->vocab_size + 2.0 * (double)S * (double)S + n + HDR_FLOATS;
         AB_REQUIRE(est < AB_SIZE_LIMIT, AB_ETOOBIG);
     }
-    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
-    const int64_t kv = D / c->n_heads * c->n_kv_heads, N = B * S;
+    const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, qd = d.qd, kv = d.kv, N = B * S;
+    const int64_t R = c->recompute ? 1 : L;        /* activation slots */
+    const int64_t qn = c->qk_norm ? 1 : 0;
     AB_BLAS_FITS(N);
     int64_t p = HDR_FLOATS;
+    w->slots = R;
     w->TOKENS = p; p += N;
     w->X = p; p += (L + 1) * N * D;
-    w->XA = p; p += L * N * D;
-    w->Q = p; p += L * N * D;
-    w->K = p; p += L * N * kv;
-    w->V = p; p += L * N * kv;
-    w->AT = p; p += L * N * D;
-    w->HM = p; p += L * N * D;
-    w->XF = p; p += L * N * D;
-    w->H1 = p; p += L * N * Hd;
-    w->H3 = p; p += L * N * Hd;
+    w->XA = p; p += R * N * D;
+    w->QR = p; p += qn * R * N * qd;
+    w->KR = p; p += qn * R * N * kv;
+    w->Q = p; p += R * N * qd;
+    w->K = p; p += R * N * kv;
+    w->V = p; p += R * N * kv;
+    w->AT = p; p += R * N * qd;
+    w->HM = p; p += R * N * D;
+    w->XF = p; p += R * N * D;
+    w->H1 = p; p += R * N * Hd;
+    w->H3 = p; p += R * N * Hd;
     w->XN = p; p += N * D;
     w->LOGITS = p; p += N * V;
     w->G = p; p += N * Hd;
@@ -191,10 +232,12 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DH3 = p; p += N * Hd;
     w->DX = p; p += N * D;
     w->DXN = p; p += N * D;
-    w->DA = p; p += N * D;
-    w->DQ = p; p += N * D;
+    w->DA = p; p += N * qd;
+    w->DQ = p; p += N * qd;
     w->DK = p; p += N * kv;
     w->DV = p; p += N * kv;
+    w->DQN = p; p += qn * N * qd;
+    w->DKN = p; p += qn * N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
     w->total = p;
     return AB_OK;
@@ -215,6 +258,76 @@ static void add_into(float *y, const float *a, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
+/* One layer's activations in the workspace (slot l, or 0 with recompute). */
+typedef struct {
+    float *X, *XA, *QR, *KR, *Q, *K, *V, *AT, *HM, *XF, *H1, *H3;
+} layer_acts;
+
+static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_t N, int64_t l) {
+    const int64_t s = W->slots == 1 ? 0 : l;
+    layer_acts a;
+    a.X = work + W->X + l * N * d->D;
+    a.XA = work + W->XA + s * N * d->D;
+    a.QR = work + W->QR + s * N * d->qd;
+    a.KR = work + W->KR + s * N * d->kv;
+    a.Q = work + W->Q + s * N * d->qd;
+    a.K = work + W->K + s * N * d->kv;
+    a.V = work + W->V + s * N * d->kv;
+    a.AT = work + W->AT + s * N * d->qd;
+    a.HM = work + W->HM + s * N * d->D;
+    a.XF = work + W->XF + s * N * d->D;
+    a.H1 = work + W->H1 + s * N * d->Hd;
+    a.H3 = work + W->H3 + s * N * d->Hd;
+    return a;
+}
+
+/* Layer l's forward from X[l]: its activations into their slot and, if
+ * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
+static int layer_forward(const kernel_table *k, const ab_model_config *c, const dims *d,
+                         const ab_model_layout *P, const ws_layout *W, const float *params,
+                         float *work, int64_t B, int64_t S, int64_t l, int write_next) {
+    const int64_t D = d->D, Hd = d->Hd, H = d->H, KV = d->KV, hd = d->hd;
+    const int64_t qd = d->qd, kv = d->kv, N = B * S;
+    const float eps = c->norm_eps;
+    const float *wq = params + P->wq + l * qd * D, *wk = params + P->wk + l * kv * D;
+    const float *wv = params + P->wv + l * kv * D, *wo = params + P->wo + l * D * qd;
+    const float *w1 = params + P->w1 + l * Hd * D, *w2 = params + P->w2 + l * D * Hd;
+    const float *w3 = params + P->w3 + l * Hd * D;
+    const float *rms_att = params + P->attention_norm + l * D;
+    const float *rms_ffn = params + P->ffn_norm + l * D;
+    layer_acts a = acts_of(W, d, work, N, l);
+    float *G = work + W->G, *T = work + W->DXN;   /* scratch */
+
+    /* attention block */
+    TRY(k->rmsnorm_forward(a.XA, a.X, rms_att, N, D, eps));
+    if (c->qk_norm) {   /* Qwen3: q, k normalised per head before RoPE */
+        TRY(k->linear_forward(a.QR, a.XA, wq, N, D, qd));
+        TRY(k->linear_forward(a.KR, a.XA, wk, N, D, kv));
+        TRY(k->rmsnorm_forward(a.Q, a.QR, params + P->q_norm + l * hd, N * H, hd, eps));
+        TRY(k->rmsnorm_forward(a.K, a.KR, params + P->k_norm + l * hd, N * KV, hd, eps));
+    } else {
+        TRY(k->linear_forward(a.Q, a.XA, wq, N, D, qd));
+        TRY(k->linear_forward(a.K, a.XA, wk, N, D, kv));
+    }
+    TRY(k->linear_forward(a.V, a.XA, wv, N, D, kv));
+    TRY(k->rope_forward(a.Q, a.Q, B, S, H, hd, 0, &c->rope));
+    TRY(k->rope_forward(a.K, a.K, B, S, KV, hd, 0, &c->rope));
+    TRY(k->attention_forward(a.AT, a.Q, a.K, a.V, B, S, H, KV, hd, work + W->ATTW,
+                             ab_attention_workspace_floats(S)));
+    TRY(k->linear_forward(T, a.AT, wo, N, qd, D));
+    add_into(a.HM, a.X, T, N * D);
+    /* feed-forward block */
+    TRY(k->rmsnorm_forward(a.XF, a.HM, rms_ffn, N, D, eps));
+    TRY(k->linear_forward(a.H1, a.XF, w1, N, D, Hd));
+    TRY(k->linear_forward(a.H3, a.XF, w3, N, D, Hd));
+    if (write_next) {
+        TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
+        TRY(k->linear_forward(T, G, w2, N, Hd, D));
+        add_into(a.X + N * D, a.HM, T, N * D);
+    }
+    return AB_OK;
+}
+
 int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats) {
@@ -227,52 +340,18 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
     AB_REQUIRE(!want_grad || (targets && loss_out), AB_EINVAL);
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
-    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
-    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
-    const float eps = c->norm_eps;
-    const int64_t attw = ab_attention_workspace_floats(S);
+    const dims d = model_dims(c);
+    const int64_t L = d.L, D = d.D, V = d.V, N = B * S;
 
     hdr_set(work, HDR_TAG, 0);
     hdr_set(work, HDR_B, B);
     hdr_set(work, HDR_S, S);
     memcpy(work + W.TOKENS, tokens, (size_t)N * sizeof(int32_t));
-    float *X0 = work + W.X;
-    TRY(k->embedding_forward(X0, params + P.tok_embeddings, tokens, N, V, D));
-    for (int64_t l = 0; l < L; l++) {
-        const float *wq = params + P.wq + l * D * D, *wk = params + P.wk + l * kv * D;
-        const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * D;
-        const float *w1 = params + P.w1 + l * Hd * D, *w2 = params + P.w2 + l * D * Hd;
-        const float *w3 = params + P.w3 + l * Hd * D;
-        const float *rms_att = params + P.attention_norm + l * D;
-        const float *rms_ffn = params + P.ffn_norm + l * D;
-        float *X = work + W.X + l * N * D, *Xnext = X + N * D;
-        float *XA = work + W.XA + l * N * D, *Q = work + W.Q + l * N * D;
-        float *K = work + W.K + l * N * kv, *Vv = work + W.V + l * N * kv;
-        float *AT = work + W.AT + l * N * D, *HM = work + W.HM + l * N * D;
-        float *XF = work + W.XF + l * N * D;
-        float *H1 = work + W.H1 + l * N * Hd, *H3 = work + W.H3 + l * N * Hd;
-        float *G = work + W.G, *T = work + W.DXN;   /* scratch */
-
-        /* attention block */
-        TRY(k->rmsnorm_forward(XA, X, rms_att, N, D, eps));
-        TRY(k->linear_forward(Q, XA, wq, N, D, D));
-        TRY(k->linear_forward(K, XA, wk, N, D, kv));
-        TRY(k->linear_forward(Vv, XA, wv, N, D, kv));
-        TRY(k->rope_forward(Q, Q, B, S, H, hd, 0));
-        TRY(k->rope_forward(K, K, B, S, KV, hd, 0));
-        TRY(k->attention_forward(AT, Q, K, Vv, B, S, H, KV, hd, work + W.ATTW, attw));
-        TRY(k->linear_forward(T, AT, wo, N, D, D));
-        add_into(HM, X, T, N * D);
-        /* feed-forward block */
-        TRY(k->rmsnorm_forward(XF, HM, rms_ffn, N, D, eps));
-        TRY(k->linear_forward(H1, XF, w1, N, D, Hd));
-        TRY(k->linear_forward(H3, XF, w3, N, D, Hd));
-        TRY(k->swiglu_forward(G, H1, H3, N * Hd));
-        TRY(k->linear_forward(T, G, w2, N, Hd, D));
-        add_into(Xnext, HM, T, N * D);
-    }
+    TRY(k->embedding_forward(work + W.X, params + P.tok_embeddings, tokens, N, V, D));
+    for (int64_t l = 0; l < L; l++)
+        TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
-    TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, eps));
+    TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
     TRY(k->linear_forward(LOGITS, XN, params + P.output, N, D, V));
     if (targets) {
         double loss = 0.0;
@@ -300,8 +379,9 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
     hdr_set(work, HDR_TAG, 0);
     const int32_t *tokens = (const int32_t *)(work + W.TOKENS);   /* the forward's */
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
-    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
-    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV, N = B * S;
+    const dims d = model_dims(c);
+    const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, H = d.H, KV = d.KV, hd = d.hd;
+    const int64_t qd = d.qd, kv = d.kv, N = B * S;
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
     const int acc = accumulate != 0;
@@ -328,48 +408,54 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
                             N, D, eps, 0));
 
     for (int64_t l = L - 1; l >= 0; l--) {
-        const float *wq = params + P.wq + l * D * D, *wk = params + P.wk + l * kv * D;
-        const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * D;
+        const float *wq = params + P.wq + l * qd * D, *wk = params + P.wk + l * kv * D;
+        const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * qd;
         const float *w1 = params + P.w1 + l * Hd * D, *w2 = params + P.w2 + l * D * Hd;
         const float *w3 = params + P.w3 + l * Hd * D;
-        float *gwq = grads + P.wq + l * D * D, *gwk = grads + P.wk + l * kv * D;
-        float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * D;
+        float *gwq = grads + P.wq + l * qd * D, *gwk = grads + P.wk + l * kv * D;
+        float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
         float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
         float *gw3 = grads + P.w3 + l * Hd * D;
-        const float *X = work + W.X + l * N * D, *XA = work + W.XA + l * N * D;
-        const float *Q = work + W.Q + l * N * D, *K = work + W.K + l * N * kv;
-        const float *Vv = work + W.V + l * N * kv, *AT = work + W.AT + l * N * D;
-        const float *HM = work + W.HM + l * N * D, *XF = work + W.XF + l * N * D;
-        const float *H1 = work + W.H1 + l * N * Hd, *H3 = work + W.H3 + l * N * Hd;
+        if (W.slots == 1) TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 0));
+        const layer_acts a = acts_of(&W, &d, work, N, l);
         float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
         float *DA = work + W.DA, *DQ = work + W.DQ, *DK = work + W.DK, *DV = work + W.DV;
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
-        TRY(k->swiglu_forward(G, H1, H3, N * Hd));
+        TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
         TRY(k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
         TRY(k->linear_backward_dx(DH1, DX, w2, N, Hd, D, 0));
-        TRY(k->swiglu_backward(DH1, DH3, DH1, H1, H3, N * Hd));
-        TRY(k->linear_backward_dW(gw1, DH1, XF, N, D, Hd, acc));
-        TRY(k->linear_backward_dW(gw3, DH3, XF, N, D, Hd, acc));
+        TRY(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
+        TRY(k->linear_backward_dW(gw1, DH1, a.XF, N, D, Hd, acc));
+        TRY(k->linear_backward_dW(gw3, DH3, a.XF, N, D, Hd, acc));
         TRY(k->linear_backward_dx(DXN, DH1, w1, N, D, Hd, 0));
         TRY(k->linear_backward_dx(DXN, DH3, w3, N, D, Hd, 1));
         /* the FFN norm's input is HM, the residual after attention */
-        TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, HM,
+        TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
                                 params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRY(k->linear_backward_dW(gwo, DX, AT, N, D, D, acc));
-        TRY(k->linear_backward_dx(DA, DX, wo, N, D, D, 0));
-        TRY(k->attention_backward(DQ, DK, DV, DA, Q, K, Vv, B, S, H, KV, hd,
+        TRY(k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
+        TRY(k->linear_backward_dx(DA, DX, wo, N, qd, D, 0));
+        TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
                                   work + W.ATTW, attw));
-        TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0));
-        TRY(k->rope_backward(DK, DK, B, S, KV, hd, 0));
-        TRY(k->linear_backward_dW(gwq, DQ, XA, N, D, D, acc));
-        TRY(k->linear_backward_dW(gwk, DK, XA, N, D, kv, acc));
-        TRY(k->linear_backward_dW(gwv, DV, XA, N, D, kv, acc));
-        TRY(k->linear_backward_dx(DXN, DQ, wq, N, D, D, 0));
+        TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0, &c->rope));
+        TRY(k->rope_backward(DK, DK, B, S, KV, hd, 0, &c->rope));
+        if (c->qk_norm) {   /* through the per-head norms to the raw projections */
+            float *DQN = work + W.DQN, *DKN = work + W.DKN;
+            TRY(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
+                                    params + P.q_norm + l * hd, N * H, hd, eps, 0));
+            TRY(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
+                                    params + P.k_norm + l * hd, N * KV, hd, eps, 0));
+            DQ = DQN;
+            DK = DKN;
+        }
+        TRY(k->linear_backward_dW(gwq, DQ, a.XA, N, D, qd, acc));
+        TRY(k->linear_backward_dW(gwk, DK, a.XA, N, D, kv, acc));
+        TRY(k->linear_backward_dW(gwv, DV, a.XA, N, D, kv, acc));
+        TRY(k->linear_backward_dx(DXN, DQ, wq, N, D, qd, 0));
         TRY(k->linear_backward_dx(DXN, DK, wk, N, D, kv, 1));
         TRY(k->linear_backward_dx(DXN, DV, wv, N, D, kv, 1));
-        TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, X,
+        TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
                                 params + P.attention_norm + l * D, N, D, eps, 1));
     }
     /* embedding: scatter-add (onto the classifier's dW when tied) */
@@ -378,21 +464,24 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
 }
 
 /* ---- one-token inference with a KV cache (run.c's forward) ----
- * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb,
- * xb2, q [dim]; hb, hb2 [hidden]; att [max_seq_len]. Both sizes are bounded
- * by ab_model_config_check (in double, before any int64 product:
- * 2*L*T*dim + 4*dim + 2*hidden + T < 2^52, and kv_dim <= dim). */
+ * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb2
+ * [dim]; xb [max(dim, qd)]; q [qd]; hb, hb2 [hidden]; att [max_seq_len];
+ * with qk_norm also qr [qd] (the norms' input), after q.
+ * Both sizes are bounded by ab_model_config_check (in double, before any
+ * int64 product: 2*L*T*qd + 4*(dim + qd) + 2*hidden + T < 2^52, kv <= qd). */
 int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out) {
     TRY(ab_model_config_check(c));
     AB_NONNULL(out);
-    *out = 2 * c->n_layers * c->max_seq_len * (c->dim / c->n_heads * c->n_kv_heads);
+    *out = 2 * c->n_layers * c->max_seq_len * model_dims(c).kv;
     return AB_OK;
 }
 
 int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out) {
     TRY(ab_model_config_check(c));
     AB_NONNULL(out);
-    *out = 4 * c->dim + 2 * c->hidden_dim + c->max_seq_len;
+    const dims d = model_dims(c);
+    *out = 2 * d.D + (d.D > d.qd ? d.D : d.qd) + (c->qk_norm ? 2 : 1) * d.qd + 2 * d.Hd
+           + c->max_seq_len;
     return AB_OK;
 }
 
@@ -408,23 +497,29 @@ int ab_model_decode(float *logits, const ab_model_config *c, const float *params
     AB_REQUIRE(pos >= 0 && pos < c->max_seq_len, AB_EINVAL);
     AB_REQUIRE(token >= 0 && (int64_t)token < c->vocab_size, AB_ERANGE);
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
-    const int64_t L = c->n_layers, D = c->dim, Hd = c->hidden_dim, V = c->vocab_size;
-    const int64_t H = c->n_heads, KV = c->n_kv_heads, hd = D / H, kv = hd * KV;
-    const int64_t T = c->max_seq_len, group = H / KV;
+    const dims d = model_dims(c);
+    const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, H = d.H, KV = d.KV, hd = d.hd;
+    const int64_t qd = d.qd, kv = d.kv, T = c->max_seq_len, group = H / KV;
     const float eps = c->norm_eps, scale = 1.0f / sqrtf((float)hd);
-    float *x = work, *xb = x + D, *xb2 = xb + D, *q = xb2 + D;
-    float *hb = q + D, *hb2 = hb + Hd, *att = hb2 + Hd;
+    float *x = work, *xb2 = x + D, *xb = xb2 + D;
+    float *q = xb + (D > qd ? D : qd), *qr = q + qd;   /* qr only with qk_norm */
+    float *hb = qr + (c->qk_norm ? qd : 0), *hb2 = hb + Hd, *att = hb2 + Hd;
     float *kc = kv_cache, *vc = kv_cache + L * T * kv;
 
     memcpy(x, params + P.tok_embeddings + (int64_t)token * D, (size_t)D * sizeof(float));
     for (int64_t l = 0; l < L; l++) {
-        float *kl = kc + l * T * kv, *vl = vc + l * T * kv;
+        float *kl = kc + l * T * kv, *vl = vc + l * T * kv, *kp = kl + pos * kv;
         TRY(k->rmsnorm_forward(xb, x, params + P.attention_norm + l * D, 1, D, eps));
-        TRY(k->linear_forward(q, xb, params + P.wq + l * D * D, 1, D, D));
-        TRY(k->linear_forward(kl + pos * kv, xb, params + P.wk + l * kv * D, 1, D, kv));
+        TRY(k->linear_forward(c->qk_norm ? qr : q, xb, params + P.wq + l * qd * D, 1, D, qd));
+        TRY(k->linear_forward(kp, xb, params + P.wk + l * kv * D, 1, D, kv));
         TRY(k->linear_forward(vl + pos * kv, xb, params + P.wv + l * kv * D, 1, D, kv));
-        TRY(k->rope_forward(q, q, 1, 1, H, hd, pos));
-        TRY(k->rope_forward(kl + pos * kv, kl + pos * kv, 1, 1, KV, hd, pos));
+        if (c->qk_norm) {   /* kr reuses qr: q is done with it */
+            TRY(k->rmsnorm_forward(q, qr, params + P.q_norm + l * hd, H, hd, eps));
+            memcpy(qr, kp, (size_t)kv * sizeof(float));
+            TRY(k->rmsnorm_forward(kp, qr, params + P.k_norm + l * hd, KV, hd, eps));
+        }
+        TRY(k->rope_forward(q, q, 1, 1, H, hd, pos, &c->rope));
+        TRY(k->rope_forward(kp, kp, 1, 1, KV, hd, pos, &c->rope));
         for (int64_t h = 0; h < H; h++) {
             const int64_t g = h / group;
             const float *qh = q + h * hd;
@@ -446,7 +541,7 @@ int ab_model_decode(float *logits, const ab_model_config *c, const float *params
                 for (int64_t i = 0; i < hd; i++) o[i] += a * vt[i];
             }
         }
-        TRY(k->linear_forward(xb2, xb, params + P.wo + l * D * D, 1, D, D));
+        TRY(k->linear_forward(xb2, xb, params + P.wo + l * D * qd, 1, qd, D));
         add_into(x, x, xb2, D);
         TRY(k->rmsnorm_forward(xb, x, params + P.ffn_norm + l * D, 1, D, eps));
         TRY(k->linear_forward(hb, xb, params + P.w1 + l * Hd * D, 1, D, Hd));

@@ -1,0 +1,362 @@
+"""Hugging Face model directories: read and write them for anebackward.Llama.
+
+A directory holds config.json and model.safetensors (or shards listed by
+model.safetensors.index.json). model_type "llama" (Llama 2/3, SmolLM2) and
+"qwen3" are the same network as the C model with HF's switches: rotate-half
+RoPE, rope_theta, Llama-3 rope scaling, head_dim, Qwen3's q/k norms.
+
+Tensors are read with the safetensors package (NumPy API): float32, float16
+and bfloat16 are converted to float32 as they are copied into the model's one
+flat buffer. (numpy has no bfloat16: a file holding bfloat16 tensors is read
+whole through safetensors.deserialize, one transient copy of that file.)
+
+Writing: float32 model.safetensors + config.json, each atomically. A llama2.c
+(interleaved-RoPE) model is written in HF's rotate-half layout by permuting
+the rows of wq and wk inside each head, which gives the same network (the
+attention scores are invariant to one permutation applied to q and k).
+
+Anything this module cannot represent exactly — another model_type, an
+attention bias, sliding-window attention, partial rotary, another rope type,
+missing / extra / misshaped tensors, a truncated file — is a CheckpointError
+naming the file and the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from .atomicfile import atomic_write
+from .config import LlamaConfig
+from .errors import CheckpointError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+
+# our tensor names (anebackward.layout) -> HF's, per layer and global
+_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+          "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+          "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",
+          "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+          "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+          "ffn_norm": "post_attention_layernorm"}
+_GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """HF's name of one of our tensors ("layers.3.attention.wq.weight" ->
+    "model.layers.3.self_attn.q_proj.weight")."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    _, i, rest = name.split(".", 2)
+    return f"model.layers.{i}.{_LAYER[rest[:-len('.weight')]]}.weight"
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+# ---- config ------------------------------------------------------------------
+def _bad(path, why):
+    return CheckpointError(f"{path}: {why}")
+
+
+def config_from_hf(d: Dict[str, Any], path: str = CONFIG) -> LlamaConfig:
+    """The LlamaConfig of an HF config.json dict (transformers 4 or 5 style)."""
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise _bad(path, f"unsupported model_type {mt!r} (supported: {', '.join(MODEL_TYPES)})")
+    unsupported = [
+        ("hidden_act", d.get("hidden_act", "silu") not in ("silu", "swish"),
+         "only silu (SwiGLU) is supported"),
+        ("attention_bias", bool(d.get("attention_bias", False)), "attention biases"),
+        ("mlp_bias", bool(d.get("mlp_bias", False)), "MLP biases"),
+        ("use_sliding_window", bool(d.get("use_sliding_window", False)), "sliding-window attention"),
+        ("layer_types", any(t != "full_attention" for t in d.get("layer_types") or []),
+         "sliding-window attention layers"),
+        ("attention_dropout", float(d.get("attention_dropout", 0.0) or 0.0) != 0.0,
+         "attention dropout"),
+    ]
+    for field, bad, what in unsupported:
+        if bad:
+            raise _bad(path, f"unsupported config field {field}={d.get(field)!r} ({what} "
+                             "are not implemented)" if not what.startswith("only") else
+                       f"unsupported config field {field}={d.get(field)!r} ({what})")
+    rp = d.get("rope_parameters") or {}
+    if isinstance(rp, dict) and rp and "rope_type" not in rp and "rope_theta" not in rp:
+        raise _bad(path, "per-layer rope_parameters are not supported")
+    theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = rp if rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
+    if float((scaling or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+             or 1.0) != 1.0:
+        raise _bad(path, "unsupported config field partial_rotary_factor (partial RoPE)")
+    try:
+        H = d["num_attention_heads"]
+        return LlamaConfig(
+            dim=d["hidden_size"], hidden_dim=d["intermediate_size"], n_layers=d["num_hidden_layers"],
+            n_heads=H, n_kv_heads=d.get("num_key_value_heads") or H, vocab_size=d["vocab_size"],
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            shared_classifier=bool(d.get("tie_word_embeddings", False)),
+            norm_eps=d.get("rms_norm_eps", 1e-6), head_dim=d.get("head_dim") or None,
+            qk_norm=(mt == "qwen3"), rope_theta=theta, rope_scaling=scaling, rope_layout="half")
+    except KeyError as e:
+        raise _bad(path, f"missing config field {e.args[0]}") from None
+    except NotImplementedError as e:
+        raise _bad(path, f"unsupported rope scaling: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise _bad(path, f"invalid config: {e}") from None
+
+
+def config_to_hf(c: LlamaConfig, model_type: str | None = None) -> Dict[str, Any]:
+    """config.json for a LlamaConfig (rope written in rotate-half form).
+    model_type: "qwen3" iff the model has q/k norms, else "llama"."""
+    mt = model_type or ("qwen3" if c.qk_norm else "llama")
+    if (mt == "qwen3") != c.qk_norm:
+        raise ValueError(f"config_to_hf: model_type {mt!r} needs qk_norm={mt == 'qwen3'}")
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        rope = dict(c.rope_scaling, rope_theta=c.rope_theta)
+    d = {"architectures": [MODEL_TYPES[mt]], "model_type": mt, "hidden_size": c.dim,
+         "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+         "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+         "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+         "tie_word_embeddings": c.shared_classifier, "hidden_act": "silu",
+         "attention_bias": False, "attention_dropout": 0.0, "rope_parameters": rope,
+         "dtype": "float32", "use_cache": True}
+    if mt == "llama":
+        d["mlp_bias"] = False
+    else:
+        d["use_sliding_window"] = False
+        d["layer_types"] = ["full_attention"] * c.n_layers
+    return d
+
+
+# ---- RoPE layout of q/k rows ----------------------------------------------------
+def interleaved_to_half(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """Rows of a q/k projection (or a q/k norm weight) reordered inside each
+    head from llama2.c's pairs (2i, 2i+1) to HF's (i, i + head_dim/2)."""
+    lead = w.shape[0] // head_dim
+    return w.reshape(lead, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def half_to_interleaved(w: np.ndarray, head_dim: int) -> np.ndarray:
+    lead = w.shape[0] // head_dim
+    return w.reshape(lead, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_QK = ("attention.wq.weight", "attention.wk.weight", "attention.q_norm.weight",
+       "attention.k_norm.weight")
+
+
+# ---- reading -----------------------------------------------------------------------
+def _weight_files(directory: str) -> Dict[str, str]:
+    """HF tensor name -> file, from the index (sharded) or the one file."""
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _bad(index, f"unreadable index ({e})") from None
+        return {k: os.path.join(directory, v) for k, v in wm.items()}
+    single = os.path.join(directory, WEIGHTS)
+    if not os.path.isfile(single):
+        raise _bad(directory, f"no {WEIGHTS} and no {INDEX}")
+    return {None: single}
+
+
+class _Reader:
+    """One safetensors file: names, dtypes, shapes, and float32 copies."""
+
+    def __init__(self, path):
+        from safetensors import SafetensorError, safe_open
+        self.path, self._raw = path, None
+        try:
+            self._f = safe_open(path, framework="np")
+            self.names = list(self._f.keys())
+            self.info = {}
+            for k in self.names:
+                sl = self._f.get_slice(k)
+                self.info[k] = (sl.get_dtype(), tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise _bad(path, f"not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    def copy_into(self, name, dst):
+        dtype, shape = self.info[name]
+        if dtype not in _DTYPES:
+            raise _bad(self.path, f"{name} has dtype {dtype}; supported: F32, F16, BF16")
+        try:
+            if dtype == "BF16":
+                if self._raw is None:
+                    import safetensors
+                    with open(self.path, "rb") as f:
+                        self._raw = dict(safetensors.deserialize(f.read()))
+                bits = np.frombuffer(self._raw[name]["data"], dtype="<u2")
+                dst.reshape(-1).view(np.uint32)[:] = bits.astype(np.uint32) << 16
+            else:
+                dst[...] = self._f.get_tensor(name).reshape(dst.shape)
+        except Exception as e:   # the package's errors (truncation) carry no common type
+            if isinstance(e, CheckpointError):
+                raise
+            raise _bad(self.path, f"cannot read {name} (truncated or corrupt?): {e}") from None
+        if not np.isfinite(dst).all():
+            raise _bad(self.path, f"{name} holds non-finite values")
+
+
+def load_pretrained(directory, model_class, *, backend=None, recompute=False):
+    """A model_class (Llama) from an HF directory; see the module doc."""
+    directory = os.fspath(directory)
+    cpath = os.path.join(directory, CONFIG)
+    try:
+        with open(cpath) as f:
+            d = json.load(f)
+    except OSError as e:
+        raise _bad(cpath, f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _bad(cpath, f"not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise _bad(cpath, "not a JSON object")
+    config = config_from_hf(d, cpath)
+    files = _weight_files(directory)
+    readers: Dict[str, _Reader] = {}
+    where: Dict[str, Tuple[_Reader, str]] = {}
+    for name, path in files.items():
+        if path not in readers:
+            readers[path] = _Reader(path)
+        if name is not None and name not in readers[path].info:
+            raise _bad(path, f"{name} is listed in {INDEX} but missing from the file")
+    for r in readers.values():
+        for k in r.names:
+            if None in files or files.get(k) == r.path:
+                where[k] = (r, k)
+    model = model_class(config, backend=backend, init=False, recompute=recompute)
+    wanted = {hf_name(n): n for n in model.params}
+    ignorable = {"lm_head.weight"} if config.shared_classifier else set()
+    extra = sorted(k for k in where if k not in wanted and k not in ignorable
+                   and not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        r = where[extra[0]][0]
+        raise _bad(r.path, f"unexpected tensors {', '.join(extra[:5])}"
+                           f"{' ...' if len(extra) > 5 else ''} (not part of a {d['model_type']} "
+                           "model with this config)")
+    missing = sorted(k for k in wanted if k not in where)
+    if missing:
+        raise _bad(directory, f"missing tensors {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")
+    for hk, ours in wanted.items():
+        r, k = where[hk]
+        dst = model.params[ours]
+        if r.info[k][1] != dst.shape:
+            raise _bad(r.path, f"{k} has shape {list(r.info[k][1])}, the config needs "
+                               f"{list(dst.shape)}")
+        r.copy_into(k, dst)
+    model.flat_grads[:] = 0.0
+    return model
+
+
+# ---- writing -----------------------------------------------------------------------
+def hf_state(model) -> Dict[str, np.ndarray]:
+    """HF name -> float32 array of a model, in rotate-half layout (llama2.c
+    models are permuted; other arrays are the model's own views)."""
+    c = model.config
+    out = {}
+    for name, a in model.params.items():
+        if c.rope_layout == "interleaved" and name.endswith(_QK):
+            a = interleaved_to_half(a, c.head_dim)
+        out[hf_name(name)] = a
+    return out
+
+
+def save_pretrained(model, directory) -> None:
+    """config.json + model.safetensors (float32) in directory (created if
+    needed); each file replaced atomically."""
+    from safetensors.numpy import save
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    c = model.config
+    cfg = config_to_hf(c.replace(rope_layout="half"))
+    if c.rope_layout == "interleaved":
+        cfg["anebackward_converted_from"] = "llama2c interleaved RoPE (q/k rows permuted)"
+    data = save(hf_state(model), metadata={"format": "pt"})
+    atomic_write(os.path.join(directory, WEIGHTS), lambda f: f.write(data))
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(text.encode()))
+
+
+# ---- tokenizer.json ----------------------------------------------------------------
+TOKENIZER = "tokenizer.json"
+
+
+class HFTokenizer:
+    """An HF tokenizer.json (through the `tokenizers` package) with the
+    interface the trainer and the sampler use (anebackward.tokenizer's).
+    Documents are encoded with the tokenizer's own special tokens; a
+    sequence starts with bos_id (config.json's bos_token_id, else its
+    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
+    generation stops at config.json's eos_token_id(s)."""
+
+    def __init__(self, path, bos_id=None, stop_ids=()):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError:
+            raise ImportError("reading tokenizer.json needs the tokenizers package: "
+                              "pip install 'anebackward[hf]'") from None
+        self.path = os.fspath(path)
+        try:
+            self._tok = _Tok.from_file(self.path)
+        except Exception as e:   # the package raises a bare Exception on bad files
+            raise _bad(self.path, f"not a readable tokenizer.json: {e}") from None
+        self.bos_id = bos_id
+        self.stop_ids = set(stop_ids)
+        self.is_byte_level = False
+
+    @classmethod
+    def from_dir(cls, directory):
+        """The tokenizer.json of an HF directory (None if it has none)."""
+        path = os.path.join(directory, TOKENIZER)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(os.path.join(directory, CONFIG)) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            d = {}
+        eos = d.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+        bos = d.get("bos_token_id")
+        return cls(path, bos if isinstance(bos, int) else (eos[0] if eos else None), eos)
+
+    @property
+    def vocab_size(self):
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def padded(self, vocab_size):
+        return self     # the model's vocabulary may be larger (HF pads it too)
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self._tok.encode(text, add_special_tokens=bos).ids
+        if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_documents(self, docs):
+        return np.array([t for d in docs for t in self.encode(d)], dtype=np.int32)
+
+    def decode_piece(self, prev, token):
+        return self._tok.decode([int(token)], skip_special_tokens=True).encode("utf-8")
+
+    def decode(self, tokens, prev=None):
+        return self._tok.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+    def save(self, path):
+        """Copy tokenizer.json to path (atomically)."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        atomic_write(path, lambda f: f.write(data))
