@@ -34,6 +34,14 @@ def calls(abt, monkeypatch):
             n[_name] = n.get(_name, 0) + 1
             return _fn(*a, **k)
         monkeypatch.setattr(_layers, name, counted)
+    one_call = _layers._one_call
+
+    def counted_one_call(*a, **k):
+        loss = one_call(*a, **k)
+        if loss is not None:
+            n["one_call"] = n.get("one_call", 0) + 1
+        return loss
+    monkeypatch.setattr(_layers, "_one_call", counted_one_call)
     return n
 
 
@@ -105,9 +113,10 @@ CASES = [("llama", dict(tied=False, llama3=True)),            # GQA, untied, Lla
 @pytest.mark.parametrize("kind,kw", CASES, ids=["llama-gqa-untied-llama3", "llama-mha-tied",
                                                 "qwen3-tied", "qwen3-untied"])
 def test_patched_matches_hf(hf, abt, calls, kind, kw):
+    """The per-op path (one_call=False): each layer's kernels under autograd."""
     import torch
     ref = build(hf, kind, **kw)
-    pat = abt.apply(copy.deepcopy(ref))
+    pat = abt.apply(copy.deepcopy(ref), one_call=False)
     ids, labels = batch(torch)
     r, rg = step(ref, input_ids=ids, labels=labels)
     p, pg = step(pat, input_ids=ids, labels=labels)
@@ -119,11 +128,34 @@ def test_patched_matches_hf(hf, abt, calls, kind, kw):
     assert calls["chunked_classifier_cross_entropy"] == 1
 
 
+@pytest.mark.parametrize("kind,kw", CASES, ids=["llama-gqa-untied-llama3", "llama-mha-tied",
+                                                "qwen3-tied", "qwen3-untied"])
+def test_one_call_matches_hf(hf, abt, calls, kind, kw):
+    """The default path for plain training calls: the whole model as one C
+    call forward and one backward, the HF parameters viewing the C model's
+    flat buffer; loss and every gradient as HF's, also with num_items_in_batch."""
+    import torch
+    ref = build(hf, kind, **kw)
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    r, rg = step(ref, input_ids=ids, labels=labels)
+    p, pg = step(pat, input_ids=ids, labels=labels)
+    assert_same(r, rg, p, pg)
+    assert calls == {"one_call": 1} and p.logits is None
+    flat = pat._anebackward_slot.engine.flat_params
+    lo, hi = flat.ctypes.data, flat.ctypes.data + flat.nbytes
+    assert all(lo <= q.data_ptr() < hi for q in pat.parameters())  # zero-copy views
+    n = torch.tensor(57)
+    assert_same(*step(ref, input_ids=ids, labels=labels, num_items_in_batch=n),
+                *step(pat, input_ids=ids, labels=labels, num_items_in_batch=n))
+    assert calls == {"one_call": 2}
+
+
 def test_num_items_in_batch(hf, abt, calls):
     """HF Trainer's gradient-accumulation divisor: sum of losses / num_items_in_batch."""
     import torch
     ref = build(hf, "llama")
-    pat = abt.apply(copy.deepcopy(ref))
+    pat = abt.apply(copy.deepcopy(ref), one_call=False)
     ids, labels = batch(torch)
     n = torch.tensor(57)
     r, rg = step(ref, input_ids=ids, labels=labels, num_items_in_batch=n)
@@ -140,6 +172,9 @@ def test_all_ones_mask_and_explicit_positions_take_the_kernels(hf, abt, calls):
     inputs = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
                   position_ids=torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
     assert_same(*step(ref, **inputs), *step(pat, **inputs))
+    assert calls == {"one_call": 1}
+    abt.apply(pat, one_call=False)
+    assert_same(*step(ref, **inputs), *step(pat, **inputs))
     assert calls["attention"] == 2
 
 
@@ -152,7 +187,7 @@ def test_rope_kernel_or_hf_cos_sin(hf, abt, calls, offsets, rope_switch, kernel_
     torch; attention is the kernel's either way."""
     import torch
     ref = build(hf, "llama", llama3=True)
-    pat = abt.apply(copy.deepcopy(ref), rope=rope_switch)
+    pat = abt.apply(copy.deepcopy(ref), rope=rope_switch, one_call=False)
     ids, labels = batch(torch)
     pos = torch.stack([torch.arange(o, o + ids.shape[1]) for o in offsets])
     inputs = dict(input_ids=ids, labels=labels, position_ids=pos)
@@ -320,7 +355,7 @@ def test_trainer_same_loss_curve(hf, abt, calls, tmp_path):
     ref = _trainer_losses(hf, abt, tmp_path, patched=False)
     pat = _trainer_losses(hf, abt, tmp_path, patched=True)
     assert len(ref) == 20 and len(pat) == 20
-    assert calls["chunked_classifier_cross_entropy"] == 40  # 20 steps × 2 micro-batches
+    assert calls["one_call"] == 40  # 20 steps × 2 micro-batches, each the whole model in C
     for i, (a, b) in enumerate(zip(pat, ref)):
         assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)
 

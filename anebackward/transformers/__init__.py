@@ -68,17 +68,23 @@ def _threads(blas_threads):
 
 
 def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-           blas_threads):
+           blas_threads, one_call):
     m, prefix = _modeling(model_type)
     _threads(blas_threads)
     pairs = _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
     attn_cls = getattr(m, prefix + "Attention")
+    lm_cls = getattr(m, prefix + "ForCausalLM")
+    # one_call: training steps of the whole model as one C call each (needs
+    # every switch on: it is all of them at once)
+    one_call = bool(one_call and rms_norm and rope and attention and swiglu
+                    and fused_linear_cross_entropy)
     if model is None:  # patch the classes: every model built afterwards
         for cls, fn in pairs:
             if "_anebackward_original_forward" not in cls.__dict__:
                 cls._anebackward_original_forward = cls.forward
             cls.forward = fn
         attn_cls._anebackward_rope = bool(rope)  # RoPE runs inside the patched attention
+        lm_cls._anebackward_one_call = one_call
         return None
     for mod in model.modules():  # patch this model's modules only
         for cls, fn in pairs:
@@ -86,25 +92,29 @@ def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_ent
                 mod.forward = types.MethodType(fn, mod)
         if type(mod) is attn_cls:
             mod._anebackward_rope = bool(rope)
+        if type(mod) is lm_cls:
+            mod._anebackward_one_call = one_call
     return model
 
 
 def apply_to_llama(*, rms_norm=True, rope=True, attention=True, swiglu=True,
-                   fused_linear_cross_entropy=True, model=None, blas_threads="auto"):
+                   fused_linear_cross_entropy=True, one_call=True, model=None,
+                   blas_threads="auto"):
     """Patch HF's Llama modeling classes (model=None: every Llama built after
     this call) or one instantiated model's modules (model=...).
     blas_threads: the package's (process-wide) thread count: "auto" = 1, as
     PyTorch runs the dense projections on its own threads; an int sets it;
     None leaves it alone."""
     return _apply("llama", rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-                  blas_threads)
+                  blas_threads, one_call)
 
 
 def apply_to_qwen3(*, rms_norm=True, rope=True, attention=True, swiglu=True,
-                   fused_linear_cross_entropy=True, model=None, blas_threads="auto"):
+                   fused_linear_cross_entropy=True, one_call=True, model=None,
+                   blas_threads="auto"):
     """Patch HF's Qwen3 modeling classes (model=None) or one model (model=...)."""
     return _apply("qwen3", rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-                  blas_threads)
+                  blas_threads, one_call)
 
 
 def apply(model, **switches):

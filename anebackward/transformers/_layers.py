@@ -14,6 +14,14 @@ that call, so a patched model never gives a silently different result:
   classifier + cross-entropy          not training, no labels, logits_to_keep,
                                       hidden states not CPU float32
 
+One-call path (the default for training calls with labels): plain causal
+inputs at positions 0..S-1 (input_ids, no mask zeros, no cache in), no extra
+outputs asked, a config the C model speaks (anebackward.hf.config_from_hf):
+the whole model runs as one C call forward and one backward
+(anebackward.torch.model.ModelFunction over an anebackward.Llama whose flat
+buffer the HF parameters then view); it returns the loss only (logits,
+cache and hidden states None). Everything else takes the per-op path above.
+
 "Plain causal" is decided once per model call from what the caller passed:
 attention_mask None or all ones, position_ids None or consecutive in each
 row (restarting positions = packed sequences), and no tokens already in the
@@ -168,6 +176,78 @@ def _shifted_targets(labels, shift_labels):
     return torch.where(t == _IGNORE_INDEX, -1, t)
 
 
+def _one_call_slot(model):
+    """The model's C engine (anebackward.Llama from its HF config) with every
+    parameter re-pointed at the engine's flat buffer, bound on first use;
+    None when the C model does not take this config."""
+    from ..torch.model import _EngineSlot
+    slot = model.__dict__.get("_anebackward_slot")
+    if slot is None:
+        slot = model._anebackward_slot = _EngineSlot()
+    if slot.engine is None and slot.fresh:
+        from .. import Llama
+        from ..hf import config_from_hf, hf_name
+        from ..layout import tensor_specs
+        try:
+            cfg = config_from_hf(model.config.to_dict())
+        except Exception:  # noqa: BLE001 - any config the C model does not speak: per-op path
+            slot.fresh = False  # for good
+            return None
+        specs = tensor_specs(cfg)
+        own = dict(model.named_parameters())
+        names = [hf_name(n) for n, _, _ in specs]
+        if sorted(own) != sorted(names) or not all(_fast(p) for p in own.values()):
+            return None  # e.g. bfloat16 now: tried again on a later call
+        engine = Llama(cfg, init=False)
+        with torch.no_grad():
+            for (name, _, _), hn in zip(specs, names):
+                view = torch.from_numpy(engine.params[name])
+                view.copy_(own[hn])
+                own[hn].data = view
+        slot.bind(engine, specs, [own[hn] for hn in names])
+        slot.fresh = False
+    return slot if slot.in_place() else None
+
+
+def _one_call(model, a, kw, labels, shift_labels, n_items):
+    """The loss of the whole model as one C call forward and one backward
+    (anebackward.torch.model.ModelFunction), when this call allows it: plain
+    causal inputs at positions 0..S-1, no cache in or out needed, no extra
+    outputs asked; else None (then the per-op path runs)."""
+    from ..torch.model import ModelFunction
+    ids = a.get("input_ids")
+    if (not model._anebackward_one_call or ids is None or ids.dim() != 2
+            or a.get("inputs_embeds") is not None or ids.device.type != "cpu"
+            or any(kw.get(k) for k in ("output_attentions", "output_hidden_states"))
+            or set(kw) - {"output_attentions", "output_hidden_states", "return_dict"}):
+        return None
+    S = ids.shape[1]
+    if any(a.get(k) is not None for k in ("cache", "past_key_values")) or \
+            kw.get("past_key_values") is not None:
+        return None
+    pos = a.get("position_ids")
+    if pos is not None and not torch.equal(pos, torch.arange(S).expand_as(pos)):
+        return None
+    if not _plain_causal(a.get("attention_mask"), None, None):
+        return None
+    if model.config.attention_dropout and model.training:
+        return None
+    if S > model.config.max_position_embeddings:
+        return None
+    targets = _shifted_targets(labels, shift_labels).view(ids.shape)
+    counted = int((targets != -1).sum())
+    if counted == 0:
+        return None
+    slot = _one_call_slot(model)
+    if slot is None:
+        return None
+    need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    loss = ModelFunction.apply(slot.engine, slot.specs, ids, targets, need, *slot.params)
+    if n_items is not None:  # HF: sum / num_items_in_batch; the C model gives the mean
+        loss = loss * (counted / n_items)
+    return loss
+
+
 def causal_lm_forward_wrapper(orig):
     """Wraps LlamaForCausalLM / Qwen3ForCausalLM.forward: in training with
     labels, the loss comes from the chunked fused classifier + cross-entropy
@@ -188,20 +268,23 @@ def causal_lm_forward_wrapper(orig):
                 or self.lm_head.bias is not None or not _fast(self.lm_head.weight)):
             return orig(self, *args, **kwargs)
         n_items = kw.pop("num_items_in_batch", None)
+        if torch.is_tensor(n_items):
+            n_items = float(n_items.item())
         a.pop("self")
         a.pop("labels", None)
         a.pop("logits_to_keep", None)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        loss = _one_call(self, a, kw, labels, shift_labels, n_items)
+        if loss is not None:  # the whole model in C: no hidden states, no cache to return
+            return CausalLMOutputWithPast(loss=loss, logits=None)
         out = self.model(**a, **kw)
         h = out.last_hidden_state
         if not _fast(h):
             raise TypeError(f"anebackward.transformers: the decoder returned {h.dtype} hidden "
                             f"states on {h.device}; the fused loss needs CPU float32")
         targets = _shifted_targets(labels, shift_labels)
-        if torch.is_tensor(n_items):
-            n_items = float(n_items.item())
         loss = chunked_classifier_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
                                                 targets, n_items=n_items)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
         res = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                      attentions=out.attentions)
         cache_field = "cache" if hasattr(out, "cache") else "past_key_values"
