@@ -202,7 +202,7 @@ class ModelFunction(torch.autograd.Function):
 ONE_CALL_CHOICES = ("auto", True, False)
 
 
-class _EngineSlot:
+class EngineSlot:
     """The one-call engine of a Transformer and the parameters bound to its
     flat buffer. Copies and pickles start empty (fresh): the C model's
     buffers are not copied along; the copy binds its own on first use."""
@@ -222,7 +222,7 @@ class _EngineSlot:
             for p, ptr in zip(self.params, self.ptrs))
 
     def __reduce__(self):
-        return (_EngineSlot, ())
+        return (EngineSlot, ())
 
 
 class Transformer(nn.Module):
@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         self.workspace = AttentionWorkspace()
         self.linear = linear
         self.one_call = one_call
-        self._slot = _EngineSlot()
+        self._slot = EngineSlot()
         self._slot.fresh = False
         self._one_call_bind()
         if blas_threads == "auto":

@@ -55,13 +55,15 @@ def _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
     return pairs
 
 
-def _threads(blas_threads):
-    """The package's thread pool and PyTorch's both spin on the same cores;
-    the dense projections run in PyTorch, so "auto" gives the package 1
-    thread (measured: a patched stories15M-shaped step 1870 ms at 1 vs
-    2541 ms at 2 package threads, torch at 2, loaded 2-core machine)."""
+def _threads(blas_threads, one_call):
+    """The package's thread pool and PyTorch's both spin on the same cores.
+    On the one-call path the package does all the work: "auto" leaves its
+    threads alone. On the per-op path the dense projections run in PyTorch,
+    so "auto" gives the package 1 thread (measured: a per-op patched
+    stories15M-shaped step 1870 ms at 1 vs 2541 ms at 2 package threads,
+    torch at 2, loaded 2-core machine)."""
     if blas_threads == "auto":
-        blas_threads = 1
+        blas_threads = None if one_call else 1
     if blas_threads is not None:
         import anebackward
         anebackward.set_num_threads(blas_threads)
@@ -70,7 +72,6 @@ def _threads(blas_threads):
 def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
            blas_threads, one_call):
     m, prefix = _modeling(model_type)
-    _threads(blas_threads)
     pairs = _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
     attn_cls = getattr(m, prefix + "Attention")
     lm_cls = getattr(m, prefix + "ForCausalLM")
@@ -78,6 +79,7 @@ def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_ent
     # every switch on: it is all of them at once)
     one_call = bool(one_call and rms_norm and rope and attention and swiglu
                     and fused_linear_cross_entropy)
+    _threads(blas_threads, one_call)
     if model is None:  # patch the classes: every model built afterwards
         for cls, fn in pairs:
             if "_anebackward_original_forward" not in cls.__dict__:
@@ -102,9 +104,11 @@ def apply_to_llama(*, rms_norm=True, rope=True, attention=True, swiglu=True,
                    blas_threads="auto"):
     """Patch HF's Llama modeling classes (model=None: every Llama built after
     this call) or one instantiated model's modules (model=...).
-    blas_threads: the package's (process-wide) thread count: "auto" = 1, as
-    PyTorch runs the dense projections on its own threads; an int sets it;
-    None leaves it alone."""
+    one_call: training calls the C model takes run as one C call each (the
+    default; False: always the per-op path).
+    blas_threads: the package's (process-wide) thread count: "auto" leaves it
+    alone with one_call, else sets 1 (PyTorch runs the dense projections on
+    its own threads); an int sets it; None leaves it alone."""
     return _apply("llama", rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
                   blas_threads, one_call)
 

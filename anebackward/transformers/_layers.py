@@ -180,10 +180,10 @@ def _one_call_slot(model):
     """The model's C engine (anebackward.Llama from its HF config) with every
     parameter re-pointed at the engine's flat buffer, bound on first use;
     None when the C model does not take this config."""
-    from ..torch.model import _EngineSlot
+    from ..torch.model import EngineSlot
     slot = model.__dict__.get("_anebackward_slot")
     if slot is None:
-        slot = model._anebackward_slot = _EngineSlot()
+        slot = model._anebackward_slot = EngineSlot()
     if slot.engine is None and slot.fresh:
         from .. import Llama
         from ..hf import config_from_hf, hf_name
