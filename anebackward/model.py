@@ -186,12 +186,16 @@ class Llama:
 
     __call__ = forward
 
-    def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0) -> None:
+    def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0,
+                 grads: Optional[F32Array] = None) -> None:
         """Fill model.grads with the gradient of the last forward()'s loss
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
-        grad_scale=1/n_micro). One C call over all layers."""
+        grad_scale=1/n_micro). One C call over all layers. grads: another
+        float32 buffer of n_params in the same layout to fill instead."""
         fn = "Llama.backward"
+        grads = self.flat_grads if grads is None else C.out(fn, "grads", grads, (self.n_params,),
+                                                                 ("flat_params", self.flat_params))
         if self._pending is None:
             raise RuntimeError(f"{fn}: call forward(tokens) (with want_grad=True) first; each "
                                "forward allows one backward")
@@ -199,7 +203,7 @@ class Llama:
         B, S = self._pending
         self._pending = None  # dlogits are consumed (scaled in place)
         work = self._workspace(B, S)
-        check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(self.flat_grads),
+        check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(grads),
                                     B, S, grad_scale, int(bool(accumulate)),
                                     fptr(work), work.size), fn)
 

@@ -26,14 +26,16 @@ def torch():
 
 def import_hf():
     """transformers + safetensors (the `hf` extra): the oracle of the Hugging
-    Face tests; required, not skipped, when ANEBACKWARD_REQUIRE_HF=1 (CI)."""
+    Face tests; required, not skipped, when ANEBACKWARD_REQUIRE_HF=1 (CI) or
+    ANEBACKWARD_REQUIRE_TORCH=1 (a missing oracle must fail, not skip)."""
     import_torch()
     try:
         import safetensors  # noqa: F401
         import transformers
     except ImportError as e:
-        if os.environ.get("ANEBACKWARD_REQUIRE_HF") == "1":
-            pytest.fail(f"ANEBACKWARD_REQUIRE_HF=1 but the hf extra cannot be imported: {e}")
+        if "1" in (os.environ.get("ANEBACKWARD_REQUIRE_HF"), os.environ.get("ANEBACKWARD_REQUIRE_TORCH")):
+            pytest.fail(f"ANEBACKWARD_REQUIRE_HF/ANEBACKWARD_REQUIRE_TORCH=1 but the hf extra "
+                        f"cannot be imported: {e}")
         pytest.skip("transformers/safetensors are not installed (pip install -e '.[hf]')")
     return transformers
 

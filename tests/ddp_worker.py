@@ -6,6 +6,7 @@ DistributedDataParallel (gloo, TCP on 127.0.0.1), runs forward/backward on
 its shard of the batch, takes one AdamW step, and (rank 0) saves the
 all-reduced gradients and the updated parameters."""
 import datetime
+import os
 import sys
 
 import torch
@@ -18,9 +19,10 @@ CFG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53, multiple_
            max_seq_len=16)
 
 
-def build():
+def build(one_call=False):
+    """one_call=True: return_logits=False, so that training takes the one-call path."""
     torch.manual_seed(0)
-    return at.Transformer(**CFG)
+    return at.Transformer(**CFG, return_logits=not one_call)
 
 
 def main():
@@ -36,10 +38,13 @@ def main():
         tok, tgt = torch.load(batch)
         shard = tok.shape[0] // world
         sl = slice(rank * shard, (rank + 1) * shard)
-        model = DDP(build())
+        one_call = os.environ.get("ANEBACKWARD_TEST_ONE_CALL") == "1"
+        model = DDP(build(one_call))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         model(tok[sl], tgt[sl])
         loss = model.module.last_loss
+        taken = type(loss.grad_fn).__name__ == "ModelFunctionBackward"
+        assert taken == one_call, f"one-call path taken: {taken}, wanted {one_call}"
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         opt.step()

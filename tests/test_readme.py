@@ -33,7 +33,7 @@ def test_readme_block_runs(code, skip_reason, tmp_path, monkeypatch):
         pytest.skip(f"README marks this block: {skip_reason}")
     if re.search(r"^\s*(from|import) (anebackward\.)?torch\b", code, re.M):
         import_torch()   # the PyTorch blocks need torch (required in CI)
-    if "_pretrained(" in code:
+    if re.search(r"^\s*(from|import) transformers\b", code, re.M) or "_pretrained(" in code:
         import_hf()      # the Hugging Face blocks need the hf extra (required in CI)
     monkeypatch.chdir(tmp_path)   # blocks may write files (model.bin)
     monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)

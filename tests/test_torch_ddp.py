@@ -38,7 +38,12 @@ def _launch(env, port, out, batch):
                                         for r, (p, log) in enumerate(zip(procs, logs)))
 
 
-def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path):
+@pytest.mark.parametrize("one_call", [False, True], ids=["per-op", "one-call"])
+def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path, one_call):
+    """2 gloo ranks against single-process training on the whole batch, both
+    on the per-op path or both on the one-call path (AdamW's first step
+    amplifies the 1e-6 differences between the two paths on near-zero
+    gradients; test_torch_model compares the paths)."""
     sys.path.insert(0, HERE)
     import ddp_worker
 
@@ -53,7 +58,7 @@ def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path):
     out = str(tmp_path / "rank0.pt")
 
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo0" if sys.platform == "darwin" else "lo",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", ANEBACKWARD_TEST_ONE_CALL=str(int(one_call)))
     # The free port is found by binding and closing a socket, so another
     # process can take it before rank 0 binds it; one more launch on a new
     # port covers that race. The gradient checks below are not retried.
@@ -67,7 +72,7 @@ def test_ddp_gloo_two_processes_match_single_process(torch, tmp_path):
         pytest.fail("DDP workers failed twice:\n" + "\n----\n".join(failures))
     ddp = torch.load(out)
 
-    model = ddp_worker.build()
+    model = ddp_worker.build(one_call)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model(tok, tgt)
     model.last_loss.backward()

@@ -134,6 +134,32 @@ def test_rope_f32(torch, at, rng, shape, hd, off):
                       [x], f"rope{shape}")
 
 
+def o_rope_half(torch, x, head_dim, pos_offset, theta):
+    """HF's rotate_half RoPE: pairs (k, k + head_dim/2), angles theta^(-2k/head_dim)."""
+    S, h = x.shape[-2], head_dim // 2
+    f = theta ** (-torch.arange(0, head_dim, 2, dtype=x.dtype) / head_dim)
+    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * f
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
+    xh = x.reshape(x.shape[:-1] + (-1, head_dim))
+    rot = torch.cat([-xh[..., h:], xh[..., :h]], -1)
+    return (xh * cos + rot * sin).reshape(x.shape)
+
+
+@pytest.mark.parametrize("shape,hd,off,theta", [((2, 37, 24), 6, 0, 10000.0), ((9, 16), 8, 3, 5e5)])
+def test_rope_half_layout_f32(torch, at, rng, shape, hd, off, theta):
+    x = _t(torch, rng, *shape)
+    _check_f32_vs_f64(torch, lambda x: at.rope(x, hd, off, layout="half", theta=theta),
+                      lambda x: o_rope_half(torch, x, hd, off, theta), [x], f"rope half{shape}")
+
+
+def test_rope_switches_gradcheck(torch, at, rng):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 4}
+    assert torch.autograd.gradcheck(
+        lambda x: at.rope(x, 8, 2, layout="half", theta=500.0, scaling=llama3),
+        (_t(torch, rng, 2, 5, 16),))
+
+
 @pytest.mark.parametrize("B,S,H,KV,hd", [(2, 37, 4, 4, 8), (1, 1, 2, 2, 4), (2, 16, 4, 2, 6),
                                          (1, 19, 8, 2, 4), (1, 9, 1, 1, 5)])
 def test_attention_f32(torch, at, rng, B, S, H, KV, hd):
@@ -345,3 +371,26 @@ def test_anebackward_torch_without_torch_says_how_to_install():
             "try:\n    import anebackward.torch\nexcept ImportError as e:\n"
             "    assert 'pip install torch' in str(e), e\nelse:\n    raise SystemExit('imported')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("chunk_rows,n_items", [(3, None), (4, 23.0), (None, None)])
+def test_chunked_classifier_cross_entropy(at, torch, rng, chunk_rows, n_items):
+    """Chunks of rows (one of them wholly ignored) against float64 autograd
+    of the full logits: loss and both gradients, with a dloss ≠ 1."""
+    N, D, V = 13, 8, 37
+    x = _t(torch, rng, N, D, dtype=torch.float32)
+    W = _t(torch, rng, V, D, dtype=torch.float32, scale=0.5)
+    tg = torch.from_numpy(rng.integers(0, V, N))
+    tg[3:6] = -1   # with chunk_rows=3 the chunk 3..5 counts nothing
+    tg[10] = -1
+    loss = at.chunked_classifier_cross_entropy(x, W, tg, n_items=n_items, chunk_rows=chunk_rows)
+    (loss * 2.5).backward()
+    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    keep = tg != -1
+    ce = torch.nn.functional.cross_entropy(x64[keep] @ W64.t(), tg[keep], reduction="sum")
+    ref = ce / (keep.sum() if n_items is None else n_items)
+    (ref * 2.5).backward()
+    _close(torch, loss, ref, "loss", rtol=1e-5)
+    _close(torch, x.grad, x64.grad, "dx", rtol=1e-5)
+    _close(torch, W.grad, W64.grad, "dW", rtol=1e-5)
+    assert x.grad[3:6].abs().max() == 0

@@ -117,7 +117,7 @@ def test_float64_model_runs_the_reference_path_exactly(torch, at, ref):
 
 def test_return_logits_false_keeps_loss_and_grads(torch, at, ref):
     a, _ = _pair(torch, at, ref, MHA)
-    b, _ = _pair(torch, at, ref, MHA, return_logits=False)
+    b, _ = _pair(torch, at, ref, MHA, return_logits=False, one_call=False)
     tok, tgt = _batch(torch, MHA)
     a(tok, tgt)
     assert b(tok, tgt) is None
@@ -325,3 +325,92 @@ def test_llama2c_train_loop_flow(torch, at, tmp_path):
         model(X, Y)
         resumed(X, Y)
     assert torch.equal(model.last_loss, resumed.last_loss)
+
+
+# ------------------------------------------------------- the one-call path
+def _one_call_taken(loss):
+    return type(loss.grad_fn).__name__ == "ModelFunctionBackward"
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["MHA", "GQA"])
+def test_one_call_path_matches_pytorch_llama(torch, at, ref, cfg):
+    """return_logits=False in training: one C call forward and backward, loss
+    and every gradient against float64 autograd of the plain-PyTorch Llama;
+    the parameters are views of the C model's flat buffer."""
+    ours, theirs = _pair(torch, at, ref, cfg, return_logits=False)
+    theirs = theirs.double()
+    flat = ours._slot.engine.flat_params
+    lo, hi = flat.ctypes.data, flat.ctypes.data + flat.nbytes
+    assert all(lo <= p.data_ptr() < hi for p in ours.parameters())  # zero-copy views
+    tok, tgt = _batch(torch, cfg)
+    assert ours(tok, tgt) is None
+    assert _one_call_taken(ours.last_loss)
+    (ours.last_loss * 0.5).backward()  # dloss != 1 reaches grad_scale
+    theirs(tok, tgt)
+    (theirs.last_loss * 0.5).backward()
+    assert abs(ours.last_loss.item() - theirs.last_loss.item()) < 1e-5
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        err = _rel(torch, p.grad, q.grad)
+        assert err < 2e-5, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_one_call_training_matches_per_op(torch, at, ref):
+    """Five AdamW steps with gradient accumulation over two micro-batches:
+    the one-call path and the per-op path give the same losses and weights
+    (the optimizer updates the flat buffer in place, the C model reads it)."""
+    runs = []
+    for one_call in (True, False):
+        m, _ = _pair(torch, at, ref, GQA, return_logits=False, one_call=one_call)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        losses = []
+        for step in range(5):
+            for micro in range(2):
+                tok, tgt = _batch(torch, GQA, seed=10 * step + micro)
+                m(tok, tgt)
+                if one_call:
+                    assert _one_call_taken(m.last_loss)
+                (m.last_loss / 2).backward()
+                losses.append(m.last_loss.item())
+            opt.step()
+            opt.zero_grad(set_to_none=step % 2 == 0)
+        runs.append((losses, [p.detach().clone() for p in m.parameters()]))
+    (la, pa), (lb, pb) = runs
+    assert la == pytest.approx(lb, rel=1e-5)
+    for p, q in zip(pa, pb):
+        assert _rel(torch, p, q) < 1e-4
+
+
+def test_one_call_chosen_per_call(torch, at, ref):
+    """What the one-call path cannot do runs per-op: logits wanted, inference
+    without targets, parameters moved out of the buffer; one_call=True says so."""
+    m, _ = _pair(torch, at, ref, MHA, return_logits=False)
+    tok, tgt = _batch(torch, MHA)
+    with torch.no_grad():                       # eval loss: one forward call, no graph
+        m(tok, tgt)
+        assert m.last_loss.grad_fn is None
+        evl = m.last_loss.item()
+    m(tok, tgt)
+    assert _one_call_taken(m.last_loss) and abs(m.last_loss.item() - evl) < 1e-6
+    assert m(tok).shape == (2, 1, MHA["vocab_size"])  # inference: last position's logits
+    m.return_logits = True
+    assert m(tok, tgt).shape == (2, 17, MHA["vocab_size"])
+    assert not _one_call_taken(m.last_loss)
+    m.return_logits = False
+    sd = copy.deepcopy(m.state_dict())
+    m.load_state_dict(sd)                       # copies in place: still the flat buffer
+    m(tok, tgt)
+    assert _one_call_taken(m.last_loss)
+    m.double()                                   # parameters re-allocated: per-op, float64
+    m(tok, tgt)
+    assert m.last_loss.dtype == torch.float64
+    m.float()
+    m.last_loss = None                           # a non-leaf tensor cannot be deep-copied
+    twin = copy.deepcopy(m)                      # a copy binds its own buffer on first use
+    twin(tok, tgt)
+    assert _one_call_taken(twin.last_loss)
+    assert twin._slot.engine is not m._slot.engine
+    m.one_call = True
+    with pytest.raises(ValueError, match="one_call=True"):
+        m(tok, tgt)
+    with pytest.raises(ValueError, match="one_call"):
+        at.Transformer(**MHA, one_call="yes")

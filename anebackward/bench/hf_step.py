@@ -1,86 +1,89 @@
-"""One training step (forward, backward, AdamW) of a Qwen3-shaped model:
-anebackward.Llama (with and without recompute) against transformers'
-Qwen3ForCausalLM on torch, one contender per process (their memory would not
-fit together), the same thread count.
+"""One training step (forward + backward + AdamW) of a Hugging Face
+LlamaForCausalLM: unpatched ("sdpa", "eager") vs patched by
+anebackward.transformers.apply, side by side in one process.
 
-    python -m anebackward.bench.hf_step --impl ours|ours-recompute|hf \\
-        [--layers 28] [--seq 256] [--steps 3] [--threads 2]
+    python -m anebackward.bench.hf_step --threads 2 --repeats 8
 
-prints one JSON line: median step seconds, every step's time, the
-workspace bytes (ours), peak RSS and the RSS growth of the steps after the
-first (the memory a step needs beyond the model's state). Random weights and
-tokens: only the time and the memory mean something.
+The model is built locally from a config at the stories15M shape (dim 288,
+6 layers, 6 heads, hidden 768, vocab 32000, tied; seq 256, batch 1), random
+weights, the same for every variant. Variants run round-robin (one step each
+per round) so that load from other processes hits them alike; medians are
+reported, with each variant's ratio to "sdpa".
 """
 import argparse
-import json
-import resource
+import copy
+import os
 import statistics
 import time
 
-import numpy as np
+import torch
+
+VARIANTS = ("sdpa", "eager", "patched")
 
 
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def build(variant, S, V):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=V, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+                      num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
+                      max_position_embeddings=S)
+    cfg._attn_implementation = "eager" if variant == "eager" else "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).train()
+    if variant == "patched":
+        import anebackward.transformers
+        anebackward.transformers.apply(model)
+    return model
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m anebackward.bench.hf_step")
-    p.add_argument("--impl", choices=("ours", "ours-recompute", "hf"), required=True)
-    p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    import anebackward as ab
-    cfg = ab.LlamaConfig.preset("qwen3-0.6b", n_layers=a.layers)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, a.seq))
-    times, rec = [], {"impl": a.impl, "layers": a.layers, "seq": a.seq, "batch": 1,
-                      "threads": a.threads}
-    if a.impl.startswith("ours"):
-        ab.set_num_threads(a.threads)
-        model = ab.Llama(cfg, seed=0, recompute=a.impl == "ours-recompute")
-        opt = ab.AdamW(model, lr=1e-5)
-        rec["workspace_bytes"] = model.workspace_bytes(1, a.seq)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    a = ap.parse_args(argv)
+    variants = a.variants.split(",")
+    if any(v not in VARIANTS for v in variants):
+        ap.error(f"variants: choose from {', '.join(VARIANTS)}")
+    V = 32000
+    la = os.getloadavg()
+    print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
+          f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
+    torch.set_num_threads(a.threads)  # the patched model sets the package's to 1 (apply's "auto")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, a.seq), generator=g)
+    setups = {}
+    for v in variants:
+        m = build(v, a.seq, V)
+        setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
 
-        def step():
-            model.forward(tokens)
-            model.backward()
-            opt.step()
-    else:
-        import torch
-        import transformers
-        torch.set_num_threads(a.threads)
-        ab.set_num_threads(a.threads)
-        hc = transformers.Qwen3Config(
-            hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True, max_position_embeddings=40960)
-        model = transformers.Qwen3ForCausalLM(hc).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        ids = torch.from_numpy(tokens)
-        rec["attn_implementation"] = model.config._attn_implementation
-
-        def step():
-            opt.zero_grad(set_to_none=False)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-    rss = []
-    for _ in range(a.steps):
-        rss.append(_rss_mb())
+    def step(v):
+        m, opt = setups[v]
         t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    rec.update(step_s_median=round(statistics.median(times[1:] or times), 3),
-               step_s=[round(t, 3) for t in times],
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               rss_before_step2_mb=round(rss[1]) if len(rss) > 1 else None)
-    print(json.dumps(rec), flush=True)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, loss.item()
+
+    first = {v: step(v)[1] for v in variants}  # same weights: the same first loss
+    for _ in range(a.warmup - 1):
+        for v in variants:
+            step(v)
+    times = {v: [] for v in variants}
+    for _ in range(a.repeats):
+        for v in variants:
+            times[v].append(step(v)[0])
+    base = statistics.median(times["sdpa"]) if "sdpa" in times else None
+    print(f"HF LlamaForCausalLM, stories15M shape, seq {a.seq}, batch 1, AdamW; "
+          f"{a.repeats} timed steps each after {a.warmup} warm-up")
+    print(f"  {'variant':<10} {'median ms':>10} {'min ms':>8} {'sdpa/this':>10}  first-step loss")
+    for v in variants:
+        med = statistics.median(times[v])
+        rel = f"{base / med:9.2f}x" if base else ""
+        print(f"  {v:<10} {med * 1e3:10.1f} {min(times[v]) * 1e3:8.1f} {rel:>10}  {first[v]:.6f}")
+    return times
 
 
 if __name__ == "__main__":

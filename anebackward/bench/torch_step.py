@@ -38,7 +38,8 @@ SHAPES = {
 
 # name: (model, linear, return_logits, torch threads, anebackward threads);
 # "T" = --threads. PyTorch's and OpenBLAS's thread pools both busy-wait, so
-# each variant gives the threads to whoever runs the matmuls.
+# each variant gives the threads to whoever runs the matmuls. Only
+# "ab-onecall" takes Transformer's one-call path (the whole step in C).
 VARIANTS = {
     "plain": ("plain", "torch", True, "T", 1),
     "ab": ("ab", "torch", True, "T", 1),
@@ -46,6 +47,7 @@ VARIANTS = {
     "ab-nologits": ("ab", "torch", False, "T", 1),
     "ab-2pools": ("ab", "torch", True, "T", "T"),
     "ab-linear": ("ab", "anebackward", True, 1, "T"),
+    "ab-onecall": ("ab", "torch", False, 1, "T"),
 }
 
 
@@ -71,7 +73,8 @@ def build(shape, variant):
     args = {k: v for k, v in c.items() if k != "batch"}
     torch.manual_seed(0)
     ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits,
-                          blas_threads=None)  # each variant sets its threads per step
+                          blas_threads=None,  # each variant sets its threads per step
+                          one_call=variant == "ab-onecall")
     if kind == "plain":
         plain = PlainLlama(**args)
         plain.load_state_dict(ours.state_dict())
@@ -145,7 +148,9 @@ def main():
                     help="comma list of: plain (PyTorch eager), ab (package kernels + torch "
                          "matmuls + anebackward.torch.AdamW), ab-torchopt (ab with "
                          "torch.optim.AdamW), ab-nologits (ab, return_logits=False), ab-2pools (ab with "
-                         "both thread pools at --threads), ab-linear (package linear kernels too)")
+                         "both thread pools at --threads), ab-linear (package linear kernels too), "
+                         "ab-onecall (return_logits=False on the one-call path: the whole step "
+                         "in C)")
     a = ap.parse_args()
     info = anebackward.blas_info()
     la = os.getloadavg()

@@ -138,33 +138,44 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *,
 
 
 # ------------------------------------------------------------------ RoPE ----
-def _rope_ref(x, head_dim, pos_offset, sign):
-    """Rotate pairs (2i, 2i+1) by sign·(pos_offset + s)·10000^(−2i/head_dim), float64."""
+def _rope_ref(x, head_dim, pos_offset, sign, layout="interleaved", theta=10000.0, scaling=None):
+    """Rotate each head's pairs by sign·(pos_offset + s)·f_k, float64; pairs
+    (2k, 2k+1) for layout "interleaved", (k, k + head_dim/2) for "half"."""
     S = x.shape[-2]
-    i = torch.arange(0, head_dim, 2, dtype=x.dtype)
-    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * 10000.0 ** (-i / head_dim)
+    if scaling is None:
+        f = theta ** (-torch.arange(0, head_dim, 2, dtype=x.dtype) / head_dim)
+    else:  # the kernel's (float32) Llama-3 frequencies
+        f = torch.from_numpy(ab.rope_inv_freq(head_dim, layout=layout, theta=theta,
+                                              scaling=scaling)).to(x.dtype)
+    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * f
     c, s = torch.cos(ang)[:, None, :], sign * torch.sin(ang)[:, None, :]
+    if layout == "half":
+        xr = x.reshape(x.shape[:-1] + (-1, 2, head_dim // 2))
+        x0, x1 = xr[..., 0, :], xr[..., 1, :]
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-2).reshape(x.shape)
     xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
     x0, x1 = xr[..., 0], xr[..., 1]
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).reshape(x.shape)
 
 
 class RoPEFunction(torch.autograd.Function):
-    """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd] (llama2.c pairs)."""
+    """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd]; rope= holds the
+    kernel's switches (layout, theta, scaling: anebackward.rope's keywords)."""
 
     @staticmethod
-    def forward(ctx, x, head_dim, pos_offset, backend):
+    def forward(ctx, x, head_dim, pos_offset, rope_kw, backend):
         dt = path("rope", x=x)
-        ctx.head_dim, ctx.pos_offset, ctx.backend = head_dim, pos_offset, backend
+        ctx.head_dim, ctx.pos_offset, ctx.rope_kw, ctx.backend = head_dim, pos_offset, rope_kw, backend
         if dt != F32:
             _C.positive_int("rope", "head_dim", head_dim)
             _C.nonneg_int("rope", "pos_offset", pos_offset)
             if head_dim % 2 or x.dim() not in (2, 3) or x.shape[-1] % head_dim:
                 raise ValueError(f"rope: x must be [S, H*head_dim] or [B, S, H*head_dim] with an "
                                  f"even head_dim, got {tuple(x.shape)} with head_dim {head_dim}")
-            return _rope_ref(x, head_dim, pos_offset, 1.0)
+            return _rope_ref(x, head_dim, pos_offset, 1.0, **rope_kw)
         y = torch.empty_like(x)
-        ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y), backend=backend)
+        ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y),
+                backend=backend, **rope_kw)
         return y
 
     @staticmethod
@@ -172,18 +183,22 @@ class RoPEFunction(torch.autograd.Function):
     def backward(ctx, dy):
         dy = grad_view(dy)
         if dy.dtype != F32:
-            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0), None, None, None
+            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0, **ctx.rope_kw), None, None, None, None
         dx = torch.empty_like(dy)
         ab.rope_backward(np_view(dy), head_dim=ctx.head_dim, pos_offset=ctx.pos_offset,
-                         dx=np_view(dx), backend=ctx.backend)
-        return dx, None, None, None
+                         dx=np_view(dx), backend=ctx.backend, **ctx.rope_kw)
+        return dx, None, None, None, None
 
 
 @_eager_only
-def rope(x: torch.Tensor, head_dim: int, pos_offset: int = 0, *,
+def rope(x: torch.Tensor, head_dim: int, pos_offset: int = 0, *, layout: str = "interleaved",
+         theta: float = 10000.0, scaling: Optional[dict] = None,
          backend: Backend = None) -> torch.Tensor:
-    """Rotate each head's pairs by position (angles 10000^(−2i/head_dim), as llama2.c)."""
-    return RoPEFunction.apply(x, head_dim, pos_offset, backend)
+    """Rotate each head's pairs by position: llama2.c's interleaved pairs and
+    angles 10000^(−2i/head_dim) by default; layout="half", theta= and HF's
+    rope_scaling dict (scaling=) give Hugging Face's RoPE (anebackward.rope)."""
+    rope_kw = dict(layout=layout, theta=theta, scaling=scaling)
+    return RoPEFunction.apply(x, head_dim, pos_offset, rope_kw, backend)
 
 
 # ------------------------------------------------------------- attention ----
@@ -458,3 +473,92 @@ def classifier_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: tor
     need = _needs_grad(x, weight)
     return ClassifierCrossEntropyFunction.apply(x, weight, targets, bool(return_logits), need,
                                                 matmul, backend)
+
+
+# ------------------------- classifier + cross-entropy, chunked over rows ----
+def _chunk_rows(V, chunk_rows):
+    """Rows per chunk: about 8 Mi logits (32 MB) at a time, at least 16 rows."""
+    if chunk_rows is None:
+        return max(16, (1 << 23) // V)
+    return _C.positive_int("chunked_classifier_cross_entropy", "chunk_rows", chunk_rows)
+
+
+class ChunkedClassifierCrossEntropyFunction(torch.autograd.Function):
+    """loss = Σ_counted CE(x·Wᵀ, targets) / n_items, one chunk of rows at a time.
+
+    Only a [chunk, vocab] logits buffer ever exists: each chunk's logits are
+    turned into dlogits in place by the fused cross-entropy kernel (scaled so
+    that every chunk shares the global divisor n_items) and immediately folded
+    into dx and dW. The gradients are thus computed in the forward and only
+    scaled by the incoming dloss in the backward (as Liger Kernel's fused
+    linear cross-entropy does), so no activation of vocab size is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, n_items, need_grad, chunk_rows, backend):
+        dt = path("chunked_classifier_cross_entropy", x=x, weight=weight)
+        if dt != F32 or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"chunked_classifier_cross_entropy: need float32 x [N, D] and weight "
+                             f"[vocab, D]; got x {tuple(x.shape)} {x.dtype}, weight "
+                             f"{tuple(weight.shape)} {weight.dtype}")
+        N, D, V = x.shape[0], x.shape[1], weight.shape[0]
+        tg = targets_check("chunked_classifier_cross_entropy", "targets", targets, (N,))
+        tg = _C.tokens("chunked_classifier_cross_entropy", "targets", tg, V, allow_ignore=True)
+        counted = tg != -1
+        if n_items is None:
+            n_items = int(counted.sum())
+        n_items = float(n_items)
+        C = min(N, _chunk_rows(V, chunk_rows))
+        buf = torch.empty(C, V, dtype=F32)
+        dx = torch.zeros_like(x) if need_grad else None
+        dW = torch.zeros_like(weight) if need_grad else None
+        total = 0.0
+        for r0 in range(0, N, C):
+            r1 = min(N, r0 + C)
+            nc = int(counted[r0:r1].sum())
+            if nc == 0:
+                continue  # nothing counted: no loss, zero gradient rows
+            xc, lg = x[r0:r1], buf[:r1 - r0]
+            torch.mm(xc, weight.t(), out=lg)
+            la = np_view(lg)
+            if need_grad:  # dlogits = (softmax − onehot)/n_items, over the logits in place
+                lc, _ = ab.cross_entropy_backward(la, tg[r0:r1], dlogits=la,
+                                                  grad_scale=nc / n_items, backend=backend)
+                torch.mm(lg, weight, out=dx[r0:r1])
+                dW.addmm_(lg.t(), xc)
+            else:
+                lc = ab.cross_entropy(la, tg[r0:r1], backend=backend)
+            total += lc * nc
+        del buf
+        if need_grad:
+            ctx.save_for_backward(dx, dW)
+        # nothing counted at all: NaN without num_items_in_batch, like torch's mean
+        loss = total / n_items if n_items > 0 else float("nan")
+        return torch.tensor(loss, dtype=F32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        if not ctx.saved_tensors:
+            raise RuntimeError("chunked_classifier_cross_entropy: backward through a forward "
+                               "that ran without grad")
+        dx, dW = ctx.saved_tensors
+        s = float(dloss)
+        if s != 1.0:
+            dx, dW = dx * s, dW * s
+        return (dx if ctx.needs_input_grad[0] else None, dW if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None)
+
+
+@_eager_only
+def chunked_classifier_cross_entropy(x, weight, targets, *, n_items=None, chunk_rows=None,
+                                     backend=None):
+    """Σ cross-entropy(x·weightᵀ, targets) / n_items over the rows whose target
+    is not −1, with the [N, vocab] logits never held in full (chunk_rows at a
+    time; default about 32 MB of logits). n_items defaults to the number of
+    counted rows (the mean); pass HF's num_items_in_batch to divide by that.
+    x [N, D] float32, weight [vocab, D], targets [N] integer ids.
+    The gradients are computed during the forward (dx and dW held until the
+    backward): call it only when a backward follows, or under no_grad."""
+    need = _needs_grad(x, weight)
+    return ChunkedClassifierCrossEntropyFunction.apply(x, weight, targets, n_items, need,
+                                                       chunk_rows, backend)

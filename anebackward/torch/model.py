@@ -19,6 +19,14 @@ package's OpenBLAS sgemm was 10-25 % faster than MKL; README.md, "PyTorch");
 Transformer(..., linear="anebackward") routes them to the package's linear
 kernels instead.
 
+One-call path: in training with targets and return_logits=False, the whole
+forward and backward are ONE C call each (ab_model_forward/backward, the
+engine of anebackward.Llama), wrapped as one autograd Function over all
+parameters; the parameters are views of the C model's one flat buffer
+(zero-copy). Anything that path cannot do (logits wanted, inference without
+targets, float64, parameters moved out of the buffer by .to()/.double(),
+one_call=False) takes the per-op path above, chosen per call.
+
 Differences from llama2.c, each deliberate:
   - dropout > 0 in training mode raises NotImplementedError (the attention
     kernel has no dropout on the probabilities); eval mode ignores dropout as
@@ -40,9 +48,12 @@ from typing import Any, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import anebackward
 
+from ..layout import tensor_specs
+from ..config import LlamaConfig
 from .optim import AdamW
 from .functions import (AttentionWorkspace, attention, classifier_cross_entropy, linear,
                         rmsnorm, rope, swiglu)
@@ -165,6 +176,56 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class ModelFunction(torch.autograd.Function):
+    """loss = the whole model's mean cross-entropy in one C call forward
+    (ab_model_forward) and one backward (ab_model_backward), over an
+    anebackward.Llama engine whose flat buffer the parameters view. The
+    gradients come back as views of one fresh flat buffer (autograd adds them
+    to .grad as usual: accumulation, DDP hooks and tied weights just work)."""
+
+    @staticmethod
+    def forward(ctx, engine, specs, tokens, targets, need_grad, *params):
+        loss = engine.forward(tokens.detach().cpu().numpy(), targets.detach().cpu().numpy(),
+                              want_grad=need_grad)
+        ctx.engine, ctx.specs = engine, specs
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        engine = ctx.engine
+        flat = torch.empty(engine.n_params, dtype=torch.float32)
+        engine.backward(grad_scale=float(dloss), grads=flat.numpy())
+        grads = [flat[off:off + math.prod(shape)].view(shape) for _, off, shape in ctx.specs]
+        return (None, None, None, None, None, *grads)
+
+
+ONE_CALL_CHOICES = ("auto", True, False)
+
+
+class EngineSlot:
+    """The one-call engine of a Transformer and the parameters bound to its
+    flat buffer. Copies and pickles start empty (fresh): the C model's
+    buffers are not copied along; the copy binds its own on first use."""
+
+    def __init__(self):
+        self.engine, self.specs, self.params, self.ptrs, self.fresh = None, None, (), (), True
+
+    def bind(self, engine, specs, params):
+        self.engine, self.specs, self.params = engine, specs, params
+        self.ptrs = [int(engine.params[name].ctypes.data) for name, _, _ in specs]
+
+    def in_place(self):
+        """Every parameter still CPU float32 at its place in the flat buffer
+        (not re-allocated by .to(), .double(), ...)."""
+        return self.engine is not None and all(
+            p.dtype == torch.float32 and p.device.type == "cpu" and p.data_ptr() == ptr
+            for p, ptr in zip(self.params, self.ptrs))
+
+    def __reduce__(self):
+        return (EngineSlot, ())
+
+
 class Transformer(nn.Module):
     """llama2.c's Transformer over anebackward kernels.
 
@@ -178,13 +239,18 @@ class Transformer(nn.Module):
                            PyTorch runs the matmuls (linear="torch"), since
                            both pools busy-wait and two pools on the same
                            cores slow each other down several-fold; an int
-                           sets it; None leaves it alone."""
+                           sets it; None leaves it alone. The one-call path
+                           runs everything in the package, so "auto" leaves
+                           it alone when return_logits=False.
+      one_call="auto"      the one-call path when the call allows it (see the
+                           module docstring); False: always per-op; True:
+                           raise when a training call cannot take it."""
 
     last_loss: Optional[torch.Tensor]
 
     def __init__(self, params: Optional[ModelArgs] = None, *, return_logits: bool = True,
                  linear: str = "torch", blas_threads: Union[str, int, None] = "auto",
-                 **kwargs: Any) -> None:
+                 one_call: Union[str, bool] = "auto", **kwargs: Any) -> None:
         super().__init__()
         if params is None:
             params = ModelArgs(**kwargs)
@@ -193,6 +259,8 @@ class Transformer(nn.Module):
                             f"not both (got extra {sorted(kwargs)})")
         if linear not in LINEAR_CHOICES:
             raise ValueError(f"Transformer: linear must be one of {LINEAR_CHOICES}, got {linear!r}")
+        if one_call not in ONE_CALL_CHOICES:
+            raise ValueError(f"Transformer: one_call must be 'auto', True or False, got {one_call!r}")
         if not 0.0 <= params.dropout < 1.0:
             raise ValueError(f"Transformer: dropout must be in [0, 1), got {params.dropout}")
         self.params = params
@@ -221,8 +289,12 @@ class Transformer(nn.Module):
 
         self.workspace = AttentionWorkspace()
         self.linear = linear
+        self.one_call = one_call
+        self._slot = EngineSlot()
+        self._slot.fresh = False
+        self._one_call_bind()
         if blas_threads == "auto":
-            blas_threads = 1 if linear == "torch" else None
+            blas_threads = 1 if linear == "torch" and (self.return_logits or not one_call) else None
         if blas_threads is not None:
             anebackward.set_num_threads(blas_threads)
 
@@ -239,6 +311,44 @@ class Transformer(nn.Module):
             layer.attention.linear_impl = impl
             layer.feed_forward.linear_impl = impl
             layer.attention.workspace = self.workspace
+
+    def _one_call_bind(self):
+        """An anebackward.Llama of this shape, in self._slot; every parameter
+        becomes a view of its flat buffer (values copied once, here: at
+        construction, and on the first one-call forward of a copied or
+        unpickled model). Leaves the slot empty for shapes the C model does
+        not take (then the per-op path runs)."""
+        p = self.params
+        try:
+            cfg = LlamaConfig(dim=p.dim, hidden_dim=self.layers[0].feed_forward.w1.weight.shape[0],
+                              n_layers=p.n_layers, n_heads=p.n_heads,
+                              n_kv_heads=p.n_kv_heads or p.n_heads, vocab_size=p.vocab_size,
+                              max_seq_len=p.max_seq_len, shared_classifier=True,
+                              norm_eps=p.norm_eps)
+        except ValueError:
+            return
+        specs = tensor_specs(cfg)
+        own = dict(self.named_parameters())
+        if sorted(own) != sorted(name for name, _, _ in specs):
+            return
+        engine = anebackward.Llama(cfg, init=False)
+        with torch.no_grad():
+            for name, _, _ in specs:
+                view = torch.from_numpy(engine.params[name])
+                view.copy_(own[name])
+                own[name].data = view
+        self._slot.bind(engine, specs, [own[name] for name, _, _ in specs])
+
+    def _one_call_ok(self, tokens, targets):
+        """Whether this call can take the one-call path."""
+        if self.one_call is False or targets is None or self.return_logits:
+            return False
+        if tokens.device.type != "cpu" or targets.device.type != "cpu":
+            return False
+        if self._slot.engine is None and self._slot.fresh:  # a copy: bind its own buffer
+            self._slot.fresh = False
+            self._one_call_bind()
+        return self._slot.in_place()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -260,6 +370,16 @@ class Transformer(nn.Module):
         if seqlen > self.params.max_seq_len:
             raise ValueError(f"Transformer.forward: seqlen {seqlen} exceeds max_seq_len "
                              f"{self.params.max_seq_len}; crop the tokens (as generate() does)")
+        if self._one_call_ok(tokens, targets):
+            need = torch.is_grad_enabled() and any(p.requires_grad for p in self._slot.params)
+            slot = self._slot
+            self.last_loss = ModelFunction.apply(slot.engine, slot.specs, tokens, targets, need,
+                                                 *slot.params)
+            return None
+        if self.one_call is True and targets is not None and torch.is_grad_enabled():
+            raise ValueError("Transformer.forward: one_call=True but this call cannot take the "
+                             "one-call path (it needs return_logits=False, CPU float32 "
+                             "parameters still in the model's flat buffer, and targets)")
         h = self.tok_embeddings(tokens)
         freqs_cos, freqs_sin = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen]
         for layer in self.layers:

@@ -1,0 +1,294 @@
+"""The patched forwards of HF's Llama / Qwen3 modules.
+
+Each forward takes the package's C kernels when the call is one they compute
+exactly, and otherwise calls the module class's original (HF) forward for
+that call, so a patched model never gives a silently different result:
+
+  kernel path                         falls back to HF's code when
+  RMSNorm (incl. Qwen3 q_norm/k_norm) input not CPU float32
+  SwiGLU MLP                          input not CPU float32, hidden_act not silu
+  attention (causal, MHA/GQA)         the model call is not plain causal (below),
+                                      dropout > 0 in training, output_attentions,
+                                      a sliding window shorter than the sequence,
+                                      a non-default attention scaling
+  classifier + cross-entropy          not training, no labels, logits_to_keep,
+                                      hidden states not CPU float32
+
+One-call path (the default for training calls with labels): plain causal
+inputs at positions 0..S-1 (input_ids, no mask zeros, no cache in), no extra
+outputs asked, a config the C model speaks (anebackward.hf.config_from_hf):
+the whole model runs as one C call forward and one backward
+(anebackward.torch.model.ModelFunction over an anebackward.Llama whose flat
+buffer the HF parameters then view); it returns the loss only (logits,
+cache and hidden states None). Everything else takes the per-op path above.
+
+"Plain causal" is decided once per model call from what the caller passed:
+attention_mask None or all ones, position_ids None or consecutive in each
+row (restarting positions = packed sequences), and no tokens already in the
+cache (a prefill or training step). It lives in a ContextVar for the call.
+"""
+import contextvars
+import functools
+import inspect
+
+import torch
+
+from ..torch.functions import (AttentionWorkspace, attention, chunked_classifier_cross_entropy,
+                               rmsnorm, rope, swiglu)
+
+_PLAIN_CAUSAL = contextvars.ContextVar("anebackward_plain_causal", default=False)
+_WORKSPACE = AttentionWorkspace()
+_IGNORE_INDEX = -100  # HF's label ignore index; the kernel's is -1
+
+
+def original(cls):
+    """The class's HF forward (before any class-level patch)."""
+    return cls.__dict__.get("_anebackward_original_forward") or cls.forward
+
+
+def _fast(*tensors):
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+# ---------------------------------------------------------------- RMSNorm ----
+def rms_norm_forward(self, hidden_states):
+    if not _fast(hidden_states, self.weight):
+        return original(type(self))(self, hidden_states)
+    return rmsnorm(hidden_states.contiguous(), self.weight, self.variance_epsilon)
+
+
+# ---------------------------------------------------------------- SwiGLU ----
+def swiglu_forward(self, x):
+    if not _fast(x) or self.config.hidden_act not in ("silu", "swish"):
+        return original(type(self))(self, x)
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+# ------------------------------------------------------------- attention ----
+def _plain_causal(attention_mask, position_ids, cache):
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or not bool(attention_mask.bool().all()):
+            return False
+    if position_ids is not None and position_ids.shape[-1] > 1:
+        if not bool((position_ids.diff(dim=-1) == 1).all()):
+            return False
+    if cache is not None and cache.get_seq_length() > 0:
+        return False
+    return True
+
+
+def model_forward_wrapper(orig):
+    """Wraps a decoder model's forward (LlamaModel, Qwen3Model): decides
+    "plain causal" from the caller's inputs for the duration of the call."""
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def forward(self, *args, **kwargs):
+        a = sig.bind_partial(self, *args, **kwargs).arguments
+        kw = a.get("kwargs", {})
+        cache = next((d[n] for d in (a, kw) for n in ("cache", "past_key_values")
+                      if d.get(n) is not None), None)
+        token = _PLAIN_CAUSAL.set(_plain_causal(a.get("attention_mask"), a.get("position_ids"),
+                                                cache))
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _PLAIN_CAUSAL.reset(token)
+
+    return forward
+
+
+def _kernel_rope(config, position_ids, S):
+    """(pos_offset, theta, scaling) when the RoPE kernel computes HF's angles
+    exactly for this call (every row at positions p0..p0+S-1, rope type
+    default or llama3), else None (then HF's cos/sin are applied in torch)."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    scaling = rp if rp.get("rope_type", "default") != "default" else None
+    theta = rp.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None or (scaling is not None and scaling.get("rope_type") != "llama3"):
+        return None
+    p0 = 0
+    if position_ids is not None:
+        p0 = int(position_ids.reshape(-1)[0])
+        if p0 < 0 or not torch.equal(position_ids, (torch.arange(S) + p0).expand_as(position_ids)):
+            return None
+    return p0, float(theta), scaling
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rope_half(x, cos, sin):
+    """HF's rotate-half RoPE on [B, S, H, hd] with cos/sin [B, S, hd]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                      **kwargs):
+    # the KV cache is `past_key_values` up to transformers 5.23 and `cache` from 5.24
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    B, S = hidden_states.shape[:2]
+    hd = self.head_dim
+    sliding = getattr(self, "sliding_window", None)
+    if (not _PLAIN_CAUSAL.get() or not _fast(hidden_states) or position_embeddings is None
+            or (self.training and self.attention_dropout > 0.0)
+            or kwargs.get("output_attentions") or (sliding is not None and sliding < S)
+            or abs(self.scaling - hd ** -0.5) > 1e-12 * hd ** -0.5):
+        return original(type(self))(self, hidden_states, position_embeddings=position_embeddings,
+                                    attention_mask=attention_mask, **kwargs)
+    cfg = self.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    q = self.q_proj(hidden_states).view(B, S, H, hd)
+    k = self.k_proj(hidden_states).view(B, S, KV, hd)
+    v = self.v_proj(hidden_states)
+    if hasattr(self, "q_norm"):  # Qwen3: RMSNorm of each head over head_dim
+        q, k = self.q_norm(q), self.k_norm(k)
+    kr = _kernel_rope(cfg, kwargs.get("position_ids"), S) if self._anebackward_rope else None
+    if kr is not None:  # the kernel's rotate-half layout, HF's theta and Llama-3 scaling
+        p0, theta, scaling = kr
+        sw = dict(layout="half", theta=theta, scaling=scaling)
+        q = rope(q.reshape(B, S, H * hd), hd, p0, **sw).view(B, S, H, hd)
+        k = rope(k.reshape(B, S, KV * hd), hd, p0, **sw).view(B, S, KV, hd)
+    else:
+        cos, sin = position_embeddings
+        q, k = _rope_half(q, cos, sin), _rope_half(k, cos, sin)
+    if cache is not None:  # an empty cache (prefill): store the keys/values as HF does
+        cache.update(k.transpose(1, 2), v.view(B, S, KV, hd).transpose(1, 2), self.layer_idx)
+    out = attention(q.reshape(B, S, H * hd), k.reshape(B, S, KV * hd), v, H, KV,
+                    workspace=_WORKSPACE)
+    return self.o_proj(out), None
+
+
+# ------------------------------------------- classifier + cross-entropy ----
+def _shifted_targets(labels, shift_labels):
+    """HF's causal-LM shift: position t predicts labels[t+1]; the last
+    position predicts nothing. -100 (HF's ignore index) becomes the kernel's -1."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=_IGNORE_INDEX)[..., 1:]
+    t = shift_labels.reshape(-1)
+    bad = (t < 0) & (t != _IGNORE_INDEX)
+    if bool(bad.any()):
+        raise ValueError(f"labels: negative label {int(t[bad][0])}; only {_IGNORE_INDEX} "
+                         f"(ignored) may be negative")
+    return torch.where(t == _IGNORE_INDEX, -1, t)
+
+
+def _one_call_slot(model):
+    """The model's C engine (anebackward.Llama from its HF config) with every
+    parameter re-pointed at the engine's flat buffer, bound on first use;
+    None when the C model does not take this config."""
+    from ..torch.model import EngineSlot
+    slot = model.__dict__.get("_anebackward_slot")
+    if slot is None:
+        slot = model._anebackward_slot = EngineSlot()
+    if slot.engine is None and slot.fresh:
+        from .. import Llama
+        from ..hf import config_from_hf, hf_name
+        from ..layout import tensor_specs
+        try:
+            cfg = config_from_hf(model.config.to_dict())
+        except Exception:  # noqa: BLE001 - any config the C model does not speak: per-op path
+            slot.fresh = False  # for good
+            return None
+        specs = tensor_specs(cfg)
+        own = dict(model.named_parameters())
+        names = [hf_name(n) for n, _, _ in specs]
+        if sorted(own) != sorted(names) or not all(_fast(p) for p in own.values()):
+            return None  # e.g. bfloat16 now: tried again on a later call
+        engine = Llama(cfg, init=False)
+        with torch.no_grad():
+            for (name, _, _), hn in zip(specs, names):
+                view = torch.from_numpy(engine.params[name])
+                view.copy_(own[hn])
+                own[hn].data = view
+        slot.bind(engine, specs, [own[hn] for hn in names])
+        slot.fresh = False
+    return slot if slot.in_place() else None
+
+
+def _one_call(model, a, kw, labels, shift_labels, n_items):
+    """The loss of the whole model as one C call forward and one backward
+    (anebackward.torch.model.ModelFunction), when this call allows it: plain
+    causal inputs at positions 0..S-1, no cache in or out needed, no extra
+    outputs asked; else None (then the per-op path runs)."""
+    from ..torch.model import ModelFunction
+    ids = a.get("input_ids")
+    if (not model._anebackward_one_call or ids is None or ids.dim() != 2
+            or a.get("inputs_embeds") is not None or ids.device.type != "cpu"
+            or any(kw.get(k) for k in ("output_attentions", "output_hidden_states"))
+            or set(kw) - {"output_attentions", "output_hidden_states", "return_dict"}):
+        return None
+    S = ids.shape[1]
+    if any(a.get(k) is not None for k in ("cache", "past_key_values")) or \
+            kw.get("past_key_values") is not None:
+        return None
+    pos = a.get("position_ids")
+    if pos is not None and not torch.equal(pos, torch.arange(S).expand_as(pos)):
+        return None
+    if not _plain_causal(a.get("attention_mask"), None, None):
+        return None
+    if model.config.attention_dropout and model.training:
+        return None
+    if S > model.config.max_position_embeddings:
+        return None
+    targets = _shifted_targets(labels, shift_labels).view(ids.shape)
+    counted = int((targets != -1).sum())
+    if counted == 0:
+        return None
+    slot = _one_call_slot(model)
+    if slot is None:
+        return None
+    need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    loss = ModelFunction.apply(slot.engine, slot.specs, ids, targets, need, *slot.params)
+    if n_items is not None:  # HF: sum / num_items_in_batch; the C model gives the mean
+        loss = loss * (counted / n_items)
+    return loss
+
+
+def causal_lm_forward_wrapper(orig):
+    """Wraps LlamaForCausalLM / Qwen3ForCausalLM.forward: in training with
+    labels, the loss comes from the chunked fused classifier + cross-entropy
+    and the returned logits are None (as Liger Kernel does); any other call
+    is HF's own forward."""
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def forward(self, *args, **kwargs):
+        a = sig.bind_partial(self, *args, **kwargs).arguments
+        kw = dict(a.pop("kwargs", {}))
+        labels = a.get("labels")
+        shift_labels = kw.pop("shift_labels", None)
+        keep = a.get("logits_to_keep", 0)
+        if (not self.training or (labels is None and shift_labels is None)
+                or not (isinstance(keep, int) and keep == 0)
+                or kwargs.get("return_dict") is False
+                or self.lm_head.bias is not None or not _fast(self.lm_head.weight)):
+            return orig(self, *args, **kwargs)
+        n_items = kw.pop("num_items_in_batch", None)
+        if torch.is_tensor(n_items):
+            n_items = float(n_items.item())
+        a.pop("self")
+        a.pop("labels", None)
+        a.pop("logits_to_keep", None)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        loss = _one_call(self, a, kw, labels, shift_labels, n_items)
+        if loss is not None:  # the whole model in C: no hidden states, no cache to return
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+        out = self.model(**a, **kw)
+        h = out.last_hidden_state
+        if not _fast(h):
+            raise TypeError(f"anebackward.transformers: the decoder returned {h.dtype} hidden "
+                            f"states on {h.device}; the fused loss needs CPU float32")
+        targets = _shifted_targets(labels, shift_labels)
+        loss = chunked_classifier_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                                targets, n_items=n_items)
+        res = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
+                                     attentions=out.attentions)
+        cache_field = "cache" if hasattr(out, "cache") else "past_key_values"
+        res[cache_field] = getattr(out, cache_field)
+        return res
+
+    return forward
