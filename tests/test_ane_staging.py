@@ -169,11 +169,22 @@ def test_async_without_an_ane(monkeypatch, rng):
         ane.reset()
 
 
-def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, rng):
-    """The emulated ANE runs dx on the context's worker thread while the
-    calling thread computes dW: the two time intervals intersect. (The
-    emulator is slower than the CPU kernel, so dW finishes first; on a Mac the
-    ANE's share is what overlaps.)"""
+@pytest.fixture
+def handshake():
+    """Job timing that does not depend on the scheduler (ab_testing.h): a
+    job submitted to the idle worker has started when submit returns, and
+    runs until it is waited for."""
+    lib.ab_ane_testing_handshake(1)
+    yield
+    lib.ab_ane_testing_handshake(0)
+
+
+def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, handshake, rng):
+    """dx runs as a job on the context's worker thread from before the
+    calling thread starts dW until after dW ends: the intervals intersect.
+    The handshake makes this independent of machine load, and still fails
+    when dx runs on the caller's thread, or is waited for before dW starts
+    or submitted after it ends."""
     N, n_in, n_out = 256, 768, 768
     flat, W = flat_model(rng, n_out, n_in)
     x = rng.standard_normal((N, n_in)).astype(np.float32)
@@ -184,6 +195,10 @@ def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, rng
     info = ane.last_call()
     a0, a1, c0, c1 = info["t_start_ns"], info["t_end_ns"], info["dW_start_ns"], info["dW_end_ns"]
     assert a0 < c1 and c0 < a1, f"dx on the ANE [{a0}, {a1}] and dW on the CPU [{c0}, {c1}] overlap"
+    assert a0 < c0 and c1 < a1, "dx is in flight for the whole dW"
+    n = ffi.new("int64_t *")
+    lib.ab_ane_testing_job_log(ffi.NULL, 0, n)
+    assert n[0] == 1                               # one job: dx went through the worker
     # the synchronous call, for contrast, cannot overlap anything
     t0 = ane.clock_ns()
     ane.linear_backward_dx(dy, W, w_version=1)
