@@ -5,6 +5,7 @@ float64 oracles."""
 import os
 import pathlib
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_async_dx_matches_and_reports(emulator, rng):
     flat, W = flat_model(rng, 96, 80)
     dy = rng.standard_normal((3, 50, 96)).astype(np.float32)
     out = np.ones((3, 50, 80), np.float32)
-    job = ane.linear_backward_dx_async(dy, W, out=out, accumulate=True, w_version=3)
+    job = ane.linear_backward_dx_async(dy, W, dx=out, accumulate=True, w_version=3)
     got = job.wait()
     assert got is out and job.done()
     assert rel_err(got, 1.0 + dy.astype(np.float64) @ W.astype(np.float64)) < 1e-3
@@ -348,3 +349,31 @@ sys.exit(os.waitstatus_to_exitcode(status))
 '''
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------- output names
+
+@pytest.mark.parametrize("name", ["linear_backward_dx", "linear_backward_dx_async"])
+def test_the_ane_dx_functions_name_their_output_dx_and_out_is_deprecated(emulator, rng, name):
+    """The package's convention (README table): a backward output is named
+    after its gradient, dx=; out= still works with a DeprecationWarning."""
+    fn = getattr(ane, name)
+    get = (lambda r: r.wait()) if name.endswith("_async") else (lambda r: r)
+    flat, W = flat_model(rng, 64, 48)
+    dy = rng.standard_normal((64, 64)).astype(np.float32)
+    ref = dy.astype(np.float64) @ W.astype(np.float64)
+    buf = np.full((64, 48), 2.0, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get(fn(dy, W, dx=buf)) is buf
+    assert rel_err(buf, ref) < 1e-3
+    old = np.ones((64, 48), np.float32)
+    with pytest.warns(DeprecationWarning, match=r"out= is deprecated, use dx="):
+        assert get(fn(dy, W, out=old, accumulate=True)) is old
+    assert rel_err(old, 1.0 + ref) < 1e-3
+    with pytest.raises(TypeError, match="pass dx= only"):
+        fn(dy, W, dx=buf, out=old)
+    with pytest.raises(ValueError, match="pass dx="):
+        fn(dy, W, accumulate=True)
+    with pytest.raises(ValueError, match="dx must"):
+        fn(dy, W, dx=np.zeros((64, 47), np.float32))
