@@ -226,3 +226,26 @@ def test_backward_overlaps_each_projections_dx_with_its_dW(emulator, rng):
         assert spent >= need, f"group {g}: {spent} ns of CPU between submit and wait < {need}"
         if g + 1 < len(first):
             assert waited[i + k - 1] <= submitted[first[g + 1]], f"group {g} ends before the next"
+
+
+def test_platform_errors_raise_with_ane_and_fall_back_with_auto(emulator, rng):
+    tokens, targets = batch(rng)
+    ref = step(ab.Llama(CFG, seed=17, backend="cpu"), tokens, targets)
+    dev = ab.Llama(CFG, seed=17, backend="ane")
+    step(dev, tokens, targets)                   # programs compiled and loaded
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
+    dev.forward(tokens, targets)
+    with pytest.raises(ab.AnebackwardError, match="Llama.backward"):
+        dev.backward()
+    lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    # every queued job was waited for: the next step works and is right
+    assert_close_per_tensor(dev, step(dev, tokens, targets), ref, 5e-3)
+    ane.configure(min_flops=0)
+    auto = ab.Llama(CFG, seed=17, backend="auto")
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
+    try:
+        got = step(auto, tokens, targets)
+    finally:
+        lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    assert auto.ane_reason is None and ane.status()["fallbacks"]["error"] >= 1
+    assert_close_per_tensor(auto, got, ref, 5e-3)
