@@ -49,6 +49,11 @@ def c_sources():
     srcs = sorted(glob.glob(os.path.join(CSRC, "**", "*.c"), recursive=True))
     if sys.platform != "darwin":
         srcs = [s for s in srcs if not s.endswith("_darwin.c")]
+    else:
+        # the Objective-C @try around the framework's calls (ane_darwin_guard.m,
+        # enabled in ane_darwin.c by AB_ANE_OBJC_GUARD): plain C cannot catch
+        # an Objective-C exception, which would otherwise end the process
+        srcs += sorted(glob.glob(os.path.join(CSRC, "ane", "*.m")))
     return [os.path.relpath(s, HERE) for s in srcs]
 
 
@@ -60,7 +65,7 @@ def build_options():
     opts = dict(include_dirs=[CSRC, os.path.join(CSRC, "ane")], libraries=[], library_dirs=[],
                 extra_compile_args=cflags, extra_link_args=[], define_macros=[])
     if sys.platform == "darwin":
-        opts["define_macros"].append(("ACCELERATE_NEW_LAPACK", None))
+        opts["define_macros"] += [("ACCELERATE_NEW_LAPACK", None), ("AB_ANE_OBJC_GUARD", None)]
         opts["extra_link_args"] += ["-framework", "Accelerate"]
         # ANE platform (csrc/ane/ane_darwin.c): objc runtime + CF/IOSurface;
         # the private AppleNeuralEngine.framework itself is dlopen()ed at run time.

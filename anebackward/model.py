@@ -22,6 +22,7 @@ regions. A tied classifier has no `output.weight`: it IS
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,6 +38,11 @@ from .kernels.optim import check_adamw_hparams, check_adamw_step, clip_grad_norm
 from .layout import c_config, param_layout, tensor_specs, views
 from .types import Backend, F32Array, Tokens
 
+# Parameter versions: the ANE's key for its fp16 copies of the weights. One
+# process-wide count, so a new model whose buffer lands at a freed model's
+# address never meets that model's staged weights.
+_param_versions = itertools.count(1)
+
 
 class Llama:
     """A Llama-2 model whose forward and backward run in C (one call each).
@@ -49,7 +55,14 @@ class Llama:
     scalar loops (slow; the baseline). recompute=True keeps only each layer's
     input between forward and backward and recomputes the rest layer by
     layer in the backward: identical gradients, a fraction of the workspace
-    (see workspace_bytes), about one more forward per step."""
+    (see workspace_bytes), about one more forward per step. backend="ane"
+    runs the input gradients (dx) of the layer projections (wq wk wv wo w1 w2
+    w3) on the Apple Neural Engine, each overlapped with the CPU's weight
+    gradient of the same projection; "auto" does so only where
+    anebackward.ane routes every projection's shape there, else all on the
+    CPU (ane_reason says why). The ANE keeps fp16 copies of the weights keyed
+    to params_version, which AdamW.step bumps: after writing into params
+    yourself, call mark_params_changed()."""
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
                  backend: Backend = None, init: bool = True, recompute: bool = False) -> None:
@@ -73,6 +86,8 @@ class Llama:
         self._ws = None            # (B, S, workspace array, logits offset)
         self._pending = None       # (B, S) of the last want_grad forward, until its backward
         self.last_loss = None
+        self.ane_reason = "no backward yet"   # None: the last backward's dx ran on the ANE
+        self.mark_params_changed()
         if init:
             self.init_weights(seed)
 
@@ -97,6 +112,17 @@ class Llama:
         """All gradients, one float32 buffer (grads[name] are views into it)."""
         return self._flat_grads
 
+    @property
+    def params_version(self) -> int:
+        """Changes whenever the parameters do (see mark_params_changed)."""
+        return self._params_version
+
+    def mark_params_changed(self) -> None:
+        """Say that flat_params changed (AdamW.step and init_weights call
+        this): the ANE converts the weights to fp16 again at the next
+        backward instead of reusing its staged copies."""
+        self._params_version = next(_param_versions)
+
     # -- initialisation ----------------------------------------------------
     def init_weights(self, seed: int = 0) -> None:
         """Re-initialise every weight like llama2.c's model.py (seedable)."""
@@ -111,6 +137,7 @@ class Llama:
         self.flat_params[self.n_decay:] = 1.0
         self.flat_grads[:] = 0.0
         self._pending = None
+        self.mark_params_changed()
 
     # -- forward / backward ------------------------------------------------
     def _batch(self, fn, tokens, name="tokens"):
@@ -203,9 +230,35 @@ class Llama:
         B, S = self._pending
         self._pending = None  # dlogits are consumed (scaled in place)
         work = self._workspace(B, S)
-        check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(grads),
-                                    B, S, grad_scale, int(bool(accumulate)),
-                                    fptr(work), work.size), fn)
+        ctx = self._ane_context(B * S)
+        if ctx is None:
+            check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(grads),
+                                        B, S, grad_scale, int(bool(accumulate)),
+                                        fptr(work), work.size), fn)
+            return
+        flags = lib.AB_ANE_STRICT if self.backend == "ane" else 0
+        check(lib.ab_model_backward_ane(self._cfg, fptr(self.flat_params), fptr(grads),
+                                        B, S, grad_scale, int(bool(accumulate)), fptr(work),
+                                        work.size, ctx, self._params_version, flags), fn)
+
+    def _ane_context(self, N):
+        """The ANE context for a backward over N rows, or None (then
+        self.ane_reason says why) — "ane": always (or raise), "auto": when
+        every layer projection's dx is routed to the ANE."""
+        if self.backend not in ("ane", "auto"):
+            self.ane_reason = f"backend={self.backend!r}"
+            return None
+        from . import ane
+        if self.backend == "ane":
+            ane.require()
+        shapes = {shape for name, _, shape in self._specs if name.startswith("layers.")
+                  and len(shape) == 2}
+        for n_out, n_in in sorted(shapes):
+            self.ane_reason = ane.route_reason(self.backend, "linear_backward_dx",
+                                               N=N, n_in=n_in, n_out=n_out)
+            if self.ane_reason is not None:
+                return None
+        return ane._current()[0]
 
     def logits(self, tokens: Tokens, *, last_only: bool = False) -> F32Array:
         """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
@@ -377,6 +430,7 @@ class AdamW:
             check(lib.ab_adamw(fptr(m.flat_params[lo:hi]), fptr(m.flat_grads[lo:hi]),
                                fptr(self.m[lo:hi]), fptr(self.v[lo:hi]), hi - lo,
                                self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
+        m.mark_params_changed()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),

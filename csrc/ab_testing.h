@@ -26,6 +26,17 @@ int ab_ane_emulated_saturate(int on);
 int ab_ane_emulated_workdir(const char *root);
 /* The process-wide compile count the budget is checked against. */
 int ab_ane_testing_set_process_compiles(int64_t n);
+/* Handshake of asynchronous dx jobs, so that tests of the overlap do not
+ * depend on the scheduler: a job submitted while the worker is idle has
+ * started before its submit returns, and every job is held running until
+ * ab_ane_job_wait is called for it (its t_end_ns is then). Each wait adds
+ * (submitted, started, ended, waited) on ab_ane_clock_ns and the CPU time
+ * of the thread that submitted at submit and of the one that waits at wait
+ * (CLOCK_THREAD_CPUTIME_ID), in ns, to a log of up to 256 jobs, which
+ * job_log reads (*n = entries; out: 6 * cap) and turning the hook on or off
+ * clears. Holds time out after 10 s. */
+int ab_ane_testing_handshake(int on);
+int ab_ane_testing_job_log(int64_t *out, int64_t cap, int64_t *n);
 /* The working directory of the cached program of this shape ("" if none). */
 int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t out,
                                char *buf, size_t cap);

@@ -413,6 +413,17 @@ AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size
  * kept for ab_ane_self_test_report and the stats. The darwin platform runs it
  * once per process when a context opens. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
+/* ab_model_backward with the layer projections' dx (wq wk wv wo w1 w2 w3;
+ * not the classifier) run on the ANE context's worker, each overlapped with
+ * the CPU's dW of the same projection. params_version: the staging key of
+ * the weights (w_version above): bump it whenever params change, e.g. at
+ * each optimiser step. ane_flags: 0 (platform errors: the CPU takes over) or
+ * AB_ANE_STRICT (they are returned). ane NULL: exactly ab_model_backward.
+ * The reference kernels (c->reference) take no ANE: AB_EINVAL. */
+AB_API int ab_model_backward_ane(const ab_model_config *c, const float *params, float *grads,
+                                 int64_t B, int64_t S, float grad_scale, int accumulate,
+                                 float *work, int64_t work_floats, ab_ane_ctx *ane,
+                                 uint64_t params_version, int ane_flags);
 
 /* Core pieces, exposed for tests. */
 /* MIL text of the dynamic-weight dx program; snprintf semantics: *len = the

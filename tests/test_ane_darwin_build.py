@@ -28,3 +28,38 @@ def test_darwin_platform_compiles_against_stand_in_headers(guard):
                 "-I", str(ROOT / "csrc" / "ane"), str(ROOT / "csrc" / "ane" / "ane_darwin.c")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _ffibuild():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_ab_ffibuild", ROOT / "ffibuild.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_macos_build_compiles_the_objc_guard_and_turns_it_on(monkeypatch):
+    """On macOS the sources (compiled once, by clibbuild, for both the cffi
+    module and libanebackward) include ane_darwin_guard.m and every source
+    sees AB_ANE_OBJC_GUARD, so ane_darwin.c's guarded branch is the one
+    built; elsewhere neither. (No compiler here builds Objective-C: the
+    guarded branch of ane_darwin.c is compiled above against the stand-ins.)"""
+    from setuptools._distutils.unixccompiler import UnixCCompiler
+    fb = _ffibuild()
+    guard = os.path.join("csrc", "ane", "ane_darwin_guard.m")
+    here = fb.c_sources()
+    assert guard not in here and ("AB_ANE_OBJC_GUARD", None) not in fb.build_options()["define_macros"]
+    monkeypatch.setattr(sys, "platform", "darwin")
+    mac = fb.c_sources()
+    assert guard in mac and os.path.join("csrc", "ane", "ane_darwin.c") in mac
+    assert ("AB_ANE_OBJC_GUARD", None) in fb.build_options()["define_macros"]
+    # setuptools' Unix compiler (the one on macOS) takes .m sources
+    assert ".m" in UnixCCompiler.src_extensions
+
+
+def test_the_guard_is_declared_as_the_objc_file_defines_it():
+    import re
+    proto = re.compile(r"int ab_ane_darwin_try\(([^)]*\([^)]*\)[^)]*)\)")
+    decl = proto.findall((ROOT / "csrc" / "ane" / "ane_darwin.c").read_text())
+    defs = proto.findall((ROOT / "csrc" / "ane" / "ane_darwin_guard.m").read_text())
+    assert decl and defs and set(decl) == set(defs), (decl, defs)

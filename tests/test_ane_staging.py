@@ -5,6 +5,7 @@ float64 oracles."""
 import os
 import pathlib
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_async_dx_matches_and_reports(emulator, rng):
     flat, W = flat_model(rng, 96, 80)
     dy = rng.standard_normal((3, 50, 96)).astype(np.float32)
     out = np.ones((3, 50, 80), np.float32)
-    job = ane.linear_backward_dx_async(dy, W, out=out, accumulate=True, w_version=3)
+    job = ane.linear_backward_dx_async(dy, W, dx=out, accumulate=True, w_version=3)
     got = job.wait()
     assert got is out and job.done()
     assert rel_err(got, 1.0 + dy.astype(np.float64) @ W.astype(np.float64)) < 1e-3
@@ -169,11 +170,22 @@ def test_async_without_an_ane(monkeypatch, rng):
         ane.reset()
 
 
-def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, rng):
-    """The emulated ANE runs dx on the context's worker thread while the
-    calling thread computes dW: the two time intervals intersect. (The
-    emulator is slower than the CPU kernel, so dW finishes first; on a Mac the
-    ANE's share is what overlaps.)"""
+@pytest.fixture
+def handshake():
+    """Job timing that does not depend on the scheduler (ab_testing.h): a
+    job submitted to the idle worker has started when submit returns, and
+    runs until it is waited for."""
+    lib.ab_ane_testing_handshake(1)
+    yield
+    lib.ab_ane_testing_handshake(0)
+
+
+def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, handshake, rng):
+    """dx runs as a job on the context's worker thread from before the
+    calling thread starts dW until after dW ends: the intervals intersect.
+    The handshake makes this independent of machine load, and still fails
+    when dx runs on the caller's thread, or is waited for before dW starts
+    or submitted after it ends."""
     N, n_in, n_out = 256, 768, 768
     flat, W = flat_model(rng, n_out, n_in)
     x = rng.standard_normal((N, n_in)).astype(np.float32)
@@ -184,6 +196,10 @@ def test_linear_backward_overlaps_dx_on_the_ane_with_dW_on_the_cpu(emulator, rng
     info = ane.last_call()
     a0, a1, c0, c1 = info["t_start_ns"], info["t_end_ns"], info["dW_start_ns"], info["dW_end_ns"]
     assert a0 < c1 and c0 < a1, f"dx on the ANE [{a0}, {a1}] and dW on the CPU [{c0}, {c1}] overlap"
+    assert a0 < c0 and c1 < a1, "dx is in flight for the whole dW"
+    n = ffi.new("int64_t *")
+    lib.ab_ane_testing_job_log(ffi.NULL, 0, n)
+    assert n[0] == 1                               # one job: dx went through the worker
     # the synchronous call, for contrast, cannot overlap anything
     t0 = ane.clock_ns()
     ane.linear_backward_dx(dy, W, w_version=1)
@@ -333,3 +349,31 @@ sys.exit(os.waitstatus_to_exitcode(status))
 '''
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------- output names
+
+@pytest.mark.parametrize("name", ["linear_backward_dx", "linear_backward_dx_async"])
+def test_the_ane_dx_functions_name_their_output_dx_and_out_is_deprecated(emulator, rng, name):
+    """The package's convention (README table): a backward output is named
+    after its gradient, dx=; out= still works with a DeprecationWarning."""
+    fn = getattr(ane, name)
+    get = (lambda r: r.wait()) if name.endswith("_async") else (lambda r: r)
+    flat, W = flat_model(rng, 64, 48)
+    dy = rng.standard_normal((64, 64)).astype(np.float32)
+    ref = dy.astype(np.float64) @ W.astype(np.float64)
+    buf = np.full((64, 48), 2.0, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get(fn(dy, W, dx=buf)) is buf
+    assert rel_err(buf, ref) < 1e-3
+    old = np.ones((64, 48), np.float32)
+    with pytest.warns(DeprecationWarning, match=r"out= is deprecated, use dx="):
+        assert get(fn(dy, W, out=old, accumulate=True)) is old
+    assert rel_err(old, 1.0 + ref) < 1e-3
+    with pytest.raises(TypeError, match="pass dx= only"):
+        fn(dy, W, dx=buf, out=old)
+    with pytest.raises(ValueError, match="pass dx="):
+        fn(dy, W, accumulate=True)
+    with pytest.raises(ValueError, match="dx must"):
+        fn(dy, W, dx=np.zeros((64, 47), np.float32))

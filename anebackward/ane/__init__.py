@@ -288,7 +288,7 @@ def _raise(fn, rc, err):
 
 
 def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
-    """Checked arguments of a dx call: (out, N, n_in, n_out, w_version)."""
+    """Checked arguments of a dx call: (dx, N, n_in, n_out, w_version)."""
     if backend not in ("ane", "auto"):
         raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")
     C.f32(fn, "dy", dy)
@@ -298,23 +298,25 @@ def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
         raise ValueError(f"{fn}: the last axis of dy must be W.shape[0] = {n_out}, got dy.shape = {dy.shape}")
     N = int(np.prod(dy.shape[:-1], dtype=np.int64))
     if accumulate and out is None:
-        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass out=")
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dx=")
     w_version = C.nonneg_int(fn, "w_version", w_version)
     if w_version >= 2 ** 64:
         raise ValueError(f"{fn}: w_version must be below 2**64, got {w_version}")
-    out = C.out(fn, "out", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
+    out = C.out(fn, "dx", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
     return out, N, n_in, n_out, w_version
 
 
-def linear_backward_dx(dy, W, *, out=None, accumulate=False, backend="ane", w_version=0):
+def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0, out=None):
     """dx[..., in] = dy[..., out] · W[out, in] on the ANE (accumulate=True:
-    out += that). backend="ane" raises if there is no ANE or the platform
-    fails (out is then untouched, or complete when evaluation failed midway
+    dx += that; out= is dx='s deprecated old name). backend="ane" raises if
+    there is no ANE or the platform fails (dx is then untouched, or complete
+    when evaluation failed midway
     and the CPU finished the rows); "auto" falls back to the CPU on any ANE
     problem. w_version: 0 converts W to fp16 on this call; else W's fp16 copy
     is reused while the version is unchanged (change it whenever W changes,
     e.g. after every optimiser step). See last_call() for how the call went."""
     fn = "anebackward.ane.linear_backward_dx"
+    out = C.renamed(fn, "dx", dx, "out", out)
     out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
     ctx, _, reason = _current()
     if ctx is None:
@@ -369,16 +371,18 @@ class AneJob:
             lib.ab_ane_job_wait(self._job, ffi.NULL, ffi.NULL, 0)
 
 
-def linear_backward_dx_async(dy, W, *, out=None, accumulate=False, backend="ane", w_version=0):
+def linear_backward_dx_async(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0,
+                             out=None):
     """linear_backward_dx queued to the ANE context's worker thread; returns
     an AneJob at once (its wait() gives dx), so the caller's thread can do CPU
     work meanwhile. Without an ANE: backend="ane" raises, "auto" computes dx
     on the CPU now and returns a finished job."""
     fn = "anebackward.ane.linear_backward_dx_async"
+    out = C.renamed(fn, "dx", dx, "out", out)
     out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
     ctx, _, _ = _current()
     if ctx is None:
-        linear_backward_dx(dy, W, out=out, accumulate=accumulate, backend=backend)
+        linear_backward_dx(dy, W, dx=out, accumulate=accumulate, backend=backend)
         j = AneJob(fn, None, None, None, out)
         j.info = dict(_local.info)
         return j
@@ -410,7 +414,7 @@ def linear_backward(dy, x, W, *, dx=None, dW=None, accumulate_dx=False, accumula
     if accumulate_dW and dW is None:
         raise ValueError(f"{fn}: accumulate_dW=True needs the array to accumulate into: pass dW=")
     dW = C.out(fn, "dW", dW, (n_out, n_in), ("dy", dy), ("x", x), ("W", W))
-    job = linear_backward_dx_async(dy, W, out=dx, accumulate=accumulate_dx, backend=backend,
+    job = linear_backward_dx_async(dy, W, dx=dx, accumulate=accumulate_dx, backend=backend,
                                    w_version=w_version)
     try:
         t0 = clock_ns()

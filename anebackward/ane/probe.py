@@ -127,9 +127,9 @@ def timings(ab, ane, out, rng, repeat):
         dy, W, _ = _problem(rng, N, n_in, n_out)
         dx = np.empty((N, n_in), np.float32)
         try:
-            cpu = _median_ms(lambda: ab.linear_backward_dx(dy, W, out=dx, backend="cpu"), repeat)
-            a = _median_ms(lambda: ane.linear_backward_dx(dy, W, out=dx, backend="ane"), repeat)
-            s = _median_ms(lambda: ane.linear_backward_dx(dy, W, out=dx, backend="ane", w_version=1), repeat)
+            cpu = _median_ms(lambda: ab.linear_backward_dx(dy, W, dx=dx, backend="cpu"), repeat)
+            a = _median_ms(lambda: ane.linear_backward_dx(dy, W, dx=dx, backend="ane"), repeat)
+            s = _median_ms(lambda: ane.linear_backward_dx(dy, W, dx=dx, backend="ane", w_version=1), repeat)
             out(f"  {N:>5} {n_in:>5} {n_out:>5}  {cpu:>9.3f} {a:>9.3f} {s:>9.3f}  {cpu / s:>10.2f}")
             wins.append((2 * N * n_in * n_out, s < cpu))
         except Exception as e:

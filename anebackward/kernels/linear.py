@@ -50,7 +50,7 @@ def linear_backward_dx(dy: F32Array, W: F32Array, *, dx: F32Array | None = None,
     out = C.out(fn, "dx", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
     b = resolve(fn, backend)
     if b in ("ane", "auto") and ane.routes(b, "linear_backward_dx", N=N, n_in=n_in, n_out=n_out):
-        return ane.linear_backward_dx(dy, W, out=out, accumulate=accumulate, backend=b)
+        return ane.linear_backward_dx(dy, W, dx=out, accumulate=accumulate, backend=b)
     check(cfunc_for(b, "linear_backward_dx")(fptr(out), fptr(dy), fptr(W), N, n_in, n_out,
                                                      int(bool(accumulate))), fn)
     return out

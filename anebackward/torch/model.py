@@ -185,6 +185,9 @@ class ModelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine, specs, tokens, targets, need_grad, *params):
+        # torch's optimizers update the parameter views in place, unseen by the
+        # ANE's weight staging (keyed to the engine's params version)
+        engine.mark_params_changed()
         loss = engine.forward(tokens.detach().cpu().numpy(), targets.detach().cpu().numpy(),
                               want_grad=need_grad)
         ctx.engine, ctx.specs = engine, specs

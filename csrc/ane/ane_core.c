@@ -109,6 +109,10 @@ struct ab_ane_job {
     int rc;
     ab_ane_call_info info;
     char err[AB_ANE_ERRCAP];
+    /* test handshake (ab_ane_testing_handshake), under mu */
+    int handshake, started, waited;
+    int64_t t_submitted, t_waited;
+    int64_t cpu_submitted, cpu_waited;  /* the caller thread's CPU time */
 };
 
 struct ab_ane_ctx {
@@ -129,6 +133,7 @@ struct ab_ane_ctx {
     pthread_cond_t qcv;
     ab_ane_job *qhead, *qtail;
     int worker_started, stopping;
+    int worker_busy;            /* the worker holds a job (under qmu) */
     pid_t worker_pid;           /* a forked child has no worker: it starts its own */
     pthread_t worker;
 };
@@ -181,6 +186,47 @@ int ab_ane_testing_set_process_compiles(int64_t n) {
     AB_NONNEG(n);
     __atomic_store_n(&g_process_compiles, n, __ATOMIC_SEQ_CST);
     return AB_OK;
+}
+
+/* The test handshake: a job submitted to an idle worker is started before
+ * its submit returns, and its end is held until someone waits for it; the
+ * log keeps (submitted, started, ended, waited) of handshake jobs, and the
+ * submitting thread's CPU time at submit and at wait. */
+static int g_handshake;                     /* atomic */
+enum { JOB_LOG_CAP = 256 };
+static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
+static int64_t g_log[JOB_LOG_CAP][6];
+static int64_t g_log_n;
+
+int ab_ane_testing_handshake(int on) {
+    __atomic_store_n(&g_handshake, on != 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&g_log_mu);
+    g_log_n = 0;
+    pthread_mutex_unlock(&g_log_mu);
+    return AB_OK;
+}
+
+int ab_ane_testing_job_log(int64_t *out, int64_t cap, int64_t *n) {
+    AB_NONNULL(n);
+    pthread_mutex_lock(&g_log_mu);
+    *n = g_log_n;
+    for (int64_t i = 0; i < g_log_n && i < cap; i++) memcpy(out + 6 * i, g_log[i], sizeof g_log[i]);
+    pthread_mutex_unlock(&g_log_mu);
+    return AB_OK;
+}
+
+static int64_t thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Waits on cv until *flag, at most 10 s (a misused hook must not hang a test). */
+static void wait_flag(pthread_cond_t *cv, pthread_mutex_t *mu, const int *flag) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    while (!*flag && pthread_cond_timedwait(cv, mu, &until) == 0) {}
 }
 
 /* Spend one compile of the process budget, or refuse (AB_ANE_EBUDGET). */
@@ -766,9 +812,27 @@ static void *worker_main(void *arg) {
         if (!j) { pthread_mutex_unlock(&ctx->qmu); return NULL; }   /* stopping, queue drained */
         ctx->qhead = j->next;
         if (!ctx->qhead) ctx->qtail = NULL;
+        ctx->worker_busy = 1;
         pthread_mutex_unlock(&ctx->qmu);
+        int64_t t_started = now_ns();
+        if (j->handshake) {
+            pthread_mutex_lock(&j->mu);
+            j->started = 1;
+            pthread_cond_broadcast(&j->cv);
+            pthread_mutex_unlock(&j->mu);
+        }
         j->rc = ab_ane_linear_backward_dx(ctx, j->dx, j->dy, j->W, j->w_version, j->N, j->in, j->out,
                                           j->accumulate, j->flags, &j->info, j->err, sizeof j->err);
+        if (j->handshake) {         /* held until waited for: it ends then */
+            pthread_mutex_lock(&j->mu);
+            wait_flag(&j->cv, &j->mu, &j->waited);
+            j->info.t_start_ns = t_started;     /* before its submit returned */
+            j->info.t_end_ns = now_ns();
+            pthread_mutex_unlock(&j->mu);
+        }
+        pthread_mutex_lock(&ctx->qmu);
+        ctx->worker_busy = 0;
+        pthread_mutex_unlock(&ctx->qmu);
         job_finish(j);
     }
 }
@@ -794,12 +858,17 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     j->flags = flags;
     pthread_mutex_init(&j->mu, NULL);
     pthread_cond_init(&j->cv, NULL);
+    j->handshake = __atomic_load_n(&g_handshake, __ATOMIC_SEQ_CST);
+    j->t_submitted = now_ns();
+    j->cpu_submitted = thread_cpu_ns();
+    int idle = 0;
     pthread_mutex_lock(&ctx->qmu);
     if (ctx->worker_started && ctx->worker_pid != getpid()) {
         /* fork() copied the context but not its worker thread (nor the
          * parent's queue, whose jobs belong to the parent) */
         ctx->worker_started = 0;
         ctx->qhead = ctx->qtail = NULL;
+        ctx->worker_busy = 0;
     }
     if (ctx->stopping) rc = AB_EINVAL;
     else if (!ctx->worker_started) {
@@ -807,6 +876,7 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
         else { ctx->worker_started = 1; ctx->worker_pid = getpid(); }
     }
     if (!rc) {
+        idle = !ctx->qhead && !ctx->worker_busy;
         if (ctx->qtail) ctx->qtail->next = j;
         else ctx->qhead = j;
         ctx->qtail = j;
@@ -819,6 +889,11 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
         free(j);
         return rc;
     }
+    if (j->handshake && idle) {
+        pthread_mutex_lock(&j->mu);
+        wait_flag(&j->cv, &j->mu, &j->started);
+        pthread_mutex_unlock(&j->mu);
+    }
     *job = j;
     return AB_OK;
 }
@@ -826,8 +901,21 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
 int ab_ane_job_wait(ab_ane_job *job, ab_ane_call_info *info, char *err, size_t errcap) {
     AB_NONNULL(job);
     pthread_mutex_lock(&job->mu);
+    job->t_waited = now_ns();
+    job->cpu_waited = thread_cpu_ns();
+    job->waited = 1;
+    pthread_cond_broadcast(&job->cv);
     while (!job->done) pthread_cond_wait(&job->cv, &job->mu);
     pthread_mutex_unlock(&job->mu);
+    if (job->handshake) {
+        pthread_mutex_lock(&g_log_mu);
+        if (g_log_n < JOB_LOG_CAP) {
+            int64_t *e = g_log[g_log_n++];
+            e[0] = job->t_submitted, e[1] = job->info.t_start_ns, e[2] = job->info.t_end_ns;
+            e[3] = job->t_waited, e[4] = job->cpu_submitted, e[5] = job->cpu_waited;
+        }
+        pthread_mutex_unlock(&g_log_mu);
+    }
     int rc = job->rc;
     if (info) *info = job->info;
     if (err && errcap) snprintf(err, errcap, "%s", job->err);

@@ -362,9 +362,68 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     return AB_OK;
 }
 
+/* The layer projections' dx on the ANE (ab_model_backward_ane): each dx is
+ * queued to the context's worker before the CPU computes the same
+ * projection's dW, and waited for after it (the origin project's overlap).
+ * The worker's queue is FIFO, so a dx that accumulates onto an earlier one
+ * (wk, wv onto wq; w3 onto w1) follows it. Without a context the dx runs on
+ * the CPU at once: the same kernels on the same inputs, bit-identical to
+ * ab_model_backward. */
+typedef struct {
+    ab_ane_ctx *ctx;            /* NULL: every dx on the CPU */
+    uint64_t version;           /* of params: the weights' fp16 staging key */
+    int flags;
+    ab_ane_job *jobs[3];
+    int n;
+} dx_queue;
+
+static int dx_submit(dx_queue *q, const kernel_table *k, float *dx, const float *dy,
+                     const float *W, int64_t N, int64_t in, int64_t out, int accumulate) {
+    if (!q->ctx) return k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
+    int rc = ab_ane_linear_backward_dx_submit(q->ctx, &q->jobs[q->n], dx, dy, W, q->version,
+                                              N, in, out, accumulate, q->flags);
+    if (!rc) q->n++;
+    return rc;
+}
+
+/* Waits for every queued dx (also after an error: they write the workspace);
+ * returns the first error. */
+static int dx_wait(dx_queue *q) {
+    int rc = AB_OK;
+    for (int i = 0; i < q->n; i++) {
+        int r = ab_ane_job_wait(q->jobs[i], NULL, NULL, 0);
+        if (!rc) rc = r;
+    }
+    q->n = 0;
+    return rc;
+}
+
+#define TRYQ(q, call) do { int rc_ = (call); if (rc_) { dx_wait(q); return rc_; } } while (0)
+
+static int model_backward(const ab_model_config *c, const float *params, float *grads,
+                          int64_t B, int64_t S, float grad_scale, int accumulate,
+                          float *work, int64_t work_floats, dx_queue *q);
+
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats) {
+    dx_queue q = {0};
+    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q);
+}
+
+int ab_model_backward_ane(const ab_model_config *c, const float *params, float *grads,
+                          int64_t B, int64_t S, float grad_scale, int accumulate,
+                          float *work, int64_t work_floats, ab_ane_ctx *ane,
+                          uint64_t params_version, int ane_flags) {
+    AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
+    AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
+    dx_queue q = {ane, params_version, ane_flags, {NULL, NULL, NULL}, 0};
+    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q);
+}
+
+static int model_backward(const ab_model_config *c, const float *params, float *grads,
+                          int64_t B, int64_t S, float grad_scale, int accumulate,
+                          float *work, int64_t work_floats, dx_queue *q) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -423,19 +482,22 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
         TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
-        TRY(k->linear_backward_dx(DH1, DX, w2, N, Hd, D, 0));
+        TRY(dx_submit(q, k, DH1, DX, w2, N, Hd, D, 0));
+        TRYQ(q, k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
+        TRY(dx_wait(q));
         TRY(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
-        TRY(k->linear_backward_dW(gw1, DH1, a.XF, N, D, Hd, acc));
-        TRY(k->linear_backward_dW(gw3, DH3, a.XF, N, D, Hd, acc));
-        TRY(k->linear_backward_dx(DXN, DH1, w1, N, D, Hd, 0));
-        TRY(k->linear_backward_dx(DXN, DH3, w3, N, D, Hd, 1));
+        TRY(dx_submit(q, k, DXN, DH1, w1, N, D, Hd, 0));
+        TRYQ(q, dx_submit(q, k, DXN, DH3, w3, N, D, Hd, 1));
+        TRYQ(q, k->linear_backward_dW(gw1, DH1, a.XF, N, D, Hd, acc));
+        TRYQ(q, k->linear_backward_dW(gw3, DH3, a.XF, N, D, Hd, acc));
+        TRY(dx_wait(q));
         /* the FFN norm's input is HM, the residual after attention */
         TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
                                 params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRY(k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
-        TRY(k->linear_backward_dx(DA, DX, wo, N, qd, D, 0));
+        TRY(dx_submit(q, k, DA, DX, wo, N, qd, D, 0));
+        TRYQ(q, k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
+        TRY(dx_wait(q));
         TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
                                   work + W.ATTW, attw));
         TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0, &c->rope));
@@ -449,12 +511,13 @@ int ab_model_backward(const ab_model_config *c, const float *params, float *grad
             DQ = DQN;
             DK = DKN;
         }
-        TRY(k->linear_backward_dW(gwq, DQ, a.XA, N, D, qd, acc));
-        TRY(k->linear_backward_dW(gwk, DK, a.XA, N, D, kv, acc));
-        TRY(k->linear_backward_dW(gwv, DV, a.XA, N, D, kv, acc));
-        TRY(k->linear_backward_dx(DXN, DQ, wq, N, D, qd, 0));
-        TRY(k->linear_backward_dx(DXN, DK, wk, N, D, kv, 1));
-        TRY(k->linear_backward_dx(DXN, DV, wv, N, D, kv, 1));
+        TRY(dx_submit(q, k, DXN, DQ, wq, N, D, qd, 0));
+        TRYQ(q, dx_submit(q, k, DXN, DK, wk, N, D, kv, 1));
+        TRYQ(q, dx_submit(q, k, DXN, DV, wv, N, D, kv, 1));
+        TRYQ(q, k->linear_backward_dW(gwq, DQ, a.XA, N, D, qd, acc));
+        TRYQ(q, k->linear_backward_dW(gwk, DK, a.XA, N, D, kv, acc));
+        TRYQ(q, k->linear_backward_dW(gwv, DV, a.XA, N, D, kv, acc));
+        TRY(dx_wait(q));
         TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
                                 params + P.attention_norm + l * D, N, D, eps, 1));
     }

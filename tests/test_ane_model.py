@@ -1,0 +1,251 @@
+"""The model's backward with the layer projections' dx on the (emulated)
+ANE: gradients against the CPU backward (fp16 tolerance; bit-identical
+when the ANE is not used), weight staging keyed to params_version (reused
+across backwards of one step, renewed after AdamW.step), routing."""
+import time
+
+import numpy as np
+import pytest
+
+import anebackward as ab
+from anebackward import ane
+from anebackward._native import ffi, lib
+
+CFG = ab.LlamaConfig(dim=128, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2,
+                     vocab_size=97, max_seq_len=64)
+N_PROJ = 7                       # wq wk wv wo w1 w2 w3 per layer
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
+    ane.reset()
+    lib.ab_ane_testing_set_process_compiles(0)
+    prev = ane.use_emulator(True)
+    saved = ane.configure()
+    yield ane
+    ane.configure(**saved)
+    ane.use_emulator(prev)
+    ane.reset()
+
+
+def batch(rng, B=2, S=64):
+    t = rng.integers(0, CFG.vocab_size, size=(B, S + 1)).astype(np.int32)
+    return t[:, :-1].copy(), t[:, 1:].copy()
+
+
+def step(model, tokens, targets, **kw):
+    model.forward(tokens, targets)
+    model.backward(**kw)
+    return model.flat_grads.copy()
+
+
+def assert_close_per_tensor(model, got, ref, tol):
+    for name, off, shape in model._specs:
+        n = int(np.prod(shape))
+        g, r = got[off:off + n].astype(np.float64), ref[off:off + n].astype(np.float64)
+        err = np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def test_backward_on_the_ane_matches_the_cpu_within_fp16_tolerance(emulator, rng):
+    tokens, targets = batch(rng)
+    cpu = ab.Llama(CFG, seed=3, backend="cpu")
+    dev = ab.Llama(CFG, seed=3, backend="ane")
+    ref = step(cpu, tokens, targets)
+    before = ane.status()["tiles_ane"]
+    got = step(dev, tokens, targets)
+    assert dev.ane_reason is None
+    # every projection's dx of every layer ran on the ANE (one 64-row tile each)
+    assert ane.status()["tiles_ane"] - before == N_PROJ * CFG.n_layers
+    assert ane.status()["tiles_cpu"] == 0
+    assert not np.array_equal(got, ref)          # fp16 went through: not the CPU path
+    assert_close_per_tensor(cpu, got, ref, 5e-3)
+    # accumulate and grad_scale take the same path
+    got2 = step(dev, tokens, targets, accumulate=True, grad_scale=0.5)
+    assert_close_per_tensor(cpu, got2, 1.5 * ref, 5e-3)
+
+
+def test_backward_is_bit_identical_to_the_cpu_when_the_ane_is_not_used(emulator, rng):
+    tokens, targets = batch(rng)
+    ref = step(ab.Llama(CFG, seed=5, backend="cpu"), tokens, targets)
+    ane.configure(min_flops=2 ** 62)             # "auto" keeps every projection on the CPU
+    auto = ab.Llama(CFG, seed=5, backend="auto")
+    assert np.array_equal(step(auto, tokens, targets), ref)
+    assert "min_flops" in auto.ane_reason
+    assert ane.status()["calls"] == 0
+    ane.use_emulator(False)                      # no ANE at all (Linux): "auto" is the CPU
+    if not ane.available():
+        assert np.array_equal(step(auto, tokens, targets), ref)
+        assert auto.ane_reason
+    # the C entry point without a context is ab_model_backward
+    m = ab.Llama(CFG, seed=5, backend="cpu")
+    m.forward(tokens, targets)
+    m._pending = None
+    work = m._workspace(*tokens.shape)
+    p, g, w = (ffi.from_buffer("float[]", a) for a in (m.flat_params, m.flat_grads, work))
+    assert lib.ab_model_backward_ane(m._cfg, p, g, *tokens.shape, 1.0, 0, w, work.size,
+                                     ffi.NULL, 1, 0) == 0
+    assert np.array_equal(m.flat_grads, ref)
+
+
+def test_auto_runs_the_projections_on_the_ane_when_every_shape_is_routed(emulator, rng):
+    tokens, targets = batch(rng)
+    ane.configure(min_flops=0)
+    ref = step(ab.Llama(CFG, seed=7, backend="cpu"), tokens, targets)
+    auto = ab.Llama(CFG, seed=7, backend="auto")
+    got = step(auto, tokens, targets)
+    assert auto.ane_reason is None and ane.status()["tiles_ane"] == N_PROJ * CFG.n_layers
+    assert_close_per_tensor(auto, got, ref, 5e-3)
+
+
+def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, rng):
+    tokens, targets = batch(rng)
+    cpu = ab.Llama(CFG, seed=11, backend="cpu")
+    dev = ab.Llama(CFG, seed=11, backend="ane")
+    n_w = N_PROJ * CFG.n_layers                  # distinct weight matrices
+    step(dev, tokens, targets)
+    st = ane.status()
+    assert st["weight_stagings"] == n_w and st["weight_reuses"] == 0
+    # one program per distinct shape, shared by every layer
+    shapes = {shape for name, _, shape in dev._specs if name.startswith("layers.") and len(shape) == 2}
+    assert st["compiles"] == len(shapes)
+    step(dev, tokens, targets, accumulate=True)  # a second micro-batch: same weights
+    st = ane.status()
+    assert st["weight_stagings"] == n_w and st["weight_reuses"] == n_w
+    # an optimiser step changes every weight: the staged copies must not be used
+    opt_c, opt_d = ab.AdamW(cpu, lr=1e-2), ab.AdamW(dev, lr=1e-2)
+    step(cpu, tokens, targets)
+    dev.flat_grads[:] = cpu.flat_grads            # the same update on both models
+    opt_c.step()
+    opt_d.step()
+    assert np.array_equal(cpu.flat_params, dev.flat_params)
+    v = dev.params_version
+    ref = step(cpu, tokens, targets)
+    got = step(dev, tokens, targets)
+    st = ane.status()
+    assert st["weight_stagings"] == 2 * n_w and st["weight_reuses"] == n_w
+    assert dev.params_version == v
+    assert_close_per_tensor(cpu, got, ref, 5e-3)
+    # writing into params yourself: mark_params_changed() renews the staging
+    for m in (cpu, dev):
+        m.params["layers.0.attention.wq.weight"][...] *= -3.0
+    dev.mark_params_changed()
+    ref, got = step(cpu, tokens, targets), step(dev, tokens, targets)
+    assert ane.status()["weight_stagings"] == 3 * n_w
+    assert_close_per_tensor(cpu, got, ref, 5e-3)
+
+
+def test_params_versions_are_unique_across_models(emulator):
+    a, b = ab.Llama(CFG, seed=0, backend="cpu"), ab.Llama(CFG, seed=0, backend="cpu")
+    assert a.params_version != b.params_version
+    v = a.params_version
+    a.init_weights(1)
+    assert a.params_version > v
+
+
+def test_backend_ane_without_an_ane_raises(monkeypatch):
+    monkeypatch.setenv("ANEBACKWARD_ANE", "off")
+    prev = ane.use_emulator(None)
+    try:
+        with pytest.raises(ab.AneUnavailableError, match="disabled"):
+            ab.Llama(CFG, backend="ane")
+    finally:
+        ane.use_emulator(prev)
+
+
+def test_the_reference_kernels_take_no_ane(emulator, rng):
+    m = ab.Llama(CFG, seed=0, backend="reference")
+    tokens, targets = batch(rng, B=1, S=8)
+    m.forward(tokens, targets)
+    work = m._workspace(1, 8)
+    p, g, w = (ffi.from_buffer("float[]", a) for a in (m.flat_params, m.flat_grads, work))
+    ctx = ane._current()[0]
+    assert lib.ab_model_backward_ane(m._cfg, p, g, 1, 8, 1.0, 0, w, work.size, ctx, 1, 0) \
+        == lib.AB_EINVAL
+    assert lib.ab_model_backward_ane(m._cfg, p, g, 1, 8, 1.0, 0, w, work.size, ctx, 1, 7) \
+        == lib.AB_EINVAL
+
+
+def dW_cpu_ns(N, n_in, n_out, rng, repeats=3):
+    """This thread's CPU time (ns, the least of a few) for one dW kernel call."""
+    dy = rng.standard_normal((N, n_out)).astype(np.float32)
+    x = rng.standard_normal((N, n_in)).astype(np.float32)
+    dW = np.empty((n_out, n_in), np.float32)
+    best = None
+    for _ in range(repeats):
+        t = time.thread_time_ns()
+        lib.ab_linear_backward_dW(ffi.from_buffer("float[]", dW), ffi.from_buffer("float[]", dy),
+                                  ffi.from_buffer("float[]", x), N, n_in, n_out, 0)
+        t = time.thread_time_ns() - t
+        best = t if best is None else min(best, t)
+    return best
+
+
+def test_backward_overlaps_each_projections_dx_with_its_dW(emulator, rng):
+    """Under the job handshake (ab_testing.h: a job sent to the idle worker
+    has started before its submit returns and runs until waited for), the
+    log shows each layer's four dx groups in the model's order — w2; w1+w3;
+    wo; wq+wk+wv — each group's first job in flight while the model's thread
+    spent at least half the CPU time of that group's dW sgemms (one thread:
+    all of it on this thread), i.e. the dW ran between submit and wait.
+    Independent of machine load; gradients unchanged."""
+    tokens, targets = batch(rng)
+    N = tokens.size
+    D, Hd, kv = CFG.dim, CFG.hidden_dim, CFG.dim // CFG.n_heads * CFG.n_kv_heads
+    ref = step(ab.Llama(CFG, seed=13, backend="cpu"), tokens, targets)
+    dev = ab.Llama(CFG, seed=13, backend="ane")
+    threads = ab.get_num_threads()
+    ab.set_num_threads(1)
+    lib.ab_ane_testing_handshake(1)
+    try:
+        got = step(dev, tokens, targets)
+        n = ffi.new("int64_t *")
+        lib.ab_ane_testing_job_log(ffi.NULL, 0, n)
+        buf = ffi.new("int64_t[]", 6 * n[0])
+        lib.ab_ane_testing_job_log(buf, n[0], n)
+        lib.ab_ane_testing_handshake(0)
+        groups = [[(Hd, D)], [(D, Hd)] * 2, [(D, D)], [(D, D), (D, kv), (D, kv)]]  # (in, out) of dW
+        dW_ns = [sum(dW_cpu_ns(N, i, o, rng) for i, o in g) for g in groups]
+    finally:
+        lib.ab_ane_testing_handshake(0)
+        ab.set_num_threads(threads)
+    assert_close_per_tensor(dev, got, ref, 5e-3)
+    log = np.frombuffer(ffi.buffer(buf), dtype=np.int64).reshape(-1, 6)
+    assert len(log) == N_PROJ * CFG.n_layers
+    submitted, started, ended, waited, cpu_submitted, cpu_waited = log.T
+    assert (submitted <= started).all() and (started <= ended).all() and (waited <= ended).all()
+    sizes = [len(g) for g in groups] * CFG.n_layers
+    first = np.cumsum([0] + sizes[:-1])
+    for g, (i, k) in enumerate(zip(first, sizes)):
+        # a group's jobs go in together (all submitted before its first is
+        # waited for); the first runs across the dW, the rest queue behind it
+        assert (submitted[i:i + k] < waited[i]).all(), f"group {g}"
+        assert started[i] < waited[i] <= ended[i], f"group {g}"
+        spent, need = cpu_waited[i] - cpu_submitted[i], dW_ns[g % 4] // 2
+        assert spent >= need, f"group {g}: {spent} ns of CPU between submit and wait < {need}"
+        if g + 1 < len(first):
+            assert waited[i + k - 1] <= submitted[first[g + 1]], f"group {g} ends before the next"
+
+
+def test_platform_errors_raise_with_ane_and_fall_back_with_auto(emulator, rng):
+    tokens, targets = batch(rng)
+    ref = step(ab.Llama(CFG, seed=17, backend="cpu"), tokens, targets)
+    dev = ab.Llama(CFG, seed=17, backend="ane")
+    step(dev, tokens, targets)                   # programs compiled and loaded
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
+    dev.forward(tokens, targets)
+    with pytest.raises(ab.AnebackwardError, match="Llama.backward"):
+        dev.backward()
+    lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    # every queued job was waited for: the next step works and is right
+    assert_close_per_tensor(dev, step(dev, tokens, targets), ref, 5e-3)
+    ane.configure(min_flops=0)
+    auto = ab.Llama(CFG, seed=17, backend="auto")
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
+    try:
+        got = step(auto, tokens, targets)
+    finally:
+        lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    assert auto.ane_reason is None and ane.status()["fallbacks"]["error"] >= 1
+    assert_close_per_tensor(auto, got, ref, 5e-3)
