@@ -55,3 +55,21 @@ def keep_blas_threads():
     yield
     if n > 0:
         anebackward.set_num_threads(n)
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+    """The emulated ANE platform for one test, with the whole compile budget,
+    the default settings and work directory restored afterwards."""
+    from anebackward import ane
+    from anebackward._native import ffi, lib
+    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
+    ane.reset()
+    lib.ab_ane_testing_set_process_compiles(0)
+    prev = ane.use_emulator(True)
+    saved = ane.configure()
+    yield ane
+    ane.configure(**saved)
+    ane.use_emulator(prev)
+    lib.ab_ane_emulated_workdir(ffi.NULL)
+    ane.reset()

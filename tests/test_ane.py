@@ -17,20 +17,6 @@ not_mac = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the nati
 
 
 @pytest.fixture
-def emulator(monkeypatch):
-    from anebackward._native import lib
-    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
-    ane.reset()
-    lib.ab_ane_testing_set_process_compiles(0)      # each test starts with the whole budget
-    prev = ane.use_emulator(True)
-    saved = ane.configure()
-    yield ane
-    ane.configure(**saved)
-    ane.use_emulator(prev)
-    ane.reset()
-
-
-@pytest.fixture
 def native(monkeypatch):
     """The platform as the environment would choose it, no emulator."""
     monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)

@@ -16,19 +16,6 @@ CFG = ab.LlamaConfig(dim=128, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=
 N_PROJ = 7                       # wq wk wv wo w1 w2 w3 per layer
 
 
-@pytest.fixture
-def emulator(monkeypatch):
-    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
-    ane.reset()
-    lib.ab_ane_testing_set_process_compiles(0)
-    prev = ane.use_emulator(True)
-    saved = ane.configure()
-    yield ane
-    ane.configure(**saved)
-    ane.use_emulator(prev)
-    ane.reset()
-
-
 def batch(rng, B=2, S=64):
     t = rng.integers(0, CFG.vocab_size, size=(B, S + 1)).astype(np.int32)
     return t[:, :-1].copy(), t[:, 1:].copy()

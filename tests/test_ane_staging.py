@@ -16,20 +16,6 @@ from anebackward import ane
 from anebackward._native import ffi, lib
 
 
-@pytest.fixture
-def emulator(monkeypatch):
-    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
-    ane.reset()
-    lib.ab_ane_testing_set_process_compiles(0)
-    prev = ane.use_emulator(True)
-    saved = ane.configure()
-    yield ane
-    ane.configure(**saved)
-    ane.use_emulator(prev)
-    lib.ab_ane_emulated_workdir(ffi.NULL)
-    ane.reset()
-
-
 def rel_err(got, ref):
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
