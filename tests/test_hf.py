@@ -41,6 +41,7 @@ def tokens_for(m, B=2, S=24, seed=1):
 
 
 def hf_loss_and_grads(m, tok):
+    import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
     m.zero_grad()
     ids = torch.from_numpy(tok.astype(np.int64))
@@ -93,8 +94,8 @@ def test_recompute_gives_identical_gradients_and_less_memory(tmp_path):
 
 
 def test_native_adamw_steps_then_hf_loads_the_result(tmp_path):
+    transformers = import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
-    transformers = import_hf()
     m = hf_model("llama", False)
     m.save_pretrained(tmp_path / "in")
     ours = ab.Llama.from_pretrained(tmp_path / "in")
@@ -115,8 +116,8 @@ def test_native_adamw_steps_then_hf_loads_the_result(tmp_path):
 
 def test_llama2c_model_saves_as_hf_with_permuted_rows(tmp_path):
     """interleaved RoPE -> rotate-half: the same network in HF."""
+    transformers = import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
-    transformers = import_hf()
     cfg = ab.LlamaConfig.preset("tiny", shared_classifier=False)
     ours = ab.Llama(cfg, seed=5)
     ours.flat_params[ours.n_decay:] += np.random.default_rng(0).standard_normal(
@@ -132,6 +133,7 @@ def test_llama2c_model_saves_as_hf_with_permuted_rows(tmp_path):
 
 
 def test_bf16_and_fp16_checkpoints_load(tmp_path):
+    import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
     for dtype in ("bfloat16", "float16"):
         m = hf_model("qwen3", True, dtype=dtype)
@@ -157,6 +159,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_greedy_decode_equals_hf_generate(tmp_path):
+    import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
     for kind, tied in (("llama", False), ("qwen3", True)):
         m = hf_model(kind, tied)
@@ -223,6 +226,7 @@ def _corrupt(tmp_path, edit_config=None, edit_tensors=None, truncate=None):
     ("truncated header", dict(truncate=lambda n: 20), "safetensors"),
 ])
 def test_malformed_directories_raise_checkpoint_error(tmp_path, what, kw, words):
+    import_hf()          # the directories are written with transformers + safetensors
     _corrupt(tmp_path, **kw)
     with pytest.raises(CheckpointError, match=words) as e:
         ab.Llama.from_pretrained(tmp_path)
@@ -253,8 +257,8 @@ def test_presets_have_the_hf_shapes():
 
 
 def test_llama2c_save_converts_half_layout_and_refuses_the_rest(tmp_path):
+    transformers = import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
-    transformers = import_hf()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
@@ -306,8 +310,8 @@ def _losses(out):
 
 
 def test_train_init_from_hf_dir_writes_hf_that_transformers_and_sample_read(tmp_path, capsys):
+    transformers = import_hf()   # skip/fail first: torch is part of the hf oracle
     import torch
-    transformers = import_hf()
     d, m = hf_dir_with_tokenizer(tmp_path)
     out = tmp_path / "ft"
     assert _train(["--init-from", str(d), "--data", str(tmp_path / "data.txt"), "--steps", "4",

@@ -140,8 +140,8 @@ def test_default_rope_type_is_no_scaling(rng):
 
 def test_rope_matches_transformers(rng):
     """HF's own rotary embedding + apply_rotary_pos_emb, float32, Llama-3 scaled."""
+    import_hf()          # skip/fail first: torch is part of the hf oracle
     import torch
-    import_hf()
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     hd, H, S = 32, 3, 40
