@@ -3,18 +3,21 @@
  *   x[t, :]          = E[tokens[t], :]
  *   dE[tokens[t], :] += dx[t, :]        (accumulates; repeated tokens sum)
  * Every token is range-checked before anything is written.
- * Threads: the gather splits rows; the scatter-add splits columns, each task
- * walking all tokens in order over its columns, so repeated tokens never
- * race and sum in the same order for every thread count. */
+ * Threads: the gather splits rows. The scatter-add splits the rows of dE:
+ * task b owns the token ids with id % n_buckets == b and walks all tokens in
+ * order, adding only its own, so a repeated token's rows are summed by one
+ * task in token order (no races; the same sums for every thread count) and
+ * every add streams whole contiguous rows. n_buckets depends on N and D only
+ * (each task scans all N tokens, so a bucket must own enough work). */
 #include "ab_internal.h"
 
-#define COLS 64   /* columns per scatter-add task */
+#define MAX_BUCKETS 32   /* scatter-add tasks */
 
 typedef struct {
     float *out;
     const float *in;
     const int32_t *tokens;
-    int64_t N, D, rows;
+    int64_t N, D, rows;   /* rows: gather rows per task; scatter: buckets */
 } emb_job;
 
 static int tokens_in_range(const int32_t *tokens, int64_t N, int64_t V) {
@@ -33,13 +36,21 @@ static void gather_task(void *ctx, int64_t task, int worker) {
 AB_HOT
 static void scatter_task(void *ctx, int64_t task, int worker) {
     const emb_job *j = ctx;
-    const int64_t D = j->D, c0 = task * COLS, n = c0 + COLS < D ? COLS : D - c0;
+    const int64_t D = j->D, nb = j->rows;
     for (int64_t t = 0; t < j->N; t++) {
-        float *row = j->out + (int64_t)j->tokens[t] * D + c0;
-        const float *g = j->in + t * D + c0;
+        const int64_t id = j->tokens[t];
+        if (id % nb != task) continue;
+        float *row = j->out + id * D;
+        const float *g = j->in + t * D;
         AB_SIMD
-        for (int64_t i = 0; i < n; i++) row[i] += g[i];
+        for (int64_t i = 0; i < D; i++) row[i] += g[i];
     }
+}
+
+/* buckets: about AB_CHUNK floats of adds each on average, at most MAX_BUCKETS */
+static int64_t scatter_buckets(int64_t N, int64_t D) {
+    const int64_t nb = N * D / AB_CHUNK;
+    return nb < 1 ? 1 : nb > MAX_BUCKETS ? MAX_BUCKETS : nb;
 }
 
 int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
@@ -60,7 +71,9 @@ int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
     AB_NONNULL(dE); AB_NONNULL(dx); AB_NONNULL(tokens);
     AB_REQUIRE(tokens_in_range(tokens, N, V), AB_ERANGE);
     if (N == 0) return AB_OK;
-    emb_job j = {dE, dx, tokens, N, D, 0};
-    ab_parallel_for(ab_div_up(D, COLS), ab_workers_for(2.0 * N * D), scatter_task, &j);
+    if (D == 0) return AB_OK;
+    AB_MUL_FITS(N, D);
+    emb_job j = {dE, dx, tokens, N, D, scatter_buckets(N, D)};
+    ab_parallel_for(j.rows, ab_workers_for(2.0 * N * D), scatter_task, &j);
     return AB_OK;
 }
