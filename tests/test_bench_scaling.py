@@ -34,6 +34,40 @@ def test_scaling_run_writes_every_row(tmp_path, capsys):
     assert 0.0 < step["parallel_share_1"] <= 1.0
     assert 1.0 <= step["bound_speedup"]["2"] <= 2.0 + 1e-9
     assert doc["environment"]["threads_list"] == [1, 2]
+    stream = next(r for r in doc["records"] if r["name"].startswith("memory stream"))
+    assert all(stream["bandwidth_GBps"][n] > 0 for n in ("1", "2"))
+    rms = next(r for r in doc["records"] if r["name"] == "rmsnorm_backward tiny")
+    assert rms["speedup_over_stream"]["2"] == pytest.approx(
+        rms["speedup"]["2"] / stream["speedup"]["2"])
+    assert doc["environment"]["python_overhead_s"] >= 0
+
+
+def test_c_entry_replays_the_api_calls_c_kernels_on_the_same_buffers():
+    """The kernel rows time the C calls an API call makes: replaying them
+    after the input changed in place gives what the API gives on it."""
+    import numpy as np
+    import anebackward as ab
+    from anebackward.bench.scaling import c_entry
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((4, 16), dtype=np.float32), np.ones(16, np.float32)
+    y = np.empty_like(x)
+    replay = c_entry(lambda: ab.rmsnorm(x, w, out=y))
+    x *= 3.0
+    y[...] = np.nan
+    replay()
+    np.testing.assert_array_equal(y, ab.rmsnorm(x, w))
+    # clip_grad_norm makes two C calls (sumsq, then scale by the factor Python
+    # computed from it): the replay repeats both, the factor as recorded
+    g = rng.standard_normal(100, dtype=np.float32) * np.float32(5.0)
+    g0 = g.copy()
+    replay = c_entry(lambda: ab.clip_grad_norm([g], 1.0))
+    factor = g[0] / g0[0]
+    assert factor < 1.0
+    g[...] = 10.0
+    replay()
+    np.testing.assert_array_equal(g, np.float32(10.0) * np.float32(factor))
+    with pytest.raises(RuntimeError, match="no C kernel call"):
+        c_entry(lambda: None)
 
 
 def test_pool_stats_count_parallel_regions_only():

@@ -15,6 +15,17 @@ alike; a sample is the mean of back-to-back calls lasting >= min_sample.
 --with-load starts one CPU-bound process before measuring and stops it at
 the end (the "busy machine" case: the default count must not lose to 1).
 
+Kernel rows time the C entry points the Python call makes (recorded once
+through the API, then replayed through cffi directly, ~0.3 us a call): what
+the model's step and a C trainer pay, and the only part threads can change.
+The Python API's own checks add a fixed cost per call (about 10-20 us),
+printed once as "python overhead"; the full step goes through the API.
+
+"memory stream": the package's scale kernel over 256 MiB, the machine's
+memory bandwidth at each count; "strm%": a row's speed-up over the stream's
+(a kernel that only moves memory, like AdamW, cannot pass 100%: on a
+machine whose bandwidth does not double with the cores, neither can it).
+
 Load-independent columns, from one extra run at 1 thread with the pool's
 counters on (ab_pool_stats): "par%1", the share of the row's wall time spent
 in parallel regions (work more threads could share), and "bnd@16", the
@@ -86,6 +97,64 @@ def _step_flops(d):
     return 3 * fwd + attn
 
 
+class _Recorder:
+    """Stands in for the cffi lib in anebackward._backend while one API call
+    runs: records each C kernel call (function, arguments) and makes it."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name):
+        f = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls.append((f, args))
+            return f(*args)
+        return call
+
+
+def c_entry(fn):
+    """A callable making the same C kernel calls as the API call fn() (same
+    buffers: the arguments keep them alive), without the Python checks."""
+    from .. import _backend
+    rec = _Recorder(_backend.lib)
+    _backend.lib = rec
+    try:
+        keep = fn()        # arrays the call allocated stay alive with the replay
+    finally:
+        _backend.lib = rec.lib
+    calls = rec.calls
+    if not calls:
+        raise RuntimeError("bench --scaling: the API call made no C kernel call to replay")
+
+    def replay():
+        for f, args in calls:
+            rc = f(*args)
+            if rc:
+                raise RuntimeError(f"bench --scaling: C kernel returned error {rc}")
+    replay.keep = keep
+    return replay
+
+
+def python_overhead():
+    """Seconds a Python API call costs beyond its C kernel (tiny rmsnorm)."""
+    import anebackward as ab
+    x, w = np.ones((1, 8), np.float32), np.ones(8, np.float32)
+    y = np.empty_like(x)
+    api = lambda: ab.rmsnorm(x, w, out=y)    # noqa: E731
+    c = c_entry(api)
+    best = {}
+    for name, f in (("api", api), ("c", c)):
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                f()
+            ts.append((time.perf_counter() - t0) / 2000)
+        best[name] = float(np.median(ts))
+    return max(best["api"] - best["c"], 0.0)
+
+
 def _model_step(model, opt, tokens):
     model.forward(tokens)
     model.backward()
@@ -101,6 +170,9 @@ def _rows(shape, kernels):
     for case in K.cases([shape], [k for k in kernels if k != "full_step"]):
         inp = K.inputs(case, rng)
         fn, reset = K.api_callable(case, K.KernelOps(ab, "auto"), inp, True)
+        if reset:
+            reset()
+        fn = c_entry(fn)
         out.append((f"{case.kernel} {case.label}", case.flops, fn, reset))
     if "full_step" in kernels:
         s = K.SHAPES[shape]
@@ -122,6 +194,25 @@ def _sgemm_row():
     W = rng.standard_normal((n, n), dtype=np.float32)
     y = np.empty((n, n), np.float32)
     return (f"sgemm {n}^3 (ours, tiled)", 2.0 * n ** 3, lambda: ab.linear(x, W, out=y), None)
+
+
+STREAM_FLOATS = 64 << 20   # the memory stream row: x *= 1 over 256 MiB
+
+
+def _stream_row():
+    """The machine's memory-bandwidth scaling, the ceiling of the streaming
+    kernels (grad_norm, clip, AdamW move far more bytes than they compute):
+    the package's scale kernel (x *= 1: read and write) over a buffer far
+    beyond the caches, called through cffi like the kernel rows."""
+    from .._native import ffi, lib
+    x = np.ones(STREAM_FLOATS, np.float32)
+    px = ffi.from_buffer("float[]", x)
+
+    def fn():
+        if lib.ab_scale(px, STREAM_FLOATS, 1.0):
+            raise RuntimeError("bench --scaling: ab_scale failed")
+    fn.keep = x
+    return f"memory stream (scale, {STREAM_FLOATS * 4 >> 20} MiB)", fn
 
 
 def _set_ours(n):
@@ -234,6 +325,9 @@ def run(args):
           f", median of {repeats}")
     records = []
     try:
+        env["python_overhead_s"] = python_overhead()
+        print(f"kernel rows: the C entry points (replayed through cffi); the Python API adds "
+              f"{env['python_overhead_s'] * 1e6:.1f} us of checks per call")
         # the reference rate: the faster of our tiled sgemm and OpenBLAS's own threads
         label, flops, fn, _ = _sgemm_row()
         sg_t = _measure(fn, None, counts, repeats, min_sample)
@@ -242,10 +336,18 @@ def run(args):
         records.append(_record(label, flops, sg_t, counts, sg_rate))
         records.append(_record(f"sgemm {SGEMM_SIZE}^3 (OpenBLAS threads)", flops, own_t, counts,
                                sg_rate))
+        label, fn = _stream_row()
+        st_t = _measure(fn, None, counts, repeats, min_sample)
+        records.append(_record(label, None, st_t, counts, sg_rate))
+        records[-1]["bandwidth_GBps"] = {str(n): 8.0 * STREAM_FLOATS / st_t[n] / 1e9
+                                         for n in counts}
+        stream_speedup = records[-1]["speedup"]
         for shape in shapes:
             for label, flops, fn, reset in _rows(shape, kernels):
                 times = _measure(fn, reset, counts, repeats, min_sample)
                 records.append(_record(label, flops, times, counts, sg_rate))
+                records[-1]["speedup_over_stream"] = {n: records[-1]["speedup"][n] / stream_speedup[n]
+                                                      for n in records[-1]["speedup"]}
                 records[-1].update(_structure(fn, reset, min_sample))
                 _print_row(records[-1], counts, first=len(records) == 3)
     finally:
@@ -253,8 +355,12 @@ def run(args):
         if load is not None:
             load.terminate()
             load.wait()
-    for r in records[:2]:
+    for r in records[:3]:
         _print_row(r, counts, first=False)
+    bw = records[2]["bandwidth_GBps"]
+    print("memory stream: " + ", ".join(f"{bw[str(n)]:.1f} GB/s at {n}" for n in counts)
+          + "; strm%: a row's speed-up over the stream's at the same count (a kernel that "
+            "only streams memory cannot pass 100%)")
     if args.json:
         _write_json(args.json, {"environment": env, "records": records,
                                 "method": __doc__})
@@ -280,7 +386,7 @@ def _print_row(r, counts, first):
         head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
         head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
         head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
-        head += f"{'par%1':>7s}{'bnd@16':>8s}"
+        head += f"{'par%1':>7s}{'bnd@16':>8s}{f'strm%{counts[-1]}':>8s}"
         print(head)
     line = f"{r['name'][:38]:38s}" + "".join(f"{r['median_s'][str(n)] * 1e3:11.3f}" for n in counts)
     line += "".join(f"{r['speedup'][str(n)]:7.2f}" for n in counts[1:])
@@ -290,4 +396,6 @@ def _print_row(r, counts, first):
     line += "".join(f"{fr[str(n)] * 100:8.0f}%" if fr else f"{'-':>9s}" for n in counts)
     if "parallel_share_1" in r:
         line += f"{r['parallel_share_1'] * 100:6.1f}%{r['bound_speedup']['16']:8.1f}"
+    if "speedup_over_stream" in r and len(counts) > 1:
+        line += f"{r['speedup_over_stream'][str(counts[-1])] * 100:7.0f}%"
     print(line, flush=True)
