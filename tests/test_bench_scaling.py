@@ -40,6 +40,7 @@ def test_scaling_run_writes_every_row(tmp_path, capsys):
     assert rms["speedup_over_stream"]["2"] == pytest.approx(
         rms["speedup"]["2"] / stream["speedup"]["2"])
     assert doc["environment"]["python_overhead_s"] >= 0
+    assert 0 < rms["cpu_utilization"]["1"] <= 1.5 and rms["cpu_utilization"]["2"] > 0
 
 
 def test_c_entry_replays_the_api_calls_c_kernels_on_the_same_buffers():

@@ -21,6 +21,11 @@ the model's step and a C trainer pay, and the only part threads can change.
 The Python API's own checks add a fixed cost per call (about 10-20 us),
 printed once as "python overhead"; the full step goes through the API.
 
+"cpu%n": the process's CPU time over n x the wall time at n threads (the
+caller and the workers, spinning included): near 100 % with a speed-up below
+n means every thread was busy and each ran slower than one thread alone
+(shared caches, memory bandwidth, a lower all-core clock), not idle.
+
 "memory stream": the package's scale kernel over 256 MiB, the machine's
 memory bandwidth at each count; "strm%": a row's speed-up over the stream's
 (a kernel that only moves memory, like AdamW, cannot pass 100%: on a
@@ -240,17 +245,22 @@ def _measure(fn, reset, counts, repeats, min_sample, set_threads=_set_ours):
         dt = time.perf_counter() - t0
         inner[n] = 1 if reset else max(1, min(1000, int(min_sample / max(dt, 1e-7))))
     samples = {n: [] for n in counts}
+    busy = {n: [] for n in counts}
     for r in range(repeats):
         order = counts[r % len(counts):] + counts[:r % len(counts)]
         for n in order:
             set_threads(n)
             if reset:
                 reset()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(inner[n]):
                 fn()
-            samples[n].append((time.perf_counter() - t0) / inner[n])
-    return {n: float(np.median(v)) for n, v in samples.items()}
+            wall = time.perf_counter() - t0
+            samples[n].append(wall / inner[n])
+            busy[n].append((time.process_time() - c0) / (n * wall))
+    out = {n: float(np.median(v)) for n, v in samples.items()}
+    _measure.utilization = {str(n): float(np.median(v)) for n, v in busy.items()}
+    return out
 
 
 def _structure(fn, reset, min_sample):
@@ -346,6 +356,7 @@ def run(args):
             for label, flops, fn, reset in _rows(shape, kernels):
                 times = _measure(fn, reset, counts, repeats, min_sample)
                 records.append(_record(label, flops, times, counts, sg_rate))
+                records[-1]["cpu_utilization"] = _measure.utilization
                 records[-1]["speedup_over_stream"] = {n: records[-1]["speedup"][n] / stream_speedup[n]
                                                       for n in records[-1]["speedup"]}
                 records[-1].update(_structure(fn, reset, min_sample))
@@ -386,7 +397,7 @@ def _print_row(r, counts, first):
         head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
         head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
         head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
-        head += f"{'par%1':>7s}{'bnd@16':>8s}{f'strm%{counts[-1]}':>8s}"
+        head += f"{'par%1':>7s}{'bnd@16':>8s}{f'strm%{counts[-1]}':>8s}{f'cpu%{counts[-1]}':>7s}"
         print(head)
     line = f"{r['name'][:38]:38s}" + "".join(f"{r['median_s'][str(n)] * 1e3:11.3f}" for n in counts)
     line += "".join(f"{r['speedup'][str(n)]:7.2f}" for n in counts[1:])
@@ -398,4 +409,6 @@ def _print_row(r, counts, first):
         line += f"{r['parallel_share_1'] * 100:6.1f}%{r['bound_speedup']['16']:8.1f}"
     if "speedup_over_stream" in r and len(counts) > 1:
         line += f"{r['speedup_over_stream'][str(counts[-1])] * 100:7.0f}%"
+    if "cpu_utilization" in r:
+        line += f"{r['cpu_utilization'][str(counts[-1])] * 100:6.0f}%"
     print(line, flush=True)
