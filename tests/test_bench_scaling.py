@@ -25,6 +25,9 @@ def test_scaling_run_writes_every_row(tmp_path, capsys):
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "full_step tiny" in text and "rmsnorm_backward tiny" in text
+    # the column header comes once, before the first row
+    head = [i for i, l in enumerate(text.splitlines()) if l.startswith("row ")]
+    assert len(head) == 1 and "sgemm%2" in text.splitlines()[head[0]]
     doc = json.loads(out.read_text())
     names = [r["name"] for r in doc["records"]]
     assert names[0].startswith("sgemm") and "full_step tiny" in names

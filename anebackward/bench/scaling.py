@@ -352,6 +352,7 @@ def run(args):
         records[-1]["bandwidth_GBps"] = {str(n): 8.0 * STREAM_FLOATS / st_t[n] / 1e9
                                          for n in counts}
         stream_speedup = records[-1]["speedup"]
+        _print_header(counts)
         for shape in shapes:
             for label, flops, fn, reset in _rows(shape, kernels):
                 times = _measure(fn, reset, counts, repeats, min_sample)
@@ -360,14 +361,14 @@ def run(args):
                 records[-1]["speedup_over_stream"] = {n: records[-1]["speedup"][n] / stream_speedup[n]
                                                       for n in records[-1]["speedup"]}
                 records[-1].update(_structure(fn, reset, min_sample))
-                _print_row(records[-1], counts, first=len(records) == 3)
+                _print_row(records[-1], counts)
     finally:
         ab.set_num_threads(default)
         if load is not None:
             load.terminate()
             load.wait()
     for r in records[:3]:
-        _print_row(r, counts, first=False)
+        _print_row(r, counts)
     bw = records[2]["bandwidth_GBps"]
     print("memory stream: " + ", ".join(f"{bw[str(n)]:.1f} GB/s at {n}" for n in counts)
           + "; strm%: a row's speed-up over the stream's at the same count (a kernel that "
@@ -392,13 +393,15 @@ def _record(label, flops, times, counts, sg_rate):
     }
 
 
-def _print_row(r, counts, first):
-    if first:
-        head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
-        head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
-        head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
-        head += f"{'par%1':>7s}{'bnd@16':>8s}{f'strm%{counts[-1]}':>8s}{f'cpu%{counts[-1]}':>7s}"
-        print(head)
+def _print_header(counts):
+    head = f"{'row':38s}" + "".join(f"{f'{n} thr ms':>11s}" for n in counts)
+    head += "".join(f"{f'x{n}':>7s}" for n in counts[1:])
+    head += f"{'serial':>8s}{'@16':>7s}" + "".join(f"{f'sgemm%{n}':>9s}" for n in counts)
+    head += f"{'par%1':>7s}{'bnd@16':>8s}{f'strm%{counts[-1]}':>8s}{f'cpu%{counts[-1]}':>7s}"
+    print(head)
+
+
+def _print_row(r, counts):
     line = f"{r['name'][:38]:38s}" + "".join(f"{r['median_s'][str(n)] * 1e3:11.3f}" for n in counts)
     line += "".join(f"{r['speedup'][str(n)]:7.2f}" for n in counts[1:])
     s = r["serial_fraction"]
