@@ -84,7 +84,10 @@ def build_options():
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(read_cdef() + read_cdef(TESTING_HEADER))
+# Python's side of the C callbacks (cffi's extern "Python"), defined with
+# @ffi.def_extern in the module named: anebackward/model.py
+PY_CALLBACKS = 'extern "Python" void ab_py_grads_ready(void *user, int64_t group);\n'
+ffibuilder.cdef(read_cdef() + read_cdef(TESTING_HEADER) + PY_CALLBACKS)
 ffibuilder.set_source(
     "anebackward._lib",
     '#include "anebackward.h"\n#include "ab_testing.h"\n',

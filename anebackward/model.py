@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class Llama:
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
         self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config)
+        self._groups: Optional[Dict[int, Tuple[Tuple[int, int], ...]]] = None
         self.params = views(self.flat_params, self._specs)
         self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
@@ -214,15 +215,31 @@ class Llama:
     __call__ = forward
 
     def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0,
-                 grads: Optional[F32Array] = None) -> None:
+                 grads: Optional[F32Array] = None,
+                 on_grads_ready: Optional[Callable[[List[Tuple[int, int]]], None]] = None
+                 ) -> None:
         """Fill model.grads with the gradient of the last forward()'s loss
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
         grad_scale=1/n_micro). One C call over all layers. grads: another
-        float32 buffer of n_params in the same layout to fill instead."""
+        float32 buffer of n_params in the same layout to fill instead.
+
+        on_grads_ready(ranges): called during the backward, on this thread,
+        each time a group of gradients is final — ranges is a list of
+        (start, stop) float offsets into the gradient buffer, groups in the
+        order of grad_groups() — so a data-parallel trainer can reduce them
+        while the rest is computed (anebackward/distributed.py does). The
+        backward never writes a range after announcing it; the gradients are
+        bit-identical to a backward without the callback. An exception in the
+        callback stops further calls and is raised when the backward returns
+        (the gradients are complete). With the ANE backend every group is
+        announced after the whole backward."""
         fn = "Llama.backward"
         grads = self.flat_grads if grads is None else C.out(fn, "grads", grads, (self.n_params,),
                                                                  ("flat_params", self.flat_params))
+        if on_grads_ready is not None and not callable(on_grads_ready):
+            raise TypeError(f"{fn}: on_grads_ready must be callable or None, got "
+                            f"{type(on_grads_ready).__name__}")
         if self._pending is None:
             raise RuntimeError(f"{fn}: call forward(tokens) (with want_grad=True) first; each "
                                "forward allows one backward")
@@ -231,15 +248,44 @@ class Llama:
         self._pending = None  # dlogits are consumed (scaled in place)
         work = self._workspace(B, S)
         ctx = self._ane_context(B * S)
-        if ctx is None:
-            check(lib.ab_model_backward(self._cfg, fptr(self.flat_params), fptr(grads),
-                                        B, S, grad_scale, int(bool(accumulate)),
-                                        fptr(work), work.size), fn)
-            return
-        flags = lib.AB_ANE_STRICT if self.backend == "ane" else 0
-        check(lib.ab_model_backward_ane(self._cfg, fptr(self.flat_params), fptr(grads),
-                                        B, S, grad_scale, int(bool(accumulate)), fptr(work),
-                                        work.size, ctx, self._params_version, flags), fn)
+        args = (self._cfg, fptr(self.flat_params), fptr(grads), B, S, grad_scale,
+                int(bool(accumulate)), fptr(work), work.size)
+        if ctx is None and on_grads_ready is None:
+            check(lib.ab_model_backward(*args), fn)
+        elif ctx is None:
+            hook = _ReadyHook(on_grads_ready, self._group_ranges())
+            check(lib.ab_model_backward_notify(*args, lib.ab_py_grads_ready, hook.handle), fn)
+            hook.finish()
+        else:
+            flags = lib.AB_ANE_STRICT if self.backend == "ane" else 0
+            check(lib.ab_model_backward_ane(*args, ctx, self._params_version, flags), fn)
+            if on_grads_ready is not None:
+                for ranges in self.grad_groups():
+                    on_grads_ready(list(ranges))
+
+    def grad_groups(self) -> List[List[Tuple[int, int]]]:
+        """The groups of gradients backward(on_grads_ready=...) announces, in
+        order: [final norm (+ untied output)], layer n_layers-1, ..., layer 0,
+        [tok_embeddings (+ tied output)]; each a list of (start, stop) float
+        offsets into the flat gradient buffer. Together they cover it once."""
+        r = self._group_ranges()
+        L = self.config.n_layers
+        return [list(r[g]) for g in [L, *range(L - 1, -1, -1), -1]]
+
+    def _group_ranges(self) -> Dict[int, Tuple[Tuple[int, int], ...]]:
+        """C's group number (ab_model_backward_notify) -> its ranges."""
+        if self._groups is None:
+            L, groups = self.config.n_layers, {}
+            for name, off, shape in self._specs:
+                if name.startswith("layers."):
+                    g = int(name.split(".")[1])
+                elif name in ("norm.weight", "output.weight"):
+                    g = L
+                else:               # tok_embeddings (and, tied, the classifier)
+                    g = -1
+                groups.setdefault(g, []).append((off, off + math.prod(shape)))
+            self._groups = {g: tuple(sorted(v)) for g, v in groups.items()}
+        return self._groups
 
     def _ane_context(self, N):
         """The ANE context for a backward over N rows, or None (then
@@ -459,3 +505,29 @@ class AdamW:
         self.m[:] = state["m"]
         self.v[:] = state["v"]
         self.step_count, self.lr, self.betas, self.eps, self.weight_decay = step, lr, betas, eps, wd
+
+
+class _ReadyHook:
+    """One backward's on_grads_ready: C calls ab_py_grads_ready(handle, group)
+    on the calling thread; the first exception is kept, stops further calls,
+    and is raised by finish() once the C call has returned."""
+
+    def __init__(self, fn, ranges):
+        self.fn, self.ranges, self.error = fn, ranges, None
+        self.handle = ffi.new_handle(self)
+
+    def finish(self):
+        if self.error is not None:
+            raise self.error
+
+
+@ffi.def_extern()
+def ab_py_grads_ready(user, group):
+    hook = ffi.from_handle(user)
+    if hook.error is not None:
+        return
+    try:
+        hook.fn(list(hook.ranges[group]))
+    except BaseException as e:      # noqa: B036 — re-raised by finish(), never swallowed
+        hook.error = e
+

@@ -296,6 +296,22 @@ AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const fl
 AB_API int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats);
+/* ab_model_backward_notify: ab_model_backward that calls ready(user, group)
+ * on the calling thread, between kernels, as each group of gradients becomes
+ * final for this backward, so a data-parallel trainer can start reducing
+ * them while the rest is computed (the backward only ever writes groups not
+ * yet announced). Groups, in the order they come:
+ *   group == n_layers: the final norm, and the untied classifier (output);
+ *   group == l, for l = n_layers-1 down to 0: every tensor of layer l (wq wk
+ *     wv wo w1 w2 w3, attention_norm, ffn_norm, q_norm and k_norm if any);
+ *   group == -1: tok_embeddings (with a tied classifier: output too).
+ * After an error no further call is made. ready NULL: ab_model_backward.
+ * The gradients are bit-identical to ab_model_backward's. */
+typedef void (*ab_grads_ready_fn)(void *user, int64_t group);
+AB_API int ab_model_backward_notify(const ab_model_config *c, const float *params, float *grads,
+                             int64_t B, int64_t S, float grad_scale, int accumulate,
+                             float *work, int64_t work_floats,
+                             ab_grads_ready_fn ready, void *user);
 
 /* ---- Apple Neural Engine dispatch (csrc/ane) ----
  * A context owns one platform ("darwin": the private AppleNeuralEngine

@@ -400,15 +400,33 @@ static int dx_wait(dx_queue *q) {
 
 #define TRYQ(q, call) do { int rc_ = (call); if (rc_) { dx_wait(q); return rc_; } } while (0)
 
+/* who is told when a group of gradients is final (ab_model_backward_notify) */
+typedef struct { ab_grads_ready_fn fn; void *user; } ready_hook;
+
+static void announce(const ready_hook *h, int64_t group) {
+    if (h && h->fn) h->fn(h->user, group);
+}
+
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q);
+                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h);
 
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats) {
     dx_queue q = {0};
-    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q);
+    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
+                          NULL);
+}
+
+int ab_model_backward_notify(const ab_model_config *c, const float *params, float *grads,
+                             int64_t B, int64_t S, float grad_scale, int accumulate,
+                             float *work, int64_t work_floats,
+                             ab_grads_ready_fn ready, void *user) {
+    dx_queue q = {0};
+    ready_hook h = {ready, user};
+    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
+                          &h);
 }
 
 int ab_model_backward_ane(const ab_model_config *c, const float *params, float *grads,
@@ -418,12 +436,13 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
     dx_queue q = {ane, params_version, ane_flags, {NULL, NULL, NULL}, 0};
-    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q);
+    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
+                          NULL);
 }
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q) {
+                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -465,6 +484,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     TRY(k->linear_backward_dx(DXN, DL, params + P.output, N, D, V, 0));
     TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
                             N, D, eps, 0));
+    announce(h, L);                            /* norm, untied output */
 
     for (int64_t l = L - 1; l >= 0; l--) {
         const float *wq = params + P.wq + l * qd * D, *wk = params + P.wk + l * kv * D;
@@ -520,9 +540,11 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         TRY(dx_wait(q));
         TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
                                 params + P.attention_norm + l * D, N, D, eps, 1));
+        announce(h, l);                        /* every tensor of layer l */
     }
     /* embedding: scatter-add (onto the classifier's dW when tied) */
     TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
+    announce(h, -1);
     return AB_OK;
 }
 

@@ -2,7 +2,7 @@
  * `anebackward config --cflags --libs`: kernels against float64 loops, the
  * model (forward, backward against central differences of its own loss,
  * the KV-cache decoder against the full forward), the backward's state
- * checks, version and threads. Exit 0: all passed.
+ * checks, the backward's gradient-ready callback, version and threads. Exit 0: all passed.
  *
  *   test_capi [EXPECTED_VERSION]
  */
@@ -78,6 +78,14 @@ static void test_kernels(void) {
     expect("ab_strerror names the code", strstr(ab_strerror(AB_ENULL), "NULL") != NULL);
 }
 
+/* ab_model_backward_notify's callback: the groups in order, none twice */
+typedef struct { int64_t seen[16]; int n; } ready_log;
+static void on_ready(void *user, int64_t group) {
+    ready_log *r = user;
+    if (r->n < 16) r->seen[r->n] = group;
+    r->n++;
+}
+
 static void test_model(void) {
     ab_model_config c = {.dim = 16, .hidden_dim = 40, .n_layers = 2, .n_heads = 4,
                          .n_kv_heads = 2, .vocab_size = 23, .max_seq_len = 12,
@@ -107,6 +115,19 @@ static void test_model(void) {
     tok[0] = 3;
     expect("a second backward of the same forward: AB_EINVAL",
            ab_model_backward(&c, params, grads, B, S, 1.0f, 0, work, nw) == AB_EINVAL);
+    /* the same backward announcing its gradient groups: head, layers 1 and 0, embedding */
+    float *grads2 = malloc(P.n_params * sizeof(float));
+    ready_log log = {{0}, 0};
+    ab_model_forward(&loss, &c, params, tok, tgt, B, S, 1, work, nw);
+    expect("ab_model_backward_notify",
+           ab_model_backward_notify(&c, params, grads2, B, S, 1.0f, 0, work, nw, on_ready, &log)
+           == AB_OK);
+    expect("  groups announced in order: 2 (head), 1, 0, -1 (embedding)",
+           log.n == 4 && log.seen[0] == 2 && log.seen[1] == 1 && log.seen[2] == 0
+           && log.seen[3] == -1);
+    expect("  gradients bit-identical to ab_model_backward",
+           memcmp(grads, grads2, P.n_params * sizeof(float)) == 0);
+    free(grads2);
 
     /* central differences of the loss (double) at the largest gradient of each tensor */
     const int64_t starts[] = {P.tok_embeddings, P.wq, P.wk, P.w2, P.output, P.ffn_norm, P.norm};
