@@ -4,12 +4,20 @@
 
 (or across hosts with torchrun's usual --nnodes/--rdzv flags) trains with a
 global batch of N·B: step i's batch is the one a single process with
---batch-size N·B would draw, and rank r takes rows [r·B, (r+1)·B). After each
-backward the flat gradient buffer is all-reduced (mean) in one call, the
-losses likewise, so every rank takes the same AdamW step on the same
-weights; rank 0 writes the run's files, the other ranks write to a throwaway
-directory. Without torchrun's environment (WORLD_SIZE unset or 1) nothing
-changes and torch is never imported: it stays an optional dependency.
+--batch-size N·B would draw, and rank r takes rows [r·B, (r+1)·B). The flat
+gradient buffer is all-reduced (mean) at each backward, the losses likewise,
+so every rank takes the same AdamW step on the same weights; rank 0 writes
+the run's files, the other ranks write to a throwaway directory. Without
+torchrun's environment (WORLD_SIZE unset or 1) nothing changes and torch is
+never imported: it stays an optional dependency.
+
+The all-reduce overlaps the backward: the model announces each group of
+gradients as it becomes final (the classifier and final norm first, then
+each layer from the last, the embedding last; Llama.backward's
+on_grads_ready) and each group's ranges are reduced asynchronously on
+gloo's threads while the backward goes on; the backward then waits for
+them and divides by N. ANEBACKWARD_ALLREDUCE=end reduces the whole buffer in
+one call after the backward instead. The sums are the same either way.
 """
 import atexit
 import os
@@ -25,11 +33,24 @@ class _Single:
         return None
 
 
+ALLREDUCE_MODES = ("overlap", "end")
+
+
+def allreduce_mode():
+    """ANEBACKWARD_ALLREDUCE: overlap (default) or end; anything else is an error."""
+    mode = os.environ.get("ANEBACKWARD_ALLREDUCE", "overlap").strip().lower() or "overlap"
+    if mode not in ALLREDUCE_MODES:
+        raise ValueError(f"ANEBACKWARD_ALLREDUCE must be one of {', '.join(ALLREDUCE_MODES)}, "
+                         f"got {os.environ['ANEBACKWARD_ALLREDUCE']!r}")
+    return mode
+
+
 class DataParallel:
-    def __init__(self, rank, world):
+    def __init__(self, rank, world, mode="overlap"):
         import torch
         import torch.distributed as dist
         self.torch, self.dist, self.rank, self.world = torch, dist, rank, world
+        self.mode = mode
         if not dist.is_initialized():
             dist.init_process_group("gloo")     # torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
 
@@ -56,11 +77,26 @@ class DataParallel:
             self._mean(loss)
             return float(loss[0])
 
+        # with accumulation the buffer already holds the mean of earlier
+        # micro-batches, identical on every rank: averaging again keeps it
         def mean_backward(*a, **k):
-            backward(*a, **k)
-            # with accumulation the buffer already holds the mean of earlier
-            # micro-batches, identical on every rank: averaging again keeps it
-            self._mean(model.flat_grads)
+            if self.mode == "end":
+                backward(*a, **k)
+                self._mean(model.flat_grads)
+                return
+            torch, dist = self.torch, self.dist
+            grads, pending = model.flat_grads, []
+
+            def reduce(ranges):
+                for lo, hi in ranges:
+                    pending.append(dist.all_reduce(torch.from_numpy(grads[lo:hi]),
+                                                   op=dist.ReduceOp.SUM, async_op=True))
+            try:
+                backward(*a, on_grads_ready=reduce, **k)
+            finally:            # the buffer must not change under gloo's threads
+                for w in pending:
+                    w.wait()
+            torch.from_numpy(grads).div_(self.world)
 
         data.batch, model.forward, model.backward = rank_batch, mean_forward, mean_backward
         return None
@@ -77,4 +113,4 @@ def from_env(args):
         args.out = tempfile.mkdtemp(prefix=f"anebackward-rank{rank}-")
         args.quiet = True
         atexit.register(shutil.rmtree, args.out, True)
-    return DataParallel(rank, world)
+    return DataParallel(rank, world, allreduce_mode())

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ARGS = ["--config", "tiny", "--seq-len", "32", "--steps", "6", "--warmup", "2", "--lr", "1e-2",
         "--eval-every", "3", "--threads", "1", "--quiet"]
@@ -37,6 +38,28 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, torch):
     np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(v2, v1, rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(two, "model.bin"))
+    # the all-reduce overlapped with the backward (the default, per layer
+    # group) gives the same bits as one all-reduce after it: two ranks' sums
+    # are the same in any order
+    end = str(tmp_path / "end")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "anebackward", "train", *ARGS, "--batch-size", "2", "--out", end],
+         dict(env, ANEBACKWARD_ALLREDUCE="end"))
+    assert _log(end) == _log(two)
+    with open(os.path.join(end, "model.bin"), "rb") as a, \
+            open(os.path.join(two, "model.bin"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_allreduce_mode_is_checked(monkeypatch):
+    from anebackward import distributed as d
+    monkeypatch.delenv("ANEBACKWARD_ALLREDUCE", raising=False)
+    assert d.allreduce_mode() == "overlap"
+    monkeypatch.setenv("ANEBACKWARD_ALLREDUCE", "End")
+    assert d.allreduce_mode() == "end"
+    monkeypatch.setenv("ANEBACKWARD_ALLREDUCE", "later")
+    with pytest.raises(ValueError, match="ANEBACKWARD_ALLREDUCE must be one of overlap, end"):
+        d.allreduce_mode()
 
 
 def test_without_torchrun_nothing_is_imported():
