@@ -11,13 +11,21 @@ the run's files, the other ranks write to a throwaway directory. Without
 torchrun's environment (WORLD_SIZE unset or 1) nothing changes and torch is
 never imported: it stays an optional dependency.
 
-The all-reduce overlaps the backward: the model announces each group of
-gradients as it becomes final (the classifier and final norm first, then
-each layer from the last, the embedding last; Llama.backward's
-on_grads_ready) and each group's ranges are reduced asynchronously on
-gloo's threads while the backward goes on; the backward then waits for
-them and divides by N. ANEBACKWARD_ALLREDUCE=end reduces the whole buffer in
-one call after the backward instead. The sums are the same either way.
+ANEBACKWARD_ALLREDUCE chooses when the gradients are reduced:
+  overlap  during the backward: the model announces each group of gradients
+           as it becomes final (the classifier and final norm first, then
+           each layer from the last, the embedding last; Llama.backward's
+           on_grads_ready), each group's ranges are reduced asynchronously
+           on gloo's threads while the backward goes on, and the backward
+           then waits for them and divides by N;
+  end      one all-reduce of the whole buffer after the backward;
+  auto     (default) overlap when the ranks span more than one host
+           (WORLD_SIZE > LOCAL_WORLD_SIZE), where it can hide network time
+           (not measured: the project has had one host);
+           end on one host, where every core already computes and gloo's
+           threads would only take turns with the kernels (measured: 2 ranks
+           on 2 cores, overlap 9-34 % slower per step, docs/performance.md).
+The sums, and so the trained weights, are the same either way.
 """
 import atexit
 import os
@@ -33,15 +41,22 @@ class _Single:
         return None
 
 
-ALLREDUCE_MODES = ("overlap", "end")
+ALLREDUCE_MODES = ("auto", "overlap", "end")
 
 
-def allreduce_mode():
-    """ANEBACKWARD_ALLREDUCE: overlap (default) or end; anything else is an error."""
-    mode = os.environ.get("ANEBACKWARD_ALLREDUCE", "overlap").strip().lower() or "overlap"
+def allreduce_mode(env=None):
+    """overlap or end, from ANEBACKWARD_ALLREDUCE (auto, overlap, end; default
+    auto) and torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; anything else is an error."""
+    env = os.environ if env is None else env
+    given = env.get("ANEBACKWARD_ALLREDUCE", "")
+    mode = given.strip().lower() or "auto"
     if mode not in ALLREDUCE_MODES:
         raise ValueError(f"ANEBACKWARD_ALLREDUCE must be one of {', '.join(ALLREDUCE_MODES)}, "
-                         f"got {os.environ['ANEBACKWARD_ALLREDUCE']!r}")
+                         f"got {given!r}")
+    if mode == "auto":
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+        local = int(env.get("LOCAL_WORLD_SIZE", str(world)) or world)
+        mode = "overlap" if world > local else "end"
     return mode
 
 

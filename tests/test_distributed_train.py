@@ -38,28 +38,31 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, torch):
     np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(v2, v1, rtol=1e-4, atol=1e-5)
     assert os.path.exists(os.path.join(two, "model.bin"))
-    # the all-reduce overlapped with the backward (the default, per layer
-    # group) gives the same bits as one all-reduce after it: two ranks' sums
-    # are the same in any order
-    end = str(tmp_path / "end")
+    # the all-reduce overlapped with the backward (per layer group; the
+    # default across hosts) gives the same bits as one all-reduce after it
+    # (the default on one host, as above): two ranks' sums are the same in
+    # any order
+    over = str(tmp_path / "overlap")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "anebackward", "train", *ARGS, "--batch-size", "2", "--out", end],
-         dict(env, ANEBACKWARD_ALLREDUCE="end"))
-    assert _log(end) == _log(two)
-    with open(os.path.join(end, "model.bin"), "rb") as a, \
+          "-m", "anebackward", "train", *ARGS, "--batch-size", "2", "--out", over],
+         dict(env, ANEBACKWARD_ALLREDUCE="overlap"))
+    assert _log(over) == _log(two)
+    with open(os.path.join(over, "model.bin"), "rb") as a, \
             open(os.path.join(two, "model.bin"), "rb") as b:
         assert a.read() == b.read()
 
 
-def test_allreduce_mode_is_checked(monkeypatch):
-    from anebackward import distributed as d
-    monkeypatch.delenv("ANEBACKWARD_ALLREDUCE", raising=False)
-    assert d.allreduce_mode() == "overlap"
-    monkeypatch.setenv("ANEBACKWARD_ALLREDUCE", "End")
-    assert d.allreduce_mode() == "end"
-    monkeypatch.setenv("ANEBACKWARD_ALLREDUCE", "later")
-    with pytest.raises(ValueError, match="ANEBACKWARD_ALLREDUCE must be one of overlap, end"):
-        d.allreduce_mode()
+def test_allreduce_mode_overlaps_across_hosts_only_unless_told():
+    from anebackward.distributed import allreduce_mode
+    one_host = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    two_hosts = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    assert allreduce_mode(one_host) == "end" and allreduce_mode(two_hosts) == "overlap"
+    assert allreduce_mode(dict(one_host, ANEBACKWARD_ALLREDUCE="Overlap")) == "overlap"
+    assert allreduce_mode(dict(two_hosts, ANEBACKWARD_ALLREDUCE="end")) == "end"
+    assert allreduce_mode(dict(two_hosts, ANEBACKWARD_ALLREDUCE="auto")) == "overlap"
+    with pytest.raises(ValueError, match="ANEBACKWARD_ALLREDUCE must be one of auto, overlap, "
+                                         "end, got 'later'"):
+        allreduce_mode(dict(one_host, ANEBACKWARD_ALLREDUCE="later"))
 
 
 def test_without_torchrun_nothing_is_imported():
