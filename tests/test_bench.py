@@ -138,3 +138,32 @@ def test_installed_package_has_every_contender(tmp_path, torch):
         for contender in ("ours", "numpy", "torch"):
             r = _by(doc["records"], name=kernel, contender=contender)
             assert r and r[0]["status"] == "ok", (kernel, contender, r)
+
+
+def test_bench_threads_leave_the_packages_openblas_single_threaded():
+    """threadpoolctl (the bench extra) limits every OpenBLAS it finds, the
+    package's included: the bench must then put the package's back to one
+    thread under its pool, or each sgemm tile would run on a second pool."""
+    import numpy as np
+    import threadpoolctl
+    import anebackward as ab
+    from anebackward.bench import env as E
+    before = ab.get_num_threads()
+    limiter = E.set_threads(2, None)
+    try:
+        assert ab.get_num_threads() == 2 and ab.blas_info()["threads"] in (0, 1)
+        numpy_pools = [p for p in threadpoolctl.threadpool_info()
+                       if "numpy" in (p.get("filepath") or "")]
+        assert all(p["num_threads"] == 2 for p in numpy_pools)
+        # the raw sgemm contender runs on OpenBLAS's own threads, then restores
+        sgemm, where = K.sgemm_library()
+        if sgemm is None:
+            pytest.skip(where)      # macOS: Accelerate, no raw sgemm contender
+        case = next(c for c in K.cases(["tiny"], ["linear"]))
+        inp = K.inputs(case, np.random.default_rng(0))
+        y = K.sgemm_callable(case, inp, sgemm, threads=2)()
+        np.testing.assert_allclose(y, inp["x"] @ inp["W"].T, rtol=1e-4, atol=1e-5)
+        assert ab.blas_info()["threads"] in (0, 1)
+    finally:
+        limiter.restore_original_limits()
+        ab.set_num_threads(before)

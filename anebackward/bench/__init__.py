@@ -258,7 +258,7 @@ def run(args):
                 except Exception as e:  # report, do not stop
                     case_notes["torch"] = f"{type(e).__name__}: {e}"
             if "sgemm" in wanted and sgemm is not None and case.kernel in K.LINEAR:
-                cs.append(Contender("sgemm", K.sgemm_callable(case, inp, sgemm)))
+                cs.append(Contender("sgemm", K.sgemm_callable(case, inp, sgemm, threads)))
         for c in cs:
             c.pool = pool_of(c.name, case.kernel)
         res = measure(cs, warmup=warmup, repeats=repeats, min_sample_s=min_sample, settler=settler)

@@ -243,8 +243,10 @@ def sgemm_library():
     return f, path
 
 
-def sgemm_callable(case, inp, sgemm):
-    """The linear case's matrix product as one direct cblas_sgemm call (row-major)."""
+def sgemm_callable(case, inp, sgemm, threads=1):
+    """The linear case's matrix product as one direct cblas_sgemm call
+    (row-major) on `threads` of OpenBLAS's own threads; the package's
+    setting (OpenBLAS at one thread under its pool) is put back after it."""
     d, a = case.dims, inp
     N, i, o = d["N"], d["n_in"], d["n_out"]
     x, W, dy = a["x"], a["W"], a["dy"]
@@ -261,4 +263,15 @@ def sgemm_callable(case, inp, sgemm):
         dW = np.empty((o, i), np.float32)
         args = (_ROW_MAJOR, _TRANS, _NO_TRANS, o, i, N, 1.0, p(dy), o, p(x), i, 0.0, p(dW), i)
         keep = dW
-    return lambda: (sgemm(*args), keep)[1]
+    if threads == 1:
+        return lambda: (sgemm(*args), keep)[1]
+    from .._native import lib
+
+    def call():
+        lib.ab_blas_set_num_threads(threads)
+        try:
+            sgemm(*args)
+        finally:
+            lib.ab_blas_set_num_threads(1)
+        return keep
+    return call

@@ -61,13 +61,17 @@ def threadpools():
 def set_threads(n, torch_mod):
     """The same thread count for every contender. Returns what each says."""
     import anebackward as ab
-    ab.set_num_threads(n)            # our BLAS (also the raw sgemm contender: same library)
     limiter = None
     try:
         import threadpoolctl
-        limiter = threadpoolctl.threadpool_limits(n)   # NumPy's own OpenBLAS build too
+        limiter = threadpoolctl.threadpool_limits(n)   # NumPy's own OpenBLAS build
     except ImportError:
         pass
+    # after threadpoolctl, which set every OpenBLAS it found to n, the package's
+    # too: its pool of n runs the sgemm tiles on a single-threaded OpenBLAS
+    # (the raw sgemm contender gets OpenBLAS's own n threads per call:
+    # cases.sgemm_callable)
+    ab.set_num_threads(n)
     if torch_mod is not None:
         torch_mod.set_num_threads(n)
     return limiter
@@ -95,9 +99,8 @@ def collect(args, torch_mod, torch_note, threads):
         "torch_note": torch_note,
         "threads_requested": threads,
         "threads": {
-            "ours (anebackward BLAS)": ab.get_num_threads(),
-            "ours (elementwise C kernels)": 1,
-            "sgemm": ab.get_num_threads(),
+            "ours (the package's pool)": ab.get_num_threads(),
+            "sgemm (OpenBLAS's own threads)": ab.get_num_threads(),
             "reference": 1,
             "numpy": None,
             "torch": torch_mod.get_num_threads() if torch_mod is not None else None,
