@@ -82,6 +82,7 @@ class Llama:
         self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config)
         self._groups: Optional[Dict[int, Tuple[Tuple[int, int], ...]]] = None
+        self._in_backward = False      # inside backward's on_grads_ready callback
         self.params = views(self.flat_params, self._specs)
         self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
@@ -161,6 +162,10 @@ class Llama:
         return tok, B, S
 
     def _workspace(self, B, S):
+        if self._in_backward:
+            raise RuntimeError("Llama: forward, backward and logits cannot run inside "
+                               "backward's on_grads_ready callback: the backward is still "
+                               "using the activation workspace")
         if self._ws is None or self._ws[:2] != (B, S):
             total = ffi.new("int64_t *")
             off = ffi.new("int64_t *")
@@ -232,8 +237,10 @@ class Llama:
         backward never writes a range after announcing it; the gradients are
         bit-identical to a backward without the callback. An exception in the
         callback stops further calls and is raised when the backward returns
-        (the gradients are complete). With the ANE backend every group is
-        announced after the whole backward."""
+        (the gradients are complete); so is the RuntimeError of calling this
+        model's forward, backward or logits from inside it (the backward is
+        using their workspace). With the ANE backend every group is announced
+        after the whole backward."""
         fn = "Llama.backward"
         grads = self.flat_grads if grads is None else C.out(fn, "grads", grads, (self.n_params,),
                                                                  ("flat_params", self.flat_params))
@@ -254,7 +261,11 @@ class Llama:
             check(lib.ab_model_backward(*args), fn)
         elif ctx is None:
             hook = _ReadyHook(on_grads_ready, self._group_ranges())
-            check(lib.ab_model_backward_notify(*args, lib.ab_py_grads_ready, hook.handle), fn)
+            self._in_backward = True
+            try:
+                check(lib.ab_model_backward_notify(*args, lib.ab_py_grads_ready, hook.handle), fn)
+            finally:
+                self._in_backward = False
             hook.finish()
         else:
             flags = lib.AB_ANE_STRICT if self.backend == "ane" else 0

@@ -125,3 +125,20 @@ def test_c_entry_with_null_callback_is_ab_model_backward(rng):
     assert lib.ab_model_backward_notify(m._cfg, fptr(m.flat_params), fptr(g), 2, 6, 1.0, 0,
                                         fptr(work), work.size, ffi.NULL, ffi.NULL) == 0
     np.testing.assert_array_equal(g, want)
+
+
+def test_the_model_refuses_to_run_inside_its_own_callback(rng):
+    m = _model("untied", rng)
+    tokens = rng.integers(0, 61, size=(1, 8))
+    want = _plain(m, tokens)
+
+    def nested(ranges):
+        m.forward(tokens)          # would overwrite the activations the backward reads
+
+    m.forward(tokens)
+    with pytest.raises(RuntimeError, match="cannot run inside backward's on_grads_ready"):
+        m.backward(on_grads_ready=nested)
+    np.testing.assert_array_equal(m.flat_grads, want)
+    m.forward(tokens)              # and runs again once the backward has returned
+    m.backward()
+    np.testing.assert_array_equal(m.flat_grads, want)
