@@ -272,7 +272,7 @@ class Llama:
             check(lib.ab_model_backward_ane(*args, ctx, self._params_version, flags), fn)
             if on_grads_ready is not None:
                 for ranges in self.grad_groups():
-                    on_grads_ready(list(ranges))
+                    on_grads_ready(ranges)
 
     def grad_groups(self) -> List[List[Tuple[int, int]]]:
         """The groups of gradients backward(on_grads_ready=...) announces, in

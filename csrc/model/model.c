@@ -404,7 +404,7 @@ static int dx_wait(dx_queue *q) {
 typedef struct { ab_grads_ready_fn fn; void *user; } ready_hook;
 
 static void announce(const ready_hook *h, int64_t group) {
-    if (h && h->fn) h->fn(h->user, group);
+    if (h && h->fn) h->fn(h->user, group);      /* h NULL: the ANE path */
 }
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
@@ -414,9 +414,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats) {
-    dx_queue q = {0};
-    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
-                          NULL);
+    return ab_model_backward_notify(c, params, grads, B, S, grad_scale, accumulate, work,
+                                    work_floats, NULL, NULL);
 }
 
 int ab_model_backward_notify(const ab_model_config *c, const float *params, float *grads,
