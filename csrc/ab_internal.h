@@ -127,6 +127,11 @@ void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
               float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
               float beta, float *C, int64_t ldc);
 
+/* Checks varlen segment starts (csrc/kernels/attention.c): cu[0] = 0 and
+ * non-decreasing over cu[0..n_seq]; *N = cu[n_seq], *max_len = the longest
+ * segment. AB_ENULL / AB_EINVAL otherwise. */
+int ab_varlen_check(const int64_t *cu, int64_t n_seq, int64_t *N, int64_t *max_len);
+
 /* RoPE frequency for pair index i (even, 0 <= i < head_dim), computed in
  * float as llama2.c's run.c and model.py do, so angles match theirs. */
 static inline float ab_rope_freq(int64_t i, int64_t head_dim) {

@@ -142,6 +142,19 @@ AB_API int ab_ref_rope_forward_ex(float *y, const float *x, int64_t B, int64_t S
 AB_API int ab_ref_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
                             int64_t n_heads, int64_t head_dim, int64_t pos_offset,
                             const ab_rope_params *p);
+/* Per-row positions: x[N, n_heads*head_dim], row t rotates by the angle
+ * positions[t] * f_k (every positions[t] >= 0, else AB_EINVAL). For
+ * varlen batches (below): left padding, packed documents, any position. */
+AB_API int ab_rope_forward_pos(float *y, const float *x, int64_t N, int64_t n_heads,
+                        int64_t head_dim, const int32_t *positions, const ab_rope_params *p);
+AB_API int ab_rope_backward_pos(float *dx, const float *dy, int64_t N, int64_t n_heads,
+                         int64_t head_dim, const int32_t *positions, const ab_rope_params *p);
+AB_API int ab_ref_rope_forward_pos(float *y, const float *x, int64_t N, int64_t n_heads,
+                            int64_t head_dim, const int32_t *positions,
+                            const ab_rope_params *p);
+AB_API int ab_ref_rope_backward_pos(float *dx, const float *dy, int64_t N, int64_t n_heads,
+                             int64_t head_dim, const int32_t *positions,
+                             const ab_rope_params *p);
 AB_API int ab_rope_forward(float *y, const float *x, int64_t B, int64_t S,
                     int64_t n_heads, int64_t head_dim, int64_t pos_offset);
 AB_API int ab_rope_backward(float *dx, const float *dy, int64_t B, int64_t S,
@@ -176,6 +189,37 @@ AB_API int ab_ref_attention_backward(float *dq, float *dk, float *dv, const floa
                               int64_t B, int64_t S, int64_t n_heads, int64_t n_kv_heads,
                               int64_t head_dim, float *work, int64_t work_floats);
 
+/* Varlen (FlashAttention's convention): a batch of documents of any
+ * lengths as ONE token-major list of its real tokens, q[N, H*hd], k,v[N,
+ * KV*hd], no padding rows at all; cu_seqlens[n_seq+1] holds the segment
+ * starts (cu_seqlens[0] = 0, non-decreasing, cu_seqlens[n_seq] = N; else
+ * AB_EINVAL), and causal attention stays inside each segment [cu_seqlens[i],
+ * cu_seqlens[i+1]). Segment starts rather than a segment id per token: the
+ * segments are contiguous, so each query's key range is two loads (O(1)),
+ * the work splits into (segment, head) tasks with no scan, and it is what
+ * FlashAttention's varlen kernels and HF's flattening collator produce.
+ * work: ab_attention_workspace_floats(longest segment). Full rows are the
+ * case cu_seqlens = {0, S, 2S, ..., BS}: ab_attention_forward runs the same
+ * code. Bit-identical results for every thread count. */
+AB_API int ab_attention_forward_varlen(float *out, const float *q, const float *k,
+                                const float *v, const int64_t *cu_seqlens, int64_t n_seq,
+                                int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                float *work, int64_t work_floats);
+AB_API int ab_attention_backward_varlen(float *dq, float *dk, float *dv, const float *dout,
+                                 const float *q, const float *k, const float *v,
+                                 const int64_t *cu_seqlens, int64_t n_seq, int64_t n_heads,
+                                 int64_t n_kv_heads, int64_t head_dim, float *work,
+                                 int64_t work_floats);
+AB_API int ab_ref_attention_forward_varlen(float *out, const float *q, const float *k,
+                                    const float *v, const int64_t *cu_seqlens, int64_t n_seq,
+                                    int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                    float *work, int64_t work_floats);
+AB_API int ab_ref_attention_backward_varlen(float *dq, float *dk, float *dv, const float *dout,
+                                     const float *q, const float *k, const float *v,
+                                     const int64_t *cu_seqlens, int64_t n_seq,
+                                     int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                     float *work, int64_t work_floats);
+
 /* ---- SwiGLU (csrc/kernels/swiglu.c) ----
  * y = silu(h1) * h3, silu(a) = a * sigmoid(a)
  * dh1 = dy * h3 * sigmoid(h1) * (1 + h1 * (1 - sigmoid(h1))),  dh3 = dy * silu(h1)
@@ -199,6 +243,17 @@ AB_API int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlo
 AB_API int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                          const float *logits, const int32_t *targets,
                          int64_t N, int64_t V, float grad_scale);
+/* The same with a caller's denominator: loss = sum over counted rows /
+ * denominator and dlogits scaled by grad_scale / denominator (HF Trainer's
+ * num_items_in_batch: the counted targets of all micro-batches of a step).
+ * denominator 0: the counted rows (ab_cross_entropy); else it must be
+ * finite and > 0 (AB_EINVAL). */
+AB_API int ab_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                        const float *logits, const int32_t *targets,
+                        int64_t N, int64_t V, float grad_scale, double denominator);
+AB_API int ab_ref_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                            const float *logits, const int32_t *targets,
+                            int64_t N, int64_t V, float grad_scale, double denominator);
 
 /* ---- embedding (csrc/kernels/embedding.c) ----
  * x[N,D] = E[tokens[N], :];   dE[tokens[t], :] += dx[t, :]  (accumulates) */
@@ -296,6 +351,32 @@ AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const fl
 AB_API int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats);
+/* Real batch layouts: ab_model_forward over a varlen batch (see the
+ * attention kernels): tokens[n_tokens] and targets[n_tokens] are the real
+ * tokens only (padding removed by the caller), in segment order; every
+ * matmul, the attention and the loss run over these rows and nothing else.
+ *   cu_seqlens[n_seq+1]: segment starts (one document each; attention stays
+ *     inside it), cu_seqlens[n_seq] = n_tokens;
+ *   positions[n_tokens]: RoPE position of each token (>= 0), NULL = its
+ *     index inside its segment;
+ *   loss_denominator: 0 = mean over counted targets; > 0: sum / it (HF
+ *     Trainer's num_items_in_batch).
+ * (B, S) is only the workspace's geometry (ab_model_workspace_floats):
+ * n_tokens <= B*S and every segment <= S <= max_seq_len. The forward copies
+ * the layout into the workspace, so ab_model_backward* with the same (B, S)
+ * needs nothing more. layout NULL: ab_model_forward (B full rows of S). */
+typedef struct {
+    int64_t n_tokens;
+    int64_t n_seq;
+    const int64_t *cu_seqlens;
+    const int32_t *positions;
+    double loss_denominator;
+} ab_batch_layout;
+AB_API int ab_model_forward_batch(double *loss_out, const ab_model_config *c,
+                           const float *params, const int32_t *tokens,
+                           const int32_t *targets, int64_t B, int64_t S,
+                           const ab_batch_layout *layout, int want_grad, float *work,
+                           int64_t work_floats);
 /* ab_model_backward_notify: ab_model_backward that calls ready(user, group)
  * on the calling thread, between kernels, as each group of gradients becomes
  * final for this backward, so a data-parallel trainer can start reducing

@@ -16,13 +16,18 @@
  * in the dK/dV products) is inf/NaN — such a block takes a triangular loop
  * instead, so masked entries contribute exactly nothing.
  *
- * Threads: the forward runs one task per (b, h), the backward one per
- * (b, kv head) (the heads of a group add into the same dK, dV in head
+ * Segments (varlen): rows are token-major over a list of documents;
+ * causal attention stays inside each document (see att_job). Full rows are
+ * the case of B documents of S tokens, through the same tasks.
+ *
+ * Threads: the forward runs one task per (segment, head), the backward one
+ * per (segment, kv head) (the heads of a group add into the same dK, dV in head
  * order). Each worker owns one slab of the workspace (P and dS of one row
  * block, 2 BLOCK S floats) and calls the (single-threaded) BLAS itself.
  * Results are the same for every thread count. */
 #include "ab_internal.h"
 
+#define TRY_RC(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define BLOCK 64
 #define MAX_WORKERS 16   /* slabs in ab_attention_workspace_floats(S) */
 
@@ -37,12 +42,22 @@ int64_t ab_attention_workspace_floats(int64_t S) {
     return slab_floats(S) * MAX_WORKERS;
 }
 
+/* A job is a list of segments (documents): segment i is rows
+ * [start, start + len) of the token-major arrays, with start = cu[i] and
+ * len = cu[i+1] - cu[i] (varlen), or start = i S and len = S (full rows,
+ * cu NULL). Causal attention never crosses a segment. */
 typedef struct {
     float *out, *dq, *dk, *dv;
     const float *q, *k, *v, *dout;
     float *work;
-    int64_t B, S, H, KV, hd, slab;
+    const int64_t *cu;
+    int64_t n_seq, S, H, KV, hd, slab;
 } att_job;
+
+static void segment(const att_job *j, int64_t i, int64_t *start, int64_t *len) {
+    *start = j->cu ? j->cu[i] : i * j->S;
+    *len = j->cu ? j->cu[i + 1] - j->cu[i] : j->S;
+}
 
 /* 1 if rows [0, n) of X (row stride ld, hd wide) are all finite */
 AB_HOT
@@ -135,12 +150,14 @@ static void cols_times(float *Y, int64_t ldy, const float *A, int64_t lda, const
 
 static void forward_task(void *ctx, int64_t task, int worker) {
     const att_job *j = ctx;
-    const int64_t S = j->S, hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
+    const int64_t hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
     const int64_t b = task / j->H, h = task % j->H, g = h / (j->H / j->KV);
+    int64_t t0, S;
+    segment(j, b, &t0, &S);
     const float c = 1.0f / sqrtf((float)hd);
-    const float *Q = j->q + b * S * ldq + h * hd;
-    const float *K = j->k + b * S * ldk + g * hd, *V = j->v + b * S * ldk + g * hd;
-    float *O = j->out + b * S * ldq + h * hd;
+    const float *Q = j->q + t0 * ldq + h * hd;
+    const float *K = j->k + t0 * ldk + g * hd, *V = j->v + t0 * ldk + g * hd;
+    float *O = j->out + t0 * ldq + h * hd;
     float *P = j->work + worker * j->slab;
     for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
         const int64_t r1 = min64(r0 + BLOCK, S), m = r1 - r0;
@@ -153,19 +170,21 @@ static void forward_task(void *ctx, int64_t task, int worker) {
 
 static void backward_task(void *ctx, int64_t task, int worker) {
     const att_job *j = ctx;
-    const int64_t S = j->S, hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
+    const int64_t hd = j->hd, ldq = j->H * hd, ldk = j->KV * hd;
     const int64_t group = j->H / j->KV, b = task / j->KV, g = task % j->KV;
+    int64_t t0, S;
+    segment(j, b, &t0, &S);
     const float c = 1.0f / sqrtf((float)hd);
-    const float *K = j->k + b * S * ldk + g * hd, *V = j->v + b * S * ldk + g * hd;
-    float *dK = j->dk + b * S * ldk + g * hd, *dV = j->dv + b * S * ldk + g * hd;
+    const float *K = j->k + t0 * ldk + g * hd, *V = j->v + t0 * ldk + g * hd;
+    float *dK = j->dk + t0 * ldk + g * hd, *dV = j->dv + t0 * ldk + g * hd;
     float *P = j->work + worker * j->slab, *dS = P + min64(BLOCK, S) * S;
     for (int64_t s = 0; s < S; s++) {
         memset(dK + s * ldk, 0, (size_t)hd * sizeof(float));
         memset(dV + s * ldk, 0, (size_t)hd * sizeof(float));
     }
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
-        const float *Q = j->q + b * S * ldq + h * hd, *dO = j->dout + b * S * ldq + h * hd;
-        float *dQ = j->dq + b * S * ldq + h * hd;
+        const float *Q = j->q + t0 * ldq + h * hd, *dO = j->dout + t0 * ldq + h * hd;
+        float *dQ = j->dq + t0 * ldq + h * hd;
         for (int64_t r0 = 0; r0 < S; r0 += BLOCK) {
             const int64_t r1 = min64(r0 + BLOCK, S), m = r1 - r0;
             ab_sgemm_1(0, 1, m, r1, hd, c, Q + r0 * ldq, ldq, K, ldk, 0.0f, P, S);
@@ -182,15 +201,48 @@ static void backward_task(void *ctx, int64_t task, int worker) {
     }
 }
 
+static int check_heads(int64_t H, int64_t KV, int64_t hd) {
+    AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
+    AB_MUL_FITS(H, hd);
+    AB_BLAS_FITS(H * hd);
+    return AB_OK;
+}
+
 static int check_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
                       int64_t work_floats) {
     AB_NONNEG(B); AB_NONNEG(S);
-    AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
-    AB_MUL_FITS(H, hd);
-    AB_BLAS_FITS(H * hd); AB_BLAS_FITS(S);
+    TRY_RC(check_heads(H, KV, hd));
+    AB_BLAS_FITS(S);
     AB_MUL_FITS(B, S);
     AB_MUL_FITS(B * S, H * hd);
     AB_REQUIRE(work_floats >= slab_floats(S), AB_EWORKSPACE);   /* at least one worker's slab */
+    return AB_OK;
+}
+
+/* cu_seqlens: cu[0] = 0, non-decreasing; *N = cu[n_seq], *max_len the longest */
+int ab_varlen_check(const int64_t *cu, int64_t n_seq, int64_t *N, int64_t *max_len) {
+    AB_NONNEG(n_seq);
+    AB_NONNULL(cu);
+    AB_REQUIRE(cu[0] == 0, AB_EINVAL);
+    int64_t m = 0;
+    for (int64_t i = 0; i < n_seq; i++) {
+        AB_REQUIRE(cu[i + 1] >= cu[i], AB_EINVAL);
+        const int64_t len = cu[i + 1] - cu[i];
+        m = len > m ? len : m;
+    }
+    *N = cu[n_seq];
+    *max_len = m;
+    return AB_OK;
+}
+
+static int check_varlen(const int64_t *cu, int64_t n_seq, int64_t H, int64_t KV, int64_t hd,
+                        int64_t work_floats, int64_t *max_len) {
+    int64_t N;
+    TRY_RC(ab_varlen_check(cu, n_seq, &N, max_len));
+    TRY_RC(check_heads(H, KV, hd));
+    AB_BLAS_FITS(*max_len);
+    AB_MUL_FITS(N, H * hd);
+    AB_REQUIRE(work_floats >= slab_floats(*max_len), AB_EWORKSPACE);
     return AB_OK;
 }
 
@@ -199,33 +251,66 @@ static int workers_for(int64_t S, int64_t work_floats) {
     return n < AB_MAX_THREADS ? (int)n : AB_MAX_THREADS;
 }
 
+/* The full-row and the varlen entry points run the same tasks: full rows
+ * are B segments of S tokens each. */
+static int run_forward(att_job *j, int64_t max_len, int64_t work_floats) {
+    if (j->n_seq == 0 || max_len == 0) return AB_OK;
+    AB_NONNULL(j->work);
+    j->slab = slab_floats(max_len);
+    ab_parallel_for(j->n_seq * j->H, workers_for(max_len, work_floats), forward_task, j);
+    return AB_OK;
+}
+
+static int run_backward(att_job *j, int64_t max_len, int64_t work_floats) {
+    if (j->n_seq == 0 || max_len == 0) return AB_OK;   /* no rows */
+    AB_NONNULL(j->work);
+    j->slab = slab_floats(max_len);
+    ab_parallel_for(j->n_seq * j->KV, workers_for(max_len, work_floats), backward_task, j);
+    return AB_OK;
+}
+
 int ab_attention_forward(float *out, const float *q, const float *k, const float *v,
                          int64_t B, int64_t S, int64_t H, int64_t KV,
                          int64_t hd, float *work, int64_t work_floats) {
-    int rc = check_args(B, S, H, KV, hd, work_floats);
-    if (rc) return rc;
+    TRY_RC(check_args(B, S, H, KV, hd, work_floats));
     AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
-    if (B == 0 || S == 0) return AB_OK;
-    AB_NONNULL(work);
     att_job j = {.out = out, .q = q, .k = k, .v = v, .work = work,
-                 .B = B, .S = S, .H = H, .KV = KV, .hd = hd, .slab = slab_floats(S)};
-    ab_parallel_for(B * H, workers_for(S, work_floats), forward_task, &j);
-    return AB_OK;
+                 .n_seq = B, .S = S, .H = H, .KV = KV, .hd = hd};
+    return run_forward(&j, B > 0 ? S : 0, work_floats);
 }
 
 int ab_attention_backward(float *dq, float *dk, float *dv, const float *dout,
                           const float *q, const float *k, const float *v,
                           int64_t B, int64_t S, int64_t H, int64_t KV,
                           int64_t hd, float *work, int64_t work_floats) {
-    int rc = check_args(B, S, H, KV, hd, work_floats);
-    if (rc) return rc;
+    TRY_RC(check_args(B, S, H, KV, hd, work_floats));
     AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(dout);
     AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
-    if (B == 0 || S == 0) return AB_OK;
-    AB_NONNULL(work);
     att_job j = {.dq = dq, .dk = dk, .dv = dv, .dout = dout, .q = q, .k = k, .v = v,
-                 .work = work, .B = B, .S = S, .H = H, .KV = KV, .hd = hd,
-                 .slab = slab_floats(S)};
-    ab_parallel_for(B * KV, workers_for(S, work_floats), backward_task, &j);
-    return AB_OK;
+                 .work = work, .n_seq = B, .S = S, .H = H, .KV = KV, .hd = hd};
+    return run_backward(&j, B > 0 ? S : 0, work_floats);
+}
+
+int ab_attention_forward_varlen(float *out, const float *q, const float *k, const float *v,
+                                const int64_t *cu_seqlens, int64_t n_seq, int64_t H,
+                                int64_t KV, int64_t hd, float *work, int64_t work_floats) {
+    int64_t max_len;
+    TRY_RC(check_varlen(cu_seqlens, n_seq, H, KV, hd, work_floats, &max_len));
+    AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    att_job j = {.out = out, .q = q, .k = k, .v = v, .work = work, .cu = cu_seqlens,
+                 .n_seq = n_seq, .H = H, .KV = KV, .hd = hd};
+    return run_forward(&j, max_len, work_floats);
+}
+
+int ab_attention_backward_varlen(float *dq, float *dk, float *dv, const float *dout,
+                                 const float *q, const float *k, const float *v,
+                                 const int64_t *cu_seqlens, int64_t n_seq, int64_t H,
+                                 int64_t KV, int64_t hd, float *work, int64_t work_floats) {
+    int64_t max_len;
+    TRY_RC(check_varlen(cu_seqlens, n_seq, H, KV, hd, work_floats, &max_len));
+    AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(dout);
+    AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    att_job j = {.dq = dq, .dk = dk, .dv = dv, .dout = dout, .q = q, .k = k, .v = v,
+                 .work = work, .cu = cu_seqlens, .n_seq = n_seq, .H = H, .KV = KV, .hd = hd};
+    return run_backward(&j, max_len, work_floats);
 }

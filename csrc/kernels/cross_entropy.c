@@ -4,7 +4,9 @@
  *   m_t = max_j z_tj,  Z_t = sum_j exp(z_tj - m_t)
  *   loss_t = log Z_t + m_t - z_t[y_t]
  *   dz_tj  = (exp(z_tj - m_t) / Z_t - [j == y_t]) * grad_scale / n
- * loss = sum_t loss_t / n, n = number of counted rows.
+ * loss = sum_t loss_t / n, n = number of counted rows, or a denominator the
+ * caller gives (ab_cross_entropy_ex: HF Trainer's num_items_in_batch, the
+ * counted targets of a whole accumulated batch); dz uses the same n.
  * dlogits may be the logits buffer itself (written in place): z[y_t] is read
  * before the row is overwritten.
  * Threads: tasks of a fixed number of rows; their loss sums are added in
@@ -62,7 +64,15 @@ static void ce_task(void *ctx, int64_t task, int worker) {
 int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                      const float *logits, const int32_t *targets,
                      int64_t N, int64_t V, float grad_scale) {
+    return ab_cross_entropy_ex(loss_out, n_counted_out, dlogits, logits, targets, N, V,
+                               grad_scale, 0.0);
+}
+
+int ab_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                        const float *logits, const int32_t *targets,
+                        int64_t N, int64_t V, float grad_scale, double denominator) {
     AB_NONNEG(N); AB_REQUIRE(V > 0, AB_EINVAL);
+    AB_REQUIRE(denominator == 0.0 || (isfinite(denominator) && denominator > 0.0), AB_EINVAL);
     AB_NONNULL(loss_out); AB_NONNULL(logits); AB_NONNULL(targets);
     int64_t n = 0;
     for (int64_t t = 0; t < N; t++) {
@@ -71,8 +81,9 @@ int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
         n += (y != -1);
     }
     const int64_t rows = AB_CHUNK / V;
+    const double den = denominator > 0.0 ? denominator : (double)n;
     ce_job j = {dlogits, logits, targets, N, V, rows > 0 ? rows : 1,
-                n > 0 ? grad_scale / (float)n : 0.0f, NULL};
+                den > 0.0 ? grad_scale / (float)den : 0.0f, NULL};
     const int64_t n_tasks = ab_div_up(N, j.rows);
     double small[64];
     j.part = n_tasks <= 64 ? small : malloc((size_t)n_tasks * sizeof(double));
@@ -81,7 +92,7 @@ int ab_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
     double total = 0.0;
     for (int64_t t = 0; t < n_tasks; t++) total += j.part[t];
     if (j.part != small) free(j.part);
-    *loss_out = n > 0 ? total / (double)n : NAN;
+    *loss_out = den > 0.0 ? total / den : NAN;
     if (n_counted_out) *n_counted_out = n;
     return AB_OK;
 }

@@ -59,6 +59,7 @@ typedef struct {
     float *y;
     const float *x;
     const ab_rope_params *p;
+    const int32_t *positions;   /* per row, or NULL: pos_offset + row % S */
     int64_t N, S, n_heads, head_dim, pos_offset, rows;
     float sign;
 } rope_job;
@@ -74,7 +75,8 @@ static void rope_task(void *ctx, int64_t task, int worker) {
     if (hoist)
         for (int64_t k = 0; k < half; k++) freq_small[k] = ab_rope_freq_p(2 * k, j->head_dim, j->p);
     for (int64_t row = r0; row < r1; row++) {
-        float pos = (float)(j->pos_offset + row % j->S);
+        float pos = (float)(j->positions ? (int64_t)j->positions[row]
+                                         : j->pos_offset + row % j->S);
         const float *xr = j->x + row * D;
         float *yr = j->y + row * D;
         for (int64_t k = 0; k < half; k++) {
@@ -91,6 +93,10 @@ static void rope_task(void *ctx, int64_t task, int worker) {
     }
 }
 
+static int rope_run(float *y, const float *x, const int32_t *positions, int64_t N, int64_t S,
+                    int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                    const ab_rope_params *p, float sign);
+
 static int rope_apply(float *y, const float *x, int64_t B, int64_t S,
                       int64_t n_heads, int64_t head_dim, int64_t pos_offset,
                       const ab_rope_params *p, float sign) {
@@ -103,8 +109,16 @@ static int rope_apply(float *y, const float *x, int64_t B, int64_t S,
     AB_MUL_FITS(B, S);
     AB_MUL_FITS(B * S, n_heads * head_dim);
     AB_NONNULL(y); AB_NONNULL(x);
+    return rope_run(y, x, NULL, B * S, S, n_heads, head_dim, pos_offset, p, sign);
+}
+
+/* positions: checked by the caller (every entry >= 0) or NULL */
+static int rope_run(float *y, const float *x, const int32_t *positions, int64_t N, int64_t S,
+                    int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                    const ab_rope_params *p, float sign) {
     const int64_t D = n_heads * head_dim, rows = (AB_CHUNK / 4) / D;
-    rope_job j = {y, x, p, B * S, S, n_heads, head_dim, pos_offset, rows > 0 ? rows : 1, sign};
+    rope_job j = {y, x, p, positions, N, S, n_heads, head_dim, pos_offset, rows > 0 ? rows : 1,
+                  sign};
     /* weighted: each float costs a few ns (the sincos per position), ~10x a
      * streaming kernel's, so 256 x 288 (stories15M, ~0.17 ms) is worth splitting */
     ab_parallel_for(ab_div_up(j.N, j.rows), ab_workers_for(16.0 * j.N * D), rope_task, &j);
@@ -131,4 +145,31 @@ int ab_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
                         int64_t n_heads, int64_t head_dim, int64_t pos_offset,
                         const ab_rope_params *p) {
     return rope_apply(dx, dy, B, S, n_heads, head_dim, pos_offset, p, -1.0f);
+}
+
+/* Per-row positions (varlen batches, left padding, packed documents):
+ * row t rotates by positions[t] * f_k. */
+static int rope_apply_pos(float *y, const float *x, int64_t N, int64_t n_heads,
+                          int64_t head_dim, const int32_t *positions,
+                          const ab_rope_params *p, float sign) {
+    AB_NONNEG(N);
+    AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    int rc = ab_rope_params_check(p);
+    if (rc) return rc;
+    AB_MUL_FITS(n_heads, head_dim);
+    AB_MUL_FITS(N, n_heads * head_dim);
+    AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(positions);
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(positions[t] >= 0, AB_EINVAL);
+    if (N == 0) return AB_OK;
+    return rope_run(y, x, positions, N, 1, n_heads, head_dim, 0, p, sign);
+}
+
+int ab_rope_forward_pos(float *y, const float *x, int64_t N, int64_t n_heads, int64_t head_dim,
+                        const int32_t *positions, const ab_rope_params *p) {
+    return rope_apply_pos(y, x, N, n_heads, head_dim, positions, p, 1.0f);
+}
+
+int ab_rope_backward_pos(float *dx, const float *dy, int64_t N, int64_t n_heads,
+                         int64_t head_dim, const int32_t *positions, const ab_rope_params *p) {
+    return rope_apply_pos(dx, dy, N, n_heads, head_dim, positions, p, -1.0f);
 }

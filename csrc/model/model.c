@@ -38,11 +38,18 @@
  *
  * Like llm.c's gpt2_forward/gpt2_backward, the forward keeps what the
  * backward needs besides activations: a header at offset 0 of the workspace
- * (HDR_FLOATS floats: a "dlogits ready" tag, B, S) and a copy of the tokens
- * (TOKENS, N int32 in N float slots). The backward takes no tokens; it
- * refuses to run unless the tag is set and B, S match, and clears the tag
- * (one backward per forward). The header is at a fixed place so a backward
- * with the wrong B or S is recognised before any layout is derived from them.
+ * (HDR_FLOATS floats: a "dlogits ready" tag, B, S, the rows N, the varlen
+ * segments n_seq) and a copy of the tokens (TOKENS, N int32 in N float
+ * slots), with a varlen batch also its segment starts (CU) and positions
+ * (POS). The backward takes no tokens; it refuses to run unless the tag is
+ * set and B, S match, and clears the tag (one backward per forward). The
+ * header is at a fixed place so a backward with the wrong B or S is
+ * recognised before any layout is derived from them.
+ *
+ * Varlen batches (ab_model_forward_batch): the N <= B*S rows are the real
+ * tokens only; every per-row array above holds N rows (packed at the start
+ * of its B*S-row region), so padding costs no work at all. (B, S) only
+ * sizes the workspace.
  */
 #include "ab_internal.h"
 
@@ -66,7 +73,17 @@ typedef struct {
     int (*swiglu_forward)(float *, const float *, const float *, int64_t);
     int (*swiglu_backward)(float *, float *, const float *, const float *, const float *, int64_t);
     int (*cross_entropy)(double *, int64_t *, float *, const float *, const int32_t *,
-                         int64_t, int64_t, float);
+                         int64_t, int64_t, float, double);
+    int (*rope_forward_pos)(float *, const float *, int64_t, int64_t, int64_t, const int32_t *,
+                            const ab_rope_params *);
+    int (*rope_backward_pos)(float *, const float *, int64_t, int64_t, int64_t, const int32_t *,
+                             const ab_rope_params *);
+    int (*attention_forward_varlen)(float *, const float *, const float *, const float *,
+                                    const int64_t *, int64_t, int64_t, int64_t, int64_t,
+                                    float *, int64_t);
+    int (*attention_backward_varlen)(float *, float *, float *, const float *, const float *,
+                                     const float *, const float *, const int64_t *, int64_t,
+                                     int64_t, int64_t, int64_t, float *, int64_t);
     int (*embedding_forward)(float *, const float *, const int32_t *, int64_t, int64_t, int64_t);
     int (*embedding_backward)(float *, const float *, const int32_t *, int64_t, int64_t, int64_t);
 } kernel_table;
@@ -85,7 +102,11 @@ static const kernel_table FAST = {
     .attention_backward = ab_attention_backward,
     .swiglu_forward = ab_swiglu_forward,
     .swiglu_backward = ab_swiglu_backward,
-    .cross_entropy = ab_cross_entropy,
+    .cross_entropy = ab_cross_entropy_ex,
+    .rope_forward_pos = ab_rope_forward_pos,
+    .rope_backward_pos = ab_rope_backward_pos,
+    .attention_forward_varlen = ab_attention_forward_varlen,
+    .attention_backward_varlen = ab_attention_backward_varlen,
     .embedding_forward = ab_embedding_forward,
     .embedding_backward = ab_embedding_backward,
 };
@@ -101,7 +122,11 @@ static const kernel_table REFERENCE = {
     .attention_backward = ab_ref_attention_backward,
     .swiglu_forward = ab_ref_swiglu_forward,
     .swiglu_backward = ab_ref_swiglu_backward,
-    .cross_entropy = ab_ref_cross_entropy,
+    .cross_entropy = ab_ref_cross_entropy_ex,
+    .rope_forward_pos = ab_ref_rope_forward_pos,
+    .rope_backward_pos = ab_ref_rope_backward_pos,
+    .attention_forward_varlen = ab_ref_attention_forward_varlen,
+    .attention_backward_varlen = ab_ref_attention_backward_varlen,
     .embedding_forward = ab_ref_embedding_forward,
     .embedding_backward = ab_ref_embedding_backward,
 };
@@ -109,8 +134,9 @@ static const kernel_table REFERENCE = {
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
-/* Workspace header: int64 words stored in float slots with memcpy. */
-enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_FLOATS = 8 };
+/* Workspace header: int64 words stored in float slots with memcpy. HDR_N:
+ * the forward's rows; HDR_NSEQ: its varlen segments (0: B full rows of S). */
+enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_N = 6, HDR_NSEQ = 8, HDR_FLOATS = 12 };
 static const int64_t READY_TAG = 0x0a59444145524241LL;   /* "ABREADY\n" */
 
 static int64_t hdr_get(const float *work, int slot) {
@@ -193,6 +219,7 @@ typedef struct {
     int64_t X, XA, QR, KR, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, DQN, DKN, ATTW;    /* scratch */
     int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
+    int64_t CU, POS; /* its varlen layout: B*S+1 int64 segment starts, N int32 positions */
     int64_t slots, total;
 } ws_layout;
 
@@ -203,7 +230,8 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     {   /* an upper bound of the total in double: no int64 overflow below */
         const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
         const double est = Ld * n * (5.0 * c->dim + 8.0 * (double)d.qd + 5.0 * c->hidden_dim)
-                           + n * c->vocab_size + 2.0 * (double)S * (double)S + n + HDR_FLOATS;
+                           + n * c->vocab_size + 2.0 * (double)S * (double)S + 4 * n + 2
+                           + HDR_FLOATS;
         AB_REQUIRE(est < AB_SIZE_LIMIT, AB_ETOOBIG);
     }
     const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, qd = d.qd, kv = d.kv, N = B * S;
@@ -212,7 +240,9 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     AB_BLAS_FITS(N);
     int64_t p = HDR_FLOATS;
     w->slots = R;
+    w->CU = p; p += 2 * (N + 1);   /* int64, 8-byte aligned: HDR_FLOATS is even */
     w->TOKENS = p; p += N;
+    w->POS = p; p += N;
     w->X = p; p += (L + 1) * N * D;
     w->XA = p; p += R * N * D;
     w->QR = p; p += qn * R * N * qd;
@@ -258,6 +288,23 @@ static void add_into(float *y, const float *a, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
+/* The rows a forward runs: B full rows of S (n_seq 0), or a varlen list of
+ * N real tokens in n_seq segments (cu, pos: the workspace's copies). */
+typedef struct {
+    int64_t B, S, N, n_seq;
+    const int64_t *cu;
+    const int32_t *pos;
+} batch_rows;
+
+static int rope_rows(const kernel_table *k, const ab_model_config *c, const batch_rows *g,
+                     float *x, int64_t heads, int64_t hd, int backward) {
+    if (g->n_seq == 0)
+        return backward ? k->rope_backward(x, x, g->B, g->S, heads, hd, 0, &c->rope)
+                        : k->rope_forward(x, x, g->B, g->S, heads, hd, 0, &c->rope);
+    return backward ? k->rope_backward_pos(x, x, g->N, heads, hd, g->pos, &c->rope)
+                    : k->rope_forward_pos(x, x, g->N, heads, hd, g->pos, &c->rope);
+}
+
 /* One layer's activations in the workspace (slot l, or 0 with recompute). */
 typedef struct {
     float *X, *XA, *QR, *KR, *Q, *K, *V, *AT, *HM, *XF, *H1, *H3;
@@ -285,9 +332,9 @@ static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
 static int layer_forward(const kernel_table *k, const ab_model_config *c, const dims *d,
                          const ab_model_layout *P, const ws_layout *W, const float *params,
-                         float *work, int64_t B, int64_t S, int64_t l, int write_next) {
+                         float *work, const batch_rows *g, int64_t l, int write_next) {
     const int64_t D = d->D, Hd = d->Hd, H = d->H, KV = d->KV, hd = d->hd;
-    const int64_t qd = d->qd, kv = d->kv, N = B * S;
+    const int64_t qd = d->qd, kv = d->kv, N = g->N, S = g->S;
     const float eps = c->norm_eps;
     const float *wq = params + P->wq + l * qd * D, *wk = params + P->wk + l * kv * D;
     const float *wv = params + P->wv + l * kv * D, *wo = params + P->wo + l * D * qd;
@@ -310,10 +357,14 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
         TRY(k->linear_forward(a.K, a.XA, wk, N, D, kv));
     }
     TRY(k->linear_forward(a.V, a.XA, wv, N, D, kv));
-    TRY(k->rope_forward(a.Q, a.Q, B, S, H, hd, 0, &c->rope));
-    TRY(k->rope_forward(a.K, a.K, B, S, KV, hd, 0, &c->rope));
-    TRY(k->attention_forward(a.AT, a.Q, a.K, a.V, B, S, H, KV, hd, work + W->ATTW,
-                             ab_attention_workspace_floats(S)));
+    TRY(rope_rows(k, c, g, a.Q, H, hd, 0));
+    TRY(rope_rows(k, c, g, a.K, KV, hd, 0));
+    if (g->n_seq == 0)
+        TRY(k->attention_forward(a.AT, a.Q, a.K, a.V, g->B, S, H, KV, hd, work + W->ATTW,
+                                 ab_attention_workspace_floats(S)));
+    else
+        TRY(k->attention_forward_varlen(a.AT, a.Q, a.K, a.V, g->cu, g->n_seq, H, KV, hd,
+                                        work + W->ATTW, ab_attention_workspace_floats(S)));
     TRY(k->linear_forward(T, a.AT, wo, N, qd, D));
     add_into(a.HM, a.X, T, N * D);
     /* feed-forward block */
@@ -331,6 +382,24 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
 int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats) {
+    return ab_model_forward_batch(loss_out, c, params, tokens, targets, B, S, NULL, want_grad,
+                                  work, work_floats);
+}
+
+/* The forward's rows, read back from the workspace header and copies. */
+static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S) {
+    batch_rows g = {B, S, hdr_get(work, HDR_N), hdr_get(work, HDR_NSEQ), NULL, NULL};
+    if (g.n_seq) {
+        g.cu = (const int64_t *)(void *)(work + W->CU);
+        g.pos = (const int32_t *)(work + W->POS);
+    }
+    return g;
+}
+
+int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const float *params,
+                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                           const ab_batch_layout *layout, int want_grad, float *work,
+                           int64_t work_floats) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -339,23 +408,50 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
     AB_REQUIRE(!want_grad || (targets && loss_out), AB_EINVAL);
+    double den = 0.0;
+    int64_t N = B * S, n_seq = 0;
+    if (layout) {   /* checked before the workspace is touched */
+        int64_t n_rows, max_len;
+        n_seq = layout->n_seq;
+        AB_REQUIRE(n_seq >= 1 && layout->n_tokens >= 1 && layout->n_tokens <= B * S, AB_EINVAL);
+        TRY(ab_varlen_check(layout->cu_seqlens, n_seq, &n_rows, &max_len));
+        AB_REQUIRE(n_rows == layout->n_tokens && max_len <= S, AB_EINVAL);
+        if (layout->positions)
+            for (int64_t t = 0; t < n_rows; t++) AB_REQUIRE(layout->positions[t] >= 0, AB_EINVAL);
+        den = layout->loss_denominator;
+        AB_REQUIRE(den == 0.0 || (isfinite(den) && den > 0.0), AB_EINVAL);
+        N = n_rows;
+    }
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const dims d = model_dims(c);
-    const int64_t L = d.L, D = d.D, V = d.V, N = B * S;
+    const int64_t L = d.L, D = d.D, V = d.V;
 
     hdr_set(work, HDR_TAG, 0);
     hdr_set(work, HDR_B, B);
     hdr_set(work, HDR_S, S);
+    hdr_set(work, HDR_N, N);
+    hdr_set(work, HDR_NSEQ, n_seq);
+    if (layout) {
+        int64_t *cu = (int64_t *)(void *)(work + W.CU);
+        int32_t *pos = (int32_t *)(work + W.POS);
+        memcpy(cu, layout->cu_seqlens, (size_t)(n_seq + 1) * sizeof(int64_t));
+        if (layout->positions) memcpy(pos, layout->positions, (size_t)N * sizeof(int32_t));
+        else   /* each token's index inside its segment */
+            for (int64_t i = 0; i < n_seq; i++)
+                for (int64_t t = cu[i]; t < cu[i + 1]; t++) pos[t] = (int32_t)(t - cu[i]);
+    }
+    const batch_rows g = rows_of(&W, work, B, S);
     memcpy(work + W.TOKENS, tokens, (size_t)N * sizeof(int32_t));
     TRY(k->embedding_forward(work + W.X, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++)
-        TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 1));
+        TRY(layer_forward(k, c, &d, &P, &W, params, work, &g, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
     TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
     TRY(k->linear_forward(LOGITS, XN, params + P.output, N, D, V));
     if (targets) {
         double loss = 0.0;
-        TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
+        TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f,
+                             den));
         if (loss_out) *loss_out = loss;
         if (want_grad) hdr_set(work, HDR_TAG, READY_TAG);
     }
@@ -455,10 +551,11 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     hdr_set(work, HDR_TAG, 0);
     const int32_t *tokens = (const int32_t *)(work + W.TOKENS);   /* the forward's */
+    const batch_rows g = rows_of(&W, work, B, S);                  /* and its rows */
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const dims d = model_dims(c);
     const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, H = d.H, KV = d.KV, hd = d.hd;
-    const int64_t qd = d.qd, kv = d.kv, N = B * S;
+    const int64_t qd = d.qd, kv = d.kv, N = g.N;
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
     const int acc = accumulate != 0;
@@ -494,7 +591,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
         float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
         float *gw3 = grads + P.w3 + l * Hd * D;
-        if (W.slots == 1) TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 0));
+        if (W.slots == 1) TRY(layer_forward(k, c, &d, &P, &W, params, work, &g, l, 0));
         const layer_acts a = acts_of(&W, &d, work, N, l);
         float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
         float *DA = work + W.DA, *DQ = work + W.DQ, *DK = work + W.DK, *DV = work + W.DV;
@@ -517,10 +614,14 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         TRY(dx_submit(q, k, DA, DX, wo, N, qd, D, 0));
         TRYQ(q, k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
         TRY(dx_wait(q));
-        TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
-                                  work + W.ATTW, attw));
-        TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0, &c->rope));
-        TRY(k->rope_backward(DK, DK, B, S, KV, hd, 0, &c->rope));
+        if (g.n_seq == 0)
+            TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
+                                      work + W.ATTW, attw));
+        else
+            TRY(k->attention_backward_varlen(DQ, DK, DV, DA, a.Q, a.K, a.V, g.cu, g.n_seq, H,
+                                             KV, hd, work + W.ATTW, attw));
+        TRY(rope_rows(k, c, &g, DQ, H, hd, 1));
+        TRY(rope_rows(k, c, &g, DK, KV, hd, 1));
         if (c->qk_norm) {   /* through the per-head norms to the raw projections */
             float *DQN = work + W.DQN, *DKN = work + W.DKN;
             TRY(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,

@@ -111,9 +111,18 @@ int ab_ref_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *
 /* seed: cpu_rope_backward (and its forward); per-element powf/cosf like
  * the seed, but the angle as llama2.c forms it, and both directions; p
  * selects the pair layout, theta and Llama-3 scaling (NULL: llama2.c's). */
+static int ref_rope_rows(float *y, const float *x, const int32_t *positions, int64_t B,
+                         int64_t S, int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                         const ab_rope_params *p, float sign);
 static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_heads,
                     int64_t head_dim, int64_t pos_offset, const ab_rope_params *p,
                     float sign) {
+    return ref_rope_rows(y, x, NULL, B, S, n_heads, head_dim, pos_offset, p, sign);
+}
+/* positions != NULL: row b*S + t at positions[b*S + t] (pos_offset 0) */
+static int ref_rope_rows(float *y, const float *x, const int32_t *positions, int64_t B,
+                         int64_t S, int64_t n_heads, int64_t head_dim, int64_t pos_offset,
+                         const ab_rope_params *p, float sign) {
     AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
     AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
     AB_REQUIRE(pos_offset <= INT64_MAX - S, AB_EINVAL);   /* pos_offset + t must not overflow */
@@ -127,7 +136,8 @@ static int ref_rope(float *y, const float *x, int64_t B, int64_t S, int64_t n_he
         for (int64_t t = 0; t < S; t++)
             for (int64_t h = 0; h < n_heads; h++)
                 for (int64_t i = 0; i < head_dim; i += 2) {
-                    float val = (float)(pos_offset + t) * ab_rope_freq_p(i, head_dim, p);
+                    int64_t pos = positions ? (int64_t)positions[b * S + t] : pos_offset + t;
+                    float val = (float)pos * ab_rope_freq_p(i, head_dim, p);
                     float cos_v = cosf(val), sin_v = sign * sinf(val);
                     int64_t off = (b * S + t) * n_heads * head_dim + h * head_dim
                                   + ab_rope_pair_first(i / 2, head_dim, layout);
@@ -155,6 +165,21 @@ int ab_ref_rope_backward_ex(float *dx, const float *dy, int64_t B, int64_t S,
                             const ab_rope_params *p) {
     return ref_rope(dx, dy, B, S, n_heads, head_dim, pos_offset, p, -1.0f);
 }
+static int ref_rope_pos(float *y, const float *x, int64_t N, int64_t n_heads, int64_t head_dim,
+                        const int32_t *positions, const ab_rope_params *p, float sign) {
+    AB_NONNEG(N); AB_NONNULL(positions);
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(positions[t] >= 0, AB_EINVAL);
+    return ref_rope_rows(y, x, positions, 1, N, n_heads, head_dim, 0, p, sign);
+}
+int ab_ref_rope_forward_pos(float *y, const float *x, int64_t N, int64_t n_heads,
+                            int64_t head_dim, const int32_t *positions, const ab_rope_params *p) {
+    return ref_rope_pos(y, x, N, n_heads, head_dim, positions, p, 1.0f);
+}
+int ab_ref_rope_backward_pos(float *dx, const float *dy, int64_t N, int64_t n_heads,
+                             int64_t head_dim, const int32_t *positions,
+                             const ab_rope_params *p) {
+    return ref_rope_pos(dx, dy, N, n_heads, head_dim, positions, p, -1.0f);
+}
 
 static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64_t hd,
                               int64_t work_floats) {
@@ -165,24 +190,21 @@ static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64
     return AB_OK;
 }
 
-/* seed: none (forward.h's attention loop). One row of scores at a time. */
-int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
-                             int64_t B, int64_t S, int64_t H, int64_t KV,
-                             int64_t hd, float *work, int64_t work_floats) {
-    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
-    if (rc) return rc;
-    AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
-    if (B == 0 || S == 0) return AB_OK;
-    AB_NONNULL(work);
+/* seed: none (forward.h's attention loop). One row of scores at a time,
+ * over segments: segment b is rows [cu[b], cu[b+1]) (cu NULL: b*S, S rows). */
+static void ref_attention_fwd(float *out, const float *q, const float *k, const float *v,
+                              const int64_t *cu, int64_t B, int64_t S, int64_t H, int64_t KV,
+                              int64_t hd, float *work) {
     float scale = 1.0f / sqrtf((float)hd);
     int64_t D = H * hd, Dkv = KV * hd, group = H / KV;
     float *scores = work;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t t0 = cu ? cu[b] : b * S, n = cu ? cu[b + 1] - cu[b] : S;
         for (int64_t h = 0; h < H; h++) {
-            const float *qb = q + b * S * D, *kb = k + b * S * Dkv, *vb = v + b * S * Dkv;
-            float *ob = out + b * S * D;
+            const float *qb = q + t0 * D, *kb = k + t0 * Dkv, *vb = v + t0 * Dkv;
+            float *ob = out + t0 * D;
             int64_t g = h / group;
-            for (int64_t t = 0; t < S; t++) {
+            for (int64_t t = 0; t < n; t++) {
                 float mx = -INFINITY;
                 for (int64_t s = 0; s <= t; s++) {
                     float dot = 0;
@@ -200,33 +222,29 @@ int ab_ref_attention_forward(float *out, const float *q, const float *k, const f
                 }
             }
         }
-    return AB_OK;
+    }
 }
 
-/* seed: cpu_attention_backward, extended to GQA and batches. */
-int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *d_out,
+/* seed: cpu_attention_backward, extended to GQA, batches and segments. */
+static void ref_attention_bwd(float *dq, float *dk, float *dv, const float *d_out,
                               const float *q, const float *k, const float *v,
-                              int64_t B, int64_t S, int64_t H, int64_t KV,
-                              int64_t hd, float *work, int64_t work_floats) {
-    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
-    if (rc) return rc;
-    AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(d_out);
-    AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
-    if (B == 0 || S == 0) return AB_OK;
-    AB_NONNULL(work);
+                              const int64_t *cu, int64_t B, int64_t S, int64_t H, int64_t KV,
+                              int64_t hd, float *work, int64_t max_len) {
     float scale = 1.0f / sqrtf((float)hd);
     int64_t D = H * hd, Dkv = KV * hd, group = H / KV;
-    float *scores = work, *dscores = work + S;
-    memset(dq, 0, (size_t)(B * S * D) * sizeof(float));
-    memset(dk, 0, (size_t)(B * S * Dkv) * sizeof(float));
-    memset(dv, 0, (size_t)(B * S * Dkv) * sizeof(float));
+    float *scores = work, *dscores = work + max_len;
+    const int64_t N = cu ? cu[B] : B * S;
+    memset(dq, 0, (size_t)(N * D) * sizeof(float));
+    memset(dk, 0, (size_t)(N * Dkv) * sizeof(float));
+    memset(dv, 0, (size_t)(N * Dkv) * sizeof(float));
     for (int64_t b = 0; b < B; b++) {
-        const float *qb = q + b * S * D, *kb = k + b * S * Dkv, *vb = v + b * S * Dkv;
-        const float *dob = d_out + b * S * D;
-        float *dqb = dq + b * S * D, *dkb = dk + b * S * Dkv, *dvb = dv + b * S * Dkv;
+        const int64_t t0 = cu ? cu[b] : b * S, n = cu ? cu[b + 1] - cu[b] : S;
+        const float *qb = q + t0 * D, *kb = k + t0 * Dkv, *vb = v + t0 * Dkv;
+        const float *dob = d_out + t0 * D;
+        float *dqb = dq + t0 * D, *dkb = dk + t0 * Dkv, *dvb = dv + t0 * Dkv;
         for (int64_t h = 0; h < H; h++) {
             int64_t g = h / group;
-            for (int64_t t = 0; t < S; t++) {
+            for (int64_t t = 0; t < n; t++) {
                 float mx = -INFINITY;
                 for (int64_t s = 0; s <= t; s++) {
                     float dot = 0;
@@ -253,6 +271,71 @@ int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *d_ou
             }
         }
     }
+}
+
+int ab_ref_attention_forward(float *out, const float *q, const float *k, const float *v,
+                             int64_t B, int64_t S, int64_t H, int64_t KV,
+                             int64_t hd, float *work, int64_t work_floats) {
+    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
+    if (rc) return rc;
+    AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (B == 0 || S == 0) return AB_OK;
+    AB_NONNULL(work);
+    ref_attention_fwd(out, q, k, v, NULL, B, S, H, KV, hd, work);
+    return AB_OK;
+}
+
+int ab_ref_attention_backward(float *dq, float *dk, float *dv, const float *d_out,
+                              const float *q, const float *k, const float *v,
+                              int64_t B, int64_t S, int64_t H, int64_t KV,
+                              int64_t hd, float *work, int64_t work_floats) {
+    int rc = ref_attention_args(B, S, H, KV, hd, work_floats);
+    if (rc) return rc;
+    AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(d_out);
+    AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (B == 0 || S == 0) return AB_OK;
+    AB_NONNULL(work);
+    ref_attention_bwd(dq, dk, dv, d_out, q, k, v, NULL, B, S, H, KV, hd, work, S);
+    return AB_OK;
+}
+
+/* cu_seqlens checked; work: 2 * (longest segment) floats */
+static int ref_varlen_args(const int64_t *cu, int64_t n_seq, int64_t H, int64_t KV, int64_t hd,
+                           int64_t work_floats, int64_t *max_len) {
+    int64_t N;
+    int rc = ab_varlen_check(cu, n_seq, &N, max_len);
+    if (rc) return rc;
+    AB_REQUIRE(H > 0 && KV > 0 && hd > 0 && H % KV == 0, AB_EINVAL);
+    REF_FITS(N, H, hd, 1);
+    AB_REQUIRE(*max_len <= INT64_MAX / 2 && work_floats >= 2 * *max_len, AB_EWORKSPACE);
+    return AB_OK;
+}
+
+int ab_ref_attention_forward_varlen(float *out, const float *q, const float *k, const float *v,
+                                    const int64_t *cu_seqlens, int64_t n_seq, int64_t H,
+                                    int64_t KV, int64_t hd, float *work, int64_t work_floats) {
+    int64_t max_len;
+    int rc = ref_varlen_args(cu_seqlens, n_seq, H, KV, hd, work_floats, &max_len);
+    if (rc) return rc;
+    AB_NONNULL(out); AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (max_len == 0) return AB_OK;
+    AB_NONNULL(work);
+    ref_attention_fwd(out, q, k, v, cu_seqlens, n_seq, 0, H, KV, hd, work);
+    return AB_OK;
+}
+
+int ab_ref_attention_backward_varlen(float *dq, float *dk, float *dv, const float *d_out,
+                                     const float *q, const float *k, const float *v,
+                                     const int64_t *cu_seqlens, int64_t n_seq, int64_t H,
+                                     int64_t KV, int64_t hd, float *work, int64_t work_floats) {
+    int64_t max_len;
+    int rc = ref_varlen_args(cu_seqlens, n_seq, H, KV, hd, work_floats, &max_len);
+    if (rc) return rc;
+    AB_NONNULL(dq); AB_NONNULL(dk); AB_NONNULL(dv); AB_NONNULL(d_out);
+    AB_NONNULL(q); AB_NONNULL(k); AB_NONNULL(v);
+    if (max_len == 0) return AB_OK;
+    AB_NONNULL(work);
+    ref_attention_bwd(dq, dk, dv, d_out, q, k, v, cu_seqlens, n_seq, 0, H, KV, hd, work, max_len);
     return AB_OK;
 }
 
@@ -281,13 +364,22 @@ int ab_ref_swiglu_backward(float *dh1, float *dh3, const float *dy,
 int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogits,
                          const float *logits, const int32_t *targets,
                          int64_t N, int64_t V, float grad_scale) {
+    return ab_ref_cross_entropy_ex(loss_out, n_counted_out, dlogits, logits, targets, N, V,
+                                   grad_scale, 0.0);
+}
+/* denominator > 0 replaces the count (HF Trainer's num_items_in_batch) */
+int ab_ref_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlogits,
+                            const float *logits, const int32_t *targets,
+                            int64_t N, int64_t V, float grad_scale, double denominator) {
     AB_NONNEG(N); AB_REQUIRE(V > 0, AB_EINVAL); REF_FITS(N, V, 1, 1);
+    AB_REQUIRE(denominator == 0.0 || (isfinite(denominator) && denominator > 0.0), AB_EINVAL);
     AB_NONNULL(loss_out); AB_NONNULL(logits); AB_NONNULL(targets);
     int64_t n = 0;
     for (int64_t t = 0; t < N; t++) {
         AB_REQUIRE(targets[t] == -1 || (targets[t] >= 0 && targets[t] < V), AB_ERANGE);
         n += targets[t] != -1;
     }
+    const double den = denominator > 0.0 ? denominator : (double)n;
     double total = 0;
     for (int64_t t = 0; t < N; t++) {
         int32_t y = targets[t];
@@ -303,11 +395,11 @@ int ab_ref_cross_entropy(double *loss_out, int64_t *n_counted_out, float *dlogit
         total += log((double)sm) + mx - zy;
         if (dlogits) {
             for (int64_t i = 0; i < V; i++)
-                dlogits[t * V + i] = expf(logits[t * V + i] - mx) / sm * grad_scale / n;
-            dlogits[t * V + y] -= grad_scale / n;
+                dlogits[t * V + i] = expf(logits[t * V + i] - mx) / sm * grad_scale / (float)den;
+            dlogits[t * V + y] -= grad_scale / (float)den;
         }
     }
-    *loss_out = n > 0 ? total / n : NAN;
+    *loss_out = den > 0 ? total / den : NAN;
     if (n_counted_out) *n_counted_out = n;
     return AB_OK;
 }
