@@ -12,6 +12,7 @@ Kernels (each returns its results and accepts preallocated outputs):
   clip_grad_norm, grad_norm, adamw_step              (.optim)
 The whole model (anebackward.model; C forward/backward in csrc/model):
   LlamaConfig, Llama (flat params/grads, llama2.c checkpoints), AdamW, cosine_lr
+  Batch: padded, packed and prompt-masked batches (anebackward.batch)
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
 ANEBACKWARD_BACKEND, else "auto").
 """
@@ -30,6 +31,7 @@ from .kernels.rope import rope, rope_backward, rope_inv_freq
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
+from .batch import Batch
 from .capi import get_include, get_lib_dir, get_library
 
 def blas_info() -> dict:
@@ -77,6 +79,6 @@ __all__ = [
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
     "blas_info", "set_num_threads", "get_num_threads", "ane",
-    "LlamaConfig", "Llama", "AdamW", "cosine_lr",
+    "LlamaConfig", "Llama", "AdamW", "cosine_lr", "Batch",
     "get_include", "get_lib_dir", "get_library",
 ]

@@ -22,15 +22,18 @@ regions. A tied classifier has no `output.weight`: it IS
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _checks as C
+from . import batch as batch_mod
 from . import checkpoint
+from .batch import Batch
 from ._backend import resolve
 from ._native import check, ffi, fptr, iptr, lib
 from .config import PRESETS, LlamaConfig
@@ -182,16 +185,35 @@ class Llama:
               "workspace_bytes")
         return total[0] * 4
 
-    def forward(self, tokens: Tokens, targets: Optional[Tokens] = None, *,
-                want_grad: bool = True) -> float:
+    def forward(self, tokens: Union[Tokens, Batch], targets: Optional[Tokens] = None, *,
+                cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
+                attention_mask: Optional[Tokens] = None,
+                loss_denominator: Optional[float] = None, want_grad: bool = True) -> float:
         """The mean cross-entropy loss of a batch.
 
         tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
         targets: same shape, -1 = ignored; default: position t predicts
         tokens[t+1], i.e. the mean over the B*(S-1) predictions (the seed's
         semantics). With want_grad (default) the activations and dlogits are
-        kept for backward()."""
+        kept for backward().
+
+        Real batch layouts (anebackward.batch; the C model then runs the
+        real tokens only, padding costs nothing):
+          attention_mask [B, S] (0 = padding, left or right) and/or
+            positions [B, S] (RoPE positions; restarting inside a row
+            without a mask = packed documents, as HF's position_ids);
+          cu_seqlens [n_seq+1] with tokens [N] the real tokens only, one
+            document per segment (positions [N]: default index in the
+            segment);
+          an anebackward.Batch as tokens.
+        Default targets then stay inside each document.
+        loss_denominator: the loss is sum / loss_denominator instead of the
+        mean (HF Trainer's num_items_in_batch)."""
         fn = "Llama.forward"
+        batch = self._as_batch(fn, tokens, targets, cu_seqlens, positions, attention_mask,
+                               loss_denominator)
+        if batch is not None:
+            return self._forward_batch(fn, batch, want_grad)
         tok, B, S = self._batch(fn, tokens)
         if targets is None:
             if S < 2:
@@ -216,6 +238,84 @@ class Llama:
             self._pending = (B, S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = float(loss[0])
         return self.last_loss
+
+    def _as_batch(self, fn, tokens, targets, cu_seqlens, positions, attention_mask,
+                  loss_denominator):
+        """The call's Batch, or None for plain full rows."""
+        if loss_denominator is not None:
+            loss_denominator = C.finite_float(fn, "loss_denominator", loss_denominator, lo=0.0,
+                                              lo_open=True)
+        if isinstance(tokens, Batch):
+            extra = [n for n, v in (("targets", targets), ("cu_seqlens", cu_seqlens),
+                                    ("positions", positions),
+                                    ("attention_mask", attention_mask)) if v is not None]
+            if extra:
+                raise ValueError(f"{fn}: a Batch carries its own layout; do not pass "
+                                 f"{', '.join(extra)} with it")
+            b = tokens
+        elif cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError(f"{fn}: pass cu_seqlens (compact real tokens) or "
+                                 "attention_mask (a padded batch), not both")
+            b = batch_mod.varlen(tokens, cu_seqlens, targets=targets, positions=positions, fn=fn)
+        elif attention_mask is not None or positions is not None or loss_denominator is not None:
+            b = batch_mod.from_padded(tokens, attention_mask=attention_mask,
+                                      position_ids=positions, targets=targets, fn=fn)
+        else:
+            return None
+        if loss_denominator is not None:
+            b = dataclasses.replace(b, loss_denominator=loss_denominator)
+        return b
+
+    def _batch_workspace(self, b: Batch):
+        """A workspace geometry (B, S) that holds this batch: the current
+        one when it fits, else the batch's padded shape, else rows of its
+        longest segment."""
+        N, longest = b.n_tokens, b.max_seqlen
+        if self._ws is not None and self._ws[0] * self._ws[1] >= N and self._ws[1] >= longest:
+            return self._ws[0], self._ws[1], self._workspace(self._ws[0], self._ws[1])
+        if b.shape is not None and b.shape[1] <= self.config.max_seq_len:
+            B, S = b.shape
+        else:
+            B, S = -(-N // longest), longest
+        return B, S, self._workspace(B, S)
+
+    def _run_batch(self, fn, b: Batch, with_targets: bool, want_grad: bool):
+        V = self.config.vocab_size
+        tok = C.tokens(fn, "tokens", b.tokens, V)
+        tgt = None
+        if with_targets:
+            if b.targets is None:
+                raise ValueError(f"{fn}: the batch has no targets")
+            tgt = C.tokens(fn, "targets", b.targets, V, allow_ignore=True)
+            if not (tgt >= 0).any():
+                raise ValueError(f"{fn}: every target is -1 (ignored); there is nothing to "
+                                 "predict")
+        if b.max_seqlen > self.config.max_seq_len:
+            raise ValueError(f"{fn}: a segment of {b.max_seqlen} tokens exceeds max_seq_len = "
+                             f"{self.config.max_seq_len}")
+        B, S, work = self._batch_workspace(b)
+        cu = np.ascontiguousarray(b.cu_seqlens, dtype=np.int64)
+        pos = np.ascontiguousarray(b.positions, dtype=np.int32)
+        lay = ffi.new("ab_batch_layout *")
+        lay.n_tokens, lay.n_seq = tok.size, cu.size - 1
+        lay.cu_seqlens = batch_mod.i64ptr(cu)
+        lay.positions = iptr(pos)
+        lay.loss_denominator = b.loss_denominator or 0.0
+        loss = ffi.new("double *")
+        self._pending = None
+        check(lib.ab_model_forward_batch(loss if with_targets else ffi.NULL, self._cfg,
+                                         fptr(self.flat_params), iptr(tok),
+                                         iptr(tgt) if with_targets else ffi.NULL, B, S, lay,
+                                         int(bool(want_grad)), fptr(work), work.size), fn)
+        return B, S, work, float(loss[0])
+
+    def _forward_batch(self, fn, b: Batch, want_grad: bool) -> float:
+        B, S, _, loss = self._run_batch(fn, b, True, want_grad)
+        if want_grad:
+            self._pending = (B, S)   # the layout is in the workspace, for the backward
+        self.last_loss = loss
+        return loss
 
     __call__ = forward
 
@@ -317,10 +417,23 @@ class Llama:
                 return None
         return ane._current()[0]
 
-    def logits(self, tokens: Tokens, *, last_only: bool = False) -> F32Array:
+    def logits(self, tokens: Union[Tokens, Batch], *, last_only: bool = False,
+               cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
+               attention_mask: Optional[Tokens] = None) -> F32Array:
         """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
-        last_only=True returns only the last position's [B, vocab]."""
+        last_only=True returns only the last position's [B, vocab].
+        With a batch layout (as forward): compact tokens (cu_seqlens) give
+        [N, vocab]; a padded batch gives [B, S, vocab] with zeros at the
+        padded positions (nothing is computed there)."""
         fn = "Llama.logits"
+        b = self._as_batch(fn, tokens, None, cu_seqlens, positions, attention_mask, None)
+        if b is not None:
+            if last_only:
+                raise ValueError(f"{fn}: last_only applies to full rows only")
+            _, _, work, _ = self._run_batch(fn, b, False, False)
+            off, V = self._ws[3], self.config.vocab_size
+            lg = work[off:off + b.n_tokens * V].reshape(b.n_tokens, V).copy()
+            return lg if b.rows is None else b.scatter(lg)
         tok, B, S = self._batch(fn, tokens)
         work = self._workspace(B, S)
         self._pending = None

@@ -5,6 +5,9 @@ x is [S, H*head_dim] or [B, S, H*head_dim]; each head's rotation pairs rotate
 by (pos_offset + s)·f_k with f_k = theta^(−2k/head_dim). The backward is the
 inverse rotation. out may be x itself (in place).
 
+  positions=           int [rows] (x.shape[:-1]): each row's own position
+                        instead of pos_offset + s (varlen batches, left
+                        padding, packed documents; anebackward.batch)
   layout="interleaved"  pairs (2k, 2k+1), llama2.c (the default)
   layout="half"         pairs (k, k + head_dim/2), HF's rotate_half
   theta                 the frequency base (HF's rope_theta; default 10000)
@@ -21,8 +24,8 @@ import numpy as np
 
 from .. import _checks as C
 from .._backend import cfunc
-from .._native import check, ffi, fptr, lib
-from ..types import Backend, F32Array
+from .._native import check, ffi, fptr, iptr, lib
+from ..types import Backend, F32Array, Tokens
 
 LAYOUTS = {"interleaved": 0, "half": 1}
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -109,28 +112,38 @@ def _dims(fn, name, x, head_dim, pos_offset):
 
 
 def _run(fn, cname, name, x, head_dim, pos_offset, layout, theta, scaling, out, backend,
-         out_name="out"):
+         out_name="out", positions=None):
     B, S, H, hd, pos_offset = _dims(fn, name, x, head_dim, pos_offset)
     p = rope_params(fn, layout, theta, scaling)
     out = C.out(fn, out_name, out, x.shape, (name, x), may_alias=(name,))
+    if positions is not None:
+        from ..batch import check_positions
+        if pos_offset:
+            raise ValueError(f"{fn}: pass positions or pos_offset, not both")
+        pos = check_positions(fn, positions, x.shape[:-1])
+        check(cfunc(fn, cname.replace("_ex", "_pos"), backend)(
+            fptr(out), fptr(x), B * S, H, hd, iptr(pos), p), fn)
+        return out
     check(cfunc(fn, cname, backend)(fptr(out), fptr(x), B, S, H, hd, pos_offset, p), fn)
     return out
 
 
 def rope(x: F32Array, *, head_dim: int, pos_offset: int = 0, layout: str = "interleaved",
          theta: float = 10000.0, scaling: Mapping[str, Any] | None = None,
-         out: F32Array | None = None, backend: Backend = None) -> F32Array:
+         out: F32Array | None = None, backend: Backend = None,
+         positions: Tokens | None = None) -> F32Array:
     """Rotate q or k by their positions. Returns the rotated array."""
     return _run("rope", "rope_forward_ex", "x", x, head_dim, pos_offset, layout, theta, scaling,
-                out, backend)
+                out, backend, positions=positions)
 
 
 def rope_backward(dy: F32Array, *, head_dim: int, pos_offset: int = 0,
                   layout: str = "interleaved", theta: float = 10000.0,
                   scaling: Mapping[str, Any] | None = None, dx: F32Array | None = None,
-                  backend: Backend = None, out: F32Array | None = None) -> F32Array:
+                  backend: Backend = None, out: F32Array | None = None,
+                  positions: Tokens | None = None) -> F32Array:
     """Gradient of rope: rotate dy back by the same angles. Returns dx (dx=
     may be dy itself; out= is its deprecated old name)."""
     dx = C.renamed("rope_backward", "dx", dx, "out", out)
     return _run("rope_backward", "rope_backward_ex", "dy", dy, head_dim, pos_offset, layout, theta,
-                scaling, dx, backend, "dx")
+                scaling, dx, backend, "dx", positions=positions)
