@@ -24,7 +24,12 @@ the loss and gradients are HF's:
   - with an attention_mask, each row's real tokens are one segment (HF masks
     padded keys and keeps causal order); without one, a row is cut where
     position_ids do not step by +1 (HF's packed-sequence detection:
-    DataCollatorWithFlattening's restarting position_ids), else one segment;
+    DataCollatorWithFlattening's restarting position_ids), else one segment.
+    HF's sdpa/eager masks detect packing only when no cache object exists
+    either, i.e. with use_cache=False (or gradient checkpointing): with the
+    config's default use_cache=True a packed row attends across its
+    documents there. split_packed= says which (anebackward.transformers
+    passes HF's effective choice);
   - positions are position_ids at the real tokens, else the index in the
     row (HF's default, so a left-padded row's first real token is at the
     position of its index, as HF computes it);
@@ -197,11 +202,13 @@ def shift_labels(labels, fn: str = "from_padded") -> np.ndarray:
 
 
 def from_padded(tokens, *, attention_mask=None, position_ids=None, targets=None, labels=None,
-                fn: str = "from_padded") -> Batch:
+                split_packed: Optional[bool] = None, fn: str = "from_padded") -> Batch:
     """A Batch from a padded or packed [B, S] batch by HF's rules (module
     docstring). targets: [B, S], already shifted (what position t predicts,
     -1 = not counted); labels: HF's unshifted labels (-100 = ignored);
-    neither: each real token predicts the next real token of its segment."""
+    neither: each real token predicts the next real token of its segment.
+    split_packed: cut rows where position_ids restart (default: when there
+    is no attention_mask)."""
     tok = _int_array(fn, "tokens", tokens)
     if tok.ndim == 1:
         tok = tok[None]
@@ -236,8 +243,11 @@ def from_padded(tokens, *, attention_mask=None, position_ids=None, targets=None,
     new = np.ones(rows.size, dtype=bool)
     new[1:] = row_of[1:] != row_of[:-1]
     pos = np.ascontiguousarray(pos_full.ravel()[rows], dtype=np.int32)
-    if attention_mask is None and position_ids is not None:
-        new[1:] |= pos[1:] != pos[:-1] + 1   # packed documents inside a row
+    if split_packed is None:
+        split_packed = attention_mask is None
+    if split_packed and position_ids is not None:   # packed documents inside a row
+        same_row = row_of[1:] == row_of[:-1]
+        new[1:] |= same_row & (pos[1:] != pos[:-1] + 1)
     tok_c = np.ascontiguousarray(tok.ravel()[rows], dtype=np.int32)
     cu = np.append(np.flatnonzero(new), rows.size).astype(np.int64)
     if labels is not None:

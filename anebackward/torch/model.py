@@ -52,6 +52,7 @@ from torch.autograd.function import once_differentiable
 
 import anebackward
 
+from ..batch import Batch
 from ..layout import tensor_specs
 from ..config import LlamaConfig
 from .optim import AdamW
@@ -181,15 +182,20 @@ class ModelFunction(torch.autograd.Function):
     (ab_model_forward) and one backward (ab_model_backward), over an
     anebackward.Llama engine whose flat buffer the parameters view. The
     gradients come back as views of one fresh flat buffer (autograd adds them
-    to .grad as usual: accumulation, DDP hooks and tied weights just work)."""
+    to .grad as usual: accumulation, DDP hooks and tied weights just work).
+    tokens: int [B, S] with targets, or an anebackward.Batch (a padded or
+    packed batch in compact form, its own targets; targets None)."""
 
     @staticmethod
     def forward(ctx, engine, specs, tokens, targets, need_grad, *params):
         # torch's optimizers update the parameter views in place, unseen by the
         # ANE's weight staging (keyed to the engine's params version)
         engine.mark_params_changed()
-        loss = engine.forward(tokens.detach().cpu().numpy(), targets.detach().cpu().numpy(),
-                              want_grad=need_grad)
+        if isinstance(tokens, Batch):   # a padded/packed batch, compact (anebackward.batch)
+            loss = engine.forward(tokens, want_grad=need_grad)
+        else:
+            loss = engine.forward(tokens.detach().cpu().numpy(), targets.detach().cpu().numpy(),
+                                  want_grad=need_grad)
         ctx.engine, ctx.specs = engine, specs
         return torch.tensor(loss, dtype=torch.float32)
 

@@ -14,9 +14,12 @@ that call, so a patched model never gives a silently different result:
   classifier + cross-entropy          not training, no labels, logits_to_keep,
                                       hidden states not CPU float32
 
-One-call path (the default for training calls with labels): plain causal
-inputs at positions 0..S-1 (input_ids, no mask zeros, no cache in), no extra
-outputs asked, a config the C model speaks (anebackward.hf.config_from_hf):
+One-call path (the default for training calls with labels): input_ids as
+full rows, or padded (attention_mask zeros, left or right), packed
+(position_ids restarting inside a row, HF's DataCollatorWithFlattening) or
+prompt-masked (labels -100) — the C model then runs the real tokens only, as
+HF's masking defines them (anebackward.batch.from_padded) —, no cache in, no
+extra outputs asked, a config the C model speaks (anebackward.hf.config_from_hf):
 the whole model runs as one C call forward and one backward
 (anebackward.torch.model.ModelFunction over an anebackward.Llama whose flat
 buffer the HF parameters then view); it returns the loss only (logits,
@@ -209,11 +212,66 @@ def _one_call_slot(model):
     return slot if slot.in_place() else None
 
 
+def _full_rows(mask, pos, S):
+    """True when the call is B full rows at positions 0..S-1 (no padding,
+    no packing): the C model's plain [B, S] batch."""
+    return ((mask is None or (mask.dim() == 2 and bool(mask.bool().all())))
+            and (pos is None or torch.equal(pos, torch.arange(S).expand_as(pos))))
+
+
+def _splits_packed(model, a):
+    """Whether HF's own masks cut this call's rows into packed documents:
+    create_causal_mask does so only with position_ids, no attention_mask and
+    no cache object, and LlamaModel/Qwen3Model make a cache whenever the
+    effective use_cache is on (the call's, else the config's; off in
+    training under gradient checkpointing)."""
+    use_cache = a.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", False)
+    if use_cache and model.training and getattr(model.model, "gradient_checkpointing", False):
+        use_cache = False
+    return a.get("attention_mask") is None and not use_cache
+
+
+def _layout_batch(ids, mask, pos, targets, n_items, split_packed):
+    """A padded (attention_mask zeros, left or right), packed (position_ids
+    restarting inside a row) or prompt-masked call as the compact batch the
+    C model runs (anebackward.batch.from_padded: HF's own masking rules, so
+    loss and gradients are HF's); None when the call is not one it speaks
+    (then HF's code runs): a mask that is not a 2-D 0/1 tensor, position_ids
+    not [B or 1, S], or a counted label predicted from a padded position."""
+    from ..batch import from_padded
+    B, S = ids.shape
+    if mask is not None:
+        if not torch.is_tensor(mask) or mask.dim() != 2 or tuple(mask.shape) != (B, S):
+            return None
+        if mask.is_floating_point() or mask.is_complex():
+            return None
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            return None
+        real = mask.bool()
+        if bool((~real & (targets != -1)).any()) or not bool(real.any()):
+            return None
+    if pos is not None:
+        if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[-1] != S \
+                or pos.shape[0] not in (1, B) or bool((pos < 0).any()):
+            return None
+    np_ = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+    b = from_padded(np_(ids), attention_mask=np_(mask), position_ids=np_(pos),
+                    targets=np_(targets), split_packed=split_packed,
+                    fn="anebackward.transformers")
+    if n_items is not None:
+        import dataclasses
+        b = dataclasses.replace(b, loss_denominator=float(n_items))
+    return b
+
+
 def _one_call(model, a, kw, labels, shift_labels, n_items):
     """The loss of the whole model as one C call forward and one backward
-    (anebackward.torch.model.ModelFunction), when this call allows it: plain
-    causal inputs at positions 0..S-1, no cache in or out needed, no extra
-    outputs asked; else None (then the per-op path runs)."""
+    (anebackward.torch.model.ModelFunction), when this call allows it: input
+    ids on the CPU, full rows or a padded / packed / prompt-masked batch
+    (_layout_batch), no cache in or out needed, no extra outputs asked; else
+    None (then the per-op path runs)."""
     from ..torch.model import ModelFunction
     ids = a.get("input_ids")
     if (not model._anebackward_one_call or ids is None or ids.dim() != 2
@@ -225,11 +283,7 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     if any(a.get(k) is not None for k in ("cache", "past_key_values")) or \
             kw.get("past_key_values") is not None:
         return None
-    pos = a.get("position_ids")
-    if pos is not None and not torch.equal(pos, torch.arange(S).expand_as(pos)):
-        return None
-    if not _plain_causal(a.get("attention_mask"), None, None):
-        return None
+    pos, mask = a.get("position_ids"), a.get("attention_mask")
     if model.config.attention_dropout and model.training:
         return None
     if S > model.config.max_position_embeddings:
@@ -238,10 +292,17 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     counted = int((targets != -1).sum())
     if counted == 0:
         return None
+    batch = None
+    if not (torch.is_tensor(mask) or mask is None) or not _full_rows(mask, pos, S):
+        batch = _layout_batch(ids, mask, pos, targets, n_items, _splits_packed(model, a))
+        if batch is None:
+            return None
     slot = _one_call_slot(model)
     if slot is None:
         return None
     need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    if batch is not None:  # the denominator is the batch's (n_items or its counted targets)
+        return ModelFunction.apply(slot.engine, slot.specs, batch, None, need, *slot.params)
     loss = ModelFunction.apply(slot.engine, slot.specs, ids, targets, need, *slot.params)
     if n_items is not None:  # HF: sum / num_items_in_batch; the C model gives the mean
         loss = loss * (counted / n_items)
