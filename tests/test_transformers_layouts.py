@@ -156,3 +156,12 @@ def test_successive_batches_of_different_layouts(hf, abt, calls):
                    dict(input_ids=ids[:2, :9], attention_mask=mask[:2, :9], labels=labels[:2, :9])):
         assert_same(*step(ref, **inputs), *step(pat, **inputs))
     assert calls == {"one_call": 4}
+
+
+def test_flattened_row_longer_than_max_positions(hf, abt, calls):
+    """DataCollatorWithFlattening's one long row: only each document must fit
+    max_position_embeddings, as in HF."""
+    import torch
+    ids, pos, labels = _packed(torch, [(12, 16, 9, 14)])
+    _compare(hf, abt, calls, "qwen3", dict(MODELS[4][1], max_position_embeddings=16),
+             dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False))

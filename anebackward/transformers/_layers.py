@@ -286,8 +286,6 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     pos, mask = a.get("position_ids"), a.get("attention_mask")
     if model.config.attention_dropout and model.training:
         return None
-    if S > model.config.max_position_embeddings:
-        return None
     targets = _shifted_targets(labels, shift_labels).view(ids.shape)
     counted = int((targets != -1).sum())
     if counted == 0:
@@ -295,8 +293,11 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     batch = None
     if not (torch.is_tensor(mask) or mask is None) or not _full_rows(mask, pos, S):
         batch = _layout_batch(ids, mask, pos, targets, n_items, _splits_packed(model, a))
-        if batch is None:
+        # the C model's documents are at most max_seq_len (= max_position_embeddings) long
+        if batch is None or batch.max_seqlen > model.config.max_position_embeddings:
             return None
+    elif S > model.config.max_position_embeddings:
+        return None
     slot = _one_call_slot(model)
     if slot is None:
         return None
