@@ -375,3 +375,54 @@ def test_from_padded_follows_hf_rules():
     lab = np.array([[-100, -100, 3, 4, 5, 6, 7, -100]])
     b = from_padded(tok, attention_mask=np.array([[1, 1, 1, 1, 1, 1, 1, 0]]), labels=lab)
     assert b.targets.tolist() == [-1, 3, 4, 5, 6, 7, -1]
+
+
+def test_c_guards_of_the_batch_layout(rng):
+    """ab_model_forward_batch checks its layout before touching the
+    workspace: an error code, never a crash or a silent result."""
+    from anebackward._native import ffi, fptr, iptr, lib
+    from anebackward.batch import i64ptr
+    model = _docs_model(rng)
+    B, S = 2, 8
+    total = ffi.new("int64_t *")
+    assert lib.ab_model_workspace_floats(model._cfg, B, S, total, ffi.NULL) == 0
+    work = np.zeros(total[0], np.float32)
+    tok = rng.integers(0, 41, 10).astype(np.int32)
+    tgt = np.roll(tok, -1).astype(np.int32)
+    pos = np.arange(10, dtype=np.int32)
+    loss = ffi.new("double *")
+
+    def run(cu, n_tokens=10, positions=pos, den=0.0, bs=(B, S)):
+        cu = np.asarray(cu, np.int64)
+        lay = ffi.new("ab_batch_layout *")
+        lay.n_tokens, lay.n_seq = n_tokens, cu.size - 1
+        lay.cu_seqlens = i64ptr(cu) if cu.size else ffi.NULL
+        lay.positions = iptr(positions) if positions is not None else ffi.NULL
+        lay.loss_denominator = den
+        return lib.ab_model_forward_batch(loss, model._cfg, fptr(model.flat_params), iptr(tok),
+                                          iptr(tgt), bs[0], bs[1], lay, 1, fptr(work), work.size)
+
+    assert run([0, 4, 10]) == 0 and np.isfinite(loss[0])
+    assert run([0, 4, 10], positions=None) == 0
+    assert run([1, 4, 10]) == lib.AB_EINVAL            # does not start at 0
+    assert run([0, 6, 4, 10]) == lib.AB_EINVAL         # decreasing
+    assert run([0, 4, 9]) == lib.AB_EINVAL             # does not end at n_tokens
+    assert run([0, 10]) == lib.AB_EINVAL               # a segment longer than S
+    assert run([0, 4, 10], n_tokens=17, bs=(2, 8)) == lib.AB_EINVAL   # more rows than B*S
+    assert run([0, 4, 10], den=-1.0) == lib.AB_EINVAL
+    assert run([0, 4, 10], den=float("nan")) == lib.AB_EINVAL
+    bad = pos.copy()
+    bad[3] = -1
+    assert run([0, 4, 10], positions=bad) == lib.AB_EINVAL
+    assert run([]) == lib.AB_EINVAL                    # n_seq 0
+    lay = ffi.new("ab_batch_layout *")
+    lay.n_tokens, lay.n_seq = 10, 2
+    assert lib.ab_model_forward_batch(loss, model._cfg, fptr(model.flat_params), iptr(tok),
+                                      iptr(tgt), B, S, lay, 1, fptr(work),
+                                      work.size) == lib.AB_ENULL   # cu_seqlens NULL
+    # the refused calls left the workspace alone: the last good forward's
+    # backward runs, once
+    args = (model._cfg, fptr(model.flat_params), fptr(model.flat_grads), B, S, 1.0, 0,
+            fptr(work), work.size)
+    assert lib.ab_model_backward(*args) == 0 and np.isfinite(model.flat_grads).all()
+    assert lib.ab_model_backward(*args) == lib.AB_EINVAL
