@@ -82,16 +82,10 @@ class Llama:
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve("Llama", backend)
-        self.precision = _bf16.check_precision("Llama", precision)
-        if self.precision == "bf16":
-            if self.backend in ("reference", "ane"):
-                raise ValueError(f"Llama: precision='bf16' runs on the CPU kernels; "
-                                 f"backend={self.backend!r} has no bf16 path (use 'cpu' or 'auto')")
-            _bf16.require("Llama")
         self.recompute = bool(recompute)
-        self._cfg = c_config(config, reference=self.backend == "reference",
-                             recompute=self.recompute, precision=self.precision)
+        self.precision = "fp32"
         self._wbf_key = None       # (workspace, params_version) of the bf16 weight copy
+        self.set_precision(precision)
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
@@ -109,6 +103,21 @@ class Llama:
         self.mark_params_changed()
         if init:
             self.init_weights(seed)
+
+    def set_precision(self, precision: str) -> None:
+        """Switch the matmuls between "fp32" and "bf16" (see the class doc)."""
+        precision = _bf16.check_precision("Llama.set_precision", precision)
+        if precision == "bf16":
+            if self.backend in ("reference", "ane"):
+                raise ValueError(f"Llama: precision='bf16' runs on the CPU kernels; "
+                                 f"backend={self.backend!r} has no bf16 path (use 'cpu' or 'auto')")
+            _bf16.require("Llama")
+        self.precision = precision
+        self._cfg = c_config(self.config, reference=self.backend == "reference",
+                             recompute=self.recompute, precision=self.precision)
+        self._ws = None
+        self._pending = None
+        self._wbf_key = None
 
     def set_recompute(self, recompute: bool) -> None:
         """Switch activation recomputation (see the class doc) on or off."""
