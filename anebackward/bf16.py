@@ -47,9 +47,13 @@ def check_precision(fn: str, precision: Optional[str]) -> str:
 
 
 def library_path() -> Optional[str]:
-    """The libdnnl of the installed onednn-cpu-gomp wheel, or None (then C
-    tries the soname libdnnl.so.3 on the loader's search path). The wheel
-    puts it in <prefix>/lib, outside site-packages."""
+    """$ANEBACKWARD_ONEDNN_LIBRARY if set (another oneDNN 3.x build, GNU
+    OpenMP runtime), else the libdnnl of the installed onednn-cpu-gomp wheel
+    (which puts it in <prefix>/lib, outside site-packages), else None: then C
+    tries the soname libdnnl.so.3 on the loader's search path."""
+    env = os.environ.get("ANEBACKWARD_ONEDNN_LIBRARY")
+    if env:
+        return env
     try:
         from importlib import metadata
         dist = metadata.distribution(DIST)
