@@ -117,6 +117,37 @@ int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
     return AB_OK;
 }
 
+/* transposed: tasks are column blocks of TB source columns (the rows of dst),
+ * each walked in TB x TB blocks so that reads and writes stay in cache */
+#define TB 64
+typedef struct { uint16_t *dst; const float *src; int64_t rows, cols; } tr_job;
+
+AB_HOT static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
+                            int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for (int64_t c = c0; c < c0 + nc; c++) {
+        uint16_t *d = dst + c * rows;
+        for (int64_t r = r0; r < r0 + nr; r++) d[r] = ab_f32_bf16(src[r * cols + c]);
+    }
+}
+
+static void tr_task(void *ctx, int64_t t, int w) {
+    const tr_job *j = ctx;
+    const int64_t c0 = t * TB, nc = c0 + TB < j->cols ? TB : j->cols - c0;
+    for (int64_t r0 = 0; r0 < j->rows; r0 += TB)
+        tr_block(j->dst, j->src, j->rows, j->cols, r0, r0 + TB < j->rows ? TB : j->rows - r0,
+                 c0, nc);
+}
+
+int ab_f32_to_bf16_transposed(uint16_t *dst, const float *src, int64_t rows, int64_t cols) {
+    AB_NONNEG(rows); AB_NONNEG(cols);
+    if (rows == 0 || cols == 0) return AB_OK;
+    AB_NONNULL(dst); AB_NONNULL(src);
+    tr_job j = {dst, src, rows, cols};
+    ab_parallel_for(ab_div_up(cols, TB), ab_workers_for((double)rows * (double)cols), tr_task,
+                    &j);
+    return AB_OK;
+}
+
 /* ---- the product ---- */
 typedef struct {
     int transA, transB, accumulate;

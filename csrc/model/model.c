@@ -55,6 +55,7 @@
  * it. Pages of the mirror that no matmul reads are never touched.
  */
 #include "ab_internal.h"
+#include "bf16/bf16_internal.h"
 
 /* The kernels the model runs: fast (BLAS + SIMD) or the seed's loops. */
 typedef struct {
@@ -323,7 +324,9 @@ typedef struct {
     const float *work;         /* x - work: the offset into mirror */
     uint16_t *mirror;
 } proj_ctx;
-enum { X_READY = 1, DY_READY = 2 };
+/* DY_T: keep dy's bf16 copy transposed, [out, N] (the classifier: both of its
+ * backward products then read dense tiles, see csrc/bf16/gemm_bf16.c) */
+enum { X_READY = 1, DY_READY = 2, DY_T = 4 };
 
 static proj_ctx proj_make(const kernel_table *k, const ab_model_config *c, const ws_layout *W,
                           const float *params, float *work) {
@@ -348,9 +351,19 @@ static int proj_forward(const proj_ctx *p, float *y, const float *x, const float
     return ab_gemm_bf16(0, 1, N, out, in, xb, in, p->wbf + (W - p->params), in, 0, y, out);
 }
 
+static const uint16_t *proj_dy_t(const proj_ctx *p, const float *dy, int64_t N, int64_t out,
+                                 int ready) {
+    uint16_t *h = p->mirror + (dy - p->work);
+    if (!ready) ab_f32_to_bf16_transposed(h, dy, N, out);
+    return h;
+}
+
 static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
+    if (ready & DY_T)
+        return ab_gemm_bf16(1, 0, N, in, out, proj_dy_t(p, dy, N, out, ready & DY_READY), N,
+                            p->wbf + (W - p->params), in, accumulate, dx, in);
     const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(0, 0, N, in, out, dyb, out, p->wbf + (W - p->params), in, accumulate,
                         dx, in);
@@ -359,8 +372,11 @@ static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W
 static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dW(dW, dy, x, N, in, out, accumulate);
-    const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
+    if (ready & DY_T)
+        return ab_gemm_bf16(0, 0, out, in, N, proj_dy_t(p, dy, N, out, ready & DY_READY), N, xb,
+                            in, accumulate, dW, in);
+    const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(1, 0, out, in, N, dyb, out, xb, in, accumulate, dW, in);
 }
 
@@ -587,8 +603,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 
     /* classifier and final norm */
     const float *XN = work + W.XN;
-    TRY(proj_dW(&pj, grads + P.output, DL, XN, N, D, V, acc, X_READY));
-    TRY(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY));
+    TRY(proj_dW(&pj, grads + P.output, DL, XN, N, D, V, acc, X_READY | DY_T));
+    TRY(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY | DY_T));
     TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
                             N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
