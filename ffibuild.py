@@ -77,6 +77,7 @@ def build_options():
         opts["library_dirs"].append(sob.get_lib_dir())
         opts["libraries"].append(sob.get_library())
         opts["libraries"].append("m")
+        opts["libraries"].append("dl")   # oneDNN (bf16) is dlopen()ed at run time
     flags = " ".join(cflags)
     opts["define_macros"].append(("AB_BUILD_FLAGS", '"%s"' % flags))
     opts["define_macros"].append(("AB_VERSION", '"%s"' % read_version()))

@@ -20,7 +20,7 @@ import os as _os
 
 from ._version import __version__
 from ._native import ffi as _ffi, lib as _lib
-from .errors import AnebackwardError, AneUnavailableError, CheckpointError
+from .errors import AnebackwardError, AneUnavailableError, Bf16UnavailableError, CheckpointError
 from .kernels.attention import attention, attention_backward, attention_workspace
 from .kernels.cross_entropy import cross_entropy, cross_entropy_backward
 from .kernels.embedding import embedding, embedding_backward
@@ -30,6 +30,7 @@ from .kernels.rmsnorm import rmsnorm, rmsnorm_backward
 from .kernels.rope import rope, rope_backward, rope_inv_freq
 from .kernels.swiglu import swiglu, swiglu_backward
 from . import ane
+from . import bf16
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
 from .batch import Batch
 from .capi import get_include, get_lib_dir, get_library
@@ -44,6 +45,7 @@ def blas_info() -> dict:
         "corename": s(_lib.ab_blas_corename()),
         "threads": int(_lib.ab_blas_get_num_threads()),
         "build_flags": s(_lib.ab_build_flags()),
+        "bf16": bf16.describe(),   # the path precision="bf16" takes (anebackward.bf16)
     }
 
 
@@ -72,13 +74,13 @@ _check_env_threads()
 
 
 __all__ = [
-    "AnebackwardError", "AneUnavailableError", "CheckpointError",
+    "AnebackwardError", "AneUnavailableError", "Bf16UnavailableError", "CheckpointError",
     "linear", "linear_backward_dx", "linear_backward_dW",
     "rmsnorm", "rmsnorm_backward", "rope", "rope_backward", "rope_inv_freq",
     "attention", "attention_backward", "attention_workspace",
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
-    "blas_info", "set_num_threads", "get_num_threads", "ane",
+    "blas_info", "set_num_threads", "get_num_threads", "ane", "bf16",
     "LlamaConfig", "Llama", "AdamW", "cosine_lr", "Batch",
     "get_include", "get_lib_dir", "get_library",
 ]

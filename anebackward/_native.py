@@ -42,7 +42,7 @@ except ModuleNotFoundError as e:
         raise
     raise _no_core(e) from None
 
-from .errors import AnebackwardError  # noqa: E402
+from .errors import AnebackwardError, Bf16UnavailableError  # noqa: E402
 
 # The one map from C error codes (csrc/anebackward.h) to Python exceptions.
 _CODE_TO_EXC = {
@@ -51,6 +51,7 @@ _CODE_TO_EXC = {
     lib.AB_EWORKSPACE: ValueError,
     lib.AB_ETOOBIG: ValueError,
     lib.AB_ENOMEM: MemoryError,
+    lib.AB_EUNAVAILABLE: Bf16UnavailableError,
 }
 
 

@@ -11,3 +11,7 @@ class AneUnavailableError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or of the wrong size."""
+
+
+class Bf16UnavailableError(RuntimeError):
+    """precision='bf16' was asked for, but oneDNN (the [bf16] extra) is not installed."""

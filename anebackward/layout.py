@@ -15,9 +15,10 @@ from ._native import check, ffi, lib
 from .config import LlamaConfig
 
 
-def c_config(config, reference=False, recompute=False):
+def c_config(config, reference=False, recompute=False, precision="fp32"):
     """The C struct ab_model_config of a LlamaConfig (reference=True: the seed
-    loops; recompute=True: activation recomputation)."""
+    loops; recompute=True: activation recomputation; precision "bf16": bf16
+    matmul operands). The last three are how the model runs, not what it is."""
     from .kernels.rope import rope_params
     c = ffi.new("ab_model_config *")
     c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
@@ -30,6 +31,7 @@ def c_config(config, reference=False, recompute=False):
     c.qk_norm = int(config.qk_norm)
     c.rope = rope_params("LlamaConfig", config.rope_layout, config.rope_theta, config.rope_scaling)[0]
     c.recompute = int(recompute)
+    c.precision = lib.AB_PRECISION_BF16 if precision == "bf16" else lib.AB_PRECISION_FP32
     return c
 
 

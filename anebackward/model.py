@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _checks as C
 from . import batch as batch_mod
+from . import bf16 as _bf16
 from . import checkpoint
 from .batch import Batch
 from ._backend import resolve
@@ -65,10 +66,19 @@ class Llama:
     anebackward.ane routes every projection's shape there, else all on the
     CPU (ane_reason says why). The ANE keeps fp16 copies of the weights keyed
     to params_version, which AdamW.step bumps: after writing into params
-    yourself, call mark_params_changed()."""
+    yourself, call mark_params_changed().
+
+    precision="bf16" runs every matmul (layer projections and classifier,
+    forward and backward) with bf16 operands and fp32 accumulation
+    (anebackward.bf16: oneDNN, or the portable path); the parameters, their
+    gradients, AdamW, the norms, softmax, cross-entropy and the residual
+    stream stay fp32. The bf16 copy of the weights is made again at the first
+    forward after params_version changes (AdamW.step, mark_params_changed).
+    Not with backend "reference" or "ane"; generation (decoder) runs fp32."""
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
-                 backend: Backend = None, init: bool = True, recompute: bool = False) -> None:
+                 backend: Backend = None, init: bool = True, recompute: bool = False,
+                 precision: Optional[str] = None) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
@@ -76,8 +86,9 @@ class Llama:
         self.config = config
         self.backend = resolve("Llama", backend)
         self.recompute = bool(recompute)
-        self._cfg = c_config(config, reference=self.backend == "reference",
-                             recompute=self.recompute)
+        self.precision = "fp32"
+        self._wbf_key = None       # (workspace, params_version) of the bf16 weight copy
+        self.set_precision(precision)
         self.layout = param_layout(config)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
@@ -96,11 +107,26 @@ class Llama:
         if init:
             self.init_weights(seed)
 
+    def set_precision(self, precision: str) -> None:
+        """Switch the matmuls between "fp32" and "bf16" (see the class doc)."""
+        precision = _bf16.check_precision("Llama.set_precision", precision)
+        if precision == "bf16":
+            if self.backend in ("reference", "ane"):
+                raise ValueError(f"Llama: precision='bf16' runs on the CPU kernels; "
+                                 f"backend={self.backend!r} has no bf16 path (use 'cpu' or 'auto')")
+            _bf16.require("Llama")
+        self.precision = precision
+        self._cfg = c_config(self.config, reference=self.backend == "reference",
+                             recompute=self.recompute, precision=self.precision)
+        self._ws = None
+        self._pending = None
+        self._wbf_key = None
+
     def set_recompute(self, recompute: bool) -> None:
         """Switch activation recomputation (see the class doc) on or off."""
         self.recompute = bool(recompute)
         self._cfg = c_config(self.config, reference=self.backend == "reference",
-                             recompute=self.recompute)
+                             recompute=self.recompute, precision=self.precision)
         self._ws = None
         self._pending = None
 
@@ -174,9 +200,16 @@ class Llama:
             off = ffi.new("int64_t *")
             check(lib.ab_model_workspace_floats(self._cfg, B, S, total, off), "Llama workspace")
             self._ws = None  # free the old one first
+            self._wbf_key = None
             # zeroed (calloc: lazily mapped pages, no cost): no stale "ready" tag
             self._ws = (B, S, np.zeros(total[0], dtype=np.float32), off[0])
-        return self._ws[2]
+        work = self._ws[2]
+        if self.precision == "bf16" and self._wbf_key != (id(work), self._params_version):
+            # the weights' bf16 copy (in the workspace), once per params version
+            check(lib.ab_model_bf16_refresh(self._cfg, fptr(self.flat_params), fptr(work),
+                                            work.size), "Llama (bf16 weights)")
+            self._wbf_key = (id(work), self._params_version)
+        return work
 
     def workspace_bytes(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the activation workspace for a [batch_size, seq_len] batch."""
@@ -404,6 +437,9 @@ class Llama:
         every layer projection's dx is routed to the ANE."""
         if self.backend not in ("ane", "auto"):
             self.ane_reason = f"backend={self.backend!r}"
+            return None
+        if self.precision == "bf16":
+            self.ane_reason = "precision='bf16' (the ANE path is fp16/fp32)"
             return None
         from . import ane
         if self.backend == "ane":

@@ -134,6 +134,9 @@ def add_arguments(p):
       "the --init-from input's, else llama2c")
     a("--recompute", action="store_true", help="recompute activations in the backward (a "
       "fraction of the memory, about one more forward per step; same results)")
+    a("--precision", choices=("fp32", "bf16"), default="fp32", help="matmul operands: fp32, "
+      "or bf16 with fp32 accumulation, weights and optimizer (needs the [bf16] extra; see "
+      "anebackward.bf16); default fp32")
     a("--threads", type=int, help="threads for the whole package, kernels and BLAS together "
       "(default: $ANEBACKWARD_NUM_THREADS, else the cores)")
     a("--quiet", action="store_true", help="no progress bar")
@@ -515,6 +518,12 @@ def train(args, stream=None):
         model = Llama(config, seed=st["seed"], recompute=recompute)
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
                     weight_decay=st["weight_decay"])
+    precision = getattr(args, "precision", None) or "fp32"
+    if precision != model.precision:     # how to run, not part of the saved run
+        try:
+            model.set_precision(precision)
+        except (RuntimeError, ValueError) as e:
+            _usage(f"--precision {precision}: {e}")
     dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:

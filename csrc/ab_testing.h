@@ -12,6 +12,10 @@ extern "C" {
 
 /* CDEF BEGIN */
 
+/* Minimum tile edge of the pool-tiled bf16 product (default 128; >= 16):
+ * for benchmarks of the tiling. */
+int ab_bf16_testing_tile(int64_t t);
+
 /* Test hooks of the emulated ANE platform (process-wide):
  * fail_next: the next `times` "compile", "load" or "evaluate" calls fail with
  *   a platform error whose message is msg_bytes long (0: a short one);

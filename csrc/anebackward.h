@@ -50,7 +50,8 @@ enum {
     AB_ERANGE = -3,      /* a token id / target is outside [0, vocab)        */
     AB_EWORKSPACE = -4,  /* the caller's workspace is too small              */
     AB_ETOOBIG = -5,     /* a dimension exceeds what the BLAS can index      */
-    AB_ENOMEM = -6       /* an allocation failed                             */
+    AB_ENOMEM = -6,      /* an allocation failed                             */
+    AB_EUNAVAILABLE = -7 /* bf16 asked for, but oneDNN could not be loaded   */
 };
 AB_API const char *ab_strerror(int code);
 
@@ -89,6 +90,57 @@ AB_API int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
                               int64_t N, int64_t in, int64_t out, int accumulate);
 AB_API int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
                               int64_t N, int64_t in, int64_t out, int accumulate);
+
+/* ---- bf16 matmuls (csrc/bf16, csrc/kernels/linear_bf16.c) ----
+ * Mixed precision: matmul operands rounded to bfloat16 (round to nearest
+ * even), products accumulated and returned in fp32. The path is picked at
+ * run time (ab_bf16_path):
+ *   AB_BF16_ONEDNN: oneDNN's matmul primitive; libdnnl (oneDNN 3.x, GNU
+ *     OpenMP build) is loaded at run time, used where it reports bf16
+ *     instructions (avx512_core_bf16, AMX);
+ *   AB_BF16_PORTABLE: the bf16 operands widened to fp32 and one sgemm: the
+ *     same rounded operands, any CPU (oneDNN without bf16 instructions, or
+ *     asked for with ab_bf16_set_mode);
+ *   AB_BF16_UNAVAILABLE: oneDNN could not be loaded (and the portable path
+ *     was not asked for): bf16 calls return AB_EUNAVAILABLE.
+ * ab_bf16_init: load libdnnl from `path` (NULL: the soname libdnnl.so.3 on
+ *   the loader's search path); only the first call loads, later calls
+ *   report its result; the first bf16 call does ab_bf16_init(NULL) if no
+ *   call came before. err (may be NULL): what was loaded, or why not.
+ * ab_bf16_set_mode(path, threads), each negative = keep:
+ *   path AB_BF16_AUTO (oneDNN where it has bf16 instructions, else
+ *     portable) or AB_BF16_PORTABLE (always portable, needs no oneDNN);
+ *   threads AB_BF16_POOL (default: fixed tiles of C on the package's pool,
+ *     one oneDNN thread each: results independent of the thread count) or
+ *     AB_BF16_ONEDNN_THREADS (one oneDNN call on ab_get_num_threads()
+ *     OpenMP threads of its own: results may depend on the thread count).
+ * ab_bf16_describe: one line naming the path, oneDNN's version, ISA and
+ *   kernel, or why bf16 is unavailable.
+ * ab_gemm_bf16: C[M,N] (+)= op(A)[M,K] · op(B)[K,N]; A, B row-major bf16
+ *   (uint16 bit patterns) with leading dimensions lda, ldb, op = transpose
+ *   if transA/transB; C fp32 with ldc; accumulate != 0 adds.
+ * ab_f32_to_bf16 / ab_bf16_to_f32: n values (round to nearest even; NaN
+ *   stays NaN, inf stays inf).
+ * ab_linear_*_bf16: ab_linear_*'s products (same arguments) with bf16
+ *   operands: the fp32 inputs are rounded to bf16 inside the call. */
+enum { AB_BF16_UNAVAILABLE = 0, AB_BF16_ONEDNN = 1, AB_BF16_PORTABLE = 2 };
+enum { AB_BF16_AUTO = 0, AB_BF16_POOL = 0, AB_BF16_ONEDNN_THREADS = 1 };
+AB_API int ab_bf16_init(const char *path, char *err, size_t errcap);
+AB_API int ab_bf16_set_mode(int path, int threads);
+AB_API int ab_bf16_get_mode(int *path, int *threads);
+AB_API int ab_bf16_path(void);
+AB_API const char *ab_bf16_describe(void);
+AB_API int ab_gemm_bf16(int transA, int transB, int64_t M, int64_t N, int64_t K,
+                        const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb,
+                        int accumulate, float *C, int64_t ldc);
+AB_API int ab_f32_to_bf16(uint16_t *dst, const float *src, int64_t n);
+AB_API int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n);
+AB_API int ab_linear_forward_bf16(float *y, const float *x, const float *W,
+                                  int64_t N, int64_t in, int64_t out);
+AB_API int ab_linear_backward_dx_bf16(float *dx, const float *dy, const float *W,
+                                      int64_t N, int64_t in, int64_t out, int accumulate);
+AB_API int ab_linear_backward_dW_bf16(float *dW, const float *dy, const float *x,
+                                      int64_t N, int64_t in, int64_t out, int accumulate);
 
 /* ---- RMSNorm (csrc/kernels/rmsnorm.c) ----
  * r_t = 1/sqrt(mean_i x_ti^2 + eps);  y_ti = x_ti * r_t * w_i
@@ -321,7 +373,20 @@ typedef struct {
     int qk_norm;
     ab_rope_params rope;
     int recompute;      /* != 0: keep each layer's input only, recompute the rest */
+    int precision;      /* AB_PRECISION_FP32 (0) or AB_PRECISION_BF16, see below */
 } ab_model_config;
+/* precision AB_PRECISION_BF16: every matmul of the forward and backward
+ * (layer projections and classifier) takes bf16 operands (ab_gemm_bf16),
+ * accumulates and returns fp32; weights, weight gradients, the optimiser,
+ * RMSNorm statistics, softmax, cross-entropy and the residual stream stay
+ * fp32. The workspace (larger: ab_model_workspace_floats) then also holds
+ * a bf16 copy of the 2-D weights, made by ab_model_bf16_refresh from params:
+ * call it before the first forward on a workspace and after every change of
+ * params (each optimiser step); a bf16 forward without it is AB_EINVAL.
+ * Activations are rounded to bf16 into the workspace where a matmul first
+ * reads them. Not with `reference` nor the ANE backward (AB_EINVAL);
+ * ab_model_decode always runs fp32. */
+enum { AB_PRECISION_FP32 = 0, AB_PRECISION_BF16 = 1 };
 /* q_norm, k_norm follow norm in the no-decay tail ([L, head_dim] each; both
  * equal n_params, i.e. empty, without qk_norm). */
 typedef struct {
@@ -344,6 +409,9 @@ AB_API int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *o
 AB_API int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
                     int32_t token, int64_t pos, float *kv_cache, float *work,
                     int64_t work_floats);
+
+AB_API int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
+                                 int64_t work_floats);
 
 AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,

@@ -14,6 +14,8 @@ const char *ab_strerror(int code) {
     case AB_EWORKSPACE: return "the workspace is smaller than required";
     case AB_ETOOBIG: return "too large: a BLAS dimension above 2^31 - 1, or a buffer above 2^52 floats";
     case AB_ENOMEM: return "out of memory";
+    case AB_EUNAVAILABLE:
+        return "bf16 matmuls need oneDNN, which could not be loaded: pip install 'anebackward[bf16]'";
     default: return "unknown error";
     }
 }

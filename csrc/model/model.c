@@ -50,8 +50,19 @@
  * tokens only; every per-row array above holds N rows (packed at the start
  * of its B*S-row region), so padding costs no work at all. (B, S) only
  * sizes the workspace.
+ *
+ * Precision bf16 (c->precision): every matmul goes through proj_forward /
+ * proj_dx / proj_dW below, which multiply bf16 operands with fp32
+ * accumulation (ab_gemm_bf16). The workspace then ends with a bf16 MIRROR
+ * of itself (uint16, one per float: the bf16 copy of the activation at
+ * work + i is at mirror + i) and WBF, the bf16 copy of params[0, n_decay)
+ * made by ab_model_bf16_refresh (tagged in the header). An operand is
+ * rounded into its mirror where a matmul first reads it; the calls that
+ * follow on the same, unchanged operand pass X_READY / DY_READY and reuse
+ * it. Pages of the mirror that no matmul reads are never touched.
  */
 #include "ab_internal.h"
+#include "bf16/bf16_internal.h"
 
 /* The kernels the model runs: fast (BLAS + SIMD) or the seed's loops. */
 typedef struct {
@@ -135,9 +146,13 @@ static const kernel_table REFERENCE = {
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
 /* Workspace header: int64 words stored in float slots with memcpy. HDR_N:
- * the forward's rows; HDR_NSEQ: its varlen segments (0: B full rows of S). */
-enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_N = 6, HDR_NSEQ = 8, HDR_FLOATS = 12 };
+ * the forward's rows; HDR_NSEQ: its varlen segments (0: B full rows of S);
+ * HDR_WBF: the tag of the bf16 weight copy. */
+enum { HDR_TAG = 0, HDR_B = 2, HDR_S = 4, HDR_N = 6, HDR_NSEQ = 8, HDR_WBF = 10,
+       HDR_FLOATS = 12 };
 static const int64_t READY_TAG = 0x0a59444145524241LL;   /* "ABREADY\n" */
+static const int64_t READY_TAG_BF16 = 0x0a36314642524241LL;   /* "ABRBF16\n": bf16 forward */
+static const int64_t WBF_TAG = 0x0a36314657524241LL;     /* "ABRWF16\n": WBF is made */
 
 static int64_t hdr_get(const float *work, int slot) {
     int64_t v;
@@ -171,6 +186,8 @@ int ab_model_config_check(const ab_model_config *c) {
     AB_REQUIRE(hd > 0 && hd % 2 == 0, AB_EINVAL);                   /* RoPE pairs */
     AB_REQUIRE(c->n_heads % c->n_kv_heads == 0, AB_EINVAL);
     AB_REQUIRE(c->norm_eps >= 0.0f, AB_EINVAL);
+    AB_REQUIRE(c->precision == AB_PRECISION_FP32 || c->precision == AB_PRECISION_BF16, AB_EINVAL);
+    AB_REQUIRE(!(c->reference && c->precision == AB_PRECISION_BF16), AB_EINVAL);
     TRY(ab_rope_params_check(&c->rope));
     AB_BLAS_FITS(c->dim); AB_BLAS_FITS(c->hidden_dim); AB_BLAS_FITS(c->vocab_size);
     /* Sizes are sums of products of these dimensions; an upper bound of each
@@ -220,6 +237,7 @@ typedef struct {
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, DQN, DKN, ATTW;    /* scratch */
     int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
     int64_t CU, POS; /* its varlen layout: B*S+1 int64 segment starts, N int32 positions */
+    int64_t MIRROR, WBF;   /* bf16 only: uint16 mirror of [0, MIRROR), weight copy */
     int64_t slots, total;
 } ws_layout;
 
@@ -232,15 +250,28 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
         const double est = Ld * n * (5.0 * c->dim + 8.0 * (double)d.qd + 5.0 * c->hidden_dim)
                            + n * c->vocab_size + 2.0 * (double)S * (double)S + 4 * n + 2
                            + HDR_FLOATS;
-        AB_REQUIRE(est < AB_SIZE_LIMIT, AB_ETOOBIG);
+        /* bf16: + the mirror (half of it) and the weights' copy */
+        const double bf = c->precision == AB_PRECISION_BF16
+                          ? 0.5 * est + 0.5 * (double)c->vocab_size * (double)c->dim * 2
+                            + 0.5 * (double)c->n_layers * (4.0 * (double)d.qd * c->dim
+                                                           + 3.0 * c->hidden_dim * c->dim)
+                          : 0.0;
+        AB_REQUIRE(est + 1.5 * bf < AB_SIZE_LIMIT, AB_ETOOBIG);
     }
     const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V, qd = d.qd, kv = d.kv, N = B * S;
     const int64_t R = c->recompute ? 1 : L;        /* activation slots */
     const int64_t qn = c->qk_norm ? 1 : 0;
     AB_BLAS_FITS(N);
     int64_t p = HDR_FLOATS;
+    w->WBF = p;            /* bf16: right after the header, whatever B and S */
+    if (c->precision == AB_PRECISION_BF16) {
+        ab_model_layout P;
+        TRY(ab_model_param_layout(c, &P));
+        p += ab_div_up(P.n_decay, 2);
+        p += p & 1;        /* CU below holds int64: keep p even (8-byte aligned) */
+    }
     w->slots = R;
-    w->CU = p; p += 2 * (N + 1);   /* int64, 8-byte aligned: HDR_FLOATS is even */
+    w->CU = p; p += 2 * (N + 1);   /* int64, 8-byte aligned: p is even here */
     w->TOKENS = p; p += N;
     w->POS = p; p += N;
     w->X = p; p += (L + 1) * N * D;
@@ -269,6 +300,8 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DQN = p; p += qn * N * qd;
     w->DKN = p; p += qn * N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
+    w->MIRROR = p;
+    if (c->precision == AB_PRECISION_BF16) p += ab_div_up(w->MIRROR, 2);   /* uint16s */
     w->total = p;
     return AB_OK;
 }
@@ -328,6 +361,75 @@ static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_
     return a;
 }
 
+/* ---- every matmul of the forward and backward goes through these three ----
+ * y = x W^T, dx (+)= dy W, dW (+)= dy^T x as in csrc/kernels/linear.c: fp32
+ * through the kernel table, or (precision bf16) bf16 operands: W's copy in
+ * WBF (same offset as in params), x's and dy's in the workspace's mirror,
+ * rounded here unless `ready` says the mirror is already current. */
+typedef struct {
+    const kernel_table *k;
+    int bf16;
+    const float *params;       /* W - params: the offset into wbf */
+    const uint16_t *wbf;
+    const float *work;         /* x - work: the offset into mirror */
+    uint16_t *mirror;
+} proj_ctx;
+/* DY_T: keep dy's bf16 copy transposed, [out, N] (the classifier: both of its
+ * backward products then read dense tiles, see csrc/bf16/gemm_bf16.c) */
+enum { X_READY = 1, DY_READY = 2, DY_T = 4 };
+
+static proj_ctx proj_make(const kernel_table *k, const ab_model_config *c, const ws_layout *W,
+                          const float *params, float *work) {
+    proj_ctx p = {k, c->precision == AB_PRECISION_BF16, params, NULL, work, NULL};
+    if (p.bf16) {
+        p.wbf = (const uint16_t *)(work + W->WBF);
+        p.mirror = (uint16_t *)(work + W->MIRROR);
+    }
+    return p;
+}
+
+static const uint16_t *proj_operand(const proj_ctx *p, const float *a, int64_t n, int ready) {
+    uint16_t *h = p->mirror + (a - p->work);
+    if (!ready) ab_f32_to_bf16(h, a, n);
+    return h;
+}
+
+static int proj_forward(const proj_ctx *p, float *y, const float *x, const float *W,
+                        int64_t N, int64_t in, int64_t out, int ready) {
+    if (!p->bf16) return p->k->linear_forward(y, x, W, N, in, out);
+    const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
+    return ab_gemm_bf16(0, 1, N, out, in, xb, in, p->wbf + (W - p->params), in, 0, y, out);
+}
+
+static const uint16_t *proj_dy_t(const proj_ctx *p, const float *dy, int64_t N, int64_t out,
+                                 int ready) {
+    uint16_t *h = p->mirror + (dy - p->work);
+    if (!ready) ab_f32_to_bf16_transposed(h, dy, N, out);
+    return h;
+}
+
+static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W,
+                   int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
+    if (!p->bf16) return p->k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
+    if (ready & DY_T)
+        return ab_gemm_bf16(1, 0, N, in, out, proj_dy_t(p, dy, N, out, ready & DY_READY), N,
+                            p->wbf + (W - p->params), in, accumulate, dx, in);
+    const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
+    return ab_gemm_bf16(0, 0, N, in, out, dyb, out, p->wbf + (W - p->params), in, accumulate,
+                        dx, in);
+}
+
+static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x,
+                   int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
+    if (!p->bf16) return p->k->linear_backward_dW(dW, dy, x, N, in, out, accumulate);
+    const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
+    if (ready & DY_T)
+        return ab_gemm_bf16(0, 0, out, in, N, proj_dy_t(p, dy, N, out, ready & DY_READY), N, xb,
+                            in, accumulate, dW, in);
+    const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
+    return ab_gemm_bf16(1, 0, out, in, N, dyb, out, xb, in, accumulate, dW, in);
+}
+
 /* Layer l's forward from X[l]: its activations into their slot and, if
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
 static int layer_forward(const kernel_table *k, const ab_model_config *c, const dims *d,
@@ -344,19 +446,20 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
     const float *rms_ffn = params + P->ffn_norm + l * D;
     layer_acts a = acts_of(W, d, work, N, l);
     float *G = work + W->G, *T = work + W->DXN;   /* scratch */
+    const proj_ctx pj = proj_make(k, c, W, params, work);
 
     /* attention block */
     TRY(k->rmsnorm_forward(a.XA, a.X, rms_att, N, D, eps));
     if (c->qk_norm) {   /* Qwen3: q, k normalised per head before RoPE */
-        TRY(k->linear_forward(a.QR, a.XA, wq, N, D, qd));
-        TRY(k->linear_forward(a.KR, a.XA, wk, N, D, kv));
+        TRY(proj_forward(&pj, a.QR, a.XA, wq, N, D, qd, 0));
+        TRY(proj_forward(&pj, a.KR, a.XA, wk, N, D, kv, X_READY));
         TRY(k->rmsnorm_forward(a.Q, a.QR, params + P->q_norm + l * hd, N * H, hd, eps));
         TRY(k->rmsnorm_forward(a.K, a.KR, params + P->k_norm + l * hd, N * KV, hd, eps));
     } else {
-        TRY(k->linear_forward(a.Q, a.XA, wq, N, D, qd));
-        TRY(k->linear_forward(a.K, a.XA, wk, N, D, kv));
+        TRY(proj_forward(&pj, a.Q, a.XA, wq, N, D, qd, 0));
+        TRY(proj_forward(&pj, a.K, a.XA, wk, N, D, kv, X_READY));
     }
-    TRY(k->linear_forward(a.V, a.XA, wv, N, D, kv));
+    TRY(proj_forward(&pj, a.V, a.XA, wv, N, D, kv, X_READY));
     TRY(rope_rows(k, c, g, a.Q, H, hd, 0));
     TRY(rope_rows(k, c, g, a.K, KV, hd, 0));
     if (g->n_seq == 0)
@@ -365,17 +468,33 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
     else
         TRY(k->attention_forward_varlen(a.AT, a.Q, a.K, a.V, g->cu, g->n_seq, H, KV, hd,
                                         work + W->ATTW, ab_attention_workspace_floats(S)));
-    TRY(k->linear_forward(T, a.AT, wo, N, qd, D));
+    TRY(proj_forward(&pj, T, a.AT, wo, N, qd, D, 0));
     add_into(a.HM, a.X, T, N * D);
     /* feed-forward block */
     TRY(k->rmsnorm_forward(a.XF, a.HM, rms_ffn, N, D, eps));
-    TRY(k->linear_forward(a.H1, a.XF, w1, N, D, Hd));
-    TRY(k->linear_forward(a.H3, a.XF, w3, N, D, Hd));
+    TRY(proj_forward(&pj, a.H1, a.XF, w1, N, D, Hd, 0));
+    TRY(proj_forward(&pj, a.H3, a.XF, w3, N, D, Hd, X_READY));
     if (write_next) {
         TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(k->linear_forward(T, G, w2, N, Hd, D));
+        TRY(proj_forward(&pj, T, G, w2, N, Hd, D, 0));
         add_into(a.X + N * D, a.HM, T, N * D);
     }
+    return AB_OK;
+}
+
+int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
+                          int64_t work_floats) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_REQUIRE(c->precision == AB_PRECISION_BF16, AB_EINVAL);
+    AB_NONNULL(params); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
+    /* the weights' copy follows the header whatever B and S are */
+    AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(P.n_decay, 2), AB_EWORKSPACE);
+    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    hdr_set(work, HDR_WBF, 0);
+    TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS), params, P.n_decay));
+    hdr_set(work, HDR_WBF, WBF_TAG);
     return AB_OK;
 }
 
@@ -425,6 +544,10 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const dims d = model_dims(c);
     const int64_t L = d.L, D = d.D, V = d.V;
+    const int bf16 = c->precision == AB_PRECISION_BF16;
+    /* bf16: the weights' copy must have been made (ab_model_bf16_refresh) */
+    AB_REQUIRE(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL);
+    const proj_ctx pj = proj_make(k, c, &W, params, work);
 
     hdr_set(work, HDR_TAG, 0);
     hdr_set(work, HDR_B, B);
@@ -447,13 +570,13 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
         TRY(layer_forward(k, c, &d, &P, &W, params, work, &g, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
     TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
-    TRY(k->linear_forward(LOGITS, XN, params + P.output, N, D, V));
+    TRY(proj_forward(&pj, LOGITS, XN, params + P.output, N, D, V, 0));
     if (targets) {
         double loss = 0.0;
         TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f,
                              den));
         if (loss_out) *loss_out = loss;
-        if (want_grad) hdr_set(work, HDR_TAG, READY_TAG);
+        if (want_grad) hdr_set(work, HDR_TAG, bf16 ? READY_TAG_BF16 : READY_TAG);
     }
     return AB_OK;
 }
@@ -473,9 +596,10 @@ typedef struct {
     int n;
 } dx_queue;
 
-static int dx_submit(dx_queue *q, const kernel_table *k, float *dx, const float *dy,
-                     const float *W, int64_t N, int64_t in, int64_t out, int accumulate) {
-    if (!q->ctx) return k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
+static int dx_submit(dx_queue *q, const proj_ctx *pj, float *dx, const float *dy,
+                     const float *W, int64_t N, int64_t in, int64_t out, int accumulate,
+                     int ready) {
+    if (!q->ctx) return proj_dx(pj, dx, dy, W, N, in, out, accumulate, ready);
     int rc = ab_ane_linear_backward_dx_submit(q->ctx, &q->jobs[q->n], dx, dy, W, q->version,
                                               N, in, out, accumulate, q->flags);
     if (!rc) q->n++;
@@ -529,6 +653,7 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
                           float *work, int64_t work_floats, ab_ane_ctx *ane,
                           uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
+    AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
     dx_queue q = {ane, params_version, ane_flags, {NULL, NULL, NULL}, 0};
     return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
@@ -546,7 +671,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
     /* dlogits must come from a want_grad forward of this (B, S) on this
      * workspace, and are used once (the backward scales them in place) */
-    AB_REQUIRE(hdr_get(work, HDR_TAG) == READY_TAG, AB_EINVAL);
+    const int bf16 = c->precision == AB_PRECISION_BF16;
+    AB_REQUIRE(hdr_get(work, HDR_TAG) == (bf16 ? READY_TAG_BF16 : READY_TAG), AB_EINVAL);
     AB_REQUIRE(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     hdr_set(work, HDR_TAG, 0);
@@ -559,6 +685,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
     const int acc = accumulate != 0;
+    const proj_ctx pj = proj_make(k, c, &W, params, work);
 
     /* Every dW below is written with beta = acc except those that are sums:
      * the norm weights (the rmsnorm kernel always adds) and the embedding
@@ -576,8 +703,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 
     /* classifier and final norm */
     const float *XN = work + W.XN;
-    TRY(k->linear_backward_dW(grads + P.output, DL, XN, N, D, V, acc));
-    TRY(k->linear_backward_dx(DXN, DL, params + P.output, N, D, V, 0));
+    TRY(proj_dW(&pj, grads + P.output, DL, XN, N, D, V, acc, X_READY | DY_T));
+    TRY(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY | DY_T));
     TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
                             N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
@@ -598,21 +725,21 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
         TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, k, DH1, DX, w2, N, Hd, D, 0));
-        TRYQ(q, k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
+        TRY(dx_submit(q, &pj, DH1, DX, w2, N, Hd, D, 0, 0));
+        TRYQ(q, proj_dW(&pj, gw2, DX, G, N, Hd, D, acc, DY_READY));
         TRY(dx_wait(q));
         TRY(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, k, DXN, DH1, w1, N, D, Hd, 0));
-        TRYQ(q, dx_submit(q, k, DXN, DH3, w3, N, D, Hd, 1));
-        TRYQ(q, k->linear_backward_dW(gw1, DH1, a.XF, N, D, Hd, acc));
-        TRYQ(q, k->linear_backward_dW(gw3, DH3, a.XF, N, D, Hd, acc));
+        TRY(dx_submit(q, &pj, DXN, DH1, w1, N, D, Hd, 0, 0));
+        TRYQ(q, dx_submit(q, &pj, DXN, DH3, w3, N, D, Hd, 1, 0));
+        TRYQ(q, proj_dW(&pj, gw1, DH1, a.XF, N, D, Hd, acc, DY_READY | X_READY));
+        TRYQ(q, proj_dW(&pj, gw3, DH3, a.XF, N, D, Hd, acc, DY_READY | X_READY));
         TRY(dx_wait(q));
         /* the FFN norm's input is HM, the residual after attention */
         TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
                                 params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRY(dx_submit(q, k, DA, DX, wo, N, qd, D, 0));
-        TRYQ(q, k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
+        TRY(dx_submit(q, &pj, DA, DX, wo, N, qd, D, 0, 0));
+        TRYQ(q, proj_dW(&pj, gwo, DX, a.AT, N, qd, D, acc, DY_READY | X_READY));
         TRY(dx_wait(q));
         if (g.n_seq == 0)
             TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
@@ -631,12 +758,12 @@ static int model_backward(const ab_model_config *c, const float *params, float *
             DQ = DQN;
             DK = DKN;
         }
-        TRY(dx_submit(q, k, DXN, DQ, wq, N, D, qd, 0));
-        TRYQ(q, dx_submit(q, k, DXN, DK, wk, N, D, kv, 1));
-        TRYQ(q, dx_submit(q, k, DXN, DV, wv, N, D, kv, 1));
-        TRYQ(q, k->linear_backward_dW(gwq, DQ, a.XA, N, D, qd, acc));
-        TRYQ(q, k->linear_backward_dW(gwk, DK, a.XA, N, D, kv, acc));
-        TRYQ(q, k->linear_backward_dW(gwv, DV, a.XA, N, D, kv, acc));
+        TRY(dx_submit(q, &pj, DXN, DQ, wq, N, D, qd, 0, 0));
+        TRYQ(q, dx_submit(q, &pj, DXN, DK, wk, N, D, kv, 1, 0));
+        TRYQ(q, dx_submit(q, &pj, DXN, DV, wv, N, D, kv, 1, 0));
+        TRYQ(q, proj_dW(&pj, gwq, DQ, a.XA, N, D, qd, acc, DY_READY | X_READY));
+        TRYQ(q, proj_dW(&pj, gwk, DK, a.XA, N, D, kv, acc, DY_READY | X_READY));
+        TRYQ(q, proj_dW(&pj, gwv, DV, a.XA, N, D, kv, acc, DY_READY | X_READY));
         TRY(dx_wait(q));
         TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
                                 params + P.attention_norm + l * D, N, D, eps, 1));

@@ -1,0 +1,318 @@
+/* gemm_bf16.c — bf16 x bf16 -> fp32 products, the path chosen at run time.
+ *
+ * ab_gemm_bf16 computes C[M,N] (+)= op(A)[M,K] · op(B)[K,N] from row-major
+ * bf16 operands with fp32 accumulation and fp32 C, by one of:
+ *   oneDNN (csrc/bf16/onednn.c) where it reports bf16 instructions
+ *     (avx512_core_bf16 or AMX). Default threading: C is cut into the same
+ *     kind of fixed tiles as csrc/gemm.c (an M x N grid, or K chunks summed
+ *     in chunk order when K dwarfs M and N), each tile one single-threaded
+ *     oneDNN call on the package's pool, so results do not depend on the
+ *     thread count. AB_BF16_ONEDNN_THREADS instead makes one call threaded
+ *     by oneDNN itself (the pool idle): results then may depend on it.
+ *   portable: the operands widened to fp32 and one ab_sgemm (tiled, thread
+ *     count independent). The same bf16 values are multiplied, accumulated
+ *     in fp32; only the summation order differs from oneDNN's.
+ * Conversions fp32 <-> bf16 are plain loops (round to nearest even), split
+ * in fixed chunks over the pool. */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include "bf16_internal.h"
+
+#define SMALL_MACS (INT64_C(1) << 21)
+#define TARGET_TILES 16
+#define K_CHUNK_MIN 1024
+static int64_t min_tile = 128;   /* ab_bf16_testing_tile changes it (benchmarks) */
+static int planner = 1;
+
+static atomic_int mode_path = AB_BF16_AUTO;
+static atomic_int mode_threads = AB_BF16_POOL;
+
+int ab_bf16_init(const char *path, char *err, size_t errcap) {
+    int rc = ab_onednn_init(path);
+    if (err && errcap) snprintf(err, errcap, "%s", ab_onednn_message());
+    return rc;
+}
+
+int ab_bf16_set_mode(int path, int threads) {
+    AB_REQUIRE(path < 0 || path == AB_BF16_AUTO || path == AB_BF16_PORTABLE, AB_EINVAL);
+    AB_REQUIRE(threads < 0 || threads == AB_BF16_POOL || threads == AB_BF16_ONEDNN_THREADS,
+               AB_EINVAL);
+    if (path >= 0) atomic_store(&mode_path, path);
+    if (threads >= 0) atomic_store(&mode_threads, threads);
+    return AB_OK;
+}
+
+int ab_bf16_get_mode(int *path, int *threads) {
+    if (path) *path = atomic_load(&mode_path);
+    if (threads) *threads = atomic_load(&mode_threads);
+    return AB_OK;
+}
+
+int ab_bf16_path(void) {
+    if (atomic_load(&mode_path) == AB_BF16_PORTABLE) return AB_BF16_PORTABLE;
+    if (ab_onednn_state() == 0) (void)ab_onednn_init(NULL);
+    if (ab_onednn_state() != 1) return AB_BF16_UNAVAILABLE;
+    return ab_onednn_has_bf16() ? AB_BF16_ONEDNN : AB_BF16_PORTABLE;
+}
+
+const char *ab_bf16_describe(void) {
+    static _Thread_local char buf[768];
+    const int p = ab_bf16_path();
+    const int st = ab_onednn_state();
+    const char *dnnl = st == 1 ? ab_onednn_message() : st == 0 ? "oneDNN not loaded" : NULL;
+    if (p == AB_BF16_ONEDNN) {
+        const char *impl = ab_onednn_impl();
+        snprintf(buf, sizeof buf, "onednn (%s%s%s; %s)", dnnl, *impl ? ", kernel " : "", impl,
+                 atomic_load(&mode_threads) == AB_BF16_ONEDNN_THREADS
+                     ? "oneDNN's own threads" : "tiles on the package's pool");
+    } else if (p == AB_BF16_PORTABLE) {
+        const char *why = atomic_load(&mode_path) == AB_BF16_PORTABLE ? "asked for"
+                          : "oneDNN finds no bf16 instructions";
+        snprintf(buf, sizeof buf, "portable (%s%s%s; bf16 operands widened to fp32 + sgemm)",
+                 why, st == 1 ? ": " : "", st == 1 ? ab_onednn_message() : "");
+    } else {
+        snprintf(buf, sizeof buf, "unavailable (%s)", dnnl ? dnnl : "oneDNN not loaded");
+    }
+    return buf;
+}
+
+/* ---- conversions ---- */
+typedef struct { uint16_t *h; float *f; const float *cf; const uint16_t *ch; int64_t n; } cv_job;
+
+AB_HOT static void to_bf16_loop(uint16_t *dst, const float *src, int64_t n) {
+    AB_SIMD
+    for (int64_t i = 0; i < n; i++) dst[i] = ab_f32_bf16(src[i]);
+}
+AB_HOT static void to_f32_loop(float *dst, const uint16_t *src, int64_t n) {
+    AB_SIMD
+    for (int64_t i = 0; i < n; i++) dst[i] = ab_bf16_f32(src[i]);
+}
+static void to_bf16_task(void *ctx, int64_t t, int w) {
+    const cv_job *j = ctx;
+    const int64_t i0 = t * AB_CHUNK, n = i0 + AB_CHUNK < j->n ? AB_CHUNK : j->n - i0;
+    to_bf16_loop(j->h + i0, j->cf + i0, n);
+}
+static void to_f32_task(void *ctx, int64_t t, int w) {
+    const cv_job *j = ctx;
+    const int64_t i0 = t * AB_CHUNK, n = i0 + AB_CHUNK < j->n ? AB_CHUNK : j->n - i0;
+    to_f32_loop(j->f + i0, j->ch + i0, n);
+}
+
+int ab_f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
+    AB_NONNEG(n);
+    if (n == 0) return AB_OK;
+    AB_NONNULL(dst); AB_NONNULL(src);
+    cv_job j = {dst, NULL, src, NULL, n};
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), to_bf16_task, &j);
+    return AB_OK;
+}
+
+int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    AB_NONNEG(n);
+    if (n == 0) return AB_OK;
+    AB_NONNULL(dst); AB_NONNULL(src);
+    cv_job j = {NULL, dst, NULL, src, n};
+    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), to_f32_task, &j);
+    return AB_OK;
+}
+
+/* transposed: tasks are column blocks of TB source columns (the rows of dst),
+ * each walked in TB x TB blocks so that reads and writes stay in cache */
+#define TB 64
+typedef struct { uint16_t *dst; const float *src; int64_t rows, cols; } tr_job;
+
+AB_HOT static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
+                            int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for (int64_t c = c0; c < c0 + nc; c++) {
+        uint16_t *d = dst + c * rows;
+        for (int64_t r = r0; r < r0 + nr; r++) d[r] = ab_f32_bf16(src[r * cols + c]);
+    }
+}
+
+static void tr_task(void *ctx, int64_t t, int w) {
+    const tr_job *j = ctx;
+    const int64_t c0 = t * TB, nc = c0 + TB < j->cols ? TB : j->cols - c0;
+    for (int64_t r0 = 0; r0 < j->rows; r0 += TB)
+        tr_block(j->dst, j->src, j->rows, j->cols, r0, r0 + TB < j->rows ? TB : j->rows - r0,
+                 c0, nc);
+}
+
+int ab_f32_to_bf16_transposed(uint16_t *dst, const float *src, int64_t rows, int64_t cols) {
+    AB_NONNEG(rows); AB_NONNEG(cols);
+    if (rows == 0 || cols == 0) return AB_OK;
+    AB_NONNULL(dst); AB_NONNULL(src);
+    tr_job j = {dst, src, rows, cols};
+    ab_parallel_for(ab_div_up(cols, TB), ab_workers_for((double)rows * (double)cols), tr_task,
+                    &j);
+    return AB_OK;
+}
+
+/* ---- the product ---- */
+typedef struct {
+    int transA, transB, accumulate;
+    int64_t M, N, K, lda, ldb, ldc;
+    int64_t tm, tn, nm, tk, nk;
+    const uint16_t *A, *B;
+    float *C, *part;
+    atomic_int rc;
+} bjob;
+
+static const uint16_t *ba_at(const bjob *j, int64_t m0, int64_t k0) {
+    return j->transA ? j->A + k0 * j->lda + m0 : j->A + m0 * j->lda + k0;
+}
+static const uint16_t *bb_at(const bjob *j, int64_t k0, int64_t n0) {
+    return j->transB ? j->B + n0 * j->ldb + k0 : j->B + k0 * j->ldb + n0;
+}
+static void fail(bjob *j, int rc) {
+    int expected = AB_OK;
+    if (rc) atomic_compare_exchange_strong(&j->rc, &expected, rc);
+}
+
+static void grid_task(void *ctx, int64_t t, int worker) {
+    bjob *j = ctx;
+    const int64_t m0 = (t % j->nm) * j->tm, n0 = (t / j->nm) * j->tn;
+    const int64_t m = m0 + j->tm < j->M ? j->tm : j->M - m0;
+    const int64_t n = n0 + j->tn < j->N ? j->tn : j->N - n0;
+    fail(j, ab_onednn_matmul(j->transA, j->transB, m, n, j->K, ba_at(j, m0, 0), j->lda,
+                             bb_at(j, 0, n0), j->ldb, j->accumulate, j->C + m0 * j->ldc + n0,
+                             j->ldc, 1));
+}
+
+static void kchunk_task(void *ctx, int64_t t, int worker) {
+    bjob *j = ctx;
+    const int64_t k0 = t * j->tk, k = k0 + j->tk < j->K ? j->tk : j->K - k0;
+    fail(j, ab_onednn_matmul(j->transA, j->transB, j->M, j->N, k, ba_at(j, 0, k0), j->lda,
+                             bb_at(j, k0, 0), j->ldb, 0, j->part + t * j->M * j->N, j->N, 1));
+}
+
+static void ksum_task(void *ctx, int64_t t, int worker) {
+    const bjob *j = ctx;
+    const int64_t N = j->N, MN = j->M * N;
+    float *c = j->C + t * j->ldc;
+    const float *p = j->part + t * N;
+    if (!j->accumulate) {
+        AB_SIMD
+        for (int64_t i = 0; i < N; i++) c[i] = p[i];
+    } else {
+        AB_SIMD
+        for (int64_t i = 0; i < N; i++) c[i] += p[i];
+    }
+    for (int64_t q = 1; q < j->nk; q++) {
+        const float *pq = p + q * MN;
+        AB_SIMD
+        for (int64_t i = 0; i < N; i++) c[i] += pq[i];
+    }
+}
+
+static int64_t tile_of(int64_t L, int64_t parts) {
+    return ab_div_up(ab_div_up(L, parts), 16) * 16;
+}
+
+static int gemm_onednn(bjob *j) {
+    const int64_t M = j->M, N = j->N, K = j->K;
+    if (atomic_load(&mode_threads) == AB_BF16_ONEDNN_THREADS)
+        return ab_onednn_matmul(j->transA, j->transB, M, N, K, j->A, j->lda, j->B, j->ldb,
+                                j->accumulate, j->C, j->ldc, ab_get_num_threads());
+    if ((double)M * (double)N * (double)K >= (double)SMALL_MACS) {
+        const int64_t big = M > N ? M : N;
+        if (K >= 8 * big && K >= 2 * K_CHUNK_MIN) {
+            int64_t tk = ab_div_up(ab_div_up(K, TARGET_TILES), 256) * 256;
+            j->tk = tk > K_CHUNK_MIN ? tk : K_CHUNK_MIN;
+            j->nk = ab_div_up(K, j->tk);
+            j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
+            if (!j->part) return AB_ENOMEM;
+            ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
+            if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
+            free(j->part);
+            return atomic_load(&j->rc);
+        }
+        int64_t pm = 1, pn = 1;
+        if (planner == 1 && !j->transA) {
+            /* rows of C only: every tile's A and C stay dense (oneDNN's AMX
+             * kernel takes dense operands only) */
+            while (pm < TARGET_TILES && tile_of(M, 2 * pm) >= min_tile / 2) pm *= 2;
+        } else if (planner == 1 && M * N * ab_div_up(K, 128) <= (INT64_C(1) << 22)) {
+            /* A^T B: K chunks of 128 rows keep both operands dense */
+            j->tk = 128;
+            j->nk = ab_div_up(K, j->tk);
+            j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
+            if (!j->part) return AB_ENOMEM;
+            ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
+            if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
+            free(j->part);
+            return atomic_load(&j->rc);
+        } else {
+            while (pm * pn < TARGET_TILES) {
+                const int64_t cm = tile_of(M, pm), cn = tile_of(N, pn);
+                if (cn >= cm && tile_of(N, 2 * pn) >= min_tile) pn *= 2;
+                else if (tile_of(M, 2 * pm) >= min_tile) pm *= 2;
+                else if (tile_of(N, 2 * pn) >= min_tile) pn *= 2;
+                else break;
+            }
+        }
+        j->tm = tile_of(M, pm); j->tn = tile_of(N, pn);
+        j->nm = ab_div_up(M, j->tm);
+        ab_parallel_for(j->nm * ab_div_up(N, j->tn), AB_MAX_THREADS, grid_task, j);
+        return atomic_load(&j->rc);
+    }
+    return ab_onednn_matmul(j->transA, j->transB, M, N, K, j->A, j->lda, j->B, j->ldb,
+                            j->accumulate, j->C, j->ldc, 1);
+}
+
+/* rows x cols of a row-major bf16 matrix with leading dimension ld, widened */
+static float *widen(const uint16_t *X, int64_t rows, int64_t cols, int64_t ld) {
+    float *w = malloc((size_t)(rows * cols) * sizeof(float));
+    if (!w) return NULL;
+    if (ld == cols) {
+        ab_bf16_to_f32(w, X, rows * cols);
+    } else {
+        for (int64_t r = 0; r < rows; r++) to_f32_loop(w + r * cols, X + r * ld, cols);
+    }
+    return w;
+}
+
+static int gemm_portable(const bjob *j) {
+    const int64_t ar = j->transA ? j->K : j->M, ac = j->transA ? j->M : j->K;
+    const int64_t br = j->transB ? j->N : j->K, bc = j->transB ? j->K : j->N;
+    float *a = widen(j->A, ar, ac, j->lda), *b = a ? widen(j->B, br, bc, j->ldb) : NULL;
+    if (a && b)
+        ab_sgemm(j->transA, j->transB, j->M, j->N, j->K, 1.0f, a, ac, b, bc,
+                 j->accumulate ? 1.0f : 0.0f, j->C, j->ldc);
+    free(a);
+    free(b);
+    return a && b ? AB_OK : AB_ENOMEM;
+}
+
+int ab_gemm_bf16(int transA, int transB, int64_t M, int64_t N, int64_t K,
+                 const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb,
+                 int accumulate, float *C, int64_t ldc) {
+    AB_NONNEG(M); AB_NONNEG(N); AB_NONNEG(K);
+    AB_BLAS_FITS(M); AB_BLAS_FITS(N); AB_BLAS_FITS(K);
+    AB_MUL_FITS(M, N); AB_MUL_FITS(M, K); AB_MUL_FITS(N, K);
+    if (M == 0 || N == 0) return AB_OK;
+    AB_NONNULL(C);
+    AB_REQUIRE(ldc >= N, AB_EINVAL);
+    AB_REQUIRE(lda >= (transA ? M : K) && lda >= 1, AB_EINVAL);
+    AB_REQUIRE(ldb >= (transB ? K : N) && ldb >= 1, AB_EINVAL);
+    AB_BLAS_FITS(lda); AB_BLAS_FITS(ldb); AB_BLAS_FITS(ldc);
+    const int path = ab_bf16_path();
+    if (path == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    if (K == 0) {
+        if (!accumulate)
+            for (int64_t r = 0; r < M; r++) memset(C + r * ldc, 0, (size_t)N * sizeof(float));
+        return AB_OK;
+    }
+    AB_NONNULL(A); AB_NONNULL(B);
+    bjob j = {transA != 0, transB != 0, accumulate != 0, M, N, K, lda, ldb, ldc,
+              M, N, 1, K, 1, A, B, C, NULL, AB_OK};
+    ab_threads_init();
+    return path == AB_BF16_ONEDNN ? gemm_onednn(&j) : gemm_portable(&j);
+}
+
+int ab_bf16_testing_tile(int64_t t) {
+    AB_REQUIRE(t >= 16, AB_EINVAL);
+    min_tile = t % 10000;
+    planner = (int)(t / 10000);
+    return AB_OK;
+}

@@ -1,0 +1,69 @@
+/* linear_bf16.c — linear.c's three products with bf16 operands.
+ *
+ * The fp32 inputs are rounded to bf16 (round to nearest even) into
+ * temporary buffers, multiplied with fp32 accumulation (ab_gemm_bf16:
+ * oneDNN or the portable path), and the fp32 result written or added:
+ *   forward:   y[N,out]   = bf16(x) · bf16(W)^T
+ *   backward:  dx[N,in]   (+)= bf16(dy) · bf16(W)
+ *              dW[out,in] (+)= bf16(dy)^T · bf16(x)
+ * The model (csrc/model/model.c) keeps its operands in bf16 already and
+ * calls ab_gemm_bf16 directly; these are the one-call kernels. */
+#include <stdlib.h>
+#include "bf16/bf16_internal.h"
+
+static int check_dims(int64_t N, int64_t in, int64_t out) {
+    AB_NONNEG(N); AB_NONNEG(in); AB_NONNEG(out);
+    AB_BLAS_FITS(N); AB_BLAS_FITS(in); AB_BLAS_FITS(out);
+    AB_MUL_FITS(N, in); AB_MUL_FITS(N, out); AB_MUL_FITS(in, out);
+    return AB_OK;
+}
+
+/* a, b rounded to bf16 into one allocation; then C (+)= op(a) op(b) */
+static int product(int ta, int tb, int64_t M, int64_t Nc, int64_t K,
+                   const float *a, int64_t na, int64_t lda, const float *b, int64_t nb,
+                   int64_t ldb, int accumulate, float *C, int64_t ldc) {
+    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    uint16_t *h = malloc((size_t)(na + nb) * sizeof(uint16_t));
+    if (!h) return AB_ENOMEM;
+    ab_f32_to_bf16(h, a, na);
+    ab_f32_to_bf16(h + na, b, nb);
+    int rc = ab_gemm_bf16(ta, tb, M, Nc, K, h, lda, h + na, ldb, accumulate, C, ldc);
+    free(h);
+    return rc;
+}
+
+int ab_linear_forward_bf16(float *y, const float *x, const float *W,
+                           int64_t N, int64_t in, int64_t out) {
+    int rc = check_dims(N, in, out);
+    if (rc) return rc;
+    AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(W);
+    if (N == 0 || out == 0) return AB_OK;
+    if (in == 0) { memset(y, 0, (size_t)N * (size_t)out * sizeof(float)); return AB_OK; }
+    return product(0, 1, N, out, in, x, N * in, in, W, out * in, in, 0, y, out);
+}
+
+int ab_linear_backward_dx_bf16(float *dx, const float *dy, const float *W,
+                               int64_t N, int64_t in, int64_t out, int accumulate) {
+    int rc = check_dims(N, in, out);
+    if (rc) return rc;
+    AB_NONNULL(dx); AB_NONNULL(dy); AB_NONNULL(W);
+    if (N == 0 || in == 0) return AB_OK;
+    if (out == 0) {
+        if (!accumulate) memset(dx, 0, (size_t)N * (size_t)in * sizeof(float));
+        return AB_OK;
+    }
+    return product(0, 0, N, in, out, dy, N * out, out, W, out * in, in, accumulate, dx, in);
+}
+
+int ab_linear_backward_dW_bf16(float *dW, const float *dy, const float *x,
+                               int64_t N, int64_t in, int64_t out, int accumulate) {
+    int rc = check_dims(N, in, out);
+    if (rc) return rc;
+    AB_NONNULL(dW); AB_NONNULL(dy); AB_NONNULL(x);
+    if (out == 0 || in == 0) return AB_OK;
+    if (N == 0) {
+        if (!accumulate) memset(dW, 0, (size_t)out * (size_t)in * sizeof(float));
+        return AB_OK;
+    }
+    return product(1, 0, out, in, N, dy, N * out, out, x, N * in, in, accumulate, dW, in);
+}
