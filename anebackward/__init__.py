@@ -13,7 +13,7 @@ Kernels (each returns its results and accepts preallocated outputs):
 The whole model (anebackward.model; C forward/backward in csrc/model):
   LlamaConfig, Llama (flat params/grads, llama2.c checkpoints), AdamW, cosine_lr
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
-ANEBACKWARD_BACKEND, else "auto").
+ANEBACKWARD_BACKEND, else "cpu"; the ANE is opt-in: docs/ane.md).
 """
 import os as _os
 

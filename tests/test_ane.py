@@ -81,6 +81,24 @@ def test_auto_without_ane_is_the_cpu(native, monkeypatch, rng):
     assert np.array_equal(got, ab.linear_backward_dx(dy, W, backend="cpu"))
 
 
+def test_the_default_backend_is_the_cpu_even_where_the_ane_runs(emulator, monkeypatch, rng):
+    """The ANE is opt-in: with the emulator available, a kernel or a model
+    given no backend (and no ANEBACKWARD_BACKEND) never reaches it."""
+    monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
+    assert ane.available()
+    ane.configure(min_flops=0)
+    dy, W, _ = problem(rng, 64, 64, 64)
+    assert np.array_equal(ab.linear_backward_dx(dy, W), ab.linear_backward_dx(dy, W, backend="cpu"))
+    m = ab.Llama(ab.LlamaConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=2, n_kv_heads=2,
+                                vocab_size=32, max_seq_len=16))
+    assert m.backend == "cpu"
+    m.forward(np.arange(16, dtype=np.int32) % 32)
+    m.backward()
+    assert ane.status()["calls"] == 0 and m.ane_reason == "backend='cpu'"
+    monkeypatch.setenv("ANEBACKWARD_BACKEND", "auto")
+    assert ab.Llama(m.config).backend == "auto"
+
+
 def test_env_selects_the_emulator(native, monkeypatch):
     monkeypatch.setenv("ANEBACKWARD_ANE", "emulate")
     assert ane.available() and ane.status()["platform"] == "emulated"

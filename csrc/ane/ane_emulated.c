@@ -22,7 +22,7 @@
  * reason. Numerics mimic the ANE's: tensors are stored in their declared
  * dtype, so every fp16 intermediate is rounded to fp16 (round to nearest
  * even); matmul multiplies the fp16 values exactly and accumulates in fp32
- * (an assumption about the hardware, stated in the README's fp16 caveats). One input
+ * (an assumption about the hardware, stated in docs/ane.md, "fp16 caveats"). One input
  * and one output, as in the core's requests. */
 #include <ctype.h>
 #include <errno.h>
