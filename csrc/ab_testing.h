@@ -24,6 +24,9 @@ extern "C" {
 int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes);
 int ab_ane_emulated_saturate(int on);
 int ab_ane_emulated_workdir(const char *root);
+/* on: every platform (the emulated one too) runs ab_ane_self_test when a
+ * context opens, as the darwin platform always does. */
+int ab_ane_testing_self_test_on_open(int on);
 /* The process-wide compile count the budget is checked against. */
 int ab_ane_testing_set_process_compiles(int64_t n);
 /* Handshake of asynchronous dx jobs, so that tests of the overlap do not

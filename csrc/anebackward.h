@@ -424,10 +424,11 @@ AB_API int ab_ane_clock_ns(int64_t *out);
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
 AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
-/* dx of a 64 x 64 x 64 problem (the smallest the origin project ran) through
- * the platform, compared with the CPU within fp16 tolerance; the result is
- * kept for ab_ane_self_test_report and the stats. The darwin platform runs it
- * once per process when a context opens. */
+/* dx of a 256 x 768 x 768 problem (S x in x out: a shape the origin project
+ * ran on the hardware) through the platform, compared with the CPU within
+ * fp16 tolerance; the result is kept for ab_ane_self_test_report and the
+ * stats. The darwin platform runs it whenever a context opens: a failure
+ * makes ab_ane_open fail with AB_ANE_EUNAVAILABLE and the reason. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
 /* ab_model_backward with the layer projections' dx (wq wk wv wo w1 w2 w3;
  * not the classifier) run on the ANE context's worker, each overlapped with

@@ -23,7 +23,7 @@ def test_probe_report_under_the_emulator():
     pos = [text.find(s) for s in SECTIONS]
     assert all(p >= 0 for p in pos) and pos == sorted(pos), text
     assert "platform: emulated   available: yes" in text
-    assert re.search(r"self-test: passed: 64x64x64 dx, relative error \d\.\d\de-0\d", text), text
+    assert re.search(r"self-test: passed: 256x768x768 dx, relative error \d\.\d\de-0\d", text), text
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(ok|WRONG|ERROR)\s", text, re.M)
     assert [r[:3] for r in rows] == [("32", "32", "32"), ("64", "64", "64"), ("256", "768", "768"),
                                      ("256", "768", "3072")], text

@@ -441,13 +441,14 @@ def clear_cache():
 
 
 def self_test():
-    """Run a 64×64×64 dx problem (the smallest shape the origin project ran
-    on the hardware) on the current platform and compare with the CPU within
-    fp16 tolerance. Returns None when it passes, else the reason (a string);
+    """Run a 256×768×768 dx problem (S×in×out: Stories110M's attention
+    projections at 256 rows, a shape the origin project ran on the hardware)
+    on the current platform and compare with the CPU within fp16 tolerance.
+    Returns None when it passes, else the reason (a string);
     status()["self_test"] keeps the report. Costs one compile unless that
-    shape is cached. The darwin platform runs it once per process when a
-    context opens, so that a Mac whose Neural Engine cannot run programs
-    (e.g. a virtual machine) reports available() False with that reason."""
+    shape is cached. The darwin platform runs it whenever a context opens,
+    so that a Mac whose Neural Engine cannot run programs (e.g. a virtual
+    machine) reports available() False with that reason."""
     ctx, _, reason = _current()
     if ctx is None:
         return reason
