@@ -364,6 +364,9 @@ typedef struct {
     int64_t load_retries;       /* loads retried after a failure                */
     int64_t weight_stagings;    /* fp32 -> fp16 conversions of a whole W        */
     int64_t weight_reuses;      /* calls that found W staged at their version   */
+    int64_t requests;           /* requests (program + surface pair) created:
+                                   one per program and per staged weight, made
+                                   when its surface is, never per call         */
     int loss_scaling;
     int self_test_code;         /* 1: not run; AB_OK: passed; else its error    */
     double self_test_rel_err;   /* relative error of the last self-test, or -1  */

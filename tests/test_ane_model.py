@@ -123,6 +123,26 @@ def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, 
     assert_close_per_tensor(cpu, got, ref, 5e-3)
 
 
+def test_requests_are_made_once_per_weight_surface_not_per_step(emulator, rng):
+    """A training loop's steady state makes no request: each staged weight's
+    surface gets its request when it is created, and every later version of
+    that weight is written into the same surface."""
+    tokens, targets = batch(rng)
+    dev = ab.Llama(CFG, seed=19, backend="ane")
+    opt = ab.AdamW(dev, lr=1e-3)
+    made = []
+    for _ in range(4):
+        step(dev, tokens, targets)
+        opt.step()
+        made.append(ane.status()["requests"])
+    n_w = N_PROJ * CFG.n_layers
+    shapes = {shape for name, _, shape in dev._specs if name.startswith("layers.") and len(shape) == 2}
+    # the first step: one per program (its own surfaces) and one per staged weight
+    assert made[0] == len(shapes) + n_w, made
+    assert made[1:] == [made[0]] * 3, f"requests made after the first step: {made}"
+    assert ane.status()["weight_stagings"] == 4 * n_w          # while the weights changed every step
+
+
 def test_params_versions_are_unique_across_models(emulator):
     a, b = ab.Llama(CFG, seed=0, backend="cpu"), ab.Llama(CFG, seed=0, backend="cpu")
     assert a.params_version != b.params_version

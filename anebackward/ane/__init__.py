@@ -185,7 +185,9 @@ def status():
     (this context), process_compiles and compiles_remaining (the budget is per
     process), cache_size (programs cached), max_programs, calls, tiles on
     ANE/CPU, fallbacks by cause, overflow_reruns, load_retries,
-    weight_stagings/weight_reuses, last_error, settings, fp16 conversion path."""
+    weight_stagings/weight_reuses, requests (program + surface bindings made:
+    one per program and per staged weight, none per call), last_error,
+    settings, fp16 conversion path."""
     ctx, key, reason = _current()
     d = {"available": ctx is not None, "platform": None, "reason": reason, "self_test": None,
          "os": sys.platform, "fp16_path": ffi.string(lib.ab_ane_fp16_path()).decode(),
@@ -208,7 +210,7 @@ def status():
                         "budget": st.fallback_budget, "error": st.fallback_error},
              overflow_reruns=st.overflow_reruns, load_retries=st.load_retries,
              weight_stagings=st.weight_stagings, weight_reuses=st.weight_reuses,
-             last_error=last or None)
+             requests=st.requests, last_error=last or None)
     return d
 
 

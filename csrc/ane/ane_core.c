@@ -82,6 +82,7 @@ typedef struct {
     int code;                   /* AB_OK: ready; else why it failed */
     char *msg;                  /* the failure, whole */
     void *prog, *in_surf, *out_surf;
+    void *req;                  /* the request binding in_surf and out_surf */
     float *scratch;             /* max(in, out) * S floats: the fp32 staging tile */
 } ane_entry;
 
@@ -91,6 +92,7 @@ typedef struct {
     int64_t S, in, out;         /* the shape of the program it feeds */
     uint64_t version;
     void *in_surf;
+    void *req;                  /* binds in_surf to the program's output surface */
 } ane_stage;
 
 struct ab_ane_job {
@@ -303,6 +305,7 @@ int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap
 }
 
 static void entry_release(const ab_ane_platform *pf, ane_entry *e) {
+    if (e->req) pf->request_release(e->req);
     if (e->prog) pf->unload(e->prog);
     if (e->in_surf) pf->surface_release(e->in_surf);
     if (e->out_surf) pf->surface_release(e->out_surf);
@@ -313,8 +316,11 @@ static void entry_release(const ab_ane_platform *pf, ane_entry *e) {
 
 /* Release every program and staged weight. Called with the mutex held. */
 static void cache_release(ab_ane_ctx *ctx) {
+    for (int64_t i = 0; i < ctx->nstages; i++) {     /* requests before what they bind */
+        ctx->pf->request_release(ctx->stages[i].req);
+        ctx->pf->surface_release(ctx->stages[i].in_surf);
+    }
     for (int64_t i = 0; i < ctx->n; i++) entry_release(ctx->pf, &ctx->entries[i]);
-    for (int64_t i = 0; i < ctx->nstages; i++) ctx->pf->surface_release(ctx->stages[i].in_surf);
     ctx->n = 0;
     ctx->nstages = 0;
 }
@@ -440,6 +446,11 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
         if (!rc) rc = pf->surface_create(k->out_bytes(S, in, out), &e->out_surf, pm, AB_ANE_ERRCAP);
     }
     if (!rc) {
+        stage = "request";
+        rc = pf->request_create(e->prog, e->in_surf, e->out_surf, &e->req, pm, AB_ANE_ERRCAP);
+        if (!rc) ctx->st.requests++;
+    }
+    if (!rc) {
         e->scratch = malloc((size_t)k->scratch_floats(S, in, out) * sizeof(float));
         if (!e->scratch) { rc = AB_ENOMEM; snprintf(pm, AB_ANE_ERRCAP, "out of memory"); }
     }
@@ -453,11 +464,12 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
                      "failed: %s", pf->name, stage, k->name, (long long)S, (long long)in,
                      (long long)out, why);
         /* keep the entry as a remembered failure, without resources */
+        if (e->req) pf->request_release(e->req);
         if (e->prog) pf->unload(e->prog);
         if (e->in_surf) pf->surface_release(e->in_surf);
         if (e->out_surf) pf->surface_release(e->out_surf);
         free(e->scratch);
-        e->prog = e->in_surf = e->out_surf = NULL;
+        e->prog = e->in_surf = e->out_surf = e->req = NULL;
         e->scratch = NULL;
     }
     free(pm);
@@ -566,7 +578,8 @@ static int weights_fit_fp16(const float *W, int64_t n) {
  * program's own, written on every call. *reason = AB_ANE_FB_RANGE when W
  * cannot go to fp16. */
 static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64_t w_version,
-                           int64_t in, int64_t out, void **surf, int *staged_now, int *reason) {
+                           int64_t in, int64_t out, void **surf, void **req, int *staged_now,
+                           int *reason) {
     *staged_now = 0;
     *reason = AB_ANE_FB_NONE;
     ane_stage *s = NULL;
@@ -578,12 +591,14 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
         if (s && s->version == w_version) {
             ctx->st.weight_reuses++;
             *surf = s->in_surf;
+            *req = s->req;
             return AB_OK;
         }
     }
     if (!weights_fit_fp16(W, in * out)) { *reason = AB_ANE_FB_RANGE; return AB_OK; }
     if (w_version == 0) {
         *surf = e->in_surf;
+        *req = e->req;
         *staged_now = 1;
         return write_W(ctx, e, e->in_surf, W, in, out);
     }
@@ -596,13 +611,19 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
             ctx->capstages = cap;
         }
         char pm[256];
-        void *ns = NULL;
+        void *ns = NULL, *nr = NULL;
         int rc = ctx->pf->surface_create(e->kernel->in_bytes(e->S, e->in, e->out), &ns, pm, sizeof pm);
         if (rc) return rc;
+        /* the request is made once, with the surface: every later version
+         * of this weight is written into the same surface */
+        rc = ctx->pf->request_create(e->prog, ns, e->out_surf, &nr, pm, sizeof pm);
+        if (rc) { ctx->pf->surface_release(ns); return rc; }
+        ctx->st.requests++;
         s = &ctx->stages[ctx->nstages++];
-        *s = (ane_stage){W, e->S, e->in, e->out, 0, ns};
+        *s = (ane_stage){W, e->S, e->in, e->out, 0, ns, nr};
     }
     *surf = s->in_surf;
+    *req = s->req;
     s->version = 0;                 /* invalid until the write completes */
     int rc = write_W(ctx, e, s->in_surf, W, in, out);
     if (rc) return rc;
@@ -613,7 +634,7 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
 
 /* One tile on the ANE at scale 2^k: AB_OK and *overflow set, or a platform
  * error. The W part of surf is already written. */
-static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, float *dx, const float *dy,
+static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, float *dx, const float *dy,
                        int64_t rows, int64_t in, int64_t out, int k, int accumulate, int *overflow,
                        char *err, size_t errcap) {
     const ab_ane_platform *pf = ctx->pf;
@@ -633,7 +654,7 @@ static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, float *dx, con
     pf->surface_unlock(surf, 0);
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
-    int rc = pf->eval(e->prog, surf, e->out_surf, pm, AB_ANE_ERRCAP);
+    int rc = pf->eval(e->prog, req, pm, AB_ANE_ERRCAP);
     if (rc) {
         ab_ane_fail(err, errcap, rc, "%s platform, evaluate linear_backward_dx (S=%lld, in=%lld, out=%lld): %s",
                     pf->name, (long long)S, (long long)e->in, (long long)e->out,
@@ -671,7 +692,7 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
     int rc = AB_OK, reason = AB_ANE_FB_NONE, budget;
     ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, round_up(in, AB_ANE_ALIGN), round_up(out, AB_ANE_ALIGN),
                              &budget);
-    void *surf = NULL;
+    void *surf = NULL, *req = NULL;
     if (!e) {
         reason = budget ? AB_ANE_FB_BUDGET : AB_ANE_FB_ERROR;
         if (budget) {
@@ -687,7 +708,7 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
         else reason = AB_ANE_FB_ERROR;
     } else {
         int staged_now, wreason;
-        int src = weights_surface(ctx, e, W, w_version, in, out, &surf, &staged_now, &wreason);
+        int src = weights_surface(ctx, e, W, w_version, in, out, &surf, &req, &staged_now, &wreason);
         info->w_staged = staged_now;
         if (src) {
             char m[200];
@@ -713,12 +734,12 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
                 int k = scaling ? scale_exponent(m) : 0;
                 int overflow;
                 char *pm = malloc(AB_ANE_ERRCAP);
-                int trc = pm ? tile_on_ane(ctx, e, surf, dxt, dyt, rows, in, out, k, accumulate, &overflow,
+                int trc = pm ? tile_on_ane(ctx, e, surf, req, dxt, dyt, rows, in, out, k, accumulate, &overflow,
                                            pm, AB_ANE_ERRCAP) : AB_ENOMEM;
                 if (!trc && overflow && scaling) {      /* re-run with more headroom */
                     ctx->st.overflow_reruns++;
                     k -= AB_ANE_RERUN_DROP;
-                    trc = tile_on_ane(ctx, e, surf, dxt, dyt, rows, in, out, k, accumulate, &overflow,
+                    trc = tile_on_ane(ctx, e, surf, req, dxt, dyt, rows, in, out, k, accumulate, &overflow,
                                       pm, AB_ANE_ERRCAP);
                 }
                 if (trc) {
@@ -916,7 +937,7 @@ int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_b
     if (!ctx || !mil || (!in && in_bytes) || (!out && out_bytes))
         return ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
     const ab_ane_platform *pf = ctx->pf;
-    void *prog = NULL, *si = NULL, *so = NULL;
+    void *prog = NULL, *si = NULL, *so = NULL, *req = NULL;
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
     const char *stage = "compile";
@@ -937,12 +958,14 @@ int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_b
         if (!p) rc = ab_ane_fail(pm, AB_ANE_ERRCAP, AB_ANE_ESURFACE, "cannot lock the input surface");
         else { if (in_bytes) memcpy(p, in, in_bytes); pf->surface_unlock(si, 0); }
     }
-    if (!rc) { stage = "evaluate"; rc = pf->eval(prog, si, so, pm, AB_ANE_ERRCAP); }
+    if (!rc) { stage = "request"; rc = pf->request_create(prog, si, so, &req, pm, AB_ANE_ERRCAP); }
+    if (!rc) { ctx->st.requests++; stage = "evaluate"; rc = pf->eval(prog, req, pm, AB_ANE_ERRCAP); }
     if (!rc) {
         void *p = pf->surface_lock(so, 1);
         if (!p) rc = ab_ane_fail(pm, AB_ANE_ERRCAP, AB_ANE_ESURFACE, "cannot lock the output surface");
         else { if (out_bytes) memcpy(out, p, out_bytes); pf->surface_unlock(so, 1); }
     }
+    if (req) pf->request_release(req);
     if (prog) pf->unload(prog);
     if (si) pf->surface_release(si);
     if (so) pf->surface_release(so);
