@@ -57,8 +57,9 @@ class Llama:
     layer in the backward: identical gradients, a fraction of the workspace
     (see workspace_bytes), about one more forward per step. backend="ane"
     runs the input gradients (dx) of the layer projections (wq wk wv wo w1 w2
-    w3) on the Apple Neural Engine, each overlapped with the CPU's weight
-    gradient of the same projection; "auto" does so only where
+    w3) on the Apple Neural Engine while a CPU thread computes the weight
+    gradients queued behind them (one wait, at the end of the backward);
+    "auto" does so only where
     anebackward.ane routes every projection's shape there, else all on the
     CPU (ane_reason says why). The ANE keeps fp16 copies of the weights keyed
     to params_version, which AdamW.step bumps: after writing into params

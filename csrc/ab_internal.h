@@ -81,6 +81,12 @@ static inline float ab_expf(float x) {
     return res;
 }
 
+/* ---- the ANE context's worker (csrc/ane/ane_core.c) ----
+ * fn(arg) queued to the same FIFO thread as the asynchronous dx jobs, so a
+ * caller can keep CPU work (the weight gradients) off its own path while it
+ * drives the ANE; ab_ane_job_wait returns fn's result and frees the job. */
+int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void *arg);
+
 /* ---- the worker pool (csrc/threads.c) ----
  * Runs fn(ctx, task, worker) for task in [0, n_tasks) on at most
  * min(ab_get_num_threads(), max_workers) threads; worker < that count picks

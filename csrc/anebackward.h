@@ -434,8 +434,10 @@ AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size
  * makes ab_ane_open fail with AB_ANE_EUNAVAILABLE and the reason. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
 /* ab_model_backward with the layer projections' dx (wq wk wv wo w1 w2 w3;
- * not the classifier) run on the ANE context's worker, each overlapped with
- * the CPU's dW of the same projection. params_version: the staging key of
+ * not the classifier) run on the ANE from the calling thread, and every
+ * weight gradient queued to the context's worker thread as its inputs are
+ * ready (a serial CPU queue; its scratch inputs copied), waited for once at
+ * the end (with recompute: also before each layer's recompute). params_version: the staging key of
  * the weights (w_version above): bump it whenever params change, e.g. at
  * each optimiser step. ane_flags: 0 (platform errors: the CPU takes over) or
  * AB_ANE_STRICT (they are returned). ane NULL: exactly ab_model_backward.

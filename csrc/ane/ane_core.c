@@ -96,6 +96,10 @@ typedef struct {
 } ane_stage;
 
 struct ab_ane_job {
+    int (*fn)(void *);          /* a CPU job (ab_ane_submit_fn), else a dx job */
+    void *arg;
+    int64_t ov_id, ov_submit;   /* the overlap hook's numbering (under g_ov_mu) */
+    int ov_waited;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int done;
@@ -227,6 +231,53 @@ static void wait_flag(pthread_cond_t *cv, pthread_mutex_t *mu, const int *flag) 
     clock_gettime(CLOCK_REALTIME, &until);
     until.tv_sec += 10;
     while (!*flag && pthread_cond_timedwait(cv, mu, &until) == 0) {}
+}
+
+/* The overlap hook (ab_testing.h): events (seq, kind, id) and the holds
+ * that make CPU jobs and synchronous dx calls meet whenever the caller
+ * queued the job before the call. */
+enum { OV_DX_BEGIN, OV_DX_END, OV_FN_SUBMIT, OV_FN_BEGIN, OV_FN_END, OV_LOG_CAP = 4096 };
+static int g_ov_on;                         /* atomic */
+static pthread_mutex_t g_ov_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_ov_cv = PTHREAD_COND_INITIALIZER;
+static int64_t g_ov_seq, g_ov_n, g_ov_fn_submitted, g_ov_fn_begun, g_ov_dx_calls, g_ov_dx_last_begin;
+static int64_t g_ov_log[OV_LOG_CAP][3];
+
+int ab_ane_testing_overlap(int on) {
+    pthread_mutex_lock(&g_ov_mu);
+    g_ov_seq = g_ov_n = g_ov_fn_submitted = g_ov_fn_begun = g_ov_dx_calls = g_ov_dx_last_begin = 0;
+    __atomic_store_n(&g_ov_on, on != 0, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&g_ov_cv);
+    pthread_mutex_unlock(&g_ov_mu);
+    return AB_OK;
+}
+
+int ab_ane_testing_overlap_log(int64_t *out, int64_t cap, int64_t *n) {
+    AB_NONNULL(n);
+    pthread_mutex_lock(&g_ov_mu);
+    *n = g_ov_n;
+    for (int64_t i = 0; i < g_ov_n && i < cap; i++) memcpy(out + 3 * i, g_ov_log[i], sizeof g_ov_log[i]);
+    pthread_mutex_unlock(&g_ov_mu);
+    return AB_OK;
+}
+
+/* Under g_ov_mu: log an event, wake the holds; returns its sequence number. */
+static int64_t ov_event(int kind, int64_t id) {
+    int64_t seq = ++g_ov_seq;
+    if (g_ov_n < OV_LOG_CAP) {
+        g_ov_log[g_ov_n][0] = seq, g_ov_log[g_ov_n][1] = kind, g_ov_log[g_ov_n][2] = id;
+        g_ov_n++;
+    }
+    pthread_cond_broadcast(&g_ov_cv);
+    return seq;
+}
+
+/* Under g_ov_mu: wait (at most 10 s) until *a >= b, or *c when c is given. */
+static void ov_hold(const int64_t *a, int64_t b, const int *c) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    while (*a < b && !(c && *c) && pthread_cond_timedwait(&g_ov_cv, &g_ov_mu, &until) == 0) {}
 }
 
 /* Spend one compile of the process budget, or refuse (AB_ANE_EBUDGET). */
@@ -786,6 +837,15 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
     memset(info, 0, sizeof *info);
     if (err && errcap) err[0] = '\0';
     info->t_start_ns = now_ns();
+    int ov = __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST);
+    int64_t ov_id = 0, ov_need = 0;
+    if (ov) {           /* the CPU jobs queued so far must begin before this call ends */
+        pthread_mutex_lock(&g_ov_mu);
+        ov_id = g_ov_dx_calls++;
+        ov_need = g_ov_fn_submitted;
+        g_ov_dx_last_begin = ov_event(OV_DX_BEGIN, ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
     int rc = dx_check(ctx, dx, dy, W, N, in, out, err, errcap);
     if (!rc && (N == 0 || in == 0 || out == 0))     /* nothing for the ANE: the CPU kernel's edge cases */
         rc = ab_linear_backward_dx(dx, dy, W, N, in, out, accumulate);
@@ -793,6 +853,12 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
         pthread_mutex_lock(&ctx->mu);
         rc = dx_locked(ctx, dx, dy, W, w_version, N, in, out, accumulate, flags, info, err, errcap);
         pthread_mutex_unlock(&ctx->mu);
+    }
+    if (ov) {
+        pthread_mutex_lock(&g_ov_mu);
+        ov_hold(&g_ov_fn_begun, ov_need, NULL);
+        ov_event(OV_DX_END, ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
     }
     info->t_end_ns = now_ns();
     return rc;
@@ -825,8 +891,27 @@ static void *worker_main(void *arg) {
             pthread_cond_broadcast(&j->cv);
             pthread_mutex_unlock(&j->mu);
         }
-        j->rc = ab_ane_linear_backward_dx(ctx, j->dx, j->dy, j->W, j->w_version, j->N, j->in, j->out,
-                                          j->accumulate, j->flags, &j->info, j->err, sizeof j->err);
+        if (j->fn) {
+            int ov = __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST);
+            if (ov) {       /* runs once a dx call has begun after it was queued */
+                pthread_mutex_lock(&g_ov_mu);
+                ov_event(OV_FN_BEGIN, j->ov_id);
+                g_ov_fn_begun++;
+                ov_hold(&g_ov_dx_last_begin, j->ov_submit + 1, &j->ov_waited);
+                pthread_mutex_unlock(&g_ov_mu);
+            }
+            j->info.t_start_ns = now_ns();
+            j->rc = j->fn(j->arg);
+            j->info.t_end_ns = now_ns();
+            if (ov) {
+                pthread_mutex_lock(&g_ov_mu);
+                ov_event(OV_FN_END, j->ov_id);
+                pthread_mutex_unlock(&g_ov_mu);
+            }
+        } else {
+            j->rc = ab_ane_linear_backward_dx(ctx, j->dx, j->dy, j->W, j->w_version, j->N, j->in, j->out,
+                                              j->accumulate, j->flags, &j->info, j->err, sizeof j->err);
+        }
         if (j->handshake) {         /* held until waited for: it ends then */
             pthread_mutex_lock(&j->mu);
             wait_flag(&j->cv, &j->mu, &j->waited);
@@ -841,6 +926,8 @@ static void *worker_main(void *arg) {
     }
 }
 
+static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job);
+
 int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *dx, const float *dy,
                                      const float *W, uint64_t w_version, int64_t N, int64_t in,
                                      int64_t out, int accumulate, int flags) {
@@ -850,7 +937,6 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     if (rc) return rc;
     ab_ane_job *j = calloc(1, sizeof *j);
     if (!j) return AB_ENOMEM;
-    j->ctx = ctx;
     j->dx = dx;
     j->dy = dy;
     j->W = W;
@@ -860,9 +946,34 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     j->out = out;
     j->accumulate = accumulate;
     j->flags = flags;
+    return enqueue(ctx, j, job);
+}
+
+int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void *arg) {
+    AB_NONNULL(job);
+    *job = NULL;
+    AB_NONNULL(ctx);
+    AB_NONNULL(fn);
+    ab_ane_job *j = calloc(1, sizeof *j);
+    if (!j) return AB_ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    if (__atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&g_ov_mu);
+        j->ov_id = g_ov_fn_submitted++;
+        j->ov_submit = ov_event(OV_FN_SUBMIT, j->ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
+    return enqueue(ctx, j, job);
+}
+
+/* Queue job j (freed on failure), starting the worker if needed. */
+static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job) {
+    int rc = AB_OK;
+    j->ctx = ctx;
     pthread_mutex_init(&j->mu, NULL);
     pthread_cond_init(&j->cv, NULL);
-    j->handshake = __atomic_load_n(&g_handshake, __ATOMIC_SEQ_CST);
+    j->handshake = !j->fn && __atomic_load_n(&g_handshake, __ATOMIC_SEQ_CST);
     j->t_submitted = now_ns();
     j->cpu_submitted = thread_cpu_ns();
     int idle = 0;
@@ -909,6 +1020,14 @@ int ab_ane_job_wait(ab_ane_job *job, ab_ane_call_info *info, char *err, size_t e
     job->cpu_waited = thread_cpu_ns();
     job->waited = 1;
     pthread_cond_broadcast(&job->cv);
+    pthread_mutex_unlock(&job->mu);
+    if (job->fn && __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST)) {  /* releases its hold */
+        pthread_mutex_lock(&g_ov_mu);
+        job->ov_waited = 1;
+        pthread_cond_broadcast(&g_ov_cv);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
+    pthread_mutex_lock(&job->mu);
     while (!job->done) pthread_cond_wait(&job->cv, &job->mu);
     pthread_mutex_unlock(&job->mu);
     if (job->handshake) {

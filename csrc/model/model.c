@@ -362,43 +362,81 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     return AB_OK;
 }
 
-/* The layer projections' dx on the ANE (ab_model_backward_ane): each dx is
- * queued to the context's worker before the CPU computes the same
- * projection's dW, and waited for after it (the origin project's overlap).
- * The worker's queue is FIFO, so a dx that accumulates onto an earlier one
- * (wk, wv onto wq; w3 onto w1) follows it. Without a context the dx runs on
- * the CPU at once: the same kernels on the same inputs, bit-identical to
- * ab_model_backward. */
+/* The ANE path of the backward (ab_model_backward_ane), as the origin
+ * project runs it: each projection's dx runs on the ANE on this thread (its
+ * result is on the critical path), and each weight gradient is queued to
+ * the ANE context's worker thread (a serial CPU queue), waited for once at
+ * the end of the backward. A queued dW reads its inputs later, so those the
+ * backward overwrites in the meantime (the gradient scratch: dy of every
+ * projection, swiglu's G) are copied into the job; the saved activations
+ * (XA, AT, XF) stay in place unless recompute rebuilds them, and then the
+ * queue is drained before each layer's recompute. Without a context every
+ * call runs on the CPU at once: the same kernels on the same inputs,
+ * bit-identical to ab_model_backward. */
 typedef struct {
-    ab_ane_ctx *ctx;            /* NULL: every dx on the CPU */
+    float *dW;
+    const float *dy, *x;
+    int64_t N, in, out;
+    int acc;
+    float *own;                 /* the copies dy/x point into, freed by the job */
+    ab_ane_job *job;
+} dw_job;
+
+typedef struct {
+    ab_ane_ctx *ctx;            /* NULL: everything on the CPU at once */
     uint64_t version;           /* of params: the weights' fp16 staging key */
     int flags;
-    ab_ane_job *jobs[3];
-    int n;
-} dx_queue;
+    dw_job *jobs;               /* queued weight gradients, in order */
+    int64_t n, cap;
+} ane_queue;
 
-static int dx_submit(dx_queue *q, const kernel_table *k, float *dx, const float *dy,
-                     const float *W, int64_t N, int64_t in, int64_t out, int accumulate) {
-    if (!q->ctx) return k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    int rc = ab_ane_linear_backward_dx_submit(q->ctx, &q->jobs[q->n], dx, dy, W, q->version,
-                                              N, in, out, accumulate, q->flags);
-    if (!rc) q->n++;
+static int dw_run(void *p) {
+    dw_job *j = p;
+    int rc = ab_linear_backward_dW(j->dW, j->dy, j->x, j->N, j->in, j->out, j->acc);
+    free(j->own);
+    j->own = NULL;
     return rc;
 }
 
-/* Waits for every queued dx (also after an error: they write the workspace);
- * returns the first error. */
-static int dx_wait(dx_queue *q) {
+/* dx (+)= dy·W: on the ANE (this thread) with a context, else the CPU. */
+static int dx_run(ane_queue *q, const kernel_table *k, float *dx, const float *dy, const float *W,
+                  int64_t N, int64_t in, int64_t out, int accumulate) {
+    if (!q->ctx) return k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
+    return ab_ane_linear_backward_dx(q->ctx, dx, dy, W, q->version, N, in, out, accumulate, q->flags,
+                                     NULL, NULL, 0);
+}
+
+/* dW (+)= dy^T·x: queued with a context (dy and/or x copied when copy_dy /
+ * copy_x: the backward overwrites them before the job may run), else now. */
+static int dw_queue(ane_queue *q, const kernel_table *k, float *dW, const float *dy, int copy_dy,
+                    const float *x, int copy_x, int64_t N, int64_t in, int64_t out, int acc) {
+    if (!q->ctx) return k->linear_backward_dW(dW, dy, x, N, in, out, acc);
+    AB_REQUIRE(q->n < q->cap, AB_EINVAL);      /* sized for one backward: never moves */
+    const int64_t ndy = copy_dy ? N * out : 0, nx = copy_x ? N * in : 0;
+    float *own = ndy + nx ? malloc((size_t)(ndy + nx) * sizeof(float)) : NULL;
+    if (ndy + nx && !own) return AB_ENOMEM;
+    if (ndy) { memcpy(own, dy, (size_t)ndy * sizeof(float)); dy = own; }
+    if (nx) { memcpy(own + ndy, x, (size_t)nx * sizeof(float)); x = own + ndy; }
+    dw_job *j = &q->jobs[q->n];
+    *j = (dw_job){dW, dy, x, N, in, out, acc, own, NULL};
+    int rc = ab_ane_submit_fn(q->ctx, &j->job, dw_run, j);
+    if (rc) { free(own); return rc; }
+    q->n++;
+    return AB_OK;
+}
+
+/* Waits for every queued dW (also after an error: they write the
+ * gradients); returns the first error. */
+static int dw_wait(ane_queue *q) {
     int rc = AB_OK;
-    for (int i = 0; i < q->n; i++) {
-        int r = ab_ane_job_wait(q->jobs[i], NULL, NULL, 0);
+    for (int64_t i = 0; i < q->n; i++) {
+        int r = ab_ane_job_wait(q->jobs[i].job, NULL, NULL, 0);
         if (!rc) rc = r;
     }
     q->n = 0;
     return rc;
 }
 
-#define TRYQ(q, call) do { int rc_ = (call); if (rc_) { dx_wait(q); return rc_; } } while (0)
 
 /* who is told when a group of gradients is final (ab_model_backward_notify) */
 typedef struct { ab_grads_ready_fn fn; void *user; } ready_hook;
@@ -409,7 +447,7 @@ static void announce(const ready_hook *h, int64_t group) {
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h);
+                          float *work, int64_t work_floats, ane_queue *q, const ready_hook *h);
 
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
@@ -422,7 +460,7 @@ int ab_model_backward_notify(const ab_model_config *c, const float *params, floa
                              int64_t B, int64_t S, float grad_scale, int accumulate,
                              float *work, int64_t work_floats,
                              ab_grads_ready_fn ready, void *user) {
-    dx_queue q = {0};
+    ane_queue q = {0};
     ready_hook h = {ready, user};
     return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
                           &h);
@@ -434,14 +472,22 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
                           uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
-    dx_queue q = {ane, params_version, ane_flags, {NULL, NULL, NULL}, 0};
-    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
-                          NULL);
+    ane_queue q = {ane, params_version, ane_flags, NULL, 0, 0};
+    if (ane) {          /* every dW of one backward: the classifier's and 7 per layer */
+        AB_REQUIRE(c && c->n_layers > 0 && c->n_layers < ((int64_t)1 << 40), AB_EINVAL);
+        q.cap = 1 + 7 * c->n_layers;
+        q.jobs = malloc((size_t)q.cap * sizeof *q.jobs);
+        if (!q.jobs) return AB_ENOMEM;
+    }
+    int rc = model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
+                            NULL);
+    free(q.jobs);
+    return rc;
 }
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h) {
+                          float *work, int64_t work_floats, ane_queue *q, const ready_hook *h) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -477,12 +523,14 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     if (grad_scale != 1.0f) TRY(ab_scale(DL, N * V, grad_scale));
     float *DX = work + W.DX, *DXN = work + W.DXN;
 
-    /* classifier and final norm */
+    /* classifier and final norm (its dW reads dlogits and XN, which stay) */
     const float *XN = work + W.XN;
-    TRY(k->linear_backward_dW(grads + P.output, DL, XN, N, D, V, acc));
-    TRY(k->linear_backward_dx(DXN, DL, params + P.output, N, D, V, 0));
-    TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
-                            N, D, eps, 0));
+    int rc = AB_OK;
+#define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
+    TRYB(dw_queue(q, k, grads + P.output, DL, 0, XN, 0, N, D, V, acc));
+    TRYB(k->linear_backward_dx(DXN, DL, params + P.output, N, D, V, 0));
+    TRYB(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
+                             N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
 
     for (int64_t l = L - 1; l >= 0; l--) {
@@ -494,53 +542,59 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
         float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
         float *gw3 = grads + P.w3 + l * Hd * D;
-        if (W.slots == 1) TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 0));
+        if (W.slots == 1) {     /* the queued dW still read the activations it rebuilds */
+            TRYB(dw_wait(q));
+            TRYB(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 0));
+        }
         const layer_acts a = acts_of(&W, &d, work, N, l);
         float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
         float *DA = work + W.DA, *DQ = work + W.DQ, *DK = work + W.DK, *DV = work + W.DV;
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
-        TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, k, DH1, DX, w2, N, Hd, D, 0));
-        TRYQ(q, k->linear_backward_dW(gw2, DX, G, N, Hd, D, acc));
-        TRY(dx_wait(q));
-        TRY(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, k, DXN, DH1, w1, N, D, Hd, 0));
-        TRYQ(q, dx_submit(q, k, DXN, DH3, w3, N, D, Hd, 1));
-        TRYQ(q, k->linear_backward_dW(gw1, DH1, a.XF, N, D, Hd, acc));
-        TRYQ(q, k->linear_backward_dW(gw3, DH3, a.XF, N, D, Hd, acc));
-        TRY(dx_wait(q));
+        TRYB(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
+        TRYB(dx_run(q, k, DH1, DX, w2, N, Hd, D, 0));
+        TRYB(dw_queue(q, k, gw2, DX, 1, G, 1, N, Hd, D, acc));
+        TRYB(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
+        TRYB(dx_run(q, k, DXN, DH1, w1, N, D, Hd, 0));
+        TRYB(dx_run(q, k, DXN, DH3, w3, N, D, Hd, 1));
+        TRYB(dw_queue(q, k, gw1, DH1, 1, a.XF, 0, N, D, Hd, acc));
+        TRYB(dw_queue(q, k, gw3, DH3, 1, a.XF, 0, N, D, Hd, acc));
         /* the FFN norm's input is HM, the residual after attention */
-        TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
-                                params + P.ffn_norm + l * D, N, D, eps, 1));
+        TRYB(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
+                                 params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRY(dx_submit(q, k, DA, DX, wo, N, qd, D, 0));
-        TRYQ(q, k->linear_backward_dW(gwo, DX, a.AT, N, qd, D, acc));
-        TRY(dx_wait(q));
-        TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
-                                  work + W.ATTW, attw));
-        TRY(k->rope_backward(DQ, DQ, B, S, H, hd, 0, &c->rope));
-        TRY(k->rope_backward(DK, DK, B, S, KV, hd, 0, &c->rope));
+        TRYB(dx_run(q, k, DA, DX, wo, N, qd, D, 0));
+        TRYB(dw_queue(q, k, gwo, DX, 1, a.AT, 0, N, qd, D, acc));
+        TRYB(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
+                                   work + W.ATTW, attw));
+        TRYB(k->rope_backward(DQ, DQ, B, S, H, hd, 0, &c->rope));
+        TRYB(k->rope_backward(DK, DK, B, S, KV, hd, 0, &c->rope));
         if (c->qk_norm) {   /* through the per-head norms to the raw projections */
             float *DQN = work + W.DQN, *DKN = work + W.DKN;
-            TRY(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
-                                    params + P.q_norm + l * hd, N * H, hd, eps, 0));
-            TRY(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
-                                    params + P.k_norm + l * hd, N * KV, hd, eps, 0));
+            TRYB(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
+                                     params + P.q_norm + l * hd, N * H, hd, eps, 0));
+            TRYB(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
+                                     params + P.k_norm + l * hd, N * KV, hd, eps, 0));
             DQ = DQN;
             DK = DKN;
         }
-        TRY(dx_submit(q, k, DXN, DQ, wq, N, D, qd, 0));
-        TRYQ(q, dx_submit(q, k, DXN, DK, wk, N, D, kv, 1));
-        TRYQ(q, dx_submit(q, k, DXN, DV, wv, N, D, kv, 1));
-        TRYQ(q, k->linear_backward_dW(gwq, DQ, a.XA, N, D, qd, acc));
-        TRYQ(q, k->linear_backward_dW(gwk, DK, a.XA, N, D, kv, acc));
-        TRYQ(q, k->linear_backward_dW(gwv, DV, a.XA, N, D, kv, acc));
-        TRY(dx_wait(q));
-        TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
-                                params + P.attention_norm + l * D, N, D, eps, 1));
-        announce(h, l);                        /* every tensor of layer l */
+        TRYB(dx_run(q, k, DXN, DQ, wq, N, D, qd, 0));
+        TRYB(dx_run(q, k, DXN, DK, wk, N, D, kv, 1));
+        TRYB(dx_run(q, k, DXN, DV, wv, N, D, kv, 1));
+        TRYB(dw_queue(q, k, gwq, DQ, 1, a.XA, 0, N, D, qd, acc));
+        TRYB(dw_queue(q, k, gwk, DK, 1, a.XA, 0, N, D, kv, acc));
+        TRYB(dw_queue(q, k, gwv, DV, 1, a.XA, 0, N, D, kv, acc));
+        TRYB(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
+                                 params + P.attention_norm + l * D, N, D, eps, 1));
+        announce(h, l);                        /* every tensor of layer l (CPU path only) */
     }
+end:
+#undef TRYB
+    {   /* the one wait for the queued dW (also after an error: they write grads) */
+        int rw = dw_wait(q);
+        if (!rc) rc = rw;
+    }
+    if (rc) return rc;
     /* embedding: scatter-add (onto the classifier's dW when tied) */
     TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
     announce(h, -1);
