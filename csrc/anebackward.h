@@ -412,6 +412,13 @@ AB_API int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy
                               const float *W, uint64_t w_version, int64_t N, int64_t in,
                               int64_t out, int accumulate, int flags,
                               ab_ane_call_info *info, char *err, size_t errcap);
+/* y[N,out] = x[N,in] · W[out,in]^T on the ANE: the same dynamic-weight
+ * program as dx (x^T packed with W^T, the contracted dimension in), W^T
+ * staged once per (W, shape, version); tiles, loss scaling (of x),
+ * fallbacks, flags and errors as above. */
+AB_API int ab_ane_linear_forward(ab_ane_ctx *ctx, float *y, const float *x, const float *W,
+                                 uint64_t w_version, int64_t N, int64_t in, int64_t out, int flags,
+                                 ab_ane_call_info *info, char *err, size_t errcap);
 /* The same call queued to the context's worker thread: returns at once, so
  * the caller can do CPU work (the weight gradients) meanwhile. dx, dy and W
  * must stay valid and untouched until ab_ane_job_wait, which every job needs
@@ -433,8 +440,19 @@ AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size
  * stats. The darwin platform runs it whenever a context opens: a failure
  * makes ab_ane_open fail with AB_ANE_EUNAVAILABLE and the reason. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
+/* ab_model_forward with the layer projections (wq wk wv wo w1 w2 w3; not
+ * the classifier) run on the ANE context (ab_ane_linear_forward: fp16
+ * operands, results within fp16 rounding of the CPU's), the rest on the
+ * CPU; params_version and ane_flags as for ab_model_backward_ane below; ane
+ * NULL: exactly ab_model_forward. A recompute backward (c->recompute) given
+ * the same context rebuilds the activations the same way. */
+AB_API int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
+                                const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                                int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                                uint64_t params_version, int ane_flags);
 /* ab_model_backward with the layer projections' dx (wq wk wv wo w1 w2 w3;
- * not the classifier) run on the ANE from the calling thread, and every
+ * not the classifier) run on the ANE from the calling thread (fused for
+ * projections sharing an input: w1+w3, wq+wk+wv, one evaluation each), and every
  * weight gradient queued to the context's worker thread as its inputs are
  * ready (a serial CPU queue; its scratch inputs copied), waited for once at
  * the end (with recompute: also before each layer's recompute). params_version: the staging key of

@@ -49,6 +49,7 @@
 #define AB_ANE_SELF_TEST_D 768    /* the origin's 256 rows, a shape it ran       */
 #define AB_ANE_SELF_TEST_TOL 4e-3  /* relative (Frobenius); fp16 rounding gives ~5e-4 */
 #define AB_ANE_FP16_MAX 65504.0f
+#define AB_ANE_MAX_FUSED 3072     /* widest fused side: the widest the origin ran */
 
 static int64_t g_process_compiles;          /* atomic: every context, every platform */
 static int64_t g_next_ctx_id;               /* atomic: tags programs per context */
@@ -86,9 +87,11 @@ typedef struct {
     float *scratch;             /* max(in, out) * S floats: the fp32 staging tile */
 } ane_entry;
 
-/* A weight staged in fp16 in its own input surface, for one program shape. */
+/* Weights staged in fp16 in their own input surface, for one program shape:
+ * W[0..n-1] as the dx (forward = 0) or forward program's M (mm_call). */
 typedef struct {
-    const float *W;
+    const float *W[3];
+    int n, forward;
     int64_t S, in, out;         /* the shape of the program it feeds */
     uint64_t version;
     void *in_surf;
@@ -593,23 +596,59 @@ static void note_fallback(ab_ane_ctx *ctx, ab_ane_call_info *info, int reason) {
     }
 }
 
-/* Write W[out, in] (fp32) into the W part of an input surface of program e,
- * zero padding included: [:, o, :, S + i] = W[o, i]. */
-static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const float *W, int64_t in,
-                   int64_t out) {
-    int64_t S = e->S, SP = e->S + e->in;
+/* One call of the program family: Y[N, A] (+)= X[N, C] · M[C, A], M built
+ * from 1..3 weights W_p[out_p, in], all with the dx program (packed
+ * [1, C, 1, S + A]: X^T then M; result Y^T [1, A, 1, S]):
+ *   dx (forward = 0): X = [dy_0 | dy_1 | ...] (C = Σ out_p), M = [W_0; W_1; ...]
+ *     stacked by rows (A = in), Y = dx: the fused dx of projections that
+ *     share their input (wq wk wv; w1 w3), one evaluation for their sum;
+ *   forward (forward = 1): X = x (C = in), M = [W_0^T | W_1^T | ...] (A =
+ *     Σ out_p), Y = [y_0 | y_1 | ...]: projections of one input (wq wk wv;
+ *     w1 w3) in one evaluation. */
+typedef struct {
+    int forward, n;
+    float *const *dst;          /* dx: dst[0] [N, in]; forward: y_p [N, out_p] */
+    const float *const *src;    /* dx: dy_p [N, out_p]; forward: src[0] = x [N, in] */
+    const float *const *W;
+    const int64_t *out;
+    int64_t N, in, C, A;        /* C, A: the real (unpadded) contracted and result widths */
+    int accumulate;
+} mm_call;
+
+static int64_t part_off(const mm_call *m, int p) {
+    int64_t o = 0;
+    for (int q = 0; q < p; q++) o += m->out[q];
+    return o;
+}
+
+/* Write M (fp16) into the M part of an input surface of program e, zero
+ * padding included: [:, c, :, S + a] = M[c, a]. For the forward M holds
+ * W^T, transposed here once per staged version. */
+static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const mm_call *m) {
+    int64_t S = e->S, SP = e->S + e->in, Cp = e->out, Ap = e->in;
+    float *row = m->forward ? malloc((size_t)Ap * sizeof(float)) : NULL;
+    if (m->forward && !row) return AB_ENOMEM;
     uint16_t *pin = ctx->pf->surface_lock(surf, 0);
-    if (!pin) return AB_ANE_ESURFACE;
-    for (int64_t o = 0; o < e->out; o++) {
-        uint16_t *row = pin + o * SP + S;
-        if (o < out) {
-            ab_ane_f32_to_f16(row, W + o * in, in);
-            memset(row + in, 0, (size_t)(e->in - in) * 2);
-        } else {
-            memset(row, 0, (size_t)e->in * 2);
+    if (!pin) { free(row); return AB_ANE_ESURFACE; }
+    for (int64_t c = 0; c < Cp; c++) {
+        uint16_t *dst = pin + c * SP + S;
+        if (c >= m->C) { memset(dst, 0, (size_t)Ap * 2); continue; }
+        if (m->forward) {               /* row c of M = column c of every W_p */
+            int64_t a = 0;
+            for (int p = 0; p < m->n; p++)
+                for (int64_t o = 0; o < m->out[p]; o++) row[a++] = m->W[p][o * m->in + c];
+            for (; a < Ap; a++) row[a] = 0.0f;
+            ab_ane_f32_to_f16(dst, row, Ap);
+        } else {                        /* row c of M = row c - off_p of W_p */
+            int p = 0;
+            int64_t o = c;
+            while (o >= m->out[p]) o -= m->out[p++];
+            ab_ane_f32_to_f16(dst, m->W[p] + o * m->in, m->in);
+            memset(dst + m->in, 0, (size_t)(Ap - m->in) * 2);
         }
     }
     ctx->pf->surface_unlock(surf, 0);
+    free(row);
     ctx->st.weight_stagings++;
     return AB_OK;
 }
@@ -618,27 +657,35 @@ static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const float 
  * Weights are not loss-scaled: if even the largest is below 2^-10, most of
  * them would land in fp16's subnormal range (< 6.1e-5) and lose their
  * precision, so such a matrix stays on the CPU too. */
-static int weights_fit_fp16(const float *W, int64_t n) {
-    int finite;
-    float wmax = max_abs(W, n, &finite);
-    return finite && wmax < 65520.0f && !(wmax > 0.0f && wmax < 0x1p-10f);
+static int weights_fit_fp16(const mm_call *m) {
+    for (int p = 0; p < m->n; p++) {
+        int finite;
+        float wmax = max_abs(m->W[p], m->out[p] * m->in, &finite);
+        if (!(finite && wmax < 65520.0f && !(wmax > 0.0f && wmax < 0x1p-10f))) return 0;
+    }
+    return 1;
 }
 
-/* The input surface holding W for this call: a staged one (w_version != 0),
- * converted (and range-checked) only when its version changed, or the
- * program's own, written on every call. *reason = AB_ANE_FB_RANGE when W
- * cannot go to fp16. */
-static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64_t w_version,
-                           int64_t in, int64_t out, void **surf, void **req, int *staged_now,
-                           int *reason) {
+static int stage_matches(const ane_stage *t, const ane_entry *e, const mm_call *m) {
+    if (t->S != e->S || t->in != e->in || t->out != e->out || t->forward != m->forward || t->n != m->n)
+        return 0;
+    for (int p = 0; p < m->n; p++)
+        if (t->W[p] != m->W[p]) return 0;
+    return 1;
+}
+
+/* The input surface (and its request) holding M for this call: a staged
+ * one (w_version != 0), converted (and range-checked) only when its version
+ * changed, or the program's own, written on every call. *reason =
+ * AB_ANE_FB_RANGE when a weight cannot go to fp16. */
+static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const mm_call *m, uint64_t w_version,
+                           void **surf, void **req, int *staged_now, int *reason) {
     *staged_now = 0;
     *reason = AB_ANE_FB_NONE;
     ane_stage *s = NULL;
     if (w_version != 0) {
-        for (int64_t i = 0; i < ctx->nstages; i++) {
-            ane_stage *t = &ctx->stages[i];
-            if (t->W == W && t->S == e->S && t->in == e->in && t->out == e->out) { s = t; break; }
-        }
+        for (int64_t i = 0; i < ctx->nstages; i++)
+            if (stage_matches(&ctx->stages[i], e, m)) { s = &ctx->stages[i]; break; }
         if (s && s->version == w_version) {
             ctx->st.weight_reuses++;
             *surf = s->in_surf;
@@ -646,12 +693,12 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
             return AB_OK;
         }
     }
-    if (!weights_fit_fp16(W, in * out)) { *reason = AB_ANE_FB_RANGE; return AB_OK; }
+    if (!weights_fit_fp16(m)) { *reason = AB_ANE_FB_RANGE; return AB_OK; }
     if (w_version == 0) {
         *surf = e->in_surf;
         *req = e->req;
         *staged_now = 1;
-        return write_W(ctx, e, e->in_surf, W, in, out);
+        return write_W(ctx, e, e->in_surf, m);
     }
     if (!s) {
         if (ctx->nstages == ctx->capstages) {
@@ -666,74 +713,118 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
         int rc = ctx->pf->surface_create(e->kernel->in_bytes(e->S, e->in, e->out), &ns, pm, sizeof pm);
         if (rc) return rc;
         /* the request is made once, with the surface: every later version
-         * of this weight is written into the same surface */
+         * of these weights is written into the same surface */
         rc = ctx->pf->request_create(e->prog, ns, e->out_surf, &nr, pm, sizeof pm);
         if (rc) { ctx->pf->surface_release(ns); return rc; }
         ctx->st.requests++;
         s = &ctx->stages[ctx->nstages++];
-        *s = (ane_stage){W, e->S, e->in, e->out, 0, ns, nr};
+        memset(s, 0, sizeof *s);
+        for (int p = 0; p < m->n; p++) s->W[p] = m->W[p];
+        s->n = m->n;
+        s->forward = m->forward;
+        s->S = e->S, s->in = e->in, s->out = e->out;
+        s->in_surf = ns;
+        s->req = nr;
     }
     *surf = s->in_surf;
     *req = s->req;
     s->version = 0;                 /* invalid until the write completes */
-    int rc = write_W(ctx, e, s->in_surf, W, in, out);
+    int rc = write_W(ctx, e, s->in_surf, m);
     if (rc) return rc;
     s->version = w_version;
     *staged_now = 1;
     return AB_OK;
 }
 
-/* One tile on the ANE at scale 2^k: AB_OK and *overflow set, or a platform
- * error. The W part of surf is already written. */
-static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, float *dx, const float *dy,
-                       int64_t rows, int64_t in, int64_t out, int k, int accumulate, int *overflow,
-                       char *err, size_t errcap) {
+/* Rows r0 .. r0+rows of X: max|X| over its parts (*finite = 0 on inf/NaN). */
+static float tile_max(const mm_call *m, int64_t r0, int64_t rows, int *finite) {
+    float mx = 0.0f;
+    *finite = 1;
+    int nx = m->forward ? 1 : m->n;
+    for (int p = 0; p < nx; p++) {
+        int64_t w = m->forward ? m->in : m->out[p];
+        int f;
+        float v = max_abs(m->src[p] + r0 * w, rows * w, &f);
+        *finite &= f;
+        mx = v > mx ? v : mx;
+    }
+    return mx;
+}
+
+/* One tile (rows r0 .. r0+rows) on the ANE at scale 2^k: AB_OK and
+ * *overflow set, or a platform error. The M part of surf is written. */
+static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, const mm_call *m,
+                       int64_t r0, int64_t rows, int k, int *overflow, char *err, size_t errcap) {
     const ab_ane_platform *pf = ctx->pf;
     int64_t S = e->S, SP = S + e->in;
     float scale = ldexpf(1.0f, k);
     *overflow = 0;
-    /* s * dy^T into the fp32 staging tile [out, S], padding columns zero */
-    ab_ane_rows_to_channels(e->scratch, S, dy, rows, out, scale);
+    /* s * X^T into the fp32 staging tile [C, S], padding columns zero */
+    int nx = m->forward ? 1 : m->n;
+    for (int p = 0, c0 = 0; p < nx; p++) {
+        int64_t w = m->forward ? m->in : m->out[p];
+        ab_ane_rows_to_channels(e->scratch + c0 * S, S, m->src[p] + r0 * w, rows, w, scale);
+        c0 += (int)w;
+    }
     if (rows < S)
-        for (int64_t o = 0; o < out; o++) memset(e->scratch + o * S + rows, 0, (size_t)(S - rows) * sizeof(float));
+        for (int64_t c = 0; c < m->C; c++) memset(e->scratch + c * S + rows, 0, (size_t)(S - rows) * sizeof(float));
     uint16_t *pin = pf->surface_lock(surf, 0);
     if (!pin) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the input surface", pf->name);
-    for (int64_t o = 0; o < e->out; o++) {
-        if (o < out) ab_ane_f32_to_f16(pin + o * SP, e->scratch + o * S, S);
-        else memset(pin + o * SP, 0, (size_t)S * 2);
+    for (int64_t c = 0; c < e->out; c++) {
+        if (c < m->C) ab_ane_f32_to_f16(pin + c * SP, e->scratch + c * S, S);
+        else memset(pin + c * SP, 0, (size_t)S * 2);
     }
     pf->surface_unlock(surf, 0);
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
     int rc = pf->eval(e->prog, req, pm, AB_ANE_ERRCAP);
     if (rc) {
-        ab_ane_fail(err, errcap, rc, "%s platform, evaluate linear_backward_dx (S=%lld, in=%lld, out=%lld): %s",
-                    pf->name, (long long)S, (long long)e->in, (long long)e->out,
-                    pm[0] ? pm : ab_ane_strerror(rc));
+        ab_ane_fail(err, errcap, rc, "%s platform, evaluate %s (S=%lld, in=%lld, out=%lld): %s",
+                    pf->name, m->forward ? "linear (forward)" : "linear_backward_dx", (long long)S,
+                    (long long)e->in, (long long)e->out, pm[0] ? pm : ab_ane_strerror(rc));
         free(pm);
         return rc;
     }
     free(pm);
     const uint16_t *pout = pf->surface_lock(e->out_surf, 1);
     if (!pout) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the output surface", pf->name);
-    ab_ane_f16_to_f32(e->scratch, pout, in * S);     /* the first `in` channels; the rest is padding */
+    ab_ane_f16_to_f32(e->scratch, pout, m->A * S);     /* the first A channels; the rest is padding */
     pf->surface_unlock(e->out_surf, 1);
-    if (!all_in_fp16_range(e->scratch, in * S)) { *overflow = 1; return AB_OK; }
-    ab_ane_channels_to_rows(dx, e->scratch, S, rows, in, ldexpf(1.0f, -k), accumulate);
+    if (!all_in_fp16_range(e->scratch, m->A * S)) { *overflow = 1; return AB_OK; }
+    int ny = m->forward ? m->n : 1;
+    for (int p = 0, a0 = 0; p < ny; p++) {
+        int64_t w = m->forward ? m->out[p] : m->in;
+        ab_ane_channels_to_rows(m->dst[p] + r0 * w, e->scratch + a0 * S, S, rows, w, ldexpf(1.0f, -k),
+                                m->forward ? 0 : m->accumulate);
+        a0 += (int)w;
+    }
     return AB_OK;
+}
+
+/* Rows r0 .. r0+rows on the CPU (fp32), with the same result layout. */
+static int tile_on_cpu(const mm_call *m, int64_t r0, int64_t rows) {
+    int rc = AB_OK;
+    for (int p = 0; p < m->n && !rc; p++) {
+        if (m->forward)
+            rc = ab_linear_forward(m->dst[p] + r0 * m->out[p], m->src[0] + r0 * m->in, m->W[p], rows,
+                                   m->in, m->out[p]);
+        else
+            rc = ab_linear_backward_dx(m->dst[0] + r0 * m->in, m->src[p] + r0 * m->out[p], m->W[p], rows,
+                                       m->in, m->out[p], p ? 1 : m->accumulate);
+    }
+    return rc;
 }
 
 static int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 static void set_last_error(ab_ane_ctx *ctx, const char *msg) { set_str(&ctx->last_error, msg); }
 
-/* The synchronous call with the mutex held. */
-static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, uint64_t w_version,
-                     int64_t N, int64_t in, int64_t out, int accumulate, int flags,
+/* The call with the mutex held. */
+static int mm_locked(ab_ane_ctx *ctx, const mm_call *m, uint64_t w_version, int flags,
                      ab_ane_call_info *info, char *err, size_t errcap) {
     int strict = (flags & AB_ANE_STRICT) != 0;
     int scaling = ctx->loss_scaling && !(flags & AB_ANE_NO_LOSS_SCALE);
-    int64_t S = ctx->tile_rows;
+    int64_t N = m->N, S = ctx->tile_rows;
     if (N < S) S = round_up(N, AB_ANE_ALIGN);
     if (S > ctx->tile_rows) S = ctx->tile_rows;
     int64_t tiles = (N + S - 1) / S;
@@ -741,17 +832,17 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
     ctx->st.calls++;
 
     int rc = AB_OK, reason = AB_ANE_FB_NONE, budget;
-    ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, round_up(in, AB_ANE_ALIGN), round_up(out, AB_ANE_ALIGN),
+    ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, round_up(m->A, AB_ANE_ALIGN), round_up(m->C, AB_ANE_ALIGN),
                              &budget);
     void *surf = NULL, *req = NULL;
     if (!e) {
         reason = budget ? AB_ANE_FB_BUDGET : AB_ANE_FB_ERROR;
         if (budget) {
-            char m[200];
-            snprintf(m, sizeof m, "the compile budget of %lld programs per process is spent "
+            char msg[200];
+            snprintf(msg, sizeof msg, "the compile budget of %lld programs per process is spent "
                      "(%lld compiled); new shapes run on the CPU", (long long)ctx->max_programs,
                      (long long)__atomic_load_n(&g_process_compiles, __ATOMIC_SEQ_CST));
-            set_last_error(ctx, m);
+            set_last_error(ctx, msg);
         }
     } else if (e->code) {
         set_last_error(ctx, e->msg);
@@ -759,13 +850,13 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
         else reason = AB_ANE_FB_ERROR;
     } else {
         int staged_now, wreason;
-        int src = weights_surface(ctx, e, W, w_version, in, out, &surf, &req, &staged_now, &wreason);
+        int src = weights_surface(ctx, e, m, w_version, &surf, &req, &staged_now, &wreason);
         info->w_staged = staged_now;
         if (src) {
-            char m[200];
-            snprintf(m, sizeof m, "%s platform: staging W failed: %s", ctx->pf->name, ab_ane_strerror(src));
-            set_last_error(ctx, m);
-            if (strict) rc = ab_ane_fail(err, errcap, src, "%s", m);
+            char msg[200];
+            snprintf(msg, sizeof msg, "%s platform: staging W failed: %s", ctx->pf->name, ab_ane_strerror(src));
+            set_last_error(ctx, msg);
+            if (strict) rc = ab_ane_fail(err, errcap, src, "%s", msg);
             else reason = AB_ANE_FB_ERROR;
         } else if (wreason) {
             reason = wreason;
@@ -774,28 +865,25 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
     int failed = AB_OK, got_scale = 0;
     for (int64_t t = 0; t < tiles && rc == AB_OK; t++) {
         int64_t r0 = t * S, rows = N - r0 < S ? N - r0 : S;
-        float *dxt = dx + r0 * in;
-        const float *dyt = dy + r0 * out;
         int tile_reason = reason;
         if (!tile_reason) {
             int finite;
-            float m = max_abs(dyt, rows * out, &finite);
+            float mx = tile_max(m, r0, rows, &finite);
             if (!finite) tile_reason = AB_ANE_FB_RANGE;
             else {
-                int k = scaling ? scale_exponent(m) : 0;
+                int k = scaling ? scale_exponent(mx) : 0;
                 int overflow;
                 char *pm = malloc(AB_ANE_ERRCAP);
-                int trc = pm ? tile_on_ane(ctx, e, surf, req, dxt, dyt, rows, in, out, k, accumulate, &overflow,
-                                           pm, AB_ANE_ERRCAP) : AB_ENOMEM;
+                int trc = pm ? tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, pm, AB_ANE_ERRCAP)
+                             : AB_ENOMEM;
                 if (!trc && overflow && scaling) {      /* re-run with more headroom */
                     ctx->st.overflow_reruns++;
                     k -= AB_ANE_RERUN_DROP;
-                    trc = tile_on_ane(ctx, e, surf, req, dxt, dyt, rows, in, out, k, accumulate, &overflow,
-                                      pm, AB_ANE_ERRCAP);
+                    trc = tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, pm, AB_ANE_ERRCAP);
                 }
                 if (trc) {
                     /* This and the remaining tiles go to the CPU either way, so
-                     * dx is never left half-updated; strict calls then report. */
+                     * the result is never left half-updated; strict calls then report. */
                     const char *msg = pm ? pm : "out of memory";
                     if (strict && !failed) failed = ab_ane_fail(err, errcap, trc, "%s", msg);
                     tile_reason = AB_ANE_FB_ERROR;
@@ -814,24 +902,15 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
             note_fallback(ctx, info, tile_reason);
             info->tiles_cpu++;
             ctx->st.tiles_cpu++;
-            rc = ab_linear_backward_dx(dxt, dyt, W, rows, in, out, accumulate);
+            rc = tile_on_cpu(m, r0, rows);
         }
     }
     return rc ? rc : failed;
 }
 
-static int dx_check(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, int64_t N, int64_t in,
-                    int64_t out, char *err, size_t errcap) {
-    if (!ctx || !dx || !dy || !W) return ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
-    if (N < 0 || in < 0 || out < 0) return ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
-    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40))
-        return ab_ane_fail(err, errcap, AB_ETOOBIG, "dimension too large for an ANE tensor");
-    return AB_OK;
-}
-
-int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W,
-                              uint64_t w_version, int64_t N, int64_t in, int64_t out, int accumulate,
-                              int flags, ab_ane_call_info *info, char *err, size_t errcap) {
+/* Checks, the overlap hook, the mutex; the CPU kernels' edge cases. */
+static int mm_run(ab_ane_ctx *ctx, mm_call *m, uint64_t w_version, int flags, ab_ane_call_info *info,
+                  char *err, size_t errcap) {
     ab_ane_call_info local;
     if (!info) info = &local;
     memset(info, 0, sizeof *info);
@@ -846,13 +925,31 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
         g_ov_dx_last_begin = ov_event(OV_DX_BEGIN, ov_id);
         pthread_mutex_unlock(&g_ov_mu);
     }
-    int rc = dx_check(ctx, dx, dy, W, N, in, out, err, errcap);
-    if (!rc && (N == 0 || in == 0 || out == 0))     /* nothing for the ANE: the CPU kernel's edge cases */
-        rc = ab_linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    else if (!rc) {
-        pthread_mutex_lock(&ctx->mu);
-        rc = dx_locked(ctx, dx, dy, W, w_version, N, in, out, accumulate, flags, info, err, errcap);
-        pthread_mutex_unlock(&ctx->mu);
+    int rc = AB_OK;
+    int64_t sum = 0;
+    if (!ctx || m->n < 1 || m->n > 3 || !m->src[0] || !m->dst[0])
+        rc = ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
+    for (int p = 0; p < m->n && !rc; p++) {
+        if (!m->W[p] || (!m->forward && !m->src[p]) || (m->forward && !m->dst[p]))
+            rc = ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
+        else if (m->out[p] < 0) rc = ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
+        else sum += m->out[p] > INT32_MAX ? INT32_MAX : m->out[p];
+    }
+    if (!rc && (m->N < 0 || m->in < 0)) rc = ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
+    if (!rc && (m->in > INT32_MAX / 2 || sum > INT32_MAX / 2 || m->N > ((int64_t)1 << 40)))
+        rc = ab_ane_fail(err, errcap, AB_ETOOBIG, "dimension too large for an ANE tensor");
+    int empty = 0;
+    for (int p = 0; p < m->n; p++) empty |= m->out[p] == 0;
+    if (!rc) {
+        m->C = m->forward ? m->in : sum;
+        m->A = m->forward ? sum : m->in;
+        if (m->N == 0 || m->in == 0 || empty)   /* nothing for the ANE: the CPU kernels' edge cases */
+            rc = tile_on_cpu(m, 0, m->N);
+        else {
+            pthread_mutex_lock(&ctx->mu);
+            rc = mm_locked(ctx, m, w_version, flags, info, err, errcap);
+            pthread_mutex_unlock(&ctx->mu);
+        }
     }
     if (ov) {
         pthread_mutex_lock(&g_ov_mu);
@@ -862,6 +959,70 @@ int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const
     }
     info->t_end_ns = now_ns();
     return rc;
+}
+
+int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W,
+                              uint64_t w_version, int64_t N, int64_t in, int64_t out, int accumulate,
+                              int flags, ab_ane_call_info *info, char *err, size_t errcap) {
+    float *dst[1] = {dx};
+    const float *src[1] = {dy}, *Ws[1] = {W};
+    int64_t outs[1] = {out};
+    mm_call m = {0, 1, dst, src, Ws, outs, N, in, 0, 0, accumulate};
+    return mm_run(ctx, &m, w_version, flags, info, err, errcap);
+}
+
+int ab_ane_linear_forward(ab_ane_ctx *ctx, float *y, const float *x, const float *W, uint64_t w_version,
+                          int64_t N, int64_t in, int64_t out, int flags, ab_ane_call_info *info,
+                          char *err, size_t errcap) {
+    float *dst[1] = {y};
+    const float *src[1] = {x}, *Ws[1] = {W};
+    int64_t outs[1] = {out};
+    mm_call m = {1, 1, dst, src, Ws, outs, N, in, 0, 0, 0};
+    return mm_run(ctx, &m, w_version, flags, info, err, errcap);
+}
+
+/* A fused side wider than any the origin ran on the hardware: run the
+ * projections one by one instead. */
+static int fused_too_wide(int n, const int64_t *out) {
+    int64_t sum = 0;
+    for (int p = 0; p < n; p++) sum += out[p] > 0 ? out[p] : 0;
+    return n > 1 && round_up(sum, AB_ANE_ALIGN) > AB_ANE_MAX_FUSED;
+}
+
+int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float *const *dy,
+                                  const float *const *W, const int64_t *out, uint64_t w_version,
+                                  int64_t N, int64_t in, int accumulate, int flags) {
+    AB_NONNULL(dy); AB_NONNULL(W); AB_NONNULL(out);
+    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
+    float *dst[1] = {dx};
+    if (fused_too_wide(n, out)) {       /* one evaluation per projection, accumulating */
+        for (int p = 0; p < n; p++) {
+            mm_call m = {0, 1, dst, dy + p, W + p, out + p, N, in, 0, 0, p ? 1 : accumulate};
+            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+            if (rc) return rc;
+        }
+        return AB_OK;
+    }
+    mm_call m = {0, n, dst, dy, W, out, N, in, 0, 0, accumulate};
+    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+}
+
+int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
+                                const float *const *W, const int64_t *out, uint64_t w_version,
+                                int64_t N, int64_t in, int flags) {
+    AB_NONNULL(y); AB_NONNULL(W); AB_NONNULL(out);
+    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
+    const float *src[1] = {x};
+    if (fused_too_wide(n, out)) {
+        for (int p = 0; p < n; p++) {
+            mm_call m = {1, 1, y + p, src, W + p, out + p, N, in, 0, 0, 0};
+            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+            if (rc) return rc;
+        }
+        return AB_OK;
+    }
+    mm_call m = {1, n, y, src, W, out, N, in, 0, 0, 0};
+    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
 }
 
 /* ---------------------------------------------------------------- async */
@@ -928,12 +1089,20 @@ static void *worker_main(void *arg) {
 
 static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job);
 
+static int dx_check(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, int64_t N, int64_t in,
+                    int64_t out) {
+    if (!ctx || !dx || !dy || !W) return AB_ENULL;
+    if (N < 0 || in < 0 || out < 0) return AB_EINVAL;
+    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40)) return AB_ETOOBIG;
+    return AB_OK;
+}
+
 int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *dx, const float *dy,
                                      const float *W, uint64_t w_version, int64_t N, int64_t in,
                                      int64_t out, int accumulate, int flags) {
     AB_NONNULL(job);
     *job = NULL;
-    int rc = dx_check(ctx, dx, dy, W, N, in, out, NULL, 0);
+    int rc = dx_check(ctx, dx, dy, W, N, in, out);
     if (rc) return rc;
     ab_ane_job *j = calloc(1, sizeof *j);
     if (!j) return AB_ENOMEM;

@@ -44,6 +44,7 @@
  * (one backward per forward). The header is at a fixed place so a backward
  * with the wrong B or S is recognised before any layout is derived from them.
  */
+#include <stdlib.h>
 #include "ab_internal.h"
 
 /* The kernels the model runs: fast (BLAS + SIMD) or the seed's loops. */
@@ -281,11 +282,29 @@ static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_
     return a;
 }
 
+/* Where the layer projections run: the CPU kernels (ctx NULL) or the ANE
+ * context, with the weights' fp16 staging key and the AB_ANE_* flags. */
+typedef struct {
+    ab_ane_ctx *ctx;
+    uint64_t version;
+    int flags;
+} ane_route;
+
+/* y[N, out] = x[N, in] · W^T of a layer projection (wq wk wv wo w1 w2 w3):
+ * the one place that chooses where a forward projection runs. */
+static int proj_forward(const ane_route *r, const kernel_table *k, float *y, const float *x,
+                        const float *W, int64_t N, int64_t in, int64_t out) {
+    if (r && r->ctx)
+        return ab_ane_linear_forward(r->ctx, y, x, W, r->version, N, in, out, r->flags, NULL, NULL, 0);
+    return k->linear_forward(y, x, W, N, in, out);
+}
+
 /* Layer l's forward from X[l]: its activations into their slot and, if
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
-static int layer_forward(const kernel_table *k, const ab_model_config *c, const dims *d,
-                         const ab_model_layout *P, const ws_layout *W, const float *params,
-                         float *work, int64_t B, int64_t S, int64_t l, int write_next) {
+static int layer_forward(const kernel_table *k, const ane_route *r, const ab_model_config *c,
+                         const dims *d, const ab_model_layout *P, const ws_layout *W,
+                         const float *params, float *work, int64_t B, int64_t S, int64_t l,
+                         int write_next) {
     const int64_t D = d->D, Hd = d->Hd, H = d->H, KV = d->KV, hd = d->hd;
     const int64_t qd = d->qd, kv = d->kv, N = B * S;
     const float eps = c->norm_eps;
@@ -301,36 +320,36 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
     /* attention block */
     TRY(k->rmsnorm_forward(a.XA, a.X, rms_att, N, D, eps));
     if (c->qk_norm) {   /* Qwen3: q, k normalised per head before RoPE */
-        TRY(k->linear_forward(a.QR, a.XA, wq, N, D, qd));
-        TRY(k->linear_forward(a.KR, a.XA, wk, N, D, kv));
+        TRY(proj_forward(r, k, a.QR, a.XA, wq, N, D, qd));
+        TRY(proj_forward(r, k, a.KR, a.XA, wk, N, D, kv));
         TRY(k->rmsnorm_forward(a.Q, a.QR, params + P->q_norm + l * hd, N * H, hd, eps));
         TRY(k->rmsnorm_forward(a.K, a.KR, params + P->k_norm + l * hd, N * KV, hd, eps));
     } else {
-        TRY(k->linear_forward(a.Q, a.XA, wq, N, D, qd));
-        TRY(k->linear_forward(a.K, a.XA, wk, N, D, kv));
+        TRY(proj_forward(r, k, a.Q, a.XA, wq, N, D, qd));
+        TRY(proj_forward(r, k, a.K, a.XA, wk, N, D, kv));
     }
-    TRY(k->linear_forward(a.V, a.XA, wv, N, D, kv));
+    TRY(proj_forward(r, k, a.V, a.XA, wv, N, D, kv));
     TRY(k->rope_forward(a.Q, a.Q, B, S, H, hd, 0, &c->rope));
     TRY(k->rope_forward(a.K, a.K, B, S, KV, hd, 0, &c->rope));
     TRY(k->attention_forward(a.AT, a.Q, a.K, a.V, B, S, H, KV, hd, work + W->ATTW,
                              ab_attention_workspace_floats(S)));
-    TRY(k->linear_forward(T, a.AT, wo, N, qd, D));
+    TRY(proj_forward(r, k, T, a.AT, wo, N, qd, D));
     add_into(a.HM, a.X, T, N * D);
     /* feed-forward block */
     TRY(k->rmsnorm_forward(a.XF, a.HM, rms_ffn, N, D, eps));
-    TRY(k->linear_forward(a.H1, a.XF, w1, N, D, Hd));
-    TRY(k->linear_forward(a.H3, a.XF, w3, N, D, Hd));
+    TRY(proj_forward(r, k, a.H1, a.XF, w1, N, D, Hd));
+    TRY(proj_forward(r, k, a.H3, a.XF, w3, N, D, Hd));
     if (write_next) {
         TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(k->linear_forward(T, G, w2, N, Hd, D));
+        TRY(proj_forward(r, k, T, G, w2, N, Hd, D));
         add_into(a.X + N * D, a.HM, T, N * D);
     }
     return AB_OK;
 }
 
-int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
-                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                     int want_grad, float *work, int64_t work_floats) {
+static int model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                         int want_grad, float *work, int64_t work_floats, const ane_route *r) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -349,7 +368,7 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     memcpy(work + W.TOKENS, tokens, (size_t)N * sizeof(int32_t));
     TRY(k->embedding_forward(work + W.X, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++)
-        TRY(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 1));
+        TRY(layer_forward(k, r, c, &d, &P, &W, params, work, B, S, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
     TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
     TRY(k->linear_forward(LOGITS, XN, params + P.output, N, D, V));
@@ -360,6 +379,24 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
         if (want_grad) hdr_set(work, HDR_TAG, READY_TAG);
     }
     return AB_OK;
+}
+
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats) {
+    return model_forward(loss_out, c, params, tokens, targets, B, S, want_grad, work, work_floats,
+                         NULL);
+}
+
+int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
+                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                         int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                         uint64_t params_version, int ane_flags) {
+    AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
+    AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
+    const ane_route r = {ane, params_version, ane_flags};
+    return model_forward(loss_out, c, params, tokens, targets, B, S, want_grad, work, work_floats,
+                         &r);
 }
 
 /* The ANE path of the backward (ab_model_backward_ane), as the origin
@@ -383,9 +420,7 @@ typedef struct {
 } dw_job;
 
 typedef struct {
-    ab_ane_ctx *ctx;            /* NULL: everything on the CPU at once */
-    uint64_t version;           /* of params: the weights' fp16 staging key */
-    int flags;
+    ane_route r;                /* r.ctx NULL: everything on the CPU at once */
     dw_job *jobs;               /* queued weight gradients, in order */
     int64_t n, cap;
 } ane_queue;
@@ -398,19 +433,23 @@ static int dw_run(void *p) {
     return rc;
 }
 
-/* dx (+)= dy·W: on the ANE (this thread) with a context, else the CPU. */
-static int dx_run(ane_queue *q, const kernel_table *k, float *dx, const float *dy, const float *W,
-                  int64_t N, int64_t in, int64_t out, int accumulate) {
-    if (!q->ctx) return k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    return ab_ane_linear_backward_dx(q->ctx, dx, dy, W, q->version, N, in, out, accumulate, q->flags,
-                                     NULL, NULL, 0);
+/* dx (+)= Σ_p dy[p]·W[p] over the n projections sharing this input: one
+ * fused evaluation on the ANE (this thread) with a context, else the CPU
+ * kernel per projection, accumulating. */
+static int dx_run(ane_queue *q, const kernel_table *k, float *dx, int n, const float *const *dy,
+                  const float *const *W, const int64_t *out, int64_t N, int64_t in, int accumulate) {
+    if (q->r.ctx)
+        return ab_ane_linear_backward_dx_sum(q->r.ctx, dx, n, dy, W, out, q->r.version, N, in,
+                                             accumulate, q->r.flags);
+    for (int p = 0; p < n; p++) TRY(k->linear_backward_dx(dx, dy[p], W[p], N, in, out[p], p ? 1 : accumulate));
+    return AB_OK;
 }
 
 /* dW (+)= dy^T·x: queued with a context (dy and/or x copied when copy_dy /
  * copy_x: the backward overwrites them before the job may run), else now. */
 static int dw_queue(ane_queue *q, const kernel_table *k, float *dW, const float *dy, int copy_dy,
                     const float *x, int copy_x, int64_t N, int64_t in, int64_t out, int acc) {
-    if (!q->ctx) return k->linear_backward_dW(dW, dy, x, N, in, out, acc);
+    if (!q->r.ctx) return k->linear_backward_dW(dW, dy, x, N, in, out, acc);
     AB_REQUIRE(q->n < q->cap, AB_EINVAL);      /* sized for one backward: never moves */
     const int64_t ndy = copy_dy ? N * out : 0, nx = copy_x ? N * in : 0;
     float *own = ndy + nx ? malloc((size_t)(ndy + nx) * sizeof(float)) : NULL;
@@ -419,7 +458,7 @@ static int dw_queue(ane_queue *q, const kernel_table *k, float *dW, const float 
     if (nx) { memcpy(own + ndy, x, (size_t)nx * sizeof(float)); x = own + ndy; }
     dw_job *j = &q->jobs[q->n];
     *j = (dw_job){dW, dy, x, N, in, out, acc, own, NULL};
-    int rc = ab_ane_submit_fn(q->ctx, &j->job, dw_run, j);
+    int rc = ab_ane_submit_fn(q->r.ctx, &j->job, dw_run, j);
     if (rc) { free(own); return rc; }
     q->n++;
     return AB_OK;
@@ -472,7 +511,7 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
                           uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
-    ane_queue q = {ane, params_version, ane_flags, NULL, 0, 0};
+    ane_queue q = {{ane, params_version, ane_flags}, NULL, 0, 0};
     if (ane) {          /* every dW of one backward: the classifier's and 7 per layer */
         AB_REQUIRE(c && c->n_layers > 0 && c->n_layers < ((int64_t)1 << 40), AB_EINVAL);
         q.cap = 1 + 7 * c->n_layers;
@@ -544,7 +583,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         float *gw3 = grads + P.w3 + l * Hd * D;
         if (W.slots == 1) {     /* the queued dW still read the activations it rebuilds */
             TRYB(dw_wait(q));
-            TRYB(layer_forward(k, c, &d, &P, &W, params, work, B, S, l, 0));
+            TRYB(layer_forward(k, &q->r, c, &d, &P, &W, params, work, B, S, l, 0));
         }
         const layer_acts a = acts_of(&W, &d, work, N, l);
         float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
@@ -552,18 +591,29 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
         TRYB(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRYB(dx_run(q, k, DH1, DX, w2, N, Hd, D, 0));
+        {
+            const float *dy[1] = {DX}, *Ws[1] = {w2};
+            const int64_t outs[1] = {D};
+            TRYB(dx_run(q, k, DH1, 1, dy, Ws, outs, N, Hd, 0));
+        }
         TRYB(dw_queue(q, k, gw2, DX, 1, G, 1, N, Hd, D, acc));
         TRYB(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
-        TRYB(dx_run(q, k, DXN, DH1, w1, N, D, Hd, 0));
-        TRYB(dx_run(q, k, DXN, DH3, w3, N, D, Hd, 1));
+        {
+            const float *dy[2] = {DH1, DH3}, *Ws[2] = {w1, w3};
+            const int64_t outs[2] = {Hd, Hd};
+            TRYB(dx_run(q, k, DXN, 2, dy, Ws, outs, N, D, 0));
+        }
         TRYB(dw_queue(q, k, gw1, DH1, 1, a.XF, 0, N, D, Hd, acc));
         TRYB(dw_queue(q, k, gw3, DH3, 1, a.XF, 0, N, D, Hd, acc));
         /* the FFN norm's input is HM, the residual after attention */
         TRYB(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
                                  params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRYB(dx_run(q, k, DA, DX, wo, N, qd, D, 0));
+        {
+            const float *dy[1] = {DX}, *Ws[1] = {wo};
+            const int64_t outs[1] = {D};
+            TRYB(dx_run(q, k, DA, 1, dy, Ws, outs, N, qd, 0));
+        }
         TRYB(dw_queue(q, k, gwo, DX, 1, a.AT, 0, N, qd, D, acc));
         TRYB(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
                                    work + W.ATTW, attw));
@@ -578,9 +628,11 @@ static int model_backward(const ab_model_config *c, const float *params, float *
             DQ = DQN;
             DK = DKN;
         }
-        TRYB(dx_run(q, k, DXN, DQ, wq, N, D, qd, 0));
-        TRYB(dx_run(q, k, DXN, DK, wk, N, D, kv, 1));
-        TRYB(dx_run(q, k, DXN, DV, wv, N, D, kv, 1));
+        {
+            const float *dy[3] = {DQ, DK, DV}, *Ws[3] = {wq, wk, wv};
+            const int64_t outs[3] = {qd, kv, kv};
+            TRYB(dx_run(q, k, DXN, 3, dy, Ws, outs, N, D, 0));
+        }
         TRYB(dw_queue(q, k, gwq, DQ, 1, a.XA, 0, N, D, qd, acc));
         TRYB(dw_queue(q, k, gwk, DK, 1, a.XA, 0, N, D, kv, acc));
         TRYB(dw_queue(q, k, gwv, DV, 1, a.XA, 0, N, D, kv, acc));
