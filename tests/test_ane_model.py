@@ -160,7 +160,7 @@ def test_fifty_training_steps_on_the_ane_follow_the_cpus_loss_curve(emulator):
     assert np.all(np.abs(dev[:10] - cpu[:10]) <= 1e-3 * cpu[:10]), dev[:10] - cpu[:10]
     bound = np.max(np.abs(cpu16 - cpu))
     assert np.max(np.abs(dev - cpu)) <= 2 * bound, (np.max(np.abs(dev - cpu)), bound)
-    assert dev[-5:].mean() < 0.2 * dev[0] and cpu[-5:].mean() < 0.2 * cpu[0]
+    assert dev[-5:].mean() < 0.3 * dev[0] and cpu[-5:].mean() < 0.3 * cpu[0]
 
 
 def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, rng):
