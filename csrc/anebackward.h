@@ -379,6 +379,9 @@ typedef struct {
     int w_staged;               /* 1: W converted to fp16 by this call; 0: reused
                                    (or the call never reached the ANE)          */
     int64_t t_start_ns, t_end_ns;   /* when the call ran (ab_ane_clock_ns)     */
+    int64_t eval_ns;            /* of which in the platform's evaluations; the
+                                   rest is the CPU's staging work (packing,
+                                   fp16 conversion, layout, unpacking)         */
 } ab_ane_call_info;
 
 AB_API const char *ab_ane_strerror(int code);

@@ -268,7 +268,7 @@ def routes(backend, kernel, **shape):
     reason = route_reason(backend, kernel, **shape)
     if reason is not None and backend == "auto" and kernel in KERNELS:
         _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": f"not routed: {reason}", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
     return reason is None
 
 
@@ -277,7 +277,9 @@ def last_call():
     (cause of the first CPU tile, or None), scale_log2 (dy was scaled by
     2**scale_log2 on the way into fp16), w_staged (W converted to fp16 by this
     call, False when a staged copy was reused), t_start_ns/t_end_ns (when the
-    call ran, clock_ns()); linear_backward() adds dW_start_ns/dW_end_ns.
+    call ran, clock_ns()), eval_ns (of which in the platform's evaluations:
+    the rest is the CPU's staging work); linear_backward() adds
+    dW_start_ns/dW_end_ns.
     None before the first call."""
     return getattr(_local, "info", None)
 
@@ -292,7 +294,8 @@ def clock_ns():
 def _info(info):
     return {"tiles": info.tiles, "tiles_cpu": info.tiles_cpu,
             "fallback": _FALLBACKS.get(info.fallback, info.fallback), "scale_log2": info.scale_log2,
-            "w_staged": bool(info.w_staged), "t_start_ns": info.t_start_ns, "t_end_ns": info.t_end_ns}
+            "w_staged": bool(info.w_staged), "t_start_ns": info.t_start_ns, "t_end_ns": info.t_end_ns,
+            "eval_ns": info.eval_ns}
 
 
 def _raise(fn, rc, err):
@@ -338,7 +341,7 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_ver
             require()
         rc = lib.ab_linear_backward_dx(fptr(out), fptr(dy), fptr(W), N, n_in, n_out, int(bool(accumulate)))
         _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
         if rc:
             _raise(fn, rc, None)
         return out
@@ -376,7 +379,7 @@ def linear(x, W, *, out=None, backend="ane", w_version=0):
             require()
         rc = lib.ab_linear_forward(fptr(out), fptr(x), fptr(W), N, n_in, n_out)
         _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
         if rc:
             _raise(fn, rc, None)
         return out

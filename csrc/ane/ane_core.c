@@ -754,7 +754,8 @@ static float tile_max(const mm_call *m, int64_t r0, int64_t rows, int *finite) {
 /* One tile (rows r0 .. r0+rows) on the ANE at scale 2^k: AB_OK and
  * *overflow set, or a platform error. The M part of surf is written. */
 static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, const mm_call *m,
-                       int64_t r0, int64_t rows, int k, int *overflow, char *err, size_t errcap) {
+                       int64_t r0, int64_t rows, int k, int *overflow, int64_t *eval_ns, char *err,
+                       size_t errcap) {
     const ab_ane_platform *pf = ctx->pf;
     int64_t S = e->S, SP = S + e->in;
     float scale = ldexpf(1.0f, k);
@@ -777,7 +778,9 @@ static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, con
     pf->surface_unlock(surf, 0);
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
+    int64_t t0 = now_ns();
     int rc = pf->eval(e->prog, req, pm, AB_ANE_ERRCAP);
+    *eval_ns += now_ns() - t0;
     if (rc) {
         ab_ane_fail(err, errcap, rc, "%s platform, evaluate %s (S=%lld, in=%lld, out=%lld): %s",
                     pf->name, m->forward ? "linear (forward)" : "linear_backward_dx", (long long)S,
@@ -874,12 +877,12 @@ static int mm_locked(ab_ane_ctx *ctx, const mm_call *m, uint64_t w_version, int 
                 int k = scaling ? scale_exponent(mx) : 0;
                 int overflow;
                 char *pm = malloc(AB_ANE_ERRCAP);
-                int trc = pm ? tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, pm, AB_ANE_ERRCAP)
+                int trc = pm ? tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, &info->eval_ns, pm, AB_ANE_ERRCAP)
                              : AB_ENOMEM;
                 if (!trc && overflow && scaling) {      /* re-run with more headroom */
                     ctx->st.overflow_reruns++;
                     k -= AB_ANE_RERUN_DROP;
-                    trc = tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, pm, AB_ANE_ERRCAP);
+                    trc = tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, &info->eval_ns, pm, AB_ANE_ERRCAP);
                 }
                 if (trc) {
                     /* This and the remaining tiles go to the CPU either way, so
