@@ -14,7 +14,7 @@ The whole model (anebackward.model; C forward/backward in csrc/model):
   LlamaConfig, Llama (flat params/grads, llama2.c checkpoints), AdamW, cosine_lr
   Batch: padded, packed and prompt-masked batches (anebackward.batch)
 Every kernel takes backend= ("auto", "cpu", "reference", "ane"; default from
-ANEBACKWARD_BACKEND, else "auto").
+ANEBACKWARD_BACKEND, else "cpu"; the ANE is opt-in: docs/ane.md).
 """
 import os as _os
 

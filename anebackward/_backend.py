@@ -1,9 +1,10 @@
 """Backend choice for every kernel: backend= argument, else the
-ANEBACKWARD_BACKEND environment variable, else "auto".
+ANEBACKWARD_BACKEND environment variable, else "cpu".
 
-  "auto"      fast CPU kernels (BLAS + SIMD); the ANE where it is available
-              and the kernel is routed there (issue: ANE dispatch); never fails.
-  "cpu"       fast CPU kernels.
+  "cpu"       fast CPU kernels (BLAS + SIMD); the default everywhere until a
+              Mac has measured "auto" winning (docs/ane.md).
+  "auto"      the fast CPU kernels, and the ANE where it is available and the
+              kernel is routed there (opt-in); never fails.
   "reference" the seed's scalar loops, math corrected (baseline / oracle).
   "ane"       the Apple Neural Engine for the kernels routed to it, the fast
               CPU kernels for the rest; AneUnavailableError where no ANE.
@@ -18,7 +19,7 @@ BACKENDS = ("auto", "cpu", "reference", "ane")
 def resolve(fn, backend):
     """The backend name to use for one call."""
     if backend is None:
-        backend = os.environ.get("ANEBACKWARD_BACKEND") or "auto"
+        backend = os.environ.get("ANEBACKWARD_BACKEND") or "cpu"
         source = "ANEBACKWARD_BACKEND"
     else:
         source = "backend"

@@ -60,9 +60,11 @@ class Llama:
     input between forward and backward and recomputes the rest layer by
     layer in the backward: identical gradients, a fraction of the workspace
     (see workspace_bytes), about one more forward per step. backend="ane"
-    runs the input gradients (dx) of the layer projections (wq wk wv wo w1 w2
-    w3) on the Apple Neural Engine, each overlapped with the CPU's weight
-    gradient of the same projection; "auto" does so only where
+    runs the layer projections (wq wk wv wo w1 w2 w3) of the forward and
+    their input gradients (dx) on the Apple Neural Engine (fp16 operands,
+    docs/ane.md) while a CPU thread computes the weight
+    gradients queued behind them (one wait, at the end of the backward);
+    "auto" does so only where
     anebackward.ane routes every projection's shape there, else all on the
     CPU (ane_reason says why). The ANE keeps fp16 copies of the weights keyed
     to params_version, which AdamW.step bumps: after writing into params
@@ -102,7 +104,7 @@ class Llama:
         self._ws = None            # (B, S, workspace array, logits offset)
         self._pending = None       # (B, S) of the last want_grad forward, until its backward
         self.last_loss = None
-        self.ane_reason = "no backward yet"   # None: the last backward's dx ran on the ANE
+        self.ane_reason = "no step yet"   # None: the last step's projections ran on the ANE
         self.mark_params_changed()
         if init:
             self.init_weights(seed)
@@ -265,8 +267,7 @@ class Llama:
         work = self._workspace(B, S)
         loss = ffi.new("double *")
         self._pending = None
-        check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok), iptr(tgt),
-                                   B, S, int(bool(want_grad)), fptr(work), work.size), fn)
+        self._forward_c(fn, loss, tok, tgt, B, S, want_grad, work)
         if want_grad:
             self._pending = (B, S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = float(loss[0])
@@ -431,10 +432,24 @@ class Llama:
             self._groups = {g: tuple(sorted(v)) for g, v in groups.items()}
         return self._groups
 
+    def _forward_c(self, fn, loss, tok, tgt, B, S, want_grad, work):
+        """The C forward: the layer projections on the ANE where the backend
+        routes them (_ane_context), else everything on the CPU."""
+        args = (loss, self._cfg, fptr(self.flat_params), iptr(tok),
+                ffi.NULL if tgt is None else iptr(tgt), B, S, int(bool(want_grad)), fptr(work),
+                work.size)
+        ctx = self._ane_context(B * S)
+        if ctx is None:
+            check(lib.ab_model_forward(*args), fn)
+        else:
+            flags = lib.AB_ANE_STRICT if self.backend == "ane" else 0
+            check(lib.ab_model_forward_ane(*args, ctx, self._params_version, flags), fn)
+
     def _ane_context(self, N):
-        """The ANE context for a backward over N rows, or None (then
-        self.ane_reason says why) — "ane": always (or raise), "auto": when
-        every layer projection's dx is routed to the ANE."""
+        """The ANE context for a forward or backward over N rows, or None
+        (then self.ane_reason says why) — "ane": always (or raise), "auto":
+        when every layer projection's forward and dx, fused ones included,
+        is routed to the ANE."""
         if self.backend not in ("ane", "auto"):
             self.ane_reason = f"backend={self.backend!r}"
             return None
@@ -444,11 +459,17 @@ class Llama:
         from . import ane
         if self.backend == "ane":
             ane.require()
-        shapes = {shape for name, _, shape in self._specs if name.startswith("layers.")
-                  and len(shape) == 2}
-        for n_out, n_in in sorted(shapes):
-            self.ane_reason = ane.route_reason(self.backend, "linear_backward_dx",
-                                               N=N, n_in=n_in, n_out=n_out)
+        calls = []
+        for n_out, n_in in {shape for name, _, shape in self._specs if name.startswith("layers.")
+                            and len(shape) == 2}:
+            calls += [("linear", n_in, n_out), ("linear_backward_dx", n_in, n_out)]
+        c = self.config
+        hd = c.head_dim or c.dim // c.n_heads
+        for fused in (2 * c.hidden_dim, (c.n_heads + 2 * c.n_kv_heads) * hd):   # w1+w3, wq+wk+wv
+            if ane.fused(fused):
+                calls.append(("linear_backward_dx", c.dim, fused))
+        for kernel, n_in, n_out in sorted(calls):
+            self.ane_reason = ane.route_reason(self.backend, kernel, N=N, n_in=n_in, n_out=n_out)
             if self.ane_reason is not None:
                 return None
         return ane._current()[0]
@@ -473,8 +494,7 @@ class Llama:
         tok, B, S = self._batch(fn, tokens)
         work = self._workspace(B, S)
         self._pending = None
-        check(lib.ab_model_forward(ffi.NULL, self._cfg, fptr(self.flat_params), iptr(tok),
-                                   ffi.NULL, B, S, 0, fptr(work), work.size), fn)
+        self._forward_c(fn, ffi.NULL, tok, None, B, S, False, work)
         off, V = self._ws[3], self.config.vocab_size
         lg = work[off:off + B * S * V].reshape(B, S, V)
         return lg[:, -1, :].copy() if last_only else lg.copy()

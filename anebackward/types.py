@@ -8,7 +8,7 @@ from numpy.typing import ArrayLike, NDArray
 F32Array = NDArray[np.float32]
 #: token ids: any integer array (int32 is used as is; others are converted)
 Tokens = ArrayLike
-#: backend=: "auto" (default), "cpu", "reference", "ane"; None: ANEBACKWARD_BACKEND or "auto"
+#: backend=: "cpu" (default), "auto", "reference", "ane"; None: ANEBACKWARD_BACKEND or "cpu"
 Backend = Optional[Literal["auto", "cpu", "reference", "ane"]]
 #: one float32 array or several (clip_grad_norm, grad_norm)
 Grads = Union[F32Array, Sequence[F32Array]]

@@ -81,6 +81,24 @@ static inline float ab_expf(float x) {
     return res;
 }
 
+/* ---- the ANE context's worker (csrc/ane/ane_core.c) ----
+ * fn(arg) queued to the same FIFO thread as the asynchronous dx jobs, so a
+ * caller can keep CPU work (the weight gradients) off its own path while it
+ * drives the ANE; ab_ane_job_wait returns fn's result and frees the job. */
+int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void *arg);
+/* Fused calls of the dx program family for projections sharing an input
+ * (wq wk wv; w1 w3), one evaluation per row tile; n = 1..3 weights W[p]
+ * [out[p], in], fp16-staged once per (weights, w_version) like W in
+ * ab_ane_linear_backward_dx, whose flags they take:
+ *   dx_sum:        dx[N, in] (+)= Σ_p dy[p][N, out[p]] · W[p]
+ *   forward_split: y[p][N, out[p]] = x[N, in] · W[p]^T */
+int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float *const *dy,
+                                  const float *const *W, const int64_t *out, uint64_t w_version,
+                                  int64_t N, int64_t in, int accumulate, int flags);
+int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
+                                const float *const *W, const int64_t *out, uint64_t w_version,
+                                int64_t N, int64_t in, int flags);
+
 /* ---- the worker pool (csrc/threads.c) ----
  * Runs fn(ctx, task, worker) for task in [0, n_tasks) on at most
  * min(ab_get_num_threads(), max_workers) threads; worker < that count picks

@@ -28,6 +28,9 @@ int ab_bf16_testing_tile(int64_t t);
 int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes);
 int ab_ane_emulated_saturate(int on);
 int ab_ane_emulated_workdir(const char *root);
+/* on: every platform (the emulated one too) runs ab_ane_self_test when a
+ * context opens, as the darwin platform always does. */
+int ab_ane_testing_self_test_on_open(int on);
 /* The process-wide compile count the budget is checked against. */
 int ab_ane_testing_set_process_compiles(int64_t n);
 /* Handshake of asynchronous dx jobs, so that tests of the overlap do not
@@ -40,6 +43,19 @@ int ab_ane_testing_set_process_compiles(int64_t n);
  * job_log reads (*n = entries; out: 6 * cap) and turning the hook on or off
  * clears. Holds time out after 10 s. */
 int ab_ane_testing_handshake(int on);
+/* The overlap hook, for the model's ANE backward: while on, each CPU job
+ * (ab_ane_submit_fn) begins, then holds until a synchronous dx call
+ * (ab_ane_linear_backward_dx) has begun after the job was queued (or the
+ * job is waited for), and each such dx call holds at its end until every
+ * CPU job queued before it began has begun. So a job and the first dx call
+ * queued after it run at the same time whenever the caller lets them (a
+ * caller that waits for the job first gets no overlap, and the log shows
+ * it); holds time out after 10 s. overlap_log: (seq, kind, id) per event,
+ * kind 0/1 = dx call begin/end, 2/3/4 = CPU job submitted/begun/ended, id
+ * numbering dx calls and CPU jobs from 0 (out: 3 * cap; up to 4096 events).
+ * Turning the hook on or off clears the log. */
+int ab_ane_testing_overlap(int on);
+int ab_ane_testing_overlap_log(int64_t *out, int64_t cap, int64_t *n);
 int ab_ane_testing_job_log(int64_t *out, int64_t cap, int64_t *n);
 /* The working directory of the cached program of this shape ("" if none). */
 int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t out,

@@ -513,6 +513,9 @@ typedef struct {
     int64_t load_retries;       /* loads retried after a failure                */
     int64_t weight_stagings;    /* fp32 -> fp16 conversions of a whole W        */
     int64_t weight_reuses;      /* calls that found W staged at their version   */
+    int64_t requests;           /* requests (program + surface pair) created:
+                                   one per program and per staged weight, made
+                                   when its surface is, never per call         */
     int loss_scaling;
     int self_test_code;         /* 1: not run; AB_OK: passed; else its error    */
     double self_test_rel_err;   /* relative error of the last self-test, or -1  */
@@ -525,6 +528,9 @@ typedef struct {
     int w_staged;               /* 1: W converted to fp16 by this call; 0: reused
                                    (or the call never reached the ANE)          */
     int64_t t_start_ns, t_end_ns;   /* when the call ran (ab_ane_clock_ns)     */
+    int64_t eval_ns;            /* of which in the platform's evaluations; the
+                                   rest is the CPU's staging work (packing,
+                                   fp16 conversion, layout, unpacking)         */
 } ab_ane_call_info;
 
 AB_API const char *ab_ane_strerror(int code);
@@ -558,6 +564,13 @@ AB_API int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy
                               const float *W, uint64_t w_version, int64_t N, int64_t in,
                               int64_t out, int accumulate, int flags,
                               ab_ane_call_info *info, char *err, size_t errcap);
+/* y[N,out] = x[N,in] · W[out,in]^T on the ANE: the same dynamic-weight
+ * program as dx (x^T packed with W^T, the contracted dimension in), W^T
+ * staged once per (W, shape, version); tiles, loss scaling (of x),
+ * fallbacks, flags and errors as above. */
+AB_API int ab_ane_linear_forward(ab_ane_ctx *ctx, float *y, const float *x, const float *W,
+                                 uint64_t w_version, int64_t N, int64_t in, int64_t out, int flags,
+                                 ab_ane_call_info *info, char *err, size_t errcap);
 /* The same call queued to the context's worker thread: returns at once, so
  * the caller can do CPU work (the weight gradients) meanwhile. dx, dy and W
  * must stay valid and untouched until ab_ane_job_wait, which every job needs
@@ -573,14 +586,28 @@ AB_API int ab_ane_clock_ns(int64_t *out);
  * one output surface (raw bytes); counts as a compile. For tests/diagnosis. */
 AB_API int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_bytes,
                    void *out, size_t out_bytes, char *err, size_t errcap);
-/* dx of a 64 x 64 x 64 problem (the smallest the origin project ran) through
- * the platform, compared with the CPU within fp16 tolerance; the result is
- * kept for ab_ane_self_test_report and the stats. The darwin platform runs it
- * once per process when a context opens. */
+/* dx of a 256 x 768 x 768 problem (S x in x out: a shape the origin project
+ * ran on the hardware) through the platform, compared with the CPU within
+ * fp16 tolerance; the result is kept for ab_ane_self_test_report and the
+ * stats. The darwin platform runs it whenever a context opens: a failure
+ * makes ab_ane_open fail with AB_ANE_EUNAVAILABLE and the reason. */
 AB_API int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap);
+/* ab_model_forward with the layer projections (wq wk wv wo w1 w2 w3; not
+ * the classifier) run on the ANE context (ab_ane_linear_forward: fp16
+ * operands, results within fp16 rounding of the CPU's), the rest on the
+ * CPU; params_version and ane_flags as for ab_model_backward_ane below; ane
+ * NULL: exactly ab_model_forward. A recompute backward (c->recompute) given
+ * the same context rebuilds the activations the same way. */
+AB_API int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
+                                const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                                int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                                uint64_t params_version, int ane_flags);
 /* ab_model_backward with the layer projections' dx (wq wk wv wo w1 w2 w3;
- * not the classifier) run on the ANE context's worker, each overlapped with
- * the CPU's dW of the same projection. params_version: the staging key of
+ * not the classifier) run on the ANE from the calling thread (fused for
+ * projections sharing an input: w1+w3, wq+wk+wv, one evaluation each), and every
+ * weight gradient queued to the context's worker thread as its inputs are
+ * ready (a serial CPU queue; its scratch inputs copied), waited for once at
+ * the end (with recompute: also before each layer's recompute). params_version: the staging key of
  * the weights (w_version above): bump it whenever params change, e.g. at
  * each optimiser step. ane_flags: 0 (platform errors: the CPU takes over) or
  * AB_ANE_STRICT (they are returned). ane NULL: exactly ab_model_backward.

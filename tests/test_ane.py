@@ -81,6 +81,24 @@ def test_auto_without_ane_is_the_cpu(native, monkeypatch, rng):
     assert np.array_equal(got, ab.linear_backward_dx(dy, W, backend="cpu"))
 
 
+def test_the_default_backend_is_the_cpu_even_where_the_ane_runs(emulator, monkeypatch, rng):
+    """The ANE is opt-in: with the emulator available, a kernel or a model
+    given no backend (and no ANEBACKWARD_BACKEND) never reaches it."""
+    monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
+    assert ane.available()
+    ane.configure(min_flops=0)
+    dy, W, _ = problem(rng, 64, 64, 64)
+    assert np.array_equal(ab.linear_backward_dx(dy, W), ab.linear_backward_dx(dy, W, backend="cpu"))
+    m = ab.Llama(ab.LlamaConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=2, n_kv_heads=2,
+                                vocab_size=32, max_seq_len=16))
+    assert m.backend == "cpu"
+    m.forward(np.arange(16, dtype=np.int32) % 32)
+    m.backward()
+    assert ane.status()["calls"] == 0 and m.ane_reason == "backend='cpu'"
+    monkeypatch.setenv("ANEBACKWARD_BACKEND", "auto")
+    assert ab.Llama(m.config).backend == "auto"
+
+
 def test_env_selects_the_emulator(native, monkeypatch):
     monkeypatch.setenv("ANEBACKWARD_ANE", "emulate")
     assert ane.available() and ane.status()["platform"] == "emulated"
@@ -412,7 +430,7 @@ def test_self_test_passes_and_reports_failures(emulator, fail_next):
     assert ane.self_test() is None
     st = ane.status()
     assert st["compiles"] == 1 and st["cache_size"] == 1
-    assert st["self_test"].startswith("passed: 64x64x64 dx, relative error")
+    assert st["self_test"].startswith("passed: 256x768x768 dx, relative error")
     rel = float(st["self_test"].split("relative error ")[1].split()[0])
     assert 1e-5 < rel < 4e-3, "fp16 rounding shows, within the tolerance"
     ane.reset()
@@ -420,6 +438,29 @@ def test_self_test_passes_and_reports_failures(emulator, fail_next):
     why = ane.self_test()
     assert "emulated platform failed its self-test" in why and "injected evaluate failure" in why
     assert ane.status()["self_test"] == why
+
+
+def test_a_failing_self_test_at_open_turns_the_ane_off_with_its_reason(emulator, fail_next, rng):
+    """The open-time gate (the darwin platform's) run on the emulator: a
+    platform whose self-test fails is not available, status() and
+    backend="ane" say why, "auto" computes on the CPU; a passing one opens."""
+    from anebackward._native import lib
+    lib.ab_ane_testing_self_test_on_open(1)
+    try:
+        fail_next("evaluate")
+        assert ane.available() is False
+        why = ane.status()["reason"]
+        assert "emulated platform failed its self-test" in why and "injected evaluate failure" in why
+        dy, W, _ = problem(rng, 64, 64, 64)
+        with pytest.raises(AneUnavailableError, match="failed its self-test"):
+            ab.linear_backward_dx(dy, W, backend="ane")
+        assert np.array_equal(ab.linear_backward_dx(dy, W, backend="auto"),
+                              ab.linear_backward_dx(dy, W, backend="cpu"))
+        ane.reset()
+        assert ane.available() is True
+        assert ane.status()["self_test"].startswith("passed: 256x768x768 dx")
+    finally:
+        lib.ab_ane_testing_self_test_on_open(0)
 
 
 def test_self_test_tolerates_fp16_rounding_but_not_garbage(emulator, monkeypatch):

@@ -1,9 +1,9 @@
-"""The model's backward with the layer projections' dx on the (emulated)
-ANE: gradients against the CPU backward (fp16 tolerance; bit-identical
-when the ANE is not used), weight staging keyed to params_version (reused
-across backwards of one step, renewed after AdamW.step), routing."""
-import time
-
+"""The model with its layer projections on the (emulated) ANE — forward
+y = x·Wᵀ and backward dx, fused where projections share an input: losses
+and gradients against the CPU (fp16 tolerance; bit-identical when the ANE
+is not used), weight staging keyed to params_version (reused across
+backwards of one step, renewed after AdamW.step), requests, the overlap of
+dW with dx, routing."""
 import numpy as np
 import pytest
 
@@ -13,7 +13,24 @@ from anebackward._native import ffi, lib
 
 CFG = ab.LlamaConfig(dim=128, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2,
                      vocab_size=97, max_seq_len=64)
-N_PROJ = 7                       # wq wk wv wo w1 w2 w3 per layer
+N_PROJ = 7                       # wq wk wv wo w1 w2 w3 per layer: one forward evaluation each
+N_DX = 4                         # dx evaluations per layer: w2; w1+w3; wo; wq+wk+wv (fused)
+N_EVAL = N_PROJ + N_DX           # per layer and step
+
+
+def pad(v):
+    return -(-v // 64) * 64
+
+
+def programs(cfg, S=64):
+    """The distinct programs (S, result width, contracted width) a step compiles."""
+    D, Hd = cfg.dim, cfg.hidden_dim
+    hd = cfg.head_dim or D // cfg.n_heads
+    qd, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    fwd = {(S, pad(o), pad(i)) for o, i in [(qd, D), (kv, D), (D, qd), (Hd, D), (D, Hd)]}
+    dx = {(S, pad(Hd), pad(D)), (S, pad(D), pad(2 * Hd)), (S, pad(qd), pad(D)),
+          (S, pad(D), pad(qd + 2 * kv))}
+    return fwd | dx
 
 
 def batch(rng, B=2, S=64):
@@ -44,7 +61,7 @@ def test_backward_on_the_ane_matches_the_cpu_within_fp16_tolerance(emulator, rng
     got = step(dev, tokens, targets)
     assert dev.ane_reason is None
     # every projection's dx of every layer ran on the ANE (one 64-row tile each)
-    assert ane.status()["tiles_ane"] - before == N_PROJ * CFG.n_layers
+    assert ane.status()["tiles_ane"] - before == N_EVAL * CFG.n_layers
     assert ane.status()["tiles_cpu"] == 0
     assert not np.array_equal(got, ref)          # fp16 went through: not the CPU path
     assert_close_per_tensor(cpu, got, ref, 5e-3)
@@ -82,21 +99,80 @@ def test_auto_runs_the_projections_on_the_ane_when_every_shape_is_routed(emulato
     ref = step(ab.Llama(CFG, seed=7, backend="cpu"), tokens, targets)
     auto = ab.Llama(CFG, seed=7, backend="auto")
     got = step(auto, tokens, targets)
-    assert auto.ane_reason is None and ane.status()["tiles_ane"] == N_PROJ * CFG.n_layers
+    assert auto.ane_reason is None and ane.status()["tiles_ane"] == N_EVAL * CFG.n_layers
     assert_close_per_tensor(auto, got, ref, 5e-3)
+
+
+def test_forward_projections_on_the_ane_at_stories15m_shapes(emulator, rng):
+    """ab_model_forward_ane at stories15M's layer shapes (dim 288, hidden 768,
+    6 heads; two layers and a small vocabulary keep it fast): every layer
+    projection is one ANE evaluation per 256-row tile, and the logits and the
+    loss are within the documented fp16 bound of the CPU's (docs/ane.md:
+    each projection within ~4e-4 relative; logits 5e-3, loss 1e-3)."""
+    cfg = ab.LlamaConfig(dim=288, hidden_dim=768, n_layers=2, n_heads=6, n_kv_heads=6,
+                         vocab_size=256, max_seq_len=256)
+    t = rng.integers(0, cfg.vocab_size, size=(1, 257)).astype(np.int32)
+    cpu, dev = ab.Llama(cfg, seed=2, backend="cpu"), ab.Llama(cfg, seed=2, backend="ane")
+    ref_loss, got_loss = cpu.forward(t[:, :-1], t[:, 1:]), dev.forward(t[:, :-1], t[:, 1:])
+    st = ane.status()
+    assert st["tiles_ane"] == N_PROJ * cfg.n_layers and st["tiles_cpu"] == 0
+    assert got_loss != ref_loss and abs(got_loss - ref_loss) < 1e-3 * ref_loss
+    ref, got = cpu.logits(t[:, :-1]), dev.logits(t[:, :-1])
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < err < 5e-3, err
+    # the same projection through the Python entry, against float64
+    x = rng.standard_normal((256, cfg.dim)).astype(np.float32)
+    W = dev.params["layers.0.feed_forward.w1.weight"]
+    y = ane.linear(x, W)
+    y64 = x.astype(np.float64) @ W.T.astype(np.float64)
+    assert np.linalg.norm(y - y64) / np.linalg.norm(y64) < 1e-3
+
+
+def test_fifty_training_steps_on_the_ane_follow_the_cpus_loss_curve(emulator):
+    """50 AdamW steps with forward and backward projections on the emulated
+    ANE against the same 50 on the CPU. Training is chaotic, so the bound is
+    fp16's own: the ANE curve departs from the CPU's by at most twice as much
+    as a CPU run whose initial weights were rounded to fp16 once (measured:
+    0.36 against 0.51); before the loss falls steeply (10 steps) they agree
+    within 1e-3, and the ANE run learns as the CPU run does."""
+    g = np.random.default_rng(5)
+    seqs = np.empty((50, 2, 65), np.int32)
+    start = g.integers(0, CFG.vocab_size, size=(50, 2))
+    for t in range(65):                          # a learnable rule: next = 3 * token + 1 mod V
+        seqs[:, :, t] = start
+        start = (3 * start + 1) % CFG.vocab_size
+
+    def curve(backend, round_init=False):
+        m = ab.Llama(CFG, seed=1, backend=backend)
+        if round_init:
+            m.flat_params[:] = m.flat_params.astype(np.float16)
+            m.mark_params_changed()
+        opt = ab.AdamW(m, lr=3e-3)
+        losses = []
+        for s in seqs:
+            losses.append(m.forward(s[:, :-1], s[:, 1:]))
+            m.backward()
+            opt.step()
+        return np.array(losses)
+
+    cpu, dev, cpu16 = curve("cpu"), curve("ane"), curve("cpu", round_init=True)
+    assert ane.status()["tiles_cpu"] == 0 and ane.status()["tiles_ane"] == 50 * N_EVAL * CFG.n_layers
+    assert np.all(np.abs(dev[:10] - cpu[:10]) <= 1e-3 * cpu[:10]), dev[:10] - cpu[:10]
+    bound = np.max(np.abs(cpu16 - cpu))
+    assert np.max(np.abs(dev - cpu)) <= 2 * bound, (np.max(np.abs(dev - cpu)), bound)
+    assert dev[-5:].mean() < 0.3 * dev[0] and cpu[-5:].mean() < 0.3 * cpu[0]
 
 
 def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, rng):
     tokens, targets = batch(rng)
     cpu = ab.Llama(CFG, seed=11, backend="cpu")
     dev = ab.Llama(CFG, seed=11, backend="ane")
-    n_w = N_PROJ * CFG.n_layers                  # distinct weight matrices
+    n_w = N_EVAL * CFG.n_layers     # staged: each weight's Wᵀ (forward), each dx group's W
     step(dev, tokens, targets)
     st = ane.status()
     assert st["weight_stagings"] == n_w and st["weight_reuses"] == 0
-    # one program per distinct shape, shared by every layer
-    shapes = {shape for name, _, shape in dev._specs if name.startswith("layers.") and len(shape) == 2}
-    assert st["compiles"] == len(shapes)
+    # one program per distinct shape, shared by every layer, forward and dx alike
+    assert st["compiles"] == len(programs(CFG))
     step(dev, tokens, targets, accumulate=True)  # a second micro-batch: same weights
     st = ane.status()
     assert st["weight_stagings"] == n_w and st["weight_reuses"] == n_w
@@ -121,6 +197,25 @@ def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, 
     ref, got = step(cpu, tokens, targets), step(dev, tokens, targets)
     assert ane.status()["weight_stagings"] == 3 * n_w
     assert_close_per_tensor(cpu, got, ref, 5e-3)
+
+
+def test_requests_are_made_once_per_weight_surface_not_per_step(emulator, rng):
+    """A training loop's steady state makes no request: each staged weight's
+    surface gets its request when it is created, and every later version of
+    that weight is written into the same surface."""
+    tokens, targets = batch(rng)
+    dev = ab.Llama(CFG, seed=19, backend="ane")
+    opt = ab.AdamW(dev, lr=1e-3)
+    made = []
+    for _ in range(4):
+        step(dev, tokens, targets)
+        opt.step()
+        made.append(ane.status()["requests"])
+    n_w = N_EVAL * CFG.n_layers
+    # the first step: one per program (its own surfaces) and one per staged surface
+    assert made[0] == len(programs(CFG)) + n_w, made
+    assert made[1:] == [made[0]] * 3, f"requests made after the first step: {made}"
+    assert ane.status()["weight_stagings"] == 4 * n_w          # while the weights changed every step
 
 
 def test_params_versions_are_unique_across_models(emulator):
@@ -154,65 +249,62 @@ def test_the_reference_kernels_take_no_ane(emulator, rng):
         == lib.AB_EINVAL
 
 
-def dW_cpu_ns(N, n_in, n_out, rng, repeats=3):
-    """This thread's CPU time (ns, the least of a few) for one dW kernel call."""
-    dy = rng.standard_normal((N, n_out)).astype(np.float32)
-    x = rng.standard_normal((N, n_in)).astype(np.float32)
-    dW = np.empty((n_out, n_in), np.float32)
-    best = None
-    for _ in range(repeats):
-        t = time.thread_time_ns()
-        lib.ab_linear_backward_dW(ffi.from_buffer("float[]", dW), ffi.from_buffer("float[]", dy),
-                                  ffi.from_buffer("float[]", x), N, n_in, n_out, 0)
-        t = time.thread_time_ns() - t
-        best = t if best is None else min(best, t)
-    return best
-
-
-def test_backward_overlaps_each_projections_dx_with_its_dW(emulator, rng):
-    """Under the job handshake (ab_testing.h: a job sent to the idle worker
-    has started before its submit returns and runs until waited for), the
-    log shows each layer's four dx groups in the model's order — w2; w1+w3;
-    wo; wq+wk+wv — each group's first job in flight while the model's thread
-    spent at least half the CPU time of that group's dW sgemms (one thread:
-    all of it on this thread), i.e. the dW ran between submit and wait.
-    Independent of machine load; gradients unchanged."""
-    tokens, targets = batch(rng)
-    N = tokens.size
-    D, Hd, kv = CFG.dim, CFG.hidden_dim, CFG.dim // CFG.n_heads * CFG.n_kv_heads
-    ref = step(ab.Llama(CFG, seed=13, backend="cpu"), tokens, targets)
-    dev = ab.Llama(CFG, seed=13, backend="ane")
-    threads = ab.get_num_threads()
-    ab.set_num_threads(1)
-    lib.ab_ane_testing_handshake(1)
+def overlap_log(run):
+    """run() under the overlap hook (ab_testing.h); its events as
+    {kind: {id: seq}} with kinds dx_begin, dx_end, dW_submit, dW_begin, dW_end."""
+    lib.ab_ane_testing_overlap(1)
     try:
-        got = step(dev, tokens, targets)
+        run()
         n = ffi.new("int64_t *")
-        lib.ab_ane_testing_job_log(ffi.NULL, 0, n)
-        buf = ffi.new("int64_t[]", 6 * n[0])
-        lib.ab_ane_testing_job_log(buf, n[0], n)
-        lib.ab_ane_testing_handshake(0)
-        groups = [[(Hd, D)], [(D, Hd)] * 2, [(D, D)], [(D, D), (D, kv), (D, kv)]]  # (in, out) of dW
-        dW_ns = [sum(dW_cpu_ns(N, i, o, rng) for i, o in g) for g in groups]
+        lib.ab_ane_testing_overlap_log(ffi.NULL, 0, n)
+        buf = ffi.new("int64_t[]", 3 * n[0])
+        lib.ab_ane_testing_overlap_log(buf, n[0], n)
     finally:
-        lib.ab_ane_testing_handshake(0)
-        ab.set_num_threads(threads)
-    assert_close_per_tensor(dev, got, ref, 5e-3)
-    log = np.frombuffer(ffi.buffer(buf), dtype=np.int64).reshape(-1, 6)
-    assert len(log) == N_PROJ * CFG.n_layers
-    submitted, started, ended, waited, cpu_submitted, cpu_waited = log.T
-    assert (submitted <= started).all() and (started <= ended).all() and (waited <= ended).all()
-    sizes = [len(g) for g in groups] * CFG.n_layers
-    first = np.cumsum([0] + sizes[:-1])
-    for g, (i, k) in enumerate(zip(first, sizes)):
-        # a group's jobs go in together (all submitted before its first is
-        # waited for); the first runs across the dW, the rest queue behind it
-        assert (submitted[i:i + k] < waited[i]).all(), f"group {g}"
-        assert started[i] < waited[i] <= ended[i], f"group {g}"
-        spent, need = cpu_waited[i] - cpu_submitted[i], dW_ns[g % 4] // 2
-        assert spent >= need, f"group {g}: {spent} ns of CPU between submit and wait < {need}"
-        if g + 1 < len(first):
-            assert waited[i + k - 1] <= submitted[first[g + 1]], f"group {g} ends before the next"
+        lib.ab_ane_testing_overlap(0)
+    kinds = ["dx_begin", "dx_end", "dW_submit", "dW_begin", "dW_end"]
+    ev = {k: {} for k in kinds}
+    for seq, kind, i in np.frombuffer(ffi.buffer(buf), dtype=np.int64).reshape(-1, 3):
+        ev[kinds[kind]][int(i)] = int(seq)
+    return ev
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_backward_runs_each_dW_on_the_cpu_while_the_next_dx_is_on_the_ane(emulator, rng, recompute):
+    """The backward queues each projection's dW to the CPU worker after its
+    dx and waits for them once, at the end: under the overlap hook (a queued
+    dW begins, then holds until a dx call begins; that dx call holds at its
+    end until the dW has begun) the event order shows every dW running
+    while the next projection's dx is on the ANE — dx of projection i+1
+    begins before dW of projection i ends, and dW i begins before dx i+1
+    ends — whatever the scheduler does. A backward that waited for each dW
+    before the next dx would show no such pair (its dW would be released
+    only by its wait). Gradients as on the CPU."""
+    tokens, targets = batch(rng)
+    ref = step(ab.Llama(CFG, seed=13, backend="cpu"), tokens, targets)
+    dev = ab.Llama(CFG, seed=13, backend="ane", recompute=recompute)
+    dev.forward(tokens, targets)
+    ev = overlap_log(dev.backward)
+    assert_close_per_tensor(dev, dev.flat_grads, ref, 5e-3)
+    # ANE calls: the fused dx (and, with recompute, each layer's forward projections but w2,
+    # whose output X[l+1] the recompute does not need)
+    n_dx = (N_DX + (N_PROJ - 1 if recompute else 0)) * CFG.n_layers
+    n_dw = 1 + N_PROJ * CFG.n_layers                                 # dW: the classifier's too
+    assert sorted(ev["dx_begin"]) == sorted(ev["dx_end"]) == list(range(n_dx))
+    assert sorted(ev["dW_submit"]) == sorted(ev["dW_end"]) == list(range(n_dw))
+    dx_begins = sorted(ev["dx_begin"].items(), key=lambda t: t[1])
+    overlapped = []
+    for j in range(n_dw):
+        nxt = [i for i, b in dx_begins if b > ev["dW_submit"][j]]
+        if nxt and ev["dW_begin"][j] < ev["dx_end"][nxt[0]] and ev["dx_begin"][nxt[0]] < ev["dW_end"][j]:
+            overlapped.append(j)
+    # dW order: the classifier's (#0), then per layer w2 w1 w3 wo wq wk wv. One wait at the end:
+    # all but layer 0's wq wk wv (no dx after them) overlap the next dx. With recompute the
+    # queue is drained before each layer's recompute, which waits out the classifier's and
+    # every layer's wq wk wv.
+    unpaired = {n_dw - 3, n_dw - 2, n_dw - 1}
+    if recompute:
+        unpaired |= {0} | {7 * g + d for g in range(CFG.n_layers - 1) for d in (5, 6, 7)}
+    assert overlapped == [j for j in range(n_dw) if j not in unpaired], overlapped
 
 
 def test_platform_errors_raise_with_ane_and_fall_back_with_auto(emulator, rng):
@@ -220,8 +312,8 @@ def test_platform_errors_raise_with_ane_and_fall_back_with_auto(emulator, rng):
     ref = step(ab.Llama(CFG, seed=17, backend="cpu"), tokens, targets)
     dev = ab.Llama(CFG, seed=17, backend="ane")
     step(dev, tokens, targets)                   # programs compiled and loaded
-    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
     dev.forward(tokens, targets)
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)
     with pytest.raises(ab.AnebackwardError, match="Llama.backward"):
         dev.backward()
     lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)

@@ -8,8 +8,11 @@ Which platform runs ANE programs in this process:
                with ANEBACKWARD_ANE=emulate or use_emulator(True).
 ANEBACKWARD_ANE=off disables the ANE (available() is False).
 
-What runs there: linear_backward_dx (dx = dy·W, half of the backward's
-matmul FLOPs). Weight gradients and everything else stay on the CPU.
+What runs there: linear (y = x·Wᵀ) and linear_backward_dx (dx = dy·W),
+both with one dynamic-weight program family (x or dy packed with W, or
+Wᵀ, in one fp16 input); the model fuses projections that share an input
+(w1+w3, wq+wk+wv) into one evaluation. Weight gradients and everything else
+stay on the CPU.
 
 Routing (backend= of anebackward.linear_backward_dx):
   "ane"   always this route; AneUnavailableError (with the reason) where
@@ -41,7 +44,7 @@ from .._native import exception_for, ffi, fptr, lib
 from ..errors import AnebackwardError, AneUnavailableError
 
 ENV = "ANEBACKWARD_ANE"
-KERNELS = ("linear_backward_dx",)
+KERNELS = ("linear", "linear_backward_dx")
 # The shapes the origin project (github maderix/ANE, training_dynamic: the
 # Stories110M and Qwen3-0.6B projections, S = 256) evaluated on the hardware:
 # in and out up to 3072, packed input surfaces up to 3072 x 2560 fp16 values.
@@ -185,7 +188,9 @@ def status():
     (this context), process_compiles and compiles_remaining (the budget is per
     process), cache_size (programs cached), max_programs, calls, tiles on
     ANE/CPU, fallbacks by cause, overflow_reruns, load_retries,
-    weight_stagings/weight_reuses, last_error, settings, fp16 conversion path."""
+    weight_stagings/weight_reuses, requests (program + surface bindings made:
+    one per program and per staged weight, none per call), last_error,
+    settings, fp16 conversion path."""
     ctx, key, reason = _current()
     d = {"available": ctx is not None, "platform": None, "reason": reason, "self_test": None,
          "os": sys.platform, "fp16_path": ffi.string(lib.ab_ane_fp16_path()).decode(),
@@ -208,7 +213,7 @@ def status():
                         "budget": st.fallback_budget, "error": st.fallback_error},
              overflow_reruns=st.overflow_reruns, load_retries=st.load_retries,
              weight_stagings=st.weight_stagings, weight_reuses=st.weight_reuses,
-             last_error=last or None)
+             requests=st.requests, last_error=last or None)
     return d
 
 
@@ -237,14 +242,23 @@ def route_reason(backend, kernel, **shape):
         return f"2·N·in·out = {2 * N * n_in * n_out} is below min_flops = {_config['min_flops']}"
     S = min(_config["tile_rows"], -(-N // ALIGN) * ALIGN)
     in_p, out_p = -(-n_in // ALIGN) * ALIGN, -(-n_out // ALIGN) * ALIGN
+    # the packed input: [contracted dim, S + result dim] (linear: in, out; dx: out, in)
+    C, A = (in_p, out_p) if kernel == "linear" else (out_p, in_p)
     E = ENVELOPE
     if not (0 < n_in <= E["max_in"] and 0 < n_out <= E["max_out"] and S <= E["max_rows_per_tile"]
-            and out_p * (S + in_p) <= E["max_input_elements"]):
-        return (f"in={n_in}, out={n_out} (input surface {out_p} x {S + in_p} after padding, "
+            and C * (S + A) <= E["max_input_elements"]):
+        return (f"in={n_in}, out={n_out} (input surface {C} x {S + A} after padding, "
                 f"{S} rows per tile) is outside the shapes the origin project ran on the Neural "
                 f"Engine (in, out <= {E['max_in']}, <= {E['max_rows_per_tile']} rows per tile, "
                 f"input <= {E['max_input_elements']} values)")
     return None
+
+
+def fused(width):
+    """Whether projections whose fused side (the sum of their out widths) is
+    `width` run as one evaluation: up to the widest side the origin ran
+    (3072 after padding); wider ones run one evaluation per projection."""
+    return -(-width // ALIGN) * ALIGN <= ENVELOPE["max_out"]
 
 
 def routes(backend, kernel, **shape):
@@ -254,7 +268,7 @@ def routes(backend, kernel, **shape):
     reason = route_reason(backend, kernel, **shape)
     if reason is not None and backend == "auto" and kernel in KERNELS:
         _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": f"not routed: {reason}", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
     return reason is None
 
 
@@ -263,7 +277,9 @@ def last_call():
     (cause of the first CPU tile, or None), scale_log2 (dy was scaled by
     2**scale_log2 on the way into fp16), w_staged (W converted to fp16 by this
     call, False when a staged copy was reused), t_start_ns/t_end_ns (when the
-    call ran, clock_ns()); linear_backward() adds dW_start_ns/dW_end_ns.
+    call ran, clock_ns()), eval_ns (of which in the platform's evaluations:
+    the rest is the CPU's staging work); linear_backward() adds
+    dW_start_ns/dW_end_ns.
     None before the first call."""
     return getattr(_local, "info", None)
 
@@ -278,7 +294,8 @@ def clock_ns():
 def _info(info):
     return {"tiles": info.tiles, "tiles_cpu": info.tiles_cpu,
             "fallback": _FALLBACKS.get(info.fallback, info.fallback), "scale_log2": info.scale_log2,
-            "w_staged": bool(info.w_staged), "t_start_ns": info.t_start_ns, "t_end_ns": info.t_end_ns}
+            "w_staged": bool(info.w_staged), "t_start_ns": info.t_start_ns, "t_end_ns": info.t_end_ns,
+            "eval_ns": info.eval_ns}
 
 
 def _raise(fn, rc, err):
@@ -324,7 +341,7 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_ver
             require()
         rc = lib.ab_linear_backward_dx(fptr(out), fptr(dy), fptr(W), N, n_in, n_out, int(bool(accumulate)))
         _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0}
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
         if rc:
             _raise(fn, rc, None)
         return out
@@ -333,6 +350,44 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_ver
     flags = (lib.AB_ANE_STRICT if backend == "ane" else 0)
     rc = lib.ab_ane_linear_backward_dx(ctx, fptr(out), fptr(dy), fptr(W), w_version, N, n_in, n_out,
                                        int(bool(accumulate)), flags, info, err, _ERRCAP)
+    _local.info = _info(info)
+    if rc:
+        _raise(fn, rc, err)
+    return out
+
+
+def linear(x, W, *, out=None, backend="ane", w_version=0):
+    """y[..., out] = x[..., in] · Wᵀ on the ANE (the dx program with Wᵀ
+    staged; fp16 operands, fp32 result). backend and w_version as for
+    linear_backward_dx; see last_call()."""
+    fn = "anebackward.ane.linear"
+    if backend not in ("ane", "auto"):
+        raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")
+    C.f32(fn, "x", x)
+    C.f32(fn, "W", W, 2)
+    n_out, n_in = W.shape
+    if x.ndim < 1 or x.shape[-1] != n_in:
+        raise ValueError(f"{fn}: the last axis of x must be W.shape[1] = {n_in}, got x.shape = {x.shape}")
+    N = int(np.prod(x.shape[:-1], dtype=np.int64))
+    w_version = C.nonneg_int(fn, "w_version", w_version)
+    if w_version >= 2 ** 64:
+        raise ValueError(f"{fn}: w_version must be below 2**64, got {w_version}")
+    out = C.out(fn, "out", out, x.shape[:-1] + (n_out,), ("x", x), ("W", W))
+    ctx, _, _ = _current()
+    if ctx is None:
+        if backend == "ane":
+            require()
+        rc = lib.ab_linear_forward(fptr(out), fptr(x), fptr(W), N, n_in, n_out)
+        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
+                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
+        if rc:
+            _raise(fn, rc, None)
+        return out
+    info = ffi.new("ab_ane_call_info *")
+    err = ffi.new("char[]", _ERRCAP)
+    flags = lib.AB_ANE_STRICT if backend == "ane" else 0
+    rc = lib.ab_ane_linear_forward(ctx, fptr(out), fptr(x), fptr(W), w_version, N, n_in, n_out, flags,
+                                   info, err, _ERRCAP)
     _local.info = _info(info)
     if rc:
         _raise(fn, rc, err)
@@ -441,13 +496,14 @@ def clear_cache():
 
 
 def self_test():
-    """Run a 64×64×64 dx problem (the smallest shape the origin project ran
-    on the hardware) on the current platform and compare with the CPU within
-    fp16 tolerance. Returns None when it passes, else the reason (a string);
+    """Run a 256×768×768 dx problem (S×in×out: Stories110M's attention
+    projections at 256 rows, a shape the origin project ran on the hardware)
+    on the current platform and compare with the CPU within fp16 tolerance.
+    Returns None when it passes, else the reason (a string);
     status()["self_test"] keeps the report. Costs one compile unless that
-    shape is cached. The darwin platform runs it once per process when a
-    context opens, so that a Mac whose Neural Engine cannot run programs
-    (e.g. a virtual machine) reports available() False with that reason."""
+    shape is cached. The darwin platform runs it whenever a context opens,
+    so that a Mac whose Neural Engine cannot run programs (e.g. a virtual
+    machine) reports available() False with that reason."""
     ctx, _, reason = _current()
     if ctx is None:
         return reason

@@ -45,18 +45,17 @@
 #define AB_ANE_DEFAULT_TILE_ROWS 256
 #define AB_ANE_ALIGN 64
 #define AB_ANE_LOAD_RETRY_US 100000
-#define AB_ANE_SELF_TEST_N 64
+#define AB_ANE_SELF_TEST_S 256    /* the self-test's shape: Stories110M's wq at */
+#define AB_ANE_SELF_TEST_D 768    /* the origin's 256 rows, a shape it ran       */
 #define AB_ANE_SELF_TEST_TOL 4e-3  /* relative (Frobenius); fp16 rounding gives ~5e-4 */
 #define AB_ANE_FP16_MAX 65504.0f
+#define AB_ANE_MAX_FUSED 3072     /* widest fused side: the widest the origin ran */
 
 static int64_t g_process_compiles;          /* atomic: every context, every platform */
 static int64_t g_next_ctx_id;               /* atomic: tags programs per context */
 
-/* Self-test results per platform for this process: a context opening on a
- * platform that already passed does not spend another compile on it. */
-static pthread_mutex_t g_selftest_mu = PTHREAD_MUTEX_INITIALIZER;
-static const ab_ane_platform *g_selftest_pf[4];
-static double g_selftest_err[4];
+/* ab_ane_testing_self_test_on_open: every platform self-tests at open. */
+static int g_selftest_forced;               /* atomic */
 
 /* What the cache needs to know about a kernel: its MIL generator and the
  * sizes of its packed input, output and fp32 staging tile for S rows and two
@@ -84,18 +83,26 @@ typedef struct {
     int code;                   /* AB_OK: ready; else why it failed */
     char *msg;                  /* the failure, whole */
     void *prog, *in_surf, *out_surf;
+    void *req;                  /* the request binding in_surf and out_surf */
     float *scratch;             /* max(in, out) * S floats: the fp32 staging tile */
 } ane_entry;
 
-/* A weight staged in fp16 in its own input surface, for one program shape. */
+/* Weights staged in fp16 in their own input surface, for one program shape:
+ * W[0..n-1] as the dx (forward = 0) or forward program's M (mm_call). */
 typedef struct {
-    const float *W;
+    const float *W[3];
+    int n, forward;
     int64_t S, in, out;         /* the shape of the program it feeds */
     uint64_t version;
     void *in_surf;
+    void *req;                  /* binds in_surf to the program's output surface */
 } ane_stage;
 
 struct ab_ane_job {
+    int (*fn)(void *);          /* a CPU job (ab_ane_submit_fn), else a dx job */
+    void *arg;
+    int64_t ov_id, ov_submit;   /* the overlap hook's numbering (under g_ov_mu) */
+    int ov_waited;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int done;
@@ -229,6 +236,53 @@ static void wait_flag(pthread_cond_t *cv, pthread_mutex_t *mu, const int *flag) 
     while (!*flag && pthread_cond_timedwait(cv, mu, &until) == 0) {}
 }
 
+/* The overlap hook (ab_testing.h): events (seq, kind, id) and the holds
+ * that make CPU jobs and synchronous dx calls meet whenever the caller
+ * queued the job before the call. */
+enum { OV_DX_BEGIN, OV_DX_END, OV_FN_SUBMIT, OV_FN_BEGIN, OV_FN_END, OV_LOG_CAP = 4096 };
+static int g_ov_on;                         /* atomic */
+static pthread_mutex_t g_ov_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_ov_cv = PTHREAD_COND_INITIALIZER;
+static int64_t g_ov_seq, g_ov_n, g_ov_fn_submitted, g_ov_fn_begun, g_ov_dx_calls, g_ov_dx_last_begin;
+static int64_t g_ov_log[OV_LOG_CAP][3];
+
+int ab_ane_testing_overlap(int on) {
+    pthread_mutex_lock(&g_ov_mu);
+    g_ov_seq = g_ov_n = g_ov_fn_submitted = g_ov_fn_begun = g_ov_dx_calls = g_ov_dx_last_begin = 0;
+    __atomic_store_n(&g_ov_on, on != 0, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&g_ov_cv);
+    pthread_mutex_unlock(&g_ov_mu);
+    return AB_OK;
+}
+
+int ab_ane_testing_overlap_log(int64_t *out, int64_t cap, int64_t *n) {
+    AB_NONNULL(n);
+    pthread_mutex_lock(&g_ov_mu);
+    *n = g_ov_n;
+    for (int64_t i = 0; i < g_ov_n && i < cap; i++) memcpy(out + 3 * i, g_ov_log[i], sizeof g_ov_log[i]);
+    pthread_mutex_unlock(&g_ov_mu);
+    return AB_OK;
+}
+
+/* Under g_ov_mu: log an event, wake the holds; returns its sequence number. */
+static int64_t ov_event(int kind, int64_t id) {
+    int64_t seq = ++g_ov_seq;
+    if (g_ov_n < OV_LOG_CAP) {
+        g_ov_log[g_ov_n][0] = seq, g_ov_log[g_ov_n][1] = kind, g_ov_log[g_ov_n][2] = id;
+        g_ov_n++;
+    }
+    pthread_cond_broadcast(&g_ov_cv);
+    return seq;
+}
+
+/* Under g_ov_mu: wait (at most 10 s) until *a >= b, or *c when c is given. */
+static void ov_hold(const int64_t *a, int64_t b, const int *c) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    while (*a < b && !(c && *c) && pthread_cond_timedwait(&g_ov_cv, &g_ov_mu, &until) == 0) {}
+}
+
 /* Spend one compile of the process budget, or refuse (AB_ANE_EBUDGET). */
 static int take_compile(ab_ane_ctx *ctx) {
     int64_t c = __atomic_load_n(&g_process_compiles, __ATOMIC_SEQ_CST);
@@ -240,12 +294,9 @@ static int take_compile(ab_ane_ctx *ctx) {
     return AB_OK;
 }
 
-static int selftest_slot(const ab_ane_platform *pf, int create) {
-    for (int i = 0; i < 4; i++) {
-        if (g_selftest_pf[i] == pf) return i;
-        if (!g_selftest_pf[i] && create) { g_selftest_pf[i] = pf; return i; }
-    }
-    return -1;
+int ab_ane_testing_self_test_on_open(int on) {
+    __atomic_store_n(&g_selftest_forced, on != 0, __ATOMIC_SEQ_CST);
+    return AB_OK;
 }
 
 int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap) {
@@ -292,34 +343,23 @@ int ab_ane_open(ab_ane_ctx **ctx, const char *platform, char *err, size_t errcap
     c->st.self_test_rel_err = -1.0;
     snprintf(c->tag, sizeof c->tag, "p%ld_c%lld", (long)getpid(),
              (long long)__atomic_add_fetch(&g_next_ctx_id, 1, __ATOMIC_SEQ_CST));
-    if (pf->self_test_on_open) {
-        pthread_mutex_lock(&g_selftest_mu);
-        int slot = selftest_slot(pf, 0);
-        if (slot >= 0) {                 /* passed earlier in this process */
-            c->st.self_test_code = AB_OK;
-            c->st.self_test_rel_err = g_selftest_err[slot];
-            char rep[160];
-            snprintf(rep, sizeof rep, "passed earlier in this process: %dx%dx%d dx, relative error %.2e",
-                     AB_ANE_SELF_TEST_N, AB_ANE_SELF_TEST_N, AB_ANE_SELF_TEST_N, g_selftest_err[slot]);
-            set_str(&c->self_test_report, rep);
-        } else {
-            char *why = malloc(AB_ANE_ERRCAP);
-            rc = why ? ab_ane_self_test(c, why, AB_ANE_ERRCAP) : AB_ENOMEM;
-            if (!rc && (slot = selftest_slot(pf, 1)) >= 0) g_selftest_err[slot] = c->st.self_test_rel_err;
-            if (rc) ab_ane_fail(err, errcap, AB_ANE_EUNAVAILABLE, "%s", why ? why : "out of memory");
-            free(why);
-        }
-        pthread_mutex_unlock(&g_selftest_mu);
+    if (pf->self_test_on_open || __atomic_load_n(&g_selftest_forced, __ATOMIC_SEQ_CST)) {
+        char *why = malloc(AB_ANE_ERRCAP);
+        rc = why ? ab_ane_self_test(c, why, AB_ANE_ERRCAP) : AB_ENOMEM;
         if (rc) {
+            ab_ane_fail(err, errcap, AB_ANE_EUNAVAILABLE, "%s", why ? why : "out of memory");
+            free(why);
             ab_ane_close(c);
             return AB_ANE_EUNAVAILABLE;
         }
+        free(why);
     }
     *ctx = c;
     return AB_OK;
 }
 
 static void entry_release(const ab_ane_platform *pf, ane_entry *e) {
+    if (e->req) pf->request_release(e->req);
     if (e->prog) pf->unload(e->prog);
     if (e->in_surf) pf->surface_release(e->in_surf);
     if (e->out_surf) pf->surface_release(e->out_surf);
@@ -330,8 +370,11 @@ static void entry_release(const ab_ane_platform *pf, ane_entry *e) {
 
 /* Release every program and staged weight. Called with the mutex held. */
 static void cache_release(ab_ane_ctx *ctx) {
+    for (int64_t i = 0; i < ctx->nstages; i++) {     /* requests before what they bind */
+        ctx->pf->request_release(ctx->stages[i].req);
+        ctx->pf->surface_release(ctx->stages[i].in_surf);
+    }
     for (int64_t i = 0; i < ctx->n; i++) entry_release(ctx->pf, &ctx->entries[i]);
-    for (int64_t i = 0; i < ctx->nstages; i++) ctx->pf->surface_release(ctx->stages[i].in_surf);
     ctx->n = 0;
     ctx->nstages = 0;
 }
@@ -457,6 +500,11 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
         if (!rc) rc = pf->surface_create(k->out_bytes(S, in, out), &e->out_surf, pm, AB_ANE_ERRCAP);
     }
     if (!rc) {
+        stage = "request";
+        rc = pf->request_create(e->prog, e->in_surf, e->out_surf, &e->req, pm, AB_ANE_ERRCAP);
+        if (!rc) ctx->st.requests++;
+    }
+    if (!rc) {
         e->scratch = malloc((size_t)k->scratch_floats(S, in, out) * sizeof(float));
         if (!e->scratch) { rc = AB_ENOMEM; snprintf(pm, AB_ANE_ERRCAP, "out of memory"); }
     }
@@ -470,11 +518,12 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
                      "failed: %s", pf->name, stage, k->name, (long long)S, (long long)in,
                      (long long)out, why);
         /* keep the entry as a remembered failure, without resources */
+        if (e->req) pf->request_release(e->req);
         if (e->prog) pf->unload(e->prog);
         if (e->in_surf) pf->surface_release(e->in_surf);
         if (e->out_surf) pf->surface_release(e->out_surf);
         free(e->scratch);
-        e->prog = e->in_surf = e->out_surf = NULL;
+        e->prog = e->in_surf = e->out_surf = e->req = NULL;
         e->scratch = NULL;
     }
     free(pm);
@@ -547,23 +596,59 @@ static void note_fallback(ab_ane_ctx *ctx, ab_ane_call_info *info, int reason) {
     }
 }
 
-/* Write W[out, in] (fp32) into the W part of an input surface of program e,
- * zero padding included: [:, o, :, S + i] = W[o, i]. */
-static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const float *W, int64_t in,
-                   int64_t out) {
-    int64_t S = e->S, SP = e->S + e->in;
+/* One call of the program family: Y[N, A] (+)= X[N, C] · M[C, A], M built
+ * from 1..3 weights W_p[out_p, in], all with the dx program (packed
+ * [1, C, 1, S + A]: X^T then M; result Y^T [1, A, 1, S]):
+ *   dx (forward = 0): X = [dy_0 | dy_1 | ...] (C = Σ out_p), M = [W_0; W_1; ...]
+ *     stacked by rows (A = in), Y = dx: the fused dx of projections that
+ *     share their input (wq wk wv; w1 w3), one evaluation for their sum;
+ *   forward (forward = 1): X = x (C = in), M = [W_0^T | W_1^T | ...] (A =
+ *     Σ out_p), Y = [y_0 | y_1 | ...]: projections of one input (wq wk wv;
+ *     w1 w3) in one evaluation. */
+typedef struct {
+    int forward, n;
+    float *const *dst;          /* dx: dst[0] [N, in]; forward: y_p [N, out_p] */
+    const float *const *src;    /* dx: dy_p [N, out_p]; forward: src[0] = x [N, in] */
+    const float *const *W;
+    const int64_t *out;
+    int64_t N, in, C, A;        /* C, A: the real (unpadded) contracted and result widths */
+    int accumulate;
+} mm_call;
+
+static int64_t part_off(const mm_call *m, int p) {
+    int64_t o = 0;
+    for (int q = 0; q < p; q++) o += m->out[q];
+    return o;
+}
+
+/* Write M (fp16) into the M part of an input surface of program e, zero
+ * padding included: [:, c, :, S + a] = M[c, a]. For the forward M holds
+ * W^T, transposed here once per staged version. */
+static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const mm_call *m) {
+    int64_t S = e->S, SP = e->S + e->in, Cp = e->out, Ap = e->in;
+    float *row = m->forward ? malloc((size_t)Ap * sizeof(float)) : NULL;
+    if (m->forward && !row) return AB_ENOMEM;
     uint16_t *pin = ctx->pf->surface_lock(surf, 0);
-    if (!pin) return AB_ANE_ESURFACE;
-    for (int64_t o = 0; o < e->out; o++) {
-        uint16_t *row = pin + o * SP + S;
-        if (o < out) {
-            ab_ane_f32_to_f16(row, W + o * in, in);
-            memset(row + in, 0, (size_t)(e->in - in) * 2);
-        } else {
-            memset(row, 0, (size_t)e->in * 2);
+    if (!pin) { free(row); return AB_ANE_ESURFACE; }
+    for (int64_t c = 0; c < Cp; c++) {
+        uint16_t *dst = pin + c * SP + S;
+        if (c >= m->C) { memset(dst, 0, (size_t)Ap * 2); continue; }
+        if (m->forward) {               /* row c of M = column c of every W_p */
+            int64_t a = 0;
+            for (int p = 0; p < m->n; p++)
+                for (int64_t o = 0; o < m->out[p]; o++) row[a++] = m->W[p][o * m->in + c];
+            for (; a < Ap; a++) row[a] = 0.0f;
+            ab_ane_f32_to_f16(dst, row, Ap);
+        } else {                        /* row c of M = row c - off_p of W_p */
+            int p = 0;
+            int64_t o = c;
+            while (o >= m->out[p]) o -= m->out[p++];
+            ab_ane_f32_to_f16(dst, m->W[p] + o * m->in, m->in);
+            memset(dst + m->in, 0, (size_t)(Ap - m->in) * 2);
         }
     }
     ctx->pf->surface_unlock(surf, 0);
+    free(row);
     ctx->st.weight_stagings++;
     return AB_OK;
 }
@@ -572,37 +657,48 @@ static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const float 
  * Weights are not loss-scaled: if even the largest is below 2^-10, most of
  * them would land in fp16's subnormal range (< 6.1e-5) and lose their
  * precision, so such a matrix stays on the CPU too. */
-static int weights_fit_fp16(const float *W, int64_t n) {
-    int finite;
-    float wmax = max_abs(W, n, &finite);
-    return finite && wmax < 65520.0f && !(wmax > 0.0f && wmax < 0x1p-10f);
+static int weights_fit_fp16(const mm_call *m) {
+    for (int p = 0; p < m->n; p++) {
+        int finite;
+        float wmax = max_abs(m->W[p], m->out[p] * m->in, &finite);
+        if (!(finite && wmax < 65520.0f && !(wmax > 0.0f && wmax < 0x1p-10f))) return 0;
+    }
+    return 1;
 }
 
-/* The input surface holding W for this call: a staged one (w_version != 0),
- * converted (and range-checked) only when its version changed, or the
- * program's own, written on every call. *reason = AB_ANE_FB_RANGE when W
- * cannot go to fp16. */
-static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64_t w_version,
-                           int64_t in, int64_t out, void **surf, int *staged_now, int *reason) {
+static int stage_matches(const ane_stage *t, const ane_entry *e, const mm_call *m) {
+    if (t->S != e->S || t->in != e->in || t->out != e->out || t->forward != m->forward || t->n != m->n)
+        return 0;
+    for (int p = 0; p < m->n; p++)
+        if (t->W[p] != m->W[p]) return 0;
+    return 1;
+}
+
+/* The input surface (and its request) holding M for this call: a staged
+ * one (w_version != 0), converted (and range-checked) only when its version
+ * changed, or the program's own, written on every call. *reason =
+ * AB_ANE_FB_RANGE when a weight cannot go to fp16. */
+static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const mm_call *m, uint64_t w_version,
+                           void **surf, void **req, int *staged_now, int *reason) {
     *staged_now = 0;
     *reason = AB_ANE_FB_NONE;
     ane_stage *s = NULL;
     if (w_version != 0) {
-        for (int64_t i = 0; i < ctx->nstages; i++) {
-            ane_stage *t = &ctx->stages[i];
-            if (t->W == W && t->S == e->S && t->in == e->in && t->out == e->out) { s = t; break; }
-        }
+        for (int64_t i = 0; i < ctx->nstages; i++)
+            if (stage_matches(&ctx->stages[i], e, m)) { s = &ctx->stages[i]; break; }
         if (s && s->version == w_version) {
             ctx->st.weight_reuses++;
             *surf = s->in_surf;
+            *req = s->req;
             return AB_OK;
         }
     }
-    if (!weights_fit_fp16(W, in * out)) { *reason = AB_ANE_FB_RANGE; return AB_OK; }
+    if (!weights_fit_fp16(m)) { *reason = AB_ANE_FB_RANGE; return AB_OK; }
     if (w_version == 0) {
         *surf = e->in_surf;
+        *req = e->req;
         *staged_now = 1;
-        return write_W(ctx, e, e->in_surf, W, in, out);
+        return write_W(ctx, e, e->in_surf, m);
     }
     if (!s) {
         if (ctx->nstages == ctx->capstages) {
@@ -613,72 +709,125 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const float *W, uint64
             ctx->capstages = cap;
         }
         char pm[256];
-        void *ns = NULL;
+        void *ns = NULL, *nr = NULL;
         int rc = ctx->pf->surface_create(e->kernel->in_bytes(e->S, e->in, e->out), &ns, pm, sizeof pm);
         if (rc) return rc;
+        /* the request is made once, with the surface: every later version
+         * of these weights is written into the same surface */
+        rc = ctx->pf->request_create(e->prog, ns, e->out_surf, &nr, pm, sizeof pm);
+        if (rc) { ctx->pf->surface_release(ns); return rc; }
+        ctx->st.requests++;
         s = &ctx->stages[ctx->nstages++];
-        *s = (ane_stage){W, e->S, e->in, e->out, 0, ns};
+        memset(s, 0, sizeof *s);
+        for (int p = 0; p < m->n; p++) s->W[p] = m->W[p];
+        s->n = m->n;
+        s->forward = m->forward;
+        s->S = e->S, s->in = e->in, s->out = e->out;
+        s->in_surf = ns;
+        s->req = nr;
     }
     *surf = s->in_surf;
+    *req = s->req;
     s->version = 0;                 /* invalid until the write completes */
-    int rc = write_W(ctx, e, s->in_surf, W, in, out);
+    int rc = write_W(ctx, e, s->in_surf, m);
     if (rc) return rc;
     s->version = w_version;
     *staged_now = 1;
     return AB_OK;
 }
 
-/* One tile on the ANE at scale 2^k: AB_OK and *overflow set, or a platform
- * error. The W part of surf is already written. */
-static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, float *dx, const float *dy,
-                       int64_t rows, int64_t in, int64_t out, int k, int accumulate, int *overflow,
-                       char *err, size_t errcap) {
+/* Rows r0 .. r0+rows of X: max|X| over its parts (*finite = 0 on inf/NaN). */
+static float tile_max(const mm_call *m, int64_t r0, int64_t rows, int *finite) {
+    float mx = 0.0f;
+    *finite = 1;
+    int nx = m->forward ? 1 : m->n;
+    for (int p = 0; p < nx; p++) {
+        int64_t w = m->forward ? m->in : m->out[p];
+        int f;
+        float v = max_abs(m->src[p] + r0 * w, rows * w, &f);
+        *finite &= f;
+        mx = v > mx ? v : mx;
+    }
+    return mx;
+}
+
+/* One tile (rows r0 .. r0+rows) on the ANE at scale 2^k: AB_OK and
+ * *overflow set, or a platform error. The M part of surf is written. */
+static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, const mm_call *m,
+                       int64_t r0, int64_t rows, int k, int *overflow, int64_t *eval_ns, char *err,
+                       size_t errcap) {
     const ab_ane_platform *pf = ctx->pf;
     int64_t S = e->S, SP = S + e->in;
     float scale = ldexpf(1.0f, k);
     *overflow = 0;
-    /* s * dy^T into the fp32 staging tile [out, S], padding columns zero */
-    ab_ane_rows_to_channels(e->scratch, S, dy, rows, out, scale);
+    /* s * X^T into the fp32 staging tile [C, S], padding columns zero */
+    int nx = m->forward ? 1 : m->n;
+    for (int p = 0, c0 = 0; p < nx; p++) {
+        int64_t w = m->forward ? m->in : m->out[p];
+        ab_ane_rows_to_channels(e->scratch + c0 * S, S, m->src[p] + r0 * w, rows, w, scale);
+        c0 += (int)w;
+    }
     if (rows < S)
-        for (int64_t o = 0; o < out; o++) memset(e->scratch + o * S + rows, 0, (size_t)(S - rows) * sizeof(float));
+        for (int64_t c = 0; c < m->C; c++) memset(e->scratch + c * S + rows, 0, (size_t)(S - rows) * sizeof(float));
     uint16_t *pin = pf->surface_lock(surf, 0);
     if (!pin) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the input surface", pf->name);
-    for (int64_t o = 0; o < e->out; o++) {
-        if (o < out) ab_ane_f32_to_f16(pin + o * SP, e->scratch + o * S, S);
-        else memset(pin + o * SP, 0, (size_t)S * 2);
+    for (int64_t c = 0; c < e->out; c++) {
+        if (c < m->C) ab_ane_f32_to_f16(pin + c * SP, e->scratch + c * S, S);
+        else memset(pin + c * SP, 0, (size_t)S * 2);
     }
     pf->surface_unlock(surf, 0);
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
-    int rc = pf->eval(e->prog, surf, e->out_surf, pm, AB_ANE_ERRCAP);
+    int64_t t0 = now_ns();
+    int rc = pf->eval(e->prog, req, pm, AB_ANE_ERRCAP);
+    *eval_ns += now_ns() - t0;
     if (rc) {
-        ab_ane_fail(err, errcap, rc, "%s platform, evaluate linear_backward_dx (S=%lld, in=%lld, out=%lld): %s",
-                    pf->name, (long long)S, (long long)e->in, (long long)e->out,
-                    pm[0] ? pm : ab_ane_strerror(rc));
+        ab_ane_fail(err, errcap, rc, "%s platform, evaluate %s (S=%lld, in=%lld, out=%lld): %s",
+                    pf->name, m->forward ? "linear (forward)" : "linear_backward_dx", (long long)S,
+                    (long long)e->in, (long long)e->out, pm[0] ? pm : ab_ane_strerror(rc));
         free(pm);
         return rc;
     }
     free(pm);
     const uint16_t *pout = pf->surface_lock(e->out_surf, 1);
     if (!pout) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the output surface", pf->name);
-    ab_ane_f16_to_f32(e->scratch, pout, in * S);     /* the first `in` channels; the rest is padding */
+    ab_ane_f16_to_f32(e->scratch, pout, m->A * S);     /* the first A channels; the rest is padding */
     pf->surface_unlock(e->out_surf, 1);
-    if (!all_in_fp16_range(e->scratch, in * S)) { *overflow = 1; return AB_OK; }
-    ab_ane_channels_to_rows(dx, e->scratch, S, rows, in, ldexpf(1.0f, -k), accumulate);
+    if (!all_in_fp16_range(e->scratch, m->A * S)) { *overflow = 1; return AB_OK; }
+    int ny = m->forward ? m->n : 1;
+    for (int p = 0, a0 = 0; p < ny; p++) {
+        int64_t w = m->forward ? m->out[p] : m->in;
+        ab_ane_channels_to_rows(m->dst[p] + r0 * w, e->scratch + a0 * S, S, rows, w, ldexpf(1.0f, -k),
+                                m->forward ? 0 : m->accumulate);
+        a0 += (int)w;
+    }
     return AB_OK;
+}
+
+/* Rows r0 .. r0+rows on the CPU (fp32), with the same result layout. */
+static int tile_on_cpu(const mm_call *m, int64_t r0, int64_t rows) {
+    int rc = AB_OK;
+    for (int p = 0; p < m->n && !rc; p++) {
+        if (m->forward)
+            rc = ab_linear_forward(m->dst[p] + r0 * m->out[p], m->src[0] + r0 * m->in, m->W[p], rows,
+                                   m->in, m->out[p]);
+        else
+            rc = ab_linear_backward_dx(m->dst[0] + r0 * m->in, m->src[p] + r0 * m->out[p], m->W[p], rows,
+                                       m->in, m->out[p], p ? 1 : m->accumulate);
+    }
+    return rc;
 }
 
 static int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 static void set_last_error(ab_ane_ctx *ctx, const char *msg) { set_str(&ctx->last_error, msg); }
 
-/* The synchronous call with the mutex held. */
-static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, uint64_t w_version,
-                     int64_t N, int64_t in, int64_t out, int accumulate, int flags,
+/* The call with the mutex held. */
+static int mm_locked(ab_ane_ctx *ctx, const mm_call *m, uint64_t w_version, int flags,
                      ab_ane_call_info *info, char *err, size_t errcap) {
     int strict = (flags & AB_ANE_STRICT) != 0;
     int scaling = ctx->loss_scaling && !(flags & AB_ANE_NO_LOSS_SCALE);
-    int64_t S = ctx->tile_rows;
+    int64_t N = m->N, S = ctx->tile_rows;
     if (N < S) S = round_up(N, AB_ANE_ALIGN);
     if (S > ctx->tile_rows) S = ctx->tile_rows;
     int64_t tiles = (N + S - 1) / S;
@@ -686,17 +835,17 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
     ctx->st.calls++;
 
     int rc = AB_OK, reason = AB_ANE_FB_NONE, budget;
-    ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, round_up(in, AB_ANE_ALIGN), round_up(out, AB_ANE_ALIGN),
+    ane_entry *e = entry_get(ctx, &K_LINEAR_DX, S, round_up(m->A, AB_ANE_ALIGN), round_up(m->C, AB_ANE_ALIGN),
                              &budget);
-    void *surf = NULL;
+    void *surf = NULL, *req = NULL;
     if (!e) {
         reason = budget ? AB_ANE_FB_BUDGET : AB_ANE_FB_ERROR;
         if (budget) {
-            char m[200];
-            snprintf(m, sizeof m, "the compile budget of %lld programs per process is spent "
+            char msg[200];
+            snprintf(msg, sizeof msg, "the compile budget of %lld programs per process is spent "
                      "(%lld compiled); new shapes run on the CPU", (long long)ctx->max_programs,
                      (long long)__atomic_load_n(&g_process_compiles, __ATOMIC_SEQ_CST));
-            set_last_error(ctx, m);
+            set_last_error(ctx, msg);
         }
     } else if (e->code) {
         set_last_error(ctx, e->msg);
@@ -704,13 +853,13 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
         else reason = AB_ANE_FB_ERROR;
     } else {
         int staged_now, wreason;
-        int src = weights_surface(ctx, e, W, w_version, in, out, &surf, &staged_now, &wreason);
+        int src = weights_surface(ctx, e, m, w_version, &surf, &req, &staged_now, &wreason);
         info->w_staged = staged_now;
         if (src) {
-            char m[200];
-            snprintf(m, sizeof m, "%s platform: staging W failed: %s", ctx->pf->name, ab_ane_strerror(src));
-            set_last_error(ctx, m);
-            if (strict) rc = ab_ane_fail(err, errcap, src, "%s", m);
+            char msg[200];
+            snprintf(msg, sizeof msg, "%s platform: staging W failed: %s", ctx->pf->name, ab_ane_strerror(src));
+            set_last_error(ctx, msg);
+            if (strict) rc = ab_ane_fail(err, errcap, src, "%s", msg);
             else reason = AB_ANE_FB_ERROR;
         } else if (wreason) {
             reason = wreason;
@@ -719,28 +868,25 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
     int failed = AB_OK, got_scale = 0;
     for (int64_t t = 0; t < tiles && rc == AB_OK; t++) {
         int64_t r0 = t * S, rows = N - r0 < S ? N - r0 : S;
-        float *dxt = dx + r0 * in;
-        const float *dyt = dy + r0 * out;
         int tile_reason = reason;
         if (!tile_reason) {
             int finite;
-            float m = max_abs(dyt, rows * out, &finite);
+            float mx = tile_max(m, r0, rows, &finite);
             if (!finite) tile_reason = AB_ANE_FB_RANGE;
             else {
-                int k = scaling ? scale_exponent(m) : 0;
+                int k = scaling ? scale_exponent(mx) : 0;
                 int overflow;
                 char *pm = malloc(AB_ANE_ERRCAP);
-                int trc = pm ? tile_on_ane(ctx, e, surf, dxt, dyt, rows, in, out, k, accumulate, &overflow,
-                                           pm, AB_ANE_ERRCAP) : AB_ENOMEM;
+                int trc = pm ? tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, &info->eval_ns, pm, AB_ANE_ERRCAP)
+                             : AB_ENOMEM;
                 if (!trc && overflow && scaling) {      /* re-run with more headroom */
                     ctx->st.overflow_reruns++;
                     k -= AB_ANE_RERUN_DROP;
-                    trc = tile_on_ane(ctx, e, surf, dxt, dyt, rows, in, out, k, accumulate, &overflow,
-                                      pm, AB_ANE_ERRCAP);
+                    trc = tile_on_ane(ctx, e, surf, req, m, r0, rows, k, &overflow, &info->eval_ns, pm, AB_ANE_ERRCAP);
                 }
                 if (trc) {
                     /* This and the remaining tiles go to the CPU either way, so
-                     * dx is never left half-updated; strict calls then report. */
+                     * the result is never left half-updated; strict calls then report. */
                     const char *msg = pm ? pm : "out of memory";
                     if (strict && !failed) failed = ab_ane_fail(err, errcap, trc, "%s", msg);
                     tile_reason = AB_ANE_FB_ERROR;
@@ -759,39 +905,127 @@ static int dx_locked(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W
             note_fallback(ctx, info, tile_reason);
             info->tiles_cpu++;
             ctx->st.tiles_cpu++;
-            rc = ab_linear_backward_dx(dxt, dyt, W, rows, in, out, accumulate);
+            rc = tile_on_cpu(m, r0, rows);
         }
     }
     return rc ? rc : failed;
 }
 
-static int dx_check(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, int64_t N, int64_t in,
-                    int64_t out, char *err, size_t errcap) {
-    if (!ctx || !dx || !dy || !W) return ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
-    if (N < 0 || in < 0 || out < 0) return ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
-    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40))
-        return ab_ane_fail(err, errcap, AB_ETOOBIG, "dimension too large for an ANE tensor");
-    return AB_OK;
-}
-
-int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W,
-                              uint64_t w_version, int64_t N, int64_t in, int64_t out, int accumulate,
-                              int flags, ab_ane_call_info *info, char *err, size_t errcap) {
+/* Checks, the overlap hook, the mutex; the CPU kernels' edge cases. */
+static int mm_run(ab_ane_ctx *ctx, mm_call *m, uint64_t w_version, int flags, ab_ane_call_info *info,
+                  char *err, size_t errcap) {
     ab_ane_call_info local;
     if (!info) info = &local;
     memset(info, 0, sizeof *info);
     if (err && errcap) err[0] = '\0';
     info->t_start_ns = now_ns();
-    int rc = dx_check(ctx, dx, dy, W, N, in, out, err, errcap);
-    if (!rc && (N == 0 || in == 0 || out == 0))     /* nothing for the ANE: the CPU kernel's edge cases */
-        rc = ab_linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    else if (!rc) {
-        pthread_mutex_lock(&ctx->mu);
-        rc = dx_locked(ctx, dx, dy, W, w_version, N, in, out, accumulate, flags, info, err, errcap);
-        pthread_mutex_unlock(&ctx->mu);
+    int ov = __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST);
+    int64_t ov_id = 0, ov_need = 0;
+    if (ov) {           /* the CPU jobs queued so far must begin before this call ends */
+        pthread_mutex_lock(&g_ov_mu);
+        ov_id = g_ov_dx_calls++;
+        ov_need = g_ov_fn_submitted;
+        g_ov_dx_last_begin = ov_event(OV_DX_BEGIN, ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
+    int rc = AB_OK;
+    int64_t sum = 0;
+    if (!ctx || m->n < 1 || m->n > 3 || !m->src[0] || !m->dst[0])
+        rc = ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
+    for (int p = 0; p < m->n && !rc; p++) {
+        if (!m->W[p] || (!m->forward && !m->src[p]) || (m->forward && !m->dst[p]))
+            rc = ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
+        else if (m->out[p] < 0) rc = ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
+        else sum += m->out[p] > INT32_MAX ? INT32_MAX : m->out[p];
+    }
+    if (!rc && (m->N < 0 || m->in < 0)) rc = ab_ane_fail(err, errcap, AB_EINVAL, "negative size");
+    if (!rc && (m->in > INT32_MAX / 2 || sum > INT32_MAX / 2 || m->N > ((int64_t)1 << 40)))
+        rc = ab_ane_fail(err, errcap, AB_ETOOBIG, "dimension too large for an ANE tensor");
+    int empty = 0;
+    for (int p = 0; p < m->n; p++) empty |= m->out[p] == 0;
+    if (!rc) {
+        m->C = m->forward ? m->in : sum;
+        m->A = m->forward ? sum : m->in;
+        if (m->N == 0 || m->in == 0 || empty)   /* nothing for the ANE: the CPU kernels' edge cases */
+            rc = tile_on_cpu(m, 0, m->N);
+        else {
+            pthread_mutex_lock(&ctx->mu);
+            rc = mm_locked(ctx, m, w_version, flags, info, err, errcap);
+            pthread_mutex_unlock(&ctx->mu);
+        }
+    }
+    if (ov) {
+        pthread_mutex_lock(&g_ov_mu);
+        ov_hold(&g_ov_fn_begun, ov_need, NULL);
+        ov_event(OV_DX_END, ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
     }
     info->t_end_ns = now_ns();
     return rc;
+}
+
+int ab_ane_linear_backward_dx(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W,
+                              uint64_t w_version, int64_t N, int64_t in, int64_t out, int accumulate,
+                              int flags, ab_ane_call_info *info, char *err, size_t errcap) {
+    float *dst[1] = {dx};
+    const float *src[1] = {dy}, *Ws[1] = {W};
+    int64_t outs[1] = {out};
+    mm_call m = {0, 1, dst, src, Ws, outs, N, in, 0, 0, accumulate};
+    return mm_run(ctx, &m, w_version, flags, info, err, errcap);
+}
+
+int ab_ane_linear_forward(ab_ane_ctx *ctx, float *y, const float *x, const float *W, uint64_t w_version,
+                          int64_t N, int64_t in, int64_t out, int flags, ab_ane_call_info *info,
+                          char *err, size_t errcap) {
+    float *dst[1] = {y};
+    const float *src[1] = {x}, *Ws[1] = {W};
+    int64_t outs[1] = {out};
+    mm_call m = {1, 1, dst, src, Ws, outs, N, in, 0, 0, 0};
+    return mm_run(ctx, &m, w_version, flags, info, err, errcap);
+}
+
+/* A fused side wider than any the origin ran on the hardware: run the
+ * projections one by one instead. */
+static int fused_too_wide(int n, const int64_t *out) {
+    int64_t sum = 0;
+    for (int p = 0; p < n; p++) sum += out[p] > 0 ? out[p] : 0;
+    return n > 1 && round_up(sum, AB_ANE_ALIGN) > AB_ANE_MAX_FUSED;
+}
+
+int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float *const *dy,
+                                  const float *const *W, const int64_t *out, uint64_t w_version,
+                                  int64_t N, int64_t in, int accumulate, int flags) {
+    AB_NONNULL(dy); AB_NONNULL(W); AB_NONNULL(out);
+    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
+    float *dst[1] = {dx};
+    if (fused_too_wide(n, out)) {       /* one evaluation per projection, accumulating */
+        for (int p = 0; p < n; p++) {
+            mm_call m = {0, 1, dst, dy + p, W + p, out + p, N, in, 0, 0, p ? 1 : accumulate};
+            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+            if (rc) return rc;
+        }
+        return AB_OK;
+    }
+    mm_call m = {0, n, dst, dy, W, out, N, in, 0, 0, accumulate};
+    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+}
+
+int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
+                                const float *const *W, const int64_t *out, uint64_t w_version,
+                                int64_t N, int64_t in, int flags) {
+    AB_NONNULL(y); AB_NONNULL(W); AB_NONNULL(out);
+    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
+    const float *src[1] = {x};
+    if (fused_too_wide(n, out)) {
+        for (int p = 0; p < n; p++) {
+            mm_call m = {1, 1, y + p, src, W + p, out + p, N, in, 0, 0, 0};
+            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
+            if (rc) return rc;
+        }
+        return AB_OK;
+    }
+    mm_call m = {1, n, y, src, W, out, N, in, 0, 0, 0};
+    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
 }
 
 /* ---------------------------------------------------------------- async */
@@ -821,8 +1055,27 @@ static void *worker_main(void *arg) {
             pthread_cond_broadcast(&j->cv);
             pthread_mutex_unlock(&j->mu);
         }
-        j->rc = ab_ane_linear_backward_dx(ctx, j->dx, j->dy, j->W, j->w_version, j->N, j->in, j->out,
-                                          j->accumulate, j->flags, &j->info, j->err, sizeof j->err);
+        if (j->fn) {
+            int ov = __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST);
+            if (ov) {       /* runs once a dx call has begun after it was queued */
+                pthread_mutex_lock(&g_ov_mu);
+                ov_event(OV_FN_BEGIN, j->ov_id);
+                g_ov_fn_begun++;
+                ov_hold(&g_ov_dx_last_begin, j->ov_submit + 1, &j->ov_waited);
+                pthread_mutex_unlock(&g_ov_mu);
+            }
+            j->info.t_start_ns = now_ns();
+            j->rc = j->fn(j->arg);
+            j->info.t_end_ns = now_ns();
+            if (ov) {
+                pthread_mutex_lock(&g_ov_mu);
+                ov_event(OV_FN_END, j->ov_id);
+                pthread_mutex_unlock(&g_ov_mu);
+            }
+        } else {
+            j->rc = ab_ane_linear_backward_dx(ctx, j->dx, j->dy, j->W, j->w_version, j->N, j->in, j->out,
+                                              j->accumulate, j->flags, &j->info, j->err, sizeof j->err);
+        }
         if (j->handshake) {         /* held until waited for: it ends then */
             pthread_mutex_lock(&j->mu);
             wait_flag(&j->cv, &j->mu, &j->waited);
@@ -837,16 +1090,25 @@ static void *worker_main(void *arg) {
     }
 }
 
+static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job);
+
+static int dx_check(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, int64_t N, int64_t in,
+                    int64_t out) {
+    if (!ctx || !dx || !dy || !W) return AB_ENULL;
+    if (N < 0 || in < 0 || out < 0) return AB_EINVAL;
+    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40)) return AB_ETOOBIG;
+    return AB_OK;
+}
+
 int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *dx, const float *dy,
                                      const float *W, uint64_t w_version, int64_t N, int64_t in,
                                      int64_t out, int accumulate, int flags) {
     AB_NONNULL(job);
     *job = NULL;
-    int rc = dx_check(ctx, dx, dy, W, N, in, out, NULL, 0);
+    int rc = dx_check(ctx, dx, dy, W, N, in, out);
     if (rc) return rc;
     ab_ane_job *j = calloc(1, sizeof *j);
     if (!j) return AB_ENOMEM;
-    j->ctx = ctx;
     j->dx = dx;
     j->dy = dy;
     j->W = W;
@@ -856,9 +1118,34 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     j->out = out;
     j->accumulate = accumulate;
     j->flags = flags;
+    return enqueue(ctx, j, job);
+}
+
+int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void *arg) {
+    AB_NONNULL(job);
+    *job = NULL;
+    AB_NONNULL(ctx);
+    AB_NONNULL(fn);
+    ab_ane_job *j = calloc(1, sizeof *j);
+    if (!j) return AB_ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    if (__atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&g_ov_mu);
+        j->ov_id = g_ov_fn_submitted++;
+        j->ov_submit = ov_event(OV_FN_SUBMIT, j->ov_id);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
+    return enqueue(ctx, j, job);
+}
+
+/* Queue job j (freed on failure), starting the worker if needed. */
+static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job) {
+    int rc = AB_OK;
+    j->ctx = ctx;
     pthread_mutex_init(&j->mu, NULL);
     pthread_cond_init(&j->cv, NULL);
-    j->handshake = __atomic_load_n(&g_handshake, __ATOMIC_SEQ_CST);
+    j->handshake = !j->fn && __atomic_load_n(&g_handshake, __ATOMIC_SEQ_CST);
     j->t_submitted = now_ns();
     j->cpu_submitted = thread_cpu_ns();
     int idle = 0;
@@ -905,6 +1192,14 @@ int ab_ane_job_wait(ab_ane_job *job, ab_ane_call_info *info, char *err, size_t e
     job->cpu_waited = thread_cpu_ns();
     job->waited = 1;
     pthread_cond_broadcast(&job->cv);
+    pthread_mutex_unlock(&job->mu);
+    if (job->fn && __atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST)) {  /* releases its hold */
+        pthread_mutex_lock(&g_ov_mu);
+        job->ov_waited = 1;
+        pthread_cond_broadcast(&g_ov_cv);
+        pthread_mutex_unlock(&g_ov_mu);
+    }
+    pthread_mutex_lock(&job->mu);
     while (!job->done) pthread_cond_wait(&job->cv, &job->mu);
     pthread_mutex_unlock(&job->mu);
     if (job->handshake) {
@@ -933,7 +1228,7 @@ int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_b
     if (!ctx || !mil || (!in && in_bytes) || (!out && out_bytes))
         return ab_ane_fail(err, errcap, AB_ENULL, "a required pointer is NULL");
     const ab_ane_platform *pf = ctx->pf;
-    void *prog = NULL, *si = NULL, *so = NULL;
+    void *prog = NULL, *si = NULL, *so = NULL, *req = NULL;
     char *pm = calloc(1, AB_ANE_ERRCAP);
     if (!pm) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
     const char *stage = "compile";
@@ -954,12 +1249,14 @@ int ab_ane_run_mil(ab_ane_ctx *ctx, const char *mil, const void *in, size_t in_b
         if (!p) rc = ab_ane_fail(pm, AB_ANE_ERRCAP, AB_ANE_ESURFACE, "cannot lock the input surface");
         else { if (in_bytes) memcpy(p, in, in_bytes); pf->surface_unlock(si, 0); }
     }
-    if (!rc) { stage = "evaluate"; rc = pf->eval(prog, si, so, pm, AB_ANE_ERRCAP); }
+    if (!rc) { stage = "request"; rc = pf->request_create(prog, si, so, &req, pm, AB_ANE_ERRCAP); }
+    if (!rc) { ctx->st.requests++; stage = "evaluate"; rc = pf->eval(prog, req, pm, AB_ANE_ERRCAP); }
     if (!rc) {
         void *p = pf->surface_lock(so, 1);
         if (!p) rc = ab_ane_fail(pm, AB_ANE_ERRCAP, AB_ANE_ESURFACE, "cannot lock the output surface");
         else { if (out_bytes) memcpy(out, p, out_bytes); pf->surface_unlock(so, 1); }
     }
+    if (req) pf->request_release(req);
     if (prog) pf->unload(prog);
     if (si) pf->surface_release(si);
     if (so) pf->surface_release(so);
@@ -987,30 +1284,31 @@ int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t o
     return AB_OK;
 }
 
-/* dx of a 64 x 64 x 64 problem, the smallest shape the origin project ran on
- * the hardware (smaller surfaces are reported to fail), with values in
- * [-1, 1]: the platform must match the CPU within fp16 tolerance. The
- * program stays cached for later calls of the same shape. */
+/* dx of a 256 x 768 x 768 problem (S x in x out: Stories110M's attention
+ * projections at the origin project's 256 rows, a shape it ran on the
+ * hardware; the program is the one such a model's wq/wk/wv/wo use) with
+ * values in [-1, 1]: the platform must match the CPU within fp16 tolerance.
+ * The program stays cached for later calls of the same shape. */
 int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap) {
-    enum { n = AB_ANE_SELF_TEST_N };
+    enum { S = AB_ANE_SELF_TEST_S, n = AB_ANE_SELF_TEST_D };
     if (err && errcap) err[0] = '\0';
     AB_NONNULL(ctx);
-    float *buf = malloc(4 * n * n * sizeof(float));
+    float *buf = malloc(((size_t)3 * S * n + (size_t)n * n) * sizeof(float));
     char *why = calloc(1, AB_ANE_ERRCAP), rep[300];
     if (!buf || !why) { free(buf); free(why); return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory"); }
-    float *dy = buf, *W = buf + n * n, *dx = buf + 2 * n * n, *want = buf + 3 * n * n;
+    float *dy = buf, *W = buf + S * n, *dx = W + n * n, *want = dx + S * n;
     uint32_t s = 12345u;
-    for (int i = 0; i < 2 * n * n; i++) {          /* a fixed LCG: the same problem everywhere */
+    for (int i = 0; i < S * n + n * n; i++) {      /* a fixed LCG: the same problem everywhere */
         s = s * 1664525u + 1013904223u;
         buf[i] = (float)((int)(s >> 9) % 2001 - 1000) / 1000.0f;
     }
-    int rc = ab_linear_backward_dx(want, dy, W, n, n, n, 0);
+    int rc = ab_linear_backward_dx(want, dy, W, S, n, n, 0);
     ab_ane_call_info info;
-    if (!rc) rc = ab_ane_linear_backward_dx(ctx, dx, dy, W, 0, n, n, n, 0, AB_ANE_STRICT, &info, why,
+    if (!rc) rc = ab_ane_linear_backward_dx(ctx, dx, dy, W, 0, S, n, n, 0, AB_ANE_STRICT, &info, why,
                                             AB_ANE_ERRCAP);
     double num = 0.0, den = 0.0;
     if (!rc) {
-        for (int i = 0; i < n * n; i++) {
+        for (int i = 0; i < S * n; i++) {
             double d = (double)dx[i] - (double)want[i];
             num += d * d;
             den += (double)want[i] * (double)want[i];
@@ -1024,9 +1322,9 @@ int ab_ane_self_test(ab_ane_ctx *ctx, char *err, size_t errcap) {
     } else if (!(rel <= AB_ANE_SELF_TEST_TOL)) {
         rc = AB_ANE_EEVAL;
         snprintf(why, AB_ANE_ERRCAP, "%dx%dx%d dx differs from the CPU by %.3g relative (tolerance %g)",
-                 n, n, n, rel, AB_ANE_SELF_TEST_TOL);
+                 S, n, n, rel, AB_ANE_SELF_TEST_TOL);
     } else {
-        snprintf(rep, sizeof rep, "passed: %dx%dx%d dx, relative error %.2e (tolerance %g)", n, n, n, rel,
+        snprintf(rep, sizeof rep, "passed: %dx%dx%d dx, relative error %.2e (tolerance %g)", S, n, n, rel,
                  AB_ANE_SELF_TEST_TOL);
     }
     size_t fcap = strlen(why) + 128;

@@ -200,16 +200,8 @@ static int dw_probe(char *err, size_t errcap) {
     return AB_OK;
 }
 
-#define DW_REQUESTS 32
-
 typedef struct {
     id model;                    /* retained _ANEInMemoryModel */
-    /* retained _ANERequests, one per (input, output) surface pair: with
-     * staged weights each layer has its own input surface. The core keeps
-     * every surface alive as long as the program, so a pointer is never
-     * reused for another surface while its request is cached here. */
-    struct { id request; void *in, *out; } req[DW_REQUESTS];
-    int nreq, next_req;
     int loaded;
     char dir[AB_ANE_PATH];       /* the compiler's working directory */
     int owns_dir;                /* created by this program: removed at unload */
@@ -293,51 +285,51 @@ static CFArrayRef array1(const void *obj) {
     return CFArrayCreate(NULL, &obj, 1, &kCFTypeArrayCallBacks);
 }
 
-/* The request binding the two surfaces: built once per pair, cached (the
- * oldest is replaced when the cache is full). */
-static int bind_request(dw_prog *P, void *in_surface, void *out_surface, id *request, char *err,
-                        size_t errcap) {
-    for (int i = 0; i < P->nreq; i++)
-        if (P->req[i].in == in_surface && P->req[i].out == out_surface) { *request = P->req[i].request; return AB_OK; }
-    int slot = P->nreq < DW_REQUESTS ? P->nreq : P->next_req;
+/* The request binding two surfaces, retained; the core makes one per
+ * surface pair when it creates the pair (so none per evaluation) and
+ * releases it before the surfaces and the program. */
+static int dw_request_create(void *prog, void *in_surface, void *out_surface, void **req, char *err,
+                             size_t errcap) {
+    (void)prog;
+    *req = NULL;
+    void *pool = objc_autoreleasePoolPush();
+    int rc = AB_OK;
     id in_obj = ((id (*)(id, SEL, IOSurfaceRef))objc_msgSend)((id)g_io, SEL_("objectWithIOSurface:"), (IOSurfaceRef)in_surface);
     id out_obj = ((id (*)(id, SEL, IOSurfaceRef))objc_msgSend)((id)g_io, SEL_("objectWithIOSurface:"), (IOSurfaceRef)out_surface);
-    if (!in_obj || !out_obj) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "_ANEIOSurfaceObject refused a surface");
-    int zero = 0;
-    CFNumberRef idx0 = CFNumberCreate(NULL, kCFNumberIntType, &zero);
-    CFArrayRef ins = array1(in_obj), outs = array1(out_obj), idx = array1(idx0);
-    dw_call c = {.kind = CALL_REQUEST, .self = (id)g_request, .a = (id)ins, .b = (id)idx, .c = (id)outs, .d = (id)idx0};
-    int rc = guarded(&c, AB_ANE_EEVAL, "requestWithInputs:...", err, errcap);
-    CFRelease(ins);
-    CFRelease(outs);
-    CFRelease(idx);
-    CFRelease(idx0);
-    if (rc) return rc;
-    if (!c.result) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "_ANERequest could not be created");
-    if (slot < P->nreq) msg0(P->req[slot].request, "release");
-    else P->nreq++;
-    P->next_req = (slot + 1) % DW_REQUESTS;
-    P->req[slot].request = msg0(c.result, "retain");
-    P->req[slot].in = in_surface;
-    P->req[slot].out = out_surface;
-    *request = P->req[slot].request;
-    return AB_OK;
+    if (!in_obj || !out_obj) {
+        rc = ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "_ANEIOSurfaceObject refused a surface");
+    } else {
+        int zero = 0;
+        CFNumberRef idx0 = CFNumberCreate(NULL, kCFNumberIntType, &zero);
+        CFArrayRef ins = array1(in_obj), outs = array1(out_obj), idx = array1(idx0);
+        dw_call c = {.kind = CALL_REQUEST, .self = (id)g_request, .a = (id)ins, .b = (id)idx, .c = (id)outs, .d = (id)idx0};
+        rc = guarded(&c, AB_ANE_EEVAL, "requestWithInputs:...", err, errcap);
+        CFRelease(ins);
+        CFRelease(outs);
+        CFRelease(idx);
+        CFRelease(idx0);
+        if (!rc && !c.result) rc = ab_ane_fail(err, errcap, AB_ANE_EEVAL, "_ANERequest could not be created");
+        if (!rc) *req = (void *)msg0(c.result, "retain");
+    }
+    objc_autoreleasePoolPop(pool);
+    return rc;
 }
 
-static int dw_eval(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap) {
+static void dw_request_release(void *req) {
+    if (req) msg0((id)req, "release");
+}
+
+static int dw_eval(void *prog, void *req, char *err, size_t errcap) {
     dw_prog *P = prog;
     if (!P->loaded) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "the program is not loaded");
+    if (!req) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "no request");
     void *pool = objc_autoreleasePoolPush();
-    id request = NULL;
-    int rc = bind_request(P, in_surface, out_surface, &request, err, errcap);
-    if (!rc) {
-        CFDictionaryRef empty = empty_dict();
-        id error = NULL;
-        dw_call c = {.kind = CALL_EVAL, .self = P->model, .a = (id)empty, .b = request, .error = &error};
-        rc = guarded(&c, AB_ANE_EEVAL, "evaluateWithQoS:options:request:error:", err, errcap);
-        if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_EEVAL, "evaluateWithQoS", error);
-        CFRelease(empty);
-    }
+    CFDictionaryRef empty = empty_dict();
+    id error = NULL;
+    dw_call c = {.kind = CALL_EVAL, .self = P->model, .a = (id)empty, .b = (id)req, .error = &error};
+    int rc = guarded(&c, AB_ANE_EEVAL, "evaluateWithQoS:options:request:error:", err, errcap);
+    if (!rc && !c.ok) rc = fail_with_error(err, errcap, AB_ANE_EEVAL, "evaluateWithQoS", error);
+    CFRelease(empty);
     objc_autoreleasePoolPop(pool);
     return rc;
 }
@@ -352,7 +344,6 @@ static void dw_unload(void *prog) {
         dw_call c = {.kind = CALL_UNLOAD, .self = P->model, .error = &error};
         guarded(&c, AB_ANE_ELOAD, "unloadWithQoS:error:", ignored, sizeof ignored);
     }
-    for (int i = 0; i < P->nreq; i++) msg0(P->req[i].request, "release");
     if (P->model) msg0(P->model, "release");
     objc_autoreleasePoolPop(pool);
     ab_ane_workdir_remove(P->dir, P->owns_dir);
@@ -392,6 +383,7 @@ static void dw_surface_release(void *surface) {
 }
 
 const ab_ane_platform ab_ane_platform_darwin = {
-    "darwin", 1, dw_probe, dw_compile, dw_load, dw_eval, dw_unload, dw_program_dir,
+    "darwin", 1, dw_probe, dw_compile, dw_load, dw_request_create, dw_request_release, dw_eval,
+    dw_unload, dw_program_dir,
     dw_surface_create, dw_surface_lock, dw_surface_unlock, dw_surface_release,
 };

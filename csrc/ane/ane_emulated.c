@@ -22,7 +22,7 @@
  * reason. Numerics mimic the ANE's: tensors are stored in their declared
  * dtype, so every fp16 intermediate is rounded to fp16 (round to nearest
  * even); matmul multiplies the fp16 values exactly and accumulates in fp32
- * (an assumption about the hardware, stated in the README's fp16 caveats). One input
+ * (an assumption about the hardware, stated in docs/ane.md, "fp16 caveats"). One input
  * and one output, as in the core's requests. */
 #include <ctype.h>
 #include <errno.h>
@@ -863,8 +863,6 @@ static void run_matmul(emu_prog *P, const emu_instr *ix) {
     }
 }
 
-static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap);
-
 static void emu_unload(void *prog) { prog_free(prog); }
 
 /* Surfaces: a heap block with its size in front. */
@@ -898,12 +896,29 @@ static void emu_surface_release(void *surface) {
     free(s);
 }
 
-static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap) {
+/* A request: the program and the two surfaces it binds. */
+typedef struct { emu_prog *prog; emu_surface *in, *out; } emu_request;
+
+static int emu_request_create(void *prog, void *in_surface, void *out_surface, void **req, char *err,
+                              size_t errcap) {
+    emu_request *r = malloc(sizeof *r);
+    *req = r;
+    if (!r) return ab_ane_fail(err, errcap, AB_ENOMEM, "out of memory");
+    *r = (emu_request){prog, in_surface, out_surface};
+    return AB_OK;
+}
+
+static void emu_request_release(void *req) { free(req); }
+
+static int emu_eval(void *prog, void *req, char *err, size_t errcap) {
     emu_prog *P = prog;
-    emu_surface *si = in_surface, *so = out_surface;
+    emu_request *r = req;
     int rc = take_failure(FAIL_EVAL, AB_ANE_EEVAL, err, errcap);
     if (rc) return rc;
     if (!P->loaded) return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: the program is not loaded");
+    if (!r || r->prog != P)
+        return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: the request belongs to another program");
+    emu_surface *si = r->in, *so = r->out;
     if (!si || !so || si->bytes != P->in_bytes || so->bytes != P->out_bytes)
         return ab_ane_fail(err, errcap, AB_ANE_EEVAL, "evaluate: surfaces of %zu/%zu bytes, the program "
                            "needs %zu in and %zu out", si ? si->bytes : 0, so ? so->bytes : 0,
@@ -947,6 +962,7 @@ static int emu_eval(void *prog, void *in_surface, void *out_surface, char *err, 
 static int emu_probe(char *err, size_t errcap) { return AB_OK; }
 
 const ab_ane_platform ab_ane_platform_emulated = {
-    "emulated", 0, emu_probe, emu_compile, emu_load, emu_eval, emu_unload, emu_program_dir,
+    "emulated", 0, emu_probe, emu_compile, emu_load, emu_request_create, emu_request_release, emu_eval,
+    emu_unload, emu_program_dir,
     emu_surface_create, emu_surface_lock, emu_surface_unlock, emu_surface_release,
 };

@@ -27,9 +27,15 @@ typedef struct ab_ane_platform {
     /* MIL text -> program (not yet loaded). */
     int (*compile)(const char *mil, size_t mil_len, void **prog, char *err, size_t errcap);
     int (*load)(void *prog, char *err, size_t errcap);
-    /* One input surface, one output surface (a request with several inputs
-     * fails on the ANE, so the core packs everything into one). */
-    int (*eval)(void *prog, void *in_surface, void *out_surface, char *err, size_t errcap);
+    /* A request binds one input and one output surface to a loaded program
+     * (a request with several inputs fails on the ANE, so the core packs
+     * everything into one). The core creates one per surface pair when the
+     * pair is made (a program's own surfaces, a staged weight's surface)
+     * and releases it before the surfaces and the program. */
+    int (*request_create)(void *prog, void *in_surface, void *out_surface, void **req, char *err,
+                          size_t errcap);
+    void (*request_release)(void *req);
+    int (*eval)(void *prog, void *req, char *err, size_t errcap);
     /* Unload (if loaded) and free the program. */
     void (*unload)(void *prog);
     /* The compiler's working directory of a program ("" if none). */

@@ -61,6 +61,7 @@
  * follow on the same, unchanged operand pass X_READY / DY_READY and reuse
  * it. Pages of the mirror that no matmul reads are never touched.
  */
+#include <stdlib.h>
 #include "ab_internal.h"
 #include "bf16/bf16_internal.h"
 
@@ -361,6 +362,14 @@ static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_
     return a;
 }
 
+/* Where the layer projections run: the CPU kernels (ctx NULL) or the ANE
+ * context, with the weights' fp16 staging key and the AB_ANE_* flags. */
+typedef struct {
+    ab_ane_ctx *ctx;
+    uint64_t version;
+    int flags;
+} ane_route;
+
 /* ---- every matmul of the forward and backward goes through these three ----
  * y = x W^T, dx (+)= dy W, dW (+)= dy^T x as in csrc/kernels/linear.c: fp32
  * through the kernel table, or (precision bf16) bf16 operands: W's copy in
@@ -368,6 +377,7 @@ static layer_acts acts_of(const ws_layout *W, const dims *d, float *work, int64_
  * rounded here unless `ready` says the mirror is already current. */
 typedef struct {
     const kernel_table *k;
+    const ane_route *ane;      /* non-NULL with a context: forward projections on the ANE */
     int bf16;
     const float *params;       /* W - params: the offset into wbf */
     const uint16_t *wbf;
@@ -378,9 +388,9 @@ typedef struct {
  * backward products then read dense tiles, see csrc/bf16/gemm_bf16.c) */
 enum { X_READY = 1, DY_READY = 2, DY_T = 4 };
 
-static proj_ctx proj_make(const kernel_table *k, const ab_model_config *c, const ws_layout *W,
-                          const float *params, float *work) {
-    proj_ctx p = {k, c->precision == AB_PRECISION_BF16, params, NULL, work, NULL};
+static proj_ctx proj_make(const kernel_table *k, const ane_route *r, const ab_model_config *c,
+                          const ws_layout *W, const float *params, float *work) {
+    proj_ctx p = {k, r, c->precision == AB_PRECISION_BF16, params, NULL, work, NULL};
     if (p.bf16) {
         p.wbf = (const uint16_t *)(work + W->WBF);
         p.mirror = (uint16_t *)(work + W->MIRROR);
@@ -396,6 +406,9 @@ static const uint16_t *proj_operand(const proj_ctx *p, const float *a, int64_t n
 
 static int proj_forward(const proj_ctx *p, float *y, const float *x, const float *W,
                         int64_t N, int64_t in, int64_t out, int ready) {
+    if (p->ane && p->ane->ctx)   /* fp32 only: the ANE refuses bf16 configs */
+        return ab_ane_linear_forward(p->ane->ctx, y, x, W, p->ane->version, N, in, out,
+                                     p->ane->flags, NULL, NULL, 0);
     if (!p->bf16) return p->k->linear_forward(y, x, W, N, in, out);
     const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
     return ab_gemm_bf16(0, 1, N, out, in, xb, in, p->wbf + (W - p->params), in, 0, y, out);
@@ -432,9 +445,10 @@ static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x
 
 /* Layer l's forward from X[l]: its activations into their slot and, if
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
-static int layer_forward(const kernel_table *k, const ab_model_config *c, const dims *d,
-                         const ab_model_layout *P, const ws_layout *W, const float *params,
-                         float *work, const batch_rows *g, int64_t l, int write_next) {
+static int layer_forward(const kernel_table *k, const ane_route *r, const ab_model_config *c,
+                         const dims *d, const ab_model_layout *P, const ws_layout *W,
+                         const float *params, float *work, const batch_rows *g, int64_t l,
+                         int write_next) {
     const int64_t D = d->D, Hd = d->Hd, H = d->H, KV = d->KV, hd = d->hd;
     const int64_t qd = d->qd, kv = d->kv, N = g->N, S = g->S;
     const float eps = c->norm_eps;
@@ -446,7 +460,7 @@ static int layer_forward(const kernel_table *k, const ab_model_config *c, const 
     const float *rms_ffn = params + P->ffn_norm + l * D;
     layer_acts a = acts_of(W, d, work, N, l);
     float *G = work + W->G, *T = work + W->DXN;   /* scratch */
-    const proj_ctx pj = proj_make(k, c, W, params, work);
+    const proj_ctx pj = proj_make(k, r, c, W, params, work);
 
     /* attention block */
     TRY(k->rmsnorm_forward(a.XA, a.X, rms_att, N, D, eps));
@@ -498,12 +512,6 @@ int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *
     return AB_OK;
 }
 
-int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
-                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                     int want_grad, float *work, int64_t work_floats) {
-    return ab_model_forward_batch(loss_out, c, params, tokens, targets, B, S, NULL, want_grad,
-                                  work, work_floats);
-}
 
 /* The forward's rows, read back from the workspace header and copies. */
 static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S) {
@@ -515,10 +523,12 @@ static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S)
     return g;
 }
 
-int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const float *params,
-                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                           const ab_batch_layout *layout, int want_grad, float *work,
-                           int64_t work_floats) {
+/* The forward of every entry point: full rows (layout NULL) or a varlen
+ * batch; layer projections on the CPU or, with a route, the ANE. */
+static int model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                         const ab_batch_layout *layout, int want_grad, float *work,
+                         int64_t work_floats, const ane_route *r) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -547,7 +557,7 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
     const int bf16 = c->precision == AB_PRECISION_BF16;
     /* bf16: the weights' copy must have been made (ab_model_bf16_refresh) */
     AB_REQUIRE(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL);
-    const proj_ctx pj = proj_make(k, c, &W, params, work);
+    const proj_ctx pj = proj_make(k, NULL, c, &W, params, work);   /* the classifier: CPU */
 
     hdr_set(work, HDR_TAG, 0);
     hdr_set(work, HDR_B, B);
@@ -567,7 +577,7 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
     memcpy(work + W.TOKENS, tokens, (size_t)N * sizeof(int32_t));
     TRY(k->embedding_forward(work + W.X, params + P.tok_embeddings, tokens, N, V, D));
     for (int64_t l = 0; l < L; l++)
-        TRY(layer_forward(k, c, &d, &P, &W, params, work, &g, l, 1));
+        TRY(layer_forward(k, r, c, &d, &P, &W, params, work, &g, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
     TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
     TRY(proj_forward(&pj, LOGITS, XN, params + P.output, N, D, V, 0));
@@ -581,44 +591,113 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
     return AB_OK;
 }
 
-/* The layer projections' dx on the ANE (ab_model_backward_ane): each dx is
- * queued to the context's worker before the CPU computes the same
- * projection's dW, and waited for after it (the origin project's overlap).
- * The worker's queue is FIFO, so a dx that accumulates onto an earlier one
- * (wk, wv onto wq; w3 onto w1) follows it. Without a context the dx runs on
- * the CPU at once: the same kernels on the same inputs, bit-identical to
- * ab_model_backward. */
-typedef struct {
-    ab_ane_ctx *ctx;            /* NULL: every dx on the CPU */
-    uint64_t version;           /* of params: the weights' fp16 staging key */
-    int flags;
-    ab_ane_job *jobs[3];
-    int n;
-} dx_queue;
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats) {
+    return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
+                         work_floats, NULL);
+}
 
-static int dx_submit(dx_queue *q, const proj_ctx *pj, float *dx, const float *dy,
-                     const float *W, int64_t N, int64_t in, int64_t out, int accumulate,
-                     int ready) {
-    if (!q->ctx) return proj_dx(pj, dx, dy, W, N, in, out, accumulate, ready);
-    int rc = ab_ane_linear_backward_dx_submit(q->ctx, &q->jobs[q->n], dx, dy, W, q->version,
-                                              N, in, out, accumulate, q->flags);
-    if (!rc) q->n++;
+int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const float *params,
+                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                           const ab_batch_layout *layout, int want_grad, float *work,
+                           int64_t work_floats) {
+    return model_forward(loss_out, c, params, tokens, targets, B, S, layout, want_grad, work,
+                         work_floats, NULL);
+}
+
+int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
+                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                         int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                         uint64_t params_version, int ane_flags) {
+    AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
+    AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
+    AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
+    const ane_route r = {ane, params_version, ane_flags};
+    return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
+                         work_floats, &r);
+}
+
+/* The ANE path of the backward (ab_model_backward_ane), as the origin
+ * project runs it: each projection's dx runs on the ANE on this thread (its
+ * result is on the critical path), and each weight gradient is queued to
+ * the ANE context's worker thread (a serial CPU queue), waited for once at
+ * the end of the backward. A queued dW reads its inputs later, so those the
+ * backward overwrites in the meantime (the gradient scratch: dy of every
+ * projection, swiglu's G) are copied into the job; the saved activations
+ * (XA, AT, XF) stay in place unless recompute rebuilds them, and then the
+ * queue is drained before each layer's recompute. Without a context every
+ * call runs on the CPU at once: the same kernels on the same inputs,
+ * bit-identical to ab_model_backward. */
+typedef struct {
+    float *dW;
+    const float *dy, *x;
+    int64_t N, in, out;
+    int acc;
+    float *own;                 /* the copies dy/x point into, freed by the job */
+    ab_ane_job *job;
+} dw_job;
+
+typedef struct {
+    ane_route r;                /* r.ctx NULL: everything on the CPU at once */
+    dw_job *jobs;               /* queued weight gradients, in order */
+    int64_t n, cap;
+} ane_queue;
+
+static int dw_run(void *p) {
+    dw_job *j = p;
+    int rc = ab_linear_backward_dW(j->dW, j->dy, j->x, j->N, j->in, j->out, j->acc);
+    free(j->own);
+    j->own = NULL;
     return rc;
 }
 
-/* Waits for every queued dx (also after an error: they write the workspace);
- * returns the first error. */
-static int dx_wait(dx_queue *q) {
+/* dx (+)= Σ_p dy[p]·W[p] over the n projections sharing this input: one
+ * fused evaluation on the ANE (this thread) with a context, else the CPU
+ * kernel per projection, accumulating. */
+static int dx_run(ane_queue *q, const proj_ctx *pj, float *dx, int n, const float *const *dy,
+                  const float *const *W, const int64_t *out, int64_t N, int64_t in, int accumulate) {
+    if (q->r.ctx)
+        return ab_ane_linear_backward_dx_sum(q->r.ctx, dx, n, dy, W, out, q->r.version, N, in,
+                                             accumulate, q->r.flags);
+    for (int p = 0; p < n; p++)
+        TRY(proj_dx(pj, dx, dy[p], W[p], N, in, out[p], p ? 1 : accumulate, 0));
+    return AB_OK;
+}
+
+/* dW (+)= dy^T·x: queued with a context (dy and/or x copied when copy_dy /
+ * copy_x: the backward overwrites them before the job may run), else now
+ * (`ready`: proj_dW's flags, the bf16 operands already in the mirror). */
+static int dw_queue(ane_queue *q, const proj_ctx *pj, float *dW, const float *dy, int copy_dy,
+                    const float *x, int copy_x, int64_t N, int64_t in, int64_t out, int acc,
+                    int ready) {
+    if (!q->r.ctx) return proj_dW(pj, dW, dy, x, N, in, out, acc, ready);
+    AB_REQUIRE(q->n < q->cap, AB_EINVAL);      /* sized for one backward: never moves */
+    const int64_t ndy = copy_dy ? N * out : 0, nx = copy_x ? N * in : 0;
+    float *own = ndy + nx ? malloc((size_t)(ndy + nx) * sizeof(float)) : NULL;
+    if (ndy + nx && !own) return AB_ENOMEM;
+    if (ndy) { memcpy(own, dy, (size_t)ndy * sizeof(float)); dy = own; }
+    if (nx) { memcpy(own + ndy, x, (size_t)nx * sizeof(float)); x = own + ndy; }
+    dw_job *j = &q->jobs[q->n];
+    *j = (dw_job){dW, dy, x, N, in, out, acc, own, NULL};
+    int rc = ab_ane_submit_fn(q->r.ctx, &j->job, dw_run, j);
+    if (rc) { free(own); return rc; }
+    q->n++;
+    return AB_OK;
+}
+
+/* Waits for every queued dW (also after an error: they write the
+ * gradients); returns the first error. */
+static int dw_wait(ane_queue *q) {
     int rc = AB_OK;
-    for (int i = 0; i < q->n; i++) {
-        int r = ab_ane_job_wait(q->jobs[i], NULL, NULL, 0);
+    for (int64_t i = 0; i < q->n; i++) {
+        int r = ab_ane_job_wait(q->jobs[i].job, NULL, NULL, 0);
         if (!rc) rc = r;
     }
     q->n = 0;
     return rc;
 }
 
-#define TRYQ(q, call) do { int rc_ = (call); if (rc_) { dx_wait(q); return rc_; } } while (0)
 
 /* who is told when a group of gradients is final (ab_model_backward_notify) */
 typedef struct { ab_grads_ready_fn fn; void *user; } ready_hook;
@@ -629,7 +708,7 @@ static void announce(const ready_hook *h, int64_t group) {
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h);
+                          float *work, int64_t work_floats, ane_queue *q, const ready_hook *h);
 
 int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
@@ -642,7 +721,7 @@ int ab_model_backward_notify(const ab_model_config *c, const float *params, floa
                              int64_t B, int64_t S, float grad_scale, int accumulate,
                              float *work, int64_t work_floats,
                              ab_grads_ready_fn ready, void *user) {
-    dx_queue q = {0};
+    ane_queue q = {0};
     ready_hook h = {ready, user};
     return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
                           &h);
@@ -655,14 +734,22 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
-    dx_queue q = {ane, params_version, ane_flags, {NULL, NULL, NULL}, 0};
-    return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
-                          NULL);
+    ane_queue q = {{ane, params_version, ane_flags}, NULL, 0, 0};
+    if (ane) {          /* every dW of one backward: the classifier's and 7 per layer */
+        AB_REQUIRE(c && c->n_layers > 0 && c->n_layers < ((int64_t)1 << 40), AB_EINVAL);
+        q.cap = 1 + 7 * c->n_layers;
+        q.jobs = malloc((size_t)q.cap * sizeof *q.jobs);
+        if (!q.jobs) return AB_ENOMEM;
+    }
+    int rc = model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
+                            NULL);
+    free(q.jobs);
+    return rc;
 }
 
 static int model_backward(const ab_model_config *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, dx_queue *q, const ready_hook *h) {
+                          float *work, int64_t work_floats, ane_queue *q, const ready_hook *h) {
     ab_model_layout P;
     ws_layout W;
     TRY(ab_model_param_layout(c, &P));
@@ -685,7 +772,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     const float eps = c->norm_eps;
     const int64_t attw = ab_attention_workspace_floats(S);
     const int acc = accumulate != 0;
-    const proj_ctx pj = proj_make(k, c, &W, params, work);
+    const proj_ctx pj = proj_make(k, &q->r, c, &W, params, work);
 
     /* Every dW below is written with beta = acc except those that are sums:
      * the norm weights (the rmsnorm kernel always adds) and the embedding
@@ -701,12 +788,14 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     if (grad_scale != 1.0f) TRY(ab_scale(DL, N * V, grad_scale));
     float *DX = work + W.DX, *DXN = work + W.DXN;
 
-    /* classifier and final norm */
+    /* classifier and final norm (its dW reads dlogits and XN, which stay) */
     const float *XN = work + W.XN;
-    TRY(proj_dW(&pj, grads + P.output, DL, XN, N, D, V, acc, X_READY | DY_T));
-    TRY(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY | DY_T));
-    TRY(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
-                            N, D, eps, 0));
+    int rc = AB_OK;
+#define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
+    TRYB(dw_queue(q, &pj, grads + P.output, DL, 0, XN, 0, N, D, V, acc, X_READY | DY_T));
+    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY | DY_T));
+    TRYB(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
+                             N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
 
     for (int64_t l = L - 1; l >= 0; l--) {
@@ -718,57 +807,76 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
         float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
         float *gw3 = grads + P.w3 + l * Hd * D;
-        if (W.slots == 1) TRY(layer_forward(k, c, &d, &P, &W, params, work, &g, l, 0));
+        if (W.slots == 1) {     /* the queued dW still read the activations it rebuilds */
+            TRYB(dw_wait(q));
+            TRYB(layer_forward(k, &q->r, c, &d, &P, &W, params, work, &g, l, 0));
+        }
         const layer_acts a = acts_of(&W, &d, work, N, l);
         float *G = work + W.G, *DH1 = work + W.DH1, *DH3 = work + W.DH3;
         float *DA = work + W.DA, *DQ = work + W.DQ, *DK = work + W.DK, *DV = work + W.DV;
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
-        TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, &pj, DH1, DX, w2, N, Hd, D, 0, 0));
-        TRYQ(q, proj_dW(&pj, gw2, DX, G, N, Hd, D, acc, DY_READY));
-        TRY(dx_wait(q));
-        TRY(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
-        TRY(dx_submit(q, &pj, DXN, DH1, w1, N, D, Hd, 0, 0));
-        TRYQ(q, dx_submit(q, &pj, DXN, DH3, w3, N, D, Hd, 1, 0));
-        TRYQ(q, proj_dW(&pj, gw1, DH1, a.XF, N, D, Hd, acc, DY_READY | X_READY));
-        TRYQ(q, proj_dW(&pj, gw3, DH3, a.XF, N, D, Hd, acc, DY_READY | X_READY));
-        TRY(dx_wait(q));
+        TRYB(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
+        {
+            const float *dy[1] = {DX}, *Ws[1] = {w2};
+            const int64_t outs[1] = {D};
+            TRYB(dx_run(q, &pj, DH1, 1, dy, Ws, outs, N, Hd, 0));
+        }
+        TRYB(dw_queue(q, &pj, gw2, DX, 1, G, 1, N, Hd, D, acc, DY_READY));
+        TRYB(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
+        {
+            const float *dy[2] = {DH1, DH3}, *Ws[2] = {w1, w3};
+            const int64_t outs[2] = {Hd, Hd};
+            TRYB(dx_run(q, &pj, DXN, 2, dy, Ws, outs, N, D, 0));
+        }
+        TRYB(dw_queue(q, &pj, gw1, DH1, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
+        TRYB(dw_queue(q, &pj, gw3, DH3, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
         /* the FFN norm's input is HM, the residual after attention */
-        TRY(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
-                                params + P.ffn_norm + l * D, N, D, eps, 1));
+        TRYB(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
+                                 params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
-        TRY(dx_submit(q, &pj, DA, DX, wo, N, qd, D, 0, 0));
-        TRYQ(q, proj_dW(&pj, gwo, DX, a.AT, N, qd, D, acc, DY_READY | X_READY));
-        TRY(dx_wait(q));
+        {
+            const float *dy[1] = {DX}, *Ws[1] = {wo};
+            const int64_t outs[1] = {D};
+            TRYB(dx_run(q, &pj, DA, 1, dy, Ws, outs, N, qd, 0));
+        }
+        TRYB(dw_queue(q, &pj, gwo, DX, 1, a.AT, 0, N, qd, D, acc, DY_READY | X_READY));
         if (g.n_seq == 0)
-            TRY(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
-                                      work + W.ATTW, attw));
+            TRYB(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
+                                       work + W.ATTW, attw));
         else
-            TRY(k->attention_backward_varlen(DQ, DK, DV, DA, a.Q, a.K, a.V, g.cu, g.n_seq, H,
-                                             KV, hd, work + W.ATTW, attw));
-        TRY(rope_rows(k, c, &g, DQ, H, hd, 1));
-        TRY(rope_rows(k, c, &g, DK, KV, hd, 1));
+            TRYB(k->attention_backward_varlen(DQ, DK, DV, DA, a.Q, a.K, a.V, g.cu, g.n_seq, H,
+                                              KV, hd, work + W.ATTW, attw));
+        TRYB(rope_rows(k, c, &g, DQ, H, hd, 1));
+        TRYB(rope_rows(k, c, &g, DK, KV, hd, 1));
         if (c->qk_norm) {   /* through the per-head norms to the raw projections */
             float *DQN = work + W.DQN, *DKN = work + W.DKN;
-            TRY(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
-                                    params + P.q_norm + l * hd, N * H, hd, eps, 0));
-            TRY(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
-                                    params + P.k_norm + l * hd, N * KV, hd, eps, 0));
+            TRYB(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
+                                     params + P.q_norm + l * hd, N * H, hd, eps, 0));
+            TRYB(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
+                                     params + P.k_norm + l * hd, N * KV, hd, eps, 0));
             DQ = DQN;
             DK = DKN;
         }
-        TRY(dx_submit(q, &pj, DXN, DQ, wq, N, D, qd, 0, 0));
-        TRYQ(q, dx_submit(q, &pj, DXN, DK, wk, N, D, kv, 1, 0));
-        TRYQ(q, dx_submit(q, &pj, DXN, DV, wv, N, D, kv, 1, 0));
-        TRYQ(q, proj_dW(&pj, gwq, DQ, a.XA, N, D, qd, acc, DY_READY | X_READY));
-        TRYQ(q, proj_dW(&pj, gwk, DK, a.XA, N, D, kv, acc, DY_READY | X_READY));
-        TRYQ(q, proj_dW(&pj, gwv, DV, a.XA, N, D, kv, acc, DY_READY | X_READY));
-        TRY(dx_wait(q));
-        TRY(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
-                                params + P.attention_norm + l * D, N, D, eps, 1));
-        announce(h, l);                        /* every tensor of layer l */
+        {
+            const float *dy[3] = {DQ, DK, DV}, *Ws[3] = {wq, wk, wv};
+            const int64_t outs[3] = {qd, kv, kv};
+            TRYB(dx_run(q, &pj, DXN, 3, dy, Ws, outs, N, D, 0));
+        }
+        TRYB(dw_queue(q, &pj, gwq, DQ, 1, a.XA, 0, N, D, qd, acc, DY_READY | X_READY));
+        TRYB(dw_queue(q, &pj, gwk, DK, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
+        TRYB(dw_queue(q, &pj, gwv, DV, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
+        TRYB(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
+                                 params + P.attention_norm + l * D, N, D, eps, 1));
+        announce(h, l);                        /* every tensor of layer l (CPU path only) */
     }
+end:
+#undef TRYB
+    {   /* the one wait for the queued dW (also after an error: they write grads) */
+        int rw = dw_wait(q);
+        if (!rc) rc = rw;
+    }
+    if (rc) return rc;
     /* embedding: scatter-add (onto the classifier's dW when tied) */
     TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
     announce(h, -1);
