@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from . import MAX_THREADS
+
 # seq_len None = the preset's max_seq_len; save_every None = --eval-every
 DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
                 warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
@@ -55,7 +57,7 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
               data=("str", None, None), tokenizer=("str", None, None),
               init_from=("str", None, None), format=("str", None, None),
-              threads=("int", 1, 4096))
+              threads=("int", 1, MAX_THREADS))
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
 
