@@ -410,9 +410,10 @@ class _RunDir:
         out = os.path.abspath(self.out)
         if os.path.isdir(out) and not self.locks.holds(os.path.join(out, LOCK)) and is_locked(out):
             # a run started there after this one began (never deleted: this run stays staged)
+            from .runlock import RunInUse
             self.keep = True
-            raise RuntimeError(f"--out {self.out} is now in use by another trainer; this run "
-                               f"is kept, saved, in {self.path} (rename it to resume it)")
+            raise RunInUse(f"--out {self.out} is now in use by another trainer; this run is "
+                           f"kept, saved, in {self.path} (rename it to resume it)", None)
         if os.path.isdir(out) and os.listdir(out):     # --overwrite
             if _exchange(self.path, out):    # one atomic swap where the OS has it
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -679,7 +680,7 @@ def _train(args, stream, locks):
         _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
                f"continue it, --overwrite to replace it, or another --out")
     if start == st["steps"] and args.resume and not _eval_missing(
-            _read_log(os.path.join(args.resume, "log.jsonl"), start, say), st, start, old_total):
+            _read_log(os.path.join(args.resume, "log.jsonl"), start), st, start, old_total):
         say(f"{args.resume} is already at step {start} of {st['steps']}; nothing to train "
             "(--steps N extends it)")
         return {"status": "ok", "first_loss": None, "last_loss": None, "val_loss": None,
