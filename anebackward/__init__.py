@@ -49,12 +49,15 @@ def blas_info() -> dict:
     }
 
 
+MAX_THREADS = 256   # the C core's cap (AB_MAX_THREADS in csrc/ab_internal.h)
+
+
 def set_num_threads(n: int) -> None:
     """Set the package's one thread count: its own worker threads and the
     BLAS's together use at most n cores (results do not depend on n).
     Default: $ANEBACKWARD_NUM_THREADS, else the BLAS's default (the cores)."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 256:
-        raise ValueError(f"set_num_threads: n must be an int in [1, 256], got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be an int in [1, {MAX_THREADS}], got {n!r}")
     _lib.ab_set_num_threads(n)
 
 
@@ -65,8 +68,9 @@ def get_num_threads() -> int:
 
 def _check_env_threads() -> None:
     v = _os.environ.get("ANEBACKWARD_NUM_THREADS", "")
-    if v and not (v.isdigit() and 1 <= int(v) <= 256):
-        raise ValueError(f"ANEBACKWARD_NUM_THREADS must be an integer in [1, 256], got {v!r}; "
+    if v and not (v.isdigit() and 1 <= int(v) <= MAX_THREADS):
+        raise ValueError(f"ANEBACKWARD_NUM_THREADS must be an integer in [1, {MAX_THREADS}], "
+                         f"got {v!r}; "
                          "unset it or fix its value")
 
 
@@ -80,7 +84,7 @@ __all__ = [
     "attention", "attention_backward", "attention_workspace",
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
-    "blas_info", "set_num_threads", "get_num_threads", "ane", "bf16",
+    "blas_info", "set_num_threads", "get_num_threads", "MAX_THREADS", "ane", "bf16",
     "LlamaConfig", "Llama", "AdamW", "cosine_lr", "Batch",
     "get_include", "get_lib_dir", "get_library",
 ]

@@ -27,7 +27,7 @@ import struct
 import numpy as np
 
 from . import _checks as C
-from .atomicfile import atomic_write
+from .atomicfile import atomic_write, open_regular
 from .config import LlamaConfig
 from .errors import CheckpointError
 from .kernels.optim import check_adamw_hparams, check_adamw_step
@@ -74,7 +74,7 @@ def expected_size(config):
 def read_header(path):
     """The LlamaConfig of a v0 checkpoint (header only)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint") as f:
             raw = f.read(HEADER.size)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
@@ -114,7 +114,7 @@ def load_model(path, model_class, *, backend=None):
             f"max_seq_len={config.max_seq_len}, "
             f"{'tied' if config.shared_classifier else 'untied'} classifier) needs {want}")
     model = model_class(config, init=False, backend=backend)
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint") as f:
         f.seek(HEADER.size)
         for name, start, n in _regions(model):
             if start is None:
@@ -201,7 +201,7 @@ def load_optimizer(opt, path):
     have the same configuration). Returns the saved `extra` dict."""
     path = os.fspath(path)
     try:
-        f = open(path, "rb")
+        f = open_regular(path, "optimizer state")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read optimizer state: {e.strerror or e}") from None
     with f:
@@ -237,8 +237,11 @@ def load_optimizer(opt, path):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
         if meta["n_params"] != model.n_params or meta["n_decay"] != model.n_decay:
-            raise CheckpointError(f"{path}: optimizer state is for {meta['n_params']} "
-                                  f"parameters, the model has {model.n_params}")
+            raise CheckpointError(
+                f"{path}: optimizer state is for {meta['n_params']} parameters of which "
+                f"{meta['n_decay']} decay, the model has {model.n_params} of which "
+                f"{model.n_decay} decay (" + ("n_params" if meta["n_params"] != model.n_params
+                                               else "n_decay") + " differs)")
         want = 16 + n + 8 * model.n_params
         size = os.fstat(f.fileno()).st_size
         if size != want:

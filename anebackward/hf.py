@@ -23,7 +23,9 @@ naming the file and the reason.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -67,45 +69,94 @@ def _bad(path, why):
     return CheckpointError(f"{path}: {why}")
 
 
+MAX_SIZE = 2**31 - 1          # any size field (the C core's dims are int)
+MAX_POSITIONS = 1 << 24       # max_position_embeddings (RoPE positions; 1M-context models fit)
+_MISSING = object()
+
+
+def _field(d, path, name, kind, default=_MISSING):
+    """d[name] checked to be of `kind` ("bool", "int", "number", "str",
+    "dict", "list"); absent or null gives default (absent without a default:
+    CheckpointError "missing config field"). Each mistake is a
+    CheckpointError naming the file and the field."""
+    v = d.get(name)
+    if v is None:
+        if default is _MISSING:
+            raise _bad(path, f"missing config field {name}")
+        return default
+    ok = {"bool": isinstance(v, bool),
+          "int": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "str": isinstance(v, str), "dict": isinstance(v, dict),
+          "list": isinstance(v, list)}[kind]
+    if not ok:
+        what = {"bool": "a JSON boolean (true/false)", "int": "an integer",
+                "number": "a number", "str": "a string", "dict": "a JSON object",
+                "list": "a JSON array"}[kind]
+        raise _bad(path, f"config field {name} must be {what}, got {v!r}")
+    if kind == "int" and not 1 <= v <= MAX_SIZE:
+        raise _bad(path, f"config field {name} must be in [1, {MAX_SIZE}], got {v}")
+    if kind == "number" and not math.isfinite(v):
+        raise _bad(path, f"config field {name} must be finite, got {v!r}")
+    return v
+
+
 def config_from_hf(d: Dict[str, Any], path: str = CONFIG) -> LlamaConfig:
-    """The LlamaConfig of an HF config.json dict (transformers 4 or 5 style)."""
+    """The LlamaConfig of an HF config.json dict (transformers 4 or 5 style).
+    Every field is type-checked (booleans must be JSON booleans) and every
+    size bounded; a mistake is a CheckpointError naming the file and field.
+    The sizes are checked against the tensors by load_pretrained."""
+    if not isinstance(d, dict):
+        raise _bad(path, "not a JSON object")
     mt = d.get("model_type")
-    if mt not in MODEL_TYPES:
+    if not isinstance(mt, str) or mt not in MODEL_TYPES:
         raise _bad(path, f"unsupported model_type {mt!r} (supported: {', '.join(MODEL_TYPES)})")
+    f = lambda name, kind, default=_MISSING: _field(d, path, name, kind, default)  # noqa: E731
+    layer_types = f("layer_types", "list", [])
+    if not all(isinstance(t, str) for t in layer_types):
+        raise _bad(path, f"config field layer_types must be a list of strings, got "
+                         f"{layer_types!r}")
     unsupported = [   # (field, is it unsupported here, why)
-        ("hidden_act", d.get("hidden_act", "silu") not in ("silu", "swish"),
+        ("hidden_act", f("hidden_act", "str", "silu") not in ("silu", "swish"),
          "only silu (SwiGLU) is implemented"),
-        ("attention_bias", bool(d.get("attention_bias", False)), "no attention biases"),
-        ("mlp_bias", bool(d.get("mlp_bias", False)), "no MLP biases"),
-        ("use_sliding_window", bool(d.get("use_sliding_window", False)),
+        ("attention_bias", f("attention_bias", "bool", False), "no attention biases"),
+        ("mlp_bias", f("mlp_bias", "bool", False), "no MLP biases"),
+        ("use_sliding_window", f("use_sliding_window", "bool", False),
          "no sliding-window attention"),
-        ("layer_types", any(t != "full_attention" for t in d.get("layer_types") or []),
+        ("layer_types", any(t != "full_attention" for t in layer_types),
          "only full_attention layers"),
-        ("attention_dropout", float(d.get("attention_dropout", 0.0) or 0.0) != 0.0,
+        ("attention_dropout", f("attention_dropout", "number", 0.0) != 0.0,
          "no attention dropout"),
     ]
     for field, bad, why in unsupported:
         if bad:
             raise _bad(path, f"unsupported config field {field}={d.get(field)!r} ({why})")
-    rp = d.get("rope_parameters") or {}
-    if isinstance(rp, dict) and rp and "rope_type" not in rp and "rope_theta" not in rp:
+    rp = f("rope_parameters", "dict", {})
+    if rp and "rope_type" not in rp and "rope_theta" not in rp:
         raise _bad(path, "per-layer rope_parameters are not supported")
-    theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
-    scaling = rp if rp.get("rope_type", "default") != "default" else d.get("rope_scaling")
-    if float((scaling or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-             or 1.0) != 1.0:
+    theta = _field(rp, path, "rope_theta", "number", None) if "rope_theta" in rp else \
+        f("rope_theta", "number", 10000.0)
+    if rp.get("rope_type", "default") != "default":
+        scaling = rp
+    else:
+        scaling = f("rope_scaling", "dict", None)
+    prf = _field(scaling, path, "partial_rotary_factor", "number", None) if scaling else None
+    if float(prf if prf is not None else f("partial_rotary_factor", "number", 1.0)) != 1.0:
         raise _bad(path, "unsupported config field partial_rotary_factor (partial RoPE)")
+    tie = f("tie_word_embeddings", "bool", False)
+    H = f("num_attention_heads", "int")
+    positions = f("max_position_embeddings", "int", 2048)
+    if positions > MAX_POSITIONS:
+        raise _bad(path, f"config field max_position_embeddings must be at most "
+                         f"{MAX_POSITIONS}, got {positions}")
     try:
-        H = d["num_attention_heads"]
         return LlamaConfig(
-            dim=d["hidden_size"], hidden_dim=d["intermediate_size"], n_layers=d["num_hidden_layers"],
-            n_heads=H, n_kv_heads=d.get("num_key_value_heads") or H, vocab_size=d["vocab_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048),
-            shared_classifier=bool(d.get("tie_word_embeddings", False)),
-            norm_eps=d.get("rms_norm_eps", 1e-6), head_dim=d.get("head_dim") or None,
+            dim=f("hidden_size", "int"), hidden_dim=f("intermediate_size", "int"),
+            n_layers=f("num_hidden_layers", "int"), n_heads=H,
+            n_kv_heads=f("num_key_value_heads", "int", H), vocab_size=f("vocab_size", "int"),
+            max_seq_len=positions, shared_classifier=tie,
+            norm_eps=f("rms_norm_eps", "number", 1e-6), head_dim=f("head_dim", "int", None),
             qk_norm=(mt == "qwen3"), rope_theta=theta, rope_scaling=scaling, rope_layout="half")
-    except KeyError as e:
-        raise _bad(path, f"missing config field {e.args[0]}") from None
     except NotImplementedError as e:
         raise _bad(path, f"unsupported rope scaling: {e}") from None
     except (TypeError, ValueError) as e:
@@ -159,11 +210,17 @@ def _weight_files(directory: str) -> Dict[str, str]:
     """HF tensor name -> file, from the index (sharded) or the one file."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _bad(index, f"unreadable index ({e})") from None
+        d = _read_json(index)
+        if not isinstance(d, dict) or "weight_map" not in d:
+            raise _bad(index, "missing field weight_map")
+        wm = d["weight_map"]
+        if not isinstance(wm, dict):
+            raise _bad(index, f"field weight_map must be a JSON object (tensor name -> file), "
+                              f"got {type(wm).__name__}")
+        for k, v in wm.items():
+            if not isinstance(v, str) or not v or os.path.basename(v) != v or v in (".", ".."):
+                raise _bad(index, f"field weight_map[{k!r}] must be a file name in the "
+                                  f"directory, got {v!r}")
         return {k: os.path.join(directory, v) for k, v in wm.items()}
     single = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(single):
@@ -176,7 +233,13 @@ class _Reader:
 
     def __init__(self, path):
         from safetensors import SafetensorError, safe_open
+        import stat
         self.path, self._raw = path, None
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise _bad(path, "not a regular file (a FIFO or a device?)")
+        except OSError as e:
+            raise _bad(path, f"cannot read: {e.strerror or e}") from None
         try:
             self._f = safe_open(path, framework="np")
             self.names = list(self._f.keys())
@@ -209,17 +272,68 @@ class _Reader:
             raise _bad(self.path, f"{name} holds non-finite values")
 
 
+def _read_json(path, limit=64 << 20):
+    """A JSON file (a regular file of at most `limit` bytes, UTF-8)."""
+    from .atomicfile import open_regular
+    try:
+        with open_regular(path, "JSON file") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise _bad(path, f"{size:,} bytes: larger than any config or index "
+                                 f"({limit:,} at most)")
+            return json.loads(f.read(size).decode("utf-8"))
+    except OSError as e:
+        raise _bad(path, f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:         # UnicodeDecodeError too
+        raise _bad(path, f"not JSON: {e}") from None
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_against_tensors(config, where, cpath):
+    """The config's sizes checked against the tensor shapes in the
+    safetensors headers, before anything of the model's size is allocated
+    (a config can claim any size; the files on disk cannot). Returns
+    HF name -> (our name, shape) of every tensor the model needs."""
+    layers = {int(m.group(1)) for k in where for m in [_LAYER_RE.match(k)] if m}
+    if config.n_layers > len(layers):
+        raise _bad(cpath, f"config field num_hidden_layers is {config.n_layers}, the "
+                          f"safetensors files hold {len(layers)} layers")
+
+    def shape(k):
+        r, name = where[k]
+        return r.info[name][1]
+    probes = [("model.embed_tokens.weight", (config.vocab_size, config.dim),
+               "vocab_size, hidden_size"),
+              ("model.layers.0.mlp.gate_proj.weight", (config.hidden_dim, config.dim),
+               "intermediate_size, hidden_size"),
+              ("model.layers.0.self_attn.q_proj.weight", (config.q_dim, config.dim),
+               "num_attention_heads x head_dim, hidden_size"),
+              ("model.layers.0.self_attn.k_proj.weight", (config.kv_dim, config.dim),
+               "num_key_value_heads x head_dim, hidden_size")]
+    for k, want, fields in probes:
+        if k in where and tuple(shape(k)) != want:
+            raise _bad(cpath, f"config fields {fields} give {k} the shape {list(want)}; the "
+                              f"file {where[k][0].path} holds {list(shape(k))}")
+    from .layout import tensor_specs
+    try:
+        specs = tensor_specs(config)
+    except (ValueError, RuntimeError) as e:     # sizes whose products overflow the C layout
+        raise _bad(cpath, f"invalid config: {e}") from None
+    wanted = {hf_name(n): (n, shp) for n, _, shp in specs}
+    for hk, (_, shp) in wanted.items():
+        if hk in where and tuple(shape(hk)) != tuple(shp):
+            raise _bad(where[hk][0].path, f"{hk} has shape {list(shape(hk))}, the config needs "
+                                          f"{list(shp)}")
+    return wanted
+
+
 def load_pretrained(directory, model_class, *, backend=None, recompute=False):
     """A model_class (Llama) from an HF directory; see the module doc."""
     directory = os.fspath(directory)
     cpath = os.path.join(directory, CONFIG)
-    try:
-        with open(cpath) as f:
-            d = json.load(f)
-    except OSError as e:
-        raise _bad(cpath, f"cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise _bad(cpath, f"not JSON: {e}") from None
+    d = _read_json(cpath)
     if not isinstance(d, dict):
         raise _bad(cpath, "not a JSON object")
     config = config_from_hf(d, cpath)
@@ -235,8 +349,7 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False):
         for k in r.names:
             if None in files or files.get(k) == r.path:
                 where[k] = (r, k)
-    model = model_class(config, backend=backend, init=False, recompute=recompute)
-    wanted = {hf_name(n): n for n in model.params}
+    wanted = {hk: n for hk, (n, _) in _check_against_tensors(config, where, cpath).items()}
     ignorable = {"lm_head.weight"} if config.shared_classifier else set()
     extra = sorted(k for k in where if k not in wanted and k not in ignorable
                    and not k.endswith("rotary_emb.inv_freq"))
@@ -249,6 +362,7 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False):
     if missing:
         raise _bad(directory, f"missing tensors {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
+    model = model_class(config, backend=backend, init=False, recompute=recompute)
     for hk, ours in wanted.items():
         r, k = where[hk]
         dst = model.params[ours]
@@ -324,10 +438,10 @@ class HFTokenizer:
         if not os.path.isfile(path):
             return None
         try:
-            with open(os.path.join(directory, CONFIG)) as f:
-                d = json.load(f)
-        except (OSError, ValueError):
+            d = _read_json(os.path.join(directory, CONFIG))
+        except CheckpointError:
             d = {}
+        d = d if isinstance(d, dict) else {}
         eos = d.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
         bos = d.get("bos_token_id")

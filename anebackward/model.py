@@ -23,9 +23,11 @@ regions. A tied classifier has no `output.weight`: it IS
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -46,6 +48,15 @@ from .types import Backend, F32Array, Tokens
 # process-wide count, so a new model whose buffer lands at a freed model's
 # address never meets that model's staged weights.
 _param_versions = itertools.count(1)
+
+
+def _locked(method):
+    """Run a Llama method under the model's lock (see Llama's doc)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return call
 
 
 class Llama:
@@ -76,7 +87,17 @@ class Llama:
     gradients, AdamW, the norms, softmax, cross-entropy and the residual
     stream stay fp32. The bf16 copy of the weights is made again at the first
     forward after params_version changes (AdamW.step, mark_params_changed).
-    Not with backend "reference" or "ane"; generation (decoder) runs fp32."""
+    Not with backend "reference" or "ane"; generation (decoder) runs fp32.
+
+    Threads: a model may be shared by several Python threads. Its
+    forward, backward, logits, grad_norm, clip_grad_norm, zero_grad,
+    init_weights and set_recompute, AdamW.step and Decoder.step all hold
+    `model.lock` (a re-entrant lock) while they run, so concurrent calls
+    take turns (each result is that of the call alone; the C kernels
+    still use all the package's threads inside each call). A backward
+    belongs to the last forward: a thread that needs its own
+    forward/backward pair holds the lock around both
+    (`with model.lock: model.forward(x); model.backward()`)."""
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
                  backend: Backend = None, init: bool = True, recompute: bool = False,
@@ -86,6 +107,7 @@ class Llama:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
+        self.lock = threading.RLock()
         self.backend = resolve("Llama", backend)
         self.recompute = bool(recompute)
         self.precision = "fp32"
@@ -109,6 +131,7 @@ class Llama:
         if init:
             self.init_weights(seed)
 
+    @_locked
     def set_precision(self, precision: str) -> None:
         """Switch the matmuls between "fp32" and "bf16" (see the class doc)."""
         precision = _bf16.check_precision("Llama.set_precision", precision)
@@ -124,6 +147,7 @@ class Llama:
         self._pending = None
         self._wbf_key = None
 
+    @_locked
     def set_recompute(self, recompute: bool) -> None:
         """Switch activation recomputation (see the class doc) on or off."""
         self.recompute = bool(recompute)
@@ -157,6 +181,7 @@ class Llama:
         self._params_version = next(_param_versions)
 
     # -- initialisation ----------------------------------------------------
+    @_locked
     def init_weights(self, seed: int = 0) -> None:
         """Re-initialise every weight like llama2.c's model.py (seedable)."""
         rng = np.random.default_rng(seed)
@@ -220,6 +245,7 @@ class Llama:
               "workspace_bytes")
         return total[0] * 4
 
+    @_locked
     def forward(self, tokens: Union[Tokens, Batch], targets: Optional[Tokens] = None, *,
                 cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
                 attention_mask: Optional[Tokens] = None,
@@ -353,6 +379,7 @@ class Llama:
 
     __call__ = forward
 
+    @_locked
     def backward(self, *, accumulate: bool = False, grad_scale: float = 1.0,
                  grads: Optional[F32Array] = None,
                  on_grads_ready: Optional[Callable[[List[Tuple[int, int]]], None]] = None
@@ -474,6 +501,7 @@ class Llama:
                 return None
         return ane._current()[0]
 
+    @_locked
     def logits(self, tokens: Union[Tokens, Batch], *, last_only: bool = False,
                cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
                attention_mask: Optional[Tokens] = None) -> F32Array:
@@ -508,12 +536,15 @@ class Llama:
         return Decoder(self, max_positions)
 
     # -- gradients and parameters ------------------------------------------
+    @_locked
     def zero_grad(self) -> None:
         self.flat_grads[:] = 0.0
 
+    @_locked
     def grad_norm(self) -> float:
         return grad_norm(self.flat_grads)
 
+    @_locked
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale all gradients so that their global L2 norm is at most
         max_norm (one pass over the flat buffer); returns the norm before."""
@@ -578,6 +609,12 @@ class Decoder:
         self._logits = np.zeros(model.config.vocab_size, dtype=np.float32)
         self.pos = 0
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's lock (step() holds it; see Llama's doc)."""
+        return self.model.lock
+
+    @_locked
     def step(self, token: int, pos: Optional[int] = None) -> F32Array:
         fn = "Decoder.step"
         pos = self.pos if pos is None else C.nonneg_int(fn, "pos", pos)
@@ -601,7 +638,19 @@ def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps: int,
               min_lr: float = 0.0) -> float:
     """The learning rate at `step` (counting from 0) as llama2.c's train.py
     get_lr: linear warm-up from 0 over warmup_steps, cosine decay to min_lr
-    at total_steps, min_lr after."""
+    at total_steps, min_lr after.
+
+    step and warmup_steps are ints >= 0, total_steps an int >= 1, and
+    0 <= min_lr <= max_lr (finite); anything else is a ValueError (TypeError
+    for a non-number) naming the argument."""
+    fn = "cosine_lr"
+    step = C.nonneg_int(fn, "step", step)
+    warmup_steps = C.nonneg_int(fn, "warmup_steps", warmup_steps)
+    total_steps = C.positive_int(fn, "total_steps", total_steps)
+    max_lr = C.finite_float(fn, "max_lr", max_lr, lo=0.0)
+    min_lr = C.finite_float(fn, "min_lr", min_lr, lo=0.0)
+    if min_lr > max_lr:
+        raise ValueError(f"{fn}: min_lr ({min_lr:g}) must not exceed max_lr ({max_lr:g})")
     if step < warmup_steps:
         return max_lr * step / warmup_steps
     if step > total_steps:
@@ -634,6 +683,11 @@ class AdamW:
         self.step_count = 0
 
     @property
+    def lock(self) -> threading.RLock:
+        """The model's lock (step() holds it; see Llama's doc)."""
+        return self.model.lock
+
+    @property
     def m(self) -> F32Array:
         """First moments, one float32 buffer laid out like model.flat_params."""
         return self._m
@@ -643,6 +697,7 @@ class AdamW:
         """Second moments, one float32 buffer laid out like model.flat_params."""
         return self._v
 
+    @_locked
     def step(self, lr: Optional[float] = None) -> None:
         """One update of every parameter from model.flat_grads; lr overrides
         self.lr for this step (and becomes self.lr)."""

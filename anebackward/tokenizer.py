@@ -76,8 +76,10 @@ class Tokenizer:
         """Read a llama2.c tokenizer.bin: vocab_size tokens, or every token in
         the file when None. CheckpointError for a truncated or corrupt file."""
         path = os.fspath(path)
+        from .atomicfile import open_regular
         try:
-            raw = open(path, "rb").read()
+            with open_regular(path, "tokenizer") as f:
+                raw = f.read()
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read tokenizer: {e.strerror or e}") from None
         if len(raw) < 4:

@@ -22,10 +22,12 @@ NaN/inf stops the run (exit 1) and keeps the last good checkpoint; an existing
 run in --out is never mixed with a new one (--resume continues it,
 --overwrite replaces it, atomically, at the new run's first save).
 """
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -34,6 +36,8 @@ import threading
 import time
 
 import numpy as np
+
+from . import MAX_THREADS
 
 # seq_len None = the preset's max_seq_len; save_every None = --eval-every
 DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
@@ -54,8 +58,9 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               eval_every=("int", 0, INT_MAX), eval_batches=("int", 1, 10_000),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
               data=("str", None, None), tokenizer=("str", None, None),
-              init_from=("str", None, None), format=("str", None, None),
-              threads=("int", 1, 4096))
+              init_from=("str", None, None), format=("choice", ("llama2c", "hf"), None),
+              threads=("int", 1, MAX_THREADS))
+EXTRA_KEYS = {"step", "settings", "params_digest", "tensor_digests"}   # optimizer.bin's extra
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
 
@@ -70,6 +75,10 @@ def _check_setting(name, v, label=None):
     if kind == "str":
         if not isinstance(v, str):
             raise ValueError(f"{what} must be a string, got {v!r}")
+        return v
+    if kind == "choice":
+        if v not in lo:
+            raise ValueError(f"{what} must be one of {', '.join(lo)}, got {v!r}")
         return v
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -86,6 +95,40 @@ def _check_setting(name, v, label=None):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
         raise ValueError(f"{what} must be a finite number >= {lo}, got {v!r}")
     return float(v)
+
+
+def _check_combination(st, label):
+    """Settings checked together (label(name) names one): min_lr <= lr,
+    config a preset or "init-from"."""
+    from .config import PRESETS
+    if st["min_lr"] > st["lr"]:
+        raise ValueError(f"{label('min_lr')} ({st['min_lr']:g}) is above {label('lr')} "
+                         f"({st['lr']:g}): the cosine schedule decays from the peak down to it; "
+                         "pass a smaller --min-lr or a larger --lr")
+    if st["config"] not in PRESETS and st["config"] != "init-from":
+        raise ValueError(f"{label('config')} must be a preset ({', '.join(PRESETS)}) or "
+                         f"init-from, got {st['config']!r}")
+
+
+def _check_memory(model, B, S, label):
+    """Refuse a batch whose activation workspace exceeds this machine's
+    memory before anything of that size is allocated (ValueError saying how
+    much it needs)."""
+    try:
+        need = model.workspace_bytes(B, S) + 8 * B * (S + 1)     # + the batch's tokens
+    except (ValueError, OverflowError, RuntimeError):
+        need = None         # beyond the C core's sizes
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        have = None
+    if need is None or (have and need > have):
+        size = "more than the C core's sizes" if need is None else f"{need / 2**30:,.1f} GiB"
+        raise ValueError(
+            f"{label} {B} x seq_len {S} needs an activation workspace of {size}, more than "
+            f"this machine's {have / 2**30:,.1f} GiB of memory; use a smaller batch size (with "
+            "--grad-accum for as many tokens per step) or --recompute" if have else
+            f"{label} {B} x seq_len {S} needs an activation workspace of {size}")
 
 
 def _usage(msg):
@@ -197,11 +240,19 @@ def _resume_state(path, model, opt, checkpoint):
         saved = extra.get("settings")
         if not isinstance(saved, dict):
             raise ValueError(f"extra.settings must be a JSON object, got {saved!r}")
+        unknown = sorted(set(extra) - EXTRA_KEYS)
+        if unknown:     # a flipped key must not switch a check off
+            raise ValueError(f"extra holds unknown keys {', '.join(map(repr, unknown))} (a "
+                             "corrupt key?)")
         saved = {"init_from": None, "format": None, **saved}   # runs saved before these
         missing = sorted(set(DEFAULTS) - set(saved))
         if missing:
             raise ValueError(f"extra.settings lacks {', '.join(missing)}")
+        unknown = sorted(set(saved) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"extra.settings holds unknown keys {', '.join(map(repr, unknown))}")
         st = {k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS}
+        _check_combination(st, lambda k: "settings." + k)
         if st["seq_len"] is None or st["seq_len"] > model.config.max_seq_len:
             raise ValueError(f"settings.seq_len {st['seq_len']!r} does not fit the model's "
                              f"max_seq_len {model.config.max_seq_len}")
@@ -210,9 +261,13 @@ def _resume_state(path, model, opt, checkpoint):
         digest = extra.get("params_digest")
         if digest is not None and not isinstance(digest, str):
             raise ValueError(f"extra.params_digest must be a string, got {digest!r}")
+        tensors = extra.get("tensor_digests")
+        if tensors is not None and not (isinstance(tensors, dict) and all(
+                isinstance(v, str) for v in tensors.values())):
+            raise ValueError("extra.tensor_digests must map tensor names to strings")
     except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{path}: corrupt trainer settings: {e}") from None
-    return start, st, digest
+    return start, st, (digest, tensors)
 
 
 def _resume_pair(d, say, recompute=False):
@@ -226,21 +281,43 @@ def _resume_pair(d, say, recompute=False):
     model, tokenizer = _load_run_model(d, Llama, Tokenizer, recompute)
     opt = AdamW(model)
     opt_path = os.path.join(d, "optimizer.bin")
-    start, st, digest = _resume_state(opt_path, model, opt, checkpoint)
+    start, st, (digest, tensors) = _resume_state(opt_path, model, opt, checkpoint)
     if digest is not None and digest != _params_digest(model):
         nxt = os.path.join(d, NEXT_OPT)
         if os.path.exists(nxt):
             try:
-                start, st, digest = _resume_state(nxt, model, opt, checkpoint)
+                start, st, (digest, tensors) = _resume_state(nxt, model, opt, checkpoint)
             except checkpoint.CheckpointError:
                 pass        # not the other half of this save: report the mismatch
         if digest != _params_digest(model):
-            raise checkpoint.CheckpointError(
-                f"{d}: model.bin and optimizer.bin are from different saves (a run stopped "
-                "between writing them); resume from a directory saved whole, or start anew")
+            _mismatch(d, start, tensors, model, checkpoint)
         os.replace(nxt, opt_path)
         say(f"{d}: completed the save of step {start} that was cut short")
     return model, opt, start, st, tokenizer
+
+
+def _mismatch(d, step, tensors, model, checkpoint):
+    """Raise the CheckpointError of weights that do not match the digest in
+    optimizer.bin: a few tensors changed (a bit flip on disk) is
+    corruption; every tensor changed is another save's model."""
+    weights = "model.bin" if os.path.isfile(os.path.join(d, "model.bin")) else "model.safetensors"
+    if tensors:
+        now = _tensor_digests(model)
+        changed = sorted(k for k in now if tensors.get(k) != now[k])
+        if not changed:
+            raise checkpoint.CheckpointError(
+                f"{d}: optimizer.bin is corrupt: its params_digest matches no weights, while "
+                f"every tensor of {weights} matches the digests it recorded at step {step}")
+        if len(changed) < len(now):
+            raise checkpoint.CheckpointError(
+                f"{d}: {weights} is corrupt: {', '.join(changed[:4])}"
+                f"{' ...' if len(changed) > 4 else ''} ({len(changed)} of {len(now)} tensors) "
+                f"changed since step {step} was saved (the other tensors match optimizer.bin's "
+                "digests: damage on disk, not another save); restore it from a copy, or start anew")
+    raise checkpoint.CheckpointError(
+        f"{d}: {weights} and optimizer.bin are from different saves (every tensor differs from "
+        f"the weights saved with optimizer.bin's step {step}); resume from a directory saved "
+        "whole, or start anew")
 
 
 def _evaluate(model, data, st, step):
@@ -250,20 +327,26 @@ def _evaluate(model, data, st, step):
     return float(np.mean(losses))
 
 
-def _read_log(path, before):
+def _read_log(path, before, say=None):
     """The lines of a run's log.jsonl for steps < before (a line torn by a
-    crash is dropped)."""
+    crash is dropped; so is one that is not UTF-8 JSON, with a warning)."""
     keep = []
     if not os.path.exists(path):
         return keep
-    with open(path) as f:
-        for line in f:
+    from .atomicfile import open_regular
+    bad = 0
+    with open_regular(path, "log.jsonl") as f:
+        for raw in f:
             try:
+                line = raw.decode("utf-8")
                 rec = json.loads(line)
-            except ValueError:
+            except ValueError:      # UnicodeDecodeError is one
+                bad += raw.endswith(b"\n")     # the last line may be torn by a kill: not news
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < before:
                 keep.append(line if line.endswith("\n") else line + "\n")
+    if bad and say is not None:
+        say(f"warning: {path}: dropped {bad} corrupt line(s) (not UTF-8 JSON)")
     return keep
 
 
@@ -305,8 +388,11 @@ class _RunDir:
     before saving leaves nothing behind, and an old run is never mixed with
     a new one."""
 
-    def __init__(self, out, in_place):
-        self.out = out
+    def __init__(self, out, in_place, locks):
+        from .runlock import LOCK
+        self.out, self.locks, self.keep = out, locks, False
+        # what --out held when the run started: only that may be replaced
+        self.replacing = os.path.isdir(out) and bool(_listing(out))
         if in_place:
             self.path, self.staging = out, False
         else:
@@ -314,6 +400,8 @@ class _RunDir:
             os.makedirs(parent, exist_ok=True)
             base = os.path.basename(os.path.abspath(out))
             self.path = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+            # locked before anything is written in it; the lock moves with it to --out
+            self.lock = locks.take(os.path.join(self.path, LOCK), f"--out {out}")
             os.chmod(self.path, 0o777 & ~_umask())
             self.staging = True
 
@@ -324,7 +412,19 @@ class _RunDir:
         """Make the staged run --out (after its first save)."""
         if not self.staging:
             return
+        from .runlock import LOCK, is_locked
         out = os.path.abspath(self.out)
+        if os.path.isdir(out) and not self.locks.holds(os.path.join(out, LOCK)) and is_locked(out):
+            # a run started there after this one began (never deleted: this run stays staged)
+            from .runlock import RunInUse
+            self.keep = True
+            raise RunInUse(f"--out {self.out} is now in use by another trainer; this run is "
+                           f"kept, saved, in {self.path} (rename it to resume it)", None)
+        if not self.replacing and os.path.isdir(out) and _listing(out):
+            self.keep = True
+            raise ValueError(f"files appeared in --out {self.out} while this run trained; they "
+                             f"are left alone and this run is kept, saved, in {self.path} "
+                             "(rename it to resume it)")
         if os.path.isdir(out) and os.listdir(out):     # --overwrite
             if _exchange(self.path, out):    # one atomic swap where the OS has it
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -336,11 +436,91 @@ class _RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.path, out)      # a new name or an empty directory: one rename
+        self.lock.moved(os.path.join(out, LOCK))
         self.path, self.staging = self.out, False
 
     def discard(self):
-        if self.staging:
+        if self.staging and not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _listing(d):
+    """The entries of directory d, its lock file left out."""
+    from .runlock import LOCK
+    return [n for n in os.listdir(d) if n != LOCK]
+
+
+def _lock_run(locks, out, source, dp):
+    """Lock --out (its name beside it, and the directory if it exists) and
+    a --resume directory `source` read into another --out (its save may be
+    completed there), before anything is read or written; RunInUse names
+    the pid of a live holder. Data-parallel ranks > 0 read rank 0's locked
+    run and write a private directory: they lock that only."""
+    from .runlock import LOCK, name_lock_path
+    dirs = [("--out", out)]
+    if source is not None and getattr(dp, "rank", 0) == 0:
+        dirs.append(("--resume", source))
+    for flag, d in dirs:
+        what = f"{flag} {d}"
+        parent = os.path.dirname(os.path.realpath(d))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, exist_ok=True)
+            locks.made_dirs.append(parent)      # removed again if left empty
+        try:
+            locks.take(name_lock_path(d), what)
+            if os.path.isdir(d):
+                locks.take(os.path.join(d, LOCK), what)
+        except OSError as e:
+            if flag == "--out" or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # a read-only run to resume from: nobody here can write it either
+
+
+_LEFTOVER = re.compile(r"^\..+\.[0-9]+\.[0-9a-f]{8}\.tmp$")     # atomicfile's temporary names
+
+
+def _clean_run_leftovers(d, say):
+    """Remove what killed saves left in run directory d, which this
+    process holds locked (so no save is in progress there): atomicfile's
+    temporary files, a save's .next files (a save cut between its renames
+    was completed by _resume_pair), and a half-drawn loss.png."""
+    gone = []
+    for name in _listing(d):
+        if _LEFTOVER.match(name) or name in (NEXT_MODEL, NEXT_OPT, "loss.png.tmp.png"):
+            path = os.path.join(d, name)
+            if os.path.isfile(path) or os.path.islink(path):
+                os.unlink(path)
+                gone.append(name)
+    if gone:
+        say(f"{d}: removed {len(gone)} file(s) left by an interrupted save: {', '.join(gone)}")
+
+
+def _clean_staging_leftovers(out, say):
+    """The hidden .NAME.partial-* / .NAME.old-* directories beside --out
+    that stopped runs left (this process holds --out's name lock: no live
+    trainer uses them; one that still holds its own .lock is skipped). One
+    that holds a save is removed only when --out holds a complete run (it
+    may be the only copy otherwise): it is listed instead."""
+    from .runlock import is_locked
+    parent = os.path.dirname(os.path.abspath(out))
+    base = os.path.basename(os.path.abspath(out))
+    pat = re.compile(r"^\." + re.escape(base) + r"\.(partial|old)-[A-Za-z0-9_]{8}$")
+    try:
+        names = sorted(n for n in os.listdir(parent) if pat.match(n))
+    except OSError:
+        return
+    out_whole = os.path.isfile(os.path.join(out, "optimizer.bin"))
+    for name in names:
+        path = os.path.join(parent, name)
+        if os.path.islink(path) or not os.path.isdir(path) or is_locked(path):
+            continue
+        saved = any("optimizer.bin" in files for _, _, files in os.walk(path))
+        if saved and not out_whole:
+            say(f"note: {path} holds a run left by a trainer stopped while replacing {out}; "
+                "kept (it may be the only copy): move it into place to resume it, or delete it")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        say(f"removed {path}, left by a stopped run")
 
 
 def _exchange(a, b):
@@ -398,9 +578,16 @@ def _plot(out, log_path, say):
     ax.legend()
     fig.tight_layout()
     path = os.path.join(out, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
+    from .atomicfile import atomic_write
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    except (OSError, ValueError, RuntimeError) as e:
+        # the run itself is complete and saved: a missing picture is not a failure
+        say(f"warning: loss.png not written ({e}); the run is complete and saved, the curve "
+            f"is in {log_path}")
+        return None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -408,7 +595,14 @@ def train(args, stream=None):
     """Run the training job described by argparse-style args; returns a dict
     whose "status" is "ok", "interrupted" (SIGINT/SIGTERM: saved, resumable)
     or "diverged" (NaN/inf loss: stopped, the last good save kept), with the
-    final losses and output paths."""
+    final losses and output paths. The run's locks (anebackward/runlock.py)
+    are held until it returns."""
+    from .runlock import Locks
+    with Locks() as locks:
+        return _train(args, stream, locks)
+
+
+def _train(args, stream, locks):
     from . import checkpoint
     from .data import load_data
     from .model import AdamW, Llama, LlamaConfig, cosine_lr
@@ -426,12 +620,22 @@ def train(args, stream=None):
         _usage(f"--format must be llama2c or hf, got {given['format']!r}")
     if "init_from" in given and "config" in given:
         _usage("--init-from and --config both choose the model; pass one of them")
+    if getattr(args, "out", None) is not None and not args.out.strip():
+        _usage(f"--out {args.out!r} names no directory; pass one (default runs/default)")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "optimizer.bin")):
+        _usage(f"--resume {args.resume}: no optimizer.bin there")
+    out = (args.out or args.resume) if args.resume else (args.out or os.path.join("runs", "default"))
+    in_place = bool(args.resume) and os.path.exists(out) and os.path.samefile(out, args.resume)
+    if os.path.islink(out) and not in_place:
+        _usage(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the directory it "
+               f"names ({os.path.realpath(out)}) or another --out")
+    _lock_run(locks, out, args.resume if not in_place else None, dp)
 
     if args.resume:
-        opt_path = os.path.join(args.resume, "optimizer.bin")
-        if not os.path.exists(opt_path):
-            _usage(f"--resume {args.resume}: no optimizer.bin there")
         model, opt, start, st, tokenizer = _resume_pair(args.resume, say, recompute)
+        old_total = st["steps"]     # the run's length when it was saved
+        if in_place:
+            _clean_run_leftovers(out, say)
         if "steps" in given:
             if given["steps"] < start:
                 _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
@@ -441,13 +645,17 @@ def train(args, stream=None):
         if ignored:
             say("--resume keeps the saved run's settings; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in ignored))
-        out = args.out or args.resume
-        in_place = os.path.exists(out) and os.path.samefile(out, args.resume)
         if in_place and overwrite:
             _usage("--overwrite with --resume into the same directory: a resumed run continues "
                    "its directory; drop --overwrite, or pass another --out")
     else:
         st = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
+        if "min_lr" not in given:       # the default floor follows a smaller --lr
+            st["min_lr"] = min(st["min_lr"], st["lr"])
+        try:
+            _check_combination(st, lambda k: "--" + k.replace("_", "-"))
+        except ValueError as e:
+            _usage(str(e))
         init = None
         if st["init_from"]:
             init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute)
@@ -474,13 +682,15 @@ def train(args, stream=None):
                          else Tokenizer.load(st["tokenizer"]))
         else:
             tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
-        start, out, in_place = 0, args.out or os.path.join("runs", "default"), False
+        start, old_total = 0, st["steps"]
     if os.path.exists(out) and not os.path.isdir(out):
         _usage(f"--out {out} is a file, not a directory")
-    if not in_place and os.path.isdir(out) and os.listdir(out) and not overwrite:
+    _clean_staging_leftovers(out, say)      # (this process holds --out's name lock)
+    if not in_place and os.path.isdir(out) and _listing(out) and not overwrite:
         _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
                f"continue it, --overwrite to replace it, or another --out")
-    if start == st["steps"] and args.resume:
+    if start == st["steps"] and args.resume and not _eval_missing(
+            _read_log(os.path.join(args.resume, "log.jsonl"), start), st, start, old_total):
         say(f"{args.resume} is already at step {start} of {st['steps']}; nothing to train "
             "(--steps N extends it)")
         return {"status": "ok", "first_loss": None, "last_loss": None, "val_loss": None,
@@ -510,7 +720,7 @@ def train(args, stream=None):
         opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
                     weight_decay=st["weight_decay"])
     elif not args.resume:
-        vocab = max(tokenizer.vocab_size, data.max_token() + 1)
+        vocab = tokenizer.vocab_size    # larger ids in the data are refused below
         if st["tokenizer"] is None and data.max_token() >= tokenizer.vocab_size:
             _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
                    "was made with as --tokenizer")
@@ -524,6 +734,19 @@ def train(args, stream=None):
             model.set_precision(precision)
         except (RuntimeError, ValueError) as e:
             _usage(f"--precision {precision}: {e}")
+    hit = data.find_token(model.config.vocab_size)
+    if hit is not None:     # (a shard beyond the tokenizer's vocabulary would grow the model)
+        where, token = hit
+        _usage(f"--data {where}: token id {token} is beyond the vocabulary "
+               f"({model.config.vocab_size}) of "
+               + (f"the model in {args.resume}" if args.resume else
+                  f"--init-from {st['init_from']}" if init is not None else
+                  f"--tokenizer {st['tokenizer']}")
+               + "; pass the tokenizer the data was made with")
+    try:
+        _check_memory(model, B, S, "settings.batch_size" if args.resume else "--batch-size")
+    except ValueError as e:
+        _usage(str(e))
     dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
@@ -539,25 +762,31 @@ def train(args, stream=None):
     say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st['lr']:g} "
         f"(warm-up {st['warmup']}, cosine to {st['min_lr']:g} at {decay}); output in {out}")
 
-    run_dir = _RunDir(out, in_place)
+    run_dir = _RunDir(out, in_place, locks)
+    run_dir.saved_at = start if in_place else None
     try:
         tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
-        from .atomicfile import atomic_write
-        old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start) if args.resume else []
+        from .atomicfile import atomic_write, open_append
+        old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start, say) if args.resume \
+            else []
         atomic_write(run_dir.file("log.jsonl"), lambda f: f.write("".join(old_log).encode()))
-        with open(run_dir.file("log.jsonl"), "a") as log, _Signals() as signals:
+        # the evaluation of the step the run was stopped at, if its record is missing
+        pending = evaluate and _eval_missing(old_log, st, start, old_total)
+        with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
             return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
                          evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
-                         checkpoint)
+                         checkpoint, pending)
+    except OSError as e:    # ENOSPC and the like: which path, and what is kept
+        raise _kept_error(e, run_dir) from e
     finally:
         run_dir.discard()       # a run stopped before its first save leaves nothing
 
 
 def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
-          progress, say, cosine_lr, checkpoint):
+          progress, say, cosine_lr, checkpoint, pending=False):
     B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
     settings = {k: st[k] for k in DEFAULTS}
-    saved_at = start if not run_dir.staging else None
+    saved_at = run_dir.saved_at = start if not run_dir.staging else None
 
     def save(step):
         # Both files are written in full under temporary names first (the slow
@@ -567,7 +796,8 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         # new one as NEXT_OPT, which --resume then completes (_resume_pair).
         nonlocal saved_at
         log.flush()
-        extra = {"step": step, "settings": settings, "params_digest": _params_digest(model)}
+        extra = {"step": step, "settings": settings, "params_digest": _params_digest(model),
+                 "tensor_digests": _tensor_digests(model)}
         if st["format"] == "hf":
             # optimizer first, under its temporary name; save_pretrained then
             # replaces config.json and model.safetensors (each atomically)
@@ -579,15 +809,40 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
             os.replace(run_dir.file(NEXT_MODEL), run_dir.file("model.bin"))
         os.replace(run_dir.file(NEXT_OPT), run_dir.file("optimizer.bin"))
         run_dir.publish()
-        saved_at = step
+        saved_at = run_dir.saved_at = step
+
+    def stop(done):
+        if saved_at != done:
+            save(done)
+        say(f"stopped by {signals.received} after step {done} of {total}; saved in "
+            f"{run_dir.out}. Resume with: anebackward train --resume {run_dir.out}")
+        return {"status": "interrupted", "step": done, "out": run_dir.out, "model": model}
+
+    def validate(step):
+        """The validation loss after `step` logged; None if it failed."""
+        try:
+            val = _evaluate(model, data, st, step)
+        except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
+            say(f"warning: evaluation failed at step {step + 1} ({e}); training goes on "
+                "without validation loss")
+            return None
+        log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
+        log.flush()
+        progress.message(f"step {step + 1}: validation loss {val:.4f}")
+        return val
 
     first_loss = last_loss = val = None
+    if pending:     # a run stopped on an evaluation step: its record is written now
+        val = validate(start - 1)
+        evaluate = val is not None
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=st["lr"], warmup_steps=st["warmup"], total_steps=decay,
                        min_lr=st["min_lr"])
         loss = 0.0
         for micro in range(accum):
+            if signals.received:    # a long accumulation stops at the next micro-batch
+                return stop(step)   # (this step is dropped: the weights are those of step)
             x, y = data.batch(step * accum + micro, B, S, st["seed"])
             loss += model.forward(x, y) / accum
             model.backward(accumulate=micro > 0, grad_scale=1.0 / accum)
@@ -615,23 +870,11 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         done = step + 1
         if done == total or (st["save_every"] and done % st["save_every"] == 0):
             save(done)      # before the evaluation, which may fail
-        if signals.received:
-            if saved_at != done:
-                save(done)
-            say(f"stopped by {signals.received} after step {done} of {total}; saved in "
-                f"{run_dir.out}. Resume with: anebackward train --resume {run_dir.out}")
-            return {"status": "interrupted", "step": done, "out": run_dir.out, "model": model}
-        if evaluate and ((st["eval_every"] and done % st["eval_every"] == 0) or done == total):
-            try:
-                val = _evaluate(model, data, st, step)
-            except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
-                say(f"warning: evaluation failed at step {done} ({e}); training goes on "
-                    "without validation loss")
-                evaluate = False
-            else:
-                log.write(json.dumps({"step": step, "val_loss": round(val, 6)}) + "\n")
-                log.flush()
-                progress.message(f"step {done}: validation loss {val:.4f}")
+        if signals.received:    # (an evaluation due here is run at --resume)
+            return stop(done)
+        if evaluate and _eval_due(st, done, total):
+            v = validate(step)
+            val, evaluate = (val, False) if v is None else (v, True)
         log.flush()
     out = run_dir.out
     plot = _plot(out, os.path.join(out, "log.jsonl"), say)
@@ -642,6 +885,35 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" --temperature 0")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
             "out": out, "model": model}
+
+
+def _eval_due(st, done, total):
+    """Is a validation loss logged after `done` steps of a `total`-step run?"""
+    return bool(st["eval_every"] and done % st["eval_every"] == 0) or done == total
+
+
+def _eval_missing(lines, st, start, total):
+    """A run saved at `start` whose evaluation there was due (total: the
+    run's length then) but whose log lines hold no val_loss for it."""
+    if start == 0 or not _eval_due(st, start, total):
+        return False
+    for line in lines:
+        rec = json.loads(line)
+        if "val_loss" in rec and rec.get("step") == start - 1:
+            return False
+    return True
+
+
+def _kept_error(e, run_dir):
+    """OSError e of a run, reworded: what failed, on which path, and what
+    is kept."""
+    where = f" ({e.filename})" if e.filename else ""
+    if run_dir.saved_at is not None:
+        kept = (f"the checkpoint of step {run_dir.saved_at} is kept in {run_dir.out}: resume it "
+                f"with anebackward train --resume {run_dir.out}")
+    else:
+        kept = "nothing was saved yet (the run had not reached its first save)"
+    return OSError(e.errno, f"{e.strerror or e}{where}; {kept}")
 
 
 def _hf():
@@ -694,6 +966,13 @@ def _load_run_model(run, Llama, Tokenizer, recompute):
 def _params_digest(model):
     """A short digest of the weights, tying optimizer.bin to its model.bin."""
     return hashlib.blake2b(memoryview(model.flat_params).cast("B"), digest_size=16).hexdigest()
+
+
+def _tensor_digests(model):
+    """A short digest per tensor: tells a damaged model.bin (a few tensors
+    differ) from another save's (all differ)."""
+    return {name: hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"),
+                                  digest_size=8).hexdigest() for name, a in model.params.items()}
 
 
 def run(args):

@@ -8,8 +8,11 @@ y = window[1:]). The windows of step i come from a generator seeded with
 """
 import glob
 import os
+import stat
 
 import numpy as np
+
+MAX_TEXT_BYTES = 1 << 30    # a text --data is read whole; larger corpora go in token shards
 
 
 class TokenData:
@@ -34,6 +37,15 @@ class TokenData:
 
     def max_token(self):
         return int(max(int(s.max()) for s in self.train + self.val))
+
+    def find_token(self, limit):
+        """(where, id) of the first token id >= limit (where: the shard's
+        path, else the data's description), or None."""
+        for s in self.train + self.val:
+            big = np.flatnonzero(s >= limit)
+            if big.size:
+                return getattr(s, "filename", None) or self.description, int(s[big[0]])
+        return None
 
     def batch(self, step, batch_size, seq_len, seed=0, split="train"):
         """(x, y) int32 [batch_size, seq_len] for this step (deterministic)."""
@@ -77,8 +89,15 @@ def load_data(path, tokenizer, val_fraction=0.05):
     elif path.endswith(".bin"):
         shards = [path]
     else:
+        from ..atomicfile import open_regular
         try:
-            text = open(path, encoding="utf-8").read()
+            with open_regular(path, "--data file") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_TEXT_BYTES:
+                    raise ValueError(f"--data {path}: a text file of {size:,} bytes; text is read "
+                                     f"whole (at most {MAX_TEXT_BYTES:,} bytes): pretokenize a "
+                                     "corpus this large into .bin token shards")
+                text = f.read(size).decode("utf-8")      # bounded: the size stat gave
         except OSError as e:
             raise ValueError(f"--data {path}: cannot read it: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
@@ -91,9 +110,14 @@ def load_data(path, tokenizer, val_fraction=0.05):
         return TokenData(*_split(stream, val_fraction), f"text file {path}")
     maps = []
     for s in shards:
-        if not os.path.isfile(s):
-            raise ValueError(f"--data {s}: not a file (a .bin token shard is a file of uint16 "
-                             "token ids)")
+        try:
+            mode = os.stat(s).st_mode
+        except OSError as e:
+            raise ValueError(f"--data {s}: cannot read it: {e.strerror or e}") from None
+        if not stat.S_ISREG(mode):      # a FIFO would hang, /dev/zero never ends
+            what = "not a file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO or a device)"
+            raise ValueError(f"--data {s}: {what}; a .bin token shard is a file of uint16 "
+                             "token ids")
         size = os.path.getsize(s)
         if size == 0:
             raise ValueError(f"--data {s}: the token shard is empty")

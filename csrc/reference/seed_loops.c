@@ -389,13 +389,15 @@ int ab_ref_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlo
         }
         float mx = -INFINITY;
         for (int64_t i = 0; i < V; i++) if (logits[t * V + i] > mx) mx = logits[t * V + i];
-        float sm = 0;
+        /* double: a float sum of V ones stops growing at 2^24 (the loss of a
+           2^26-class uniform row came out as log(2^24)) */
+        double sm = 0;
         for (int64_t i = 0; i < V; i++) sm += expf(logits[t * V + i] - mx);
         float zy = logits[t * V + y];
-        total += log((double)sm) + mx - zy;
+        total += log(sm) + mx - zy;
         if (dlogits) {
             for (int64_t i = 0; i < V; i++)
-                dlogits[t * V + i] = expf(logits[t * V + i] - mx) / sm * grad_scale / (float)den;
+                dlogits[t * V + i] = (float)(expf(logits[t * V + i] - mx) / sm * grad_scale / den);
             dlogits[t * V + y] -= grad_scale / (float)den;
         }
     }
