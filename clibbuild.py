@@ -15,7 +15,7 @@ symbols list on macOS) naming those functions is the second guard; it also
 hides the `.resolver` helpers of the multiversioned (target_clones) kernels.
 
 Finding the BLAS at run time (Linux): pip builds in an isolated environment
-whose scipy-openblas32 is deleted after the build (DESIGN.md §5), so the
+whose scipy-openblas32 is deleted after the build, so the
 library's RUNPATH is relative to itself: $ORIGIN/../../scipy_openblas32/lib,
 i.e. site-packages/anebackward/lib -> site-packages/scipy_openblas32/lib, the
 copy that `pip install` put next to it. `anebackward config --libs` also

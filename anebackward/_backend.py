@@ -2,7 +2,7 @@
 ANEBACKWARD_BACKEND environment variable, else "auto".
 
   "auto"      fast CPU kernels (BLAS + SIMD); the ANE where it is available
-              and the kernel is routed there (issue: ANE dispatch); never fails.
+              and the kernel is routed there (anebackward.ane); never fails.
   "cpu"       fast CPU kernels.
   "reference" the seed's scalar loops, math corrected (baseline / oracle).
   "ane"       the Apple Neural Engine for the kernels routed to it, the fast
