@@ -1,6 +1,6 @@
 """Argument checks shared by every kernel wrapper.
 
-Policy (README.md, "Conventions"): float arrays must already be float32 and C-contiguous
+Policy (docs/kernels.md, "Conventions"): float arrays must already be float32 and C-contiguous
 — the package never copies a float buffer behind the caller's back — and a
 wrong one raises TypeError (dtype, type) or ValueError (layout, shape) that
 names the function, the argument, what was expected and the fix. Token ids

@@ -341,7 +341,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 @pytest.mark.parametrize("name", ["linear_backward_dx", "linear_backward_dx_async"])
 def test_the_ane_dx_functions_name_their_output_dx_and_out_is_deprecated(emulator, rng, name):
-    """The package's convention (README table): a backward output is named
+    """The package's convention (docs/kernels.md): a backward output is named
     after its gradient, dx=; out= still works with a DeprecationWarning."""
     fn = getattr(ane, name)
     get = (lambda r: r.wait()) if name.endswith("_async") else (lambda r: r)

@@ -1,4 +1,4 @@
-"""One output-argument convention, documented in one README table: forward
+"""One output-argument convention, documented in one table (docs/kernels.md): forward
 outputs are out=, backward outputs d<input>=; an output passed is
 overwritten unless accumulate=True. The old spellings still work with a
 DeprecationWarning."""
@@ -12,13 +12,13 @@ import pytest
 
 import anebackward as ab
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+KERNELS_DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "kernels.md"
 IN_PLACE = {"clip_grad_norm", "adamw_step"}
 
 
 def _table():
-    """{kernel: [output names]} from the README's output table."""
-    text = README.read_text()
+    """{kernel: [output names]} from the output table of docs/kernels.md."""
+    text = KERNELS_DOC.read_text()
     head = text.index("| kernel | output arguments | `accumulate=` |")
     rows = {}
     for line in text[head:].splitlines()[2:]:
