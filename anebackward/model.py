@@ -318,8 +318,9 @@ class Llama:
         return ane._current()[0]
 
     def logits(self, tokens: Tokens, *, last_only: bool = False) -> F32Array:
-        """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
-        last_only=True returns only the last position's [B, vocab]."""
+        """Logits (a new array): [S, vocab] for int tokens [S], [B, S, vocab]
+        for [B, S]; last_only=True keeps only the last position ([vocab] or
+        [B, vocab])."""
         fn = "Llama.logits"
         tok, B, S = self._batch(fn, tokens)
         work = self._workspace(B, S)
@@ -328,7 +329,8 @@ class Llama:
                                    ffi.NULL, B, S, 0, fptr(work), work.size), fn)
         off, V = self._ws[3], self.config.vocab_size
         lg = work[off:off + B * S * V].reshape(B, S, V)
-        return lg[:, -1, :].copy() if last_only else lg.copy()
+        lg = lg[:, -1, :] if last_only else lg
+        return (lg[0] if np.ndim(tokens) == 1 else lg).copy()
 
     def decoder(self, max_positions: Optional[int] = None) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like
