@@ -115,6 +115,7 @@ def test_flop_counts():
     assert math.isclose(K.n_params(K.SHAPES["stories110M"]) / 1e6, 109.5, abs_tol=0.2)
 
 
+@pytest.mark.slow   # a subprocess run of its own (see pyproject's markers)
 def test_installed_package_has_every_contender(tmp_path, torch):
     """The package alone, away from the source tree (as pip installs it), must
     time NumPy and PyTorch too: the contenders live inside it. (They used to
