@@ -70,7 +70,8 @@ def test_config_without_a_question_says_what_to_ask():
     assert r.returncode == 2 and "--cflags --libs" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm")
+@pytest.mark.skipif(shutil.which("nm") is None,
+                    reason="nm (binutils) is not installed: cannot list the library's exports")
 def test_shared_library_exports_only_ab_symbols():
     path = os.path.join(ab.get_lib_dir(), LIB)
     if sys.platform == "darwin":
