@@ -71,7 +71,12 @@ def pkgconfig_dir() -> str:
             import scipy_openblas32 as sob
             lines[i] = "openblasdir=%s\n" % sob.get_lib_dir()
             from .atomicfile import atomic_write
-            atomic_write(pc, lambda f: f.write("".join(lines).encode()))
+            try:
+                atomic_write(pc, lambda f: f.write("".join(lines).encode()))
+            except OSError as e:   # a read-only install: say what works instead
+                print(f"anebackward config: {pc} names no existing BLAS directory and cannot be "
+                      f"updated ({e.strerror}); link with `anebackward config --cflags --libs`",
+                      file=sys.stderr)
             break
     return d
 
