@@ -2,12 +2,18 @@
 pkg-config file, installed inside the package next to the cffi module.
 
 One set of sources, compiled once: build_ext compiles csrc/*.c into objects,
-links them into anebackward/lib/libanebackward.so (.dylib on macOS) and hands
+links them into anebackward/lib/libanebackward.so.0 (soname libanebackward.so.0,
+with the development link libanebackward.so -> libanebackward.so.0 beside it;
+libanebackward.0.dylib and libanebackward.dylib on macOS) and hands
 the same objects to the cffi module (extra_objects) in place of the sources.
 The cffi module keeps its own copy of the code rather than linking the shared
 library: `import anebackward` then depends on no run-time search path at all
 (editable installs, relocated or repaired wheels behave like a plain install),
 and the test hooks (csrc/ab_testing.h) stay out of the library's exports.
+
+The 0 is the ABI version: it changes when a released C API changes
+incompatibly. Programs record the soname, so they keep loading the ABI they
+were linked against.
 
 Exports: exactly the AB_API functions of csrc/anebackward.h. Everything is
 compiled with -fvisibility=hidden, and a linker version script (an exported
@@ -15,7 +21,7 @@ symbols list on macOS) naming those functions is the second guard; it also
 hides the `.resolver` helpers of the multiversioned (target_clones) kernels.
 
 Finding the BLAS at run time (Linux): pip builds in an isolated environment
-whose scipy-openblas32 is deleted after the build (DESIGN.md §5), so the
+whose scipy-openblas32 is deleted after the build, so the
 library's RUNPATH is relative to itself: $ORIGIN/../../scipy_openblas32/lib,
 i.e. site-packages/anebackward/lib -> site-packages/scipy_openblas32/lib, the
 copy that `pip install` put next to it. `anebackward config --libs` also
@@ -47,8 +53,19 @@ def public_functions(header=os.path.join(CSRC, "anebackward.h")):
         return sorted(set(re.findall(r"\bAB_API\b[^;(]*?\b(ab_\w+)\s*\(", f.read())))
 
 
+ABI_VERSION = 0   # the soname's version: bump on an incompatible change of a released C API
+
+
 def shared_lib_filename():
+    """The file -l<name> finds: the development link to the versioned library."""
     return "lib%s.dylib" % LIB_NAME if sys.platform == "darwin" else "lib%s.so" % LIB_NAME
+
+
+def versioned_lib_filename():
+    """The library itself, named by its soname (install name on macOS)."""
+    if sys.platform == "darwin":
+        return "lib%s.%d.dylib" % (LIB_NAME, ABI_VERSION)
+    return "lib%s.so.%d" % (LIB_NAME, ABI_VERSION)
 
 
 # Installed headers: source path -> path under anebackward/include/.
@@ -71,6 +88,15 @@ Libs: -L${libdir} -Wl,-rpath,${libdir} -l%(lib)s%(extra_libs)s
 """
 
 
+def _symlink(target, path):
+    """path -> target (relative), replacing whatever is at path."""
+    tmp = path + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
 class build_ext(_build_ext):
     """build_ext that also builds libanebackward from the cffi module's objects."""
 
@@ -80,7 +106,8 @@ class build_ext(_build_ext):
 
     def _clib_outputs(self, pkg=None):
         pkg = pkg or self._package_dir()
-        out = [os.path.join(pkg, "lib", shared_lib_filename()),
+        out = [os.path.join(pkg, "lib", versioned_lib_filename()),
+               os.path.join(pkg, "lib", shared_lib_filename()),
                os.path.join(pkg, "lib", "pkgconfig", "anebackward.pc")]
         out += [os.path.join(pkg, "include", dst) for dst in HEADERS.values()]
         return out
@@ -95,6 +122,9 @@ class build_ext(_build_ext):
         for path in self._clib_outputs(built_pkg):
             dst = os.path.join(src_pkg, os.path.relpath(path, built_pkg))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.islink(path):   # the development link stays a link
+                _symlink(os.readlink(path), dst)
+                continue
             shutil.copyfile(path, dst + ".tmp")
             os.replace(dst + ".tmp", dst)
 
@@ -122,8 +152,8 @@ class build_ext(_build_ext):
     def _link_shared_library(self, ext, objects):
         libdir = os.path.join(self._package_dir(), "lib")
         os.makedirs(libdir, exist_ok=True)
-        out = os.path.join(libdir, shared_lib_filename())
-        tmp = os.path.join(self.build_temp, shared_lib_filename())
+        out = os.path.join(libdir, versioned_lib_filename())
+        tmp = os.path.join(self.build_temp, versioned_lib_filename())
         exports = os.path.join(self.build_temp, "anebackward.exports")
         os.makedirs(self.build_temp, exist_ok=True)
         # The C compiler alone, not Python's LDSHARED: no rpath to Python's own
@@ -134,7 +164,7 @@ class build_ext(_build_ext):
         if sys.platform == "darwin":
             with open(exports, "w") as f:
                 f.write("".join("_%s\n" % n for n in names))
-            cmd += ["-dynamiclib", "-install_name", "@rpath/" + shared_lib_filename(),
+            cmd += ["-dynamiclib", "-install_name", "@rpath/" + versioned_lib_filename(),
                     "-Wl,-exported_symbols_list," + exports]
         else:
             with open(exports, "w") as f:
@@ -142,7 +172,7 @@ class build_ext(_build_ext):
             # -z defs: an unresolved symbol fails the build, not the user's load;
             # -pthread: older glibc keeps pthreads in libpthread
             cmd += ["-shared", "-pthread", "-Wl,--version-script=" + exports,
-                    "-Wl,-soname," + shared_lib_filename(), "-Wl,-z,defs", "-Wl,--enable-new-dtags",
+                    "-Wl,-soname," + versioned_lib_filename(), "-Wl,-z,defs", "-Wl,--enable-new-dtags",
                     "-Wl,-rpath,$ORIGIN/../../scipy_openblas32/lib"]
         cmd += objects + ["-o", tmp]
         cmd += ["-L" + d for d in ext.library_dirs] + ["-l" + lib for lib in ext.libraries]
@@ -152,6 +182,9 @@ class build_ext(_build_ext):
         cmd += shlex.split(os.environ.get("LDFLAGS", ""))
         self.compiler.spawn(cmd)
         shutil.move(tmp, out)   # never a half-written library in the package
+        # the development link that -lanebackward finds (a copy where a wheel
+        # cannot hold links: the soname inside still names the versioned file)
+        _symlink(versioned_lib_filename(), os.path.join(libdir, shared_lib_filename()))
 
     def _install_headers_and_pc(self):
         pkg = self._package_dir()

@@ -1,12 +1,11 @@
 """Argument checks shared by every kernel wrapper.
 
-Policy (README.md, "Conventions"): float arrays must already be float32 and C-contiguous
+Policy (docs/kernels.md, "Conventions"): float arrays must already be float32 and C-contiguous
 — the package never copies a float buffer behind the caller's back — and a
 wrong one raises TypeError (dtype, type) or ValueError (layout, shape) that
 names the function, the argument, what was expected and the fix. Token ids
 are small, so integer arrays of another dtype are converted to int32.
 """
-import warnings
 
 import numpy as np
 
@@ -31,29 +30,6 @@ def f32(fn, name, a, ndim=None):
             want = " or ".join(f"{d}-D" for d in allowed)
             raise ValueError(f"{fn}: {name} must be {want}, got shape {a.shape}")
     return a
-
-
-def renamed(fn, new_name, new, old_name, old):
-    """The value of new_name=, or of its deprecated old name (with a
-    DeprecationWarning) when only that one was given."""
-    if old is None:
-        return new
-    if new is not None:
-        raise TypeError(f"{fn}: pass {new_name}= only ({old_name}= is its deprecated old name)")
-    warnings.warn(f"{fn}: {old_name}= is deprecated, use {new_name}= (same array, same meaning)",
-                  DeprecationWarning, stacklevel=3)
-    return old
-
-
-def accumulating(fn, name, accumulate):
-    """accumulate=None is the old default of an output that always added to
-    the array given: keep doing so, with a DeprecationWarning."""
-    if accumulate is None:
-        warnings.warn(f"{fn}: {name}= is added to by default only until the next release; pass "
-                      f"accumulate=True to keep adding, or accumulate=False to overwrite it (the "
-                      f"convention of every other output)", DeprecationWarning, stacklevel=3)
-        return True
-    return bool(accumulate)
 
 
 def same_shape(fn, name, a, shape, what=""):

@@ -6,6 +6,14 @@ The same facts from Python: anebackward.get_include(), get_lib_dir(),
 get_library() (as numpy.get_include() and scipy_openblas32.get_lib_dir()),
 and a pkg-config file (--pkgconfigdir prints its directory).
 
+The .pc file names the BLAS by a path relative to itself, which holds in a
+regular install (site-packages/anebackward/lib/pkgconfig ->
+site-packages/scipy_openblas32/lib). In an editable install the package is
+the source tree, where that path leads nowhere: --pkgconfigdir then first
+rewrites the tree's .pc with the installed wheel's absolute directory, so
+that `PKG_CONFIG_PATH=$(anebackward config --pkgconfigdir) pkg-config ...`
+links in both.
+
 --libs names libanebackward with an rpath to its directory, and on Linux the
 BLAS it needs (the scipy-openblas32 wheel installed next to it) with its own
 rpath, linked even under --as-needed: a program then links and runs without
@@ -46,6 +54,33 @@ def _blas_libs():
             "-Wl,--push-state,--no-as-needed", "-l" + sob.get_library(), "-Wl,--pop-state"]
 
 
+def pkgconfig_dir() -> str:
+    """Directory of anebackward.pc, made right for this install first (see above)."""
+    d = os.path.join(get_lib_dir(), "pkgconfig")
+    pc = os.path.join(d, "anebackward.pc")
+    if sys.platform == "darwin" or not os.path.isfile(pc):
+        return d
+    with open(pc, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("openblasdir="):
+            value = line.split("=", 1)[1].strip().replace("${pcfiledir}", d)
+            if os.path.isdir(value):
+                return d
+            import scipy_openblas32 as sob
+            lines[i] = "openblasdir=%s\n" % sob.get_lib_dir()
+            from .atomicfile import atomic_write
+            try:
+                atomic_write(pc, lambda f: f.write("".join(lines).encode()))
+            except OSError as e:   # a read-only install: say what works instead
+                print(f"anebackward config: {pc} names no existing BLAS directory and cannot be "
+                      f"updated ({e.strerror}); link with `anebackward config --cflags --libs`",
+                      file=sys.stderr)
+            break
+    return d
+
+
 def cflags() -> list:
     return ["-I" + get_include()]
 
@@ -56,7 +91,7 @@ def libs() -> list:
 
 
 def _missing_files():
-    name = "libanebackward.dylib" if sys.platform == "darwin" else "libanebackward.so"
+    name = "libanebackward.dylib" if sys.platform == "darwin" else "libanebackward.so"   # the dev link
     return [p for p in (os.path.join(get_include(), "anebackward.h"),
                         os.path.join(get_lib_dir(), name)) if not os.path.exists(p)]
 
@@ -87,7 +122,7 @@ def run(args):
     if args.libdir:
         out.append(shlex.quote(get_lib_dir()))
     if args.pkgconfigdir:
-        out.append(shlex.quote(os.path.join(get_lib_dir(), "pkgconfig")))
+        out.append(shlex.quote(pkgconfig_dir()))
     flags = (cflags() if args.cflags else []) + (libs() if args.libs else [])
     if flags:
         out.append(" ".join(shlex.quote(f) for f in flags))

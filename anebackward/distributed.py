@@ -24,7 +24,7 @@ ANEBACKWARD_ALLREDUCE chooses when the gradients are reduced:
            (not measured: the project has had one host);
            end on one host, where every core already computes and gloo's
            threads would only take turns with the kernels (measured: 2 ranks
-           on 2 cores, overlap 9-34 % slower per step, docs/performance.md).
+           on 2 cores, overlap 9-34 % slower per step, docs/performance.md, "Data-parallel training").
 The sums, and so the trained weights, are the same either way.
 """
 import atexit

@@ -505,8 +505,9 @@ class Llama:
     def logits(self, tokens: Union[Tokens, Batch], *, last_only: bool = False,
                cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
                attention_mask: Optional[Tokens] = None) -> F32Array:
-        """Logits [B, S, vocab] (a new array) for int tokens [S] or [B, S];
-        last_only=True returns only the last position's [B, vocab].
+        """Logits (a new array): [S, vocab] for int tokens [S], [B, S, vocab]
+        for [B, S]; last_only=True keeps only the last position ([vocab] or
+        [B, vocab]).
         With a batch layout (as forward): compact tokens (cu_seqlens) give
         [N, vocab]; a padded batch gives [B, S, vocab] with zeros at the
         padded positions (nothing is computed there)."""
@@ -525,7 +526,8 @@ class Llama:
         self._forward_c(fn, ffi.NULL, tok, None, B, S, False, work)
         off, V = self._ws[3], self.config.vocab_size
         lg = work[off:off + B * S * V].reshape(B, S, V)
-        return lg[:, -1, :].copy() if last_only else lg.copy()
+        lg = lg[:, -1, :] if last_only else lg
+        return (lg[0] if np.ndim(tokens) == 1 else lg).copy()
 
     def decoder(self, max_positions: Optional[int] = None) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like

@@ -8,7 +8,7 @@ corpus for about a minute on a 2-core machine and writes, in --out DIR
   optimizer.bin   AdamW moments and trainer position (for --resume)
   log.jsonl       one JSON object per step: step, loss, lr, ms, tok_s, grad_norm
                   (and {"step", "val_loss"} lines at evaluations)
-  loss.png        the loss curve (needs matplotlib: pip install anebackward[plot])
+  loss.png        the loss curve (drawn with matplotlib, a dependency)
 
 The learning rate follows llama2.c's schedule (linear warm-up, cosine decay
 to --min-lr at --decay-steps), gradients are clipped to --grad-clip, AdamW
@@ -551,7 +551,7 @@ def _plot(out, log_path, say):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        say("matplotlib is not installed (pip install 'anebackward[plot]'); skipped loss.png")
+        say("matplotlib is not installed (pip install matplotlib); skipped loss.png")
         return None
     steps, losses, vsteps, vlosses = [], [], [], []
     with open(log_path) as f:

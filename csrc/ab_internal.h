@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "anebackward.h"
+#include "ab_testing.h"
 #include "blas.h"
 
 /* Guards: every public function checks its own preconditions and returns an

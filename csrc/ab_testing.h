@@ -1,6 +1,7 @@
-/* ab_testing.h — test hooks: declared for the cffi module (its cdef reads
- * between the markers below, after anebackward.h's), not part of the public
- * C API and not installed for C users. */
+/* ab_testing.h — test and benchmark hooks: declared for the cffi module (its
+ * cdef reads between the markers below, after anebackward.h's), not part of
+ * the public C API, not exported by libanebackward and not installed for C
+ * users. */
 #ifndef AB_TESTING_H
 #define AB_TESTING_H
 
@@ -69,6 +70,29 @@ int ab_ane_testing_program_dir(ab_ane_ctx *ctx, int64_t S, int64_t in, int64_t o
  * of a region took the same time (its task count and worker cap kept);
  * every call first reports the counts so far (NULLs allowed). Process-wide. */
 int ab_pool_stats(int enable, int64_t *parallel_ns, int64_t *regions, int64_t *bound_ns);
+
+/* OpenBLAS's own thread count, set directly: only the benchmark's raw-sgemm
+ * contender uses it (the package's one setting is ab_set_num_threads). */
+void ab_blas_set_num_threads(int n);
+
+/* Pieces of the ANE path, reached directly by the tests. */
+/* MIL text of the dynamic-weight dx program; snprintf semantics: *len = the
+ * length needed (without NUL), at most cap bytes written. */
+int ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
+                  int64_t *len);
+/* fp32 <-> fp16 (IEEE binary16, round to nearest even; subnormals, inf and
+ * NaN kept). The default functions use F16C/NEON when the CPU has it.
+ * n < 0: AB_EINVAL; NULL with n > 0: AB_ENULL. */
+int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
+int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
+int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
+int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
+const char *ab_ane_fp16_path(void);
+/* Token-major [N, C] <-> channels-first [C, ld] (spatial stride ld >= N). */
+int ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N,
+                            int64_t C, float scale);
+int ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N,
+                            int64_t C, float scale, int accumulate);
 
 /* CDEF END */
 

@@ -58,13 +58,13 @@ AB_API const char *ab_strerror(int code);
 /* The package version ("0.1.0"; the same string as anebackward.__version__). */
 AB_API const char *ab_version(void);
 
-/* Runtime facts: BLAS in use, its core, threads. ab_blas_*_num_threads are
- * OpenBLAS's own count, which the package keeps at 1 (ab_set_num_threads). */
+/* Runtime facts: BLAS in use, its core, threads. ab_blas_get_num_threads is
+ * OpenBLAS's own count, which the package keeps at 1 (ab_set_num_threads
+ * is the one thread setting). */
 AB_API const char *ab_blas_name(void);
 AB_API const char *ab_blas_corename(void);
 AB_API const char *ab_build_flags(void);
 AB_API int ab_blas_get_num_threads(void);
-AB_API void ab_blas_set_num_threads(int n);
 /* The package's one thread setting: its worker pool (csrc/threads.c) and
  * the BLAS together use at most n threads (the BLAS gets n for the sgemms
  * and runs at 1 inside the package's own parallel regions). Default:
@@ -616,25 +616,6 @@ AB_API int ab_model_backward_ane(const ab_model_config *c, const float *params, 
                                  int64_t B, int64_t S, float grad_scale, int accumulate,
                                  float *work, int64_t work_floats, ab_ane_ctx *ane,
                                  uint64_t params_version, int ane_flags);
-
-/* Core pieces, exposed for tests. */
-/* MIL text of the dynamic-weight dx program; snprintf semantics: *len = the
- * length needed (without NUL), at most cap bytes written. */
-AB_API int ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
-                         int64_t *len);
-/* fp32 <-> fp16 (IEEE binary16, round to nearest even; subnormals, inf and
- * NaN kept). The default functions use F16C/NEON when the CPU has it.
- * n < 0: AB_EINVAL; NULL with n > 0: AB_ENULL. */
-AB_API int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n);
-AB_API int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n);
-AB_API int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n);
-AB_API int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n);
-AB_API const char *ab_ane_fp16_path(void);
-/* Token-major [N, C] <-> channels-first [C, ld] (spatial stride ld >= N). */
-AB_API int ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N,
-                            int64_t C, float scale);
-AB_API int ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N,
-                            int64_t C, float scale, int accumulate);
 
 /* CDEF END */
 

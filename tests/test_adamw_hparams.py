@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import anebackward as ab
+from conftest import import_torch
 from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer
 
 GOOD = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -122,7 +123,7 @@ def test_optimizer_file_missing_fields_are_named(tmp_path):
 
 @pytest.mark.parametrize("field,value,exc,text", BAD)
 def test_torch_adamw_constructor_and_load_state_dict(field, value, exc, text):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()   # required under ANEBACKWARD_REQUIRE_TORCH=1, as everywhere
     from anebackward.torch import AdamW
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(exc, match=text):

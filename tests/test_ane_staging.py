@@ -340,9 +340,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 # ------------------------------------------------------- output names
 
 @pytest.mark.parametrize("name", ["linear_backward_dx", "linear_backward_dx_async"])
-def test_the_ane_dx_functions_name_their_output_dx_and_out_is_deprecated(emulator, rng, name):
-    """The package's convention (README table): a backward output is named
-    after its gradient, dx=; out= still works with a DeprecationWarning."""
+def test_the_ane_dx_functions_name_their_output_dx(emulator, rng, name):
+    """The package's convention (docs/kernels.md): a backward output is named
+    after its gradient, dx=, and has no other name."""
     fn = getattr(ane, name)
     get = (lambda r: r.wait()) if name.endswith("_async") else (lambda r: r)
     flat, W = flat_model(rng, 64, 48)
@@ -354,11 +354,10 @@ def test_the_ane_dx_functions_name_their_output_dx_and_out_is_deprecated(emulato
         assert get(fn(dy, W, dx=buf)) is buf
     assert rel_err(buf, ref) < 1e-3
     old = np.ones((64, 48), np.float32)
-    with pytest.warns(DeprecationWarning, match=r"out= is deprecated, use dx="):
-        assert get(fn(dy, W, out=old, accumulate=True)) is old
+    assert get(fn(dy, W, dx=old, accumulate=True)) is old
     assert rel_err(old, 1.0 + ref) < 1e-3
-    with pytest.raises(TypeError, match="pass dx= only"):
-        fn(dy, W, dx=buf, out=old)
+    with pytest.raises(TypeError, match="out"):
+        fn(dy, W, out=old)
     with pytest.raises(ValueError, match="pass dx="):
         fn(dy, W, accumulate=True)
     with pytest.raises(ValueError, match="dx must"):

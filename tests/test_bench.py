@@ -115,6 +115,7 @@ def test_flop_counts():
     assert math.isclose(K.n_params(K.SHAPES["stories110M"]) / 1e6, 109.5, abs_tol=0.2)
 
 
+@pytest.mark.slow   # a subprocess run of its own (see pyproject's markers)
 def test_installed_package_has_every_contender(tmp_path, torch):
     """The package alone, away from the source tree (as pip installs it), must
     time NumPy and PyTorch too: the contenders live inside it. (They used to
@@ -167,3 +168,48 @@ def test_bench_threads_leave_the_packages_openblas_single_threaded():
     finally:
         limiter.restore_original_limits()
         ab.set_num_threads(before)
+
+
+def test_quick_output_fits_100_columns(quick):
+    _, out = quick
+    lines = out.splitlines()
+    assert any(line.startswith("kernel") and "ours median" in line for line in lines)
+    wide = [line for line in lines if len(line) > 100]
+    assert not wide, wide
+
+
+def test_plot_has_one_panel_row_per_shape_and_a_separate_peak_axis(tmp_path):
+    """--plot: one row per shape (speed-ups as horizontal bars, log axis; the
+    matmuls' share of the raw sgemm on its own linear axis), screen-width."""
+    pytest.importorskip("matplotlib", reason="matplotlib (a dependency) draws --plot")
+    from anebackward.bench import report
+
+    def rec(name, shape, site, contender, ratio):
+        return dict(name=name, shape=shape, site=site, dims={}, contender=contender, status="ok",
+                    median_s=1e-3, min_s=1e-3, max_s=1e-3, repeats=3, gflops=None,
+                    ratio_to_ours=ratio, note="")
+    recs = []
+    for shape in ("stories15M", "gqa15M"):
+        for c, x in (("ours", 1.0), ("numpy", 2.0), ("torch", 1.5), ("sgemm", 0.9)):
+            recs.append(rec("linear", shape, "wq", c, x))
+        for c, x in (("ours", 1.0), ("numpy", 3.0), ("torch", 0.8)):
+            recs.append(rec("rmsnorm", shape, "", c, x))
+    path = tmp_path / "p.png"
+    assert report.plot(str(path), recs) == f"wrote {path}"
+    import matplotlib.image
+    h, w = matplotlib.image.imread(str(path)).shape[:2]
+    assert w <= 1300 and h <= 2 * w, (w, h)   # readable at screen width, no 3836-px strip
+    import matplotlib.pyplot as plt
+    seen = {}
+    orig = plt.subplots
+
+    def spy(*a, **kw):
+        fig, axes = orig(*a, **kw)
+        seen["shape"] = axes.shape
+        return fig, axes
+    plt.subplots = spy
+    try:
+        report.plot(str(path), recs)
+    finally:
+        plt.subplots = orig
+    assert seen["shape"] == (2, 2)   # two shapes x (speed-ups, fraction of peak)

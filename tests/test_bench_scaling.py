@@ -18,6 +18,7 @@ def test_amdahl_fit_recovers_the_serial_fraction():
     assert amdahl_speedup(0.05, 16) == pytest.approx(1 / (0.05 + 0.95 / 16))
 
 
+@pytest.mark.slow
 def test_scaling_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["bench", "--scaling", "--quick", "--shapes", "tiny", "--threads-list", "1,2",

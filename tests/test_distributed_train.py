@@ -25,6 +25,7 @@ def _run(cmd, env):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.slow   # torchrun, two processes
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, torch):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)

@@ -401,7 +401,7 @@ def test_hf_switches_native_paths_agree_without_torch(tied):
     np.testing.assert_allclose(fast.flat_grads, ref.flat_grads, rtol=1e-3, atol=1e-6)
     assert np.array_equal(fast.flat_grads, rec.flat_grads)
     assert np.abs(fast.grads["layers.1.attention.q_norm.weight"]).max() > 0
-    full = fast.logits(tokens[0])[0]
+    full = fast.logits(tokens[0])
     for m in (fast, ref):
         dec = m.decoder(max_positions=20)
         for pos, t in enumerate(tokens[0]):

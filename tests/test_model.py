@@ -178,6 +178,19 @@ def test_logits_match_forward_loss(rng):
     np.testing.assert_array_equal(m.logits(tokens, last_only=True), m.logits(tokens)[:, -1])
 
 
+def test_logits_of_one_sequence_have_no_batch_axis(rng):
+    cfg = LlamaConfig.preset("tiny")
+    m = Llama(cfg, seed=4)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 10))
+    batch = m.logits(tokens)
+    one = m.logits(tokens[1])
+    assert one.shape == (10, cfg.vocab_size) and batch.shape == (2, 10, cfg.vocab_size)
+    np.testing.assert_allclose(one, batch[1], rtol=1e-5, atol=1e-6)
+    last = m.logits(tokens[1], last_only=True)
+    assert last.shape == (cfg.vocab_size,)
+    np.testing.assert_array_equal(last, one[-1])
+
+
 def test_bad_input_raises(rng):
     m = Llama(LlamaConfig.preset("tiny"))
     with pytest.raises(ValueError, match="tokens must be in"):
@@ -210,7 +223,7 @@ def test_kv_cache_decoder_matches_full_forward(rng, tied):
     randomize(m, rng, norm_spread=0.2)
     m.flat_params[:m.n_decay] *= 0.5
     tokens = rng.integers(0, 41, size=12)
-    full = m.logits(tokens)[0]
+    full = m.logits(tokens)
     dec = m.decoder()
     for pos, t in enumerate(tokens):
         np.testing.assert_allclose(dec.step(int(t)), full[pos], rtol=1e-4,

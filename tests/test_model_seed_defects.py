@@ -1,5 +1,5 @@
 """One test per defect of the seed's model_backward / model_adam_step
-(README.md, "The model from Python"). Each test checks the package against the float64 torch
+(docs/model.md). Each test checks the package against the float64 torch
 oracle AND shows that the seed's behaviour, plugged into the same oracle,
 misses by far more than the tolerance: so the test would catch the defect.
 (The checkpoint freq_cis defect is tested in test_checkpoint.py.)

@@ -1,7 +1,6 @@
-"""One output-argument convention, documented in one README table: forward
+"""One output-argument convention, documented in one table (docs/kernels.md): forward
 outputs are out=, backward outputs d<input>=; an output passed is
-overwritten unless accumulate=True. The old spellings still work with a
-DeprecationWarning."""
+overwritten unless accumulate=True."""
 import inspect
 import pathlib
 import re
@@ -12,13 +11,13 @@ import pytest
 
 import anebackward as ab
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+KERNELS_DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "kernels.md"
 IN_PLACE = {"clip_grad_norm", "adamw_step"}
 
 
 def _table():
-    """{kernel: [output names]} from the README's output table."""
-    text = README.read_text()
+    """{kernel: [output names]} from the output table of docs/kernels.md."""
+    text = KERNELS_DOC.read_text()
     head = text.index("| kernel | output arguments | `accumulate=` |")
     rows = {}
     for line in text[head:].splitlines()[2:]:
@@ -44,11 +43,10 @@ def test_table_covers_every_kernel_and_matches_the_signatures():
         if k in IN_PLACE:
             continue
         documented = set(outs)
-        # outputs: out and d<name> (dy and dout are the upstream gradients, inputs)
+        # outputs: out and d<name> (dy and dout are the upstream gradients, inputs;
+        # denominator is cross_entropy_backward's loss divisor, a number)
         in_signature = {p for p in params if p == "out" or re.fullmatch(r"d[A-Za-z0-9]+", p)} - \
-            {"dy", "dout"}
-        if k in ("linear_backward_dx", "linear_backward_dW", "rope_backward"):
-            in_signature.discard("out")   # the deprecated old name
+            {"dy", "dout", "denominator"}
         if k == "embedding_backward":
             in_signature.discard("dx")    # an input (the upstream gradient)
         assert in_signature == documented, k
@@ -65,23 +63,20 @@ def _rand(rng, *s):
 
 @pytest.mark.parametrize("kernel,new", [("linear_backward_dx", "dx"), ("linear_backward_dW", "dW"),
                                         ("rope_backward", "dx")])
-def test_old_out_name_warns_and_writes_the_same(rng, kernel, new):
+def test_backward_output_has_one_name(rng, kernel, new):
     dy, W, x = _rand(rng, 6, 4), _rand(rng, 4, 8), _rand(rng, 6, 8)
     args = {"linear_backward_dx": (dy, W), "linear_backward_dW": (dy, x),
             "rope_backward": (x,)}[kernel]
     kw = {"head_dim": 4} if kernel == "rope_backward" else {}
     fn = getattr(ab, kernel)
     want = fn(*args, **kw)
-    buf = np.full_like(want, np.nan)
-    with pytest.warns(DeprecationWarning, match=f"out= is deprecated, use {new}="):
-        got = fn(*args, out=buf, **kw)
-    assert got is buf and np.array_equal(buf, want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        buf2 = np.full_like(want, np.nan)
-        assert fn(*args, **{new: buf2}, **kw) is buf2 and np.array_equal(buf2, want)
-    with pytest.raises(TypeError, match=f"pass {new}= only"):
-        fn(*args, out=buf, **{new: buf2}, **kw)
+        buf = np.full_like(want, np.nan)
+        assert fn(*args, **{new: buf}, **kw) is buf and np.array_equal(buf, want)
+    assert "out" not in inspect.signature(fn).parameters
+    with pytest.raises(TypeError, match="out"):
+        fn(*args, out=buf, **kw)
 
 
 def test_rmsnorm_backward_dw_follows_the_convention(rng):
@@ -95,11 +90,10 @@ def test_rmsnorm_backward_dw_follows_the_convention(rng):
     dw = np.ones(8, np.float32)
     got_dx, got_dw = ab.rmsnorm_backward(dy, x, w, dw=dw, accumulate=True)
     assert got_dw is dw and np.allclose(dw, dw0 + 1) and np.array_equal(got_dx, dx0)
-    # the old default (dw= without accumulate=) still adds, and says it will change
+    # the default is to overwrite, for dw as for every other output
     dw = np.ones(8, np.float32)
-    with pytest.warns(DeprecationWarning, match="pass accumulate=True to keep adding"):
-        ab.rmsnorm_backward(dy, x, w, dw=dw)
-    assert np.allclose(dw, dw0 + 1)
+    ab.rmsnorm_backward(dy, x, w, dw=dw)
+    assert np.array_equal(dw, dw0)
 
 
 def test_embedding_backward_overwrites_unless_accumulating(rng):
@@ -114,6 +108,5 @@ def test_embedding_backward_overwrites_unless_accumulating(rng):
     ab.embedding_backward(x, tok, dE=dE, accumulate=True)
     np.testing.assert_allclose(dE, want + 1, rtol=1e-6)
     dE = np.ones_like(E)
-    with pytest.warns(DeprecationWarning, match="accumulate=False to overwrite"):
-        ab.embedding_backward(x, tok, dE=dE)
-    np.testing.assert_allclose(dE, want + 1, rtol=1e-6)
+    ab.embedding_backward(x, tok, dE=dE)   # the default: overwritten
+    np.testing.assert_allclose(dE, want, rtol=1e-6)

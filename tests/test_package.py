@@ -40,8 +40,12 @@ def test_source_tree_shadowing_says_what_to_do(tmp_path, cmd):
     tree = _copy_tree_without_core(tmp_path)
     # -S with site-packages on PYTHONPATH: the dependencies import, but no .pth
     # file runs, so an editable install of this checkout cannot step in
+    # (every site-packages this interpreter sees: a venv made with
+    # --system-site-packages finds its dependencies in the base one)
     paths = sysconfig.get_paths()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join({paths["purelib"], paths["platlib"]}))
+    sites = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(
+        [paths["purelib"], paths["platlib"]] + sites)))
     r = subprocess.run([sys.executable, "-S"] + cmd, cwd=tree, capture_output=True, text=True,
                        timeout=60, env=env)
     assert r.returncode != 0

@@ -1,5 +1,5 @@
 """rmsnorm / rmsnorm_backward vs float64 NumPy and finite differences, and
-the two seed defects (README.md, "Seed function → kernel") that live in this kernel."""
+the two seed defects (docs/kernels.md, "Seed function → kernel") that live in this kernel."""
 import numpy as np
 import pytest
 
@@ -46,7 +46,7 @@ def test_dw_accumulates_and_dx_accumulate_flag(rng):
     assert_close(dx, 3 + f64(dx0), what="dx accumulated")
 
 
-# ---- seed defects (README.md, "Seed function → kernel") ----
+# ---- seed defects (docs/kernels.md, "Seed function → kernel") ----
 def _seed_rmsnorm_dx(dy, x, w, eps=1e-5):
     """The seed's cpu_rmsnorm_backward formula: correction divided by D*rms^2."""
     x, w, dy = f64(x), f64(w), f64(dy)

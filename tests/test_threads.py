@@ -195,7 +195,7 @@ def test_the_pool_survives_fork():
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stdout + r.stderr
 
 
-# ---- issue 13, item 1: masked entries contribute exactly nothing ----
+# ---- masked entries contribute exactly nothing ----
 
 def test_an_inf_in_a_masked_value_row_leaves_earlier_rows_alone():
     q = np.ones((4, 2), np.float32)
@@ -227,7 +227,7 @@ def test_inf_partners_in_a_masked_block_match_the_reference(threads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-# ---- issue 13, item 9: sizes are bounded before they are multiplied ----
+# ---- sizes are bounded before they are multiplied ----
 
 def test_rope_refuses_a_position_that_would_overflow():
     x = np.ones((2, 4), np.float32)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("keep_blas_threads")
+pytestmark = [pytest.mark.usefixtures("keep_blas_threads"),
+              pytest.mark.slow]   # two gloo processes per test
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

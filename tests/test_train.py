@@ -112,7 +112,7 @@ def test_cli_train_then_sample_greedy(tmp_path, capsysbinary):
     got = generate(m, tok, "Once upon", steps=40, temperature=0.0)
     seq = tok.encode("Once upon")
     while len(seq) < 41:   # run.c: --steps positions, each yields a token after BOS
-        nxt = int(np.argmax(m.logits(np.array(seq), last_only=True)[0]))
+        nxt = int(np.argmax(m.logits(np.array(seq), last_only=True)))
         if nxt == 1:
             break
         seq.append(nxt)

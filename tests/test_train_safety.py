@@ -1,4 +1,4 @@
-"""No run is ever lost (issue 13): an existing --out, a --resume that would
+"""No run is ever lost: an existing --out, a --resume that would
 go backwards, Ctrl-C / SIGTERM / kill -9, a validation split that is too
 short, a failing evaluation, a diverged loss, corrupt saved settings, and
 out-of-range numbers on the command line."""

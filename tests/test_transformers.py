@@ -360,6 +360,7 @@ def test_trainer_same_loss_curve(hf, abt, calls, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)
 
 
+@pytest.mark.slow   # torchrun, two processes
 def test_trainer_torchrun_two_processes(hf, abt, tmp_path):
     """The same 20 Trainer steps as 2 processes under torchrun (gloo, loopback):
     patched and unpatched give the same (rank-averaged) loss curve."""

@@ -323,9 +323,9 @@ def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
     return out, N, n_in, n_out, w_version
 
 
-def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0, out=None):
+def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0):
     """dx[..., in] = dy[..., out] · W[out, in] on the ANE (accumulate=True:
-    dx += that; out= is dx='s deprecated old name). backend="ane" raises if
+    dx += that). backend="ane" raises if
     there is no ANE or the platform fails (dx is then untouched, or complete
     when evaluation failed midway
     and the CPU finished the rows); "auto" falls back to the CPU on any ANE
@@ -333,7 +333,7 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_ver
     is reused while the version is unchanged (change it whenever W changes,
     e.g. after every optimiser step). See last_call() for how the call went."""
     fn = "anebackward.ane.linear_backward_dx"
-    out = C.renamed(fn, "dx", dx, "out", out)
+    out = dx
     out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
     ctx, _, reason = _current()
     if ctx is None:
@@ -426,14 +426,13 @@ class AneJob:
             lib.ab_ane_job_wait(self._job, ffi.NULL, ffi.NULL, 0)
 
 
-def linear_backward_dx_async(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0,
-                             out=None):
+def linear_backward_dx_async(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0):
     """linear_backward_dx queued to the ANE context's worker thread; returns
     an AneJob at once (its wait() gives dx), so the caller's thread can do CPU
     work meanwhile. Without an ANE: backend="ane" raises, "auto" computes dx
     on the CPU now and returns a finished job."""
     fn = "anebackward.ane.linear_backward_dx_async"
-    out = C.renamed(fn, "dx", dx, "out", out)
+    out = dx
     out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
     ctx, _, _ = _current()
     if ctx is None:

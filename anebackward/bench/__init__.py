@@ -143,7 +143,7 @@ def _cfg_kwargs(d):
 
 
 def _model_step(model, opt, tokens):
-    """One training step of anebackward.model, as the issue defines it."""
+    """One training step of anebackward.model: forward, backward, clip to 1.0, AdamW."""
     loss = model.forward(tokens)
     model.backward()
     model.clip_grad_norm(1.0)

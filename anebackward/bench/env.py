@@ -150,4 +150,6 @@ def describe(env):
     if env["threadpools"] is None:
         lines.append("threadpool  threadpoolctl not installed (pip install threadpoolctl): NumPy's BLAS "
                      "threads not controlled or reported")
-    return lines
+    import textwrap   # at most 100 columns, continuation lines under the values
+    return [w for line in lines for w in textwrap.wrap(line, 100, subsequent_indent=" " * 12,
+                                                          break_on_hyphens=False)]

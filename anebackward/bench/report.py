@@ -24,6 +24,8 @@ def progress(i, n, what, t0):
 
 
 def _cell(r, sgemm=False):
+    """A contender's column: ×(its time / ours), or for sgemm the % of its rate
+    that ours reaches; the contender's own times are in the JSON."""
     if r is None:
         return "-"
     if r["status"] != "ok":
@@ -31,13 +33,19 @@ def _cell(r, sgemm=False):
     if r["ratio_to_ours"] is None:
         return fmt_t(r["median_s"])
     if sgemm:
-        return f"{100 * r['ratio_to_ours']:.0f}% ({fmt_t(r['median_s'])})"
-    return f"×{r['ratio_to_ours']:.2f} ({fmt_t(r['median_s'])})"
+        return f"{100 * r['ratio_to_ours']:.0f}%"
+    x = r["ratio_to_ours"]
+    return f"×{x:.2f}" if x < 100 else f"×{x:.0f}"
+
+
+CASE_W, OURS_W, SPREAD_W, GF_W, COL_W = 23, 10, 7, 7, 10
 
 
 def table(records, env):
-    """Rows: one per kernel case. ours: median [min–max]; other columns:
-    ×(contender/ours) with the contender's median; sgemm: % of the raw sgemm."""
+    """One block per shape, one row per kernel (and matmul site): ours'
+    median, its spread (max − min over the median), GFLOP/s, and per
+    contender ×(contender/ours) — or, for sgemm, the % of the raw sgemm's
+    rate. At most 100 columns with every contender."""
     cases, order = {}, []
     for r in records:
         key = (r["name"], r["shape"], r["site"])
@@ -46,14 +54,17 @@ def table(records, env):
             order.append(key)
         cases[key][r["contender"]] = r
     cols = [c for c in ORDER if any(c in v for v in cases.values())]
-    head = f"{'kernel':<24}{'shape':<18}{'ours median [min-max]':<30}{'GFLOP/s':>8}  " + \
-        "".join(f"{('vs ' + c) if c != 'sgemm' else '% of sgemm':<22}" for c in cols)
-    lines = ["", "Speed-up of ours: ×N = contender time / ours (N > 1: ours faster); "
-             "% of sgemm = raw sgemm time / ours.",
-             "Each figure: median of the timed repeats after warm-up; contenders interleaved.", "",
-             head, "-" * len(head)]
+    head = f"{'kernel':<{CASE_W}}{'ours median':>{OURS_W + 1}}{'spread':>{SPREAD_W}}" \
+        f"{'GFLOP/s':>{GF_W}}  " + "".join(f"{('sgemm%' if c == 'sgemm' else c)[:COL_W - 1]:>{COL_W}}"
+                                          for c in cols)
+    lines = ["", "×N = contender time / ours (N > 1: ours faster); sgemm% = share of a raw sgemm's "
+             "rate ours reaches;",
+             "medians of the timed repeats after warm-up, contenders interleaved; spread = (max - min) "
+             "/ median;", "every contender's own times are in --json.", "",
+             head.rstrip(), "-" * len(head.rstrip())]
     notes = {}
     overhead = []
+    shape_now = None
     for key in order:
         row = cases[key]
         name, shape, site = key
@@ -62,20 +73,23 @@ def table(records, env):
             overhead = [f"  {c:<10} {r['median_s'] * 1e6:8.2f} µs/call" for c, r in row.items()
                         if r["status"] == "ok"]
             continue
-        label = shape + (f"/{site}" if site else "")
+        if shape != shape_now:
+            lines.append(f"[{shape}]")
+            shape_now = shape
+        label = name + (f"/{site}" if site else "")
         if o is not None and o["status"] == "ok":
-            ot = f"{fmt_t(o['median_s'])} [{fmt_t(o['min_s'])}-{fmt_t(o['max_s'])}]"
+            ot = fmt_t(o["median_s"])
+            spread = f"{100 * (o['max_s'] - o['min_s']) / o['median_s']:.0f}%" if o["median_s"] else ""
             gf = f"{o['gflops']:.1f}" if o["gflops"] else ""
         else:
-            ot = "n/a" if o is None else o["status"]
-            gf = ""
-        line = f"{name:<24}{label:<18}{ot:<30}{gf:>8}  "
+            ot, spread, gf = ("n/a" if o is None else o["status"]), "", ""
+        line = f"{label:<{CASE_W}}{ot:>{OURS_W + 1}}{spread:>{SPREAD_W}}{gf:>{GF_W}}  "
         for c in cols:
-            line += f"{_cell(row.get(c), c == 'sgemm'):<22}"
-        lines.append(line)
+            line += f"{_cell(row.get(c), c == 'sgemm'):>{COL_W}}"
+        lines.append(line.rstrip())
         for c, r in row.items():
             if r["note"]:
-                notes.setdefault((c, r["note"]), []).append(f"{name} {label}")
+                notes.setdefault((c, r["note"]), []).append(f"{name} {shape}" + (f"/{site}" if site else ""))
     steps = [(k, cases[k]) for k in order if k[0] == "full_step"]
     if steps:
         lines += ["", "Full training step (forward, backward, clip, AdamW), time per step and "
@@ -99,39 +113,68 @@ def table(records, env):
 
 
 def plot(path, records):
+    """One row of panels per shape: left, each kernel's speed-up against every
+    contender as horizontal bars (log scale, > 1 = ours faster); right, the
+    matmuls' share of the raw sgemm's rate (a separate, linear axis)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return "--plot: matplotlib is not installed (pip install matplotlib); no chart written"
     rows = [r for r in records if r["ratio_to_ours"] and r["contender"] != "ours"
             and r["name"] != "call_overhead"]
     if not rows:
         return "--plot: no speed-ups to plot"
-    labels = []
-    for r in rows:
-        lab = f"{r['name']} {r['shape']}" + (f"/{r['site']}" if r["site"] else "")
-        if lab not in labels:
-            labels.append(lab)
-    conts = [c for c in ORDER if any(r["contender"] == c for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(labels) * max(1, len(conts)) / 2), 6))
-    w = 0.8 / len(conts)
-    for j, c in enumerate(conts):
-        xs, ys = [], []
-        for r in rows:
-            if r["contender"] == c:
-                lab = f"{r['name']} {r['shape']}" + (f"/{r['site']}" if r["site"] else "")
-                xs.append(labels.index(lab) + j * w)
-                ys.append(r["ratio_to_ours"])
-        ax.bar(xs, ys, width=w, label=c if c != "sgemm" else "sgemm (fraction of peak)")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("contender time / ours (log; > 1 = ours faster)")
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=7)
-    ax.legend()
+    label = lambda r: r["name"] + (f"/{r['site']}" if r["site"] else "")  # noqa: E731
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    conts = [c for c in ORDER if c != "sgemm" and any(r["contender"] == c for r in rows)]
+    has_peak = any(r["contender"] == "sgemm" for r in rows)
+    panels = []
+    for s in shapes:
+        labs = list(dict.fromkeys(label(r) for r in rows if r["shape"] == s and r["contender"] != "sgemm"))
+        peak = [(label(r), r["ratio_to_ours"]) for r in rows if r["shape"] == s and r["contender"] == "sgemm"]
+        panels.append((s, labs, peak))
+    per = 0.13 * max(1, len(conts)) + 0.12          # inches per kernel row
+    heights = [max(1.5, per * max(1, len(labs))) + 0.8 for _, labs, _ in panels]
+    fig, axes = plt.subplots(len(panels), 2 if has_peak else 1, squeeze=False,
+                             figsize=(12, sum(heights)), gridspec_kw=dict(
+                                 height_ratios=heights,
+                                 **({"width_ratios": [3, 1.2]} if has_peak else {})))
+    colors = {c: f"C{i}" for i, c in enumerate(conts)}
+    h = 0.8 / max(1, len(conts))
+    for (shape, labs, peak), ax_row in zip(panels, axes):
+        ax = ax_row[0]
+        for j, c in enumerate(conts):
+            ys, xs = [], []
+            for r in rows:
+                if r["shape"] == shape and r["contender"] == c and label(r) in labs:
+                    ys.append(labs.index(label(r)) + (j - (len(conts) - 1) / 2) * h)
+                    xs.append(r["ratio_to_ours"])
+            ax.barh(ys, xs, height=h, color=colors[c], label=c)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.set_yticks(range(len(labs)))
+        ax.set_yticklabels(labs, fontsize=8)
+        ax.set_ylim(len(labs) - 0.5, -0.5)
+        ax.set_title(f"{shape}: contender time / ours (log; > 1 = ours faster)", fontsize=10)
+        ax.grid(axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        if has_peak:
+            ax2 = ax_row[1]
+            if peak:
+                ax2.barh(range(len(peak)), [100 * v for _, v in peak], height=0.5, color="C7")
+                ax2.set_yticks(range(len(peak)))
+                ax2.set_yticklabels([lab for lab, _ in peak], fontsize=8)
+                ax2.set_ylim(len(peak) - 0.5, -0.5)
+                ax2.axvline(100, color="k", lw=0.8)
+                ax2.set_xlim(0, max(110, 105 * max(v for _, v in peak)))
+            else:
+                ax2.set_axis_off()
+            ax2.set_title("matmuls: % of a raw sgemm's rate", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return f"wrote {path}"

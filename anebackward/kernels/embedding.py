@@ -24,13 +24,11 @@ def embedding(tokens: Tokens, E: F32Array, *, out: F32Array | None = None,
 
 
 def embedding_backward(dx: F32Array, tokens: Tokens, *, dE: F32Array,
-                       accumulate: bool | None = None, backend: Backend = None) -> F32Array:
+                       accumulate: bool = False, backend: Backend = None) -> F32Array:
     """dE[tokens[t]] += dx[t] for every position (repeats add up), into dE
     (required: its shape gives the vocabulary) overwritten first, or added
-    to with accumulate=True. Returns dE. (Until the next release, leaving
-    accumulate= out adds, as it always did, with a DeprecationWarning.)"""
+    to with accumulate=True. Returns dE."""
     fn = "embedding_backward"
-    accumulate = C.accumulating(fn, "dE", accumulate)
     C.f32(fn, "dE", dE, 2)
     V, D = dE.shape
     tok = C.tokens(fn, "tokens", tokens, V)

@@ -55,12 +55,11 @@ def linear(x: F32Array, W: F32Array, *, out: F32Array | None = None,
 
 def linear_backward_dx(dy: F32Array, W: F32Array, *, dx: F32Array | None = None,
                        accumulate: bool = False, backend: Backend = None,
-                       out: F32Array | None = None, precision: str | None = None) -> F32Array:
+                       precision: str | None = None) -> F32Array:
     """dx[..., in] = dy[..., out] · W[out, in]; with accumulate=True, dx += that.
-    precision: "fp32" (default) or "bf16" (see the module doc).
-    (out= is the deprecated old name of dx=.)"""
+    precision: "fp32" (default) or "bf16" (see the module doc)."""
     fn = "linear_backward_dx"
-    out = C.renamed(fn, "dx", dx, "out", out)
+    out = dx
     C.f32(fn, "dy", dy)
     C.f32(fn, "W", W, 2)
     n_out, n_in = W.shape
@@ -82,13 +81,12 @@ def linear_backward_dx(dy: F32Array, W: F32Array, *, dx: F32Array | None = None,
 
 def linear_backward_dW(dy: F32Array, x: F32Array, *, dW: F32Array | None = None,
                        accumulate: bool = False, backend: Backend = None,
-                       out: F32Array | None = None, precision: str | None = None) -> F32Array:
+                       precision: str | None = None) -> F32Array:
     """dW[out, in] = dy[..., out]ᵀ · x[..., in] summed over all rows (precision:
     "fp32" default or "bf16", see the module doc);
-    with accumulate=True, dW += that (gradient accumulation). (out= is the
-    deprecated old name of dW=.)"""
+    with accumulate=True, dW += that (gradient accumulation)."""
     fn = "linear_backward_dW"
-    out = C.renamed(fn, "dW", dW, "out", out)
+    out = dW
     C.f32(fn, "dy", dy)
     C.f32(fn, "x", x)
     if dy.ndim < 1 or x.ndim < 1 or dy.shape[:-1] != x.shape[:-1]:

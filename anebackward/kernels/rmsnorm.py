@@ -39,26 +39,21 @@ def rmsnorm(x: F32Array, w: F32Array, *, eps: float = 1e-5, out: F32Array | None
 
 def rmsnorm_backward(dy: F32Array, x: F32Array, w: F32Array, *, eps: float = 1e-5,
                      dx: F32Array | None = None, dw: F32Array | None = None,
-                     accumulate: bool | None = None,
+                     accumulate: bool = False,
                      backend: Backend = None) -> tuple[F32Array, F32Array]:
     """Gradients of rmsnorm. Returns (dx, dw).
 
     The dx and dw you pass are overwritten, or added to with accumulate=True
     (dx: the residual stream's gradient; dw: your gradient buffer); one you
-    do not pass comes back as a new array. (Until the next release a dw=
-    passed without accumulate= is added to, as it always was, with a
-    DeprecationWarning.)"""
+    do not pass comes back as a new array."""
     fn = "rmsnorm_backward"
     N, D, eps = _common(fn, x, w, eps)
     C.f32(fn, "dy", dy)
     C.same_shape(fn, "dy", dy, x.shape, "the shape of x")
-    if accumulate is None:   # the old convention: dx written, a given dw added to
-        acc_dx, acc_dw = False, dw is not None and C.accumulating(fn, "dw", None)
-    else:
-        if accumulate and dx is None and dw is None:
-            raise ValueError(f"{fn}: accumulate=True needs the arrays to accumulate into: pass "
-                             "dx= and/or dw=")
-        acc_dx, acc_dw = bool(accumulate) and dx is not None, bool(accumulate) and dw is not None
+    if accumulate and dx is None and dw is None:
+        raise ValueError(f"{fn}: accumulate=True needs the arrays to accumulate into: pass "
+                         "dx= and/or dw=")
+    acc_dx, acc_dw = bool(accumulate) and dx is not None, bool(accumulate) and dw is not None
     dx = C.out(fn, "dx", dx, x.shape, ("dy", dy), ("x", x), ("w", w))
     if dw is None:
         dw = np.zeros(D, dtype=np.float32)

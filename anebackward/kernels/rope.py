@@ -140,10 +140,8 @@ def rope(x: F32Array, *, head_dim: int, pos_offset: int = 0, layout: str = "inte
 def rope_backward(dy: F32Array, *, head_dim: int, pos_offset: int = 0,
                   layout: str = "interleaved", theta: float = 10000.0,
                   scaling: Mapping[str, Any] | None = None, dx: F32Array | None = None,
-                  backend: Backend = None, out: F32Array | None = None,
-                  positions: Tokens | None = None) -> F32Array:
+                  backend: Backend = None, positions: Tokens | None = None) -> F32Array:
     """Gradient of rope: rotate dy back by the same angles. Returns dx (dx=
-    may be dy itself; out= is its deprecated old name)."""
-    dx = C.renamed("rope_backward", "dx", dx, "out", out)
+    may be dy itself)."""
     return _run("rope_backward", "rope_backward_ex", "dy", dy, head_dim, pos_offset, layout, theta,
                 scaling, dx, backend, "dx", positions=positions)

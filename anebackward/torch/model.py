@@ -15,7 +15,7 @@ fused classifier + cross-entropy are anebackward Functions; the embedding is
 torch's. The dense projections are torch's F.linear by default, so that
 torch.set_num_threads alone governs the heavy work (measured on the 2-core
 AMD dev machine: a whole step about even at 2 threads; single-threaded the
-package's OpenBLAS sgemm was 10-25 % faster than MKL; README.md, "PyTorch");
+package's OpenBLAS sgemm was 10-25 % faster than MKL; docs/performance.md);
 Transformer(..., linear="anebackward") routes them to the package's linear
 kernels instead.
 

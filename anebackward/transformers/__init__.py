@@ -10,7 +10,7 @@ or, before the model is built (patches the modeling classes):
 
 Supported: LlamaForCausalLM (model_type "llama") and Qwen3ForCausalLM
 ("qwen3"). What runs where, and when a call falls back to HF's own code, is
-in anebackward/transformers/_layers.py and the README ("Hugging Face").
+in anebackward/transformers/_layers.py and docs/huggingface.md.
 In training with labels the patched forward returns the loss and
 logits=None: the [tokens, vocab] logits are never held in full.
 """

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "anebackward.h"
+#include "ab_testing.h"
 
 #define AB_ANE_PATH 1200
 

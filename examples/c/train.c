@@ -13,8 +13,13 @@
  * anebackward.Llama.forward(tokens) with its default targets, so the Python
  * API reproduces this run bit for bit.
  *
- *   make && ./train model.bin -n 20 -o trained.bin
+ * The checkpoint is any llama2.c "v0" file, e.g. the one the package's main
+ * job writes (`anebackward train` -> runs/default/model.bin):
+ *
+ *   make && ./train ../../runs/default/model.bin -n 20 -o trained.bin
  *   ./train model.bin -d data00.bin -b 8 -s 256 --lr 5e-4
+ *
+ * The output is created with the usual permissions (0666 minus the umask).
  */
 #include <errno.h>
 #include <math.h>
@@ -23,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <anebackward.h>
@@ -36,6 +42,7 @@ typedef struct {
 static void usage(FILE *f) {
     fprintf(f,
         "usage: train CHECKPOINT [options]\n"
+        "  CHECKPOINT      a llama2.c v0 model.bin (e.g. runs/default/model.bin from `anebackward train`)\n"
         "  -n STEPS        training steps (default 20)\n"
         "  -b BATCH        sequences per step (default 4)\n"
         "  -s SEQ_LEN      tokens per sequence, 2..max_seq_len (default min(64, max_seq_len))\n"
@@ -191,7 +198,9 @@ static int save_checkpoint(const char *path, const ab_model_config *c, const ab_
     snprintf(tmp, n + 16, "%s.tmp.XXXXXX", path);
     int fd = mkstemp(tmp);
     if (fd < 0) { fprintf(stderr, "train: cannot create %s: %s\n", tmp, strerror(errno)); free(tmp); return 1; }
-    FILE *f = fdopen(fd, "wb");
+    mode_t mask = umask(0);   /* mkstemp creates 0600: give the file the mode open() would */
+    umask(mask);
+    FILE *f = fchmod(fd, 0666 & ~mask) ? NULL : fdopen(fd, "wb");
     int32_t h[7] = {(int32_t)c->dim, (int32_t)c->hidden_dim, (int32_t)c->n_layers,
                     (int32_t)c->n_heads, (int32_t)c->n_kv_heads,
                     (int32_t)(c->shared_classifier ? c->vocab_size : -c->vocab_size),
