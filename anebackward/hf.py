@@ -109,7 +109,7 @@ def config_from_hf(d: Dict[str, Any], path: str = CONFIG) -> LlamaConfig:
     if not isinstance(d, dict):
         raise _bad(path, "not a JSON object")
     mt = d.get("model_type")
-    if mt not in MODEL_TYPES:
+    if not isinstance(mt, str) or mt not in MODEL_TYPES:
         raise _bad(path, f"unsupported model_type {mt!r} (supported: {', '.join(MODEL_TYPES)})")
     f = lambda name, kind, default=_MISSING: _field(d, path, name, kind, default)  # noqa: E731
     layer_types = f("layer_types", "list", [])

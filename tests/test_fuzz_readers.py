@@ -200,3 +200,133 @@ def test_fuzzed_training_data(shards, text, seq_len, tmp_path):
             continue
         assert x.shape == y.shape == (2, seq_len) and x.dtype == np.int32
         np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+
+
+# -- Hugging Face directories: hostile config.json and index -----------------------
+
+HF_SMALL = SMALL.replace(rope_layout="half", max_seq_len=16)
+
+
+class _SizeChecked(ab.Llama):
+    """A Llama that fails the test if it is asked to allocate more than the
+    tensors on disk can fill: the reader must check config sizes against the
+    safetensors headers before it allocates."""
+    disk_bytes = 0
+
+    def __init__(self, config, *a, **k):
+        from anebackward.layout import param_layout
+        assert 4 * param_layout(config)["n_params"] <= 2 * self.disk_bytes + 4096, config
+        super().__init__(config, *a, **k)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz") / "hf"
+    ab.Llama(HF_SMALL, seed=0).save_pretrained(d)
+    return d
+
+
+def _load_hf(d):
+    import os
+    _SizeChecked.disk_bytes = sum(os.path.getsize(d / n) for n in os.listdir(d)
+                                  if n.endswith(".safetensors"))
+    try:
+        model = _SizeChecked.from_pretrained(d)
+    except ab.CheckpointError:
+        return None
+    assert np.isfinite(model.flat_params).all()
+    model.forward(np.arange(3) % model.config.vocab_size)
+    return model
+
+
+hostile_values = st.one_of(
+    json_values,
+    st.sampled_from([0, -1, 1, 2, 3, 7, 10**4, 10**6, 10**8, 10**9, 2**31, 2**63, 2**70,
+                     "no", "yes", "true", "abc", "", [1, 2], {"a": 1}, [], {}, 1.5, -0.0,
+                     True, False, None]))
+HF_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+           "rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+           "attention_dropout", "rope_parameters", "rope_theta", "rope_scaling",
+           "partial_rotary_factor", "layer_types", "use_sliding_window", "model_type"]
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.sampled_from(HF_KEYS), st.booleans(), hostile_values),
+                      min_size=1, max_size=3))
+def test_fuzzed_hf_configs(hf_dir, edits, tmp_path):
+    """Each example drops or sets 1-3 config.json fields to a hostile value
+    (huge or negative sizes, strings for booleans and numbers, lists for
+    objects): a clean load or a CheckpointError, never an allocation the
+    tensors on disk do not justify, never another exception."""
+    import shutil
+    d = tmp_path / "hf"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    for key, drop, value in edits:
+        if drop:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    _load_hf(d)
+
+
+@FUZZ
+@given(value=hostile_values, where=st.sampled_from(["weight_map", "entry", "top"]))
+def test_fuzzed_hf_indexes(hf_dir, value, where, tmp_path):
+    import shutil
+    d = tmp_path / "hf"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(hf_dir, d)
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), framework="np") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in names}}
+    if where == "weight_map":
+        index["weight_map"] = value
+    elif where == "entry":
+        index["weight_map"][names[0]] = value
+    else:
+        index = value
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    _load_hf(d)
+
+
+@pytest.mark.parametrize("edit,field", [
+    # an 8B-shaped config beside a small file used to allocate 28 GiB
+    (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+     "num_hidden_layers is 32, the safetensors files hold 1"),
+    (dict(num_hidden_layers=10**6), "num_hidden_layers"),
+    (dict(hidden_size=10**9), "hidden_size"),
+    (dict(vocab_size=10**8), "vocab_size"),
+    (dict(rope_parameters=[1, 2]), "rope_parameters"),
+    (dict(layer_types=5), "layer_types"),
+    (dict(attention_dropout="abc"), "attention_dropout"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings"),
+    (dict(attention_bias="false"), "attention_bias"),
+    (dict(max_position_embeddings=2**40), "max_position_embeddings"),
+])
+def test_hostile_hf_config_fields_name_file_and_field(hf_dir, tmp_path, edit, field):
+    import shutil
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ab.CheckpointError, match=rf"config\.json: .*{field}"):
+        _SizeChecked.disk_bytes = (d / "model.safetensors").stat().st_size
+        _SizeChecked.from_pretrained(d)
+
+
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], {"model.norm.weight": 5},
+                                        {"model.norm.weight": "../x.safetensors"}])
+def test_a_malformed_weight_map_is_a_checkpoint_error(hf_dir, tmp_path, weight_map):
+    import shutil
+    d = tmp_path / "hf"
+    shutil.copytree(hf_dir, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ab.CheckpointError, match=r"index\.json: field weight_map"):
+        ab.Llama.from_pretrained(d)
