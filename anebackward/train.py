@@ -22,6 +22,7 @@ NaN/inf stops the run (exit 1) and keeps the last good checkpoint; an existing
 run in --out is never mixed with a new one (--resume continues it,
 --overwrite replaces it, atomically, at the new run's first save).
 """
+import errno
 import hashlib
 import json
 import math
@@ -387,6 +388,8 @@ class _RunDir:
     def __init__(self, out, in_place, locks):
         from .runlock import LOCK
         self.out, self.locks, self.keep = out, locks, False
+        # what --out held when the run started: only that may be replaced
+        self.replacing = os.path.isdir(out) and bool(_listing(out))
         if in_place:
             self.path, self.staging = out, False
         else:
@@ -414,6 +417,11 @@ class _RunDir:
             self.keep = True
             raise RunInUse(f"--out {self.out} is now in use by another trainer; this run is "
                            f"kept, saved, in {self.path} (rename it to resume it)", None)
+        if not self.replacing and os.path.isdir(out) and _listing(out):
+            self.keep = True
+            raise ValueError(f"files appeared in --out {self.out} while this run trained; they "
+                             f"are left alone and this run is kept, saved, in {self.path} "
+                             "(rename it to resume it)")
         if os.path.isdir(out) and os.listdir(out):     # --overwrite
             if _exchange(self.path, out):    # one atomic swap where the OS has it
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -459,8 +467,8 @@ def _lock_run(locks, out, source, dp):
             locks.take(name_lock_path(d), what)
             if os.path.isdir(d):
                 locks.take(os.path.join(d, LOCK), what)
-        except PermissionError:
-            if flag == "--out":
+        except OSError as e:
+            if flag == "--out" or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             # a read-only run to resume from: nobody here can write it either
 

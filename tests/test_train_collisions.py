@@ -115,10 +115,11 @@ def test_a_lock_names_its_holder_and_is_released(tmp_path):
     Lock(path, "--out x").release()
 
 
-def test_publishing_never_replaces_a_run_that_became_live(tmp_path, monkeypatch, capsys):
-    """A run that appeared in --out (locked by a live trainer) after this
-    one started is not swapped away: this run stays, saved, in its staging
-    directory."""
+@pytest.mark.parametrize("locked", [True, False])
+def test_publishing_never_replaces_a_run_that_became_live(tmp_path, monkeypatch, capsys, locked):
+    """A run that appeared in --out (locked by a live trainer, or files
+    written there by hand) after this one started is not swapped away: this
+    run stays, saved, in its staging directory."""
     import anebackward.train as T
     out = tmp_path / "run"
     real = T._RunDir.publish
@@ -128,15 +129,17 @@ def test_publishing_never_replaces_a_run_that_became_live(tmp_path, monkeypatch,
         if self.staging and not held:
             out.mkdir()
             (out / "model.bin").write_bytes(b"another run")
-            held.append(Lock(str(out / ".lock"), "--out run"))
+            held.append(Lock(str(out / ".lock"), "--out run") if locked else None)
         return real(self)
     monkeypatch.setattr(T._RunDir, "publish", publish)
     try:
         assert train(["--steps", "2", "--out", str(out)]) == 1
     finally:
-        held[0].release()
+        if held[0] is not None:
+            held[0].release()
     err = capsys.readouterr().err
-    assert "now in use by another trainer" in err and "kept, saved, in" in err
+    assert ("now in use by another trainer" if locked else "files appeared in --out") in err
+    assert "kept, saved, in" in err
     assert (out / "model.bin").read_bytes() == b"another run"
     staged = [n for n in os.listdir(tmp_path) if n.startswith(".run.partial-")]
     assert len(staged) == 1 and (tmp_path / staged[0] / "optimizer.bin").exists()
