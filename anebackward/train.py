@@ -682,8 +682,7 @@ def _train(args, stream, locks):
         start, old_total = 0, st["steps"]
     if os.path.exists(out) and not os.path.isdir(out):
         _usage(f"--out {out} is a file, not a directory")
-    if not in_place:
-        _clean_staging_leftovers(out, say)
+    _clean_staging_leftovers(out, say)      # (this process holds --out's name lock)
     if not in_place and os.path.isdir(out) and _listing(out) and not overwrite:
         _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
                f"continue it, --overwrite to replace it, or another --out")

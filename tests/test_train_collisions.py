@@ -201,9 +201,12 @@ def test_leftovers_of_killed_saves_are_cleaned_at_resume_and_start(tmp_path, cap
     try:
         assert main(["train", "--resume", str(out), "--steps", "3", "--quiet"]) == 0
         assert leftovers(out) == []
-        assert "removed 3 file(s) left by an interrupted save" in capsys.readouterr().out
-        assert train(["--steps", "2", "--overwrite", "--out", str(out)]) == 0
+        msg = capsys.readouterr().out
+        assert "removed 3 file(s) left by an interrupted save" in msg
+        assert f"removed {dead}, left by a stopped run" in msg
         assert not dead.exists() and live.exists()
+        assert train(["--steps", "2", "--overwrite", "--out", str(out)]) == 0
+        assert live.exists()
     finally:
         lock.release()
     assert_consistent(str(out), 2)
