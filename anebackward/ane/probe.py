@@ -1,5 +1,5 @@
 """python -m anebackward.ane.probe — what the Neural Engine of this Mac does
-with anebackward's programs, as a report to paste into an issue.
+with anebackward's programs, as a report to paste into a bug report.
 
 Sections: the machine, availability and the self-test; a shape sweep of
 linear_backward_dx against a float64 oracle; what the platform returns when
