@@ -70,7 +70,7 @@ typedef struct {
 } ane_kernel;
 
 /* linear_backward_dx, a = in, b = out: input fp16 [1, out, 1, S + in],
- * output fp16 [1, in, 1, S], staging max(in, out) x S floats. */
+ * output fp16 [1, S, 1, in] (token-major rows), staging max(in, out) x S floats. */
 static size_t dx_in_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)out * (size_t)(S + in) * 2; }
 static size_t dx_out_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)in * (size_t)S * 2; }
 static int64_t dx_scratch(int64_t S, int64_t in, int64_t out) { return (in > out ? in : out) * S; }
@@ -791,14 +791,25 @@ static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, con
     free(pm);
     const uint16_t *pout = pf->surface_lock(e->out_surf, 1);
     if (!pout) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the output surface", pf->name);
-    ab_ane_f16_to_f32(e->scratch, pout, m->A * S);     /* the first A channels; the rest is padding */
+    int64_t Ap = e->in;                     /* the result: `rows` token-major rows of Ap */
+    ab_ane_f16_to_f32(e->scratch, pout, rows * Ap);
     pf->surface_unlock(e->out_surf, 1);
-    if (!all_in_fp16_range(e->scratch, m->A * S)) { *overflow = 1; return AB_OK; }
-    int ny = m->forward ? m->n : 1;
+    if (!all_in_fp16_range(e->scratch, rows * Ap)) { *overflow = 1; return AB_OK; }
+    int ny = m->forward ? m->n : 1, acc = m->forward ? 0 : m->accumulate;
+    float inv = ldexpf(1.0f, -k);
     for (int p = 0, a0 = 0; p < ny; p++) {
         int64_t w = m->forward ? m->out[p] : m->in;
-        ab_ane_channels_to_rows(m->dst[p] + r0 * w, e->scratch + a0 * S, S, rows, w, ldexpf(1.0f, -k),
-                                m->forward ? 0 : m->accumulate);
+        for (int64_t t = 0; t < rows; t++) {
+            float *d = m->dst[p] + (r0 + t) * w;
+            const float *src = e->scratch + t * Ap + a0;
+            if (acc) {
+                AB_SIMD
+                for (int64_t j = 0; j < w; j++) d[j] += src[j] * inv;
+            } else {
+                AB_SIMD
+                for (int64_t j = 0; j < w; j++) d[j] = src[j] * inv;
+            }
+        }
         a0 += (int)w;
     }
     return AB_OK;
