@@ -180,6 +180,34 @@ def test_a_fused_side_wider_than_the_origin_ran_is_split(emulator, rng):
     assert_close_per_tensor(dev, dev.flat_grads, ref, 5e-3)
 
 
+def test_forward_and_fused_dx_fall_back_to_the_cpu_whole(emulator, rng):
+    """An evaluation that fails in the forward (backend="auto") or in a fused
+    dx (the second ANE call of the backward: w1+w3) leaves that call's whole
+    result to the CPU — both projections of the fused call — and the step
+    stays right; a forward whose fp16 result overflows does too."""
+    tokens, targets = batch(rng)
+    ane.configure(min_flops=0)
+    cpu, auto = ab.Llama(CFG, seed=23, backend="cpu"), ab.Llama(CFG, seed=23, backend="auto")
+    ref = step(cpu, tokens, targets)
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)               # the forward's first call
+    try:
+        assert abs(auto.forward(tokens, targets) - cpu.last_loss) < 1e-3 * cpu.last_loss
+        assert ane.status()["fallbacks"]["error"] == 1
+        lib.ab_ane_emulated_fail_next(b"evaluate", 2, 0)           # dx of w2, then of w1+w3
+        auto.backward()
+    finally:
+        lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    assert ane.status()["fallbacks"]["error"] == 3 and auto.ane_reason is None
+    assert_close_per_tensor(auto, auto.flat_grads, ref, 5e-3)
+    # overflow: x far beyond fp16 with loss scaling off
+    ane.configure(loss_scaling=False)
+    x = np.full((64, 64), 300.0, np.float32)
+    W = np.full((96, 64), 4.0, np.float32)                            # every y = 64 * 1200 > 65504
+    y = ane.linear(x, W)
+    assert ane.last_call()["fallback"] == "fp16 overflow or saturation"
+    assert np.array_equal(y, ab.linear(x, W, backend="cpu"))
+
+
 def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, rng):
     tokens, targets = batch(rng)
     cpu = ab.Llama(CFG, seed=11, backend="cpu")

@@ -598,13 +598,13 @@ static void note_fallback(ab_ane_ctx *ctx, ab_ane_call_info *info, int reason) {
 
 /* One call of the program family: Y[N, A] (+)= X[N, C] · M[C, A], M built
  * from 1..3 weights W_p[out_p, in], all with the dx program (packed
- * [1, C, 1, S + A]: X^T then M; result Y^T [1, A, 1, S]):
+ * [1, C, 1, S + A]: X^T then M; result Y token-major [1, S, 1, A]):
  *   dx (forward = 0): X = [dy_0 | dy_1 | ...] (C = Σ out_p), M = [W_0; W_1; ...]
  *     stacked by rows (A = in), Y = dx: the fused dx of projections that
  *     share their input (wq wk wv; w1 w3), one evaluation for their sum;
  *   forward (forward = 1): X = x (C = in), M = [W_0^T | W_1^T | ...] (A =
- *     Σ out_p), Y = [y_0 | y_1 | ...]: projections of one input (wq wk wv;
- *     w1 w3) in one evaluation. */
+ *     Σ out_p), Y = [y_0 | y_1 | ...]. The model calls it with one weight
+ *     per projection (ab_ane_linear_forward). */
 typedef struct {
     int forward, n;
     float *const *dst;          /* dx: dst[0] [N, in]; forward: y_p [N, out_p] */
@@ -1018,24 +1018,6 @@ int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float
         return AB_OK;
     }
     mm_call m = {0, n, dst, dy, W, out, N, in, 0, 0, accumulate};
-    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
-}
-
-int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
-                                const float *const *W, const int64_t *out, uint64_t w_version,
-                                int64_t N, int64_t in, int flags) {
-    AB_NONNULL(y); AB_NONNULL(W); AB_NONNULL(out);
-    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
-    const float *src[1] = {x};
-    if (fused_too_wide(n, out)) {
-        for (int p = 0; p < n; p++) {
-            mm_call m = {1, 1, y + p, src, W + p, out + p, N, in, 0, 0, 0};
-            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
-            if (rc) return rc;
-        }
-        return AB_OK;
-    }
-    mm_call m = {1, n, y, src, W, out, N, in, 0, 0, 0};
     return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
 }
 
