@@ -87,18 +87,14 @@ static inline float ab_expf(float x) {
  * caller can keep CPU work (the weight gradients) off its own path while it
  * drives the ANE; ab_ane_job_wait returns fn's result and frees the job. */
 int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void *arg);
-/* Fused calls of the dx program family for projections sharing an input
- * (wq wk wv; w1 w3), one evaluation per row tile; n = 1..3 weights W[p]
- * [out[p], in], fp16-staged once per (weights, w_version) like W in
- * ab_ane_linear_backward_dx, whose flags they take:
- *   dx_sum:        dx[N, in] (+)= Σ_p dy[p][N, out[p]] · W[p]
- *   forward_split: y[p][N, out[p]] = x[N, in] · W[p]^T */
+/* The fused dx of projections that share an input (wq wk wv; w1 w3): one
+ * evaluation per row tile of dx[N, in] (+)= Σ_p dy[p][N, out[p]] · W[p], n =
+ * 1..3 weights W[p] [out[p], in] fp16-staged together once per (weights,
+ * w_version), flags as for ab_ane_linear_backward_dx. A fused side wider
+ * than the origin ever ran (3072 channels) runs one evaluation per W[p]. */
 int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float *const *dy,
                                   const float *const *W, const int64_t *out, uint64_t w_version,
                                   int64_t N, int64_t in, int accumulate, int flags);
-int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
-                                const float *const *W, const int64_t *out, uint64_t w_version,
-                                int64_t N, int64_t in, int flags);
 
 /* ---- the worker pool (csrc/threads.c) ----
  * Runs fn(ctx, task, worker) for task in [0, n_tasks) on at most

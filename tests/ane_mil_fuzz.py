@@ -87,7 +87,7 @@ def main(seed, seconds):
     ane.configure(max_programs=2 ** 40)      # every case compiles: no budget in a fuzz run
     S, n_in, n_out = 64, 64, 64
     dx = ane.mil_linear_dx(S, n_in, n_out)
-    seeds = [(dx, np.zeros((1, n_out, 1, S + n_in), np.float16), (1, n_in, 1, S), np.float16),
+    seeds = [(dx, np.zeros((1, n_out, 1, S + n_in), np.float16), (1, S, 1, n_in), np.float16),
              (OPS, np.linspace(-2, 2, 30, dtype=np.float32).reshape(2, 3, 5), (2, 3, 3), np.float32)]
     rng = random.Random(seed)
     end = time.monotonic() + seconds

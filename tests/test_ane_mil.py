@@ -36,8 +36,8 @@ def test_mil_text_shape_dependent_parts():
     t = ane.mil_linear_dx(256, 288, 768)
     assert "func main<ios18>(tensor<fp16, [1, 768, 1, 544]> packed)" in t   # out channels, S + in
     assert "val = tensor<int32, [4]>([0, 0, 0, 256])" in t                  # W starts after S
-    assert "tensor<fp16, [1, 288, 1, 256]> dx = reshape" in t
-    assert t.count("const()") == 9 and t.count("matmul(") == 1
+    assert "tensor<fp16, [1, 256, 1, 288]> dx = reshape" in t            # token-major: S rows of in
+    assert t.count("const()") == 9 and t.count("matmul(") == 1 and t.count("transpose(") == 1
 
 
 @pytest.mark.parametrize("args", [(0, 4, 4), (4, 0, 4), (4, 4, -1), (2 ** 31, 4, 4)])
@@ -58,8 +58,8 @@ def test_generated_program_runs_in_the_interpreter(emulator):
     dy = f16_round(rng.standard_normal((S, n_out)))
     W = f16_round(rng.standard_normal((n_out, n_in)))
     packed = np.concatenate([dy.T, W], axis=1)[None, :, None, :]        # [1, out, 1, S + in]
-    out = ane.run_mil(ane.mil_linear_dx(S, n_in, n_out), np.ascontiguousarray(packed), (1, n_in, 1, S))
-    want = f16_round(dy.astype(np.float64) @ W.astype(np.float64)).T[None, :, None, :]
+    out = ane.run_mil(ane.mil_linear_dx(S, n_in, n_out), np.ascontiguousarray(packed), (1, S, 1, n_in))
+    want = f16_round(dy.astype(np.float64) @ W.astype(np.float64))[None, :, None, :]   # token-major
     diff = np.abs(out.astype(np.float64) - want.astype(np.float64))
     ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
     assert np.all(diff <= ulp), "within one fp16 ulp of the exactly rounded result"

@@ -163,6 +163,51 @@ def test_fifty_training_steps_on_the_ane_follow_the_cpus_loss_curve(emulator):
     assert dev[-5:].mean() < 0.3 * dev[0] and cpu[-5:].mean() < 0.3 * cpu[0]
 
 
+def test_a_fused_side_wider_than_the_origin_ran_is_split(emulator, rng):
+    """w1+w3 of hidden 1600 would stack 3200 channels (> 3072, the widest the
+    origin ran): they run as one dx evaluation each, accumulating; wq+wk+wv
+    (192 channels) stay fused. Gradients as on the CPU."""
+    cfg = ab.LlamaConfig(dim=64, hidden_dim=1600, n_layers=1, n_heads=2, n_kv_heads=1,
+                         vocab_size=61, max_seq_len=64)
+    assert not ane.fused(2 * 1600) and ane.fused(64 + 2 * 32)
+    t = rng.integers(0, cfg.vocab_size, size=(1, 65)).astype(np.int32)
+    cpu, dev = ab.Llama(cfg, seed=4, backend="cpu"), ab.Llama(cfg, seed=4, backend="ane")
+    ref = step(cpu, t[:, :-1], t[:, 1:])
+    dev.forward(t[:, :-1], t[:, 1:])
+    before = ane.status()["tiles_ane"]
+    dev.backward()
+    assert ane.status()["tiles_ane"] - before == N_DX + 1        # w2; w1; w3; wo; wq+wk+wv
+    assert_close_per_tensor(dev, dev.flat_grads, ref, 5e-3)
+
+
+def test_forward_and_fused_dx_fall_back_to_the_cpu_whole(emulator, rng):
+    """An evaluation that fails in the forward (backend="auto") or in a fused
+    dx (the second ANE call of the backward: w1+w3) leaves that call's whole
+    result to the CPU — both projections of the fused call — and the step
+    stays right; a forward whose fp16 result overflows does too."""
+    tokens, targets = batch(rng)
+    ane.configure(min_flops=0)
+    cpu, auto = ab.Llama(CFG, seed=23, backend="cpu"), ab.Llama(CFG, seed=23, backend="auto")
+    ref = step(cpu, tokens, targets)
+    lib.ab_ane_emulated_fail_next(b"evaluate", 1, 0)               # the forward's first call
+    try:
+        assert abs(auto.forward(tokens, targets) - cpu.last_loss) < 1e-3 * cpu.last_loss
+        assert ane.status()["fallbacks"]["error"] == 1
+        lib.ab_ane_emulated_fail_next(b"evaluate", 2, 0)           # dx of w2, then of w1+w3
+        auto.backward()
+    finally:
+        lib.ab_ane_emulated_fail_next(ffi.NULL, 0, 0)
+    assert ane.status()["fallbacks"]["error"] == 3 and auto.ane_reason is None
+    assert_close_per_tensor(auto, auto.flat_grads, ref, 5e-3)
+    # overflow: x far beyond fp16 with loss scaling off
+    ane.configure(loss_scaling=False)
+    x = np.full((64, 64), 300.0, np.float32)
+    W = np.full((96, 64), 4.0, np.float32)                            # every y = 64 * 1200 > 65504
+    y = ane.linear(x, W)
+    assert ane.last_call()["fallback"] == "fp16 overflow or saturation"
+    assert np.array_equal(y, ab.linear(x, W, backend="cpu"))
+
+
 def test_staging_is_reused_within_a_step_and_renewed_after_adamw_step(emulator, rng):
     tokens, targets = batch(rng)
     cpu = ab.Llama(CFG, seed=11, backend="cpu")

@@ -14,7 +14,9 @@ Wᵀ, in one fp16 input); the model fuses projections that share an input
 (w1+w3, wq+wk+wv) into one evaluation. Weight gradients and everything else
 stay on the CPU.
 
-Routing (backend= of anebackward.linear_backward_dx):
+Routing (backend= of anebackward.linear_backward_dx and of Llama; the
+default backend is "cpu": the ANE is opt-in until a Mac has measured it
+winning, see docs/ane.md):
   "ane"   always this route; AneUnavailableError (with the reason) where
           there is no platform; platform errors raise AnebackwardError.
   "auto"  the ANE when available(), the call is worth it (2·N·in·out >=

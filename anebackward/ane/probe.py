@@ -79,7 +79,7 @@ def saturation(ane, out, rng):
     W = np.full((n, n), 40.0, np.float32)                  # every dx = 64 * 1600 = 102400
     packed = np.concatenate([dy.T, W], axis=1)[None, :, None, :].astype(np.float16)
     try:
-        raw = ane.run_mil(ane.mil_linear_dx(n, n, n), np.ascontiguousarray(packed), (1, n, 1, n))
+        raw = ane.run_mil(ane.mil_linear_dx(n, n, n), np.ascontiguousarray(packed), (1, n, 1, n))   # [1, S, 1, in]
         vals = np.unique(raw.astype(np.float32))
         kind = ("inf" if np.all(np.isinf(vals)) else "saturated at 65504" if np.all(np.abs(vals) == 65504)
                 else "zero" if np.all(vals == 0) else "other")
@@ -110,7 +110,7 @@ def compile_count(ane, out, attempts):
         x = np.zeros((1, n_out, 1, S + n_in), np.float16)
         t = time.perf_counter()
         try:
-            ane.run_mil(ane.mil_linear_dx(S, n_in, n_out), x, (1, n_in, 1, S))
+            ane.run_mil(ane.mil_linear_dx(S, n_in, n_out), x, (1, S, 1, n_in))
         except Exception as e:
             failure = f"#{done + 1} (S={S}, in={n_in}, out={n_out}): {e}"
             break

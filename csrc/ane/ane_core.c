@@ -70,7 +70,7 @@ typedef struct {
 } ane_kernel;
 
 /* linear_backward_dx, a = in, b = out: input fp16 [1, out, 1, S + in],
- * output fp16 [1, in, 1, S], staging max(in, out) x S floats. */
+ * output fp16 [1, S, 1, in] (token-major rows), staging max(in, out) x S floats. */
 static size_t dx_in_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)out * (size_t)(S + in) * 2; }
 static size_t dx_out_bytes(int64_t S, int64_t in, int64_t out) { return (size_t)in * (size_t)S * 2; }
 static int64_t dx_scratch(int64_t S, int64_t in, int64_t out) { return (in > out ? in : out) * S; }
@@ -598,13 +598,13 @@ static void note_fallback(ab_ane_ctx *ctx, ab_ane_call_info *info, int reason) {
 
 /* One call of the program family: Y[N, A] (+)= X[N, C] · M[C, A], M built
  * from 1..3 weights W_p[out_p, in], all with the dx program (packed
- * [1, C, 1, S + A]: X^T then M; result Y^T [1, A, 1, S]):
+ * [1, C, 1, S + A]: X^T then M; result Y token-major [1, S, 1, A]):
  *   dx (forward = 0): X = [dy_0 | dy_1 | ...] (C = Σ out_p), M = [W_0; W_1; ...]
  *     stacked by rows (A = in), Y = dx: the fused dx of projections that
  *     share their input (wq wk wv; w1 w3), one evaluation for their sum;
  *   forward (forward = 1): X = x (C = in), M = [W_0^T | W_1^T | ...] (A =
- *     Σ out_p), Y = [y_0 | y_1 | ...]: projections of one input (wq wk wv;
- *     w1 w3) in one evaluation. */
+ *     Σ out_p), Y = [y_0 | y_1 | ...]. The model calls it with one weight
+ *     per projection (ab_ane_linear_forward). */
 typedef struct {
     int forward, n;
     float *const *dst;          /* dx: dst[0] [N, in]; forward: y_p [N, out_p] */
@@ -791,14 +791,25 @@ static int tile_on_ane(ab_ane_ctx *ctx, ane_entry *e, void *surf, void *req, con
     free(pm);
     const uint16_t *pout = pf->surface_lock(e->out_surf, 1);
     if (!pout) return ab_ane_fail(err, errcap, AB_ANE_ESURFACE, "%s platform: cannot lock the output surface", pf->name);
-    ab_ane_f16_to_f32(e->scratch, pout, m->A * S);     /* the first A channels; the rest is padding */
+    int64_t Ap = e->in;                     /* the result: `rows` token-major rows of Ap */
+    ab_ane_f16_to_f32(e->scratch, pout, rows * Ap);
     pf->surface_unlock(e->out_surf, 1);
-    if (!all_in_fp16_range(e->scratch, m->A * S)) { *overflow = 1; return AB_OK; }
-    int ny = m->forward ? m->n : 1;
+    if (!all_in_fp16_range(e->scratch, rows * Ap)) { *overflow = 1; return AB_OK; }
+    int ny = m->forward ? m->n : 1, acc = m->forward ? 0 : m->accumulate;
+    float inv = ldexpf(1.0f, -k);
     for (int p = 0, a0 = 0; p < ny; p++) {
         int64_t w = m->forward ? m->out[p] : m->in;
-        ab_ane_channels_to_rows(m->dst[p] + r0 * w, e->scratch + a0 * S, S, rows, w, ldexpf(1.0f, -k),
-                                m->forward ? 0 : m->accumulate);
+        for (int64_t t = 0; t < rows; t++) {
+            float *d = m->dst[p] + (r0 + t) * w;
+            const float *src = e->scratch + t * Ap + a0;
+            if (acc) {
+                AB_SIMD
+                for (int64_t j = 0; j < w; j++) d[j] += src[j] * inv;
+            } else {
+                AB_SIMD
+                for (int64_t j = 0; j < w; j++) d[j] = src[j] * inv;
+            }
+        }
         a0 += (int)w;
     }
     return AB_OK;
@@ -1007,24 +1018,6 @@ int ab_ane_linear_backward_dx_sum(ab_ane_ctx *ctx, float *dx, int n, const float
         return AB_OK;
     }
     mm_call m = {0, n, dst, dy, W, out, N, in, 0, 0, accumulate};
-    return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
-}
-
-int ab_ane_linear_forward_split(ab_ane_ctx *ctx, int n, float *const *y, const float *x,
-                                const float *const *W, const int64_t *out, uint64_t w_version,
-                                int64_t N, int64_t in, int flags) {
-    AB_NONNULL(y); AB_NONNULL(W); AB_NONNULL(out);
-    AB_REQUIRE(n >= 1 && n <= 3, AB_EINVAL);
-    const float *src[1] = {x};
-    if (fused_too_wide(n, out)) {
-        for (int p = 0; p < n; p++) {
-            mm_call m = {1, 1, y + p, src, W + p, out + p, N, in, 0, 0, 0};
-            int rc = mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
-            if (rc) return rc;
-        }
-        return AB_OK;
-    }
-    mm_call m = {1, n, y, src, W, out, N, in, 0, 0, 0};
     return mm_run(ctx, &m, w_version, flags, NULL, NULL, 0);
 }
 

@@ -11,9 +11,12 @@
  *
  * The program slices the two parts, views them as matrices, and multiplies
  *   dx_rows[S, in] = transpose(dy^T)[S, out] · W[out, in]
- * then returns dx channels-first as [1, in, 1, S]. Ops used: const,
- * slice_by_size, reshape, transpose, matmul — the emulator implements these
- * (plus cast). Values are fp16 end to end; the caller scales dy first. */
+ * then returns dx as it comes, token-major: [1, S, 1, in], row t of dx in
+ * "channel" t. That is the layout of the CPU's tensors, so the result needs
+ * no transpose back, on the ANE or on the CPU (a channels-first [1, in, 1,
+ * S] result would need both). Ops used: const, slice_by_size, reshape,
+ * transpose, matmul — the emulator implements these (plus cast). Values
+ * are fp16 end to end; the caller scales dy first. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -115,10 +118,9 @@ int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, i
     put(&o, "        bool no_transpose = const()[name = string(\"no_transpose\"), val = bool(false)];\n");
     put_op(&o, "dx_rows", 1, 1, S, in,
            "matmul(transpose_x = no_transpose, transpose_y = no_transpose, x = dy_rows, y = w_mat)");
-    /* back to channels-first [1, in, 1, S] */
-    put_op(&o, "dx_mat", 1, 1, in, S, "transpose(perm = swap_last2, x = dx_rows)");
-    put_const4(&o, "dx_shape", 1, in, 1, S);
-    put_op(&o, "dx", 1, in, 1, S, "reshape(shape = dx_shape, x = dx_mat)");
+    /* token-major out: [1, 1, S, in] -> [1, S, 1, in], no data movement */
+    put_const4(&o, "dx_shape", 1, S, 1, in);
+    put_op(&o, "dx", 1, S, 1, in, "reshape(shape = dx_shape, x = dx_rows)");
     put(&o, "    } -> (dx);\n}\n");
     *len = o.len;
     return AB_OK;

@@ -807,7 +807,7 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
         float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
         float *gw3 = grads + P.w3 + l * Hd * D;
-        if (W.slots == 1) {     /* the queued dW still read the activations it rebuilds */
+        if (c->recompute) {     /* the queued dW still read the activations it rebuilds */
             TRYB(dw_wait(q));
             TRYB(layer_forward(k, &q->r, c, &d, &P, &W, params, work, &g, l, 0));
         }
