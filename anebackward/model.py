@@ -124,7 +124,7 @@ class Llama:
         self.params = views(self.flat_params, self._specs)
         self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
-        self._pending = None       # (B, S) of the last want_grad forward, until its backward
+        self._pending = None       # (B, S, rows) of the last want_grad forward, until its backward
         self.last_loss = None
         self.ane_reason = "no step yet"   # None: the last step's projections ran on the ANE
         self.mark_params_changed()
@@ -295,7 +295,7 @@ class Llama:
         self._pending = None
         self._forward_c(fn, loss, tok, tgt, B, S, want_grad, work)
         if want_grad:
-            self._pending = (B, S)   # C keeps the tokens: the caller may reuse its buffer
+            self._pending = (B, S, B * S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = float(loss[0])
         return self.last_loss
 
@@ -373,7 +373,7 @@ class Llama:
     def _forward_batch(self, fn, b: Batch, want_grad: bool) -> float:
         B, S, _, loss = self._run_batch(fn, b, True, want_grad)
         if want_grad:
-            self._pending = (B, S)   # the layout is in the workspace, for the backward
+            self._pending = (B, S, b.n_tokens)   # the layout is in the workspace, for the backward
         self.last_loss = loss
         return loss
 
@@ -412,10 +412,10 @@ class Llama:
             raise RuntimeError(f"{fn}: call forward(tokens) (with want_grad=True) first; each "
                                "forward allows one backward")
         grad_scale = C.finite_float(fn, "grad_scale", grad_scale)
-        B, S = self._pending
+        B, S, rows = self._pending
         self._pending = None  # dlogits are consumed (scaled in place)
         work = self._workspace(B, S)
-        ctx = self._ane_context(B * S)
+        ctx = self._ane_context(rows)
         args = (self._cfg, fptr(self.flat_params), fptr(grads), B, S, grad_scale,
                 int(bool(accumulate)), fptr(work), work.size)
         if ctx is None and on_grads_ready is None:

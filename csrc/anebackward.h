@@ -432,7 +432,9 @@ AB_API int ab_model_backward(const ab_model_config *c, const float *params, floa
  * (B, S) is only the workspace's geometry (ab_model_workspace_floats):
  * n_tokens <= B*S and every segment <= S <= max_seq_len. The forward copies
  * the layout into the workspace, so ab_model_backward* with the same (B, S)
- * needs nothing more. layout NULL: ab_model_forward (B full rows of S). */
+ * needs nothing more. layout NULL: ab_model_forward (B full rows of S).
+ * With a layout, work must be 8-byte aligned (as malloc gives), else
+ * AB_EINVAL. */
 typedef struct {
     int64_t n_tokens;
     int64_t n_seq;

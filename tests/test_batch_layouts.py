@@ -109,7 +109,7 @@ def test_varlen_kernels_do_not_depend_on_the_thread_count(rng):
         r += ab.attention_backward(do, q, k, v, n_heads=H, n_kv_heads=KV, cu_seqlens=cu)
         r += [ab.rope(x, head_dim=hd, positions=pos, layout="half"),
               ab.rope_backward(x, head_dim=hd, positions=pos)]
-        loss, dl = ab.cross_entropy_backward(logits, tg, denominator=1234.0)
+        loss, dl = ab.cross_entropy_backward(logits, tg, loss_denominator=1234.0)
         r += [np.float64(loss), dl]
         results.append(r)
     for r in results[1:]:
@@ -161,14 +161,14 @@ def test_cross_entropy_with_a_denominator(rng, backend):
     logits = rng.standard_normal((11, 17), dtype=np.float32)
     tg = rng.integers(0, 17, 11).astype(np.int32)
     tg[[0, 4, 5]] = -1
-    loss, dl = ab.cross_entropy_backward(logits, tg, denominator=37.0, grad_scale=2.0,
+    loss, dl = ab.cross_entropy_backward(logits, tg, loss_denominator=37.0, grad_scale=2.0,
                                          backend=backend)
     n = (tg >= 0).sum()
     assert abs(loss - ce_ref(logits, tg) * n / 37.0) < 1e-6
     assert_close(dl, cross_entropy_grad(logits, tg) * n / 37.0 * 2.0, atol=1e-7, what="dlogits")
-    assert abs(ab.cross_entropy(logits, tg, denominator=37.0, backend=backend) - loss) < 1e-12
-    with pytest.raises(ValueError, match="denominator must be > 0"):
-        ab.cross_entropy(logits, tg, denominator=0.0)
+    assert abs(ab.cross_entropy(logits, tg, loss_denominator=37.0, backend=backend) - loss) < 1e-12
+    with pytest.raises(ValueError, match="loss_denominator must be > 0"):
+        ab.cross_entropy(logits, tg, loss_denominator=0.0)
 
 
 # ---------------------------------------------------------------- model ----

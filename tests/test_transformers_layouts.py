@@ -165,3 +165,59 @@ def test_flattened_row_longer_than_max_positions(hf, abt, calls):
     ids, pos, labels = _packed(torch, [(12, 16, 9, 14)])
     _compare(hf, abt, calls, "qwen3", dict(MODELS[4][1], max_position_embeddings=16),
              dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False))
+
+
+def _trainer_curve(hf, abt, tmp_path, patched, collate, steps=10, use_cache=True):
+    """HF Trainer (gradient accumulation 2: num_items_in_batch in play) on
+    documents of 3..14 tokens with a prompt masked, batched by `collate`."""
+    import torch
+    model = build(hf, "llama", llama3=True, seed=3)
+    model.config.use_cache = use_cache
+    if patched:
+        abt.apply(model)
+    gen = torch.Generator().manual_seed(7)
+    rows = []
+    for _ in range(steps * 4):
+        n = int(torch.randint(3, 15, (1,), generator=gen))
+        ids = torch.randint(1, 97, (n,), generator=gen)
+        labels = ids.clone()
+        labels[: int(torch.randint(0, 3, (1,), generator=gen))] = -100
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    args = hf.TrainingArguments(output_dir=str(tmp_path / ("p" if patched else "u")), use_cpu=True,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                max_steps=steps, learning_rate=3e-3, logging_steps=1,
+                                report_to=[], save_strategy="no", seed=11, data_seed=11,
+                                dataloader_num_workers=0, disable_tqdm=True,
+                                remove_unused_columns=False)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _pad_right(features):
+    import torch
+    S = max(len(f["input_ids"]) for f in features)
+    out = {k: torch.full((len(features), S), v, dtype=torch.long)
+           for k, v in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))}
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(f["input_ids"])
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = torch.tensor(f["labels"])
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "flattened"])
+def test_trainer_loss_curve_on_padded_and_flattened_batches(hf, abt, calls, tmp_path, layout):
+    """Trainer with a right-padding collator, and with HF's
+    DataCollatorWithFlattening (use_cache off, as packed training sets it):
+    the patched model's loss curve is HF's, every micro-batch one C call."""
+    collate = _pad_right if layout == "padded" else hf.DataCollatorWithFlattening()
+    kw = dict(use_cache=layout == "padded")
+    ref = _trainer_curve(hf, abt, tmp_path, False, collate, **kw)
+    calls.clear()
+    pat = _trainer_curve(hf, abt, tmp_path, True, collate, **kw)
+    assert len(ref) == 10 and len(pat) == 10
+    assert calls == {"one_call": 20}
+    for i, (a, b) in enumerate(zip(pat, ref)):
+        assert abs(a - b) <= 1e-4 * abs(b), (i, a, b)

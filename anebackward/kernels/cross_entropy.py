@@ -3,7 +3,7 @@
 logits [..., V] float32; targets [...] integer ids in [0, V), or -1 to
 ignore a position (llama2.c's ignore_index). The loss is the mean over the
 counted positions, as torch.nn.functional.cross_entropy(..., ignore_index=-1);
-denominator= replaces the count (sum / denominator: HF Trainer's
+loss_denominator= replaces the count (sum / denominator: HF Trainer's
 num_items_in_batch, the counted targets of every micro-batch of a step).
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ def _common(fn, logits, targets):
 def _denominator(fn, denominator):
     if denominator is None:
         return 0.0
-    return C.finite_float(fn, "denominator", denominator, lo=0.0, lo_open=True)
+    return C.finite_float(fn, "loss_denominator", denominator, lo=0.0, lo_open=True)
 
 
 def cross_entropy_backward(logits: F32Array, targets: Tokens, *, dlogits: F32Array | None = None,
-                           grad_scale: float = 1.0, denominator: float | None = None,
+                           grad_scale: float = 1.0, loss_denominator: float | None = None,
                            backend: Backend = None) -> tuple[float, F32Array]:
     """Returns (loss, dlogits), dlogits = (softmax − onehot)·grad_scale / n.
 
@@ -45,7 +45,7 @@ def cross_entropy_backward(logits: F32Array, targets: Tokens, *, dlogits: F32Arr
     fn = "cross_entropy_backward"
     tg, N, V = _common(fn, logits, targets)
     grad_scale = C.finite_float(fn, "grad_scale", grad_scale)
-    den = _denominator(fn, denominator)
+    den = _denominator(fn, loss_denominator)
     dlogits = C.out(fn, "dlogits", dlogits, logits.shape, ("logits", logits), may_alias=("logits",))
     loss = ffi.new("double *")
     check(cfunc(fn, "cross_entropy_ex", backend)(loss, ffi.NULL, fptr(dlogits), fptr(logits),
@@ -53,12 +53,12 @@ def cross_entropy_backward(logits: F32Array, targets: Tokens, *, dlogits: F32Arr
     return float(loss[0]), dlogits
 
 
-def cross_entropy(logits: F32Array, targets: Tokens, *, denominator: float | None = None,
-                  backend: Backend = None) -> float:
+def cross_entropy(logits: F32Array, targets: Tokens, *,
+                  loss_denominator: float | None = None, backend: Backend = None) -> float:
     """The mean cross-entropy loss only (no gradient buffer)."""
     fn = "cross_entropy"
     tg, N, V = _common(fn, logits, targets)
-    den = _denominator(fn, denominator)
+    den = _denominator(fn, loss_denominator)
     loss = ffi.new("double *")
     check(cfunc(fn, "cross_entropy_ex", backend)(loss, ffi.NULL, ffi.NULL, fptr(logits),
                                                  iptr(tg), N, V, 1.0, den), fn)

@@ -549,6 +549,9 @@ static int model_forward(double *loss_out, const ab_model_config *c, const float
             for (int64_t t = 0; t < n_rows; t++) AB_REQUIRE(layout->positions[t] >= 0, AB_EINVAL);
         den = layout->loss_denominator;
         AB_REQUIRE(den == 0.0 || (isfinite(den) && den > 0.0), AB_EINVAL);
+        /* the segment starts are int64 in the workspace: a float* from
+         * malloc/calloc/NumPy is aligned for them (HDR_FLOATS is even) */
+        AB_REQUIRE((uintptr_t)(work + W.CU) % sizeof(int64_t) == 0, AB_EINVAL);
         N = n_rows;
     }
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;

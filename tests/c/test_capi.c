@@ -127,6 +127,34 @@ static void test_model(void) {
            && log.seen[3] == -1);
     expect("  gradients bit-identical to ab_model_backward",
            memcmp(grads, grads2, P.n_params * sizeof(float)) == 0);
+
+    /* the same rows as a varlen batch (one segment each, positions from the
+     * segment): the full-row path is that case, so bit-identical */
+    const int64_t cu[3] = {0, S, 2 * S};
+    ab_batch_layout lay = {.n_tokens = N, .n_seq = 2, .cu_seqlens = cu, .positions = NULL,
+                           .loss_denominator = 0.0};
+    double loss_v;
+    expect("ab_model_forward_batch",
+           ab_model_forward_batch(&loss_v, &c, params, tok, tgt, B, S, &lay, 1, work, nw) == AB_OK
+           && loss_v == loss);
+    expect("  its backward: gradients bit-identical to the full rows'",
+           ab_model_backward(&c, params, grads2, B, S, 1.0f, 0, work, nw) == AB_OK
+           && memcmp(grads, grads2, P.n_params * sizeof(float)) == 0);
+    /* padding removed: 7 + 3 real tokens in the (B, S) workspace, loss over 10 - 2 targets
+     * divided by a caller's denominator */
+    const int64_t cu2[3] = {0, S, S + 3};
+    int32_t tgt2[10];
+    for (int i = 0; i < 10; i++) tgt2[i] = (i == S - 1 || i == 9) ? -1 : tok[i + 1];
+    ab_batch_layout lay2 = {.n_tokens = 10, .n_seq = 2, .cu_seqlens = cu2, .positions = NULL,
+                            .loss_denominator = 16.0};
+    double l_mean, l_sum;
+    lay2.loss_denominator = 0.0;
+    ab_model_forward_batch(&l_mean, &c, params, tok, tgt2, B, S, &lay2, 0, work, nw);
+    lay2.loss_denominator = 16.0;
+    expect("a padded batch: loss = sum / loss_denominator",
+           ab_model_forward_batch(&l_sum, &c, params, tok, tgt2, B, S, &lay2, 1, work, nw) == AB_OK
+           && fabs(l_sum - l_mean * 8.0 / 16.0) <= 1e-12 * fabs(l_mean)
+           && ab_model_backward(&c, params, grads2, B, S, 1.0f, 0, work, nw) == AB_OK);
     free(grads2);
 
     /* central differences of the loss (double) at the largest gradient of each tensor */
