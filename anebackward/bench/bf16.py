@@ -165,7 +165,7 @@ def bench_step(args):
                 tm.last_loss.backward()
                 torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
                 opt.step()
-                return float(tm.last_loss)
+                return float(tm.last_loss.detach())
             contenders[v] = (tstep, "torch")
         else:
             raise SystemExit(f"unknown variant {v!r}")
