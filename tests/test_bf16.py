@@ -389,3 +389,38 @@ def test_blas_info_says_which_bf16_path_runs():
     info = ab.blas_info()["bf16"]
     assert info.split()[0] in ("onednn", "portable")
     assert info.split()[0] == bf16.path()
+
+
+def test_the_bf16_bench_runs_and_names_its_path(torch, capsys):
+    from anebackward.bench import bf16 as bench
+    before = ab.get_num_threads()
+    try:
+        bench.main(["linear", "--shapes", "tiny", "--repeats", "1", "--threads", "1"])
+        bench.main(["step", "--shape", "tiny", "--seq", "32", "--repeats", "1", "--warmup", "1",
+                    "--threads", "1", "--variants", "fp32,bf16,bf16-onednn-threads,torch-bf16"])
+    finally:
+        ab.set_num_threads(before)
+        bf16.set_mode(path=DEFAULT, threads="pool")
+    out = capsys.readouterr().out
+    assert f"bf16 path: {bf16.path()}" in out
+    assert "fwd   64x32->300" in out and "torch-bf16" in out
+
+
+def test_a_cpu_without_bf16_instructions_takes_the_portable_path():
+    """oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA, as on a Zen 3): the
+    dispatch says portable, and the model still runs bf16."""
+    code = ("import anebackward as ab\n"
+            "print(ab.bf16.path()); print(ab.bf16.describe())\n"
+            "cfg = ab.LlamaConfig(dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=2, "
+            "vocab_size=11, max_seq_len=8)\n"
+            "print(ab.Llama(cfg, precision='bf16').forward([[1, 2, 3, 4]]))\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ANEBACKWARD_BF16="auto")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if "oneDNN" not in lines[1]:
+        pytest.skip(f"oneDNN is not loaded here: {lines[1]}")
+    assert lines[0] == "portable"
+    assert "oneDNN finds no bf16 instructions" in lines[1] and "isa avx2" in lines[1]
+    assert float(lines[2]) > 0
