@@ -184,6 +184,37 @@ static void grid_task(void *ctx, int64_t t, int worker) {
                              j->ldc, 1));
 }
 
+/* column tiles of a wide C (all M rows, tn columns): into a dense per-thread
+ * buffer, then copied (or added) into C. Each tile packs only its slice of B,
+ * where row tiles would each pack all of it. */
+static _Thread_local float *t_ctile;
+static _Thread_local size_t t_ctile_floats;
+
+static void wide_task(void *ctx, int64_t t, int worker) {
+    bjob *j = ctx;
+    const int64_t n0 = t * j->tn, n = n0 + j->tn < j->N ? j->tn : j->N - n0, M = j->M;
+    if ((size_t)(M * n) > t_ctile_floats) {
+        free(t_ctile);
+        t_ctile = malloc((size_t)(M * n) * sizeof(float));
+        t_ctile_floats = t_ctile ? (size_t)(M * n) : 0;
+        if (!t_ctile) { fail(j, AB_ENOMEM); return; }
+    }
+    float *T = t_ctile;
+    int rc = ab_onednn_matmul(j->transA, j->transB, M, n, j->K, j->A, j->lda, bb_at(j, 0, n0),
+                              j->ldb, 0, T, n, 1);
+    if (rc) { fail(j, rc); return; }
+    for (int64_t r = 0; r < M; r++) {
+        float *c = j->C + r * j->ldc + n0;
+        const float *x = T + r * n;
+        if (j->accumulate) {
+            AB_SIMD
+            for (int64_t i = 0; i < n; i++) c[i] += x[i];
+        } else {
+            memcpy(c, x, (size_t)n * sizeof(float));
+        }
+    }
+}
+
 static void kchunk_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t k0 = t * j->tk, k = k0 + j->tk < j->K ? j->tk : j->K - k0;
@@ -233,6 +264,12 @@ static int gemm_onednn(bjob *j) {
             return atomic_load(&j->rc);
         }
         int64_t pm = 1, pn = 1;
+        if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096
+            && M * tile_of(N, TARGET_TILES) <= PART_FLOATS) {
+            j->tn = tile_of(N, TARGET_TILES);
+            ab_parallel_for(ab_div_up(N, j->tn), AB_MAX_THREADS, wide_task, j);
+            return atomic_load(&j->rc);
+        }
         if (planner == 1 && !j->transA && M > 16) {
             /* rows of C only: every tile's A and C stay dense (oneDNN's AMX
              * kernel takes dense operands only); each tile packs all of B, so
