@@ -113,7 +113,9 @@ SHAPES = [
     (0, 1, 37, 51, 29, 0), (0, 0, 37, 51, 29, 1), (1, 0, 37, 51, 29, 1), (1, 1, 5, 7, 3, 0),
     (0, 1, 1, 300, 70, 0), (0, 1, 256, 300, 96, 0),       # rows only (dense tiles)
     (0, 0, 129, 96, 2600, 1),                              # K chunks
-    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # K chunks / grid for A^T B
+    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # grid for A^T B
+    (1, 0, 97, 50, 700, 1), (1, 1, 64, 40, 300, 0),       # K chunks for A^T B
+    (0, 1, 20, 4200, 30, 1), (0, 0, 33, 4500, 50, 0),     # wide C: column tiles
 ]
 
 
@@ -148,7 +150,8 @@ def test_gemm_bf16_guards_its_arguments():
 
 
 @pytest.mark.parametrize("ta,tb,M,N,K", [(0, 1, 256, 768, 288), (0, 0, 130, 288, 4100),
-                                         (1, 0, 768, 288, 256), (1, 0, 3000, 96, 64)])
+                                         (1, 0, 768, 288, 256), (1, 0, 3000, 96, 64),
+                                         (0, 1, 64, 5000, 40)])
 def test_gemm_bf16_is_bit_identical_at_1_2_3_threads(rng, path, ta, tb, M, N, K):
     A = to_bf16(rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32))
     B = to_bf16(rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32))
@@ -421,3 +424,38 @@ def test_model_bf16_takes_padded_batches_like_fp32(rng, path):
     assert abs(l16 - l32) <= 1e-3 * abs(l32)
     rel = np.linalg.norm(g16 - g32) / np.linalg.norm(g32)
     assert 0 < rel < 3e-2, rel       # bf16 really ran, and stayed close
+
+
+def test_the_bf16_bench_runs_and_names_its_path(torch, capsys):
+    from anebackward.bench import bf16 as bench
+    before = ab.get_num_threads()
+    try:
+        bench.main(["linear", "--shapes", "tiny", "--repeats", "1", "--threads", "1"])
+        bench.main(["step", "--shape", "tiny", "--seq", "32", "--repeats", "1", "--warmup", "1",
+                    "--threads", "1", "--variants", "fp32,bf16,bf16-onednn-threads,torch-bf16"])
+    finally:
+        ab.set_num_threads(before)
+        bf16.set_mode(path=DEFAULT, threads="pool")
+    out = capsys.readouterr().out
+    assert f"bf16 path: {bf16.path()}" in out
+    assert "fwd   64x32->300" in out and "torch-bf16" in out
+
+
+def test_a_cpu_without_bf16_instructions_takes_the_portable_path():
+    """oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA, as on a Zen 3): the
+    dispatch says portable, and the model still runs bf16."""
+    code = ("import anebackward as ab\n"
+            "print(ab.bf16.path()); print(ab.bf16.describe())\n"
+            "cfg = ab.LlamaConfig(dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=2, "
+            "vocab_size=11, max_seq_len=8)\n"
+            "print(ab.Llama(cfg, precision='bf16').forward([[1, 2, 3, 4]]))\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ANEBACKWARD_BF16="auto")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if "oneDNN" not in lines[1]:
+        pytest.skip(f"oneDNN is not loaded here: {lines[1]}")
+    assert lines[0] == "portable"
+    assert "oneDNN finds no bf16 instructions" in lines[1] and "isa avx2" in lines[1]
+    assert float(lines[2]) > 0

@@ -10,7 +10,9 @@ package's fp32 kernel, its bf16 kernel on operands already in bf16
 (ab_gemm_bf16: the model's case) with the default threading (fixed tiles on
 the package's pool, one oneDNN thread each) and oneDNN's own rate (the same
 product as one call threaded by oneDNN's OpenMP), and the one-call
-linear(..., precision="bf16") with fp32 inputs (includes the rounding).
+linear(..., precision="bf16") with fp32 inputs (includes the rounding). The
+"(dy^T)" row is the classifier's weight gradient as the model computes it,
+from dlogits kept transposed.
 
 step: forward + backward + clip + AdamW of anebackward.Llama (fp32, bf16 on
 the pool, bf16 on oneDNN's threads) and of llama2.c's model.py in PyTorch
@@ -32,6 +34,7 @@ from anebackward._native import ffi, lib
 SHAPES = {  # rows N (seq 256, batch 1 / seq 1024 for 110M), dim, hidden, vocab
     "stories15M": (256, 288, 768, 32000),
     "stories110M": (1024, 768, 2048, 32000),
+    "tiny": (64, 32, 64, 300),            # a smoke test of the bench itself
 }
 
 
@@ -69,7 +72,7 @@ def _rate(fns, flops, repeats, min_s=0.03):
 def bench_linear(args):
     rng = np.random.default_rng(0)
     print(f"bf16 path: {bf16.describe()}")
-    print(f"{'shape':<12} {'product':<26} {'fp32':>7} {'bf16':>7} {'oneDNN':>7} {'1-call':>7}"
+    print(f"{'shape':<12} {'product':<33} {'fp32':>7} {'bf16':>7} {'oneDNN':>7} {'1-call':>7}"
           f" {'bf16/fp32':>9} {'bf16/oneDNN':>11}   (GFLOP/s, medians)")
     for name in args.shapes.split(","):
         N, D, H, V = SHAPES[name]
@@ -98,6 +101,13 @@ def bench_linear(args):
                                              _f32(dW), inn),
                     lambda: ab.linear_backward_dW(dy, x, dW=dW, precision="bf16")),
             }
+            if out == V:   # the model's classifier keeps dlogits transposed (dense tiles)
+                dyTb = np.ascontiguousarray(dyb.T)
+                cases[f"dW    {out}x{inn} over {N} (dy^T)"] = (
+                    cases[f"dW    {out}x{inn} over {N}"][0],
+                    lambda: lib.ab_gemm_bf16(0, 0, out, inn, N, _u16(dyTb), N, _u16(xb), inn, 0,
+                                             _f32(dW), inn),
+                    cases[f"dW    {out}x{inn} over {N}"][2])
             for label, (f32, b16, onecall) in cases.items():
                 def own(b16=b16):
                     bf16.set_mode(threads="onednn")
@@ -107,7 +117,7 @@ def bench_linear(args):
                         bf16.set_mode(threads="pool")
                 r = _rate({"fp32": f32, "bf16": b16, "own": own, "onecall": onecall},
                           2.0 * N * out * inn, args.repeats)
-                print(f"{name:<12} {label:<26} {r['fp32']:7.0f} {r['bf16']:7.0f} {r['own']:7.0f}"
+                print(f"{name:<12} {label:<33} {r['fp32']:7.0f} {r['bf16']:7.0f} {r['own']:7.0f}"
                       f" {r['onecall']:7.0f} {r['bf16'] / r['fp32']:9.2f}"
                       f" {r['bf16'] / r['own']:11.2f}")
 
@@ -165,7 +175,7 @@ def bench_step(args):
                 tm.last_loss.backward()
                 torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
                 opt.step()
-                return float(tm.last_loss)
+                return float(tm.last_loss.detach())
             contenders[v] = (tstep, "torch")
         else:
             raise SystemExit(f"unknown variant {v!r}")

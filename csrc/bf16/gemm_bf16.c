@@ -22,7 +22,8 @@
 #define SMALL_MACS (INT64_C(1) << 21)
 #define TARGET_TILES 16
 #define K_CHUNK_MIN 1024
-static int64_t min_tile = 128;   /* ab_bf16_testing_tile changes it (benchmarks) */
+static int64_t min_tile = 256;   /* ab_bf16_testing_tile changes it (benchmarks) */
+#define PART_FLOATS (INT64_C(1) << 22)   /* partial products of a K split, at most */
 static int planner = 1;
 
 static atomic_int mode_path = AB_BF16_AUTO;
@@ -122,11 +123,15 @@ int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
 #define TB 64
 typedef struct { uint16_t *dst; const float *src; int64_t rows, cols; } tr_job;
 
-AB_HOT static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
-                            int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for (int64_t c = c0; c < c0 + nc; c++) {
-        uint16_t *d = dst + c * rows;
-        for (int64_t r = r0; r < r0 + nr; r++) d[r] = ab_f32_bf16(src[r * cols + c]);
+/* one TB x TB block: rows rounded with the vectorised loop into tmp, then
+ * the uint16 transpose, both inside L1 */
+static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
+                     int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    uint16_t tmp[TB][TB];
+    for (int64_t r = 0; r < nr; r++) to_bf16_loop(tmp[r], src + (r0 + r) * cols + c0, nc);
+    for (int64_t c = 0; c < nc; c++) {
+        uint16_t *d = dst + (c0 + c) * rows + r0;
+        for (int64_t r = 0; r < nr; r++) d[r] = tmp[r][c];
     }
 }
 
@@ -179,6 +184,37 @@ static void grid_task(void *ctx, int64_t t, int worker) {
                              j->ldc, 1));
 }
 
+/* column tiles of a wide C (all M rows, tn columns): into a dense per-thread
+ * buffer, then copied (or added) into C. Each tile packs only its slice of B,
+ * where row tiles would each pack all of it. */
+static _Thread_local float *t_ctile;
+static _Thread_local size_t t_ctile_floats;
+
+static void wide_task(void *ctx, int64_t t, int worker) {
+    bjob *j = ctx;
+    const int64_t n0 = t * j->tn, n = n0 + j->tn < j->N ? j->tn : j->N - n0, M = j->M;
+    if ((size_t)(M * n) > t_ctile_floats) {
+        free(t_ctile);
+        t_ctile = malloc((size_t)(M * n) * sizeof(float));
+        t_ctile_floats = t_ctile ? (size_t)(M * n) : 0;
+        if (!t_ctile) { fail(j, AB_ENOMEM); return; }
+    }
+    float *T = t_ctile;
+    int rc = ab_onednn_matmul(j->transA, j->transB, M, n, j->K, j->A, j->lda, bb_at(j, 0, n0),
+                              j->ldb, 0, T, n, 1);
+    if (rc) { fail(j, rc); return; }
+    for (int64_t r = 0; r < M; r++) {
+        float *c = j->C + r * j->ldc + n0;
+        const float *x = T + r * n;
+        if (j->accumulate) {
+            AB_SIMD
+            for (int64_t i = 0; i < n; i++) c[i] += x[i];
+        } else {
+            memcpy(c, x, (size_t)n * sizeof(float));
+        }
+    }
+}
+
 static void kchunk_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t k0 = t * j->tk, k = k0 + j->tk < j->K ? j->tk : j->K - k0;
@@ -228,13 +264,25 @@ static int gemm_onednn(bjob *j) {
             return atomic_load(&j->rc);
         }
         int64_t pm = 1, pn = 1;
-        if (planner == 1 && !j->transA) {
+        if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096
+            && M * tile_of(N, TARGET_TILES) <= PART_FLOATS) {
+            j->tn = tile_of(N, TARGET_TILES);
+            ab_parallel_for(ab_div_up(N, j->tn), AB_MAX_THREADS, wide_task, j);
+            return atomic_load(&j->rc);
+        }
+        if (planner == 1 && !j->transA && M > 16) {
             /* rows of C only: every tile's A and C stay dense (oneDNN's AMX
-             * kernel takes dense operands only) */
+             * kernel takes dense operands only); each tile packs all of B, so
+             * tiles of >= min_tile / 2 rows, but at least two */
             while (pm < TARGET_TILES && tile_of(M, 2 * pm) >= min_tile / 2) pm *= 2;
-        } else if (planner == 1 && M * N * ab_div_up(K, 128) <= (INT64_C(1) << 22)) {
-            /* A^T B: K chunks of 128 rows keep both operands dense */
-            j->tk = 128;
+            if (pm == 1) pm = 2;
+        } else if (planner == 1 && M * N <= PART_FLOATS / 2 && K >= 256) {
+            /* A^T B: K chunks (rows of both operands) keep them dense; as many
+             * chunks of >= 128 rows as PART_FLOATS of partial products allow */
+            int64_t nk = PART_FLOATS / (M * N), most = K / 128;
+            nk = nk < most ? nk : most;
+            nk = nk < TARGET_TILES ? nk : TARGET_TILES;
+            j->tk = ab_div_up(ab_div_up(K, nk), 16) * 16;
             j->nk = ab_div_up(K, j->tk);
             j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
             if (!j->part) return AB_ENOMEM;

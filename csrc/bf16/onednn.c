@@ -23,6 +23,7 @@
  * tiles the product), n when oneDNN threads the whole product itself. */
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include "bf16_internal.h"
@@ -73,7 +74,7 @@ static struct {
 } D;
 
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
-static int init_state;              /* 0: not tried, 1: loaded, -1: failed */
+static atomic_int init_state;       /* 0: not tried, 1: loaded, -1: failed (set once) */
 static char init_msg[512];          /* why not, or what was loaded */
 static dnnl_handle engine;
 static int isa;
@@ -158,12 +159,7 @@ int ab_onednn_init(const char *path) {
     return rc;
 }
 
-int ab_onednn_state(void) {
-    pthread_mutex_lock(&init_lock);
-    int s = init_state;
-    pthread_mutex_unlock(&init_lock);
-    return s;
-}
+int ab_onednn_state(void) { return atomic_load(&init_state); }
 
 const char *ab_onednn_message(void) { return init_msg; }
 

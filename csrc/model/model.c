@@ -53,10 +53,11 @@
  *
  * Precision bf16 (c->precision): every matmul goes through proj_forward /
  * proj_dx / proj_dW below, which multiply bf16 operands with fp32
- * accumulation (ab_gemm_bf16). The workspace then ends with a bf16 MIRROR
- * of itself (uint16, one per float: the bf16 copy of the activation at
- * work + i is at mirror + i) and WBF, the bf16 copy of params[0, n_decay)
- * made by ab_model_bf16_refresh (tagged in the header). An operand is
+ * accumulation (ab_gemm_bf16). The workspace then starts (after the
+ * header, at an offset independent of B and S) with WBF, the bf16 copy of
+ * params[0, n_decay) made by ab_model_bf16_refresh (tagged in the header),
+ * and ends with a bf16 MIRROR of itself (uint16, one per float: the bf16
+ * copy of the activation at work + i is at mirror + i). An operand is
  * rounded into its mirror where a matmul first reads it; the calls that
  * follow on the same, unchanged operand pass X_READY / DY_READY and reuse
  * it. Pages of the mirror that no matmul reads are never touched.
