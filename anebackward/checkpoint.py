@@ -144,6 +144,8 @@ def save_model(model, path):
         from .hf import half_to_interleaved
         conv = type(model)(c.replace(rope_layout="interleaved"), init=False)
         for name, a in model.params.items():
+            if ".lora_" in name:     # merged into the base weights (Llama.save checks)
+                continue
             qk = name.endswith((".wq.weight", ".wk.weight"))
             conv.params[name][...] = half_to_interleaved(a, c.head_dim) if qk else a
         model, c = conv, conv.config

@@ -209,7 +209,7 @@ class _Reader:
             raise _bad(self.path, f"{name} holds non-finite values")
 
 
-def load_pretrained(directory, model_class, *, backend=None, recompute=False):
+def load_pretrained(directory, model_class, *, backend=None, recompute=False, **model_args):
     """A model_class (Llama) from an HF directory; see the module doc."""
     directory = os.fspath(directory)
     cpath = os.path.join(directory, CONFIG)
@@ -235,8 +235,8 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False):
         for k in r.names:
             if None in files or files.get(k) == r.path:
                 where[k] = (r, k)
-    model = model_class(config, backend=backend, init=False, recompute=recompute)
-    wanted = {hf_name(n): n for n in model.params}
+    model = model_class(config, backend=backend, init=False, recompute=recompute, **model_args)
+    wanted = {hf_name(n): n for n in model.params if ".lora_" not in n}   # the base model
     ignorable = {"lm_head.weight"} if config.shared_classifier else set()
     extra = sorted(k for k in where if k not in wanted and k not in ignorable
                    and not k.endswith("rotary_emb.inv_freq"))
@@ -264,9 +264,15 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False):
 def hf_state(model) -> Dict[str, np.ndarray]:
     """HF name -> float32 array of a model, in rotate-half layout (llama2.c
     models are permuted; other arrays are the model's own views)."""
+    from .lora import delta
     c = model.config
     out = {}
     for name, a in model.params.items():
+        if ".lora_" in name:     # adapters: folded in unless the model is merged already
+            continue
+        if model.lora is not None and not model.lora_merged:
+            d = delta(model, name)
+            a = a if d is None else a + d
         if c.rope_layout == "interleaved" and name.endswith(_QK):
             a = interleaved_to_half(a, c.head_dim)
         out[hf_name(name)] = a

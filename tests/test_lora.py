@@ -1,0 +1,332 @@
+"""Frozen tensors and LoRA adapters in the C model.
+
+Oracles: the same model computing every gradient (frozen tensors must give
+bit-identical gradients for the rest), and Hugging Face transformers + peft
+in float64 through PyTorch autograd (LoRA forward, adapter gradients, peft's
+adapter directories both ways)."""
+import math
+
+import numpy as np
+import pytest
+
+import anebackward as ab
+from anebackward.lora import LoraConfig
+from conftest import import_hf
+from oracle import assert_close
+
+CFG = ab.LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53,
+                     max_seq_len=24, shared_classifier=False)
+
+
+def _tokens(B=2, S=13, V=53, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (B, S)).astype(np.int32)
+
+
+def _randomize_adapters(model, seed=5):
+    """B away from its zero init so dA and the adapters' effect are not zero."""
+    rng = np.random.default_rng(seed)
+    for n, p in model.params.items():
+        if ".lora_" in n:
+            p[...] = (0.2 * rng.standard_normal(p.shape)).astype(np.float32)
+    model.mark_params_changed()
+
+
+# ---- frozen tensors --------------------------------------------------------------
+TRAINABLE = [
+    pytest.param(lambda n: ".wq." in n or n == "norm.weight", id="wq+norm"),
+    pytest.param(["layers.1.feed_forward.w2.weight", "model.embed_tokens.weight"], id="w2+emb(hf)"),
+    pytest.param(lambda n: n.startswith("model.layers.0.") and "proj" in n, id="hf-layer0-proj"),
+    pytest.param(lambda n: "norm" in n, id="norms"),
+    pytest.param(["output.weight"], id="classifier"),
+]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("trainable", TRAINABLE)
+def test_frozen_tensors_give_bit_identical_gradients(tied, recompute, trainable):
+    cfg = CFG.replace(shared_classifier=tied)
+    if tied and isinstance(trainable, list) and "output.weight" in trainable:
+        trainable = ["tok_embeddings.weight"]
+    full = ab.Llama(cfg, seed=3, recompute=recompute)
+    part = ab.Llama(cfg, seed=3, recompute=recompute, trainable=trainable)
+    tok = _tokens()
+    for m in (full, part):
+        m.forward(tok)
+        m.backward()
+    assert 0 < part.n_grads < full.n_grads
+    assert part.n_grads == sum(g.size for g in part.grads.values())
+    assert set(part.grads) == set(part.trainable)
+    for name, g in part.grads.items():
+        assert np.abs(g).max() > 0, name
+        np.testing.assert_array_equal(g, full.grads[name], err_msg=name)
+    # accumulate and grad_scale through the offset table too
+    for m in (full, part):
+        m.forward(tok)
+        m.backward(accumulate=True, grad_scale=0.5)
+    for name, g in part.grads.items():
+        np.testing.assert_array_equal(g, full.grads[name], err_msg=name)
+
+
+def test_adamw_steps_only_trainable_tensors_exactly_as_a_full_step():
+    cfg = CFG
+    names = ["layers.0.attention.wk.weight", "layers.1.ffn_norm.weight", "output.weight"]
+    full = ab.Llama(cfg, seed=3)
+    part = ab.Llama(cfg, seed=3, trainable=names)
+    before = {n: p.copy() for n, p in part.params.items()}
+    ofull, opart = ab.AdamW(full, lr=1e-2), ab.AdamW(part, lr=1e-2)
+    assert opart.m.size == part.n_grads
+    tok = _tokens()
+    for _ in range(2):
+        for m, o in ((full, ofull), (part, opart)):
+            m.forward(tok)
+            m.backward()
+            o.step()
+    for n, p in part.params.items():
+        if n in names:
+            assert not np.array_equal(p, before[n]), n
+        else:
+            np.testing.assert_array_equal(p, before[n], err_msg=n)
+    # the trainable tensors' trajectory is the full model's as long as the
+    # frozen ones would not have moved: compare the first step only
+    full2, part2 = ab.Llama(cfg, seed=3), ab.Llama(cfg, seed=3, trainable=names)
+    for m in (full2, part2):
+        m.forward(tok)
+        m.backward()
+        ab.AdamW(m, lr=1e-2).step()
+    for n in names:
+        np.testing.assert_array_equal(part2.params[n], full2.params[n], err_msg=n)
+
+
+def test_trainable_bad_names_raise():
+    with pytest.raises(ValueError, match="unknown tensor"):
+        ab.Llama(CFG, trainable=["layers.9.attention.wq.weight"])
+    with pytest.raises(TypeError, match="str"):
+        ab.Llama(CFG, trainable="output.weight")
+
+
+# ---- LoRA in the C model ---------------------------------------------------------
+def test_lora_init_is_peft_like_and_seedable_and_leaves_the_model_unchanged():
+    lc = LoraConfig(4, alpha=8, targets=("q", "down"))
+    a, b = ab.Llama(CFG, seed=2, lora=lc), ab.Llama(CFG, seed=2, lora=lc)
+    base = ab.Llama(CFG, seed=2)
+    c = ab.Llama(CFG, seed=7, lora=lc)
+    A = a.params["layers.0.attention.wq.lora_A.weight"]
+    assert A.shape == (4, 32) and np.abs(A).max() <= 1 / math.sqrt(32) and A.std() > 0.05
+    assert a.params["layers.1.feed_forward.w2.lora_A.weight"].shape == (4, 48)
+    assert a.params["layers.1.feed_forward.w2.lora_B.weight"].shape == (32, 4)
+    assert not a.params["layers.0.attention.wq.lora_B.weight"].any()
+    np.testing.assert_array_equal(a.flat_params, b.flat_params)
+    assert not np.array_equal(a.flat_params, c.flat_params)
+    assert set(a.grads) == {n for n in a.params if ".lora_" in n}
+    tok = _tokens()
+    assert a.forward(tok) == base.forward(tok)      # B = 0: y + s*0 is y exactly
+
+
+def test_lora_options_and_errors():
+    assert LoraConfig(16, 32).scale == 2.0
+    assert LoraConfig(16, 32, use_rslora=True).scale == 8.0
+    assert LoraConfig(8, targets="q_proj,wv,up").targets == ("q", "v", "up")
+    with pytest.raises(ValueError, match="dropout"):
+        LoraConfig(4, dropout=0.1)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        LoraConfig(4, targets=("q", "lm_head"))
+    with pytest.raises(ValueError, match="positive int"):
+        LoraConfig(0)
+    with pytest.raises(ValueError, match="backend='ane'"):
+        ab.Llama(CFG, lora=4, backend="ane")
+    m = ab.Llama(CFG, lora=4)
+    with pytest.raises(ValueError, match="merge"):
+        m.decoder()
+    with pytest.raises(ValueError, match="merge"):
+        m.save("/nonexistent/x.bin")
+    m.merge()
+    m.forward(_tokens())
+    with pytest.raises(RuntimeError, match="unmerge"):
+        m.backward()
+    with pytest.raises(ValueError, match="already merged"):
+        m.merge()
+
+
+def _torch_lora_reference(torch, model, tok):
+    """Our model + adapters in float64 PyTorch autograd, written out here:
+    each targeted projection x W^T + s (x A^T) B^T."""
+    from anebackward.bench.torch_llama import Transformer
+    import torch.nn.functional as F
+    base = {n: a for n, a in model.params.items() if ".lora_" not in n}
+    ref = Transformer.from_config(model.config).double().load_arrays(base)
+    s = model.lora.scale
+    adapters = {}
+    for mod_name, mod in ref.named_modules():
+        key = mod_name + ".weight"
+        a = key[:-len(".weight")] + ".lora_A.weight"
+        if isinstance(mod, torch.nn.Linear) and a in model.params:
+            A = torch.tensor(model.params[a], dtype=torch.float64, requires_grad=True)
+            B = torch.tensor(model.params[a.replace("lora_A", "lora_B")], dtype=torch.float64,
+                             requires_grad=True)
+            adapters[a], adapters[a.replace("lora_A", "lora_B")] = A, B
+            mod.forward = (lambda m, A, B: lambda x: F.linear(x, m.weight)
+                           + s * F.linear(F.linear(x, A), B))(mod, A, B)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    t = torch.tensor(tok, dtype=torch.long)
+    tgt = t.clone()
+    tgt[:, :-1] = t[:, 1:]
+    tgt[:, -1] = -1
+    ref(t, tgt)
+    ref.last_loss.backward()
+    return ref.last_loss.item(), {n: v.grad.numpy() for n, v in adapters.items()}
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o", "gate", "up", "down"), ("v", "down"),
+                                     ("o", "gate")])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_gradients_match_torch_float64(torch, targets, recompute):
+    m = ab.Llama(CFG, seed=4, recompute=recompute,
+                 lora=LoraConfig(3, alpha=5, targets=targets))
+    _randomize_adapters(m)
+    tok = _tokens(B=2, S=11)
+    loss = m.forward(tok)
+    m.backward()
+    want_loss, want = _torch_lora_reference(torch, m, tok)
+    assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+    assert set(m.grads) == set(want)
+    for n, g in m.grads.items():
+        scale = np.abs(want[n]).max()
+        assert scale > 0, n
+        assert_close(g, want[n], rtol=1e-4, atol=1e-5 * scale, what=n)
+
+
+def test_lora_recompute_varlen_and_threads_are_bit_identical():
+    lc = LoraConfig(4, alpha=8)
+    tok = _tokens(B=2, S=12)
+    out = {}
+    for threads in (1, 3):
+        ab.set_num_threads(threads)
+        for rc in (False, True):
+            m = ab.Llama(CFG, seed=4, recompute=rc, lora=lc)
+            _randomize_adapters(m)
+            m.forward(tok)
+            m.backward()
+            out[threads, rc] = m.flat_grads.copy()
+    ab.set_num_threads(2)
+    for k, v in out.items():
+        np.testing.assert_array_equal(v, out[1, False], err_msg=str(k))
+    # a varlen batch (padded rows) equals each document alone, summed by hand
+    m = ab.Llama(CFG, seed=4, lora=lc)
+    _randomize_adapters(m)
+    mask = np.ones((2, 12), dtype=np.int32)
+    mask[1, 8:] = 0
+    m.forward(tok, attention_mask=mask, loss_denominator=1.0)
+    m.backward()
+    got = m.flat_grads.copy()
+    acc = np.zeros_like(got)
+    for row, n in ((0, 12), (1, 8)):
+        t = tok[row:row + 1, :n]
+        tgt = np.full_like(t, -1)
+        tgt[:, :-1] = t[:, 1:]
+        m.forward(t, tgt)
+        m.backward(grad_scale=float(n - 1))
+        acc += m.flat_grads
+    assert_close(got, acc, rtol=1e-4, atol=1e-5 * np.abs(acc).max(), what="varlen vs rows")
+
+
+def test_lora_bf16_is_close_to_fp32():
+    from anebackward import bf16
+    if not bf16.available():
+        pytest.skip("no bf16 path on this machine (oneDNN missing)")
+    lc = LoraConfig(4, alpha=8)
+    tok = _tokens()
+    res = {}
+    for prec in ("fp32", "bf16"):
+        m = ab.Llama(CFG, seed=4, lora=lc, precision=prec)
+        _randomize_adapters(m)
+        res[prec] = (m.forward(tok), m.backward(), m.flat_grads.copy())
+    assert abs(res["bf16"][0] - res["fp32"][0]) < 2e-2 * res["fp32"][0]
+    g32, g16 = res["fp32"][2], res["bf16"][2]
+    assert np.linalg.norm(g16 - g32) < 5e-2 * np.linalg.norm(g32)
+
+
+def test_merge_and_unmerge():
+    m = ab.Llama(CFG, seed=4, lora=LoraConfig(4, alpha=8, use_rslora=True))
+    _randomize_adapters(m)
+    tok = _tokens(B=1, S=10)
+    before = m.flat_params.copy()
+    lg = m.logits(tok)
+    m.merge()
+    assert not np.array_equal(m.flat_params[:m.n_base], before[:m.n_base])
+    assert_close(m.logits(tok), lg, rtol=1e-4, atol=1e-5, what="merged logits")
+    dec = m.decoder()
+    for t in range(tok.shape[1]):
+        step = dec.step(int(tok[0, t]))
+    assert_close(step, lg[0, -1], rtol=1e-4, atol=1e-4, what="decoder")
+    m.unmerge()
+    assert_close(m.flat_params, before, rtol=0, atol=1e-6, what="unmerged")
+    np.testing.assert_array_equal(m.logits(tok), m.logits(tok))
+    m.forward(tok)
+    m.backward()
+
+
+# ---- peft interop ------------------------------------------------------------------
+def _hf_pair(tmp_path, kind, lc, tied=False):
+    from test_hf import hf_model
+    hf = hf_model(kind, tied)
+    hf.save_pretrained(tmp_path / "base")
+    ours = ab.Llama.from_pretrained(tmp_path / "base", lora=lc)
+    _randomize_adapters(ours)
+    return hf, ours
+
+
+@pytest.mark.parametrize("kind,rslora", [("llama", False), ("qwen3", True)])
+def test_saved_adapter_loads_in_peft_with_equal_logits_and_gradients(tmp_path, kind, rslora):
+    import_hf()
+    import peft
+    import torch
+    lc = LoraConfig(4, alpha=6, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                    use_rslora=rslora)
+    hf, ours = _hf_pair(tmp_path, kind, lc)
+    ours.save_adapter(tmp_path / "adapter")
+    pm = peft.PeftModel.from_pretrained(hf.double(), tmp_path / "adapter", is_trainable=True)
+    pm = pm.double()
+    tok = np.random.default_rng(1).integers(0, 97, (2, 16)).astype(np.int32)
+    ids = torch.from_numpy(tok.astype(np.int64))
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert_close(ours.logits(tok), out.logits.detach().numpy(), rtol=1e-5, atol=1e-5,
+                 what="logits vs peft")
+    assert abs(ours.forward(tok) - out.loss.item()) <= 1e-5 * out.loss.item()
+    ours.backward()
+    pg = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.grad is not None}
+    from anebackward.lora import _peft_name
+    assert len(pg) == len(ours.grads)
+    for n, g in ours.grads.items():
+        want = pg[_peft_name(n).replace(".weight", ".default.weight")]
+        assert_close(g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), what=n)
+
+
+def test_peft_adapter_directory_loads_into_llama_and_merged_dir_loads_in_hf(tmp_path):
+    transformers = import_hf()
+    import peft
+    import torch
+    from test_hf import hf_model
+    hf = hf_model("llama", True)
+    hf.save_pretrained(tmp_path / "base")
+    pcfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                           lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(hf, pcfg)
+    pm.save_pretrained(tmp_path / "adapter")
+    tok = np.random.default_rng(2).integers(0, 97, (1, 12)).astype(np.int32)
+    with torch.no_grad():
+        want = pm(input_ids=torch.from_numpy(tok.astype(np.int64))).logits.numpy()
+    ours = ab.Llama.from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert ours.lora.targets == ("q", "v", "down") and ours.lora.scale == 3.0
+    assert_close(ours.logits(tok), want, rtol=1e-5, atol=1e-5, what="peft adapter in Llama")
+    ours.save_pretrained(tmp_path / "merged", merged=True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(input_ids=torch.from_numpy(tok.astype(np.int64))).logits.numpy()
+    assert_close(got, want, rtol=1e-4, atol=1e-4, what="merged dir in HF")
+    with pytest.raises(ValueError, match="holds"):
+        ab.Llama.from_pretrained(tmp_path / "base", lora=LoraConfig(8)).load_adapter(
+            tmp_path / "adapter")
