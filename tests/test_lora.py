@@ -5,6 +5,7 @@ bit-identical gradients for the rest), and Hugging Face transformers + peft
 in float64 through PyTorch autograd (LoRA forward, adapter gradients, peft's
 adapter directories both ways)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,19 @@ import anebackward as ab
 from anebackward.lora import LoraConfig
 from conftest import import_hf
 from oracle import assert_close
+
+
+def import_peft():
+    """peft (in the hf extra): the adapters' oracle; required like transformers."""
+    import_hf()
+    try:
+        import peft
+    except ImportError as e:
+        if "1" in (os.environ.get("ANEBACKWARD_REQUIRE_HF"),
+                   os.environ.get("ANEBACKWARD_REQUIRE_TORCH")):
+            pytest.fail(f"ANEBACKWARD_REQUIRE_HF/TORCH=1 but peft cannot be imported: {e}")
+        pytest.skip("peft is not installed (pip install -e '.[hf]')")
+    return peft
 
 CFG = ab.LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53,
                      max_seq_len=24, shared_classifier=False)
@@ -279,8 +293,7 @@ def _hf_pair(tmp_path, kind, lc, tied=False):
 
 @pytest.mark.parametrize("kind,rslora", [("llama", False), ("qwen3", True)])
 def test_saved_adapter_loads_in_peft_with_equal_logits_and_gradients(tmp_path, kind, rslora):
-    import_hf()
-    import peft
+    peft = import_peft()
     import torch
     lc = LoraConfig(4, alpha=6, targets=("q", "k", "v", "o", "gate", "up", "down"),
                     use_rslora=rslora)
@@ -306,7 +319,7 @@ def test_saved_adapter_loads_in_peft_with_equal_logits_and_gradients(tmp_path, k
 
 def test_peft_adapter_directory_loads_into_llama_and_merged_dir_loads_in_hf(tmp_path):
     transformers = import_hf()
-    import peft
+    peft = import_peft()
     import torch
     from test_hf import hf_model
     hf = hf_model("llama", True)
@@ -330,3 +343,81 @@ def test_peft_adapter_directory_loads_into_llama_and_merged_dir_loads_in_hf(tmp_
     with pytest.raises(ValueError, match="holds"):
         ab.Llama.from_pretrained(tmp_path / "base", lora=LoraConfig(8)).load_adapter(
             tmp_path / "adapter")
+
+
+# ---- the trainer ----------------------------------------------------------------------
+def test_train_lora_writes_a_peft_dir_resumes_and_merges(tmp_path, capsys):
+    transformers = import_hf()
+    peft = import_peft()
+    import torch
+    from test_hf import _losses, _train, hf_dir_with_tokenizer
+    d, _ = hf_dir_with_tokenizer(tmp_path)
+    data = str(tmp_path / "data.txt")
+    lora = ["--init-from", str(d), "--data", data, "--lora", "4", "--lora-alpha", "8",
+            "--lora-targets", "q,v,down", "--lr", "1e-2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(lora + ["--steps", "6", "--out", str(full), "--merge"]) == 0
+    files = set(os.listdir(full))
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.bin",
+            "tokenizer.json", "merged"} <= files and "model.safetensors" not in files
+    # the base is untouched; the adapters moved; peft reads them with our logits
+    ours = ab.Llama.from_pretrained(d, adapter=full)
+    np.testing.assert_array_equal(ours.flat_params[:ours.n_base],
+                                  ab.Llama.from_pretrained(d).flat_params)
+    assert np.abs(ours.params["layers.0.attention.wq.lora_B.weight"]).max() > 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    pm = peft.PeftModel.from_pretrained(hf, full).eval()
+    tok = np.arange(1, 20, dtype=np.int32)[None]
+    with torch.no_grad():
+        want = pm(input_ids=torch.from_numpy(tok.astype(np.int64))).logits.numpy()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(full / "merged").eval()
+        got_merged = merged(input_ids=torch.from_numpy(tok.astype(np.int64))).logits.numpy()
+    assert_close(ours.logits(tok), want, rtol=1e-5, atol=1e-5, what="trained adapter in peft")
+    assert_close(got_merged, want, rtol=1e-4, atol=1e-4, what="merged directory")
+    # a run stopped at step 3 and resumed gives the same losses and adapters
+    assert _train(lora + ["--steps", "3", "--decay-steps", "6", "--out", str(part)]) == 0
+    from anebackward.__main__ import main
+    assert main(["train", "--quiet", "--resume", str(part), "--steps", "6"]) == 0
+    assert _losses(part) == _losses(full)
+    back = ab.Llama.from_pretrained(d, adapter=part)
+    np.testing.assert_array_equal(back.flat_params, ours.flat_params)
+    # flags that need --lora, and --lora without an HF --init-from
+    with pytest.raises(SystemExit, match="add --lora"):
+        _train(["--init-from", str(d), "--data", data, "--lora-alpha", "3", "--out",
+                str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--init-from HFDIR"):
+        _train(["--config", "tiny", "--lora", "4", "--out", str(tmp_path / "y")])
+
+
+def test_a_signal_saves_a_resumable_adapter_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    import_peft()
+    from test_hf import _losses, _train, hf_dir_with_tokenizer
+    from test_train_safety import _log_path, _wait_for_steps
+    d, _ = hf_dir_with_tokenizer(tmp_path)
+    out = str(tmp_path / "run")
+    common = ["--init-from", str(d), "--data", str(tmp_path / "data.txt"), "--lora", "4",
+              "--decay-steps", "400"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anebackward", "train", "--quiet", "--batch-size", "2",
+         "--seq-len", "16", "--eval-every", "0", "--warmup", "1", "--lr", "1e-3"] + common
+        + ["--steps", "1000000", "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=str(tmp_path))
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(_log_path(tmp_path, out)):
+        time.sleep(0.05)
+    _wait_for_steps(_log_path(tmp_path, out), 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr.decode()
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    k = len(_losses(out))
+    assert k >= 3
+    from anebackward.__main__ import main
+    assert main(["train", "--quiet", "--resume", out, "--steps", str(k + 2)]) == 0
+    ref = str(tmp_path / "ref")
+    assert _train(common + ["--steps", str(k + 2), "--out", ref]) == 0
+    assert _losses(out) == _losses(ref)
