@@ -122,6 +122,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def hf_name(name: str) -> str:
+    """HF's name of any of our tensors, adapters included
+    ("layers.0.attention.wq.lora_A.weight" -> "model.layers.0.self_attn.q_proj.lora_A.weight")."""
+    from . import hf
+    if ".lora_" not in name:
+        return hf.hf_name(name)
+    stem, ab = name.split(".lora_")
+    return hf.hf_name(stem + ".weight")[:-len(".weight")] + ".lora_" + ab
+
+
 def _peft_name(name: str) -> str:
     from .hf import _LAYER
     _, i, rest = name.split(".", 2)

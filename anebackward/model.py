@@ -139,8 +139,8 @@ class Llama:
         ab_model_grad_layout computes the offsets (the same table the C
         backward reads through config.grad_offsets), so the views here and
         the backward's writes cannot disagree."""
-        from .hf import hf_name
         from .layout import tensor_slot
+        from .lora import hf_name
         names = [n for n, _, _ in self._specs]
         if trainable is None:
             chosen = [n for n in names if self.lora is None or ".lora_" in n]

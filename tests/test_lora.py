@@ -112,6 +112,24 @@ def test_adamw_steps_only_trainable_tensors_exactly_as_a_full_step():
         np.testing.assert_array_equal(part2.params[n], full2.params[n], err_msg=n)
 
 
+def test_lora_with_more_trainable_tensors():
+    lc = LoraConfig(2, targets=("q",))
+    pred = ab.Llama(CFG, lora=lc, trainable=lambda n: ".lora_" in n or n == "model.norm.weight")
+    names = ab.Llama(CFG, lora=lc, trainable=["model.layers.1.self_attn.q_proj.lora_B.weight",
+                                              "layers.0.attention.wq.lora_A.weight"])
+    assert set(pred.grads) == {n for n in pred.params if ".lora_" in n} | {"norm.weight"}
+    assert set(names.grads) == {"layers.1.attention.wq.lora_B.weight",
+                                "layers.0.attention.wq.lora_A.weight"}
+    full = ab.Llama(CFG, lora=lc, trainable=lambda n: True)
+    for m in (pred, names, full):
+        _randomize_adapters(m)
+        m.forward(_tokens())
+        m.backward()
+    for m in (pred, names):
+        for n, g in m.grads.items():
+            np.testing.assert_array_equal(g, full.grads[n], err_msg=n)
+
+
 def test_trainable_bad_names_raise():
     with pytest.raises(ValueError, match="unknown tensor"):
         ab.Llama(CFG, trainable=["layers.9.attention.wq.weight"])
