@@ -51,11 +51,17 @@ _GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": 
 
 def hf_name(name: str) -> str:
     """HF's name of one of our tensors ("layers.3.attention.wq.weight" ->
-    "model.layers.3.self_attn.q_proj.weight")."""
+    "model.layers.3.self_attn.q_proj.weight"; a LoRA adapter
+    "layers.3.attention.wq.lora_A.weight" -> "model.layers.3.self_attn.q_proj.lora_A.weight",
+    peft's module path)."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     _, i, rest = name.split(".", 2)
-    return f"model.layers.{i}.{_LAYER[rest[:-len('.weight')]]}.weight"
+    stem = rest[:-len('.weight')]
+    if ".lora_" in stem:
+        kind, ab = stem.split(".lora_")
+        return f"model.layers.{i}.{_LAYER[kind]}.lora_{ab}.weight"
+    return f"model.layers.{i}.{_LAYER[stem]}.weight"
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -264,14 +270,13 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False, **
 def hf_state(model) -> Dict[str, np.ndarray]:
     """HF name -> float32 array of a model, in rotate-half layout (llama2.c
     models are permuted; other arrays are the model's own views)."""
-    from .lora import delta
     c = model.config
     out = {}
     for name, a in model.params.items():
         if ".lora_" in name:     # adapters: folded in unless the model is merged already
             continue
         if model.lora is not None and not model.lora_merged:
-            d = delta(model, name)
+            d = model.lora_delta(name)
             a = a if d is None else a + d
         if c.rope_layout == "interleaved" and name.endswith(_QK):
             a = interleaved_to_half(a, c.head_dim)

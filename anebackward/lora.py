@@ -122,21 +122,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def hf_name(name: str) -> str:
-    """HF's name of any of our tensors, adapters included
-    ("layers.0.attention.wq.lora_A.weight" -> "model.layers.0.self_attn.q_proj.lora_A.weight")."""
-    from . import hf
-    if ".lora_" not in name:
-        return hf.hf_name(name)
-    stem, ab = name.split(".lora_")
-    return hf.hf_name(stem + ".weight")[:-len(".weight")] + ".lora_" + ab
-
-
-def _peft_name(name: str) -> str:
-    from .hf import _LAYER
-    _, i, rest = name.split(".", 2)
-    kind, ab = rest.split(".lora_")
-    return f"base_model.model.model.layers.{i}.{_LAYER[kind]}.lora_{ab}"
+def peft_name(name: str) -> str:
+    """peft's saved name of one of our adapter tensors."""
+    from .hf import hf_name
+    return "base_model.model." + hf_name(name)
 
 
 def save_adapter(model, directory, base_model_name_or_path: Optional[str] = None) -> None:
@@ -150,7 +139,7 @@ def save_adapter(model, directory, base_model_name_or_path: Optional[str] = None
         raise ValueError("save_adapter: peft adapters are for HF models (rotate-half RoPE); this "
                          "model uses llama2.c's interleaved RoPE")
     lc = model.lora
-    state = {_peft_name(n): np.ascontiguousarray(model.params[n])
+    state = {peft_name(n): np.ascontiguousarray(model.params[n])
              for n, _, _, _ in tensor_names(model.config, lc)}
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.r, "lora_alpha": lc.alpha,
            "lora_dropout": 0.0, "use_rslora": lc.use_rslora, "bias": "none",
@@ -212,7 +201,7 @@ def load_adapter_weights(model, directory) -> None:
     except Exception as e:   # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read: {e}") from None
     # peft's saved names drop the adapter name ("default")
-    want = {_peft_name(n): n for n, _, _, _ in tensor_names(model.config, model.lora)}
+    want = {peft_name(n): n for n, _, _, _ in tensor_names(model.config, model.lora)}
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
     if missing or extra:

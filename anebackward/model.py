@@ -139,8 +139,8 @@ class Llama:
         ab_model_grad_layout computes the offsets (the same table the C
         backward reads through config.grad_offsets), so the views here and
         the backward's writes cannot disagree."""
+        from .hf import hf_name
         from .layout import tensor_slot
-        from .lora import hf_name
         names = [n for n, _, _ in self._specs]
         if trainable is None:
             chosen = [n for n in names if self.lora is None or ".lora_" in n]
@@ -639,6 +639,11 @@ class Llama:
         self._pending = None
         self._cfg = self._make_cfg()
         self.mark_params_changed()
+
+    def lora_delta(self, name: str) -> Optional[F32Array]:
+        """s B A of the adapter on base weight `name` (float32), or None."""
+        from . import lora as lora_mod
+        return lora_mod.delta(self, name)
 
     def save_adapter(self, directory: str | os.PathLike,
                      base_model_name_or_path: Optional[str] = None) -> None:

@@ -328,10 +328,10 @@ def test_saved_adapter_loads_in_peft_with_equal_logits_and_gradients(tmp_path, k
     assert abs(ours.forward(tok) - out.loss.item()) <= 1e-5 * out.loss.item()
     ours.backward()
     pg = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.grad is not None}
-    from anebackward.lora import _peft_name
+    from anebackward.lora import peft_name
     assert len(pg) == len(ours.grads)
     for n, g in ours.grads.items():
-        want = pg[_peft_name(n).replace(".weight", ".default.weight")]
+        want = pg[peft_name(n).replace(".weight", ".default.weight")]
         assert_close(g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), what=n)
 
 
