@@ -119,7 +119,7 @@ class Llama:
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
         self._specs = tensor_specs(config, lora)
         self._grad_table(trainable)
-        self._wbf_key = None       # (workspace, params_version) of the bf16 weight copy
+        self._wbf_key = None       # (workspace, base and params versions) of the bf16 copy
         self.set_precision(precision)
         self._groups: Optional[Dict[int, Tuple[Tuple[int, int], ...]]] = None
         self._in_backward = False      # inside backward's on_grads_ready callback
@@ -228,11 +228,19 @@ class Llama:
         """Changes whenever the parameters do (see mark_params_changed)."""
         return self._params_version
 
+    def _mark_adapters_changed(self) -> None:
+        """Only the adapters changed (AdamW.step with a frozen base): the
+        bf16 copy of the base weights stays valid."""
+        base = self._base_version
+        self.mark_params_changed()
+        self._base_version = base
+
     def mark_params_changed(self) -> None:
         """Say that flat_params changed (AdamW.step and init_weights call
         this): the ANE converts the weights to fp16 again at the next
         backward instead of reusing its staged copies."""
         self._params_version = next(_param_versions)
+        self._base_version = self._params_version
 
     # -- initialisation ----------------------------------------------------
     def init_weights(self, seed: int = 0) -> None:
@@ -288,11 +296,18 @@ class Llama:
             # zeroed (calloc: lazily mapped pages, no cost): no stale "ready" tag
             self._ws = (B, S, np.zeros(total[0], dtype=np.float32), off[0])
         work = self._ws[2]
-        if self.precision == "bf16" and self._wbf_key != (id(work), self._params_version):
-            # the weights' bf16 copy (in the workspace), once per params version
-            check(lib.ab_model_bf16_refresh(self._cfg, fptr(self.flat_params), fptr(work),
-                                            work.size), "Llama (bf16 weights)")
-            self._wbf_key = (id(work), self._params_version)
+        key = (id(work), self._base_version, self._params_version)
+        if self.precision == "bf16" and self._wbf_key != key:
+            # the weights' bf16 copy (in the workspace), once per params
+            # version; only the adapters' when the base has not changed
+            if self._wbf_key is not None and self._wbf_key[:2] == key[:2]:
+                check(lib.ab_model_bf16_refresh_adapters(self._cfg, fptr(self.flat_params),
+                                                         fptr(work), work.size),
+                      "Llama (bf16 adapters)")
+            else:
+                check(lib.ab_model_bf16_refresh(self._cfg, fptr(self.flat_params), fptr(work),
+                                                work.size), "Llama (bf16 weights)")
+            self._wbf_key = key
         return work
 
     def workspace_bytes(self, batch_size: int, seq_len: int) -> int:
@@ -847,7 +862,10 @@ class AdamW:
             check(lib.ab_adamw(fptr(m.flat_params[p:p + n]), fptr(m.flat_grads[g:g + n]),
                                fptr(self.m[g:g + n]), fptr(self.v[g:g + n]), n,
                                self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
-        m.mark_params_changed()
+        if all(p >= m.n_base for p, _, _, _ in self._runs):
+            m._mark_adapters_changed()       # the base is frozen: its bf16 copy stays
+        else:
+            m.mark_params_changed()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),

@@ -450,6 +450,11 @@ AB_API int ab_model_decode(float *logits, const ab_model_config *c, const float 
 
 AB_API int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
                                  int64_t work_floats);
+/* The same for the LoRA adapters only (params[first adapter, n_params)),
+ * when nothing else changed since the last full refresh (AB_EINVAL if that
+ * refresh was not made): a LoRA step's frozen base keeps its copy. */
+AB_API int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params,
+                                          float *work, int64_t work_floats);
 
 AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,

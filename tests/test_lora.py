@@ -439,3 +439,27 @@ def test_a_signal_saves_a_resumable_adapter_run(tmp_path):
     ref = str(tmp_path / "ref")
     assert _train(common + ["--steps", str(k + 2), "--out", ref]) == 0
     assert _losses(out) == _losses(ref)
+
+
+def test_bf16_lora_steps_refresh_only_the_adapters_and_match_full_refreshes():
+    from anebackward import bf16
+    if not bf16.available():
+        pytest.skip("no bf16 path on this machine (oneDNN missing)")
+    lc = LoraConfig(4, alpha=8)
+    tok = _tokens()
+    runs = []
+    for full_refresh in (False, True):
+        m = ab.Llama(CFG, seed=4, lora=lc, precision="bf16")
+        opt = ab.AdamW(m, lr=1e-2)
+        out = []
+        for _ in range(3):
+            out.append(m.forward(tok))
+            m.backward()
+            opt.step()
+            if full_refresh:
+                m.mark_params_changed()      # forces the whole bf16 copy again
+        out.append(m.flat_params.copy())
+        runs.append(out)
+    assert runs[0][:3] == runs[1][:3]
+    np.testing.assert_array_equal(runs[0][3], runs[1][3])
+    assert len(set(runs[0][:3])) == 3          # the adapters moved: the loss changed

@@ -694,6 +694,22 @@ int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *
     return AB_OK;
 }
 
+int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params, float *work,
+                                   int64_t work_floats) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_REQUIRE(c->precision == AB_PRECISION_BF16 && c->lora_rank > 0, AB_EINVAL);
+    AB_NONNULL(params); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(P.n_params, 2), AB_EWORKSPACE);
+    AB_REQUIRE(hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL);
+    int64_t first = P.n_params;
+    for (int t = 0; t < 7; t++) first = P.lora_a[t] < first ? P.lora_a[t] : first;
+    hdr_set(work, HDR_WBF, 0);
+    TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS) + first, params + first,
+                       P.n_params - first));
+    hdr_set(work, HDR_WBF, WBF_TAG);
+    return AB_OK;
+}
 
 /* The forward's rows, read back from the workspace header and copies. */
 static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S) {
