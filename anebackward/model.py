@@ -458,7 +458,8 @@ class Llama:
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
         grad_scale=1/n_micro). One C call over all layers. grads: another
-        float32 buffer of n_params in the same layout to fill instead.
+        float32 buffer of n_grads (the trainable tensors' floats) in the
+        layout of flat_grads to fill instead.
 
         on_grads_ready(ranges): called during the backward, on this thread,
         each time a group of gradients is final — ranges is a list of

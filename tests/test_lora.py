@@ -463,3 +463,44 @@ def test_bf16_lora_steps_refresh_only_the_adapters_and_match_full_refreshes():
     assert runs[0][:3] == runs[1][:3]
     np.testing.assert_array_equal(runs[0][3], runs[1][3])
     assert len(set(runs[0][:3])) == 3          # the adapters moved: the loss changed
+
+
+def test_c_guards_of_adapters_and_frozen_tensors():
+    from anebackward._native import ffi, lib
+    from anebackward.layout import c_config
+    lc = LoraConfig(4)
+    n = int(lib.AB_TENSOR_KINDS) * CFG.n_layers
+    flags = ffi.new("uint8_t[]", n)
+    goff = ffi.new("int64_t[]", n)
+    ng = ffi.new("int64_t *")
+    cfg = c_config(CFG, lora=lc)
+    assert lib.ab_model_grad_layout(cfg, ffi.NULL, goff, ng) != 0
+    assert lib.ab_model_grad_layout(cfg, flags, ffi.NULL, ng) != 0
+    assert lib.ab_model_grad_layout(cfg, flags, goff, ng) == 0 and ng[0] == 0
+    assert all(goff[i] == -1 for i in range(n))
+    lay = ffi.new("ab_model_layout *")
+    for field, value in (("lora_rank", -1), ("lora_targets", 0), ("lora_targets", 128),
+                         ("lora_scale", float("nan"))):
+        bad = c_config(CFG, lora=lc)
+        setattr(bad, field, value)
+        assert lib.ab_model_param_layout(bad, lay) != 0, field
+    # decode refuses unmerged adapters; the backward refuses merged ones
+    m = ab.Llama(CFG, lora=lc)
+    kv = ffi.new("int64_t *")
+    assert lib.ab_model_kv_cache_floats(m._cfg, kv) == 0
+    cache = np.zeros(kv[0], np.float32)
+    assert lib.ab_model_decode_workspace_floats(m._cfg, kv) == 0
+    work = np.zeros(kv[0], np.float32)
+    logits = np.zeros(CFG.vocab_size, np.float32)
+    fp = lambda a: ffi.cast("float *", a.ctypes.data)   # noqa: E731
+    assert lib.ab_model_decode(fp(logits), m._cfg, fp(m.flat_params), 1, 0, fp(cache), fp(work),
+                               work.size) == lib.AB_EINVAL
+    tok = _tokens()
+    m.forward(tok)
+    merged = c_config(CFG, lora=lc)
+    merged.lora_merged = 1
+    B, S, ws, _ = m._ws
+    assert lib.ab_model_backward(merged, fp(m.flat_params), fp(m.flat_grads), B, S, 1.0, 0,
+                                 fp(ws), ws.size) == lib.AB_EINVAL
+    m.backward()             # the refused call left the forward's workspace alone
+    assert np.abs(m.flat_grads).max() > 0

@@ -991,6 +991,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(hdr_get(work, HDR_TAG) == (bf16 ? READY_TAG_BF16 : READY_TAG), AB_EINVAL);
     AB_REQUIRE(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
+    AB_REQUIRE(!c->lora_merged || c->lora_rank == 0, AB_EINVAL);   /* unmerge to train */
+    AB_REQUIRE(!q->r.ctx || c->lora_rank == 0, AB_EINVAL);         /* no adapters on the ANE */
     hdr_set(work, HDR_TAG, 0);
     const int32_t *tokens = (const int32_t *)(work + W.TOKENS);   /* the forward's */
     const batch_rows g = rows_of(&W, work, B, S);                  /* and its rows */
@@ -1003,8 +1005,6 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     const int acc = accumulate != 0;
     const proj_ctx pj = proj_make(k, &q->r, c, &W, params, work);
     const lora_ctx z = {c, &d, &P, &W, params, work};
-    AB_REQUIRE(!c->lora_merged || c->lora_rank == 0, AB_EINVAL);   /* unmerge to train */
-    AB_REQUIRE(!q->r.ctx || c->lora_rank == 0, AB_EINVAL);         /* no adapters on the ANE */
 #define GRAD(kind, l) grad_of(c, &P, &d, grads, (kind), (l))
 
     /* Every dW below is written with beta = acc except those that are sums:
