@@ -333,6 +333,7 @@ def test_saved_adapter_loads_in_peft_with_equal_logits_and_gradients(tmp_path, k
     for n, g in ours.grads.items():
         want = pg[peft_name(n).replace(".weight", ".default.weight")]
         assert_close(g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), what=n)
+        assert np.abs(g - want).max() <= 1e-5, n       # and within 1e-5 absolute
 
 
 def test_peft_adapter_directory_loads_into_llama_and_merged_dir_loads_in_hf(tmp_path):
