@@ -33,6 +33,7 @@ from . import ane
 from . import bf16
 from .model import AdamW, Llama, LlamaConfig, cosine_lr
 from .batch import Batch
+from .lora import LoraConfig
 from .capi import get_include, get_lib_dir, get_library
 
 def blas_info() -> dict:
@@ -85,6 +86,6 @@ __all__ = [
     "swiglu", "swiglu_backward", "cross_entropy", "cross_entropy_backward",
     "embedding", "embedding_backward", "clip_grad_norm", "grad_norm", "adamw_step",
     "blas_info", "set_num_threads", "get_num_threads", "MAX_THREADS", "ane", "bf16",
-    "LlamaConfig", "Llama", "AdamW", "cosine_lr", "Batch",
+    "LlamaConfig", "Llama", "AdamW", "cosine_lr", "Batch", "LoraConfig",
     "get_include", "get_lib_dir", "get_library",
 ]

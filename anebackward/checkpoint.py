@@ -144,6 +144,8 @@ def save_model(model, path):
         from .hf import half_to_interleaved
         conv = type(model)(c.replace(rope_layout="interleaved"), init=False)
         for name, a in model.params.items():
+            if ".lora_" in name:     # merged into the base weights (Llama.save checks)
+                continue
             qk = name.endswith((".wq.weight", ".wk.weight"))
             conv.params[name][...] = half_to_interleaved(a, c.head_dim) if qk else a
         model, c = conv, conv.config
@@ -173,7 +175,9 @@ def save_model(model, path):
 # -- optimizer state -----------------------------------------------------------
 # File layout (our own): 8-byte magic "ABOPT01\n", uint64 length of a UTF-8
 # JSON object (step, lr, betas, eps, weight_decay, n_params, n_decay, config,
-# extra), the JSON, then m and v as float32[n_params] each.
+# extra, n_grads), the JSON, then m and v as float32[n_grads] each (n_grads:
+# the trainable tensors' floats, n_params unless some are frozen; files
+# without it hold n_params).
 
 def save_optimizer(opt, path, extra=None):
     """Write AdamW state (moments, step, hyperparameters) and a JSON-able
@@ -181,6 +185,7 @@ def save_optimizer(opt, path, extra=None):
     m = opt.model
     meta = {"step": opt.step_count, "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps,
             "weight_decay": opt.weight_decay, "n_params": m.n_params, "n_decay": m.n_decay,
+            "n_grads": m.n_grads,
             "config": {k: getattr(m.config, k) for k in (
                 "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                 "max_seq_len", "shared_classifier", "norm_eps")},
@@ -229,7 +234,8 @@ def load_optimizer(opt, path):
             lr, betas, eps, wd = check_adamw_hparams(fn, lr=meta["lr"], betas=meta["betas"],
                                                      eps=meta["eps"],
                                                      weight_decay=meta["weight_decay"])
-            for k in ("n_params", "n_decay"):
+            meta.setdefault("n_grads", meta["n_params"])
+            for k in ("n_params", "n_decay", "n_grads"):
                 C.nonneg_int(fn, k, meta[k])
             extra = meta.get("extra", {})
             if not isinstance(extra, dict):
@@ -242,7 +248,10 @@ def load_optimizer(opt, path):
                 f"{meta['n_decay']} decay, the model has {model.n_params} of which "
                 f"{model.n_decay} decay (" + ("n_params" if meta["n_params"] != model.n_params
                                                else "n_decay") + " differs)")
-        want = 16 + n + 8 * model.n_params
+        if meta["n_grads"] != model.n_grads:
+            raise CheckpointError(f"{path}: optimizer state is for {meta['n_grads']} trainable "
+                                  f"parameters, the model trains {model.n_grads}")
+        want = 16 + n + 8 * model.n_grads
         size = os.fstat(f.fileno()).st_size
         if size != want:
             raise CheckpointError(f"{path}: {'truncated' if size < want else 'oversized'}: "

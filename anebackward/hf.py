@@ -53,11 +53,17 @@ _GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": 
 
 def hf_name(name: str) -> str:
     """HF's name of one of our tensors ("layers.3.attention.wq.weight" ->
-    "model.layers.3.self_attn.q_proj.weight")."""
+    "model.layers.3.self_attn.q_proj.weight"; a LoRA adapter
+    "layers.3.attention.wq.lora_A.weight" -> "model.layers.3.self_attn.q_proj.lora_A.weight",
+    peft's module path)."""
     if name in _GLOBAL:
         return _GLOBAL[name]
     _, i, rest = name.split(".", 2)
-    return f"model.layers.{i}.{_LAYER[rest[:-len('.weight')]]}.weight"
+    stem = rest[:-len('.weight')]
+    if ".lora_" in stem:
+        kind, ab = stem.split(".lora_")
+        return f"model.layers.{i}.{_LAYER[kind]}.lora_{ab}.weight"
+    return f"model.layers.{i}.{_LAYER[stem]}.weight"
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -329,7 +335,7 @@ def _check_against_tensors(config, where, cpath):
     return wanted
 
 
-def load_pretrained(directory, model_class, *, backend=None, recompute=False):
+def load_pretrained(directory, model_class, *, backend=None, recompute=False, **model_args):
     """A model_class (Llama) from an HF directory; see the module doc."""
     directory = os.fspath(directory)
     cpath = os.path.join(directory, CONFIG)
@@ -362,7 +368,7 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False):
     if missing:
         raise _bad(directory, f"missing tensors {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
-    model = model_class(config, backend=backend, init=False, recompute=recompute)
+    model = model_class(config, backend=backend, init=False, recompute=recompute, **model_args)
     for hk, ours in wanted.items():
         r, k = where[hk]
         dst = model.params[ours]
@@ -381,6 +387,11 @@ def hf_state(model) -> Dict[str, np.ndarray]:
     c = model.config
     out = {}
     for name, a in model.params.items():
+        if ".lora_" in name:     # adapters: folded in unless the model is merged already
+            continue
+        if model.lora is not None and not model.lora_merged:
+            d = model.lora_delta(name)
+            a = a if d is None else a + d
         if c.rope_layout == "interleaved" and name.endswith(_QK):
             a = interleaved_to_half(a, c.head_dim)
         out[hf_name(name)] = a

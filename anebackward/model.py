@@ -89,6 +89,19 @@ class Llama:
     forward after params_version changes (AdamW.step, mark_params_changed).
     Not with backend "reference" or "ane"; generation (decoder) runs fp32.
 
+    trainable: which tensors get gradients and AdamW updates — None (all;
+    with lora: the adapters only), an iterable of names, or a predicate
+    called with each tensor's name; names are ours (llama2.c's,
+    "layers.0.attention.wq.weight") or HF's ("model.layers.0.self_attn.q_proj.weight").
+    A frozen tensor gets no weight-gradient product, no gradient storage and
+    no optimizer state; gradients still flow through it. model.grads holds
+    the trainable tensors only.
+
+    lora (anebackward.lora.LoraConfig, or an int rank): LoRA adapters on the
+    targeted projections (docs/lora.md), initialised like peft (A
+    Kaiming-uniform from `seed`, B zero). merge()/unmerge() fold them into
+    the base weights and back; save_adapter(dir) writes a peft directory.
+
     Threads: a model may be shared by several Python threads. Its
     forward, backward, logits, grad_norm, clip_grad_norm, zero_grad,
     init_weights and set_recompute, AdamW.step and Decoder.step all hold
@@ -101,28 +114,38 @@ class Llama:
 
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
                  backend: Backend = None, init: bool = True, recompute: bool = False,
-                 precision: Optional[str] = None) -> None:
+                 precision: Optional[str] = None, trainable: Any = None,
+                 lora: Any = None) -> None:
         if config is None:
             config = PRESETS["default"]
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"Llama: config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
         self.lock = threading.RLock()
+        if lora is not None and backend == "ane":
+            raise ValueError("Llama: LoRA adapters run on the CPU kernels; backend='ane' has no "
+                             "adapter path (use 'cpu' or 'auto')")
         self.backend = resolve("Llama", backend)
         self.recompute = bool(recompute)
         self.precision = "fp32"
-        self._wbf_key = None       # (workspace, params_version) of the bf16 weight copy
-        self.set_precision(precision)
-        self.layout = param_layout(config)
+        from . import lora as lora_mod
+        if lora is not None and not isinstance(lora, lora_mod.LoraConfig):
+            lora = lora_mod.LoraConfig(r=lora)
+        self.lora = lora
+        self.lora_merged = False
+        self.layout = param_layout(config, lora)
         self.n_params = self.layout["n_params"]
         self.n_decay = self.layout["n_decay"]
+        # the base model's parameters: [0, n_base); the adapters follow
+        self.n_base = min(self.layout[f"lora_a{t}"] for t in range(7))
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
-        self._flat_grads = np.zeros(self.n_params, dtype=np.float32)
-        self._specs = tensor_specs(config)
+        self._specs = tensor_specs(config, lora)
+        self._grad_table(trainable)
+        self._wbf_key = None       # (workspace, base and params versions) of the bf16 copy
+        self.set_precision(precision)
         self._groups: Optional[Dict[int, Tuple[Tuple[int, int], ...]]] = None
         self._in_backward = False      # inside backward's on_grads_ready callback
         self.params = views(self.flat_params, self._specs)
-        self.grads = views(self.flat_grads, self._specs)
         self._ws = None            # (B, S, workspace array, logits offset)
         self._pending = None       # (B, S, rows) of the last want_grad forward, until its backward
         self.last_loss = None
@@ -130,6 +153,63 @@ class Llama:
         self.mark_params_changed()
         if init:
             self.init_weights(seed)
+        elif lora is not None:
+            lora_mod.init_adapters(self, seed)
+
+    def _grad_table(self, trainable) -> None:
+        """Which tensors train, and where their gradients live. C's
+        ab_model_grad_layout computes the offsets (the same table the C
+        backward reads through config.grad_offsets), so the views here and
+        the backward's writes cannot disagree."""
+        from .hf import hf_name
+        from .layout import tensor_slot
+        names = [n for n, _, _ in self._specs]
+        if trainable is None:
+            chosen = [n for n in names if self.lora is None or ".lora_" in n]
+        elif callable(trainable):
+            chosen = [n for n in names if trainable(n) or trainable(hf_name(n))]
+        else:
+            if isinstance(trainable, str):
+                raise TypeError("Llama: trainable must be a list of tensor names or a "
+                                "predicate, got a str (wrap it in a list)")
+            hf = {hf_name(n): n for n in names}
+            chosen = []
+            for t in trainable:
+                if t in hf:
+                    chosen.append(hf[t])
+                elif t in set(names):
+                    chosen.append(t)
+                else:
+                    raise ValueError(f"Llama: trainable names an unknown tensor {t!r} (names are "
+                                     f"like {names[1]!r} or {hf_name(names[1])!r})")
+        chosen_set = set(chosen)
+        self.trainable = tuple(n for n in names if n in chosen_set)
+        L = self.config.n_layers
+        flags = np.zeros(int(lib.AB_TENSOR_KINDS) * L, dtype=np.uint8)
+        for n in self.trainable:
+            flags[tensor_slot(self.config, n)] = 1
+        if self.config.shared_classifier and "tok_embeddings.weight" in chosen_set:
+            flags[tensor_slot(self.config, "output.weight")] = 1
+        self._goff = np.zeros(flags.size, dtype=np.int64)
+        n_grads = ffi.new("int64_t *")
+        cfg = c_config(self.config, lora=self.lora)
+        check(lib.ab_model_grad_layout(cfg, ffi.from_buffer("uint8_t[]", flags),
+                                       ffi.from_buffer("int64_t[]", self._goff), n_grads),
+              "Llama (trainable)")
+        self.n_grads = int(n_grads[0])
+        self._all_trainable = len(self.trainable) == len(names)
+        self._flat_grads = np.zeros(self.n_grads, dtype=np.float32)
+        self._grad_specs = [(n, int(self._goff[tensor_slot(self.config, n)]), shape)
+                            for n, _, shape in self._specs if n in chosen_set]
+        self.grads = views(self._flat_grads, self._grad_specs)
+
+    def _make_cfg(self):
+        cfg = c_config(self.config, reference=self.backend == "reference",
+                       recompute=self.recompute, precision=self.precision, lora=self.lora)
+        cfg.lora_merged = int(self.lora_merged)
+        if not self._all_trainable:   # the array lives as long as the model
+            cfg.grad_offsets = ffi.from_buffer("int64_t[]", self._goff)
+        return cfg
 
     @_locked
     def set_precision(self, precision: str) -> None:
@@ -141,8 +221,7 @@ class Llama:
                                  f"backend={self.backend!r} has no bf16 path (use 'cpu' or 'auto')")
             _bf16.require("Llama")
         self.precision = precision
-        self._cfg = c_config(self.config, reference=self.backend == "reference",
-                             recompute=self.recompute, precision=self.precision)
+        self._cfg = self._make_cfg()
         self._ws = None
         self._pending = None
         self._wbf_key = None
@@ -151,8 +230,7 @@ class Llama:
     def set_recompute(self, recompute: bool) -> None:
         """Switch activation recomputation (see the class doc) on or off."""
         self.recompute = bool(recompute)
-        self._cfg = c_config(self.config, reference=self.backend == "reference",
-                             recompute=self.recompute, precision=self.precision)
+        self._cfg = self._make_cfg()
         self._ws = None
         self._pending = None
 
@@ -174,16 +252,25 @@ class Llama:
         """Changes whenever the parameters do (see mark_params_changed)."""
         return self._params_version
 
+    def _mark_adapters_changed(self) -> None:
+        """Only the adapters changed (AdamW.step with a frozen base): the
+        bf16 copy of the base weights stays valid."""
+        base = self._base_version
+        self.mark_params_changed()
+        self._base_version = base
+
     def mark_params_changed(self) -> None:
         """Say that flat_params changed (AdamW.step and init_weights call
         this): the ANE converts the weights to fp16 again at the next
         backward instead of reusing its staged copies."""
         self._params_version = next(_param_versions)
+        self._base_version = self._params_version
 
     # -- initialisation ----------------------------------------------------
     @_locked
     def init_weights(self, seed: int = 0) -> None:
-        """Re-initialise every weight like llama2.c's model.py (seedable)."""
+        """Re-initialise every weight like llama2.c's model.py (seedable);
+        adapters as peft does."""
         rng = np.random.default_rng(seed)
         lay, c = self.layout, self.config
         w = self.flat_params[:self.n_decay]
@@ -192,8 +279,11 @@ class Llama:
         resid = np.float32(1.0 / math.sqrt(2 * c.n_layers))
         for key, n in (("wo", c.dim * c.q_dim), ("w3", c.hidden_dim * c.dim)):
             self.flat_params[lay[key]:lay[key] + c.n_layers * n] *= resid
-        self.flat_params[self.n_decay:] = 1.0
+        self.flat_params[self.n_decay:self.n_base] = 1.0
         self.flat_grads[:] = 0.0
+        if self.lora is not None:
+            from . import lora as lora_mod
+            lora_mod.init_adapters(self, seed)
         self._pending = None
         self.mark_params_changed()
 
@@ -231,11 +321,18 @@ class Llama:
             # zeroed (calloc: lazily mapped pages, no cost): no stale "ready" tag
             self._ws = (B, S, np.zeros(total[0], dtype=np.float32), off[0])
         work = self._ws[2]
-        if self.precision == "bf16" and self._wbf_key != (id(work), self._params_version):
-            # the weights' bf16 copy (in the workspace), once per params version
-            check(lib.ab_model_bf16_refresh(self._cfg, fptr(self.flat_params), fptr(work),
-                                            work.size), "Llama (bf16 weights)")
-            self._wbf_key = (id(work), self._params_version)
+        key = (id(work), self._base_version, self._params_version)
+        if self.precision == "bf16" and self._wbf_key != key:
+            # the weights' bf16 copy (in the workspace), once per params
+            # version; only the adapters' when the base has not changed
+            if self._wbf_key is not None and self._wbf_key[:2] == key[:2]:
+                check(lib.ab_model_bf16_refresh_adapters(self._cfg, fptr(self.flat_params),
+                                                         fptr(work), work.size),
+                      "Llama (bf16 adapters)")
+            else:
+                check(lib.ab_model_bf16_refresh(self._cfg, fptr(self.flat_params), fptr(work),
+                                                work.size), "Llama (bf16 weights)")
+            self._wbf_key = key
         return work
 
     def workspace_bytes(self, batch_size: int, seq_len: int) -> int:
@@ -388,7 +485,8 @@ class Llama:
         times grad_scale (overwriting them, or adding to them with
         accumulate=True — gradient accumulation over micro-batches: pass
         grad_scale=1/n_micro). One C call over all layers. grads: another
-        float32 buffer of n_params in the same layout to fill instead.
+        float32 buffer of n_grads (the trainable tensors' floats) in the
+        layout of flat_grads to fill instead.
 
         on_grads_ready(ranges): called during the backward, on this thread,
         each time a group of gradients is final — ranges is a list of
@@ -403,7 +501,10 @@ class Llama:
         using their workspace). With the ANE backend every group is announced
         after the whole backward."""
         fn = "Llama.backward"
-        grads = self.flat_grads if grads is None else C.out(fn, "grads", grads, (self.n_params,),
+        if self.lora_merged:
+            raise RuntimeError(f"{fn}: the adapters are merged into the base weights; call "
+                               "unmerge() before training")
+        grads = self.flat_grads if grads is None else C.out(fn, "grads", grads, (self.n_grads,),
                                                                  ("flat_params", self.flat_params))
         if on_grads_ready is not None and not callable(on_grads_ready):
             raise TypeError(f"{fn}: on_grads_ready must be callable or None, got "
@@ -448,7 +549,7 @@ class Llama:
         """C's group number (ab_model_backward_notify) -> its ranges."""
         if self._groups is None:
             L, groups = self.config.n_layers, {}
-            for name, off, shape in self._specs:
+            for name, off, shape in self._grad_specs:
                 if name.startswith("layers."):
                     g = int(name.split(".")[1])
                 elif name in ("norm.weight", "output.weight"):
@@ -482,6 +583,9 @@ class Llama:
             return None
         if self.precision == "bf16":
             self.ane_reason = "precision='bf16' (the ANE path is fp16/fp32)"
+            return None
+        if self.lora is not None:
+            self.ane_reason = "LoRA adapters (the ANE path has none)"
             return None
         from . import ane
         if self.backend == "ane":
@@ -552,6 +656,63 @@ class Llama:
         max_norm (one pass over the flat buffer); returns the norm before."""
         return clip_grad_norm(self.flat_grads, max_norm)
 
+    def layout_offset(self, name: str) -> int:
+        """Offset (floats) of tensor `name` in flat_params."""
+        if not hasattr(self, "_offsets"):
+            self._offsets = {n: off for n, off, _ in self._specs}
+        return self._offsets[name]
+
+    # -- LoRA ----------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold every adapter into its base weight (W += s B A, float32); the
+        forward then skips the adapters and the decoder may run. unmerge()
+        subtracts the same product (W returns to within float32 rounding)."""
+        self._fold(+1)
+
+    def unmerge(self) -> None:
+        """Undo merge() (see there) so the adapters can train again."""
+        self._fold(-1)
+
+    def _fold(self, sign):
+        from . import lora as lora_mod
+        fn = "Llama.merge" if sign > 0 else "Llama.unmerge"
+        if self.lora is None:
+            raise ValueError(f"{fn}: the model has no LoRA adapters")
+        if self.lora_merged == (sign > 0):
+            raise ValueError(f"{fn}: the adapters are already {'merged' if sign > 0 else 'unmerged'}")
+        for name, _, _ in self._specs:
+            d = None if ".lora_" in name else lora_mod.delta(self, name)
+            if d is not None:
+                self.params[name][...] += sign * d
+        self.lora_merged = sign > 0
+        self._pending = None
+        self._cfg = self._make_cfg()
+        self.mark_params_changed()
+
+    def lora_delta(self, name: str) -> Optional[F32Array]:
+        """s B A of the adapter on base weight `name` (float32), or None."""
+        from . import lora as lora_mod
+        return lora_mod.delta(self, name)
+
+    def save_adapter(self, directory: str | os.PathLike,
+                     base_model_name_or_path: Optional[str] = None) -> None:
+        """Write the adapters as a peft directory (adapter_config.json +
+        adapter_model.safetensors) for peft.PeftModel.from_pretrained."""
+        from . import lora as lora_mod
+        lora_mod.save_adapter(self, directory, base_model_name_or_path)
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Read a peft adapter directory's weights into this model's adapters
+        (its adapter_config.json must match model.lora)."""
+        from . import lora as lora_mod
+        lc = lora_mod.read_adapter_config(directory)
+        if self.lora is None or (lc.r, lc.targets, lc.scale) != (self.lora.r, self.lora.targets,
+                                                                 self.lora.scale):
+            raise ValueError(f"Llama.load_adapter: {os.fspath(directory)} holds {lc}, the model "
+                             f"has {self.lora}; build the model with lora=read_adapter_config(dir)"
+                             " or Llama.from_pretrained(hf_dir, adapter=dir)")
+        lora_mod.load_adapter_weights(self, directory)
+
     def named_parameters(self) -> List[Tuple[str, F32Array]]:
         return list(self.params.items())
 
@@ -563,8 +724,15 @@ class Llama:
 
     # -- checkpoints ---------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write a llama2.c v0 checkpoint (atomically)."""
+        """Write a llama2.c v0 checkpoint (atomically; the base model only:
+        merge() adapters first to keep them)."""
+        self._base_only("Llama.save")
         checkpoint.save_model(self, path)
+
+    def _base_only(self, fn):
+        if self.lora is not None and not self.lora_merged:
+            raise ValueError(f"{fn}: the model has unmerged LoRA adapters; call merge() first "
+                             "(or save_pretrained(dir, merged=True)), or save_adapter(dir)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: Backend = None) -> Llama:
@@ -573,17 +741,35 @@ class Llama:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: Backend = None,
-                        recompute: bool = False) -> Llama:
+                        recompute: bool = False, lora: Any = None,
+                        adapter: Optional[str | os.PathLike] = None, trainable: Any = None,
+                        seed: int = 0) -> Llama:
         """Read a Hugging Face model directory (config.json + model.safetensors,
         or a sharded model.safetensors.index.json) of model_type llama or qwen3;
-        float32/bfloat16/float16 weights become float32 (anebackward.hf)."""
+        float32/bfloat16/float16 weights become float32 (anebackward.hf).
+        lora: new adapters (LoraConfig or rank; peft's init from seed);
+        adapter: a peft adapter directory to load instead."""
         from . import hf
-        return hf.load_pretrained(directory, cls, backend=backend, recompute=recompute)
+        from . import lora as lora_mod
+        if adapter is not None:
+            if lora is not None:
+                raise ValueError("Llama.from_pretrained: pass lora (new adapters) or adapter "
+                                 "(a saved one), not both")
+            lora = lora_mod.read_adapter_config(adapter)
+        model = hf.load_pretrained(directory, cls, backend=backend, recompute=recompute,
+                                   lora=lora, trainable=trainable, seed=seed)
+        if adapter is not None:
+            lora_mod.load_adapter_weights(model, adapter)
+        return model
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, merged: bool = False) -> None:
         """Write a Hugging Face model directory (config.json + model.safetensors,
-        float32) that transformers' AutoModelForCausalLM.from_pretrained loads."""
+        float32) that transformers' AutoModelForCausalLM.from_pretrained loads.
+        merged=True: with the adapters folded into the weights (the model
+        itself is left as it is)."""
         from . import hf
+        if not merged:
+            self._base_only("Llama.save_pretrained")
         hf.save_pretrained(self, directory)
 
 
@@ -593,6 +779,9 @@ class Decoder:
     (default max_seq_len)."""
 
     def __init__(self, model: Llama, max_positions: Optional[int] = None) -> None:
+        if model.lora is not None and not model.lora_merged:
+            raise ValueError("Llama.decoder: the decoder runs the base weights only; call "
+                             "model.merge() first (unmerge() before training again)")
         self.model = model
         T = model.config.max_seq_len
         if max_positions is not None:
@@ -601,7 +790,9 @@ class Decoder:
         # the same model with a cache of T positions (the parameter layout
         # does not depend on max_seq_len)
         cfg = model._cfg if T == model.config.max_seq_len else c_config(
-            model.config.replace(max_seq_len=T), reference=model.backend == "reference")
+            model.config.replace(max_seq_len=T), reference=model.backend == "reference",
+            lora=model.lora)
+        cfg.lora_merged = int(model.lora_merged)
         self._cfg = cfg
         n = ffi.new("int64_t *")
         check(lib.ab_model_kv_cache_floats(cfg, n), "Llama.decoder")
@@ -680,9 +871,22 @@ class AdamW:
         self.model = model
         self.lr, self.betas, self.eps, self.weight_decay = check_adamw_hparams(
             fn, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self._m = np.zeros(model.n_params, dtype=np.float32)
-        self._v = np.zeros(model.n_params, dtype=np.float32)
+        self._m = np.zeros(model.n_grads, dtype=np.float32)
+        self._v = np.zeros(model.n_grads, dtype=np.float32)
         self.step_count = 0
+        # (param start, grad start, size, decays) of each run of trainable
+        # tensors contiguous in both buffers; 2-D tensors decay (all
+        # trainable: the prefix [0, n_decay) and the rest, as before)
+        runs: List[List[int]] = []
+        for name, goff, shape in model._grad_specs:
+            off = model.layout_offset(name)
+            n, wd = math.prod(shape), int(len(shape) == 2)
+            if runs and runs[-1][0] + runs[-1][2] == off and runs[-1][1] + runs[-1][2] == goff \
+                    and runs[-1][3] == wd:
+                runs[-1][2] += n
+            else:
+                runs.append([off, goff, n, wd])
+        self._runs = [tuple(r) for r in runs]
 
     @property
     def lock(self) -> threading.RLock:
@@ -691,12 +895,12 @@ class AdamW:
 
     @property
     def m(self) -> F32Array:
-        """First moments, one float32 buffer laid out like model.flat_params."""
+        """First moments, one float32 buffer laid out like model.flat_grads."""
         return self._m
 
     @property
     def v(self) -> F32Array:
-        """Second moments, one float32 buffer laid out like model.flat_params."""
+        """Second moments, one float32 buffer laid out like model.flat_grads."""
         return self._v
 
     @_locked
@@ -707,13 +911,19 @@ class AdamW:
             self.lr = check_adamw_hparams("AdamW.step", lr=lr)[0]
         check_adamw_step("AdamW.step", self.step_count + 1)
         self.step_count += 1
-        m, nd = self.model, self.model.n_decay
+        m = self.model
+        if m.lora_merged:
+            raise RuntimeError("AdamW.step: the model's adapters are merged; unmerge() first")
         b1, b2 = self.betas
-        for lo, hi, wd in ((0, nd, self.weight_decay), (nd, m.n_params, 0.0)):
-            check(lib.ab_adamw(fptr(m.flat_params[lo:hi]), fptr(m.flat_grads[lo:hi]),
-                               fptr(self.m[lo:hi]), fptr(self.v[lo:hi]), hi - lo,
+        for p, g, n, decays in self._runs:
+            wd = self.weight_decay if decays else 0.0
+            check(lib.ab_adamw(fptr(m.flat_params[p:p + n]), fptr(m.flat_grads[g:g + n]),
+                               fptr(self.m[g:g + n]), fptr(self.v[g:g + n]), n,
                                self.step_count, self.lr, b1, b2, self.eps, wd), "AdamW.step")
-        m.mark_params_changed()
+        if all(p >= m.n_base for p, _, _, _ in self._runs):
+            m._mark_adapters_changed()       # the base is frozen: its bf16 copy stays
+        else:
+            m.mark_params_changed()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step_count, "lr": self.lr, "betas": list(self.betas),
@@ -726,10 +936,10 @@ class AdamW:
         fn = "AdamW.load_state_dict"
         for name in ("m", "v"):
             a = state[name]
-            if (not isinstance(a, np.ndarray) or a.shape != (self.model.n_params,)
+            if (not isinstance(a, np.ndarray) or a.shape != (self.model.n_grads,)
                     or a.dtype != np.float32):
                 raise ValueError(f"{fn}: {name} must be a float32 array of shape "
-                                 f"({self.model.n_params},), got {getattr(a, 'dtype', type(a))} "
+                                 f"({self.model.n_grads},), got {getattr(a, 'dtype', type(a))} "
                                  f"{getattr(a, 'shape', '')}")
             if not np.isfinite(a).all():
                 raise ValueError(f"{fn}: {name} holds non-finite values")

@@ -43,7 +43,10 @@ from . import MAX_THREADS
 DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
                 warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
                 grad_clip=1.0, grad_accum=1, seed=0, eval_every=100, eval_batches=4,
-                save_every=None, data=None, tokenizer=None, init_from=None, format=None)
+                save_every=None, data=None, tokenizer=None, init_from=None, format=None,
+                lora=None, lora_alpha=None, lora_targets=None)
+# settings that runs saved before they existed lack (their values then)
+_LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None)
 
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
@@ -59,7 +62,8 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               save_every=("int", 0, INT_MAX), config=("str", None, None),
               data=("str", None, None), tokenizer=("str", None, None),
               init_from=("str", None, None), format=("choice", ("llama2c", "hf"), None),
-              threads=("int", 1, MAX_THREADS))
+              lora=("int", 1, INT_MAX), lora_alpha=("float", -math.inf, None),
+              lora_targets=("str", None, None), threads=("int", 1, MAX_THREADS))
 EXTRA_KEYS = {"step", "settings", "params_digest", "tensor_digests"}   # optimizer.bin's extra
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
@@ -182,6 +186,13 @@ def add_arguments(p):
       "anebackward.bf16); default fp32")
     a("--threads", type=int, help="threads for the whole package, kernels and BLAS together "
       "(default: $ANEBACKWARD_NUM_THREADS, else the cores)")
+    a("--lora", type=int, metavar="R", help="train LoRA adapters of rank R on a frozen "
+      "--init-from HF model; --out then holds a peft adapter directory (docs/lora.md)")
+    a("--lora-alpha", type=float, help="LoRA scaling numerator (default R: scale 1)")
+    a("--lora-targets", help="comma-separated projections among q,k,v,o,gate,up,down "
+      "(default: all seven)")
+    a("--merge", action="store_true", help="with --lora: also write the model with the "
+      "adapters merged in as an HF directory, --out/merged, when the run ends")
     a("--quiet", action="store_true", help="no progress bar")
 
 
@@ -244,7 +255,7 @@ def _resume_state(path, model, opt, checkpoint):
         if unknown:     # a flipped key must not switch a check off
             raise ValueError(f"extra holds unknown keys {', '.join(map(repr, unknown))} (a "
                              "corrupt key?)")
-        saved = {"init_from": None, "format": None, **saved}   # runs saved before these
+        saved = {**_LATER, **saved}   # runs saved before these settings existed
         missing = sorted(set(DEFAULTS) - set(saved))
         if missing:
             raise ValueError(f"extra.settings lacks {', '.join(missing)}")
@@ -630,6 +641,9 @@ def _train(args, stream, locks):
         _usage(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the directory it "
                f"names ({os.path.realpath(out)}) or another --out")
     _lock_run(locks, out, args.resume if not in_place else None, dp)
+    if ("lora_alpha" in given or "lora_targets" in given or getattr(args, "merge", False)) \
+            and "lora" not in given and not args.resume:
+        _usage("--lora-alpha, --lora-targets and --merge apply to adapter runs: add --lora R")
 
     if args.resume:
         model, opt, start, st, tokenizer = _resume_pair(args.resume, say, recompute)
@@ -657,8 +671,15 @@ def _train(args, stream, locks):
         except ValueError as e:
             _usage(str(e))
         init = None
+        if st["lora"] is not None:
+            if not st["init_from"] or not _hf().is_hf_dir(st["init_from"]):
+                _usage("--lora trains adapters on a Hugging Face model: pass --init-from HFDIR")
+            if st["format"] not in (None, "hf"):
+                _usage("--lora writes a peft adapter directory; --format llama2c does not apply")
+            st["init_from"] = os.path.abspath(st["init_from"])   # the adapters' base model
         if st["init_from"]:
-            init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute)
+            init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute,
+                                                     _lora_of(st), st["seed"])
             base = init.config
             st["config"] = "init-from"
             st["format"] = st["format"] or init_format
@@ -775,7 +796,7 @@ def _train(args, stream, locks):
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
             return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
                          evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
-                         checkpoint, pending)
+                         checkpoint, pending, merge=bool(getattr(args, "merge", False)))
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
     finally:
@@ -783,7 +804,7 @@ def _train(args, stream, locks):
 
 
 def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
-          progress, say, cosine_lr, checkpoint, pending=False):
+          progress, say, cosine_lr, checkpoint, pending=False, merge=False):
     B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
     settings = {k: st[k] for k in DEFAULTS}
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
@@ -798,7 +819,12 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.flush()
         extra = {"step": step, "settings": settings, "params_digest": _params_digest(model),
                  "tensor_digests": _tensor_digests(model)}
-        if st["format"] == "hf":
+        if model.lora is not None:
+            # optimizer first, under its temporary name; then the adapter's
+            # two files (each atomically), as for the hf format
+            checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
+            model.save_adapter(run_dir.path, base_model_name_or_path=st["init_from"])
+        elif st["format"] == "hf":
             # optimizer first, under its temporary name; save_pretrained then
             # replaces config.json and model.safetensors (each atomically)
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
@@ -880,9 +906,18 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     plot = _plot(out, os.path.join(out, "log.jsonl"), say)
     model_path = out if st["format"] == "hf" else os.path.join(out, "model.bin")
     what = "config.json, model.safetensors" if st["format"] == "hf" else "model.bin"
+    if model.lora is not None:
+        what = "adapter_config.json, adapter_model.safetensors (peft)"
+        model_path = os.path.join(out, "merged")
+        if merge:
+            model.save_pretrained(model_path, merged=True)
+            _copy_tokenizer(st["init_from"], model_path)
+            what += ", merged/ (the merged HF model)"
     say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
-    say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" --temperature 0")
+    if model.lora is None or merge:
+        say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" "
+            "--temperature 0")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
             "out": out, "model": model}
 
@@ -921,13 +956,33 @@ def _hf():
     return hf
 
 
-def _load_init(path, Llama, Tokenizer, recompute):
-    """The model of --init-from PATH, its format, and the tokenizer found
-    beside it (tokenizer.json in an HF directory, tokenizer.bin beside a
-    llama2.c .bin) or None."""
+def _lora_of(st):
+    """The LoraConfig of a run's settings, or None."""
+    if st["lora"] is None:
+        return None
+    from .lora import ALL, LoraConfig
+    try:
+        return LoraConfig(st["lora"], alpha=st["lora_alpha"],
+                          targets=st["lora_targets"] or ",".join(ALL))
+    except ValueError as e:
+        _usage(f"--lora: {e}")
+
+
+def _copy_tokenizer(src, dst):
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _load_init(path, Llama, Tokenizer, recompute, lora=None, seed=0):
+    """The model of --init-from PATH (with new LoRA adapters when lora is
+    given), its format, and the tokenizer found beside it (tokenizer.json in
+    an HF directory, tokenizer.bin beside a llama2.c .bin) or None."""
     hf = _hf()
     if hf.is_hf_dir(path):
-        return Llama.from_pretrained(path, recompute=recompute), "hf", hf.HFTokenizer.from_dir(path)
+        return (Llama.from_pretrained(path, recompute=recompute, lora=lora, seed=seed), "hf",
+                hf.HFTokenizer.from_dir(path))
     if os.path.isdir(path):
         _usage(f"--init-from {path}: a directory without config.json is not a Hugging Face model "
                "directory")
@@ -949,7 +1004,18 @@ def _with_recompute(model, Llama):
 def _load_run_model(run, Llama, Tokenizer, recompute):
     """A saved run's model and tokenizer, in whichever format it was written."""
     hf = _hf()
-    if os.path.isfile(os.path.join(run, "model.bin")):
+    from .lora import ADAPTER_CONFIG
+    tok_dir = run
+    if os.path.isfile(os.path.join(run, ADAPTER_CONFIG)):    # an adapter run: base + adapters
+        import json as _json
+        with open(os.path.join(run, ADAPTER_CONFIG)) as f:
+            base = _json.load(f).get("base_model_name_or_path")
+        if not isinstance(base, str) or not hf.is_hf_dir(base):
+            _usage(f"--resume {run}: the adapters' base model {base!r} (adapter_config.json's "
+                   "base_model_name_or_path) is not an HF directory here")
+        model = Llama.from_pretrained(base, recompute=recompute, adapter=run)
+        tok_dir = base       # its config.json gives the tokenizer's bos/eos ids
+    elif os.path.isfile(os.path.join(run, "model.bin")):
         model = Llama.load(os.path.join(run, "model.bin"))
         if recompute:
             model = _with_recompute(model, Llama)
@@ -957,7 +1023,7 @@ def _load_run_model(run, Llama, Tokenizer, recompute):
         model = Llama.from_pretrained(run, recompute=recompute)
     else:
         _usage(f"--resume {run}: neither model.bin nor config.json there")
-    tok = hf.HFTokenizer.from_dir(run)
+    tok = hf.HFTokenizer.from_dir(tok_dir)
     if tok is None:
         tok = Tokenizer.load(os.path.join(run, "tokenizer.bin"), vocab_size=model.config.vocab_size)
     return model, tok

@@ -374,7 +374,44 @@ typedef struct {
     ab_rope_params rope;
     int recompute;      /* != 0: keep each layer's input only, recompute the rest */
     int precision;      /* AB_PRECISION_FP32 (0) or AB_PRECISION_BF16, see below */
+    /* LoRA adapters (lora_rank 0: none), see below */
+    int64_t lora_rank;
+    float lora_scale;   /* s in y = x W^T + s (x A^T) B^T: alpha/r (rsLoRA alpha/sqrt r) */
+    int lora_targets;   /* AB_LORA_* bits: the projections that carry an adapter */
+    int lora_merged;    /* != 0: the adapters are folded into W: forward skips them, no backward */
+    /* Frozen tensors: NULL = every tensor trainable, grads laid out like params;
+     * else AB_TENSOR_KINDS * n_layers offsets from ab_model_grad_layout. */
+    const int64_t *grad_offsets;
 } ab_model_config;
+/* LoRA (lora_rank r > 0): every targeted projection y = x W^T becomes
+ *   y = x W^T + s (x A^T) B^T,  A [r, in], B [out, r] per layer,
+ * stored after the norms in params (ab_model_layout.lora_a/lora_b: per target
+ * an [L, r, in] stack of A, then per target an [L, out, r] stack of B). The
+ * forward keeps x A^T [N, r] in the workspace for the backward, which gives
+ *   dB = s dy^T (x A^T),  d(x A^T) = s dy B,  dA = d(x A^T)^T x,
+ *   dx += d(x A^T) A.
+ * Every product goes through the same matmul route as the base weights
+ * (fp32 or bf16). Not with the ANE route (AB_EINVAL). */
+enum { AB_LORA_Q = 1, AB_LORA_K = 2, AB_LORA_V = 4, AB_LORA_O = 8,
+       AB_LORA_GATE = 16, AB_LORA_DOWN = 32, AB_LORA_UP = 64 };   /* wq wk wv wo w1 w2 w3 */
+/* Tensor kinds; tensor (kind, layer) is slot kind * n_layers + layer of the
+ * gradient offset table (layer 0 for the kinds that are not per layer). */
+enum { AB_TENSOR_TOK = 0, AB_TENSOR_WQ, AB_TENSOR_WK, AB_TENSOR_WV, AB_TENSOR_WO,
+       AB_TENSOR_W1, AB_TENSOR_W2, AB_TENSOR_W3, AB_TENSOR_OUTPUT, AB_TENSOR_ATTENTION_NORM,
+       AB_TENSOR_FFN_NORM, AB_TENSOR_NORM, AB_TENSOR_Q_NORM, AB_TENSOR_K_NORM,
+       AB_TENSOR_LORA_A = 14,   /* + target index 0..6 (wq wk wv wo w1 w2 w3) */
+       AB_TENSOR_LORA_B = 21,   /* + target index */
+       AB_TENSOR_KINDS = 28 };
+/* The gradient buffer of a model with frozen tensors: trainable[slot] != 0
+ * for each trainable tensor (AB_TENSOR_KINDS * n_layers bytes; a tied
+ * classifier follows tok_embeddings; slots of absent tensors are ignored).
+ * Writes grad_offsets[slot] (floats into the gradient buffer; -1: frozen or
+ * absent) packing the trainable tensors in parameter order, and the buffer's
+ * size in *n_grads. Everything trainable gives the parameter layout itself.
+ * A frozen tensor gets no weight-gradient product and no storage; the input
+ * gradient still flows through it. */
+AB_API int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
+                                int64_t *grad_offsets, int64_t *n_grads);
 /* precision AB_PRECISION_BF16: every matmul of the forward and backward
  * (layer projections and classifier) takes bf16 operands (ab_gemm_bf16),
  * accumulates and returns fp32; weights, weight gradients, the optimiser,
@@ -394,6 +431,7 @@ typedef struct {
     int64_t attention_norm, ffn_norm, norm;
     int64_t n_decay, n_params;
     int64_t q_norm, k_norm;
+    int64_t lora_a[7], lora_b[7];   /* per target (wq wk wv wo w1 w2 w3); n_params if none */
 } ab_model_layout;
 AB_API int ab_model_config_check(const ab_model_config *c);
 AB_API int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out);
@@ -412,6 +450,11 @@ AB_API int ab_model_decode(float *logits, const ab_model_config *c, const float 
 
 AB_API int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
                                  int64_t work_floats);
+/* The same for the LoRA adapters only (params[first adapter, n_params)),
+ * when nothing else changed since the last full refresh (AB_EINVAL if that
+ * refresh was not made): a LoRA step's frozen base keeps its copy. */
+AB_API int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params,
+                                          float *work, int64_t work_floats);
 
 AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,

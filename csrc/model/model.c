@@ -191,6 +191,12 @@ int ab_model_config_check(const ab_model_config *c) {
     AB_REQUIRE(c->precision == AB_PRECISION_FP32 || c->precision == AB_PRECISION_BF16, AB_EINVAL);
     AB_REQUIRE(!(c->reference && c->precision == AB_PRECISION_BF16), AB_EINVAL);
     TRY(ab_rope_params_check(&c->rope));
+    AB_REQUIRE(c->lora_rank >= 0, AB_EINVAL);
+    if (c->lora_rank > 0) {
+        AB_REQUIRE(c->lora_targets > 0 && c->lora_targets < 128, AB_EINVAL);
+        AB_REQUIRE(isfinite(c->lora_scale), AB_EINVAL);
+        AB_BLAS_FITS(c->lora_rank);
+    }
     AB_BLAS_FITS(c->dim); AB_BLAS_FITS(c->hidden_dim); AB_BLAS_FITS(c->vocab_size);
     /* Sizes are sums of products of these dimensions; an upper bound of each
      * computed in double (no overflow there) keeps every int64 product and
@@ -203,7 +209,27 @@ int ab_model_config_check(const ab_model_config *c) {
     AB_REQUIRE(2 * V * D + L * (4 * Q * D + 3 * Hd * D + 2 * D + 2 * Q) + D < AB_SIZE_LIMIT,
                AB_ETOOBIG);
     AB_REQUIRE(2 * L * T * Q + 4 * (D + Q) + 2 * Hd + T < AB_SIZE_LIMIT, AB_ETOOBIG);  /* decode */
+    if (c->lora_rank > 0)   /* the adapters: at most 7 pairs of (in + out) x r per layer */
+        AB_REQUIRE(L * 7.0 * 2.0 * (D + Q + Hd) * (double)c->lora_rank < AB_SIZE_LIMIT,
+                   AB_ETOOBIG);
     return AB_OK;
+}
+
+/* LoRA target t (0..6: wq wk wv wo w1 w2 w3): its input and output widths */
+static int64_t lora_in(const dims *d, int t) {
+    return t == 3 ? d->qd : t == 5 ? d->Hd : d->D;
+}
+static int64_t lora_out(const dims *d, int t) {
+    switch (t) {
+    case 0: return d->qd;
+    case 1: case 2: return d->kv;
+    case 4: case 6: return d->Hd;
+    default: return d->D;      /* wo, w2 */
+    }
+}
+/* Does target t carry an adapter that the forward applies? */
+static int lora_on(const ab_model_config *c, int t) {
+    return c->lora_rank > 0 && !c->lora_merged && ((c->lora_targets >> t) & 1);
 }
 
 int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
@@ -228,8 +254,101 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
     o->norm = p; p += D;
     o->q_norm = p; if (c->qk_norm) p += L * d.hd;
     o->k_norm = p; if (c->qk_norm) p += L * d.hd;
+    const int64_t r = c->lora_rank;
+    for (int t = 0; t < 7; t++) {
+        o->lora_a[t] = p;
+        if (r > 0 && ((c->lora_targets >> t) & 1)) p += L * r * lora_in(&d, t);
+    }
+    for (int t = 0; t < 7; t++) {
+        o->lora_b[t] = p;
+        if (r > 0 && ((c->lora_targets >> t) & 1)) p += L * lora_out(&d, t) * r;
+    }
     o->n_params = p;
+    for (int t = 0; t < 7; t++) {   /* untargeted: empty, at the end */
+        if (!(r > 0 && ((c->lora_targets >> t) & 1))) o->lora_a[t] = o->lora_b[t] = p;
+    }
     return AB_OK;
+}
+
+/* Tensor (kind, layer): its offset in params and its size, or size 0 when
+ * the model has no such tensor. */
+static int64_t tensor_at(const ab_model_config *c, const ab_model_layout *P, const dims *d,
+                         int kind, int64_t l, int64_t *size) {
+    const int64_t D = d->D, Hd = d->Hd, r = c->lora_rank;
+    int64_t n = 0, off = 0;
+    const int per_layer = !(kind == AB_TENSOR_TOK || kind == AB_TENSOR_OUTPUT
+                            || kind == AB_TENSOR_NORM);
+    if (!per_layer && l != 0) { *size = 0; return 0; }
+    switch (kind) {
+    case AB_TENSOR_TOK: off = P->tok_embeddings; n = d->V * D; break;
+    case AB_TENSOR_WQ: n = d->qd * D; off = P->wq + l * n; break;
+    case AB_TENSOR_WK: n = d->kv * D; off = P->wk + l * n; break;
+    case AB_TENSOR_WV: n = d->kv * D; off = P->wv + l * n; break;
+    case AB_TENSOR_WO: n = D * d->qd; off = P->wo + l * n; break;
+    case AB_TENSOR_W1: n = Hd * D; off = P->w1 + l * n; break;
+    case AB_TENSOR_W2: n = D * Hd; off = P->w2 + l * n; break;
+    case AB_TENSOR_W3: n = Hd * D; off = P->w3 + l * n; break;
+    case AB_TENSOR_OUTPUT: off = P->output; n = c->shared_classifier ? 0 : d->V * D; break;
+    case AB_TENSOR_ATTENTION_NORM: n = D; off = P->attention_norm + l * D; break;
+    case AB_TENSOR_FFN_NORM: n = D; off = P->ffn_norm + l * D; break;
+    case AB_TENSOR_NORM: n = D; off = P->norm; break;
+    case AB_TENSOR_Q_NORM: n = c->qk_norm ? d->hd : 0; off = P->q_norm + l * n; break;
+    case AB_TENSOR_K_NORM: n = c->qk_norm ? d->hd : 0; off = P->k_norm + l * n; break;
+    default: {
+        const int t = kind - (kind >= AB_TENSOR_LORA_B ? AB_TENSOR_LORA_B : AB_TENSOR_LORA_A);
+        const int on = r > 0 && ((c->lora_targets >> t) & 1);
+        if (kind >= AB_TENSOR_LORA_B) { n = on ? lora_out(d, t) * r : 0; off = P->lora_b[t] + l * n; }
+        else { n = on ? r * lora_in(d, t) : 0; off = P->lora_a[t] + l * n; }
+    }
+    }
+    *size = n;
+    return off;
+}
+
+/* Kinds are numbered in parameter order and each kind's layers follow each
+ * other, so walking the slots in order packs the trainable tensors in
+ * parameter order (all trainable: the parameter layout itself). The table
+ * is the one place that says where a gradient lives: the C backward writes
+ * there and Python's grads views read the same numbers. */
+int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
+                         int64_t *grad_offsets, int64_t *n_grads) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_NONNULL(trainable); AB_NONNULL(grad_offsets); AB_NONNULL(n_grads);
+    const dims d = model_dims(c);
+    const int64_t L = d.L;
+    int64_t g = 0;
+    for (int kind = 0; kind < AB_TENSOR_KINDS; kind++)
+        for (int64_t l = 0; l < L; l++) {
+            int64_t n;
+            (void)tensor_at(c, &P, &d, kind, l, &n);
+            const int64_t slot = kind * L + l;
+            grad_offsets[slot] = -1;
+            if (kind == AB_TENSOR_OUTPUT && c->shared_classifier) {   /* it is the embedding */
+                grad_offsets[slot] = l == 0 ? grad_offsets[AB_TENSOR_TOK * L] : -1;
+                continue;
+            }
+            if (n > 0 && trainable[slot]) { grad_offsets[slot] = g; g += n; }
+        }
+    *n_grads = g;
+    return AB_OK;
+}
+
+/* Where tensor (kind, l)'s gradient goes: NULL when it is frozen. */
+static float *grad_of(const ab_model_config *c, const ab_model_layout *P, const dims *d,
+                      float *grads, int kind, int64_t l) {
+    int64_t n;
+    const int64_t off = tensor_at(c, P, d, kind, l, &n);
+    if (!c->grad_offsets) return grads + off;
+    const int64_t g = c->grad_offsets[kind * d->L + l];
+    return g < 0 ? NULL : grads + g;
+}
+
+/* The bf16 weight copy covers params[0, n_decay) (the 2-D weights), and
+ * with adapters all of params (the norms' few floats are not worth a second
+ * indexing), so a weight's copy is always at wbf + (W - params). */
+static int64_t wbf_floats(const ab_model_config *c, const ab_model_layout *P) {
+    return c->lora_rank > 0 ? P->n_params : P->n_decay;
 }
 
 /* Workspace offsets (floats) for a batch of B sequences of S tokens. The
@@ -239,6 +358,8 @@ typedef struct {
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, DQN, DKN, ATTW;    /* scratch */
     int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
     int64_t CU, POS; /* its varlen layout: B*S+1 int64 segment starts, N int32 positions */
+    int64_t LA[7];   /* LoRA: x A^T of each target [slots, N, r] (absent: 0 floats) */
+    int64_t LT, LS, DLA;   /* LoRA scratch: [N, widest output], [N, r], [N, r] */
     int64_t MIRROR, WBF;   /* bf16 only: uint16 mirror of [0, MIRROR), weight copy */
     int64_t slots, total;
 } ws_layout;
@@ -251,12 +372,17 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
         const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
         const double est = Ld * n * (5.0 * c->dim + 8.0 * (double)d.qd + 5.0 * c->hidden_dim)
                            + n * c->vocab_size + 2.0 * (double)S * (double)S + 4 * n + 2
-                           + HDR_FLOATS;
+                           + HDR_FLOATS
+                           + (c->lora_rank > 0 ? n * ((double)c->n_layers * 7.0 + 2.0)
+                                                 * (double)c->lora_rank : 0.0);
         /* bf16: + the mirror (half of it) and the weights' copy */
         const double bf = c->precision == AB_PRECISION_BF16
                           ? 0.5 * est + 0.5 * (double)c->vocab_size * (double)c->dim * 2
                             + 0.5 * (double)c->n_layers * (4.0 * (double)d.qd * c->dim
                                                            + 3.0 * c->hidden_dim * c->dim)
+                            + 0.5 * (double)c->n_layers * (2.0 * c->dim + 2.0 * d.hd)
+                            + (c->lora_rank > 0 ? 0.5 * (double)c->n_layers * 14.0
+                               * (c->dim + d.qd + c->hidden_dim) * (double)c->lora_rank : 0.0)
                           : 0.0;
         AB_REQUIRE(est + 1.5 * bf < AB_SIZE_LIMIT, AB_ETOOBIG);
     }
@@ -269,7 +395,7 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     if (c->precision == AB_PRECISION_BF16) {
         ab_model_layout P;
         TRY(ab_model_param_layout(c, &P));
-        p += ab_div_up(P.n_decay, 2);
+        p += ab_div_up(wbf_floats(c, &P), 2);
         p += p & 1;        /* CU below holds int64: keep p even (8-byte aligned) */
     }
     w->slots = R;
@@ -302,6 +428,20 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->DQN = p; p += qn * N * qd;
     w->DKN = p; p += qn * N * kv;
     w->ATTW = p; p += ab_attention_workspace_floats(S);
+    {
+        const int64_t r = c->lora_rank;
+        int64_t widest = 0;
+        for (int t = 0; t < 7; t++) {
+            w->LA[t] = p;
+            if (r > 0 && ((c->lora_targets >> t) & 1)) {
+                p += R * N * r;
+                if (lora_out(&d, t) > widest) widest = lora_out(&d, t);
+            }
+        }
+        w->LT = p; p += N * widest;
+        w->LS = p; p += r > 0 ? N * r : 0;
+        w->DLA = p; p += r > 0 ? N * r : 0;
+    }
     w->MIRROR = p;
     if (c->precision == AB_PRECISION_BF16) p += ab_div_up(w->MIRROR, 2);   /* uint16s */
     w->total = p;
@@ -444,6 +584,37 @@ static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x
     return ab_gemm_bf16(1, 0, out, in, N, dyb, out, xb, in, accumulate, dW, in);
 }
 
+/* ---- LoRA: y += s (x A^T) B^T on target t (0..6: wq wk wv wo w1 w2 w3) ----
+ * Every product goes through proj_forward / proj_dx / proj_dW (fp32 or
+ * bf16: A and B have their copy in WBF like the base weights). */
+typedef struct {
+    const ab_model_config *c;
+    const dims *d;
+    const ab_model_layout *P;
+    const ws_layout *W;
+    const float *params;
+    float *work;
+} lora_ctx;
+
+static float *lora_xa(const lora_ctx *z, int t, int64_t N, int64_t l) {
+    const int64_t s = z->W->slots == 1 ? 0 : l;
+    return z->work + z->W->LA[t] + s * N * z->c->lora_rank;
+}
+
+static int lora_forward(const proj_ctx *pj, const lora_ctx *z, int t, int64_t l, float *y,
+                        const float *x, int64_t N, int ready) {
+    if (!lora_on(z->c, t)) return AB_OK;
+    const int64_t r = z->c->lora_rank, in = lora_in(z->d, t), out = lora_out(z->d, t);
+    const float s = z->c->lora_scale;
+    float *xa = lora_xa(z, t, N, l), *T = z->work + z->W->LT;
+    TRY(proj_forward(pj, xa, x, z->params + z->P->lora_a[t] + l * r * in, N, in, r, ready));
+    TRY(proj_forward(pj, T, xa, z->params + z->P->lora_b[t] + l * out * r, N, r, out, 0));
+    const int64_t n = N * out;
+    AB_SIMD
+    for (int64_t i = 0; i < n; i++) y[i] += s * T[i];
+    return AB_OK;
+}
+
 /* Layer l's forward from X[l]: its activations into their slot and, if
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
 static int layer_forward(const kernel_table *k, const ane_route *r, const ab_model_config *c,
@@ -462,19 +633,25 @@ static int layer_forward(const kernel_table *k, const ane_route *r, const ab_mod
     layer_acts a = acts_of(W, d, work, N, l);
     float *G = work + W->G, *T = work + W->DXN;   /* scratch */
     const proj_ctx pj = proj_make(k, r, c, W, params, work);
+    const lora_ctx z = {c, d, P, W, params, work};
 
     /* attention block */
     TRY(k->rmsnorm_forward(a.XA, a.X, rms_att, N, D, eps));
     if (c->qk_norm) {   /* Qwen3: q, k normalised per head before RoPE */
         TRY(proj_forward(&pj, a.QR, a.XA, wq, N, D, qd, 0));
+        TRY(lora_forward(&pj, &z, 0, l, a.QR, a.XA, N, X_READY));
         TRY(proj_forward(&pj, a.KR, a.XA, wk, N, D, kv, X_READY));
+        TRY(lora_forward(&pj, &z, 1, l, a.KR, a.XA, N, X_READY));
         TRY(k->rmsnorm_forward(a.Q, a.QR, params + P->q_norm + l * hd, N * H, hd, eps));
         TRY(k->rmsnorm_forward(a.K, a.KR, params + P->k_norm + l * hd, N * KV, hd, eps));
     } else {
         TRY(proj_forward(&pj, a.Q, a.XA, wq, N, D, qd, 0));
+        TRY(lora_forward(&pj, &z, 0, l, a.Q, a.XA, N, X_READY));
         TRY(proj_forward(&pj, a.K, a.XA, wk, N, D, kv, X_READY));
+        TRY(lora_forward(&pj, &z, 1, l, a.K, a.XA, N, X_READY));
     }
     TRY(proj_forward(&pj, a.V, a.XA, wv, N, D, kv, X_READY));
+    TRY(lora_forward(&pj, &z, 2, l, a.V, a.XA, N, X_READY));
     TRY(rope_rows(k, c, g, a.Q, H, hd, 0));
     TRY(rope_rows(k, c, g, a.K, KV, hd, 0));
     if (g->n_seq == 0)
@@ -484,14 +661,18 @@ static int layer_forward(const kernel_table *k, const ane_route *r, const ab_mod
         TRY(k->attention_forward_varlen(a.AT, a.Q, a.K, a.V, g->cu, g->n_seq, H, KV, hd,
                                         work + W->ATTW, ab_attention_workspace_floats(S)));
     TRY(proj_forward(&pj, T, a.AT, wo, N, qd, D, 0));
+    TRY(lora_forward(&pj, &z, 3, l, T, a.AT, N, X_READY));
     add_into(a.HM, a.X, T, N * D);
     /* feed-forward block */
     TRY(k->rmsnorm_forward(a.XF, a.HM, rms_ffn, N, D, eps));
     TRY(proj_forward(&pj, a.H1, a.XF, w1, N, D, Hd, 0));
+    TRY(lora_forward(&pj, &z, 4, l, a.H1, a.XF, N, X_READY));
     TRY(proj_forward(&pj, a.H3, a.XF, w3, N, D, Hd, X_READY));
+    TRY(lora_forward(&pj, &z, 6, l, a.H3, a.XF, N, X_READY));
     if (write_next) {
         TRY(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
         TRY(proj_forward(&pj, T, G, w2, N, Hd, D, 0));
+        TRY(lora_forward(&pj, &z, 5, l, T, G, N, X_READY));
         add_into(a.X + N * D, a.HM, T, N * D);
     }
     return AB_OK;
@@ -505,14 +686,31 @@ int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *
     AB_NONNULL(params); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
     /* the weights' copy follows the header whatever B and S are */
-    AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(P.n_decay, 2), AB_EWORKSPACE);
+    const int64_t nw = wbf_floats(c, &P);
+    AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(nw, 2), AB_EWORKSPACE);
     if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
     hdr_set(work, HDR_WBF, 0);
-    TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS), params, P.n_decay));
+    TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS), params, nw));
     hdr_set(work, HDR_WBF, WBF_TAG);
     return AB_OK;
 }
 
+int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params, float *work,
+                                   int64_t work_floats) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_REQUIRE(c->precision == AB_PRECISION_BF16 && c->lora_rank > 0, AB_EINVAL);
+    AB_NONNULL(params); AB_NONNULL(work);
+    AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(P.n_params, 2), AB_EWORKSPACE);
+    AB_REQUIRE(hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL);
+    int64_t first = P.n_params;
+    for (int t = 0; t < 7; t++) first = P.lora_a[t] < first ? P.lora_a[t] : first;
+    hdr_set(work, HDR_WBF, 0);
+    TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS) + first, params + first,
+                       P.n_params - first));
+    hdr_set(work, HDR_WBF, WBF_TAG);
+    return AB_OK;
+}
 
 /* The forward's rows, read back from the workspace header and copies. */
 static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S) {
@@ -617,6 +815,7 @@ int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
+    AB_REQUIRE(!c || !ane || c->lora_rank == 0, AB_EINVAL);   /* no adapters on the ANE */
     const ane_route r = {ane, params_version, ane_flags};
     return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
                          work_floats, &r);
@@ -688,6 +887,36 @@ static int dw_queue(ane_queue *q, const proj_ctx *pj, float *dW, const float *dy
     if (rc) { free(own); return rc; }
     q->n++;
     return AB_OK;
+}
+
+/* Target t's adapter gradients (those not frozen) and its share of dx (+=),
+ * from dy [N, out] and the input x [N, in]; dy_ready / x_ready: whether
+ * their bf16 copies are current (DY_READY / X_READY or 0). */
+static int lora_backward(ane_queue *q, const proj_ctx *pj, const lora_ctx *z, float *grads, int t,
+                         int64_t l, float *dx, const float *dy, const float *x, int64_t N,
+                         int acc, int dy_ready, int x_ready) {
+    if (!lora_on(z->c, t)) return AB_OK;
+    const ab_model_config *c = z->c;
+    const int64_t r = c->lora_rank, in = lora_in(z->d, t), out = lora_out(z->d, t);
+    const float s = c->lora_scale;
+    const float *A = z->params + z->P->lora_a[t] + l * r * in;
+    const float *Bw = z->params + z->P->lora_b[t] + l * out * r;
+    float *gA = grad_of(c, z->P, z->d, grads, AB_TENSOR_LORA_A + t, l);
+    float *gB = grad_of(c, z->P, z->d, grads, AB_TENSOR_LORA_B + t, l);
+    const float *xa = lora_xa(z, t, N, l);
+    float *LS = z->work + z->W->LS, *DLA = z->work + z->W->DLA;
+    const int64_t n = N * r;
+    if (gB) {       /* dB = dy^T (s x A^T) */
+        AB_SIMD
+        for (int64_t i = 0; i < n; i++) LS[i] = s * xa[i];
+        TRY(dw_queue(q, pj, gB, dy, 1, LS, 1, N, r, out, acc, dy_ready));
+    }
+    /* d(x A^T) = s dy B */
+    TRY(proj_dx(pj, DLA, dy, Bw, N, r, out, 0, gB ? DY_READY : dy_ready));
+    AB_SIMD
+    for (int64_t i = 0; i < n; i++) DLA[i] *= s;
+    if (gA) TRY(dw_queue(q, pj, gA, DLA, 1, x, 1, N, in, r, acc, x_ready));   /* dA */
+    return proj_dx(pj, dx, DLA, A, N, in, r, 1, gA ? DY_READY : 0);           /* dx += */
 }
 
 /* Waits for every queued dW (also after an error: they write the
@@ -766,6 +995,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     AB_REQUIRE(hdr_get(work, HDR_TAG) == (bf16 ? READY_TAG_BF16 : READY_TAG), AB_EINVAL);
     AB_REQUIRE(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
+    AB_REQUIRE(!c->lora_merged || c->lora_rank == 0, AB_EINVAL);   /* unmerge to train */
+    AB_REQUIRE(!q->r.ctx || c->lora_rank == 0, AB_EINVAL);         /* no adapters on the ANE */
     hdr_set(work, HDR_TAG, 0);
     const int32_t *tokens = (const int32_t *)(work + W.TOKENS);   /* the forward's */
     const batch_rows g = rows_of(&W, work, B, S);                  /* and its rows */
@@ -777,16 +1008,25 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     const int64_t attw = ab_attention_workspace_floats(S);
     const int acc = accumulate != 0;
     const proj_ctx pj = proj_make(k, &q->r, c, &W, params, work);
+    const lora_ctx z = {c, &d, &P, &W, params, work};
+#define GRAD(kind, l) grad_of(c, &P, &d, grads, (kind), (l))
 
     /* Every dW below is written with beta = acc except those that are sums:
      * the norm weights (the rmsnorm kernel always adds) and the embedding
      * (scatter-add). Those start from zero unless accumulating. A tied
      * classifier's dW is written first into the embedding gradient, and the
      * scatter-add of the embedding adds to it: one gradient, one buffer. */
-    if (!acc) {
-        memset(grads + P.n_decay, 0, (size_t)(P.n_params - P.n_decay) * sizeof(float));
-        if (!c->shared_classifier)
-            memset(grads + P.tok_embeddings, 0, (size_t)(V * D) * sizeof(float));
+    if (!acc) {     /* the sums: norm weights, and the embedding unless it is the classifier */
+        static const int sums[] = {AB_TENSOR_TOK, AB_TENSOR_ATTENTION_NORM, AB_TENSOR_FFN_NORM,
+                                   AB_TENSOR_NORM, AB_TENSOR_Q_NORM, AB_TENSOR_K_NORM};
+        for (size_t i = 0; i < sizeof sums / sizeof *sums; i++)
+            for (int64_t l = 0; l < L; l++) {
+                int64_t n;
+                (void)tensor_at(c, &P, &d, sums[i], l, &n);
+                float *gp = GRAD(sums[i], l);
+                if (n && gp && !(sums[i] == AB_TENSOR_TOK && c->shared_classifier))
+                    memset(gp, 0, (size_t)n * sizeof(float));
+            }
     }
     float *DL = work + W.LOGITS;               /* dlogits, written by the forward */
     if (grad_scale != 1.0f) TRY(ab_scale(DL, N * V, grad_scale));
@@ -796,9 +1036,11 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     const float *XN = work + W.XN;
     int rc = AB_OK;
 #define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
-    TRYB(dw_queue(q, &pj, grads + P.output, DL, 0, XN, 0, N, D, V, acc, X_READY | DY_T));
-    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, DY_READY | DY_T));
-    TRYB(k->rmsnorm_backward(DX, grads + P.norm, DXN, work + W.X + L * N * D, params + P.norm,
+    float *gout = GRAD(AB_TENSOR_OUTPUT, 0);
+    if (gout)
+        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY | DY_T));
+    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, (gout ? DY_READY : 0) | DY_T));
+    TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_NORM, 0), DXN, work + W.X + L * N * D, params + P.norm,
                              N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
 
@@ -807,10 +1049,10 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         const float *wv = params + P.wv + l * kv * D, *wo = params + P.wo + l * D * qd;
         const float *w1 = params + P.w1 + l * Hd * D, *w2 = params + P.w2 + l * D * Hd;
         const float *w3 = params + P.w3 + l * Hd * D;
-        float *gwq = grads + P.wq + l * qd * D, *gwk = grads + P.wk + l * kv * D;
-        float *gwv = grads + P.wv + l * kv * D, *gwo = grads + P.wo + l * D * qd;
-        float *gw1 = grads + P.w1 + l * Hd * D, *gw2 = grads + P.w2 + l * D * Hd;
-        float *gw3 = grads + P.w3 + l * Hd * D;
+        float *gwq = GRAD(AB_TENSOR_WQ, l), *gwk = GRAD(AB_TENSOR_WK, l);
+        float *gwv = GRAD(AB_TENSOR_WV, l), *gwo = GRAD(AB_TENSOR_WO, l);
+        float *gw1 = GRAD(AB_TENSOR_W1, l), *gw2 = GRAD(AB_TENSOR_W2, l);
+        float *gw3 = GRAD(AB_TENSOR_W3, l);
         if (c->recompute) {     /* the queued dW still read the activations it rebuilds */
             TRYB(dw_wait(q));
             TRYB(layer_forward(k, &q->r, c, &d, &P, &W, params, work, &g, l, 0));
@@ -821,22 +1063,30 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 
         /* feed-forward: X[l+1] = HM + swiglu(XF w1^T, XF w3^T) w2^T; DX = dL/dX[l+1] */
         TRYB(k->swiglu_forward(G, a.H1, a.H3, N * Hd));
+        if (W.slots == 1 && lora_on(c, 5))   /* the recompute stops before w2: x A^T of G */
+            TRYB(proj_forward(&pj, lora_xa(&z, 5, N, l), G,
+                              params + P.lora_a[5] + l * c->lora_rank * Hd, N, Hd,
+                              c->lora_rank, 0));
         {
             const float *dy[1] = {DX}, *Ws[1] = {w2};
             const int64_t outs[1] = {D};
             TRYB(dx_run(q, &pj, DH1, 1, dy, Ws, outs, N, Hd, 0));
         }
-        TRYB(dw_queue(q, &pj, gw2, DX, 1, G, 1, N, Hd, D, acc, DY_READY));
+        if (gw2) TRYB(dw_queue(q, &pj, gw2, DX, 1, G, 1, N, Hd, D, acc, DY_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 5, l, DH1, DX, G, N, acc, DY_READY,
+                           gw2 ? X_READY : 0));
         TRYB(k->swiglu_backward(DH1, DH3, DH1, a.H1, a.H3, N * Hd));
         {
             const float *dy[2] = {DH1, DH3}, *Ws[2] = {w1, w3};
             const int64_t outs[2] = {Hd, Hd};
             TRYB(dx_run(q, &pj, DXN, 2, dy, Ws, outs, N, D, 0));
         }
-        TRYB(dw_queue(q, &pj, gw1, DH1, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
-        TRYB(dw_queue(q, &pj, gw3, DH3, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
+        if (gw1) TRYB(dw_queue(q, &pj, gw1, DH1, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
+        if (gw3) TRYB(dw_queue(q, &pj, gw3, DH3, 1, a.XF, 0, N, D, Hd, acc, DY_READY | X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 4, l, DXN, DH1, a.XF, N, acc, DY_READY, X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 6, l, DXN, DH3, a.XF, N, acc, DY_READY, X_READY));
         /* the FFN norm's input is HM, the residual after attention */
-        TRYB(k->rmsnorm_backward(DX, grads + P.ffn_norm + l * D, DXN, a.HM,
+        TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_FFN_NORM, l), DXN, a.HM,
                                  params + P.ffn_norm + l * D, N, D, eps, 1));
         /* attention: HM = X + attention(rope(XA wq^T), rope(XA wk^T), XA wv^T) wo^T */
         {
@@ -844,7 +1094,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
             const int64_t outs[1] = {D};
             TRYB(dx_run(q, &pj, DA, 1, dy, Ws, outs, N, qd, 0));
         }
-        TRYB(dw_queue(q, &pj, gwo, DX, 1, a.AT, 0, N, qd, D, acc, DY_READY | X_READY));
+        if (gwo) TRYB(dw_queue(q, &pj, gwo, DX, 1, a.AT, 0, N, qd, D, acc, DY_READY | X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 3, l, DA, DX, a.AT, N, acc, DY_READY, X_READY));
         if (g.n_seq == 0)
             TRYB(k->attention_backward(DQ, DK, DV, DA, a.Q, a.K, a.V, B, S, H, KV, hd,
                                        work + W.ATTW, attw));
@@ -855,9 +1106,9 @@ static int model_backward(const ab_model_config *c, const float *params, float *
         TRYB(rope_rows(k, c, &g, DK, KV, hd, 1));
         if (c->qk_norm) {   /* through the per-head norms to the raw projections */
             float *DQN = work + W.DQN, *DKN = work + W.DKN;
-            TRYB(k->rmsnorm_backward(DQN, grads + P.q_norm + l * hd, DQ, a.QR,
+            TRYB(k->rmsnorm_backward(DQN, GRAD(AB_TENSOR_Q_NORM, l), DQ, a.QR,
                                      params + P.q_norm + l * hd, N * H, hd, eps, 0));
-            TRYB(k->rmsnorm_backward(DKN, grads + P.k_norm + l * hd, DK, a.KR,
+            TRYB(k->rmsnorm_backward(DKN, GRAD(AB_TENSOR_K_NORM, l), DK, a.KR,
                                      params + P.k_norm + l * hd, N * KV, hd, eps, 0));
             DQ = DQN;
             DK = DKN;
@@ -867,10 +1118,13 @@ static int model_backward(const ab_model_config *c, const float *params, float *
             const int64_t outs[3] = {qd, kv, kv};
             TRYB(dx_run(q, &pj, DXN, 3, dy, Ws, outs, N, D, 0));
         }
-        TRYB(dw_queue(q, &pj, gwq, DQ, 1, a.XA, 0, N, D, qd, acc, DY_READY | X_READY));
-        TRYB(dw_queue(q, &pj, gwk, DK, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
-        TRYB(dw_queue(q, &pj, gwv, DV, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
-        TRYB(k->rmsnorm_backward(DX, grads + P.attention_norm + l * D, DXN, a.X,
+        if (gwq) TRYB(dw_queue(q, &pj, gwq, DQ, 1, a.XA, 0, N, D, qd, acc, DY_READY | X_READY));
+        if (gwk) TRYB(dw_queue(q, &pj, gwk, DK, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
+        if (gwv) TRYB(dw_queue(q, &pj, gwv, DV, 1, a.XA, 0, N, D, kv, acc, DY_READY | X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 0, l, DXN, DQ, a.XA, N, acc, DY_READY, X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 1, l, DXN, DK, a.XA, N, acc, DY_READY, X_READY));
+        TRYB(lora_backward(q, &pj, &z, grads, 2, l, DXN, DV, a.XA, N, acc, DY_READY, X_READY));
+        TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_ATTENTION_NORM, l), DXN, a.X,
                                  params + P.attention_norm + l * D, N, D, eps, 1));
         announce(h, l);                        /* every tensor of layer l (CPU path only) */
     }
@@ -882,7 +1136,9 @@ end:
     }
     if (rc) return rc;
     /* embedding: scatter-add (onto the classifier's dW when tied) */
-    TRY(k->embedding_backward(grads + P.tok_embeddings, DX, tokens, N, V, D));
+    float *gtok = GRAD(AB_TENSOR_TOK, 0);
+    if (gtok) TRY(k->embedding_backward(gtok, DX, tokens, N, V, D));
+#undef GRAD
     announce(h, -1);
     return AB_OK;
 }
@@ -919,6 +1175,7 @@ int ab_model_decode(float *logits, const ab_model_config *c, const float *params
     AB_NONNULL(logits); AB_NONNULL(params); AB_NONNULL(kv_cache); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= need, AB_EWORKSPACE);
     AB_REQUIRE(pos >= 0 && pos < c->max_seq_len, AB_EINVAL);
+    AB_REQUIRE(c->lora_rank == 0 || c->lora_merged, AB_EINVAL);   /* merge adapters first */
     AB_REQUIRE(token >= 0 && (int64_t)token < c->vocab_size, AB_ERANGE);
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const dims d = model_dims(c);

@@ -1,0 +1,110 @@
+"""LoRA benchmarks: the training step and its peak memory.
+
+    python -m anebackward.bench.lora step --shape stories110M --seq 256 --threads 2 --repeats 7
+    python -m anebackward.bench.lora rss --shape qwen3-0.6b --seq 256
+
+step: one training step (forward + backward + clip + AdamW) of
+anebackward.Llama with full fine-tuning and with LoRA (rank --rank, alpha
+2*rank, the seven projections, base frozen), random weights, one batch of
+--batch x --seq tokens. The contenders alternate (one step each per round)
+so load from other processes hits them alike; medians are reported.
+
+rss: the peak resident memory (ru_maxrss) of one training step with
+--recompute, full fine-tuning and LoRA, each in a fresh subprocess.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import anebackward as ab
+from anebackward.lora import LoraConfig
+
+
+def _model(shape, lora, rank, recompute=False, precision="fp32"):
+    cfg = ab.LlamaConfig.preset(shape)
+    lc = LoraConfig(rank, alpha=2 * rank) if lora else None
+    return ab.Llama(cfg, seed=0, lora=lc, recompute=recompute, precision=precision)
+
+
+def _step(model, opt, tok):
+    model.forward(tok)
+    model.backward()
+    model.clip_grad_norm(1.0)
+    opt.step()
+
+
+def step(args):
+    ab.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    runs = {}
+    for name, lora in (("full", False), (f"lora-r{args.rank}", True)):
+        m = _model(args.shape, lora, args.rank, precision=args.precision)
+        tok = rng.integers(0, m.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+        runs[name] = (m, ab.AdamW(m, lr=1e-5), tok[:, :args.seq])
+        _step(*runs[name])                                       # warm-up
+    times = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for k, (m, opt, tok) in runs.items():
+            t0 = time.perf_counter()
+            _step(m, opt, tok)
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    full = statistics.median(times["full"])
+    print(f"{args.shape}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
+          f"precision {args.precision}, {args.repeats} alternating rounds after a warm-up")
+    for k, t in times.items():
+        med = statistics.median(t)
+        print(f"  {k:12s} median {med:8.1f} ms  (min {min(t):.1f}, max {max(t):.1f})  "
+              f"ratio to full {med / full:.3f}")
+
+
+def _one(args):
+    """One step in this process; prints its peak RSS as JSON."""
+    ab.set_num_threads(args.threads)
+    m = _model(args.shape, args.which == "lora", args.rank, recompute=True)
+    opt = ab.AdamW(m, lr=1e-5)
+    tok = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, args.seq)).astype(np.int32)
+    t0 = time.perf_counter()
+    _step(m, opt, tok)
+    print(json.dumps({"which": args.which, "maxrss_mb": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024, "step_s": time.perf_counter() - t0,
+        "n_params": m.n_params, "n_grads": m.n_grads}))
+
+
+def rss(args):
+    res = {}
+    for which in ("full", "lora"):
+        out = subprocess.run([sys.executable, "-m", "anebackward.bench.lora", "_one", which,
+                              "--shape", args.shape, "--seq", str(args.seq), "--rank",
+                              str(args.rank), "--threads", str(args.threads)],
+                             check=True, capture_output=True, text=True).stdout
+        res[which] = json.loads(out.strip().splitlines()[-1])
+    print(f"{args.shape}, seq {args.seq}, batch 1, --recompute, one step (fresh process each)")
+    for k, r in res.items():
+        print(f"  {k:5s} peak RSS {r['maxrss_mb']:9.0f} MB  params {r['n_params']:,}  "
+              f"trainable {r['n_grads']:,}  step {r['step_s']:.1f} s")
+    print(f"  LoRA / full peak RSS: {res['lora']['maxrss_mb'] / res['full']['maxrss_mb']:.3f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m anebackward.bench.lora")
+    p.add_argument("what", choices=("step", "rss", "_one"))
+    p.add_argument("which", nargs="?", choices=("full", "lora"))
+    p.add_argument("--shape", default="stories110M")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    args = p.parse_args(argv)
+    {"step": step, "rss": rss, "_one": _one}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
