@@ -11,12 +11,19 @@
 #include "blas.h"
 
 /* Guards: every public function checks its own preconditions and returns an
- * error code; Python checks first and gives the friendlier message. */
-#define AB_REQUIRE(cond, code) do { if (!(cond)) return (code); } while (0)
-#define AB_NONNULL(p) AB_REQUIRE((p) != NULL, AB_ENULL)
-#define AB_NONNEG(n) AB_REQUIRE((n) >= 0, AB_EINVAL)
+ * error code; a failed guard also records why (the function and the failed
+ * condition, or the call site's message) as this thread's ab_last_error().
+ * ab_fail records and returns code (csrc/runtime.c); msg may be NULL. */
+int ab_fail(int code, const char *func, const char *cond, const char *msg);
+#define AB_REQUIRE_MSG(cond, code, msg) \
+    do { if (!(cond)) return ab_fail((code), __func__, #cond, (msg)); } while (0)
+#define AB_REQUIRE(cond, code) AB_REQUIRE_MSG(cond, code, NULL)
+#define AB_FAIL(code, msg) ab_fail((code), __func__, NULL, (msg))
+#define AB_NONNULL(p) AB_REQUIRE_MSG((p) != NULL, AB_ENULL, #p " is NULL")
+#define AB_NONNEG(n) AB_REQUIRE_MSG((n) >= 0, AB_EINVAL, #n " is negative")
 /* A dimension (or leading dimension) passed to the BLAS must fit its int. */
-#define AB_BLAS_FITS(n) AB_REQUIRE((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG)
+#define AB_BLAS_FITS(n) \
+    AB_REQUIRE_MSG((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG, #n " exceeds the BLAS's 2^31 - 1")
 
 /* Sizes are bounded before they are multiplied (no signed overflow): a
  * product of sizes stays below 2^52 floats (AB_ETOOBIG's promise). */
@@ -24,7 +31,8 @@
 static inline int ab_mul_fits(int64_t a, int64_t b) {
     return a >= 0 && b >= 0 && (a == 0 || b <= AB_MAX_FLOATS / a);
 }
-#define AB_MUL_FITS(a, b) AB_REQUIRE(ab_mul_fits((a), (b)), AB_ETOOBIG)
+#define AB_MUL_FITS(a, b) \
+    AB_REQUIRE_MSG(ab_mul_fits((a), (b)), AB_ETOOBIG, #a " * " #b " exceeds 2^52 floats")
 
 /* Vectorisable loops without -ffast-math: `#pragma omp simd` (built with
  * -fopenmp-simd, no OpenMP runtime) allows reassociating reductions. */
