@@ -14,16 +14,23 @@
  * error code; a failed guard also records why (the function and the failed
  * condition, or the call site's message) as this thread's ab_last_error().
  * ab_fail records and returns code (csrc/runtime.c); msg may be NULL. */
-int ab_fail(int code, const char *func, const char *cond, const char *msg);
-#define AB_REQUIRE_MSG(cond, code, msg) \
-    do { if (!(cond)) return ab_fail((code), __func__, #cond, (msg)); } while (0)
-#define AB_REQUIRE(cond, code) AB_REQUIRE_MSG(cond, code, NULL)
+int ab_fail(int code, const char *func, const char *cond, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+/* AB_REQUIRE_MSG(cond, code, "printf format", args...) */
+#define AB_REQUIRE_MSG(cond, code, ...) \
+    do { if (!(cond)) return ab_fail((code), __func__, #cond, __VA_ARGS__); } while (0)
+#define AB_REQUIRE(cond, code) \
+    do { if (!(cond)) return ab_fail((code), __func__, #cond, NULL); } while (0)
 #define AB_FAIL(code, msg) ab_fail((code), __func__, NULL, (msg))
 #define AB_NONNULL(p) AB_REQUIRE_MSG((p) != NULL, AB_ENULL, #p " is NULL")
-#define AB_NONNEG(n) AB_REQUIRE_MSG((n) >= 0, AB_EINVAL, #n " is negative")
+#define AB_NONNEG(n) AB_REQUIRE_MSG((n) >= 0, AB_EINVAL, #n " is negative (%lld)", (long long)(n))
 /* A dimension (or leading dimension) passed to the BLAS must fit its int. */
 #define AB_BLAS_FITS(n) \
-    AB_REQUIRE_MSG((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG, #n " exceeds the BLAS's 2^31 - 1")
+    AB_REQUIRE_MSG((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG, \
+                   #n " = %lld exceeds the BLAS's 2^31 - 1", (long long)(n))
 
 /* Sizes are bounded before they are multiplied (no signed overflow): a
  * product of sizes stays below 2^52 floats (AB_ETOOBIG's promise). */

@@ -1,4 +1,5 @@
 /* runtime.c — error strings and facts about the BLAS in use. */
+#include <stdarg.h>
 #include <stdio.h>
 #include "ab_internal.h"
 
@@ -6,10 +7,15 @@
  * concurrent callers never see each other's messages. */
 static _Thread_local char t_last_error[512];
 
-int ab_fail(int code, const char *func, const char *cond, const char *msg) {
-    if (msg)
-        snprintf(t_last_error, sizeof t_last_error, "%s: %s", func, msg);
-    else if (cond)
+int ab_fail(int code, const char *func, const char *cond, const char *fmt, ...) {
+    if (fmt) {
+        int n = snprintf(t_last_error, sizeof t_last_error, "%s: ", func);
+        va_list ap;
+        va_start(ap, fmt);
+        if (n > 0 && (size_t)n < sizeof t_last_error)
+            vsnprintf(t_last_error + n, sizeof t_last_error - (size_t)n, fmt, ap);
+        va_end(ap);
+    } else if (cond)
         snprintf(t_last_error, sizeof t_last_error, "%s: %s (requires %s)", func,
                  ab_strerror(code), cond);
     else
