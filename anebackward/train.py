@@ -320,11 +320,13 @@ def _mismatch(d, step, tensors, model, checkpoint):
         "whole, or start anew")
 
 
-def _evaluate(model, data, st, step):
-    losses = [model.forward(*data.batch(10_000_000 + i, st["batch_size"], st["seq_len"],
-                                        st["seed"], split="val"), want_grad=False)
+def _evaluate(model, data, st, dp):
+    """The validation loss: the mean over eval_batches fixed batches (and
+    over the data-parallel ranks, one all-reduce)."""
+    losses = [model.forward(*dp.batch(data, 10_000_000 + i, st["batch_size"], st["seq_len"],
+                                      st["seed"], split="val"), want_grad=False)
               for i in range(st["eval_batches"])]
-    return float(np.mean(losses))
+    return dp.mean(float(np.mean(losses)))
 
 
 def _read_log(path, before, say=None):
@@ -747,7 +749,6 @@ def _train(args, stream, locks):
         _check_memory(model, B, S, "settings.batch_size" if args.resume else "--batch-size")
     except ValueError as e:
         _usage(str(e))
-    dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)
@@ -775,7 +776,7 @@ def _train(args, stream, locks):
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
             return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
                          evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
-                         checkpoint, pending)
+                         checkpoint, dp, pending)
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
     finally:
@@ -783,7 +784,7 @@ def _train(args, stream, locks):
 
 
 def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
-          progress, say, cosine_lr, checkpoint, pending=False):
+          progress, say, cosine_lr, checkpoint, dp, pending=False):
     B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
     settings = {k: st[k] for k in DEFAULTS}
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
@@ -821,7 +822,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     def validate(step):
         """The validation loss after `step` logged; None if it failed."""
         try:
-            val = _evaluate(model, data, st, step)
+            val = _evaluate(model, data, st, dp)
         except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
             say(f"warning: evaluation failed at step {step + 1} ({e}); training goes on "
                 "without validation loss")
@@ -843,9 +844,12 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         for micro in range(accum):
             if signals.received:    # a long accumulation stops at the next micro-batch
                 return stop(step)   # (this step is dropped: the weights are those of step)
-            x, y = data.batch(step * accum + micro, B, S, st["seed"])
+            x, y = dp.batch(data, step * accum + micro, B, S, st["seed"])
             loss += model.forward(x, y) / accum
-            model.backward(accumulate=micro > 0, grad_scale=1.0 / accum)
+            # data-parallel: the gradients are reduced once, after the last micro-batch
+            dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
+                        grad_scale=1.0 / accum)
+        loss = dp.mean(loss)
         norm = model.clip_grad_norm(st["grad_clip"]) if st["grad_clip"] > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
