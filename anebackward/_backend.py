@@ -9,7 +9,9 @@ ANEBACKWARD_BACKEND environment variable, else "cpu".
   "ane"       the Apple Neural Engine for the kernels routed to it, the fast
               CPU kernels for the rest; AneUnavailableError where no ANE.
 """
+import contextlib
 import os
+import threading
 
 from ._native import lib
 
@@ -32,10 +34,35 @@ def resolve(fn, backend):
     return backend
 
 
+_local = threading.local()     # .calls: this thread's record_calls() list, if recording
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Within the block, each kernel's C call made by this thread is
+    recorded as (C function, arguments) in the yielded list, and made. The
+    benchmark replays such a list to time the C kernels without the Python
+    around them."""
+    outer = getattr(_local, "calls", None)
+    _local.calls = calls = []
+    try:
+        yield calls
+    finally:
+        _local.calls = outer
+
+
 def cfunc_for(resolved, name):
     """The C function of kernel `name` for an already resolved backend
     (the CPU side: "ane" and "auto" use the fast CPU kernel)."""
-    return getattr(lib, ("ab_ref_" if resolved == "reference" else "ab_") + name)
+    f = getattr(lib, ("ab_ref_" if resolved == "reference" else "ab_") + name)
+    calls = getattr(_local, "calls", None)
+    if calls is None:
+        return f
+
+    def recorded(*args):
+        calls.append((f, args))
+        return f(*args)
+    return recorded
 
 
 def cfunc(fn, name, backend):

@@ -499,7 +499,7 @@ class Llama:
             self.ane_reason = ane.route_reason(self.backend, kernel, N=N, n_in=n_in, n_out=n_out)
             if self.ane_reason is not None:
                 return None
-        return ane._current()[0]
+        return ane.context()
 
     @_locked
     def logits(self, tokens: Union[Tokens, Batch], *, last_only: bool = False,

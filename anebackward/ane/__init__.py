@@ -120,6 +120,13 @@ def _current():
     return ctx, key, reason
 
 
+def context():
+    """The open ANE context (a cffi ``ab_ane_ctx *`` for the C calls that
+    take one, e.g. ab_model_forward_ane), or None when ANE programs cannot
+    run here (status()["reason"] says why)."""
+    return _current()[0]
+
+
 def use_emulator(enable=True):
     """Run ANE programs in the software emulator (True), on the Neural Engine
     (False), or as ANEBACKWARD_ANE says (None). Returns the previous setting."""
@@ -169,7 +176,7 @@ def configure(*, loss_scaling=None, min_flops=None, max_programs=None, tile_rows
 def available():
     """True when ANE programs can run in this process (on the Neural Engine,
     or in the emulator when that is selected)."""
-    return _current()[0] is not None
+    return context() is not None
 
 
 def _text(getter, ctx):
