@@ -34,16 +34,46 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from . import MAX_THREADS
 
-# seq_len None = the preset's max_seq_len; save_every None = --eval-every
-DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
-                warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                grad_clip=1.0, grad_accum=1, seed=0, eval_every=100, eval_batches=4,
-                save_every=None, data=None, tokenizer=None, init_from=None, format=None)
+@dataclass
+class Settings:
+    """A run's settings: what optimizer.bin records (as a JSON object of
+    these fields) and --resume brings back. None is "not chosen yet" where
+    the default is None: seq_len becomes the preset's max_seq_len, save_every
+    --eval-every, format the --init-from input's (else llama2c)."""
+    config: str = "default"
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: Optional[int] = None
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 50
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: Optional[int] = None
+    data: Optional[str] = None
+    tokenizer: Optional[str] = None
+    init_from: Optional[str] = None
+    format: Optional[str] = None
+
+    def as_dict(self):
+        return asdict(self)
+
+
+DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
@@ -101,13 +131,13 @@ def _check_combination(st, label):
     """Settings checked together (label(name) names one): min_lr <= lr,
     config a preset or "init-from"."""
     from .config import PRESETS
-    if st["min_lr"] > st["lr"]:
-        raise ValueError(f"{label('min_lr')} ({st['min_lr']:g}) is above {label('lr')} "
-                         f"({st['lr']:g}): the cosine schedule decays from the peak down to it; "
+    if st.min_lr > st.lr:
+        raise ValueError(f"{label('min_lr')} ({st.min_lr:g}) is above {label('lr')} "
+                         f"({st.lr:g}): the cosine schedule decays from the peak down to it; "
                          "pass a smaller --min-lr or a larger --lr")
-    if st["config"] not in PRESETS and st["config"] != "init-from":
+    if st.config not in PRESETS and st.config != "init-from":
         raise ValueError(f"{label('config')} must be a preset ({', '.join(PRESETS)}) or "
-                         f"init-from, got {st['config']!r}")
+                         f"init-from, got {st.config!r}")
 
 
 def _check_memory(model, B, S, label):
@@ -251,12 +281,12 @@ def _resume_state(path, model, opt, checkpoint):
         unknown = sorted(set(saved) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"extra.settings holds unknown keys {', '.join(map(repr, unknown))}")
-        st = {k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS}
+        st = Settings(**{k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS})
         _check_combination(st, lambda k: "settings." + k)
-        if st["seq_len"] is None or st["seq_len"] > model.config.max_seq_len:
-            raise ValueError(f"settings.seq_len {st['seq_len']!r} does not fit the model's "
+        if st.seq_len is None or st.seq_len > model.config.max_seq_len:
+            raise ValueError(f"settings.seq_len {st.seq_len!r} does not fit the model's "
                              f"max_seq_len {model.config.max_seq_len}")
-        if st["save_every"] is None:
+        if st.save_every is None:
             raise ValueError("settings.save_every must be an integer, got None")
         digest = extra.get("params_digest")
         if digest is not None and not isinstance(digest, str):
@@ -323,9 +353,9 @@ def _mismatch(d, step, tensors, model, checkpoint):
 def _evaluate(model, data, st, dp):
     """The validation loss: the mean over eval_batches fixed batches (and
     over the data-parallel ranks, one all-reduce)."""
-    losses = [model.forward(*dp.batch(data, 10_000_000 + i, st["batch_size"], st["seq_len"],
-                                      st["seed"], split="val"), want_grad=False)
-              for i in range(st["eval_batches"])]
+    losses = [model.forward(*dp.batch(data, 10_000_000 + i, st.batch_size, st.seq_len,
+                                      st.seed, split="val"), want_grad=False)
+              for i in range(st.eval_batches)]
     return dp.mean(float(np.mean(losses)))
 
 
@@ -604,11 +634,70 @@ def train(args, stream=None):
         return _train(args, stream, locks)
 
 
-def _train(args, stream, locks):
-    from . import checkpoint
-    from .data import load_data
-    from .model import AdamW, Llama, LlamaConfig, cosine_lr
+def _new_run(given, recompute):
+    """A new run's settings (the command line's over the defaults, the
+    defaults resolved), the --init-from model or None, the model config to
+    start from and the tokenizer."""
+    from .model import Llama, LlamaConfig
     from .tokenizer import Tokenizer
+    st = Settings(**{k: v for k, v in given.items() if k in DEFAULTS})
+    if "min_lr" not in given:       # the default floor follows a smaller --lr
+        st.min_lr = min(st.min_lr, st.lr)
+    try:
+        _check_combination(st, lambda k: "--" + k.replace("_", "-"))
+    except ValueError as e:
+        _usage(str(e))
+    init = None
+    if st.init_from:
+        init, init_format, init_tok = _load_init(st.init_from, Llama, Tokenizer, recompute)
+        base = init.config
+        st.config = "init-from"
+        st.format = st.format or init_format
+        if st.seq_len is None:   # HF models allow tens of thousands of positions
+            st.seq_len = min(base.max_seq_len, 256)
+    else:
+        try:
+            base = LlamaConfig.preset(st.config)
+        except ValueError as e:
+            _usage(f"--config: {e}")
+    st.format = st.format or "llama2c"
+    if st.seq_len is None:       # preset-dependent default
+        st.seq_len = base.max_seq_len
+    if st.seq_len > base.max_seq_len:
+        _usage(f"--seq-len {st.seq_len} exceeds the {st.config} preset's "
+               f"max_seq_len {base.max_seq_len}")
+    if st.save_every is None:
+        st.save_every = st.eval_every
+    if st.tokenizer:
+        tokenizer = (_hf().HFTokenizer(st.tokenizer) if st.tokenizer.endswith(".json")
+                     else Tokenizer.load(st.tokenizer))
+    else:
+        tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
+    return st, init, base, tokenizer
+
+
+def _new_model(st, init, base, tokenizer, data, recompute):
+    """A new run's model (the --init-from one, else fresh weights of `base`
+    with the tokenizer's vocabulary) and its AdamW."""
+    from .model import AdamW, Llama
+    if init is not None:
+        model = init
+        if data.max_token() >= model.config.vocab_size:
+            _usage(f"--data has token ids up to {data.max_token()}, beyond the vocabulary "
+                   f"({model.config.vocab_size}) of --init-from {st.init_from}; pass the "
+                   "tokenizer the model was trained with")
+    else:
+        vocab = tokenizer.vocab_size    # larger ids in the data are refused by the caller
+        if st.tokenizer is None and data.max_token() >= tokenizer.vocab_size:
+            _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
+                   "was made with as --tokenizer")
+        model = Llama(base.replace(vocab_size=vocab), seed=st.seed, recompute=recompute)
+    return model, AdamW(model, lr=st.lr, betas=(st.beta1, st.beta2),
+                        weight_decay=st.weight_decay)
+
+
+def _train(args, stream, locks):
+    from .data import load_data
     from . import distributed, set_num_threads
 
     stream = sys.stdout if stream is None else stream    # the current one, not import time's
@@ -635,15 +724,16 @@ def _train(args, stream, locks):
 
     if args.resume:
         model, opt, start, st, tokenizer = _resume_pair(args.resume, say, recompute)
-        old_total = st["steps"]     # the run's length when it was saved
+        old_total = st.steps     # the run's length when it was saved
         if in_place:
             _clean_run_leftovers(out, say)
         if "steps" in given:
             if given["steps"] < start:
                 _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
                        f"was saved at; a resumed run can only go on (--steps >= {start})")
-            st["steps"] = given["steps"]
-        ignored = sorted(k for k in given if k not in ("steps", "threads") and given[k] != st[k])
+            st.steps = given["steps"]
+        ignored = sorted(k for k in given
+                         if k not in ("steps", "threads") and given[k] != getattr(st, k))
         if ignored:
             say("--resume keeps the saved run's settings; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in ignored))
@@ -651,57 +741,25 @@ def _train(args, stream, locks):
             _usage("--overwrite with --resume into the same directory: a resumed run continues "
                    "its directory; drop --overwrite, or pass another --out")
     else:
-        st = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
-        if "min_lr" not in given:       # the default floor follows a smaller --lr
-            st["min_lr"] = min(st["min_lr"], st["lr"])
-        try:
-            _check_combination(st, lambda k: "--" + k.replace("_", "-"))
-        except ValueError as e:
-            _usage(str(e))
-        init = None
-        if st["init_from"]:
-            init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute)
-            base = init.config
-            st["config"] = "init-from"
-            st["format"] = st["format"] or init_format
-            if st["seq_len"] is None:   # HF models allow tens of thousands of positions
-                st["seq_len"] = min(base.max_seq_len, 256)
-        else:
-            try:
-                base = LlamaConfig.preset(st["config"])
-            except ValueError as e:
-                _usage(f"--config: {e}")
-        st["format"] = st["format"] or "llama2c"
-        if st["seq_len"] is None:       # preset-dependent default
-            st["seq_len"] = base.max_seq_len
-        if st["seq_len"] > base.max_seq_len:
-            _usage(f"--seq-len {st['seq_len']} exceeds the {st['config']} preset's "
-                   f"max_seq_len {base.max_seq_len}")
-        if st["save_every"] is None:
-            st["save_every"] = st["eval_every"]
-        if st["tokenizer"]:
-            tokenizer = (_hf().HFTokenizer(st["tokenizer"]) if st["tokenizer"].endswith(".json")
-                         else Tokenizer.load(st["tokenizer"]))
-        else:
-            tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
-        start, old_total = 0, st["steps"]
+        st, init, base, tokenizer = _new_run(given, recompute)
+        start, old_total = 0, st.steps
     if os.path.exists(out) and not os.path.isdir(out):
         _usage(f"--out {out} is a file, not a directory")
     _clean_staging_leftovers(out, say)      # (this process holds --out's name lock)
     if not in_place and os.path.isdir(out) and _listing(out) and not overwrite:
         _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
                f"continue it, --overwrite to replace it, or another --out")
-    if start == st["steps"] and args.resume and not _eval_missing(
+    if start == st.steps and args.resume and not _eval_missing(
             _read_log(os.path.join(args.resume, "log.jsonl"), start), st, start, old_total):
-        say(f"{args.resume} is already at step {start} of {st['steps']}; nothing to train "
+        say(f"{args.resume} is already at step {start} of {st.steps}; nothing to train "
             "(--steps N extends it)")
         return {"status": "ok", "first_loss": None, "last_loss": None, "val_loss": None,
                 "out": out, "model": model}
     if "threads" in given:
         set_num_threads(given["threads"])
 
-    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
-    data = load_data(st["data"], tokenizer)
+    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
+    data = load_data(st.data, tokenizer)
     if data.longest("train") < S + 1:
         raise ValueError(f"{data.description}: the longest training stream has "
                          f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
@@ -713,23 +771,8 @@ def _train(args, stream, locks):
             "no validation loss in this run")
         evaluate = False
 
-    if not args.resume and init is not None:
-        model = init
-        if data.max_token() >= model.config.vocab_size:
-            _usage(f"--data has token ids up to {data.max_token()}, beyond the vocabulary "
-                   f"({model.config.vocab_size}) of --init-from {st['init_from']}; pass the "
-                   "tokenizer the model was trained with")
-        opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
-                    weight_decay=st["weight_decay"])
-    elif not args.resume:
-        vocab = tokenizer.vocab_size    # larger ids in the data are refused below
-        if st["tokenizer"] is None and data.max_token() >= tokenizer.vocab_size:
-            _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
-                   "was made with as --tokenizer")
-        config = base.replace(vocab_size=vocab)
-        model = Llama(config, seed=st["seed"], recompute=recompute)
-        opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
-                    weight_decay=st["weight_decay"])
+    if not args.resume:
+        model, opt = _new_model(st, init, base, tokenizer, data, recompute)
     precision = getattr(args, "precision", None) or "fp32"
     if precision != model.precision:     # how to run, not part of the saved run
         try:
@@ -742,8 +785,8 @@ def _train(args, stream, locks):
         _usage(f"--data {where}: token id {token} is beyond the vocabulary "
                f"({model.config.vocab_size}) of "
                + (f"the model in {args.resume}" if args.resume else
-                  f"--init-from {st['init_from']}" if init is not None else
-                  f"--tokenizer {st['tokenizer']}")
+                  f"--init-from {st.init_from}" if init is not None else
+                  f"--tokenizer {st.tokenizer}")
                + "; pass the tokenizer the data was made with")
     try:
         _check_memory(model, B, S, "settings.batch_size" if args.resume else "--batch-size")
@@ -753,15 +796,15 @@ def _train(args, stream, locks):
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)
 
-    total, decay = st["steps"], st["decay_steps"] or st["steps"]
+    total, decay = st.steps, st.decay_steps or st.steps
     say(f"model: {config.n_layers} layers, dim {config.dim}, hidden {config.hidden_dim}, "
         f"{config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
         f"{model.n_params:,} parameters; data: {data.description} "
         f"({data.n_train_tokens:,} training tokens)")
     if args.resume:
         say(f"resuming {args.resume} at step {start} of {total}")
-    say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st['lr']:g} "
-        f"(warm-up {st['warmup']}, cosine to {st['min_lr']:g} at {decay}); output in {out}")
+    say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st.lr:g} "
+        f"(warm-up {st.warmup}, cosine to {st.min_lr:g} at {decay}); output in {out}")
 
     run_dir = _RunDir(out, in_place, locks)
     run_dir.saved_at = start if in_place else None
@@ -774,19 +817,60 @@ def _train(args, stream, locks):
         # the evaluation of the step the run was stopped at, if its record is missing
         pending = evaluate and _eval_missing(old_log, st, start, old_total)
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
-            return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
-                         evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
-                         checkpoint, dp, pending)
+            run = _Run(model=model, opt=opt, data=data, st=st, dp=dp, start=start,
+                       run_dir=run_dir, log=log, signals=signals, evaluate=evaluate,
+                       progress=Progress(total, stream, quiet=quiet), say=say)
+            return _loop(run, pending)
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
     finally:
         run_dir.discard()       # a run stopped before its first save leaves nothing
 
 
-def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
-          progress, say, cosine_lr, checkpoint, dp, pending=False):
-    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
-    settings = {k: st[k] for k in DEFAULTS}
+@dataclass
+class _Run:
+    """What the training loop works with (_train builds it)."""
+    model: Any                  # Llama
+    opt: Any                    # AdamW
+    data: Any                   # anebackward.data's training data
+    st: Settings
+    dp: Any                     # anebackward.distributed: _Single or DataParallel
+    start: int                  # the first step to take
+    run_dir: "_RunDir"
+    log: Any                    # log.jsonl, open for appending
+    signals: "_Signals"
+    evaluate: bool              # validation losses wanted and possible
+    progress: "Progress"
+    say: Callable[[str], None]
+
+
+def _micro_batches(run, step):
+    """Step `step`'s loss, its gradients in the model's buffer (reduced over
+    the data-parallel ranks), or None if a signal arrived (the step is then
+    dropped: the weights are still those of `step`)."""
+    model, st, dp = run.model, run.st, run.dp
+    accum, loss = st.grad_accum, 0.0
+    for micro in range(accum):
+        if run.signals.received:    # a long accumulation stops at the next micro-batch
+            return None
+        x, y = dp.batch(run.data, step * accum + micro, st.batch_size, st.seq_len, st.seed)
+        loss += model.forward(x, y) / accum
+        # data-parallel: the gradients are reduced once, after the last micro-batch
+        dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
+                    grad_scale=1.0 / accum)
+    return dp.mean(loss)
+
+
+def _loop(run, pending=False):
+    """Steps run.start .. st.steps: train, log, save, evaluate; returns the
+    run's result (status "ok", "interrupted" or "diverged")."""
+    from . import checkpoint
+    from .model import cosine_lr
+    model, opt, data, st, run_dir, log = run.model, run.opt, run.data, run.st, run.run_dir, run.log
+    signals, progress, say, evaluate = run.signals, run.progress, run.say, run.evaluate
+    start, total, decay = run.start, st.steps, st.decay_steps or st.steps
+    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
+    settings = st.as_dict()
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
 
     def save(step):
@@ -799,7 +883,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.flush()
         extra = {"step": step, "settings": settings, "params_digest": _params_digest(model),
                  "tensor_digests": _tensor_digests(model)}
-        if st["format"] == "hf":
+        if st.format == "hf":
             # optimizer first, under its temporary name; save_pretrained then
             # replaces config.json and model.safetensors (each atomically)
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
@@ -822,7 +906,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     def validate(step):
         """The validation loss after `step` logged; None if it failed."""
         try:
-            val = _evaluate(model, data, st, dp)
+            val = _evaluate(model, data, st, run.dp)
         except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
             say(f"warning: evaluation failed at step {step + 1} ({e}); training goes on "
                 "without validation loss")
@@ -838,19 +922,12 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         evaluate = val is not None
     for step in range(start, total):
         t0 = time.perf_counter()
-        lr = cosine_lr(step, max_lr=st["lr"], warmup_steps=st["warmup"], total_steps=decay,
-                       min_lr=st["min_lr"])
-        loss = 0.0
-        for micro in range(accum):
-            if signals.received:    # a long accumulation stops at the next micro-batch
-                return stop(step)   # (this step is dropped: the weights are those of step)
-            x, y = dp.batch(data, step * accum + micro, B, S, st["seed"])
-            loss += model.forward(x, y) / accum
-            # data-parallel: the gradients are reduced once, after the last micro-batch
-            dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
-                        grad_scale=1.0 / accum)
-        loss = dp.mean(loss)
-        norm = model.clip_grad_norm(st["grad_clip"]) if st["grad_clip"] > 0 else \
+        lr = cosine_lr(step, max_lr=st.lr, warmup_steps=st.warmup, total_steps=decay,
+                       min_lr=st.min_lr)
+        loss = _micro_batches(run, step)
+        if loss is None:
+            return stop(step)
+        norm = model.clip_grad_norm(st.grad_clip) if st.grad_clip > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
             # The weights that gave this loss are not saved: the last save
@@ -859,7 +936,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
                     f"resume it with anebackward train --resume {run_dir.out}, or start again"
                     if saved_at is not None else "nothing was saved; start again")
             say(f"step {step + 1}: the loss is {loss} (gradient norm {norm}): the run diverged "
-                f"and stopped; {kept} with a lower --lr (now {st['lr']:g}) or --grad-clip")
+                f"and stopped; {kept} with a lower --lr (now {st.lr:g}) or --grad-clip")
             return {"status": "diverged", "step": step, "saved_step": saved_at,
                     "out": run_dir.out, "model": model}
         opt.step(lr=lr)
@@ -872,7 +949,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.write(json.dumps(rec) + "\n")
         progress.update(step, loss, lr, ms, tok_s)
         done = step + 1
-        if done == total or (st["save_every"] and done % st["save_every"] == 0):
+        if done == total or (st.save_every and done % st.save_every == 0):
             save(done)      # before the evaluation, which may fail
         if signals.received:    # (an evaluation due here is run at --resume)
             return stop(done)
@@ -882,8 +959,8 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.flush()
     out = run_dir.out
     plot = _plot(out, os.path.join(out, "log.jsonl"), say)
-    model_path = out if st["format"] == "hf" else os.path.join(out, "model.bin")
-    what = "config.json, model.safetensors" if st["format"] == "hf" else "model.bin"
+    model_path = out if st.format == "hf" else os.path.join(out, "model.bin")
+    what = "config.json, model.safetensors" if st.format == "hf" else "model.bin"
     say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
     say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" --temperature 0")
@@ -893,7 +970,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
 
 def _eval_due(st, done, total):
     """Is a validation loss logged after `done` steps of a `total`-step run?"""
-    return bool(st["eval_every"] and done % st["eval_every"] == 0) or done == total
+    return bool(st.eval_every and done % st.eval_every == 0) or done == total
 
 
 def _eval_missing(lines, st, start, total):
