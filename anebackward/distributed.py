@@ -138,6 +138,6 @@ def from_env(args):
     rank = int(os.environ["RANK"])
     if rank > 0:
         args.out = tempfile.mkdtemp(prefix=f"anebackward-rank{rank}-")
-        args.quiet = True
+        args.no_progress = True
         atexit.register(shutil.rmtree, args.out, True)
     return DataParallel(rank, world, allreduce_mode())

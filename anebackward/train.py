@@ -168,6 +168,7 @@ def _usage(msg):
 
 
 def add_arguments(p):
+    from .__main__ import old_spelling
     a = p.add_argument
     a("--data", help="training data: a UTF-8 text file (documents separated by blank lines, "
       "byte-level tokens), a llama2.c .bin token shard or a directory of them "
@@ -212,7 +213,8 @@ def add_arguments(p):
       "anebackward.bf16); default fp32")
     a("--threads", type=int, help="threads for the whole package, kernels and BLAS together "
       "(default: $ANEBACKWARD_NUM_THREADS, else the cores)")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (messages still print)")
+    old_spelling(p, "--quiet", "no_progress", action="store_true")
 
 
 class Progress:
@@ -702,7 +704,7 @@ def _train(args, stream, locks):
 
     stream = sys.stdout if stream is None else stream    # the current one, not import time's
     dp = distributed.from_env(args)   # torchrun: data-parallel ranks (anebackward/distributed.py)
-    quiet = getattr(args, "quiet", False)
+    quiet = getattr(args, "no_progress", False)
     say = Progress(1, stream, quiet=quiet).message
     given = _given(args)            # every number range-checked before anything happens
     overwrite = bool(getattr(args, "overwrite", False))
