@@ -29,30 +29,38 @@ ANEBACKWARD_ALLREDUCE chooses how the gradients are reduced:
            on 2 cores, overlap 9-34 % slower per step, docs/performance.md, "Data-parallel training").
 The sums, and so the trained weights, are the same either way.
 """
+import argparse
 import atexit
 import os
 import shutil
 import tempfile
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+Batch = Tuple[np.ndarray, np.ndarray]   # (tokens, targets) of one micro-batch
 
 
 class _Single:
     """Not distributed: the whole batch here, nothing to reduce."""
     rank, world = 0, 1
 
-    def batch(self, data, step, batch_size, seq_len, seed=0, split="train"):
-        return data.batch(step, batch_size, seq_len, seed, split)
+    def batch(self, data: Any, step: int, batch_size: int, seq_len: int, seed: int = 0,
+              split: str = "train") -> Batch:
+        x, y = data.batch(step, batch_size, seq_len, seed, split)
+        return x, y
 
-    def mean(self, value):
+    def mean(self, value: float) -> float:
         return value
 
-    def backward(self, model, *, reduce, **kw):
+    def backward(self, model: Any, *, reduce: bool, **kw: Any) -> None:
         model.backward(**kw)
 
 
 ALLREDUCE_MODES = ("auto", "overlap", "end")
 
 
-def allreduce_mode(env=None):
+def allreduce_mode(env: Optional[Mapping[str, str]] = None) -> str:
     """overlap or end, from ANEBACKWARD_ALLREDUCE (auto, overlap, end; default
     auto) and torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; anything else is an error."""
     env = os.environ if env is None else env
@@ -74,7 +82,7 @@ class DataParallel:
     gradients are reduced when asked (the trainer asks once per optimizer
     step, on its last micro-batch)."""
 
-    def __init__(self, rank, world, mode="overlap"):
+    def __init__(self, rank: int, world: int, mode: str = "overlap") -> None:
         import torch
         import torch.distributed as dist
         self.torch, self.dist, self.rank, self.world = torch, dist, rank, world
@@ -82,27 +90,27 @@ class DataParallel:
         if not dist.is_initialized():
             dist.init_process_group("gloo")     # torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
 
-    def _mean(self, a):
+    def _mean(self, a: np.ndarray) -> None:
         """In-place mean over the ranks of a float ndarray (zero-copy)."""
         t = self.torch.from_numpy(a)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
         t /= self.world
 
-    def batch(self, data, step, batch_size, seq_len, seed=0, split="train"):
+    def batch(self, data: Any, step: int, batch_size: int, seq_len: int, seed: int = 0,
+              split: str = "train") -> Batch:
         """Rows [rank·B, (rank+1)·B) of the batch a single process with
         batch_size·world would draw."""
         x, y = data.batch(step, batch_size * self.world, seq_len, seed, split)
         sl = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
         return x[sl], y[sl]
 
-    def mean(self, value):
+    def mean(self, value: float) -> float:
         """The mean over the ranks of a float (one all-reduce)."""
-        import numpy as np
         a = np.array([value], dtype=np.float64)
         self._mean(a)
         return float(a[0])
 
-    def backward(self, model, *, reduce, **kw):
+    def backward(self, model: Any, *, reduce: bool, **kw: Any) -> None:
         """model.backward(**kw); with reduce=True the gradient buffer then
         holds its mean over the ranks: one all-reduce of the buffer after the
         backward ("end"), or one per group of gradients as the backward
@@ -117,7 +125,7 @@ class DataParallel:
         torch, dist = self.torch, self.dist
         grads, pending = model.flat_grads, []
 
-        def reduce_ranges(ranges):
+        def reduce_ranges(ranges: Any) -> None:
             for lo, hi in ranges:
                 pending.append(dist.all_reduce(torch.from_numpy(grads[lo:hi]),
                                                op=dist.ReduceOp.SUM, async_op=True))
@@ -129,7 +137,7 @@ class DataParallel:
         torch.from_numpy(grads).div_(self.world)
 
 
-def from_env(args):
+def from_env(args: argparse.Namespace) -> Union[_Single, DataParallel]:
     """The process's role from torchrun's environment. Ranks > 0 write their
     files to a temporary directory and print nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -55,7 +55,7 @@ ALIGN = 64                  # the core pads S, in and out to multiples of this
 
 _lock = threading.Lock()
 _override = None            # None: follow ENV; True: emulator; False: native
-_contexts = {}              # platform key -> (ctx or None, reason)
+_contexts: dict = {}        # platform key -> (ctx or None, reason)
 _config = {"loss_scaling": True, "min_flops": 2 ** 26, "max_programs": 100, "tile_rows": 256}
 _local = threading.local()
 
@@ -224,7 +224,7 @@ def status():
     return d
 
 
-def require():
+def require() -> None:
     """Raise AneUnavailableError (with the reason) unless the ANE is usable."""
     ctx, _, reason = _current()
     if ctx is None:

@@ -18,7 +18,7 @@ inverse rotation. out may be x itself (in place).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def normalize_scaling(fn: str, scaling: Mapping[str, Any] | None) -> dict | None
     missing = [k for k in LLAMA3_KEYS if scaling.get(k) is None]
     if missing:
         raise ValueError(f"{fn}: rope_scaling of rope_type 'llama3' needs {', '.join(missing)}")
-    out = {"rope_type": "llama3",
+    out: Dict[str, Any] = {"rope_type": "llama3",
            "factor": C.finite_float(fn, "rope_scaling['factor']", scaling["factor"], lo=1.0),
            "low_freq_factor": C.finite_float(fn, "rope_scaling['low_freq_factor']",
                                              scaling["low_freq_factor"], lo=0.0, lo_open=True),
