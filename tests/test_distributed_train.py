@@ -76,6 +76,7 @@ def test_without_torchrun_nothing_is_imported():
     assert r.stdout.split() == ["_Single", "False"], r.stderr
 
 
+@pytest.mark.slow   # torchrun, two processes (about 4 s a mode)
 @pytest.mark.parametrize("mode", ["end", "overlap"])
 def test_grad_accum_reduces_the_gradients_once_per_optimizer_step(tmp_path, torch, mode):
     """2 ranks, --grad-accum 4, 3 steps: the gradient buffer is reduced once
