@@ -58,8 +58,9 @@ AB_API const char *ab_strerror(int code);
 /* Why this thread's last failing call refused: "function: reason" (e.g.
  * "ab_model_backward: one backward per forward: run ab_model_forward_backward
  * first"), or "" if nothing failed since ab_clear_error(). Per thread: each
- * thread reads its own calls' message. The pointer stays valid until this
- * thread's next failing call. */
+ * thread reads its own calls' message (the ANE functions' messages, "ANE:
+ * ...", too; an asynchronous ANE job's are its context's, ab_ane_last_error).
+ * The pointer stays valid until this thread's next failing call. */
 AB_API const char *ab_last_error(void);
 AB_API void ab_clear_error(void);
 

@@ -75,3 +75,12 @@ def test_second_backward_from_c_says_one_backward_per_forward():
     assert "one backward per forward" in last_error()
     with pytest.raises(ValueError, match="one backward per forward"):
         check(rc, "ab_model_backward")
+
+
+def test_ane_refusals_are_recorded_too():
+    """The ANE's messages (its err buffers) reach ab_last_error() as well."""
+    clear_error()
+    ctx = ffi.new("ab_ane_ctx **")
+    rc = lib.ab_ane_open(ctx, b"nosuch", ffi.NULL, 0)
+    assert rc != 0 and ctx[0] == ffi.NULL
+    assert last_error().startswith("ANE: ") and "nosuch" in last_error()

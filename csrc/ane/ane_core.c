@@ -145,13 +145,16 @@ struct ab_ane_ctx {
     pthread_t worker;
 };
 
+/* The message goes to the caller's buffer (if any) and, like every refusal
+ * of the library, to this thread's ab_last_error(). */
 int ab_ane_fail(char *err, size_t errcap, int code, const char *fmt, ...) {
-    if (err && errcap) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errcap, fmt, ap);
-        va_end(ap);
-    }
+    char own[512];
+    if (!err || !errcap) { err = own; errcap = sizeof own; }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errcap, fmt, ap);
+    va_end(ap);
+    ab_fail(code, "ANE", NULL, "%s", err);
     return code;
 }
 
