@@ -636,6 +636,22 @@ def train(args, stream=None):
         return _train(args, stream, locks)
 
 
+def _resumed_run(run, given, recompute, say):
+    """The saved run's model, optimizer, step, settings and tokenizer; a
+    --steps below the saved step is refused, other settings given on the
+    command line are reported as ignored."""
+    model, opt, start, st, tokenizer = _resume_pair(run, say, recompute)
+    if "steps" in given and given["steps"] < start:
+        _usage(f"--steps {given['steps']} is below the step {start} that {run} was saved at; "
+               f"a resumed run can only go on (--steps >= {start})")
+    ignored = sorted(k for k in given
+                     if k not in ("steps", "threads") and given[k] != getattr(st, k))
+    if ignored:
+        say("--resume keeps the saved run's settings; ignoring "
+            + ", ".join("--" + k.replace("_", "-") for k in ignored))
+    return model, opt, start, st, tokenizer
+
+
 def _new_run(given, recompute):
     """A new run's settings (the command line's over the defaults, the
     defaults resolved), the --init-from model or None, the model config to
@@ -678,6 +694,24 @@ def _new_run(given, recompute):
     return st, init, base, tokenizer
 
 
+def _load_data(st, tokenizer, say):
+    """The run's data, and whether it allows validation losses (its
+    validation streams hold seq_len + 1 tokens)."""
+    from .data import load_data
+    S = st.seq_len
+    data = load_data(st.data, tokenizer)
+    if data.longest("train") < S + 1:
+        raise ValueError(f"{data.description}: the longest training stream has "
+                         f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
+                         "use a smaller --seq-len or more data")
+    if data.val and data.longest("val") < S + 1:
+        say(f"warning: the validation split of {data.description} has at most "
+            f"{data.longest('val')} tokens per stream, fewer than seq_len + 1 = {S + 1}: "
+            "no validation loss in this run")
+        return data, False
+    return data, True
+
+
 def _new_model(st, init, base, tokenizer, data, recompute):
     """A new run's model (the --init-from one, else fresh weights of `base`
     with the tokenizer's vocabulary) and its AdamW."""
@@ -699,7 +733,6 @@ def _new_model(st, init, base, tokenizer, data, recompute):
 
 
 def _train(args, stream, locks):
-    from .data import load_data
     from . import distributed, set_num_threads
 
     stream = sys.stdout if stream is None else stream    # the current one, not import time's
@@ -725,20 +758,12 @@ def _train(args, stream, locks):
     _lock_run(locks, out, args.resume if not in_place else None, dp)
 
     if args.resume:
-        model, opt, start, st, tokenizer = _resume_pair(args.resume, say, recompute)
+        model, opt, start, st, tokenizer = _resumed_run(args.resume, given, recompute, say)
         old_total = st.steps     # the run's length when it was saved
         if in_place:
             _clean_run_leftovers(out, say)
         if "steps" in given:
-            if given["steps"] < start:
-                _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
-                       f"was saved at; a resumed run can only go on (--steps >= {start})")
             st.steps = given["steps"]
-        ignored = sorted(k for k in given
-                         if k not in ("steps", "threads") and given[k] != getattr(st, k))
-        if ignored:
-            say("--resume keeps the saved run's settings; ignoring "
-                + ", ".join("--" + k.replace("_", "-") for k in ignored))
         if in_place and overwrite:
             _usage("--overwrite with --resume into the same directory: a resumed run continues "
                    "its directory; drop --overwrite, or pass another --out")
@@ -761,17 +786,7 @@ def _train(args, stream, locks):
         set_num_threads(given["threads"])
 
     B, S, accum = st.batch_size, st.seq_len, st.grad_accum
-    data = load_data(st.data, tokenizer)
-    if data.longest("train") < S + 1:
-        raise ValueError(f"{data.description}: the longest training stream has "
-                         f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
-                         "use a smaller --seq-len or more data")
-    evaluate = True
-    if data.val and data.longest("val") < S + 1:
-        say(f"warning: the validation split of {data.description} has at most "
-            f"{data.longest('val')} tokens per stream, fewer than seq_len + 1 = {S + 1}: "
-            "no validation loss in this run")
-        evaluate = False
+    data, evaluate = _load_data(st, tokenizer, say)
 
     if not args.resume:
         model, opt = _new_model(st, init, base, tokenizer, data, recompute)
