@@ -9,9 +9,15 @@ import sys
 
 from ._version import __version__
 
+def old_spelling(parser, flag, dest, **kw):
+    """An option's former name: still parsed (into dest), absent from --help."""
+    parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
+
+
 COMMANDS = {
     "train": ("anebackward.train", "train a small Llama (default: the embedded corpus)"),
-    "sample": ("anebackward.sample", "generate text from a llama2.c checkpoint"),
+    "sample": ("anebackward.sample", "generate text from a llama2.c checkpoint or a Hugging "
+               "Face model directory"),
     "bench": ("anebackward.bench", "benchmark the kernels and the training step"),
     "selfcheck": ("anebackward.selfcheck", "check every kernel against float64 NumPy"),
     "config": ("anebackward.capi", "compiler and linker flags for C programs (--cflags --libs)"),

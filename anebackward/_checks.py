@@ -7,6 +7,8 @@ names the function, the argument, what was expected and the fix. Token ids
 are small, so integer arrays of another dtype are converted to int32.
 """
 
+from typing import Any, Optional
+
 import numpy as np
 
 F32 = np.dtype(np.float32)
@@ -79,19 +81,20 @@ def tokens(fn, name, a, vocab_size, allow_ignore=False):
     return a
 
 
-def positive_int(fn, name, v):
+def positive_int(fn: str, name: str, v: Any) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v <= 0:
         raise ValueError(f"{fn}: {name} must be a positive int, got {v!r}")
     return int(v)
 
 
-def nonneg_int(fn, name, v):
+def nonneg_int(fn: str, name: str, v: Any) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
         raise ValueError(f"{fn}: {name} must be a non-negative int, got {v!r}")
     return int(v)
 
 
-def finite_float(fn, name, v, lo=None, lo_open=False, hi=None, hi_open=False):
+def finite_float(fn: str, name: str, v: Any, lo: Optional[float] = None, lo_open: bool = False,
+                 hi: Optional[float] = None, hi_open: bool = False) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):

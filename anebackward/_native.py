@@ -61,10 +61,26 @@ def exception_for(rc):
     return _CODE_TO_EXC.get(rc, AnebackwardError)
 
 
+def last_error():
+    """This thread's message from the C core for its last refused call (""
+    if none since the last clear_error()), e.g. "ab_model_backward: one
+    backward per forward: ..."."""
+    return ffi.string(lib.ab_last_error()).decode(errors="replace")
+
+
+def clear_error():
+    lib.ab_clear_error()
+
+
 def check(rc, what):
-    """Raise if a C call returned an error code."""
+    """Raise if a C call returned an error code: the exception names `what`,
+    says why the C core refused (ab_last_error) and gives the code."""
     if rc != 0:
+        why = last_error()
+        lib.ab_clear_error()
         msg = ffi.string(lib.ab_strerror(rc)).decode()
+        if why:
+            msg = why if msg in why else f"{why} ({msg})"
         raise exception_for(rc)(f"{what}: {msg} (C error {rc})")
 
 

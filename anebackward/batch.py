@@ -141,6 +141,7 @@ class Batch:
         layout, `fill` at padded positions (a padded batch only)."""
         if self.rows is None:
             raise ValueError("Batch.scatter: this batch was given compact (no padded shape)")
+        assert self.shape is not None      # a padded batch has both
         B, S = self.shape
         out = np.full((B * S,) + values.shape[1:], fill, dtype=values.dtype)
         out[self.rows] = values

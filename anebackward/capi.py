@@ -20,9 +20,11 @@ rpath, linked even under --as-needed: a program then links and runs without
 LD_LIBRARY_PATH, also from an editable install where the library's own
 relative RUNPATH ($ORIGIN/../../scipy_openblas32/lib) cannot reach the wheel.
 """
+import argparse
 import os
 import shlex
 import sys
+from typing import List
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,16 +44,16 @@ def get_library() -> str:
     return "anebackward"
 
 
-def _blas_libs():
+def _blas_libs() -> List[str]:
     if sys.platform == "darwin":
         return ["-framework", "Accelerate"]
     import scipy_openblas32 as sob
-    d = sob.get_lib_dir()
+    d: str = sob.get_lib_dir()
     # Kept even under --as-needed (the program itself calls no BLAS): the
     # program's rpath then finds the BLAS also where the library's own
     # relative RUNPATH does not reach it (editable installs).
     return ["-L" + d, "-Wl,-rpath," + d,
-            "-Wl,--push-state,--no-as-needed", "-l" + sob.get_library(), "-Wl,--pop-state"]
+            "-Wl,--push-state,--no-as-needed", "-l" + str(sob.get_library()), "-Wl,--pop-state"]
 
 
 def pkgconfig_dir() -> str:
@@ -81,22 +83,22 @@ def pkgconfig_dir() -> str:
     return d
 
 
-def cflags() -> list:
+def cflags() -> List[str]:
     return ["-I" + get_include()]
 
 
-def libs() -> list:
+def libs() -> List[str]:
     d = get_lib_dir()
     return ["-L" + d, "-Wl,-rpath," + d, "-l" + get_library()] + _blas_libs() + ["-lm"]
 
 
-def _missing_files():
+def _missing_files() -> List[str]:
     name = "libanebackward.dylib" if sys.platform == "darwin" else "libanebackward.so"   # the dev link
     return [p for p in (os.path.join(get_include(), "anebackward.h"),
                         os.path.join(get_lib_dir(), name)) if not os.path.exists(p)]
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cflags", action="store_true", help="compiler flags (-I...)")
     parser.add_argument("--libs", action="store_true", help="linker flags (-L... -l...)")
     parser.add_argument("--includedir", action="store_true", help="the include directory")
@@ -106,7 +108,7 @@ def add_arguments(parser):
     parser.add_argument("--version", action="store_true", help="the library version")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     missing = _missing_files()
     if missing:
         print("anebackward config: this install has no C library (missing "

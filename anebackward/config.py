@@ -27,18 +27,19 @@ class LlamaConfig:
     hidden_dim: int = 352
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None   # None: n_heads (multi-head attention)
+    # None: n_heads (multi-head attention); an int once constructed
+    n_kv_heads: int = None  # type: ignore[assignment]
     vocab_size: int = 259
     max_seq_len: int = 128
     shared_classifier: bool = True
     norm_eps: float = 1e-5
-    head_dim: Optional[int] = None     # None: dim // n_heads
+    head_dim: int = None  # type: ignore[assignment]  # None: dim // n_heads; an int once built
     qk_norm: bool = False
     rope_theta: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = dataclasses.field(default=None, hash=False)
     rope_layout: str = "interleaved"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         fn = "LlamaConfig"
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -212,8 +212,9 @@ _QK = ("attention.wq.weight", "attention.wk.weight", "attention.q_norm.weight",
 
 
 # ---- reading -----------------------------------------------------------------------
-def _weight_files(directory: str) -> Dict[str, str]:
-    """HF tensor name -> file, from the index (sharded) or the one file."""
+def _weight_files(directory: str) -> Dict[Optional[str], str]:
+    """HF tensor name -> file, from the index (sharded) or the one file
+    (then the one key None: every tensor)."""
     index = os.path.join(directory, INDEX)
     if os.path.isfile(index):
         d = _read_json(index)

@@ -55,7 +55,8 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        alpha = self.r if self.alpha is None else self.alpha   # (__post_init__ fills it in)
+        return float(alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
     def mask(self) -> int:

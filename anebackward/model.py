@@ -112,6 +112,9 @@ class Llama:
     forward/backward pair holds the lock around both
     (`with model.lock: model.forward(x); model.backward()`)."""
 
+    _params_version: int     # see mark_params_changed
+    _base_version: int       # the params version of the frozen base weights
+
     def __init__(self, config: Optional[LlamaConfig] = None, seed: int = 0, *,
                  backend: Backend = None, init: bool = True, recompute: bool = False,
                  precision: Optional[str] = None, trainable: Any = None,
@@ -146,9 +149,10 @@ class Llama:
         self._groups: Optional[Dict[int, Tuple[Tuple[int, int], ...]]] = None
         self._in_backward = False      # inside backward's on_grads_ready callback
         self.params = views(self.flat_params, self._specs)
-        self._ws = None            # (B, S, workspace array, logits offset)
-        self._pending = None       # (B, S, rows) of the last want_grad forward, until its backward
-        self.last_loss = None
+        self._ws: Any = None       # (B, S, workspace array, logits offset)
+        # (B, S, rows) of the last want_grad forward, until its backward
+        self._pending: Optional[Tuple[int, int, int]] = None
+        self.last_loss: Optional[float] = None
         self.ane_reason = "no step yet"   # None: the last step's projections ran on the ANE
         self.mark_params_changed()
         if init:
@@ -393,8 +397,8 @@ class Llama:
         self._forward_c(fn, loss, tok, tgt, B, S, want_grad, work)
         if want_grad:
             self._pending = (B, S, B * S)   # C keeps the tokens: the caller may reuse its buffer
-        self.last_loss = float(loss[0])
-        return self.last_loss
+        self.last_loss = value = float(loss[0])
+        return value
 
     def _as_batch(self, fn, tokens, targets, cu_seqlens, positions, attention_mask,
                   loss_denominator):
@@ -548,7 +552,8 @@ class Llama:
     def _group_ranges(self) -> Dict[int, Tuple[Tuple[int, int], ...]]:
         """C's group number (ab_model_backward_notify) -> its ranges."""
         if self._groups is None:
-            L, groups = self.config.n_layers, {}
+            L = self.config.n_layers
+            groups: Dict[int, List[Tuple[int, int]]] = {}
             for name, off, shape in self._grad_specs:
                 if name.startswith("layers."):
                     g = int(name.split(".")[1])
@@ -603,7 +608,7 @@ class Llama:
             self.ane_reason = ane.route_reason(self.backend, kernel, N=N, n_in=n_in, n_out=n_out)
             if self.ane_reason is not None:
                 return None
-        return ane._current()[0]
+        return ane.context()
 
     @_locked
     def logits(self, tokens: Union[Tokens, Batch], *, last_only: bool = False,
@@ -631,7 +636,8 @@ class Llama:
         off, V = self._ws[3], self.config.vocab_size
         lg = work[off:off + B * S * V].reshape(B, S, V)
         lg = lg[:, -1, :] if last_only else lg
-        return (lg[0] if np.ndim(tokens) == 1 else lg).copy()
+        one_row = not isinstance(tokens, Batch) and np.ndim(tokens) == 1
+        return (lg[0] if one_row else lg).copy()
 
     def decoder(self, max_positions: Optional[int] = None) -> Decoder:
         """A KV-cache decoder for generation, one token per call, like

@@ -17,10 +17,13 @@ import numpy as np
 
 
 def add_arguments(p):
-    p.add_argument("model", help="a llama2.c v0 checkpoint (e.g. runs/default/model.bin)")
+    from .__main__ import old_spelling
+    p.add_argument("model", help="a llama2.c v0 checkpoint (e.g. runs/default/model.bin) or a "
+                   "Hugging Face model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    p.add_argument("--steps", type=int, default=256,
+    p.add_argument("--max-tokens", type=int, default=256,
                    help="positions to run, prompt included (default 256, at most max_seq_len)")
+    old_spelling(p, "--steps", "max_tokens", type=int)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="0 = greedy; default 1.0")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; "
@@ -91,8 +94,8 @@ def run(args):
 
     try:    # the options first: a bad one is reported before any file is read
         _check_sampling("", args.temperature, args.top_p, ("--temperature", "--top-p"))
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
         if args.seed is not None and not 0 <= args.seed < 2**64:
             raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
     except ValueError as e:
@@ -132,7 +135,7 @@ def run(args):
 
     t0 = time.perf_counter()
     try:
-        toks = generate(model, tokenizer, args.prompt, args.steps, args.temperature, args.top_p,
+        toks = generate(model, tokenizer, args.prompt, args.max_tokens, args.temperature, args.top_p,
                         seed, on_token=emit)
     except ValueError as e:
         print(f"anebackward sample: {e}", file=sys.stderr)

@@ -34,17 +34,49 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from . import MAX_THREADS
 
-# seq_len None = the preset's max_seq_len; save_every None = --eval-every
-DEFAULTS = dict(config="default", steps=500, batch_size=16, seq_len=None, lr=2e-3, min_lr=1e-4,
-                warmup=50, decay_steps=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                grad_clip=1.0, grad_accum=1, seed=0, eval_every=100, eval_batches=4,
-                save_every=None, data=None, tokenizer=None, init_from=None, format=None,
-                lora=None, lora_alpha=None, lora_targets=None)
+@dataclass
+class Settings:
+    """A run's settings: what optimizer.bin records (as a JSON object of
+    these fields) and --resume brings back. None is "not chosen yet" where
+    the default is None: seq_len becomes the preset's max_seq_len, save_every
+    --eval-every, format the --init-from input's (else llama2c)."""
+    config: str = "default"
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: Optional[int] = None
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 50
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: Optional[int] = None
+    data: Optional[str] = None
+    tokenizer: Optional[str] = None
+    init_from: Optional[str] = None
+    format: Optional[str] = None
+    lora: Optional[int] = None          # LoRA rank: adapters on a frozen --init-from model
+    lora_alpha: Optional[float] = None
+    lora_targets: Optional[str] = None
+
+    def as_dict(self):
+        return asdict(self)
+
+
+DEFAULTS = {f.name: f.default for f in fields(Settings)}
 # settings that runs saved before they existed lack (their values then)
 _LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None)
 
@@ -105,13 +137,13 @@ def _check_combination(st, label):
     """Settings checked together (label(name) names one): min_lr <= lr,
     config a preset or "init-from"."""
     from .config import PRESETS
-    if st["min_lr"] > st["lr"]:
-        raise ValueError(f"{label('min_lr')} ({st['min_lr']:g}) is above {label('lr')} "
-                         f"({st['lr']:g}): the cosine schedule decays from the peak down to it; "
+    if st.min_lr > st.lr:
+        raise ValueError(f"{label('min_lr')} ({st.min_lr:g}) is above {label('lr')} "
+                         f"({st.lr:g}): the cosine schedule decays from the peak down to it; "
                          "pass a smaller --min-lr or a larger --lr")
-    if st["config"] not in PRESETS and st["config"] != "init-from":
+    if st.config not in PRESETS and st.config != "init-from":
         raise ValueError(f"{label('config')} must be a preset ({', '.join(PRESETS)}) or "
-                         f"init-from, got {st['config']!r}")
+                         f"init-from, got {st.config!r}")
 
 
 def _check_memory(model, B, S, label):
@@ -142,6 +174,7 @@ def _usage(msg):
 
 
 def add_arguments(p):
+    from .__main__ import old_spelling
     a = p.add_argument
     a("--data", help="training data: a UTF-8 text file (documents separated by blank lines, "
       "byte-level tokens), a llama2.c .bin token shard or a directory of them "
@@ -193,7 +226,8 @@ def add_arguments(p):
       "(default: all seven)")
     a("--merge", action="store_true", help="with --lora: also write the model with the "
       "adapters merged in as an HF directory, --out/merged, when the run ends")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (messages still print)")
+    old_spelling(p, "--quiet", "no_progress", action="store_true")
 
 
 class Progress:
@@ -262,12 +296,12 @@ def _resume_state(path, model, opt, checkpoint):
         unknown = sorted(set(saved) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"extra.settings holds unknown keys {', '.join(map(repr, unknown))}")
-        st = {k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS}
+        st = Settings(**{k: _check_setting(k, saved[k], "settings." + k) for k in DEFAULTS})
         _check_combination(st, lambda k: "settings." + k)
-        if st["seq_len"] is None or st["seq_len"] > model.config.max_seq_len:
-            raise ValueError(f"settings.seq_len {st['seq_len']!r} does not fit the model's "
+        if st.seq_len is None or st.seq_len > model.config.max_seq_len:
+            raise ValueError(f"settings.seq_len {st.seq_len!r} does not fit the model's "
                              f"max_seq_len {model.config.max_seq_len}")
-        if st["save_every"] is None:
+        if st.save_every is None:
             raise ValueError("settings.save_every must be an integer, got None")
         digest = extra.get("params_digest")
         if digest is not None and not isinstance(digest, str):
@@ -331,11 +365,13 @@ def _mismatch(d, step, tensors, model, checkpoint):
         "whole, or start anew")
 
 
-def _evaluate(model, data, st, step):
-    losses = [model.forward(*data.batch(10_000_000 + i, st["batch_size"], st["seq_len"],
-                                        st["seed"], split="val"), want_grad=False)
-              for i in range(st["eval_batches"])]
-    return float(np.mean(losses))
+def _evaluate(model, data, st, dp):
+    """The validation loss: the mean over eval_batches fixed batches (and
+    over the data-parallel ranks, one all-reduce)."""
+    losses = [model.forward(*dp.batch(data, 10_000_000 + i, st.batch_size, st.seq_len,
+                                      st.seed, split="val"), want_grad=False)
+              for i in range(st.eval_batches)]
+    return dp.mean(float(np.mean(losses)))
 
 
 def _read_log(path, before, say=None):
@@ -613,16 +649,115 @@ def train(args, stream=None):
         return _train(args, stream, locks)
 
 
-def _train(args, stream, locks):
-    from . import checkpoint
-    from .data import load_data
-    from .model import AdamW, Llama, LlamaConfig, cosine_lr
+def _resumed_run(run, given, recompute, say):
+    """The saved run's model, optimizer, step, settings and tokenizer; a
+    --steps below the saved step is refused, other settings given on the
+    command line are reported as ignored."""
+    model, opt, start, st, tokenizer = _resume_pair(run, say, recompute)
+    if "steps" in given and given["steps"] < start:
+        _usage(f"--steps {given['steps']} is below the step {start} that {run} was saved at; "
+               f"a resumed run can only go on (--steps >= {start})")
+    ignored = sorted(k for k in given
+                     if k not in ("steps", "threads") and given[k] != getattr(st, k))
+    if ignored:
+        say("--resume keeps the saved run's settings; ignoring "
+            + ", ".join("--" + k.replace("_", "-") for k in ignored))
+    return model, opt, start, st, tokenizer
+
+
+def _new_run(given, recompute):
+    """A new run's settings (the command line's over the defaults, the
+    defaults resolved), the --init-from model or None, the model config to
+    start from and the tokenizer."""
+    from .model import Llama, LlamaConfig
     from .tokenizer import Tokenizer
+    st = Settings(**{k: v for k, v in given.items() if k in DEFAULTS})
+    if "min_lr" not in given:       # the default floor follows a smaller --lr
+        st.min_lr = min(st.min_lr, st.lr)
+    try:
+        _check_combination(st, lambda k: "--" + k.replace("_", "-"))
+    except ValueError as e:
+        _usage(str(e))
+    init = None
+    if st.lora is not None:
+        if not st.init_from or not _hf().is_hf_dir(st.init_from):
+            _usage("--lora trains adapters on a Hugging Face model: pass --init-from HFDIR")
+        if st.format not in (None, "hf"):
+            _usage("--lora writes a peft adapter directory; --format llama2c does not apply")
+        st.init_from = os.path.abspath(st.init_from)   # the adapters' base model
+    if st.init_from:
+        init, init_format, init_tok = _load_init(st.init_from, Llama, Tokenizer, recompute,
+                                                 _lora_of(st), st.seed)
+        base = init.config
+        st.config = "init-from"
+        st.format = st.format or init_format
+        if st.seq_len is None:   # HF models allow tens of thousands of positions
+            st.seq_len = min(base.max_seq_len, 256)
+    else:
+        try:
+            base = LlamaConfig.preset(st.config)
+        except ValueError as e:
+            _usage(f"--config: {e}")
+    st.format = st.format or "llama2c"
+    if st.seq_len is None:       # preset-dependent default
+        st.seq_len = base.max_seq_len
+    if st.seq_len > base.max_seq_len:
+        _usage(f"--seq-len {st.seq_len} exceeds the {st.config} preset's "
+               f"max_seq_len {base.max_seq_len}")
+    if st.save_every is None:
+        st.save_every = st.eval_every
+    if st.tokenizer:
+        tokenizer = (_hf().HFTokenizer(st.tokenizer) if st.tokenizer.endswith(".json")
+                     else Tokenizer.load(st.tokenizer))
+    else:
+        tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
+    return st, init, base, tokenizer
+
+
+def _load_data(st, tokenizer, say):
+    """The run's data, and whether it allows validation losses (its
+    validation streams hold seq_len + 1 tokens)."""
+    from .data import load_data
+    S = st.seq_len
+    data = load_data(st.data, tokenizer)
+    if data.longest("train") < S + 1:
+        raise ValueError(f"{data.description}: the longest training stream has "
+                         f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
+                         "use a smaller --seq-len or more data")
+    if data.val and data.longest("val") < S + 1:
+        say(f"warning: the validation split of {data.description} has at most "
+            f"{data.longest('val')} tokens per stream, fewer than seq_len + 1 = {S + 1}: "
+            "no validation loss in this run")
+        return data, False
+    return data, True
+
+
+def _new_model(st, init, base, tokenizer, data, recompute):
+    """A new run's model (the --init-from one, else fresh weights of `base`
+    with the tokenizer's vocabulary) and its AdamW."""
+    from .model import AdamW, Llama
+    if init is not None:
+        model = init
+        if data.max_token() >= model.config.vocab_size:
+            _usage(f"--data has token ids up to {data.max_token()}, beyond the vocabulary "
+                   f"({model.config.vocab_size}) of --init-from {st.init_from}; pass the "
+                   "tokenizer the model was trained with")
+    else:
+        vocab = tokenizer.vocab_size    # larger ids in the data are refused by the caller
+        if st.tokenizer is None and data.max_token() >= tokenizer.vocab_size:
+            _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
+                   "was made with as --tokenizer")
+        model = Llama(base.replace(vocab_size=vocab), seed=st.seed, recompute=recompute)
+    return model, AdamW(model, lr=st.lr, betas=(st.beta1, st.beta2),
+                        weight_decay=st.weight_decay)
+
+
+def _train(args, stream, locks):
     from . import distributed, set_num_threads
 
     stream = sys.stdout if stream is None else stream    # the current one, not import time's
     dp = distributed.from_env(args)   # torchrun: data-parallel ranks (anebackward/distributed.py)
-    quiet = getattr(args, "quiet", False)
+    quiet = getattr(args, "no_progress", False)
     say = Progress(1, stream, quiet=quiet).message
     given = _given(args)            # every number range-checked before anything happens
     overwrite = bool(getattr(args, "overwrite", False))
@@ -631,6 +766,10 @@ def _train(args, stream, locks):
         _usage(f"--format must be llama2c or hf, got {given['format']!r}")
     if "init_from" in given and "config" in given:
         _usage("--init-from and --config both choose the model; pass one of them")
+    merge = bool(getattr(args, "merge", False))
+    if ("lora_alpha" in given or "lora_targets" in given or merge) \
+            and "lora" not in given and not args.resume:
+        _usage("--lora-alpha, --lora-targets and --merge apply to adapter runs: add --lora R")
     if getattr(args, "out", None) is not None and not args.out.strip():
         _usage(f"--out {args.out!r} names no directory; pass one (default runs/default)")
     if args.resume and not os.path.isfile(os.path.join(args.resume, "optimizer.bin")):
@@ -641,114 +780,40 @@ def _train(args, stream, locks):
         _usage(f"--out {out} is a symbolic link (to {os.readlink(out)}); pass the directory it "
                f"names ({os.path.realpath(out)}) or another --out")
     _lock_run(locks, out, args.resume if not in_place else None, dp)
-    if ("lora_alpha" in given or "lora_targets" in given or getattr(args, "merge", False)) \
-            and "lora" not in given and not args.resume:
-        _usage("--lora-alpha, --lora-targets and --merge apply to adapter runs: add --lora R")
 
     if args.resume:
-        model, opt, start, st, tokenizer = _resume_pair(args.resume, say, recompute)
-        old_total = st["steps"]     # the run's length when it was saved
+        model, opt, start, st, tokenizer = _resumed_run(args.resume, given, recompute, say)
+        old_total = st.steps     # the run's length when it was saved
         if in_place:
             _clean_run_leftovers(out, say)
         if "steps" in given:
-            if given["steps"] < start:
-                _usage(f"--steps {given['steps']} is below the step {start} that {args.resume} "
-                       f"was saved at; a resumed run can only go on (--steps >= {start})")
-            st["steps"] = given["steps"]
-        ignored = sorted(k for k in given if k not in ("steps", "threads") and given[k] != st[k])
-        if ignored:
-            say("--resume keeps the saved run's settings; ignoring "
-                + ", ".join("--" + k.replace("_", "-") for k in ignored))
+            st.steps = given["steps"]
         if in_place and overwrite:
             _usage("--overwrite with --resume into the same directory: a resumed run continues "
                    "its directory; drop --overwrite, or pass another --out")
     else:
-        st = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
-        if "min_lr" not in given:       # the default floor follows a smaller --lr
-            st["min_lr"] = min(st["min_lr"], st["lr"])
-        try:
-            _check_combination(st, lambda k: "--" + k.replace("_", "-"))
-        except ValueError as e:
-            _usage(str(e))
-        init = None
-        if st["lora"] is not None:
-            if not st["init_from"] or not _hf().is_hf_dir(st["init_from"]):
-                _usage("--lora trains adapters on a Hugging Face model: pass --init-from HFDIR")
-            if st["format"] not in (None, "hf"):
-                _usage("--lora writes a peft adapter directory; --format llama2c does not apply")
-            st["init_from"] = os.path.abspath(st["init_from"])   # the adapters' base model
-        if st["init_from"]:
-            init, init_format, init_tok = _load_init(st["init_from"], Llama, Tokenizer, recompute,
-                                                     _lora_of(st), st["seed"])
-            base = init.config
-            st["config"] = "init-from"
-            st["format"] = st["format"] or init_format
-            if st["seq_len"] is None:   # HF models allow tens of thousands of positions
-                st["seq_len"] = min(base.max_seq_len, 256)
-        else:
-            try:
-                base = LlamaConfig.preset(st["config"])
-            except ValueError as e:
-                _usage(f"--config: {e}")
-        st["format"] = st["format"] or "llama2c"
-        if st["seq_len"] is None:       # preset-dependent default
-            st["seq_len"] = base.max_seq_len
-        if st["seq_len"] > base.max_seq_len:
-            _usage(f"--seq-len {st['seq_len']} exceeds the {st['config']} preset's "
-                   f"max_seq_len {base.max_seq_len}")
-        if st["save_every"] is None:
-            st["save_every"] = st["eval_every"]
-        if st["tokenizer"]:
-            tokenizer = (_hf().HFTokenizer(st["tokenizer"]) if st["tokenizer"].endswith(".json")
-                         else Tokenizer.load(st["tokenizer"]))
-        else:
-            tokenizer = init_tok if init is not None and init_tok else Tokenizer.byte_level()
-        start, old_total = 0, st["steps"]
+        st, init, base, tokenizer = _new_run(given, recompute)
+        start, old_total = 0, st.steps
     if os.path.exists(out) and not os.path.isdir(out):
         _usage(f"--out {out} is a file, not a directory")
     _clean_staging_leftovers(out, say)      # (this process holds --out's name lock)
     if not in_place and os.path.isdir(out) and _listing(out) and not overwrite:
         _usage(f"--out {out} already holds files (a previous run?); pass --resume {out} to "
                f"continue it, --overwrite to replace it, or another --out")
-    if start == st["steps"] and args.resume and not _eval_missing(
+    if start == st.steps and args.resume and not _eval_missing(
             _read_log(os.path.join(args.resume, "log.jsonl"), start), st, start, old_total):
-        say(f"{args.resume} is already at step {start} of {st['steps']}; nothing to train "
+        say(f"{args.resume} is already at step {start} of {st.steps}; nothing to train "
             "(--steps N extends it)")
         return {"status": "ok", "first_loss": None, "last_loss": None, "val_loss": None,
                 "out": out, "model": model}
     if "threads" in given:
         set_num_threads(given["threads"])
 
-    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
-    data = load_data(st["data"], tokenizer)
-    if data.longest("train") < S + 1:
-        raise ValueError(f"{data.description}: the longest training stream has "
-                         f"{data.longest('train')} tokens, fewer than seq_len + 1 = {S + 1}; "
-                         "use a smaller --seq-len or more data")
-    evaluate = True
-    if data.val and data.longest("val") < S + 1:
-        say(f"warning: the validation split of {data.description} has at most "
-            f"{data.longest('val')} tokens per stream, fewer than seq_len + 1 = {S + 1}: "
-            "no validation loss in this run")
-        evaluate = False
+    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
+    data, evaluate = _load_data(st, tokenizer, say)
 
-    if not args.resume and init is not None:
-        model = init
-        if data.max_token() >= model.config.vocab_size:
-            _usage(f"--data has token ids up to {data.max_token()}, beyond the vocabulary "
-                   f"({model.config.vocab_size}) of --init-from {st['init_from']}; pass the "
-                   "tokenizer the model was trained with")
-        opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
-                    weight_decay=st["weight_decay"])
-    elif not args.resume:
-        vocab = tokenizer.vocab_size    # larger ids in the data are refused below
-        if st["tokenizer"] is None and data.max_token() >= tokenizer.vocab_size:
-            _usage(f"--data has token ids up to {data.max_token()}; pass the tokenizer.bin it "
-                   "was made with as --tokenizer")
-        config = base.replace(vocab_size=vocab)
-        model = Llama(config, seed=st["seed"], recompute=recompute)
-        opt = AdamW(model, lr=st["lr"], betas=(st["beta1"], st["beta2"]),
-                    weight_decay=st["weight_decay"])
+    if not args.resume:
+        model, opt = _new_model(st, init, base, tokenizer, data, recompute)
     precision = getattr(args, "precision", None) or "fp32"
     if precision != model.precision:     # how to run, not part of the saved run
         try:
@@ -761,27 +826,26 @@ def _train(args, stream, locks):
         _usage(f"--data {where}: token id {token} is beyond the vocabulary "
                f"({model.config.vocab_size}) of "
                + (f"the model in {args.resume}" if args.resume else
-                  f"--init-from {st['init_from']}" if init is not None else
-                  f"--tokenizer {st['tokenizer']}")
+                  f"--init-from {st.init_from}" if init is not None else
+                  f"--tokenizer {st.tokenizer}")
                + "; pass the tokenizer the data was made with")
     try:
         _check_memory(model, B, S, "settings.batch_size" if args.resume else "--batch-size")
     except ValueError as e:
         _usage(str(e))
-    dp.wrap(model, data)
     config = model.config
     if tokenizer.vocab_size < config.vocab_size:
         tokenizer = tokenizer.padded(config.vocab_size)
 
-    total, decay = st["steps"], st["decay_steps"] or st["steps"]
+    total, decay = st.steps, st.decay_steps or st.steps
     say(f"model: {config.n_layers} layers, dim {config.dim}, hidden {config.hidden_dim}, "
         f"{config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
         f"{model.n_params:,} parameters; data: {data.description} "
         f"({data.n_train_tokens:,} training tokens)")
     if args.resume:
         say(f"resuming {args.resume} at step {start} of {total}")
-    say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st['lr']:g} "
-        f"(warm-up {st['warmup']}, cosine to {st['min_lr']:g} at {decay}); output in {out}")
+    say(f"training steps {start}..{total} with batch {B} x {accum} x seq {S}, lr {st.lr:g} "
+        f"(warm-up {st.warmup}, cosine to {st.min_lr:g} at {decay}); output in {out}")
 
     run_dir = _RunDir(out, in_place, locks)
     run_dir.saved_at = start if in_place else None
@@ -794,19 +858,61 @@ def _train(args, stream, locks):
         # the evaluation of the step the run was stopped at, if its record is missing
         pending = evaluate and _eval_missing(old_log, st, start, old_total)
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
-            return _loop(model, opt, data, st, start, total, decay, run_dir, log, signals,
-                         evaluate, Progress(total, stream, quiet=quiet), say, cosine_lr,
-                         checkpoint, pending, merge=bool(getattr(args, "merge", False)))
+            run = _Run(model=model, opt=opt, data=data, st=st, dp=dp, start=start,
+                       run_dir=run_dir, log=log, signals=signals, evaluate=evaluate,
+                       progress=Progress(total, stream, quiet=quiet), say=say, merge=merge)
+            return _loop(run, pending)
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
     finally:
         run_dir.discard()       # a run stopped before its first save leaves nothing
 
 
-def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, evaluate,
-          progress, say, cosine_lr, checkpoint, pending=False, merge=False):
-    B, S, accum = st["batch_size"], st["seq_len"], st["grad_accum"]
-    settings = {k: st[k] for k in DEFAULTS}
+@dataclass
+class _Run:
+    """What the training loop works with (_train builds it)."""
+    model: Any                  # Llama
+    opt: Any                    # AdamW
+    data: Any                   # anebackward.data's training data
+    st: Settings
+    dp: Any                     # anebackward.distributed: _Single or DataParallel
+    start: int                  # the first step to take
+    run_dir: "_RunDir"
+    log: Any                    # log.jsonl, open for appending
+    signals: "_Signals"
+    evaluate: bool              # validation losses wanted and possible
+    progress: "Progress"
+    say: Callable[[str], None]
+    merge: bool = False         # adapter runs: also write the merged HF model at the end
+
+
+def _micro_batches(run, step):
+    """Step `step`'s loss, its gradients in the model's buffer (reduced over
+    the data-parallel ranks), or None if a signal arrived (the step is then
+    dropped: the weights are still those of `step`)."""
+    model, st, dp = run.model, run.st, run.dp
+    accum, loss = st.grad_accum, 0.0
+    for micro in range(accum):
+        if run.signals.received:    # a long accumulation stops at the next micro-batch
+            return None
+        x, y = dp.batch(run.data, step * accum + micro, st.batch_size, st.seq_len, st.seed)
+        loss += model.forward(x, y) / accum
+        # data-parallel: the gradients are reduced once, after the last micro-batch
+        dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
+                    grad_scale=1.0 / accum)
+    return dp.mean(loss)
+
+
+def _loop(run, pending=False):
+    """Steps run.start .. st.steps: train, log, save, evaluate; returns the
+    run's result (status "ok", "interrupted" or "diverged")."""
+    from . import checkpoint
+    from .model import cosine_lr
+    model, opt, data, st, run_dir, log = run.model, run.opt, run.data, run.st, run.run_dir, run.log
+    signals, progress, say, evaluate = run.signals, run.progress, run.say, run.evaluate
+    start, total, decay = run.start, st.steps, st.decay_steps or st.steps
+    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
+    settings = st.as_dict()
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
 
     def save(step):
@@ -823,8 +929,8 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
             # optimizer first, under its temporary name; then the adapter's
             # two files (each atomically), as for the hf format
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
-            model.save_adapter(run_dir.path, base_model_name_or_path=st["init_from"])
-        elif st["format"] == "hf":
+            model.save_adapter(run_dir.path, base_model_name_or_path=st.init_from)
+        elif st.format == "hf":
             # optimizer first, under its temporary name; save_pretrained then
             # replaces config.json and model.safetensors (each atomically)
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
@@ -847,7 +953,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
     def validate(step):
         """The validation loss after `step` logged; None if it failed."""
         try:
-            val = _evaluate(model, data, st, step)
+            val = _evaluate(model, data, st, run.dp)
         except (ValueError, ArithmeticError, MemoryError, RuntimeError) as e:
             say(f"warning: evaluation failed at step {step + 1} ({e}); training goes on "
                 "without validation loss")
@@ -863,16 +969,12 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         evaluate = val is not None
     for step in range(start, total):
         t0 = time.perf_counter()
-        lr = cosine_lr(step, max_lr=st["lr"], warmup_steps=st["warmup"], total_steps=decay,
-                       min_lr=st["min_lr"])
-        loss = 0.0
-        for micro in range(accum):
-            if signals.received:    # a long accumulation stops at the next micro-batch
-                return stop(step)   # (this step is dropped: the weights are those of step)
-            x, y = data.batch(step * accum + micro, B, S, st["seed"])
-            loss += model.forward(x, y) / accum
-            model.backward(accumulate=micro > 0, grad_scale=1.0 / accum)
-        norm = model.clip_grad_norm(st["grad_clip"]) if st["grad_clip"] > 0 else \
+        lr = cosine_lr(step, max_lr=st.lr, warmup_steps=st.warmup, total_steps=decay,
+                       min_lr=st.min_lr)
+        loss = _micro_batches(run, step)
+        if loss is None:
+            return stop(step)
+        norm = model.clip_grad_norm(st.grad_clip) if st.grad_clip > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
             # The weights that gave this loss are not saved: the last save
@@ -881,7 +983,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
                     f"resume it with anebackward train --resume {run_dir.out}, or start again"
                     if saved_at is not None else "nothing was saved; start again")
             say(f"step {step + 1}: the loss is {loss} (gradient norm {norm}): the run diverged "
-                f"and stopped; {kept} with a lower --lr (now {st['lr']:g}) or --grad-clip")
+                f"and stopped; {kept} with a lower --lr (now {st.lr:g}) or --grad-clip")
             return {"status": "diverged", "step": step, "saved_step": saved_at,
                     "out": run_dir.out, "model": model}
         opt.step(lr=lr)
@@ -894,7 +996,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.write(json.dumps(rec) + "\n")
         progress.update(step, loss, lr, ms, tok_s)
         done = step + 1
-        if done == total or (st["save_every"] and done % st["save_every"] == 0):
+        if done == total or (st.save_every and done % st.save_every == 0):
             save(done)      # before the evaluation, which may fail
         if signals.received:    # (an evaluation due here is run at --resume)
             return stop(done)
@@ -904,18 +1006,18 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
         log.flush()
     out = run_dir.out
     plot = _plot(out, os.path.join(out, "log.jsonl"), say)
-    model_path = out if st["format"] == "hf" else os.path.join(out, "model.bin")
-    what = "config.json, model.safetensors" if st["format"] == "hf" else "model.bin"
+    model_path = out if st.format == "hf" else os.path.join(out, "model.bin")
+    what = "config.json, model.safetensors" if st.format == "hf" else "model.bin"
     if model.lora is not None:
         what = "adapter_config.json, adapter_model.safetensors (peft)"
         model_path = os.path.join(out, "merged")
-        if merge:
+        if run.merge:
             model.save_pretrained(model_path, merged=True)
-            _copy_tokenizer(st["init_from"], model_path)
+            _copy_tokenizer(st.init_from, model_path)
             what += ", merged/ (the merged HF model)"
     say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
-    if model.lora is None or merge:
+    if model.lora is None or run.merge:
         say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" "
             "--temperature 0")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
@@ -924,7 +1026,7 @@ def _loop(model, opt, data, st, start, total, decay, run_dir, log, signals, eval
 
 def _eval_due(st, done, total):
     """Is a validation loss logged after `done` steps of a `total`-step run?"""
-    return bool(st["eval_every"] and done % st["eval_every"] == 0) or done == total
+    return bool(st.eval_every and done % st.eval_every == 0) or done == total
 
 
 def _eval_missing(lines, st, start, total):
@@ -958,18 +1060,16 @@ def _hf():
 
 def _lora_of(st):
     """The LoraConfig of a run's settings, or None."""
-    if st["lora"] is None:
+    if st.lora is None:
         return None
     from .lora import ALL, LoraConfig
     try:
-        return LoraConfig(st["lora"], alpha=st["lora_alpha"],
-                          targets=st["lora_targets"] or ",".join(ALL))
+        return LoraConfig(st.lora, alpha=st.lora_alpha, targets=st.lora_targets or ",".join(ALL))
     except ValueError as e:
         _usage(f"--lora: {e}")
 
 
 def _copy_tokenizer(src, dst):
-    import shutil
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
@@ -1007,9 +1107,8 @@ def _load_run_model(run, Llama, Tokenizer, recompute):
     from .lora import ADAPTER_CONFIG
     tok_dir = run
     if os.path.isfile(os.path.join(run, ADAPTER_CONFIG)):    # an adapter run: base + adapters
-        import json as _json
         with open(os.path.join(run, ADAPTER_CONFIG)) as f:
-            base = _json.load(f).get("base_model_name_or_path")
+            base = json.load(f).get("base_model_name_or_path")
         if not isinstance(base, str) or not hf.is_hf_dir(base):
             _usage(f"--resume {run}: the adapters' base model {base!r} (adapter_config.json's "
                    "base_model_name_or_path) is not an HF directory here")

@@ -11,12 +11,27 @@
 #include "blas.h"
 
 /* Guards: every public function checks its own preconditions and returns an
- * error code; Python checks first and gives the friendlier message. */
-#define AB_REQUIRE(cond, code) do { if (!(cond)) return (code); } while (0)
-#define AB_NONNULL(p) AB_REQUIRE((p) != NULL, AB_ENULL)
-#define AB_NONNEG(n) AB_REQUIRE((n) >= 0, AB_EINVAL)
+ * error code; a failed guard also records why (the function and the failed
+ * condition, or the call site's message) as this thread's ab_last_error().
+ * ab_fail records and returns code (csrc/runtime.c); msg may be NULL. */
+int ab_fail(int code, const char *func, const char *cond, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+/* AB_REQUIRE_MSG(cond, code, "printf format", args...). The code itself is
+ * returned (not ab_fail's result), so the compiler sees which paths fail. */
+#define AB_REQUIRE_MSG(cond, code, ...) \
+    do { if (!(cond)) { ab_fail((code), __func__, #cond, __VA_ARGS__); return (code); } } while (0)
+#define AB_REQUIRE(cond, code) \
+    do { if (!(cond)) { ab_fail((code), __func__, #cond, NULL); return (code); } } while (0)
+#define AB_FAIL(code, msg) (ab_fail((code), __func__, NULL, (msg)), (code))
+#define AB_NONNULL(p) AB_REQUIRE_MSG((p) != NULL, AB_ENULL, #p " is NULL")
+#define AB_NONNEG(n) AB_REQUIRE_MSG((n) >= 0, AB_EINVAL, #n " is negative (%lld)", (long long)(n))
 /* A dimension (or leading dimension) passed to the BLAS must fit its int. */
-#define AB_BLAS_FITS(n) AB_REQUIRE((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG)
+#define AB_BLAS_FITS(n) \
+    AB_REQUIRE_MSG((int64_t)(n) <= AB_BLAS_INT_MAX, AB_ETOOBIG, \
+                   #n " = %lld exceeds the BLAS's 2^31 - 1", (long long)(n))
 
 /* Sizes are bounded before they are multiplied (no signed overflow): a
  * product of sizes stays below 2^52 floats (AB_ETOOBIG's promise). */
@@ -24,7 +39,8 @@
 static inline int ab_mul_fits(int64_t a, int64_t b) {
     return a >= 0 && b >= 0 && (a == 0 || b <= AB_MAX_FLOATS / a);
 }
-#define AB_MUL_FITS(a, b) AB_REQUIRE(ab_mul_fits((a), (b)), AB_ETOOBIG)
+#define AB_MUL_FITS(a, b) \
+    AB_REQUIRE_MSG(ab_mul_fits((a), (b)), AB_ETOOBIG, #a " * " #b " exceeds 2^52 floats")
 
 /* Vectorisable loops without -ffast-math: `#pragma omp simd` (built with
  * -fopenmp-simd, no OpenMP runtime) allows reassociating reductions. */

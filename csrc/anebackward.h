@@ -10,7 +10,8 @@
  *   - Weights are [out, in] like nn.Linear.weight.
  *   - Sizes are int64_t; indices never overflow int.
  *   - Every function returns AB_OK (0) or a negative AB_E* code; nothing
- *     aborts. ab_strerror() turns a code into a sentence.
+ *     aborts. ab_strerror() turns a code into a sentence; ab_last_error()
+ *     says which function refused and why.
  *   - Outputs are written (overwritten) unless the argument is documented as
  *     accumulating ("+=").
  *   - No function keeps state between calls or owns hidden scratch memory;
@@ -54,6 +55,14 @@ enum {
     AB_EUNAVAILABLE = -7 /* bf16 asked for, but oneDNN could not be loaded   */
 };
 AB_API const char *ab_strerror(int code);
+/* Why this thread's last failing call refused: "function: reason" (e.g.
+ * "ab_model_backward: one backward per forward: run ab_model_forward_backward
+ * first"), or "" if nothing failed since ab_clear_error(). Per thread: each
+ * thread reads its own calls' message (the ANE functions' messages, "ANE:
+ * ...", too; an asynchronous ANE job's are its context's, ab_ane_last_error).
+ * The pointer stays valid until this thread's next failing call. */
+AB_API const char *ab_last_error(void);
+AB_API void ab_clear_error(void);
 
 /* The package version ("0.1.0"; the same string as anebackward.__version__). */
 AB_API const char *ab_version(void);

@@ -1,5 +1,31 @@
 /* runtime.c — error strings and facts about the BLAS in use. */
+#include <stdarg.h>
+#include <stdio.h>
 #include "ab_internal.h"
+
+/* This thread's last refusal: "function: why". One buffer per thread, so
+ * concurrent callers never see each other's messages. */
+static _Thread_local char t_last_error[512];
+
+int ab_fail(int code, const char *func, const char *cond, const char *fmt, ...) {
+    if (fmt) {
+        int n = snprintf(t_last_error, sizeof t_last_error, "%s: ", func);
+        va_list ap;
+        va_start(ap, fmt);
+        if (n > 0 && (size_t)n < sizeof t_last_error)
+            vsnprintf(t_last_error + n, sizeof t_last_error - (size_t)n, fmt, ap);
+        va_end(ap);
+    } else if (cond)
+        snprintf(t_last_error, sizeof t_last_error, "%s: %s (requires %s)", func,
+                 ab_strerror(code), cond);
+    else
+        snprintf(t_last_error, sizeof t_last_error, "%s: %s", func, ab_strerror(code));
+    return code;
+}
+
+const char *ab_last_error(void) { return t_last_error; }
+
+void ab_clear_error(void) { t_last_error[0] = '\0'; }
 
 #ifndef AB_BUILD_FLAGS
 #define AB_BUILD_FLAGS "unknown"

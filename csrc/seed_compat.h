@@ -30,7 +30,8 @@
  * negative size, n_heads not dividing ...) or a failed allocation leaves the
  * outputs untouched and records an AB_E* code that seed_compat_last_error()
  * returns (and clears); nothing aborts. The record is per thread and per
- * translation unit (a static _Thread_local in this header).
+ * translation unit (a static _Thread_local in this header); the library's
+ * ab_last_error() says, per thread, which kernel refused and why.
  *
  * Thread safety: no global scratch; cpu_attention_backward mallocs its
  * 2*S*S floats per call (as the seed did with its two S-float rows), so

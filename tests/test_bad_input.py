@@ -150,8 +150,12 @@ def test_shape_messages_say_expected_and_given():
         ab.linear(A["x"], A["W"], out=np.zeros((5, 6), f))
     with pytest.raises(ValueError, match="n_kv_heads"):
         ab.attention(A["q"], A["k"], A["v"], n_heads=2, n_kv_heads=3)
-    with pytest.raises(ValueError, match="head_dim must be even"):
-        ab.rope(A["q"], head_dim=3)
+    with pytest.raises(ValueError, match=r"rope: \w+: head_dim must be even "
+                                         r"\(pairs rotate\), got 1"):
+        ab.rope(A["q"], head_dim=1)      # the C core's message
+    with pytest.raises(ValueError, match=r"rope_inv_freq: ab_rope_inv_freq: head_dim must be even "
+                                         r"\(pairs rotate\), got 5"):
+        ab.rope_inv_freq(5)
     with pytest.raises(ValueError, match="multiple of head_dim"):
         ab.rope(A["q"], head_dim=6)
     with pytest.raises(ValueError, match="k must have shape"):

@@ -96,3 +96,22 @@ def test_pool_stats_count_parallel_regions_only():
 def test_scaling_rejects_bad_thread_lists():
     with pytest.raises(SystemExit, match="threads-list"):
         main(["bench", "--scaling", "--threads-list", "0,2"])
+
+
+def test_record_calls_records_this_threads_kernel_calls_only():
+    import threading
+
+    import numpy as np
+
+    import anebackward as ab
+    from anebackward._backend import record_calls
+    x, w = np.ones((2, 8), np.float32), np.ones(8, np.float32)
+    other = []
+    with record_calls() as calls:
+        y = ab.rmsnorm(x, w)
+        t = threading.Thread(target=lambda: other.append(ab.rmsnorm(x, w)))
+        t.start()
+        t.join()
+    ab.rmsnorm(x, w)                       # after the block: not recorded
+    assert [f for f, _ in calls] == [ab._native.lib.ab_rmsnorm_forward]
+    np.testing.assert_array_equal(other[0], y)

@@ -68,9 +68,38 @@ def test_allreduce_mode_overlaps_across_hosts_only_unless_told():
 
 def test_without_torchrun_nothing_is_imported():
     code = ("import sys, argparse; from anebackward import distributed as d; "
-            "dp = d.from_env(argparse.Namespace(out='x')); dp.wrap(None, None); "
+            "dp = d.from_env(argparse.Namespace(out='x')); assert dp.mean(1.5) == 1.5; "
             "print(type(dp).__name__, 'torch' in sys.modules)")
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.stdout.split() == ["_Single", "False"], r.stderr
+
+
+@pytest.mark.slow   # torchrun, two processes (about 4 s a mode)
+@pytest.mark.parametrize("mode", ["end", "overlap"])
+def test_grad_accum_reduces_the_gradients_once_per_optimizer_step(tmp_path, torch, mode):
+    """2 ranks, --grad-accum 4, 3 steps: the gradient buffer is reduced once
+    per optimizer step (after the last micro-batch; in groups that together
+    cover it once under overlap), the loss once per step, plus one
+    reduction for the final validation loss."""
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allreduce_count_worker.py")
+    count = str(tmp_path / "count")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COUNT_OUT=count, ANEBACKWARD_ALLREDUCE=mode)
+    steps = 3
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          worker, "--config", "tiny", "--seq-len", "16", "--batch-size", "1", "--grad-accum", "4",
+          "--steps", str(steps), "--eval-every", "0", "--threads", "1",
+          "--quiet", "--out", str(tmp_path / "run")], env)
+    import anebackward as ab
+    n_params = ab.Llama.load(str(tmp_path / "run" / "model.bin")).n_params
+    for rank in (0, 1):
+        with open(f"{count}.{rank}") as f:
+            rec = json.load(f)
+        assert rec["rc"] == 0
+        grads = [n for n in rec["calls"] if n > 1]
+        scalars = [n for n in rec["calls"] if n == 1]
+        assert len(scalars) == steps + 1            # the step losses, the validation loss
+        assert sum(grads) == steps * n_params       # each step's buffer once, no more
+        if mode == "end":
+            assert grads == [n_params] * steps

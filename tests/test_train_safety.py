@@ -321,7 +321,7 @@ def test_out_of_range_train_options_are_refused_before_anything_is_written(tmp_p
 
 @pytest.mark.parametrize("opt,value", [("--temperature", "nan"), ("--temperature", "-1"),
                                        ("--temperature", "inf"), ("--top-p", "nan"),
-                                       ("--top-p", "1.5"), ("--top-p", "0"), ("--steps", "0"),
+                                       ("--top-p", "1.5"), ("--top-p", "0"), ("--max-tokens", "0"),
                                        ("--seed", "-1")])
 def test_out_of_range_sample_options_are_refused(tmp_path, capsysbinary, opt, value):
     out = str(tmp_path / "run")

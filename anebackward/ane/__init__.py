@@ -57,7 +57,7 @@ ALIGN = 64                  # the core pads S, in and out to multiples of this
 
 _lock = threading.Lock()
 _override = None            # None: follow ENV; True: emulator; False: native
-_contexts = {}              # platform key -> (ctx or None, reason)
+_contexts: dict = {}        # platform key -> (ctx or None, reason)
 _config = {"loss_scaling": True, "min_flops": 2 ** 26, "max_programs": 100, "tile_rows": 256}
 _local = threading.local()
 
@@ -122,6 +122,13 @@ def _current():
     return ctx, key, reason
 
 
+def context():
+    """The open ANE context (a cffi ``ab_ane_ctx *`` for the C calls that
+    take one, e.g. ab_model_forward_ane), or None when ANE programs cannot
+    run here (status()["reason"] says why)."""
+    return _current()[0]
+
+
 def use_emulator(enable=True):
     """Run ANE programs in the software emulator (True), on the Neural Engine
     (False), or as ANEBACKWARD_ANE says (None). Returns the previous setting."""
@@ -171,7 +178,7 @@ def configure(*, loss_scaling=None, min_flops=None, max_programs=None, tile_rows
 def available():
     """True when ANE programs can run in this process (on the Neural Engine,
     or in the emulator when that is selected)."""
-    return _current()[0] is not None
+    return context() is not None
 
 
 def _text(getter, ctx):
@@ -219,7 +226,7 @@ def status():
     return d
 
 
-def require():
+def require() -> None:
     """Raise AneUnavailableError (with the reason) unless the ANE is usable."""
     ctx, _, reason = _current()
     if ctx is None:

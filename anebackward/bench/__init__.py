@@ -19,6 +19,7 @@ from . import cases as K
 from . import env as E
 from . import llama_ops, numpy_impl
 from . import scaling
+from ..__main__ import old_spelling
 from .report import plot, progress, table
 from .timing import Contender, Settler, measure
 
@@ -35,7 +36,9 @@ def add_arguments(p):
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every contender (default: all cores; 1 with --quick)")
     p.add_argument("--repeats", type=int, help="timed samples per contender (default 7, quick 3)")
-    p.add_argument("--warmup", type=int, help="warm-up calls per contender (default 2, quick 1)")
+    p.add_argument("--warmup-calls", dest="warmup", type=int,
+                   help="untimed calls per contender before timing (default 2, quick 1)")
+    old_spelling(p, "--warmup", "warmup", type=int)
     p.add_argument("--ref-budget", type=float,
                    help="seconds the reference backend may spend per case; a single call above it "
                         "is reported as skipped (too slow) (default 60, quick 0.5)")
@@ -48,6 +51,7 @@ def add_arguments(p):
                    help="re-run with OPENBLAS_CORETYPE unset (OpenBLAS detects the CPU itself; "
                         "OPENBLAS_L2_SIZE is set) and say so")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    old_spelling(p, "--quiet", "no_progress", action="store_true")
     scaling.add_arguments(p)
 
 
@@ -185,7 +189,7 @@ def run(args):
     ref_budget = args.ref_budget if args.ref_budget is not None else (0.5 if quick else 60.0)
     min_sample = 0.002 if quick else 0.01
     if repeats < 1 or warmup < 1:
-        raise SystemExit("anebackward bench: --repeats and --warmup must be >= 1")
+        raise SystemExit("anebackward bench: --repeats and --warmup-calls must be >= 1")
     # --quick runs tiny shapes, where threads only add scheduling noise: 1 thread by default
     threads = args.threads if args.threads is not None else (1 if quick else os.cpu_count() or 1)
     if threads < 1:

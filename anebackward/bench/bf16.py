@@ -230,7 +230,7 @@ def main(argv=None):
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--repeats", type=int, default=15)
-    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--warmup-calls", dest="warmup", type=int, default=2)
     s.add_argument("--variants", default="fp32,bf16,bf16-onednn-threads,torch-bf16")
     args = p.parse_args(argv)
     bf16.require("anebackward.bench.bf16")

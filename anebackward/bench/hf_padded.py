@@ -71,7 +71,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup-calls", dest="warmup", type=int, default=1)
     a = ap.parse_args(argv)
     import anebackward
     from anebackward import Llama, LlamaConfig

@@ -39,7 +39,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup-calls", dest="warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     a = ap.parse_args(argv)

@@ -62,7 +62,7 @@ def rmsnorm_backward(dy, x, w, *, eps=1e-5, dx=None, dw=None, accumulate=False):
 
 
 # ---- RoPE (llama2.c convention: pairs (2i, 2i+1) of each head) -----------
-_rope_cache = {}
+_rope_cache: dict = {}
 
 
 def _cos_sin(S, head_dim, pos_offset):

@@ -102,33 +102,12 @@ def _step_flops(d):
     return 3 * fwd + attn
 
 
-class _Recorder:
-    """Stands in for the cffi lib in anebackward._backend while one API call
-    runs: records each C kernel call (function, arguments) and makes it."""
-
-    def __init__(self, lib):
-        self.lib, self.calls = lib, []
-
-    def __getattr__(self, name):
-        f = getattr(self.lib, name)
-
-        def call(*args):
-            self.calls.append((f, args))
-            return f(*args)
-        return call
-
-
 def c_entry(fn):
     """A callable making the same C kernel calls as the API call fn() (same
     buffers: the arguments keep them alive), without the Python checks."""
-    from .. import _backend
-    rec = _Recorder(_backend.lib)
-    _backend.lib = rec
-    try:
+    from .._backend import record_calls
+    with record_calls() as calls:
         keep = fn()        # arrays the call allocated stay alive with the replay
-    finally:
-        _backend.lib = rec.lib
-    calls = rec.calls
     if not calls:
         raise RuntimeError("bench --scaling: the API call made no C kernel call to replay")
 

@@ -143,7 +143,7 @@ def main():
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup-calls", dest="warmup", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma list of: plain (PyTorch eager), ab (package kernels + torch "
                          "matmuls + anebackward.torch.AdamW), ab-torchopt (ab with "

@@ -18,7 +18,7 @@ inverse rotation. out may be x itself (in place).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def normalize_scaling(fn: str, scaling: Mapping[str, Any] | None) -> dict | None
     missing = [k for k in LLAMA3_KEYS if scaling.get(k) is None]
     if missing:
         raise ValueError(f"{fn}: rope_scaling of rope_type 'llama3' needs {', '.join(missing)}")
-    out = {"rope_type": "llama3",
+    out: Dict[str, Any] = {"rope_type": "llama3",
            "factor": C.finite_float(fn, "rope_scaling['factor']", scaling["factor"], lo=1.0),
            "low_freq_factor": C.finite_float(fn, "rope_scaling['low_freq_factor']",
                                              scaling["low_freq_factor"], lo=0.0, lo_open=True),
@@ -86,8 +86,6 @@ def rope_inv_freq(head_dim: int, *, layout: str = "interleaved", theta: float = 
                   scaling: Mapping[str, Any] | None = None) -> F32Array:
     """The head_dim/2 frequencies f_k the kernels rotate pair k by (per position)."""
     head_dim = C.positive_int("rope_inv_freq", "head_dim", head_dim)
-    if head_dim % 2:
-        raise ValueError(f"rope_inv_freq: head_dim must be even (pairs rotate), got {head_dim}")
     p = rope_params("rope_inv_freq", layout, theta, scaling)
     out = np.empty(head_dim // 2, np.float32)
     check(lib.ab_rope_inv_freq(fptr(out), head_dim, p), "rope_inv_freq")
@@ -98,8 +96,6 @@ def _dims(fn, name, x, head_dim, pos_offset):
     C.f32(fn, name, x, (2, 3))
     head_dim = C.positive_int(fn, "head_dim", head_dim)
     pos_offset = C.nonneg_int(fn, "pos_offset", pos_offset)
-    if head_dim % 2:
-        raise ValueError(f"{fn}: head_dim must be even (pairs rotate), got {head_dim}")
     width = x.shape[-1]
     if width % head_dim or width == 0:
         raise ValueError(f"{fn}: the last axis of {name} ({width}) must be a positive multiple of "

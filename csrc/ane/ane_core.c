@@ -145,13 +145,16 @@ struct ab_ane_ctx {
     pthread_t worker;
 };
 
+/* The message goes to the caller's buffer (if any) and, like every refusal
+ * of the library, to this thread's ab_last_error(). */
 int ab_ane_fail(char *err, size_t errcap, int code, const char *fmt, ...) {
-    if (err && errcap) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errcap, fmt, ap);
-        va_end(ap);
-    }
+    char own[512];
+    if (!err || !errcap) { err = own; errcap = sizeof own; }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errcap, fmt, ap);
+    va_end(ap);
+    ab_fail(code, "ANE", NULL, "%s", err);
     return code;
 }
 
@@ -418,7 +421,7 @@ const char *ab_ane_platform_name(const ab_ane_ctx *ctx) { return ctx ? ctx->pf->
 int ab_ane_configure(ab_ane_ctx *ctx, int loss_scaling, int64_t max_programs, int64_t tile_rows) {
     AB_NONNULL(ctx);
     if (tile_rows >= 0 && (tile_rows == 0 || tile_rows % AB_ANE_ALIGN != 0 || tile_rows > (1 << 20)))
-        return AB_EINVAL;
+        return AB_FAIL(AB_EINVAL, NULL);
     pthread_mutex_lock(&ctx->mu);
     if (loss_scaling >= 0) ctx->loss_scaling = loss_scaling != 0;
     if (max_programs >= 0) ctx->max_programs = max_programs;
@@ -489,7 +492,7 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
     int64_t S = e->S, in = e->in, out = e->out, len = 0;
     int rc = pm ? k->mil(NULL, 0, S, in, out, ctx->tag, &len) : AB_ENOMEM;
     char *mil = rc ? NULL : malloc((size_t)len + 1);
-    if (!rc && !mil) rc = AB_ENOMEM;
+    if (!rc && !mil) rc = AB_FAIL(AB_ENOMEM, NULL);
     if (!rc) rc = k->mil(mil, len + 1, S, in, out, ctx->tag, &len);
     if (!rc) { stage = "compile"; rc = pf->compile(mil, (size_t)len, &e->prog, pm, AB_ANE_ERRCAP); }
     free(mil);
@@ -506,7 +509,7 @@ static void entry_build(ab_ane_ctx *ctx, ane_entry *e) {
     }
     if (!rc) {
         e->scratch = malloc((size_t)k->scratch_floats(S, in, out) * sizeof(float));
-        if (!e->scratch) { rc = AB_ENOMEM; snprintf(pm, AB_ANE_ERRCAP, "out of memory"); }
+        if (!e->scratch) { rc = AB_FAIL(AB_ENOMEM, NULL); snprintf(pm, AB_ANE_ERRCAP, "out of memory"); }
     }
     e->code = rc;
     if (rc) {
@@ -627,7 +630,7 @@ static int64_t part_off(const mm_call *m, int p) {
 static int write_W(ab_ane_ctx *ctx, const ane_entry *e, void *surf, const mm_call *m) {
     int64_t S = e->S, SP = e->S + e->in, Cp = e->out, Ap = e->in;
     float *row = m->forward ? malloc((size_t)Ap * sizeof(float)) : NULL;
-    if (m->forward && !row) return AB_ENOMEM;
+    if (m->forward && !row) return AB_FAIL(AB_ENOMEM, NULL);
     uint16_t *pin = ctx->pf->surface_lock(surf, 0);
     if (!pin) { free(row); return AB_ANE_ESURFACE; }
     for (int64_t c = 0; c < Cp; c++) {
@@ -704,7 +707,7 @@ static int weights_surface(ab_ane_ctx *ctx, ane_entry *e, const mm_call *m, uint
         if (ctx->nstages == ctx->capstages) {
             int64_t cap = ctx->capstages ? 2 * ctx->capstages : 16;
             ane_stage *n = realloc(ctx->stages, (size_t)cap * sizeof *n);
-            if (!n) return AB_ENOMEM;
+            if (!n) return AB_FAIL(AB_ENOMEM, NULL);
             ctx->stages = n;
             ctx->capstages = cap;
         }
@@ -1087,9 +1090,9 @@ static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job);
 
 static int dx_check(ab_ane_ctx *ctx, float *dx, const float *dy, const float *W, int64_t N, int64_t in,
                     int64_t out) {
-    if (!ctx || !dx || !dy || !W) return AB_ENULL;
-    if (N < 0 || in < 0 || out < 0) return AB_EINVAL;
-    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40)) return AB_ETOOBIG;
+    if (!ctx || !dx || !dy || !W) return AB_FAIL(AB_ENULL, NULL);
+    if (N < 0 || in < 0 || out < 0) return AB_FAIL(AB_EINVAL, NULL);
+    if (in > INT32_MAX / 2 || out > INT32_MAX / 2 || N > ((int64_t)1 << 40)) return AB_FAIL(AB_ETOOBIG, NULL);
     return AB_OK;
 }
 
@@ -1101,7 +1104,7 @@ int ab_ane_linear_backward_dx_submit(ab_ane_ctx *ctx, ab_ane_job **job, float *d
     int rc = dx_check(ctx, dx, dy, W, N, in, out);
     if (rc) return rc;
     ab_ane_job *j = calloc(1, sizeof *j);
-    if (!j) return AB_ENOMEM;
+    if (!j) return AB_FAIL(AB_ENOMEM, NULL);
     j->dx = dx;
     j->dy = dy;
     j->W = W;
@@ -1120,7 +1123,7 @@ int ab_ane_submit_fn(ab_ane_ctx *ctx, ab_ane_job **job, int (*fn)(void *), void 
     AB_NONNULL(ctx);
     AB_NONNULL(fn);
     ab_ane_job *j = calloc(1, sizeof *j);
-    if (!j) return AB_ENOMEM;
+    if (!j) return AB_FAIL(AB_ENOMEM, NULL);
     j->fn = fn;
     j->arg = arg;
     if (__atomic_load_n(&g_ov_on, __ATOMIC_SEQ_CST)) {
@@ -1150,9 +1153,9 @@ static int enqueue(ab_ane_ctx *ctx, ab_ane_job *j, ab_ane_job **job) {
         ctx->qhead = ctx->qtail = NULL;
         ctx->worker_busy = 0;
     }
-    if (ctx->stopping) rc = AB_EINVAL;
+    if (ctx->stopping) rc = AB_FAIL(AB_EINVAL, NULL);
     else if (!ctx->worker_started) {
-        if (pthread_create(&ctx->worker, NULL, worker_main, ctx) != 0) rc = AB_ENOMEM;
+        if (pthread_create(&ctx->worker, NULL, worker_main, ctx) != 0) rc = AB_FAIL(AB_ENOMEM, NULL);
         else { ctx->worker_started = 1; ctx->worker_pid = getpid(); }
     }
     if (!rc) {

@@ -57,8 +57,8 @@ int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes) {
     else if (strcmp(stage, "compile") == 0) st = FAIL_COMPILE;
     else if (strcmp(stage, "load") == 0) st = FAIL_LOAD;
     else if (strcmp(stage, "evaluate") == 0) st = FAIL_EVAL;
-    else return AB_EINVAL;
-    if (stage && (times < 1 || msg_bytes < 0 || msg_bytes > (1 << 20))) return AB_EINVAL;
+    else return AB_FAIL(AB_EINVAL, NULL);
+    if (stage && (times < 1 || msg_bytes < 0 || msg_bytes > (1 << 20))) return AB_FAIL(AB_EINVAL, NULL);
     pthread_mutex_lock(&g_hook_mu);
     g_fail_stage = st;
     g_fail_times = stage ? times : 0;
@@ -70,7 +70,7 @@ int ab_ane_emulated_fail_next(const char *stage, int times, int64_t msg_bytes) {
 int ab_ane_emulated_saturate(int on) { g_saturate = on != 0; return AB_OK; }
 
 int ab_ane_emulated_workdir(const char *root) {
-    if (root && strlen(root) >= sizeof g_workdir) return AB_EINVAL;
+    if (root && strlen(root) >= sizeof g_workdir) return AB_FAIL(AB_EINVAL, NULL);
     pthread_mutex_lock(&g_hook_mu);
     snprintf(g_workdir, sizeof g_workdir, "%s", root ? root : "");
     pthread_mutex_unlock(&g_hook_mu);

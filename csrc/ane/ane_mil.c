@@ -20,6 +20,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include "ab_internal.h"
 #include "ane_internal.h"
 
 typedef struct {
@@ -80,16 +81,16 @@ int ab_ane_mil_linear_dx(char *buf, int64_t cap, int64_t S, int64_t in, int64_t 
 
 int ab_ane_mil_linear_dx_tagged(char *buf, int64_t cap, int64_t S, int64_t in, int64_t out,
                                 const char *tag, int64_t *len) {
-    if (!len) return AB_ENULL;
+    if (!len) return AB_FAIL(AB_ENULL, NULL);
     *len = 0;
-    if (S <= 0 || in <= 0 || out <= 0 || cap < 0) return AB_EINVAL;
-    if (cap > 0 && buf == NULL) return AB_ENULL;
-    if (S > INT32_MAX || in > INT32_MAX - S || out > INT32_MAX) return AB_ETOOBIG;
+    if (S <= 0 || in <= 0 || out <= 0 || cap < 0) return AB_FAIL(AB_EINVAL, NULL);
+    if (cap > 0 && buf == NULL) return AB_FAIL(AB_ENULL, NULL);
+    if (S > INT32_MAX || in > INT32_MAX - S || out > INT32_MAX) return AB_FAIL(AB_ETOOBIG, NULL);
     if (tag) {                                   /* a label: letters, digits, '_' */
-        if (strlen(tag) > 64) return AB_EINVAL;
+        if (strlen(tag) > 64) return AB_FAIL(AB_EINVAL, NULL);
         for (const char *t = tag; *t; t++)
             if (!((*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z') || (*t >= '0' && *t <= '9') || *t == '_'))
-                return AB_EINVAL;
+                return AB_FAIL(AB_EINVAL, NULL);
     }
     mil_out o = {buf, cap, 0};
     if (cap > 0) buf[0] = '\0';

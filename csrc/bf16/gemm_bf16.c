@@ -257,7 +257,7 @@ static int gemm_onednn(bjob *j) {
             j->tk = tk > K_CHUNK_MIN ? tk : K_CHUNK_MIN;
             j->nk = ab_div_up(K, j->tk);
             j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
-            if (!j->part) return AB_ENOMEM;
+            if (!j->part) return AB_FAIL(AB_ENOMEM, NULL);
             ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
             if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
             free(j->part);
@@ -285,7 +285,7 @@ static int gemm_onednn(bjob *j) {
             j->tk = ab_div_up(ab_div_up(K, nk), 16) * 16;
             j->nk = ab_div_up(K, j->tk);
             j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
-            if (!j->part) return AB_ENOMEM;
+            if (!j->part) return AB_FAIL(AB_ENOMEM, NULL);
             ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
             if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
             free(j->part);
@@ -345,7 +345,7 @@ int ab_gemm_bf16(int transA, int transB, int64_t M, int64_t N, int64_t K,
     AB_REQUIRE(ldb >= (transB ? K : N) && ldb >= 1, AB_EINVAL);
     AB_BLAS_FITS(lda); AB_BLAS_FITS(ldb); AB_BLAS_FITS(ldc);
     const int path = ab_bf16_path();
-    if (path == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    if (path == AB_BF16_UNAVAILABLE) return AB_FAIL(AB_EUNAVAILABLE, NULL);
     if (K == 0) {
         if (!accumulate)
             for (int64_t r = 0; r < M; r++) memset(C + r * ldc, 0, (size_t)N * sizeof(float));

@@ -288,7 +288,7 @@ static __thread int t_omp_threads;
 int ab_onednn_matmul(int transA, int transB, int64_t M, int64_t N, int64_t K,
                      const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb,
                      int accumulate, float *C, int64_t ldc, int threads) {
-    if (ab_onednn_state() != 1) return AB_EUNAVAILABLE;
+    if (ab_onednn_state() != 1) return AB_FAIL(AB_EUNAVAILABLE, NULL);
     if (threads < 1) threads = 1;
     if (t_omp_threads != threads) {      /* before creation: oneDNN plans for it */
         D.omp_set_num_threads(threads);
@@ -296,11 +296,11 @@ int ab_onednn_matmul(int transA, int transB, int64_t M, int64_t N, int64_t K,
     }
     if (!t_stream && D.stream_create(&t_stream, engine, DNNL_STREAM_IN_ORDER) != DNNL_SUCCESS) {
         t_stream = NULL;
-        return AB_EUNAVAILABLE;
+        return AB_FAIL(AB_EUNAVAILABLE, NULL);
     }
     const mm_key k = {M, N, K, lda, ldb, ldc, transA != 0, transB != 0, accumulate != 0, threads};
     mm_entry *e = lookup(&k);
-    if (!e) return AB_EUNAVAILABLE;
+    if (!e) return AB_FAIL(AB_EUNAVAILABLE, NULL);
     const int transient = (int)((uintptr_t)e & 1);
     e = (mm_entry *)((uintptr_t)e & ~(uintptr_t)1);
     int rc = AB_OK;
@@ -308,7 +308,7 @@ int ab_onednn_matmul(int transA, int transB, int64_t M, int64_t N, int64_t K,
         free(t_scratch);
         t_scratch = malloc(e->scratch_bytes);
         t_scratch_bytes = t_scratch ? e->scratch_bytes : 0;
-        if (!t_scratch) rc = AB_ENOMEM;
+        if (!t_scratch) rc = AB_FAIL(AB_ENOMEM, NULL);
     }
     dnnl_handle ma = NULL, mb = NULL, mc = NULL, ms = NULL;
     if (rc == AB_OK) {
@@ -325,7 +325,7 @@ int ab_onednn_matmul(int transA, int transB, int64_t M, int64_t N, int64_t K,
         }
         ok = ok && D.primitive_execute(e->prim, t_stream, nargs, args) == DNNL_SUCCESS
              && D.stream_wait(t_stream) == DNNL_SUCCESS;
-        if (!ok) rc = AB_EUNAVAILABLE;
+        if (!ok) rc = AB_FAIL(AB_EUNAVAILABLE, NULL);
     }
     if (ma) D.memory_destroy(ma);
     if (mb) D.memory_destroy(mb);

@@ -37,8 +37,8 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t slab_floats(int64_t S) { return 2 * min64(BLOCK, S) * S; }
 
 int64_t ab_attention_workspace_floats(int64_t S) {
-    if (S < 0) return AB_EINVAL;
-    if (S > AB_BLAS_INT_MAX) return AB_ETOOBIG;   /* bounded before multiplying */
+    if (S < 0) return AB_FAIL(AB_EINVAL, NULL);
+    if (S > AB_BLAS_INT_MAX) return AB_FAIL(AB_ETOOBIG, NULL);   /* bounded before multiplying */
     return slab_floats(S) * MAX_WORKERS;
 }
 

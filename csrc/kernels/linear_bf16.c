@@ -22,9 +22,9 @@ static int check_dims(int64_t N, int64_t in, int64_t out) {
 static int product(int ta, int tb, int64_t M, int64_t Nc, int64_t K,
                    const float *a, int64_t na, int64_t lda, const float *b, int64_t nb,
                    int64_t ldb, int accumulate, float *C, int64_t ldc) {
-    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_FAIL(AB_EUNAVAILABLE, NULL);
     uint16_t *h = malloc((size_t)(na + nb) * sizeof(uint16_t));
-    if (!h) return AB_ENOMEM;
+    if (!h) return AB_FAIL(AB_ENOMEM, NULL);
     ab_f32_to_bf16(h, a, na);
     ab_f32_to_bf16(h + na, b, nb);
     int rc = ab_gemm_bf16(ta, tb, M, Nc, K, h, lda, h + na, ldb, accumulate, C, ldc);

@@ -47,7 +47,8 @@ float ab_rope_freq_p(int64_t i, int64_t head_dim, const ab_rope_params *p) {
 }
 
 int ab_rope_inv_freq(float *inv_freq, int64_t head_dim, const ab_rope_params *p) {
-    AB_REQUIRE(head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_REQUIRE_MSG(head_dim > 0 && head_dim % 2 == 0, AB_EINVAL,
+                   "head_dim must be even (pairs rotate), got %lld", (long long)head_dim);
     AB_NONNULL(inv_freq);
     int rc = ab_rope_params_check(p);
     if (rc) return rc;
@@ -101,7 +102,9 @@ static int rope_apply(float *y, const float *x, int64_t B, int64_t S,
                       int64_t n_heads, int64_t head_dim, int64_t pos_offset,
                       const ab_rope_params *p, float sign) {
     AB_NONNEG(B); AB_NONNEG(S); AB_NONNEG(pos_offset);
-    AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_REQUIRE(n_heads > 0, AB_EINVAL);
+    AB_REQUIRE_MSG(head_dim > 0 && head_dim % 2 == 0, AB_EINVAL,
+                   "head_dim must be even (pairs rotate), got %lld", (long long)head_dim);
     AB_REQUIRE(pos_offset <= INT64_MAX - S, AB_EINVAL);   /* pos_offset + s must not overflow */
     int rc = ab_rope_params_check(p);
     if (rc) return rc;
@@ -153,7 +156,9 @@ static int rope_apply_pos(float *y, const float *x, int64_t N, int64_t n_heads,
                           int64_t head_dim, const int32_t *positions,
                           const ab_rope_params *p, float sign) {
     AB_NONNEG(N);
-    AB_REQUIRE(n_heads > 0 && head_dim > 0 && head_dim % 2 == 0, AB_EINVAL);
+    AB_REQUIRE(n_heads > 0, AB_EINVAL);
+    AB_REQUIRE_MSG(head_dim > 0 && head_dim % 2 == 0, AB_EINVAL,
+                   "head_dim must be even (pairs rotate), got %lld", (long long)head_dim);
     int rc = ab_rope_params_check(p);
     if (rc) return rc;
     AB_MUL_FITS(n_heads, head_dim);

@@ -688,7 +688,7 @@ int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *
     /* the weights' copy follows the header whatever B and S are */
     const int64_t nw = wbf_floats(c, &P);
     AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(nw, 2), AB_EWORKSPACE);
-    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_EUNAVAILABLE;
+    if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_FAIL(AB_EUNAVAILABLE, NULL);
     hdr_set(work, HDR_WBF, 0);
     TRY(ab_f32_to_bf16((uint16_t *)(work + HDR_FLOATS), params, nw));
     hdr_set(work, HDR_WBF, WBF_TAG);
@@ -734,8 +734,9 @@ static int model_forward(double *loss_out, const ab_model_config *c, const float
     TRY(workspace_layout(c, B, S, &W));
     AB_NONNULL(params); AB_NONNULL(tokens); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
-    AB_REQUIRE(S <= c->max_seq_len, AB_EINVAL);
-    AB_REQUIRE(!want_grad || (targets && loss_out), AB_EINVAL);
+    AB_REQUIRE_MSG(S <= c->max_seq_len, AB_EINVAL, "S exceeds the config's max_seq_len");
+    AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
+                   "want_grad needs targets and loss_out");
     double den = 0.0;
     int64_t N = B * S, n_seq = 0;
     if (layout) {   /* checked before the workspace is touched */
@@ -758,7 +759,8 @@ static int model_forward(double *loss_out, const ab_model_config *c, const float
     const int64_t L = d.L, D = d.D, V = d.V;
     const int bf16 = c->precision == AB_PRECISION_BF16;
     /* bf16: the weights' copy must have been made (ab_model_bf16_refresh) */
-    AB_REQUIRE(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL);
+    AB_REQUIRE_MSG(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL,
+                   "bf16: call ab_model_bf16_refresh after each change of params");
     const proj_ctx pj = proj_make(k, NULL, c, &W, params, work);   /* the classifier: CPU */
 
     hdr_set(work, HDR_TAG, 0);
@@ -878,7 +880,7 @@ static int dw_queue(ane_queue *q, const proj_ctx *pj, float *dW, const float *dy
     AB_REQUIRE(q->n < q->cap, AB_EINVAL);      /* sized for one backward: never moves */
     const int64_t ndy = copy_dy ? N * out : 0, nx = copy_x ? N * in : 0;
     float *own = ndy + nx ? malloc((size_t)(ndy + nx) * sizeof(float)) : NULL;
-    if (ndy + nx && !own) return AB_ENOMEM;
+    if (ndy + nx && !own) return AB_FAIL(AB_ENOMEM, NULL);
     if (ndy) { memcpy(own, dy, (size_t)ndy * sizeof(float)); dy = own; }
     if (nx) { memcpy(own + ndy, x, (size_t)nx * sizeof(float)); x = own + ndy; }
     dw_job *j = &q->jobs[q->n];
@@ -972,7 +974,7 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
         AB_REQUIRE(c && c->n_layers > 0 && c->n_layers < ((int64_t)1 << 40), AB_EINVAL);
         q.cap = 1 + 7 * c->n_layers;
         q.jobs = malloc((size_t)q.cap * sizeof *q.jobs);
-        if (!q.jobs) return AB_ENOMEM;
+        if (!q.jobs) return AB_FAIL(AB_ENOMEM, NULL);
     }
     int rc = model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
                             NULL);
@@ -992,8 +994,11 @@ static int model_backward(const ab_model_config *c, const float *params, float *
     /* dlogits must come from a want_grad forward of this (B, S) on this
      * workspace, and are used once (the backward scales them in place) */
     const int bf16 = c->precision == AB_PRECISION_BF16;
-    AB_REQUIRE(hdr_get(work, HDR_TAG) == (bf16 ? READY_TAG_BF16 : READY_TAG), AB_EINVAL);
-    AB_REQUIRE(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL);
+    AB_REQUIRE_MSG(hdr_get(work, HDR_TAG) == (bf16 ? READY_TAG_BF16 : READY_TAG), AB_EINVAL,
+                   "one backward per forward: run a forward with want_grad = 1 on this "
+                   "workspace (and the same precision) before each backward");
+    AB_REQUIRE_MSG(hdr_get(work, HDR_B) == B && hdr_get(work, HDR_S) == S, AB_EINVAL,
+                   "B and S differ from the forward's on this workspace");
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
     AB_REQUIRE(!c->lora_merged || c->lora_rank == 0, AB_EINVAL);   /* unmerge to train */
     AB_REQUIRE(!q->r.ctx || c->lora_rank == 0, AB_EINVAL);         /* no adapters on the ANE */

@@ -265,7 +265,7 @@ static double now_ms(void) {
 }
 
 #define CHECK(call, what) do { int rc_ = (call); \
-    if (rc_) { fprintf(stderr, "train: %s: %s\n", what, ab_strerror(rc_)); return 1; } } while (0)
+    if (rc_) { fprintf(stderr, "train: %s: %s\n", what, ab_last_error()); return 1; } } while (0)
 
 int main(int argc, char **argv) {
     options o;

@@ -115,6 +115,8 @@ static void test_model(void) {
     tok[0] = 3;
     expect("a second backward of the same forward: AB_EINVAL",
            ab_model_backward(&c, params, grads, B, S, 1.0f, 0, work, nw) == AB_EINVAL);
+    expect("... and ab_last_error() says one backward per forward",
+           strstr(ab_last_error(), "one backward per forward") != NULL);
     /* the same backward announcing its gradient groups: head, layers 1 and 0, embedding */
     float *grads2 = malloc(P.n_params * sizeof(float));
     ready_log log = {{0}, 0};
