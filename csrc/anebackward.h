@@ -100,7 +100,7 @@ AB_API int ab_ref_linear_backward_dx(float *dx, const float *dy, const float *W,
 AB_API int ab_ref_linear_backward_dW(float *dW, const float *dy, const float *x,
                               int64_t N, int64_t in, int64_t out, int accumulate);
 
-/* ---- bf16 matmuls (csrc/bf16, csrc/kernels/linear_bf16.c) ----
+/* ---- bf16 matmuls (csrc/bf16, csrc/kernels/linear.c) ----
  * Mixed precision: matmul operands rounded to bfloat16 (round to nearest
  * even), products accumulated and returned in fp32. The path is picked at
  * run time (ab_bf16_path):

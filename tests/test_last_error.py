@@ -27,7 +27,7 @@ def test_check_raises_the_c_message_and_clears_it():
     clear_error()
     rc = lib.ab_linear_forward(ffi.NULL, ffi.NULL, ffi.NULL, 1, 1, 1)
     assert rc == lib.AB_ENULL
-    with pytest.raises(AnebackwardError, match=r"my call: ab_linear_forward: y is NULL \(a required buffer is NULL\) "
+    with pytest.raises(AnebackwardError, match=r"my call: linear_forward: y is NULL \(a required buffer is NULL\) "
                              r"\(C error -2\)"):
         check(rc, "my call")
     assert last_error() == ""
