@@ -53,28 +53,31 @@ static void kchunk_task(void *ctx, int64_t t, int worker) {
                b_at(j, k0, 0), j->ldb, 0.0f, j->part + t * j->M * j->N, j->N);
 }
 
-/* row t of C = beta C + the partials added in chunk order */
-static void ksum_task(void *ctx, int64_t t, int worker) {
-    const gemm_job *j = ctx;
-    const int64_t N = j->N, MN = j->M * N;
-    float *c = j->C + t * j->ldc;
-    const float *p = j->part + t * N;
-    if (j->beta == 0.0f) {     /* BLAS semantics: C is not read */
+/* Row c[N] = beta c + the nk partial rows p, p + MN, ... added in chunk
+ * order (beta 0: c is not read, BLAS semantics). Shared with the bf16
+ * products (csrc/bf16/gemm_bf16.c): one reduction order for both. */
+void ab_gemm_sum_parts(float *c, const float *p, int64_t N, int64_t MN, int64_t nk, float beta) {
+    if (beta == 0.0f) {
         AB_SIMD
         for (int64_t i = 0; i < N; i++) c[i] = p[i];
     } else {
-        const float beta = j->beta;
         AB_SIMD
         for (int64_t i = 0; i < N; i++) c[i] = beta * c[i] + p[i];
     }
-    for (int64_t q = 1; q < j->nk; q++) {
+    for (int64_t q = 1; q < nk; q++) {
         const float *pq = p + q * MN;
         AB_SIMD
         for (int64_t i = 0; i < N; i++) c[i] += pq[i];
     }
 }
 
-static int64_t tile_of(int64_t L, int64_t parts) {
+static void ksum_task(void *ctx, int64_t t, int worker) {
+    const gemm_job *j = ctx;
+    ab_gemm_sum_parts(j->C + t * j->ldc, j->part + t * j->N, j->N, j->M * j->N, j->nk, j->beta);
+}
+
+/* a tile of about L/parts, rounded up to a multiple of 16 */
+int64_t ab_gemm_tile(int64_t L, int64_t parts) {
     return ab_div_up(ab_div_up(L, parts), 16) * 16;
 }
 
@@ -101,14 +104,14 @@ void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
         } else {
             int64_t pm = 1, pn = 1;
             while (pm * pn < TARGET_TILES) {
-                const int64_t cm = tile_of(M, pm), cn = tile_of(N, pn);
-                if (cn >= cm && tile_of(N, 2 * pn) >= MIN_TILE) pn *= 2;
-                else if (tile_of(M, 2 * pm) >= MIN_TILE) pm *= 2;
-                else if (tile_of(N, 2 * pn) >= MIN_TILE) pn *= 2;
+                const int64_t cm = ab_gemm_tile(M, pm), cn = ab_gemm_tile(N, pn);
+                if (cn >= cm && ab_gemm_tile(N, 2 * pn) >= MIN_TILE) pn *= 2;
+                else if (ab_gemm_tile(M, 2 * pm) >= MIN_TILE) pm *= 2;
+                else if (ab_gemm_tile(N, 2 * pn) >= MIN_TILE) pn *= 2;
                 else break;
             }
             if (pm * pn > 1) {
-                j.tm = tile_of(M, pm); j.tn = tile_of(N, pn);
+                j.tm = ab_gemm_tile(M, pm); j.tn = ab_gemm_tile(N, pn);
                 j.nm = ab_div_up(M, j.tm);
                 ab_parallel_for(j.nm * ab_div_up(N, j.tn), AB_MAX_THREADS, grid_task, &j);
                 return;

@@ -224,25 +224,8 @@ static void kchunk_task(void *ctx, int64_t t, int worker) {
 
 static void ksum_task(void *ctx, int64_t t, int worker) {
     const bjob *j = ctx;
-    const int64_t N = j->N, MN = j->M * N;
-    float *c = j->C + t * j->ldc;
-    const float *p = j->part + t * N;
-    if (!j->accumulate) {
-        AB_SIMD
-        for (int64_t i = 0; i < N; i++) c[i] = p[i];
-    } else {
-        AB_SIMD
-        for (int64_t i = 0; i < N; i++) c[i] += p[i];
-    }
-    for (int64_t q = 1; q < j->nk; q++) {
-        const float *pq = p + q * MN;
-        AB_SIMD
-        for (int64_t i = 0; i < N; i++) c[i] += pq[i];
-    }
-}
-
-static int64_t tile_of(int64_t L, int64_t parts) {
-    return ab_div_up(ab_div_up(L, parts), 16) * 16;
+    ab_gemm_sum_parts(j->C + t * j->ldc, j->part + t * j->N, j->N, j->M * j->N, j->nk,
+                      j->accumulate ? 1.0f : 0.0f);
 }
 
 static int gemm_onednn(bjob *j) {
@@ -265,8 +248,8 @@ static int gemm_onednn(bjob *j) {
         }
         int64_t pm = 1, pn = 1;
         if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096
-            && M * tile_of(N, TARGET_TILES) <= PART_FLOATS) {
-            j->tn = tile_of(N, TARGET_TILES);
+            && M * ab_gemm_tile(N, TARGET_TILES) <= PART_FLOATS) {
+            j->tn = ab_gemm_tile(N, TARGET_TILES);
             ab_parallel_for(ab_div_up(N, j->tn), AB_MAX_THREADS, wide_task, j);
             return atomic_load(&j->rc);
         }
@@ -274,7 +257,7 @@ static int gemm_onednn(bjob *j) {
             /* rows of C only: every tile's A and C stay dense (oneDNN's AMX
              * kernel takes dense operands only); each tile packs all of B, so
              * tiles of >= min_tile / 2 rows, but at least two */
-            while (pm < TARGET_TILES && tile_of(M, 2 * pm) >= min_tile / 2) pm *= 2;
+            while (pm < TARGET_TILES && ab_gemm_tile(M, 2 * pm) >= min_tile / 2) pm *= 2;
             if (pm == 1) pm = 2;
         } else if (planner == 1 && M * N <= PART_FLOATS / 2 && K >= 256) {
             /* A^T B: K chunks (rows of both operands) keep them dense; as many
@@ -292,14 +275,14 @@ static int gemm_onednn(bjob *j) {
             return atomic_load(&j->rc);
         } else {
             while (pm * pn < TARGET_TILES) {
-                const int64_t cm = tile_of(M, pm), cn = tile_of(N, pn);
-                if (cn >= cm && tile_of(N, 2 * pn) >= min_tile) pn *= 2;
-                else if (tile_of(M, 2 * pm) >= min_tile) pm *= 2;
-                else if (tile_of(N, 2 * pn) >= min_tile) pn *= 2;
+                const int64_t cm = ab_gemm_tile(M, pm), cn = ab_gemm_tile(N, pn);
+                if (cn >= cm && ab_gemm_tile(N, 2 * pn) >= min_tile) pn *= 2;
+                else if (ab_gemm_tile(M, 2 * pm) >= min_tile) pm *= 2;
+                else if (ab_gemm_tile(N, 2 * pn) >= min_tile) pn *= 2;
                 else break;
             }
         }
-        j->tm = tile_of(M, pm); j->tn = tile_of(N, pn);
+        j->tm = ab_gemm_tile(M, pm); j->tn = ab_gemm_tile(N, pn);
         j->nm = ab_div_up(M, j->tm);
         ab_parallel_for(j->nm * ab_div_up(N, j->tn), AB_MAX_THREADS, grid_task, j);
         return atomic_load(&j->rc);
