@@ -24,6 +24,19 @@ def torch():
     return import_torch()
 
 
+def import_safetensors():
+    """safetensors alone (the `hf` extra's file format, what the HF directory
+    readers need); required, not skipped, when ANEBACKWARD_REQUIRE_HF=1."""
+    try:
+        import safetensors
+    except ImportError as e:
+        if os.environ.get("ANEBACKWARD_REQUIRE_HF") == "1":
+            pytest.fail(f"ANEBACKWARD_REQUIRE_HF=1 but safetensors cannot be imported: {e}")
+        pytest.skip("safetensors is not installed (pip install -e '.[hf]'): the Hugging Face "
+                    "directory readers are not tested here")
+    return safetensors
+
+
 def import_hf():
     """transformers + safetensors (the `hf` extra): the oracle of the Hugging
     Face tests; required, not skipped, when ANEBACKWARD_REQUIRE_HF=1 (CI) or

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import anebackward as ab
 from anebackward.checkpoint import OPT_MAGIC, load_optimizer, save_optimizer
 from anebackward.data import load_data
+from conftest import import_safetensors
 from anebackward.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -221,6 +222,7 @@ class _SizeChecked(ab.Llama):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
+    import_safetensors()
     d = tmp_path_factory.mktemp("fuzz") / "hf"
     ab.Llama(HF_SMALL, seed=0).save_pretrained(d)
     return d

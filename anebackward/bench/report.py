@@ -1,5 +1,6 @@
 """Terminal table, progress bar and the optional bar chart."""
 import sys
+import textwrap
 import time
 
 ORDER = ("reference", "numpy", "torch", "composed", "sgemm")
@@ -107,7 +108,8 @@ def table(records, env):
         lines += ["", "Notes:"]
         for (c, note), where in notes.items():
             w = ", ".join(where[:4]) + (f" (+{len(where) - 4} more)" if len(where) > 4 else "")
-            lines.append(f"  {c}: {note} [{w}]")
+            lines += textwrap.wrap(f"{c}: {note} [{w}]", width=100, initial_indent="  ",
+                                   subsequent_indent="    ")
     lines.append(f"\nwall time {env.get('wall_time_s')} s")
     return lines
 
