@@ -6,8 +6,11 @@
 step: one training step (forward + backward + clip + AdamW) of
 anebackward.Llama with full fine-tuning and with LoRA (rank --rank, alpha
 2*rank, the seven projections, base frozen), random weights, one batch of
---batch x --seq tokens. The contenders alternate (one step each per round)
-so load from other processes hits them alike; medians are reported.
+--batch x --seq tokens. --hf-peft adds the same LoRA step in Hugging Face
+transformers + peft, unpatched (sdpa attention, torch's fused AdamW over the
+adapters, the same weights saved and loaded as an HF directory). The
+contenders alternate (one step each per round) so load from other processes
+hits them alike; medians are reported.
 
 rss: the peak resident memory (ru_maxrss) of one training step with
 --recompute, full fine-tuning and LoRA, each in a fresh subprocess.
@@ -39,6 +42,37 @@ def _step(model, opt, tok):
     opt.step()
 
 
+class _HFPeft:
+    """The LoRA step in HF transformers + peft, unpatched: a model and its
+    optimizer, called like (model, opt, tokens) -> one step."""
+
+    def __init__(self, model, rank, tok):
+        import tempfile
+        import peft
+        import torch
+        import transformers
+        d = tempfile.mkdtemp()
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa",
+                                                               torch_dtype=torch.float32)
+        lc = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"])
+        self.model = peft.get_peft_model(hf, lc)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, fused=True)
+        self.tok = torch.from_numpy(tok.astype(np.int64))
+        self.torch = torch
+
+    def __call__(self):
+        out = self.model(input_ids=self.tok, labels=self.tok)
+        out.loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def step(args):
     ab.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -46,21 +80,31 @@ def step(args):
     for name, lora in (("full", False), (f"lora-r{args.rank}", True)):
         m = _model(args.shape, lora, args.rank, precision=args.precision)
         tok = rng.integers(0, m.config.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-        runs[name] = (m, ab.AdamW(m, lr=1e-5), tok[:, :args.seq])
-        _step(*runs[name])                                       # warm-up
+        runs[name] = (lambda m=m, o=ab.AdamW(m, lr=1e-5), t=tok[:, :args.seq]: _step(m, o, t))
+        runs[name]()                                             # warm-up
+    if args.hf_peft:
+        import torch
+        torch.set_num_threads(args.threads)
+        base = _model(args.shape, False, args.rank)
+        runs[f"hf-peft-r{args.rank}"] = _HFPeft(base, args.rank, tok[:, :args.seq])
+        runs[f"hf-peft-r{args.rank}"]()                          # warm-up
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
-        for k, (m, opt, tok) in runs.items():
+        for k, run in runs.items():
             t0 = time.perf_counter()
-            _step(m, opt, tok)
+            run()
             times[k].append(1e3 * (time.perf_counter() - t0))
     full = statistics.median(times["full"])
     print(f"{args.shape}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
           f"precision {args.precision}, {args.repeats} alternating rounds after a warm-up")
     for k, t in times.items():
         med = statistics.median(t)
-        print(f"  {k:12s} median {med:8.1f} ms  (min {min(t):.1f}, max {max(t):.1f})  "
+        print(f"  {k:14s} median {med:8.1f} ms  (min {min(t):.1f}, max {max(t):.1f})  "
               f"ratio to full {med / full:.3f}")
+    hf = f"hf-peft-r{args.rank}"
+    if hf in times:
+        ours = statistics.median(times[f"lora-r{args.rank}"])
+        print(f"  hf-peft / lora (ours): {statistics.median(times[hf]) / ours:.2f}x")
 
 
 def _one(args):
@@ -102,6 +146,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--hf-peft", action="store_true",
+                   help="step: add HF transformers + peft, unpatched (needs the hf extra, peft)")
     args = p.parse_args(argv)
     {"step": step, "rss": rss, "_one": _one}[args.what](args)
 
