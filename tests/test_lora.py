@@ -505,3 +505,18 @@ def test_c_guards_of_adapters_and_frozen_tensors():
                                  fp(ws), ws.size) == lib.AB_EINVAL
     m.backward()             # the refused call left the forward's workspace alone
     assert np.abs(m.flat_grads).max() > 0
+
+
+def test_the_lora_bench_runs_ours_and_hf_peft(capsys):
+    import_hf()
+    if os.environ.get("ANEBACKWARD_REQUIRE_HF") != "1":
+        pytest.importorskip("peft", reason="peft (the hf extra) is the contender")
+    from anebackward.bench import lora as bench
+    before = ab.get_num_threads()
+    try:
+        bench.main(["step", "--shape", "tiny", "--seq", "16", "--repeats", "1", "--threads", "1",
+                    "--hf-peft"])
+    finally:
+        ab.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "lora-r16" in out and "hf-peft-r16" in out and "hf-peft / lora (ours)" in out
