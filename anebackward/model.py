@@ -183,14 +183,16 @@ class Llama:
         return total[0] * 4
 
     def forward(self, tokens: Tokens, targets: Optional[Tokens] = None, *,
-                want_grad: bool = True) -> float:
+                want_grad: bool = True, logits_out: Optional[F32Array] = None) -> float:
         """The mean cross-entropy loss of a batch.
 
         tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
         targets: same shape, -1 = ignored; default: position t predicts
         tokens[t+1], i.e. the mean over the B*(S-1) predictions (the seed's
         semantics). With want_grad (default) the activations and dlogits are
-        kept for backward()."""
+        kept for backward(). logits_out: a writeable C-contiguous float32
+        array of B*S*vocab floats (e.g. [B, S, vocab]) that receives the
+        logits too (one copy; loss and gradients are the same)."""
         fn = "Llama.forward"
         tok, B, S = self._batch(fn, tokens)
         if targets is None:
@@ -207,11 +209,26 @@ class Llama:
                                  f"({Bt}, {St})")
             if not (tgt >= 0).any():
                 raise ValueError(f"{fn}: every target is -1 (ignored); there is nothing to predict")
+        if logits_out is not None:
+            V = self.config.vocab_size
+            if (not isinstance(logits_out, np.ndarray) or logits_out.dtype != np.float32
+                    or logits_out.size != B * S * V or not logits_out.flags.c_contiguous
+                    or not logits_out.flags.writeable):
+                raise ValueError(f"{fn}: logits_out must be a writeable C-contiguous float32 "
+                                 f"array of {B}*{S}*{V} floats, got "
+                                 f"{getattr(logits_out, 'dtype', type(logits_out).__name__)} "
+                                 f"{getattr(logits_out, 'shape', '')}")
         work = self._workspace(B, S)
         loss = ffi.new("double *")
         self._pending = None
-        check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok), iptr(tgt),
-                                   B, S, int(bool(want_grad)), fptr(work), work.size), fn)
+        if logits_out is None:
+            check(lib.ab_model_forward(loss, self._cfg, fptr(self.flat_params), iptr(tok),
+                                       iptr(tgt), B, S, int(bool(want_grad)), fptr(work),
+                                       work.size), fn)
+        else:
+            check(lib.ab_model_forward_logits(loss, fptr(logits_out), self._cfg,
+                                              fptr(self.flat_params), iptr(tok), iptr(tgt), B, S,
+                                              int(bool(want_grad)), fptr(work), work.size), fn)
         if want_grad:
             self._pending = (B, S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = float(loss[0])

@@ -362,6 +362,32 @@ int ab_model_forward(double *loss_out, const ab_model_config *c, const float *pa
     return AB_OK;
 }
 
+/* ab_model_forward that also hands the caller the logits: the forward
+ * without targets (activations and logits in the workspace), a copy of the
+ * logits, then the same cross-entropy over them in place (loss, and dlogits
+ * with want_grad) as ab_model_forward's. Bit-identical loss and dlogits. */
+int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_config *c,
+                            const float *params, const int32_t *tokens, const int32_t *targets,
+                            int64_t B, int64_t S, int want_grad, float *work,
+                            int64_t work_floats) {
+    ws_layout W;
+    AB_NONNULL(logits_out);
+    AB_REQUIRE(!want_grad || (targets && loss_out), AB_EINVAL);
+    TRY(ab_model_forward(NULL, c, params, tokens, NULL, B, S, 0, work, work_floats));
+    TRY(workspace_layout(c, B, S, &W));
+    const kernel_table *k = c->reference ? &REFERENCE : &FAST;
+    const int64_t N = B * S, V = c->vocab_size;
+    float *LOGITS = work + W.LOGITS;
+    memcpy(logits_out, LOGITS, (size_t)(N * V) * sizeof(float));
+    if (targets) {
+        double loss = 0.0;
+        TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f));
+        if (loss_out) *loss_out = loss;
+        if (want_grad) hdr_set(work, HDR_TAG, READY_TAG);
+    }
+    return AB_OK;
+}
+
 /* The layer projections' dx on the ANE (ab_model_backward_ane): each dx is
  * queued to the context's worker before the CPU computes the same
  * projection's dW, and waited for after it (the origin project's overlap).
