@@ -350,7 +350,8 @@ class Llama:
     def forward(self, tokens: Union[Tokens, Batch], targets: Optional[Tokens] = None, *,
                 cu_seqlens: Optional[Tokens] = None, positions: Optional[Tokens] = None,
                 attention_mask: Optional[Tokens] = None,
-                loss_denominator: Optional[float] = None, want_grad: bool = True) -> float:
+                loss_denominator: Optional[float] = None, want_grad: bool = True,
+                logits_out: Optional[F32Array] = None) -> float:
         """The mean cross-entropy loss of a batch.
 
         tokens: int [S] or [B, S] (int32; int64/uint16 are converted).
@@ -370,11 +371,17 @@ class Llama:
           an anebackward.Batch as tokens.
         Default targets then stay inside each document.
         loss_denominator: the loss is sum / loss_denominator instead of the
-        mean (HF Trainer's num_items_in_batch)."""
+        mean (HF Trainer's num_items_in_batch).
+        logits_out (full rows only): a writeable C-contiguous float32 array
+        of B*S*vocab floats (e.g. [B, S, vocab]) that receives the logits too
+        (one copy; loss and gradients are the same)."""
         fn = "Llama.forward"
         batch = self._as_batch(fn, tokens, targets, cu_seqlens, positions, attention_mask,
                                loss_denominator)
         if batch is not None:
+            if logits_out is not None:
+                raise ValueError(f"{fn}: logits_out applies to full rows only; use "
+                                 "Llama.logits(...) for a batch layout")
             return self._forward_batch(fn, batch, want_grad)
         tok, B, S = self._batch(fn, tokens)
         if targets is None:
@@ -391,10 +398,19 @@ class Llama:
                                  f"({Bt}, {St})")
             if not (tgt >= 0).any():
                 raise ValueError(f"{fn}: every target is -1 (ignored); there is nothing to predict")
+        if logits_out is not None:
+            V = self.config.vocab_size
+            if (not isinstance(logits_out, np.ndarray) or logits_out.dtype != np.float32
+                    or logits_out.size != B * S * V or not logits_out.flags.c_contiguous
+                    or not logits_out.flags.writeable):
+                raise ValueError(f"{fn}: logits_out must be a writeable C-contiguous float32 "
+                                 f"array of {B}*{S}*{V} floats, got "
+                                 f"{getattr(logits_out, 'dtype', type(logits_out).__name__)} "
+                                 f"{getattr(logits_out, 'shape', '')}")
         work = self._workspace(B, S)
         loss = ffi.new("double *")
         self._pending = None
-        self._forward_c(fn, loss, tok, tgt, B, S, want_grad, work)
+        self._forward_c(fn, loss, tok, tgt, B, S, want_grad, work, logits_out)
         if want_grad:
             self._pending = (B, S, B * S)   # C keeps the tokens: the caller may reuse its buffer
         self.last_loss = value = float(loss[0])
@@ -565,12 +581,22 @@ class Llama:
             self._groups = {g: tuple(sorted(v)) for g, v in groups.items()}
         return self._groups
 
-    def _forward_c(self, fn, loss, tok, tgt, B, S, want_grad, work):
+    def _forward_c(self, fn, loss, tok, tgt, B, S, want_grad, work, logits_out=None):
         """The C forward: the layer projections on the ANE where the backend
-        routes them (_ane_context), else everything on the CPU."""
+        routes them (_ane_context), else everything on the CPU; with
+        logits_out (on the CPU) the logits are copied there too."""
         args = (loss, self._cfg, fptr(self.flat_params), iptr(tok),
                 ffi.NULL if tgt is None else iptr(tgt), B, S, int(bool(want_grad)), fptr(work),
                 work.size)
+        if logits_out is not None:
+            lo = logits_out
+            if not (isinstance(lo, np.ndarray) and lo.dtype == np.float32
+                    and lo.flags.c_contiguous and lo.flags.writeable
+                    and lo.size == B * S * self.config.vocab_size):
+                raise ValueError(f"{fn}: logits_out must be a writeable C-contiguous float32 "
+                                 f"array of {B * S * self.config.vocab_size} floats")
+            check(lib.ab_model_forward_logits(loss, fptr(lo), *args[1:]), fn)
+            return
         ctx = self._ane_context(B * S)
         if ctx is None:
             check(lib.ab_model_forward(*args), fn)

@@ -468,6 +468,13 @@ AB_API int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float 
 AB_API int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
                      const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                      int want_grad, float *work, int64_t work_floats);
+/* ab_model_forward_logits: ab_model_forward that also copies the logits
+ * [B*S, vocab] into logits_out (before want_grad overwrites them with
+ * dlogits); loss, dlogits and what the backward needs are the same. */
+AB_API int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_config *c,
+                            const float *params, const int32_t *tokens, const int32_t *targets,
+                            int64_t B, int64_t S, int want_grad, float *work,
+                            int64_t work_floats);
 AB_API int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
                       int64_t B, int64_t S, float grad_scale, int accumulate,
                       float *work, int64_t work_floats);

@@ -254,7 +254,9 @@ def test_blas_threads_setting(torch, at):
     if before == 0:
         pytest.skip("this BLAS does not report or take a thread count (Accelerate)")
     try:
-        at.Transformer(**MHA)  # linear="torch": PyTorch owns the cores
+        at.Transformer(**MHA)  # training takes the one-call path: the package owns the cores
+        assert anebackward.get_num_threads() == before
+        at.Transformer(**MHA, one_call=False)  # linear="torch": PyTorch owns the cores
         assert anebackward.get_num_threads() == 1
         at.Transformer(**MHA, blas_threads=2)
         assert anebackward.get_num_threads() == 2
@@ -268,8 +270,9 @@ def test_blas_threads_setting(torch, at):
 
 def test_reference_backend_through_torch(torch, at, ref, monkeypatch):
     """ANEBACKWARD_BACKEND=reference routes every kernel call of the model to
-    the seed's scalar loops (math corrected); they agree with the fast ones."""
-    fast, _ = _pair(torch, at, ref, GQA, linear="anebackward")
+    the seed's scalar loops (math corrected); they agree with the fast ones
+    (the per-op path: its Functions read the setting at each call)."""
+    fast, _ = _pair(torch, at, ref, GQA, linear="anebackward", one_call=False)
     slow = copy.deepcopy(fast)
     tok, tgt = _batch(torch, GQA, B=1, S=9)
     fast(tok, tgt)
@@ -381,8 +384,9 @@ def test_one_call_training_matches_per_op(torch, at, ref):
 
 
 def test_one_call_chosen_per_call(torch, at, ref):
-    """What the one-call path cannot do runs per-op: logits wanted, inference
-    without targets, parameters moved out of the buffer; one_call=True says so."""
+    """What the one-call path cannot do runs per-op: inference without
+    targets, parameters moved out of the buffer; one_call=True says so.
+    Logits wanted (return_logits=True) stay on the one-call path."""
     m, _ = _pair(torch, at, ref, MHA, return_logits=False)
     tok, tgt = _batch(torch, MHA)
     with torch.no_grad():                       # eval loss: one forward call, no graph
@@ -394,7 +398,7 @@ def test_one_call_chosen_per_call(torch, at, ref):
     assert m(tok).shape == (2, 1, MHA["vocab_size"])  # inference: last position's logits
     m.return_logits = True
     assert m(tok, tgt).shape == (2, 17, MHA["vocab_size"])
-    assert not _one_call_taken(m.last_loss)
+    assert _one_call_taken(m.last_loss)
     m.return_logits = False
     sd = copy.deepcopy(m.state_dict())
     m.load_state_dict(sd)                       # copies in place: still the flat buffer

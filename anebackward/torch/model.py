@@ -19,13 +19,17 @@ package's OpenBLAS sgemm was 10-25 % faster than MKL; docs/performance.md);
 Transformer(..., linear="anebackward") routes them to the package's linear
 kernels instead.
 
-One-call path: in training with targets and return_logits=False, the whole
-forward and backward are ONE C call each (ab_model_forward/backward, the
-engine of anebackward.Llama), wrapped as one autograd Function over all
-parameters; the parameters are views of the C model's one flat buffer
-(zero-copy). Anything that path cannot do (logits wanted, inference without
-targets, float64, parameters moved out of the buffer by .to()/.double(),
-one_call=False) takes the per-op path above, chosen per call.
+One-call path: every call with targets runs the whole forward and backward
+as ONE C call each (ab_model_forward/backward, the engine of
+anebackward.Llama), wrapped as one autograd Function over all parameters;
+the parameters are views of the C model's one flat buffer (zero-copy). The
+returned logits (return_logits=True, llama2.c's `logits = model(X, Y)`)
+carry gradient into the same C backward: a backward from the loss alone is
+the plain C backward, a loss built from the logits adds its gradient.
+Anything that path cannot do (inference without targets, float64,
+parameters moved out of the buffer by .to()/.double(), a hook on a
+submodule or a replaced module, one_call=False) takes the per-op path
+above, chosen per call.
 
 Differences from llama2.c, each deliberate:
   - dropout > 0 in training mode raises NotImplementedError (the attention
@@ -45,6 +49,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,51 +183,131 @@ class TransformerBlock(nn.Module):
 
 
 class ModelFunction(torch.autograd.Function):
-    """loss = the whole model's mean cross-entropy in one C call forward
-    (ab_model_forward) and one backward (ab_model_backward), over an
-    anebackward.Llama engine whose flat buffer the parameters view. The
-    gradients come back as views of one fresh flat buffer (autograd adds them
-    to .grad as usual: accumulation, DDP hooks and tied weights just work).
-    tokens: int [B, S] with targets, or an anebackward.Batch (a padded or
-    packed batch in compact form, its own targets; targets None)."""
+    """loss (and, with want_logits, the logits [B, S, vocab]) of the whole
+    model in one C call forward (ab_model_forward) and one backward
+    (ab_model_backward), over an anebackward.Llama engine whose flat buffer
+    the parameters view. The gradients come back as views of one fresh flat
+    buffer (autograd adds them to .grad as usual: accumulation, DDP hooks and
+    tied weights just work). tokens: int [B, S] with targets, or an
+    anebackward.Batch (a padded or packed batch in compact form, its own
+    targets; targets None, no logits).
+
+    A backward from the loss alone is the C backward as it is; a gradient
+    arriving at the logits (a loss built from them) is added to the
+    cross-entropy's dlogits before it. The engine holds the activations of
+    its last forward only: a backward whose forward is no longer the
+    engine's last (several forwards before their backwards, a sum of two
+    losses, retain_graph and a second backward) runs that forward again
+    first (same tokens, same weights: bit-identical activations). Weights
+    changed in place between the forward and its backward raise, as
+    autograd does for a tensor it saved."""
 
     @staticmethod
-    def forward(ctx, engine, specs, tokens, targets, need_grad, *params):
+    def forward(ctx, engine, specs, tokens, targets, need_grad, want_logits, *params):
         # torch's optimizers update the parameter views in place, unseen by the
         # ANE's weight staging (keyed to the engine's params version)
         engine.mark_params_changed()
         if isinstance(tokens, Batch):   # a padded/packed batch, compact (anebackward.batch)
+            if want_logits:
+                raise ValueError("ModelFunction: logits are returned for full rows only")
+            tok, tgt, logits = tokens, None, None
             loss = engine.forward(tokens, want_grad=need_grad)
         else:
-            loss = engine.forward(tokens.detach().cpu().numpy(), targets.detach().cpu().numpy(),
-                                  want_grad=need_grad)
-        ctx.engine, ctx.specs = engine, specs
-        return torch.tensor(loss, dtype=torch.float32)
+            tok = tokens.detach().cpu().numpy().astype(np.int32)
+            tgt = targets.detach().cpu().numpy().astype(np.int32)
+            logits = None
+            if want_logits:
+                logits = torch.empty(*tok.shape, engine.config.vocab_size, dtype=torch.float32)
+            loss = engine.forward(tok, tgt, want_grad=need_grad,
+                                  logits_out=None if logits is None else logits.numpy())
+        ctx.engine, ctx.specs, ctx.tok, ctx.tgt = engine, specs, tok, tgt
+        ctx.pending = engine._pending          # identifies this forward's engine state
+        ctx.versions = [p._version for p in params]
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        loss = torch.tensor(loss, dtype=torch.float32)
+        if logits is None:
+            return loss
+        return loss, logits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dloss):
+    def backward(ctx, dloss, dlogits=None):
         engine = ctx.engine
+        if [p._version for p in ctx.params] != ctx.versions:
+            raise RuntimeError(
+                "anebackward one-call backward: a parameter was modified in place after the "
+                "forward that this backward differentiates (e.g. an optimizer step between a "
+                "forward and its backward); run the forward again after the update")
+        if engine._pending is None or engine._pending is not ctx.pending:
+            if isinstance(ctx.tok, Batch):                     # this forward's state again
+                engine.forward(ctx.tok, want_grad=True)
+            else:
+                engine.forward(ctx.tok, ctx.tgt, want_grad=True)
+        scale = 0.0 if dloss is None else float(dloss)
+        if dlogits is not None:  # d(loss built from the logits): added to the CE's dlogits
+            B, S = ctx.tok.shape
+            off, V = engine._ws[3], engine.config.vocab_size
+            dl = torch.from_numpy(engine._ws[2][off:off + B * S * V])
+            dl.mul_(scale).add_(dlogits.reshape(-1))
+            scale = 1.0
         flat = torch.empty(engine.n_params, dtype=torch.float32)
-        engine.backward(grad_scale=float(dloss), grads=flat.numpy())
+        engine.backward(grad_scale=scale, grads=flat.numpy())
         grads = [flat[off:off + math.prod(shape)].view(shape) for _, off, shape in ctx.specs]
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
+
+
+@torch._dynamo.disable
+def model_step(slot, tokens, targets, want_logits=False):
+    """ModelFunction over an EngineSlot: the loss, or (loss, logits). One
+    opaque step for torch.compile (dynamo does not trace into the C engine)."""
+    need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    return ModelFunction.apply(slot.engine, slot.specs, tokens, targets, need, bool(want_logits),
+                               *slot.params)
 
 
 ONE_CALL_CHOICES = ("auto", True, False)
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def own_forward(fn):
+    """Marks a function as one of the package's module forwards (a module
+    whose instance forward is one of these still runs as the engine does)."""
+    fn._anebackward_forward = True
+    return fn
+
+
+def _foreign_forward(m):
+    f = m.__dict__.get("forward")
+    return f is not None and not getattr(getattr(f, "__func__", f), "_anebackward_forward", False)
+
+
 class EngineSlot:
-    """The one-call engine of a Transformer and the parameters bound to its
-    flat buffer. Copies and pickles start empty (fresh): the C model's
-    buffers are not copied along; the copy binds its own on first use."""
+    """The one-call engine of a model and the parameters bound to its flat
+    buffer. Copies and pickles start empty (fresh): the C model's buffers
+    are not copied along; the copy binds its own on first use.
+
+    bind() also records the model's module tree (every module and where each
+    parameter sits in it); current(root) tells whether a call may still run
+    as the engine: the same modules holding the same parameters (no module
+    replaced, e.g. by peft's adapters; no parameter re-assigned), no hook on
+    any submodule nor a global module hook (they would not run: the engine
+    calls no module), no forward replaced on an instance."""
 
     def __init__(self):
         self.engine, self.specs, self.params, self.ptrs, self.fresh = None, None, (), (), True
+        self.tree, self.owners = (), ()
 
-    def bind(self, engine, specs, params):
+    def bind(self, engine, specs, params, root=None):
         self.engine, self.specs, self.params = engine, specs, params
         self.ptrs = [int(engine.params[name].ctypes.data) for name, _, _ in specs]
+        if root is not None:
+            self.tree = tuple(root.modules())
+            self.owners = tuple((m, k, p) for m in self.tree for k, p in m._parameters.items())
 
     def in_place(self):
         """Every parameter still CPU float32 at its place in the flat buffer
@@ -230,6 +315,23 @@ class EngineSlot:
         return self.engine is not None and all(
             p.dtype == torch.float32 and p.device.type == "cpu" and p.data_ptr() == ptr
             for p, ptr in zip(self.params, self.ptrs))
+
+    def same_tree(self, root):
+        """root's modules and their parameters are the bound ones."""
+        tree = tuple(root.modules())
+        return (len(tree) == len(self.tree) and all(a is b for a, b in zip(tree, self.tree))
+                and all(m._parameters.get(k) is p for m, k, p in self.owners))
+
+    def current(self, root):
+        """The bound tree, unhooked, with parameters in place (see the class doc)."""
+        if any(getattr(torch.nn.modules.module, h) for h in _GLOBAL_HOOKS):
+            return False
+        if not self.same_tree(root):
+            return False
+        for m in self.tree[1:]:
+            if any(getattr(m, h) for h in _MODULE_HOOKS) or _foreign_forward(m):
+                return False
+        return self.in_place()
 
     def __reduce__(self):
         return (EngineSlot, ())
@@ -249,8 +351,8 @@ class Transformer(nn.Module):
                            both pools busy-wait and two pools on the same
                            cores slow each other down several-fold; an int
                            sets it; None leaves it alone. The one-call path
-                           runs everything in the package, so "auto" leaves
-                           it alone when return_logits=False.
+                           (training calls) runs everything in the package,
+                           so "auto" leaves it alone unless one_call=False.
       one_call="auto"      the one-call path when the call allows it (see the
                            module docstring); False: always per-op; True:
                            raise when a training call cannot take it."""
@@ -303,7 +405,7 @@ class Transformer(nn.Module):
         self._slot.fresh = False
         self._one_call_bind()
         if blas_threads == "auto":
-            blas_threads = 1 if linear == "torch" and (self.return_logits or not one_call) else None
+            blas_threads = 1 if linear == "torch" and not one_call else None
         if blas_threads is not None:
             anebackward.set_num_threads(blas_threads)
 
@@ -346,18 +448,21 @@ class Transformer(nn.Module):
                 view = torch.from_numpy(engine.params[name])
                 view.copy_(own[name])
                 own[name].data = view
-        self._slot.bind(engine, specs, [own[name] for name, _, _ in specs])
+        self._slot.bind(engine, specs, [own[name] for name, _, _ in specs], self)
 
     def _one_call_ok(self, tokens, targets):
         """Whether this call can take the one-call path."""
-        if self.one_call is False or targets is None or self.return_logits:
+        if self.one_call is False or targets is None:
             return False
         if tokens.device.type != "cpu" or targets.device.type != "cpu":
             return False
         if self._slot.engine is None and self._slot.fresh:  # a copy: bind its own buffer
+            if not all(p.dtype == torch.float32 and p.device.type == "cpu"
+                       for p in self.parameters()):
+                return False  # e.g. .bfloat16(): the per-op path says what it takes
             self._slot.fresh = False
             self._one_call_bind()
-        return self._slot.in_place()
+        return self._slot.current(self)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -380,15 +485,16 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer.forward: seqlen {seqlen} exceeds max_seq_len "
                              f"{self.params.max_seq_len}; crop the tokens (as generate() does)")
         if self._one_call_ok(tokens, targets):
-            need = torch.is_grad_enabled() and any(p.requires_grad for p in self._slot.params)
-            slot = self._slot
-            self.last_loss = ModelFunction.apply(slot.engine, slot.specs, tokens, targets, need,
-                                                 *slot.params)
-            return None
+            if not self.return_logits:
+                self.last_loss = model_step(self._slot, tokens, targets)
+                return None
+            self.last_loss, logits = model_step(self._slot, tokens, targets, want_logits=True)
+            return logits
         if self.one_call is True and targets is not None and torch.is_grad_enabled():
             raise ValueError("Transformer.forward: one_call=True but this call cannot take the "
-                             "one-call path (it needs return_logits=False, CPU float32 "
-                             "parameters still in the model's flat buffer, and targets)")
+                             "one-call path (it needs targets, CPU float32 parameters still in "
+                             "the model's flat buffer, and no hook or replaced module inside "
+                             "the model)")
         h = self.tok_embeddings(tokens)
         freqs_cos, freqs_sin = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen]
         for layer in self.layers:

@@ -12,7 +12,8 @@ Supported: LlamaForCausalLM (model_type "llama") and Qwen3ForCausalLM
 ("qwen3"). What runs where, and when a call falls back to HF's own code, is
 in anebackward/transformers/_layers.py and docs/huggingface.md.
 In training with labels the patched forward returns the loss and
-logits=None: the [tokens, vocab] logits are never held in full.
+logits=None: the [tokens, vocab] logits are never held in full (unless
+asked for: skip_logits=False). Documentation: docs/huggingface.md.
 """
 import types
 
@@ -70,7 +71,7 @@ def _threads(blas_threads, one_call):
 
 
 def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-           blas_threads, one_call):
+           blas_threads, one_call, skip_logits):
     m, prefix = _modeling(model_type)
     pairs = _targets(m, prefix, rms_norm, attention, swiglu, fused_linear_cross_entropy)
     attn_cls = getattr(m, prefix + "Attention")
@@ -87,6 +88,7 @@ def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_ent
             cls.forward = fn
         attn_cls._anebackward_rope = bool(rope)  # RoPE runs inside the patched attention
         lm_cls._anebackward_one_call = one_call
+        lm_cls._anebackward_skip_logits = bool(skip_logits)
         return None
     for mod in model.modules():  # patch this model's modules only
         for cls, fn in pairs:
@@ -96,29 +98,33 @@ def _apply(model_type, rms_norm, rope, attention, swiglu, fused_linear_cross_ent
             mod._anebackward_rope = bool(rope)
         if type(mod) is lm_cls:
             mod._anebackward_one_call = one_call
+            mod._anebackward_skip_logits = bool(skip_logits)
     return model
 
 
 def apply_to_llama(*, rms_norm=True, rope=True, attention=True, swiglu=True,
                    fused_linear_cross_entropy=True, one_call=True, model=None,
-                   blas_threads="auto"):
+                   blas_threads="auto", skip_logits=True):
     """Patch HF's Llama modeling classes (model=None: every Llama built after
     this call) or one instantiated model's modules (model=...).
     one_call: training calls the C model takes run as one C call each (the
     default; False: always the per-op path).
     blas_threads: the package's (process-wide) thread count: "auto" leaves it
     alone with one_call, else sets 1 (PyTorch runs the dense projections on
-    its own threads); an int sets it; None leaves it alone."""
+    its own threads); an int sets it; None leaves it alone.
+    skip_logits: training calls with labels return logits=None (the default;
+    the [tokens, vocab] logits are never held in full); False returns them,
+    carrying gradient (a call's skip_logits= keyword overrides this)."""
     return _apply("llama", rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-                  blas_threads, one_call)
+                  blas_threads, one_call, skip_logits)
 
 
 def apply_to_qwen3(*, rms_norm=True, rope=True, attention=True, swiglu=True,
                    fused_linear_cross_entropy=True, one_call=True, model=None,
-                   blas_threads="auto"):
+                   blas_threads="auto", skip_logits=True):
     """Patch HF's Qwen3 modeling classes (model=None) or one model (model=...)."""
     return _apply("qwen3", rms_norm, rope, attention, swiglu, fused_linear_cross_entropy, model,
-                  blas_threads, one_call)
+                  blas_threads, one_call, skip_logits)
 
 
 def apply(model, **switches):

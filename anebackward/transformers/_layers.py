@@ -30,7 +30,6 @@ attention_mask None or all ones, position_ids None or consecutive in each
 row (restarting positions = packed sequences), and no tokens already in the
 cache (a prefill or training step). It lives in a ContextVar for the call.
 """
-import contextvars
 import functools
 import inspect
 
@@ -38,8 +37,8 @@ import torch
 
 from ..torch.functions import (AttentionWorkspace, attention, chunked_classifier_cross_entropy,
                                rmsnorm, rope, swiglu)
+from ..torch.model import EngineSlot, model_step, own_forward
 
-_PLAIN_CAUSAL = contextvars.ContextVar("anebackward_plain_causal", default=False)
 _WORKSPACE = AttentionWorkspace()
 _IGNORE_INDEX = -100  # HF's label ignore index; the kernel's is -1
 
@@ -50,10 +49,14 @@ def original(cls):
 
 
 def _fast(*tensors):
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """CPU float32 tensors outside autocast (under torch.autocast the kernels
+    would compute in float32 what HF computes in the lower precision)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 # ---------------------------------------------------------------- RMSNorm ----
+@own_forward
 def rms_norm_forward(self, hidden_states):
     if not _fast(hidden_states, self.weight):
         return original(type(self))(self, hidden_states)
@@ -61,6 +64,7 @@ def rms_norm_forward(self, hidden_states):
 
 
 # ---------------------------------------------------------------- SwiGLU ----
+@own_forward
 def swiglu_forward(self, x):
     if not _fast(x) or self.config.hidden_act not in ("silu", "swish"):
         return original(type(self))(self, x)
@@ -69,6 +73,8 @@ def swiglu_forward(self, x):
 
 # ------------------------------------------------------------- attention ----
 def _plain_causal(attention_mask, position_ids, cache):
+    if isinstance(attention_mask, dict):  # a per-layer-type mask mapping (generate's static cache)
+        return False
     if attention_mask is not None:
         if attention_mask.dim() != 2 or not bool(attention_mask.bool().all()):
             return False
@@ -80,23 +86,56 @@ def _plain_causal(attention_mask, position_ids, cache):
     return True
 
 
+_CALL = "_anebackward_call"  # the decoder model's decision, passed down to each attention
+
+
+def _rope_buffer_ok(model):
+    """The rotary embedding's inv_freq buffer is what HF computes from the
+    config (what the RoPE kernel and the C model compute) and its cos/sin
+    are unscaled; checked again whenever the buffer changes."""
+    rot = getattr(model, "rotary_emb", None)
+    inv = getattr(rot, "inv_freq", None)
+    if inv is None:
+        return False
+    key = (id(inv), inv.data_ptr(), inv._version)
+    seen = rot.__dict__.get("_anebackward_inv_freq")
+    if seen is not None and seen[0] == key:
+        return seen[1]
+    ok = False
+    try:
+        rope_type = getattr(rot, "rope_type", "default")
+        if rope_type == "default":
+            init = rot.compute_default_rope_parameters
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            init = ROPE_INIT_FUNCTIONS[rope_type]
+        expect, scaling = init(rot.config)
+        ok = (float(getattr(rot, "attention_scaling", 1.0)) == 1.0 and float(scaling) == 1.0
+              and torch.equal(inv.detach().cpu().float(), expect.float()))
+    except Exception:  # noqa: BLE001 - anything unexpected: HF's cos/sin
+        ok = False
+    rot.__dict__["_anebackward_inv_freq"] = (key, ok)
+    return ok
+
+
 def model_forward_wrapper(orig):
     """Wraps a decoder model's forward (LlamaModel, Qwen3Model): decides
-    "plain causal" from the caller's inputs for the duration of the call."""
+    from the caller's inputs whether the call is "plain causal", and whether
+    the rotary buffer is the one the RoPE kernel computes, and hands both
+    to each attention through the keyword arguments HF passes down to it (so
+    a layer recomputed by gradient checkpointing sees the same decision)."""
     sig = inspect.signature(orig)
 
+    @own_forward
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
         a = sig.bind_partial(self, *args, **kwargs).arguments
         kw = a.get("kwargs", {})
         cache = next((d[n] for d in (a, kw) for n in ("cache", "past_key_values")
                       if d.get(n) is not None), None)
-        token = _PLAIN_CAUSAL.set(_plain_causal(a.get("attention_mask"), a.get("position_ids"),
-                                                cache))
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            _PLAIN_CAUSAL.reset(token)
+        plain = _plain_causal(a.get("attention_mask"), a.get("position_ids"), cache)
+        kwargs[_CALL] = (plain, _rope_buffer_ok(self))
+        return orig(self, *args, **kwargs)
 
     return forward
 
@@ -129,14 +168,16 @@ def _rope_half(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
 
+@own_forward
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                       **kwargs):
+    plain, rope_ok = kwargs.pop(_CALL, (False, False))
     # the KV cache is `past_key_values` up to transformers 5.23 and `cache` from 5.24
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     B, S = hidden_states.shape[:2]
     hd = self.head_dim
     sliding = getattr(self, "sliding_window", None)
-    if (not _PLAIN_CAUSAL.get() or not _fast(hidden_states) or position_embeddings is None
+    if (not plain or not _fast(hidden_states) or position_embeddings is None
             or (self.training and self.attention_dropout > 0.0)
             or kwargs.get("output_attentions") or (sliding is not None and sliding < S)
             or abs(self.scaling - hd ** -0.5) > 1e-12 * hd ** -0.5):
@@ -149,7 +190,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     v = self.v_proj(hidden_states)
     if hasattr(self, "q_norm"):  # Qwen3: RMSNorm of each head over head_dim
         q, k = self.q_norm(q), self.k_norm(k)
-    kr = _kernel_rope(cfg, kwargs.get("position_ids"), S) if self._anebackward_rope else None
+    kr = (_kernel_rope(cfg, kwargs.get("position_ids"), S)
+          if self._anebackward_rope and rope_ok else None)
     if kr is not None:  # the kernel's rotate-half layout, HF's theta and Llama-3 scaling
         p0, theta, scaling = kr
         sw = dict(layout="half", theta=theta, scaling=scaling)
@@ -179,37 +221,56 @@ def _shifted_targets(labels, shift_labels):
     return torch.where(t == _IGNORE_INDEX, -1, t)
 
 
+def _bind(model, slot):
+    """Bind the model's parameters to a fresh C engine (values copied once,
+    then every parameter views the engine's flat buffer); False when the
+    C model does not take this model as it is now."""
+    from .. import Llama
+    from ..hf import config_from_hf, hf_name
+    from ..layout import tensor_specs
+    try:
+        cfg = config_from_hf(model.config.to_dict())
+    except Exception:  # noqa: BLE001 - any config the C model does not speak: per-op path
+        return False
+    specs = tensor_specs(cfg)
+    own = dict(model.named_parameters())
+    names = [hf_name(n) for n, _, _ in specs]
+    if sorted(own) != sorted(names) or not all(_fast(p) for p in own.values()):
+        return False  # e.g. adapters (peft), bfloat16
+    engine = Llama(cfg, init=False)
+    with torch.no_grad():
+        for (name, _, _), hn in zip(specs, names):
+            view = torch.from_numpy(engine.params[name])
+            view.copy_(own[hn])
+            own[hn].data = view
+    slot.bind(engine, specs, [own[hn] for hn in names], model)
+    return True
+
+
 def _one_call_slot(model):
     """The model's C engine (anebackward.Llama from its HF config) with every
-    parameter re-pointed at the engine's flat buffer, bound on first use;
-    None when the C model does not take this config."""
-    from ..torch.model import EngineSlot
+    parameter viewing the engine's flat buffer, bound on first use and bound
+    again when the module tree changed (a module or parameter replaced);
+    None when this call cannot run as the engine: a config or tree the C
+    model does not take (e.g. peft's adapters), a hook on a submodule, a
+    parameter moved out of the buffer."""
     slot = model.__dict__.get("_anebackward_slot")
     if slot is None:
         slot = model._anebackward_slot = EngineSlot()
-    if slot.engine is None and slot.fresh:
-        from .. import Llama
-        from ..hf import config_from_hf, hf_name
-        from ..layout import tensor_specs
-        try:
-            cfg = config_from_hf(model.config.to_dict())
-        except Exception:  # noqa: BLE001 - any config the C model does not speak: per-op path
-            slot.fresh = False  # for good
-            return None
-        specs = tensor_specs(cfg)
-        own = dict(model.named_parameters())
-        names = [hf_name(n) for n, _, _ in specs]
-        if sorted(own) != sorted(names) or not all(_fast(p) for p in own.values()):
-            return None  # e.g. bfloat16 now: tried again on a later call
-        engine = Llama(cfg, init=False)
-        with torch.no_grad():
-            for (name, _, _), hn in zip(specs, names):
-                view = torch.from_numpy(engine.params[name])
-                view.copy_(own[hn])
-                own[hn].data = view
-        slot.bind(engine, specs, [own[hn] for hn in names])
-        slot.fresh = False
-    return slot if slot.in_place() else None
+    if slot.engine is not None and slot.current(model):
+        return slot
+    if slot.engine is not None and slot.in_place() and slot.same_tree(model):
+        return None  # the bound tree, with a hook or a replaced forward in it
+    tree = tuple(model.modules())
+    refused = model.__dict__.get("_anebackward_refused")
+    if refused is not None and len(refused) == len(tree) and all(
+            a is b for a, b in zip(refused, tree)):
+        return None  # this very tree was refused before
+    if not _bind(model, slot):
+        model._anebackward_refused = tree
+        return None
+    model._anebackward_refused = None
+    return slot if slot.current(model) else None
 
 
 def _full_rows(mask, pos, S):
@@ -266,16 +327,24 @@ def _layout_batch(ids, mask, pos, targets, n_items, split_packed):
     return b
 
 
-def _one_call(model, a, kw, labels, shift_labels, n_items):
-    """The loss of the whole model as one C call forward and one backward
-    (anebackward.torch.model.ModelFunction), when this call allows it: input
-    ids on the CPU, full rows or a padded / packed / prompt-masked batch
-    (_layout_batch), no cache in or out needed, no extra outputs asked; else
-    None (then the per-op path runs)."""
-    from ..torch.model import ModelFunction
+def _checkpointing(modules):
+    """HF's gradient_checkpointing_enable() sets gradient_checkpointing on
+    the decoder layers (and the decoder model)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in modules)
+
+
+def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
+    """The loss (and, with want_logits, the logits) of the whole model as
+    one C call forward and one backward (anebackward.torch.model.ModelFunction)
+    when this call allows it: input ids on the CPU, full rows or a padded /
+    packed / prompt-masked batch (_layout_batch; its logits: HF's path), no
+    cache in or out needed, no extra outputs asked, no hook inside the model,
+    no autocast; else None (then the per-op path or HF's forward runs).
+    Gradient checkpointing on the model runs the engine with recompute."""
     ids = a.get("input_ids")
     if (not model._anebackward_one_call or ids is None or ids.dim() != 2
             or a.get("inputs_embeds") is not None or ids.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")
             or any(kw.get(k) for k in ("output_attentions", "output_hidden_states"))
             or set(kw) - {"output_attentions", "output_hidden_states", "return_dict"}):
         return None
@@ -286,12 +355,16 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     pos, mask = a.get("position_ids"), a.get("attention_mask")
     if model.config.attention_dropout and model.training:
         return None
+    if not _rope_buffer_ok(model.model):
+        return None
     targets = _shifted_targets(labels, shift_labels).view(ids.shape)
     counted = int((targets != -1).sum())
     if counted == 0:
         return None
     batch = None
     if not (torch.is_tensor(mask) or mask is None) or not _full_rows(mask, pos, S):
+        if want_logits:    # the logits of a padded/packed call: HF's path
+            return None
         batch = _layout_batch(ids, mask, pos, targets, n_items, _splits_packed(model, a))
         # the C model's documents are at most max_seq_len (= max_position_embeddings) long
         if batch is None or batch.max_seqlen > model.config.max_position_embeddings:
@@ -301,24 +374,39 @@ def _one_call(model, a, kw, labels, shift_labels, n_items):
     slot = _one_call_slot(model)
     if slot is None:
         return None
-    need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    recompute = _checkpointing(slot.tree)
+    if slot.engine.recompute != recompute:
+        slot.engine.set_recompute(recompute)
     if batch is not None:  # the denominator is the batch's (n_items or its counted targets)
-        return ModelFunction.apply(slot.engine, slot.specs, batch, None, need, *slot.params)
-    loss = ModelFunction.apply(slot.engine, slot.specs, ids, targets, need, *slot.params)
+        return model_step(slot, batch, None), None
+    out = model_step(slot, ids, targets, want_logits=want_logits)
+    loss, logits = out if want_logits else (out, None)
     if n_items is not None:  # HF: sum / num_items_in_batch; the C model gives the mean
         loss = loss * (counted / n_items)
-    return loss
+    return loss, logits
+
+
+def _hooked(module):
+    return any(getattr(module, h) for h in ("_forward_hooks", "_forward_pre_hooks",
+                                            "_backward_hooks", "_backward_pre_hooks"))
 
 
 def causal_lm_forward_wrapper(orig):
     """Wraps LlamaForCausalLM / Qwen3ForCausalLM.forward: in training with
-    labels, the loss comes from the chunked fused classifier + cross-entropy
-    and the returned logits are None (as Liger Kernel does); any other call
-    is HF's own forward."""
+    labels, the loss comes from the whole model in C (one call) or, per-op,
+    from the chunked fused classifier + cross-entropy, and the returned
+    logits are None (as Liger Kernel does) unless asked for: skip_logits=False
+    in the call (Liger's keyword) or apply(..., skip_logits=False). Logits
+    asked for come from the one-call path (carrying gradient into its C
+    backward) or from HF's own forward. Any other call is HF's own forward."""
     sig = inspect.signature(orig)
 
+    @own_forward
     @functools.wraps(orig)
     def forward(self, *args, **kwargs):
+        skip = kwargs.pop("skip_logits", None)
+        if skip is None:
+            skip = getattr(self, "_anebackward_skip_logits", True)
         a = sig.bind_partial(self, *args, **kwargs).arguments
         kw = dict(a.pop("kwargs", {}))
         labels = a.get("labels")
@@ -326,7 +414,7 @@ def causal_lm_forward_wrapper(orig):
         keep = a.get("logits_to_keep", 0)
         if (not self.training or (labels is None and shift_labels is None)
                 or not (isinstance(keep, int) and keep == 0)
-                or kwargs.get("return_dict") is False
+                or kwargs.get("return_dict") is False or _hooked(self.lm_head)
                 or self.lm_head.bias is not None or not _fast(self.lm_head.weight)):
             return orig(self, *args, **kwargs)
         n_items = kw.pop("num_items_in_batch", None)
@@ -336,9 +424,11 @@ def causal_lm_forward_wrapper(orig):
         a.pop("labels", None)
         a.pop("logits_to_keep", None)
         from transformers.modeling_outputs import CausalLMOutputWithPast
-        loss = _one_call(self, a, kw, labels, shift_labels, n_items)
-        if loss is not None:  # the whole model in C: no hidden states, no cache to return
-            return CausalLMOutputWithPast(loss=loss, logits=None)
+        res = _one_call(self, a, kw, labels, shift_labels, n_items, not skip)
+        if res is not None:  # the whole model in C: no hidden states, no cache to return
+            return CausalLMOutputWithPast(loss=res[0], logits=res[1])
+        if not skip:
+            return orig(self, *args, **kwargs)
         out = self.model(**a, **kw)
         h = out.last_hidden_state
         if not _fast(h):

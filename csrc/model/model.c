@@ -810,6 +810,35 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
                          work_floats, NULL);
 }
 
+/* ab_model_forward that also hands the caller the logits: the forward
+ * without targets (activations and logits in the workspace), a copy of the
+ * logits, then the same cross-entropy over them in place (loss, and dlogits
+ * with want_grad) as ab_model_forward's. Bit-identical loss and dlogits. */
+int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_config *c,
+                            const float *params, const int32_t *tokens, const int32_t *targets,
+                            int64_t B, int64_t S, int want_grad, float *work,
+                            int64_t work_floats) {
+    ws_layout W;
+    AB_NONNULL(logits_out);
+    AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
+                   "want_grad needs targets and loss_out");
+    TRY(model_forward(NULL, c, params, tokens, NULL, B, S, NULL, 0, work, work_floats, NULL));
+    TRY(workspace_layout(c, B, S, &W));
+    const kernel_table *k = c->reference ? &REFERENCE : &FAST;
+    const int64_t N = B * S, V = c->vocab_size;
+    float *LOGITS = work + W.LOGITS;
+    memcpy(logits_out, LOGITS, (size_t)(N * V) * sizeof(float));
+    if (targets) {
+        double loss = 0.0;
+        TRY(k->cross_entropy(&loss, NULL, want_grad ? LOGITS : NULL, LOGITS, targets, N, V, 1.0f,
+                             0.0));
+        if (loss_out) *loss_out = loss;
+        if (want_grad)
+            hdr_set(work, HDR_TAG, c->precision == AB_PRECISION_BF16 ? READY_TAG_BF16 : READY_TAG);
+    }
+    return AB_OK;
+}
+
 int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
                          const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                          int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,

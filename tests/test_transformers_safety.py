@@ -1,0 +1,122 @@
+"""The patched HF model is exact or takes HF's code: forwards outstanding
+before their backwards, sums of losses, retain_graph, hooks, replaced
+modules, an edited rotary buffer, logits carrying gradient."""
+import copy
+
+import pytest
+
+from conftest import import_hf
+from test_transformers import assert_same, batch, build, rel, step
+
+pytestmark = pytest.mark.usefixtures("keep_blas_threads")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return import_hf()
+
+
+@pytest.fixture
+def abt(hf):
+    import anebackward.transformers as abt
+    return abt
+
+
+def _grads(m):
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_two_forwards_then_backwards_sum_and_retain_graph(hf, abt, kind):
+    import torch
+    ref = build(hf, kind)
+    pat = abt.apply(copy.deepcopy(ref))
+    (i1, l1), (i2, l2) = batch(torch, seed=1), batch(torch, seed=2)
+    for m in (ref, pat):
+        m.zero_grad(set_to_none=True)
+        a = m(input_ids=i1, labels=l1).loss
+        b = m(input_ids=i2, labels=l2).loss
+        (a + 2 * b).backward(retain_graph=True)
+        a.backward()          # a second backward through a retained graph
+    g_ref, g_pat = _grads(ref), _grads(pat)
+    assert set(g_ref) == set(g_pat)
+    for n in g_ref:
+        assert rel(g_pat[n], g_ref[n]) < 1e-5, n
+
+
+def test_forward_hook_neftune_style_takes_the_hook(hf, abt):
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    step(pat, input_ids=ids, labels=labels)              # bound to the engine first
+
+    def noise(mod, inp, out):
+        return out + 0.1 * torch.sin(out * 7.0)
+    for m in (ref, pat):
+        m.model.embed_tokens.register_forward_hook(noise)
+    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+
+
+def test_replaced_module_after_binding(hf, abt):
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    step(pat, input_ids=ids, labels=labels)
+    for m in (ref, pat):   # a module replaced after binding (as adapters do)
+        old = m.model.layers[0].mlp.up_proj
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        torch.manual_seed(4)
+        new.weight.data.normal_(0, 0.3)
+        m.model.layers[0].mlp.up_proj = new
+    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+
+
+def test_edited_inv_freq(hf, abt):
+    import torch
+    ref = build(hf, "qwen3")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    step(pat, input_ids=ids, labels=labels)
+    for m in (ref, pat):
+        m.model.rotary_emb.inv_freq.mul_(0.5)
+    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+
+
+def test_logits_carry_gradient(hf, abt):
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref), skip_logits=False)
+    ids, labels = batch(torch)
+    outs = []
+    for m in (ref, pat):
+        m.zero_grad(set_to_none=True)
+        o = m(input_ids=ids, labels=labels)
+        (o.loss + (o.logits ** 2).mean()).backward()
+        outs.append((o.logits.detach(), _grads(m)))
+    assert type(pat(input_ids=ids, labels=labels).loss.grad_fn).__name__ == "ModelFunctionBackward"
+    assert rel(outs[1][0], outs[0][0]) < 1e-5
+    for n in outs[0][1]:
+        assert rel(outs[1][1][n], outs[0][1][n]) < 1e-5, n
+
+
+def test_gradient_checkpointing_both_paths(hf, abt):
+    import torch
+    ref = build(hf, "llama")
+    ids, labels = batch(torch)
+    r = step(ref, input_ids=ids, labels=labels)
+    for one_call in (True, False):
+        pat = abt.apply(copy.deepcopy(ref), one_call=one_call)
+        pat.gradient_checkpointing_enable()
+        assert_same(*r, *step(pat, input_ids=ids, labels=labels))
+
+
+def test_autocast_takes_hf(hf, abt):
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(input_ids=ids, labels=labels).loss, pat(input_ids=ids, labels=labels).loss
+    assert a.item() == b.item()
