@@ -56,3 +56,36 @@ def test_batches_deterministic_per_step_and_segmented():
         lo, hi = p.cu_seqlens[s], p.cu_seqlens[s + 1]
         assert p.positions[lo:hi].tolist() == list(range(hi - lo))
     assert p.max_seqlen <= 32
+
+
+def _model():
+    from anebackward import Llama, LlamaConfig
+    cfg = LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260,
+                      max_seq_len=64)
+    return Llama(cfg, seed=1)
+
+
+def test_packed_and_padded_same_documents_same_loss():
+    from anebackward.batch import varlen
+    docs, _ = tokenize([("hello ", "world"), ("a", "bcd"), ("xyz", "w")], ByteTok(), seq_len=64)
+    model = _model()
+    cu = np.concatenate([[0], np.cumsum([d[0].size for d in docs])])
+    one_row = model.forward(varlen(np.concatenate([d[0] for d in docs]), cu,
+                                   targets=np.concatenate([d[1] for d in docs])), want_grad=False)
+    # the same documents, one segment each, counted tokens only: the mean over
+    # the counted tokens of every document equals the per-document sums pooled
+    sums = [model.forward(varlen(t, [0, t.size], targets=g), want_grad=False) * (g >= 0).sum()
+            for t, g in docs]
+    n = sum(int((g >= 0).sum()) for _, g in docs)
+    assert one_row == pytest.approx(sum(sums) / n, rel=1e-5)
+
+
+def test_loss_depends_on_completion_targets_only():
+    from anebackward.batch import varlen
+    (tok, tgt), = tokenize([("prompt text", "answer")], ByteTok(), seq_len=64)[0]
+    model = _model()
+    base = model.forward(varlen(tok, [0, tok.size], targets=tgt), want_grad=False)
+    assert (tgt[:len("prompt text")] == -1).all()   # BOS + prompt: no prediction counted
+    changed = tgt.copy()
+    changed[-2] = (changed[-2] + 1) % 260   # a completion target changed
+    assert model.forward(varlen(tok, [0, tok.size], targets=changed), want_grad=False) != base
