@@ -89,3 +89,15 @@ def test_loss_depends_on_completion_targets_only():
     changed = tgt.copy()
     changed[-2] = (changed[-2] + 1) % 260   # a completion target changed
     assert model.forward(varlen(tok, [0, tok.size], targets=changed), want_grad=False) != base
+
+
+def test_instruction_data_split_and_batches(tmp_path):
+    from anebackward.data.instructions import InstructionData
+    import json
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                         for i in range(40)))
+    d = InstructionData(p, ByteTok(), seq_len=16)
+    assert len(d.train) == 38 and len(d.val) == 2 and d.n_truncated == 0
+    assert d.batch(3, 4, 16, seed=1).n_seq == 4
+    assert InstructionData(p, ByteTok(), 16, pack=True).batch(3, 2, 16, seed=1).max_seqlen <= 16

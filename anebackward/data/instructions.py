@@ -104,3 +104,28 @@ def packed_batch(docs, step, batch_size, seq_len, seed=0) -> Batch:
         toks.append(tok); tgts.append(tgt); lens.append(tok.size); room -= tok.size
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     return varlen(np.concatenate(toks), cu, targets=np.concatenate(tgts), fn="packed_batch")
+
+
+class InstructionData:
+    """A JSONL instruction file ready for training: documents tokenized with
+    `tokenizer`, every 20th document (index % 20 == 19) held out for
+    validation when there are at least 20, so the split is deterministic.
+    batch(step, B, S, seed) is a Batch for step `step` (packed rows when
+    pack=True, else one segment per document)."""
+
+    def __init__(self, path, tokenizer, seq_len, pack=False):
+        docs, self.n_truncated = tokenize(read_jsonl(path), tokenizer, seq_len)
+        held = [i for i in range(len(docs)) if len(docs) >= 20 and i % 20 == 19]
+        self.val = [docs[i] for i in held]
+        held_set = set(held)
+        self.train = [d for i, d in enumerate(docs) if i not in held_set]
+        self.pack, self.seq_len, self.path = pack, seq_len, path
+
+    def max_token(self):
+        return int(max(int(t.max()) for t, _ in self.train + self.val))
+
+    def batch(self, step, batch_size, seq_len, seed=0, split="train") -> Batch:
+        docs = self.train if split == "train" or not self.val else self.val
+        if self.pack:
+            return packed_batch(docs, step, batch_size, seq_len, seed)
+        return padded_batch(docs, step, batch_size, seed)
