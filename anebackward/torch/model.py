@@ -387,13 +387,15 @@ def _per_op_autocast_check():
     """The per-op kernels compute float32 only: under CPU autocast a call
     that cannot take the one-call path raises instead of running fp32."""
     if torch.is_autocast_enabled("cpu"):
+        from .. import bf16
         dt = str(torch.get_autocast_dtype("cpu")).replace("torch.", "")
+        need = "" if dt != "bfloat16" or bf16.available() else \
+            f" (the bf16 matmuls are not available: {bf16.INSTALL_HINT})"
         raise TypeError(
             f"Transformer.forward: torch.autocast('cpu', {dt}) is on, but this call takes the "
-            f"per-op kernels, which compute float32 only; under autocast only training/eval "
-            f"calls with targets run (the one-call path: bfloat16 autocast, with "
-            f"anebackward.bf16.available()). Call it "
-            f"outside autocast, or use llama2.c's model.py for {dt}")
+            f"per-op kernels, which compute float32 only; under autocast only calls with "
+            f"targets run, on the one-call path, for bfloat16{need}. Call it outside autocast, "
+            f"or use llama2.c's model.py for {dt}")
 
 
 class Transformer(nn.Module):
