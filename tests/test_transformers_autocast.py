@@ -169,6 +169,23 @@ def test_hf_bf16_autocast_without_bf16_matmuls_takes_hf(hf, abt, calls, monkeypa
     _assert_bit_equal(p.loss.item(), pg, r.loss.item(), rg)
 
 
+def test_hf_bf16_autocast_call_the_engine_cannot_take_runs_hf(hf, abt, calls):
+    """A hook inside the model: no one-call path, and the per-op kernels
+    (fp32) step aside too: HF's own autocast forward, exactly."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    _hf_step(pat, ids, labels)                      # bound to the engine first
+    for m in (ref, pat):
+        m.model.embed_tokens.register_forward_hook(lambda mod, inp, out: out * 1.5)
+    calls.clear()
+    r, rg = _hf_step(ref, ids, labels)
+    p, pg = _hf_step(pat, ids, labels)
+    assert calls == {}
+    _assert_bit_equal(p.loss.item(), pg, r.loss.item(), rg)
+
+
 def test_hf_optimizer_step_between_autocast_calls_is_seen(hf, abt, calls):
     """The engine's bf16 weight copy is made again after an in-place update
     of the HF parameters (torch's fused AdamW)."""
@@ -347,3 +364,20 @@ def test_transformer_optimizer_step_between_autocast_calls_is_seen():
         opt.step()
     _, loss, g = _t_step(m, X, Y)
     _assert_bit_equal(loss.item(), g, *_t_engine_step(_engine_for_transformer(m, "bf16"), X, Y))
+
+
+def test_transformer_bf16_autocast_without_logits_and_per_op():
+    import torch
+    from anebackward.torch import Transformer
+    m = _transformer()
+    X, Y = _t_batch(torch)
+    m.return_logits = False
+    assert _t_step(m, X, Y)[0] is None
+    b_loss, _ = _t_engine_step(_engine_for_transformer(m, "bf16"), X, Y)
+    assert np.float32(m.last_loss.item()) == np.float32(b_loss)
+    torch.manual_seed(0)
+    per_op = Transformer(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97,
+                         multiple_of=16, max_seq_len=32, one_call=False,
+                         linear="anebackward", blas_threads=None)
+    with pytest.raises(TypeError, match="autocast"):   # fp32 kernels: no silent fp32 step
+        _t_step(per_op, X, Y)
