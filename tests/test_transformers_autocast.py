@@ -381,3 +381,29 @@ def test_transformer_bf16_autocast_without_logits_and_per_op():
                          linear="anebackward", blas_threads=None)
     with pytest.raises(TypeError, match="autocast"):   # fp32 kernels: no silent fp32 step
         _t_step(per_op, X, Y)
+
+
+
+def test_hf_bf16_autocast_with_gradient_checkpointing(hf, abt, calls):
+    """Under checkpointing either the engine runs with recompute at bf16
+    (bit-equal to Llama(precision="bf16", recompute=True)) or HF's own
+    autocast forward runs (bit-equal to the unpatched model): never fp32."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    out, g = _hf_step(pat, ids, labels)             # bound to the engine first
+    for m in (ref, pat):
+        m.gradient_checkpointing_enable()
+    calls.clear()
+    out, g = _hf_step(pat, ids, labels)
+    if calls.get("one_call"):
+        eng = pat._anebackward_slot.engine
+        assert eng.precision == "bf16" and eng.recompute
+        oracle = _engine_for_hf(ref, "bf16")
+        oracle.set_recompute(True)
+        _assert_bit_equal(out.loss.item(), g, *_engine_step(oracle, ids, _hf_targets(labels)))
+    else:
+        assert calls == {}
+        r, rg = _hf_step(ref, ids, labels)
+        _assert_bit_equal(out.loss.item(), g, r.loss.item(), rg)
