@@ -440,6 +440,7 @@ class HFTokenizer:
         except Exception as e:   # the package raises a bare Exception on bad files
             raise _bad(self.path, f"not a readable tokenizer.json: {e}") from None
         self.bos_id = bos_id
+        self.eos_id = next(iter(stop_ids), None)    # the first of config.json's eos_token_id
         self.stop_ids = set(stop_ids)
         self.is_byte_level = False
 
@@ -470,6 +471,8 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=bos).ids
         if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]
         return ids
 
     def encode_documents(self, docs):
