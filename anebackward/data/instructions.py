@@ -131,14 +131,21 @@ def _concat(docs, fn):
                   targets=np.concatenate([d[1] for d in docs]), fn=fn)
 
 
-def _pack_rows(docs, key, n_rows, seq_len, seed):
-    """n_rows lists of document indices: documents drawn with the (seed, key)
-    generator fill each row in turn until the next one does not fit; the
-    one that does not fit in the last row is left out."""
+def _stream(n_docs, key, seed):
+    """The documents of key `key`: indices drawn one at a time (with
+    replacement) by the (seed, key) generator. Padded batches take the first
+    ones, packed rows as many as fit, so both see the same documents first."""
     rng = np.random.default_rng([seed, key])
-    rows, room = [[]], seq_len
     while True:
-        i = int(rng.integers(0, len(docs)))
+        yield int(rng.integers(0, n_docs))
+
+
+def _pack_rows(docs, key, n_rows, seq_len, seed):
+    """n_rows lists of document indices: the documents of _stream fill each
+    row in turn until the next one does not fit; the one that does not fit
+    in the last row is left out."""
+    rows, room = [[]], seq_len
+    for i in _stream(len(docs), key, seed):
         n = docs[i][0].size
         if n > seq_len:
             raise ValueError(f"draw: a document of {n} tokens does not fit a row of {seq_len}")
@@ -149,6 +156,7 @@ def _pack_rows(docs, key, n_rows, seq_len, seed):
             room = seq_len
         rows[-1].append(i)
         room -= n
+    raise AssertionError("unreachable: _stream never ends")
 
 
 def draw(docs, key, batch_size, seq_len, seed=0, world=1, pack=False) -> List[Batch]:
@@ -157,13 +165,14 @@ def draw(docs, key, batch_size, seq_len, seed=0, world=1, pack=False) -> List[Ba
     padding is never given to the C model); packed, batch_size rows of at
     most seq_len tokens each, every document its own segment (positions
     restart, attention stays inside it). Rank r's part is [r*B, (r+1)*B) of
-    the batch_size * world documents (or rows) drawn with (seed, key)."""
+    the batch_size * world documents (or rows) of _stream(seed, key)."""
     if pack:
         rows = _pack_rows(docs, key, batch_size * world, seq_len, seed)
         parts = [[i for row in rows[r * batch_size:(r + 1) * batch_size] for i in row]
                  for r in range(world)]
     else:
-        idx = np.random.default_rng([seed, key]).integers(0, len(docs), size=batch_size * world)
+        stream = _stream(len(docs), key, seed)
+        idx = [next(stream) for _ in range(batch_size * world)]
         parts = [idx[r * batch_size:(r + 1) * batch_size] for r in range(world)]
     return [_concat([docs[i] for i in p], "draw") for p in parts]
 
