@@ -193,7 +193,7 @@ def add_arguments(p):
       "positions restart); default: one document per sequence, padded (the padding costs "
       "nothing)")
     a("--tokenizer", help="a llama2.c tokenizer.bin to use (e.g. with llama2.c token shards); "
-      "default: the byte-level tokenizer for text")
+      "default: the byte-level tokenizer for text and .jsonl")
     a("--config", help="model preset: default, tiny, stories15M, stories42M, stories110M, or the "
       "Hugging Face shapes qwen3-0.6b, llama3.2-1b, smollm2-135m (random weights; vocab_size "
       "follows the tokenizer)")
@@ -221,7 +221,7 @@ def add_arguments(p):
       "run stays until the new one's first save replaces it whole)")
     a("--init-from", metavar="PATH", help="fine-tune this model instead of a new one: a "
       "llama2.c .bin checkpoint or a Hugging Face directory (config.json + model.safetensors; "
-      "its tokenizer.json is used for text --data)")
+      "its tokenizer.json is used for text and .jsonl --data)")
     a("--format", choices=("llama2c", "hf"), help="how the model is written: llama2c "
       "(model.bin + tokenizer.bin) or hf (config.json + model.safetensors in --out); default: "
       "the --init-from input's, else llama2c")
@@ -747,8 +747,8 @@ def _is_instructions(data):
 def _load_instructions(st, tokenizer, say):
     """_load_data of a .jsonl --data."""
     from .data.instructions import InstructionData
-    if not os.path.isfile(st.data):
-        raise ValueError(f"--data {st.data}: no such file")
+    if not os.path.exists(st.data):
+        raise ValueError(f"--data {st.data}: no such file or directory")
     data = InstructionData(st.data, tokenizer, st.seq_len, pack=st.pack)
     if data.n_dropped:
         say(f"note: {data.n_dropped} of the {data.n_docs} documents of {st.data} have more "

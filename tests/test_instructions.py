@@ -101,3 +101,22 @@ def test_instruction_data_split_and_batches(tmp_path):
     assert len(d.train) == 38 and len(d.val) == 2 and d.n_dropped == 0
     assert d.batch(3, 4, seed=1).n_seq == 4
     assert InstructionData(p, ByteTok(), 16, pack=True).batch(3, 2, seed=1).max_seqlen <= 16
+
+
+def test_a_document_with_nothing_before_its_completion_is_refused():
+    class NoBos(ByteTok):
+        def encode(self, text, bos=True, eos=False):
+            return super().encode(text, bos=False, eos=False)
+    with pytest.raises(InstructionDataError, match="x.jsonl:1: no completion token can be"):
+        tokenize([("", "a")], NoBos(), seq_len=8, where=["x.jsonl:1"])
+
+
+def test_reader_refuses_non_utf8_lines_and_fifos(tmp_path):
+    import os
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(InstructionDataError, match="x.jsonl:2: not UTF-8 text"):
+        read_jsonl(p)
+    os.mkfifo(tmp_path / "f.jsonl")
+    with pytest.raises(InstructionDataError, match="f.jsonl: cannot read it: .* FIFO"):
+        read_jsonl(tmp_path / "f.jsonl")

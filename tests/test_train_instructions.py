@@ -250,7 +250,7 @@ def test_bad_instruction_input_is_refused_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no training document fits seq_len = 64" in err and "the shortest has 93" in err
     assert main(base + ["--data", str(tmp_path / "missing.jsonl")]) == 1
-    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert "missing.jsonl: no such file or directory" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -53,21 +53,21 @@ def read_jsonl(path) -> List[Tuple[str, str]]:
 
 def _read(path):
     """[(prompt, completion, "file:line")]."""
+    from ..atomicfile import open_regular
     rows = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open_regular(path, "instruction file")    # a FIFO or a device is refused
     except OSError as e:
         raise InstructionDataError(f"{path}: cannot read it: {e.strerror or e}") from None
     with f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InstructionDataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") \
+                    from None
+            if line.strip():
                 rows.append(_parse(path, lineno, line))
-        except UnicodeDecodeError as e:
-            raise InstructionDataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") \
-                from None
     if not rows:
         raise InstructionDataError(f"{path}: no instruction lines (empty file); each line must be "
                                    f'{{"prompt": "...", "completion": "..."}}')
@@ -116,10 +116,11 @@ def tokenize(pairs, tokenizer, seq_len, where: Optional[Sequence[str]] = None):
         tgt[max(k - 1, 0):-1] = tok[max(k, 1):]
         if not (tgt >= 0).any():
             name = where[i] if where is not None else f"document {i}"
-            raise InstructionDataError(f"{name}: the completion {completion!r} gives no token "
-                                       "to predict after the prompt's (it merged into the "
-                                       "prompt's last token); end the prompt with a space or "
-                                       "newline")
+            raise InstructionDataError(
+                f"{name}: no completion token can be predicted: the document encodes to "
+                f"{tok.size} token(s) with none before the completion's first (no BOS, and the "
+                "prompt is empty or merged into the completion); give a prompt that ends in a "
+                "space or a newline")
         docs.append((tok, tgt) if tok.size <= seq_len else None)
         lengths.append(int(tok.size))
     return docs, lengths
