@@ -424,8 +424,9 @@ class HFTokenizer:
     interface the trainer and the sampler use (anebackward.tokenizer's).
     Documents are encoded with the tokenizer's own special tokens; a
     sequence starts with bos_id (config.json's bos_token_id, else its
-    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
-    generation stops at config.json's eos_token_id(s)."""
+    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none,
+    encode(..., eos=True) ends it with the first of config.json's
+    eos_token_id(s), and generation stops at any of them."""
     filename = TOKENIZER    # its name in a run directory (anebackward train)
 
     def __init__(self, path, bos_id=None, stop_ids=()):

@@ -139,6 +139,17 @@ def test_first_step_loss_is_float64_over_the_completion_tokens(tmp_path, torch, 
         assert abs(np.mean(per_micro) - want) > 1e-4 * want
 
 
+def test_validation_loss_is_float64_over_the_held_out_completions(tmp_path, torch):
+    pairs = qa_pairs(45, seed=3)
+    data = write_jsonl(tmp_path / "qa.jsonl", pairs)
+    out = str(tmp_path / "run")
+    res = run_train(TINY + ["--data", data, "--steps", "2", "--batch-size", "3", "--out", out])
+    model = Llama.load(os.path.join(out, "model.bin"))   # the weights evaluated at the end
+    held = [_byte_doc(*pairs[i]) for i in (19, 39)]       # every 20th document
+    sums, counts = _oracle(torch, model, held)
+    assert res["val_loss"] == pytest.approx(sums["completion"] / counts["completion"], rel=2e-6)
+
+
 def test_packed_and_padded_runs_agree_when_they_see_the_same_documents(tmp_path):
     # every document has 22..32 tokens: a packed row of 64 holds two of them,
     # so --pack --batch-size 2 takes the first four documents drawn, the ones
@@ -175,17 +186,20 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
         assert a.read() == b.read()
 
 
-def test_lora_fine_tune_of_an_hf_directory_on_jsonl(tmp_path):
+@pytest.mark.parametrize("how", [["--lora", "4"], ["--pack"]])
+def test_fine_tune_of_an_hf_directory_on_jsonl(tmp_path, how):
     from test_hf import hf_dir_with_tokenizer
     d, _ = hf_dir_with_tokenizer(tmp_path)
     pairs = [(f"Once upon a time there was a little {w}", f" who liked to {v} in the park.")
              for w in ("cat", "dog", "bird", "girl", "boy") for v in ("run", "play", "sing")]
     data = write_jsonl(tmp_path / "sft.jsonl", pairs)
     out = str(tmp_path / "lora")
-    assert main(["train", "--quiet", "--init-from", str(d), "--data", data, "--lora", "4",
+    assert main(["train", "--quiet", "--init-from", str(d), "--data", data, *how,
                  "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
                  "--warmup", "1", "--eval-every", "0", "--out", out]) == 0
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    written = {"adapter_config.json", "adapter_model.safetensors"} if "--lora" in how else \
+        {"config.json", "model.safetensors", "tokenizer.json"}
+    assert written <= set(os.listdir(out))
     losses = [s["loss"] for s in log_of(out)[0]]
     assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0]
 
