@@ -1045,10 +1045,10 @@ def _loop(run, pending=False):
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=st.lr, warmup_steps=st.warmup, total_steps=decay,
                        min_lr=st.min_lr)
-        done_step = _micro_batches(run, step)
-        if done_step is None:
+        result = _micro_batches(run, step)
+        if result is None:
             return stop(step)
-        loss, tokens = done_step
+        loss, tokens = result
         norm = model.clip_grad_norm(st.grad_clip) if st.grad_clip > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
