@@ -1,9 +1,10 @@
 """`anebackward train --data x.jsonl [--pack]`: instruction data through the
 trainer. The first step's loss is checked against PyTorch float64 over
 exactly the completion tokens (and the EOS) of the drawn documents, pooled
-over the step's micro-batches; packed and padded runs that see the same
-documents agree; a resumed run equals an uninterrupted one to the bit;
-bad input is refused naming the file and line."""
+over the step's micro-batches, and on an HF directory against unpatched
+transformers with the prompt labels -100; packed and padded runs that see
+the same documents agree; a resumed run equals an uninterrupted one to the
+bit; bad input is refused naming the file and line."""
 import argparse
 import io
 import json
@@ -19,6 +20,7 @@ from anebackward.__main__ import main
 from anebackward.data.instructions import InstructionData, encode_pair
 from anebackward.tokenizer import Tokenizer
 from anebackward.train import add_arguments, train
+from conftest import import_hf
 
 NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue", "Max", "Ann"]
 THINGS = ["a red ball", "a small dog", "a big tree", "a blue car", "a pink box", "the moon"]
@@ -139,6 +141,40 @@ def test_first_step_loss_is_float64_over_the_completion_tokens(tmp_path, torch, 
         assert abs(np.mean(per_micro) - want) > 1e-4 * want
 
 
+def test_first_step_on_an_hf_directory_equals_hf_with_prompt_labels_ignored(tmp_path):
+    """The HF path end to end: tokenizer.json documents (BOS = config's EOS
+    for this Qwen3, EOS appended), prompt labels -100, right padding: the
+    first step's loss is unpatched transformers' over the same batch."""
+    transformers = import_hf()
+    import torch
+    from tokenizers import Tokenizer as HFTok
+    from test_hf import hf_dir_with_tokenizer
+    d, _ = hf_dir_with_tokenizer(tmp_path)
+    pairs = [(f"Once upon a time there was a little {w}", f" who liked to {v} in the park.")
+             for w in ("cat", "dog", "bird", "girl") for v in ("run", "play", "sing", "jump")]
+    data = write_jsonl(tmp_path / "sft.jsonl", pairs)
+    B, seed = 3, 2
+    res = run_train(["--init-from", str(d), "--data", data, "--steps", "1", "--batch-size",
+                     str(B), "--seed", str(seed), "--seq-len", "32", "--eval-every", "0",
+                     "--quiet", "--out", str(tmp_path / "run")])
+    raw = HFTok.from_file(str(d / "tokenizer.json"))
+    eos = 1     # config.json's eos_token_id, also the BOS (no bos_token_id)
+    s = _stream(len(pairs), 0, seed)    # fewer than 20 documents: none held out
+    rows = []
+    for p, c in (pairs[next(s)] for _ in range(B)):
+        ids = [eos] + raw.encode(p + c).ids + [eos]
+        n_prompt = 1 + len(raw.encode(p).ids)    # the boundary is a space: no merge across
+        rows.append((ids, [-100] * n_prompt + ids[n_prompt:]))
+    S = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [0] * (S - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [-100] * (S - len(r[1])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (S - len(r[0])) for r in rows])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert res["first_loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_validation_loss_is_float64_over_the_held_out_completions(tmp_path, torch):
     pairs = qa_pairs(45, seed=3)
     data = write_jsonl(tmp_path / "qa.jsonl", pairs)
@@ -220,7 +256,6 @@ def test_llama2c_tokenizer_adds_the_dummy_prefix_space_once():
 
 
 def test_hf_tokenizer_json_completion_tokens_follow_the_prompt(tmp_path):
-    from conftest import import_hf
     import_hf()
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
     from anebackward.hf import HFTokenizer
