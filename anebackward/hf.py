@@ -424,8 +424,9 @@ class HFTokenizer:
     interface the trainer and the sampler use (anebackward.tokenizer's).
     Documents are encoded with the tokenizer's own special tokens; a
     sequence starts with bos_id (config.json's bos_token_id, else its
-    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
-    generation stops at config.json's eos_token_id(s)."""
+    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none,
+    encode(..., eos=True) ends it with the first of config.json's
+    eos_token_id(s), and generation stops at any of them."""
     filename = TOKENIZER    # its name in a run directory (anebackward train)
 
     def __init__(self, path, bos_id=None, stop_ids=()):
@@ -440,6 +441,7 @@ class HFTokenizer:
         except Exception as e:   # the package raises a bare Exception on bad files
             raise _bad(self.path, f"not a readable tokenizer.json: {e}") from None
         self.bos_id = bos_id
+        self.eos_id = next(iter(stop_ids), None)    # the first of config.json's eos_token_id
         self.stop_ids = set(stop_ids)
         self.is_byte_level = False
 
@@ -470,6 +472,8 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=bos).ids
         if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]
         return ids
 
     def encode_documents(self, docs):

@@ -71,6 +71,7 @@ class Settings:
     lora: Optional[int] = None          # LoRA rank: adapters on a frozen --init-from model
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
+    pack: bool = False                  # --data x.jsonl: documents packed into full rows
 
     def as_dict(self):
         return asdict(self)
@@ -78,7 +79,8 @@ class Settings:
 
 DEFAULTS = {f.name: f.default for f in fields(Settings)}
 # settings that runs saved before they existed lack (their values then)
-_LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None)
+_LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None,
+              pack=False)
 
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
@@ -95,7 +97,8 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               data=("str", None, None), tokenizer=("str", None, None),
               init_from=("str", None, None), format=("choice", ("llama2c", "hf"), None),
               lora=("int", 1, INT_MAX), lora_alpha=("float", -math.inf, None),
-              lora_targets=("str", None, None), threads=("int", 1, MAX_THREADS))
+              lora_targets=("str", None, None), pack=("bool", None, None),
+              threads=("int", 1, MAX_THREADS))
 EXTRA_KEYS = {"step", "settings", "params_digest", "tensor_digests"}   # optimizer.bin's extra
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
@@ -111,6 +114,10 @@ def _check_setting(name, v, label=None):
     if kind == "str":
         if not isinstance(v, str):
             raise ValueError(f"{what} must be a string, got {v!r}")
+        return v
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"{what} must be true or false, got {v!r}")
         return v
     if kind == "choice":
         if v not in lo:
@@ -177,10 +184,16 @@ def add_arguments(p):
     from .__main__ import old_spelling
     a = p.add_argument
     a("--data", help="training data: a UTF-8 text file (documents separated by blank lines, "
-      "byte-level tokens), a llama2.c .bin token shard or a directory of them "
-      "(default: the embedded corpus)")
+      "byte-level tokens), a llama2.c .bin token shard or a directory of them, or "
+      'instruction data: a .jsonl file of {"prompt": ..., "completion": ...} lines, the loss '
+      "on the completion tokens only, documents longer than --seq-len dropped "
+      "(docs/training.md) (default: the embedded corpus)")
+    a("--pack", action="store_true", default=None, help="with a .jsonl --data: pack several "
+      "documents into each row of --seq-len tokens (attention stays inside each document, "
+      "positions restart); default: one document per sequence, padded (the padding costs "
+      "nothing)")
     a("--tokenizer", help="a llama2.c tokenizer.bin to use (e.g. with llama2.c token shards); "
-      "default: the byte-level tokenizer for text")
+      "default: the byte-level tokenizer for text and .jsonl")
     a("--config", help="model preset: default, tiny, stories15M, stories42M, stories110M, or the "
       "Hugging Face shapes qwen3-0.6b, llama3.2-1b, smollm2-135m (random weights; vocab_size "
       "follows the tokenizer)")
@@ -208,7 +221,7 @@ def add_arguments(p):
       "run stays until the new one's first save replaces it whole)")
     a("--init-from", metavar="PATH", help="fine-tune this model instead of a new one: a "
       "llama2.c .bin checkpoint or a Hugging Face directory (config.json + model.safetensors; "
-      "its tokenizer.json is used for text --data)")
+      "its tokenizer.json is used for text and .jsonl --data)")
     a("--format", choices=("llama2c", "hf"), help="how the model is written: llama2c "
       "(model.bin + tokenizer.bin) or hf (config.json + model.safetensors in --out); default: "
       "the --init-from input's, else llama2c")
@@ -367,7 +380,13 @@ def _mismatch(d, step, tensors, model, checkpoint):
 
 def _evaluate(model, data, st, dp):
     """The validation loss: the mean over eval_batches fixed batches (and
-    over the data-parallel ranks, one all-reduce)."""
+    over the data-parallel ranks, one all-reduce); for instruction data,
+    over the counted tokens of the held-out documents
+    (InstructionData.eval_batches)."""
+    if _is_instructions(data):
+        batches, n = data.eval_batches(st.batch_size, st.eval_batches, dp.rank, dp.world)
+        return dp.mean(sum(model.forward(b, loss_denominator=n / dp.world, want_grad=False)
+                           for b in batches))
     losses = [model.forward(*dp.batch(data, 10_000_000 + i, st.batch_size, st.seq_len,
                                       st.seed, split="val"), want_grad=False)
               for i in range(st.eval_batches)]
@@ -699,6 +718,9 @@ def _new_run(given, recompute):
         except ValueError as e:
             _usage(f"--config: {e}")
     st.format = st.format or "llama2c"
+    if st.pack and not _is_instructions(st.data):
+        _usage("--pack packs instruction documents into rows: pass --data FILE.jsonl "
+               '({"prompt": ..., "completion": ...} lines)')
     if st.seq_len is None:       # preset-dependent default
         st.seq_len = base.max_seq_len
     if st.seq_len > base.max_seq_len:
@@ -714,10 +736,37 @@ def _new_run(given, recompute):
     return st, init, base, tokenizer
 
 
+def _is_instructions(data):
+    """Is `data` (a --data path, or loaded data) instruction data (.jsonl)?"""
+    if isinstance(data, str):
+        return data.lower().endswith(".jsonl")
+    from .data.instructions import InstructionData
+    return isinstance(data, InstructionData)
+
+
+def _load_instructions(st, tokenizer, say):
+    """_load_data of a .jsonl --data."""
+    from .data.instructions import InstructionData
+    if not os.path.exists(st.data):
+        raise ValueError(f"--data {st.data}: no such file or directory")
+    data = InstructionData(st.data, tokenizer, st.seq_len, pack=st.pack)
+    if data.n_dropped:
+        say(f"note: {data.n_dropped} of the {data.n_docs} documents of {st.data} have more "
+            f"than seq_len = {st.seq_len} tokens (the longest {data.longest}) and are left "
+            "out; a larger --seq-len keeps them")
+    if not data.val:
+        say(f"note: {st.data} has fewer than 20 documents (or none of the held-out ones "
+            "fits seq_len): nothing is held out, no validation loss in this run")
+        return data, False
+    return data, True
+
+
 def _load_data(st, tokenizer, say):
     """The run's data, and whether it allows validation losses (its
     validation streams hold seq_len + 1 tokens)."""
     from .data import load_data
+    if _is_instructions(st.data):
+        return _load_instructions(st, tokenizer, say)
     S = st.seq_len
     data = load_data(st.data, tokenizer)
     if data.longest("train") < S + 1:
@@ -887,9 +936,12 @@ class _Run:
 
 
 def _micro_batches(run, step):
-    """Step `step`'s loss, its gradients in the model's buffer (reduced over
-    the data-parallel ranks), or None if a signal arrived (the step is then
-    dropped: the weights are still those of `step`)."""
+    """Step `step`'s loss and the tokens this process ran, its gradients in
+    the model's buffer (reduced over the data-parallel ranks), or None if a
+    signal arrived (the step is then dropped: the weights are still those
+    of `step`)."""
+    if _is_instructions(run.data):
+        return _instruction_micro_batches(run, step)
     model, st, dp = run.model, run.st, run.dp
     accum, loss = st.grad_accum, 0.0
     for micro in range(accum):
@@ -900,7 +952,30 @@ def _micro_batches(run, step):
         # data-parallel: the gradients are reduced once, after the last micro-batch
         dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
                     grad_scale=1.0 / accum)
-    return dp.mean(loss)
+    return dp.mean(loss), st.batch_size * st.seq_len * accum
+
+
+def _instruction_micro_batches(run, step):
+    """_micro_batches of instruction data. The step's loss is the sum of the
+    cross-entropy over the counted (completion) tokens of all its
+    micro-batches on all ranks, divided by their number (HF Trainer's
+    num_items_in_batch), so every counted token weighs the same however
+    the documents fall into micro-batches: each micro-batch divides its sum
+    by that number / world, and the data-parallel mean divides by world."""
+    model, st, dp = run.model, run.st, run.dp
+    accum = st.grad_accum
+    draws = [run.data.draw(step * accum + micro, st.batch_size, st.seed, world=dp.world)
+             for micro in range(accum)]
+    denominator = sum(b.n_counted for parts in draws for b in parts) / dp.world
+    loss, tokens = 0.0, 0
+    for micro, parts in enumerate(draws):
+        if run.signals.received:
+            return None
+        b = parts[dp.rank]
+        loss += model.forward(b, loss_denominator=denominator)
+        tokens += b.n_tokens
+        dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0)
+    return dp.mean(loss), tokens
 
 
 def _loop(run, pending=False):
@@ -911,7 +986,6 @@ def _loop(run, pending=False):
     model, opt, data, st, run_dir, log = run.model, run.opt, run.data, run.st, run.run_dir, run.log
     signals, progress, say, evaluate = run.signals, run.progress, run.say, run.evaluate
     start, total, decay = run.start, st.steps, st.decay_steps or st.steps
-    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
     settings = st.as_dict()
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
 
@@ -971,9 +1045,10 @@ def _loop(run, pending=False):
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=st.lr, warmup_steps=st.warmup, total_steps=decay,
                        min_lr=st.min_lr)
-        loss = _micro_batches(run, step)
-        if loss is None:
+        result = _micro_batches(run, step)
+        if result is None:
             return stop(step)
+        loss, tokens = result
         norm = model.clip_grad_norm(st.grad_clip) if st.grad_clip > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
@@ -988,7 +1063,7 @@ def _loop(run, pending=False):
                     "out": run_dir.out, "model": model}
         opt.step(lr=lr)
         ms = 1e3 * (time.perf_counter() - t0)
-        tok_s = B * S * accum / (ms / 1e3)
+        tok_s = tokens / (ms / 1e3)
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         rec = {"step": step, "loss": round(loss, 6), "lr": lr, "ms": round(ms, 3),
