@@ -521,19 +521,23 @@ class TokenizerFiles:
         if isinstance(tokenizer, Tokenizer):
             if vocab_size is not None and vocab_size > tokenizer.vocab_size:
                 tokenizer = tokenizer.padded(vocab_size)
-            files = {"tokenizer.bin": tokenizer.to_bytes()}
+            written: Dict[str, bytes] = {"tokenizer.bin": tokenizer.to_bytes()}
             if _is_byte_level_layout(tokenizer):
-                files.update(_byte_level_json(tokenizer))
+                written.update(_byte_level_json(tokenizer))
             # llama2.c's convention: BOS starts every document and ends generation
-            return cls(files, {"bos_token_id": 1, "eos_token_id": 1})
+            return cls(written, {"bos_token_id": 1, "eos_token_id": 1})
         raise TypeError(f"tokenizer must be an HF directory, an HFTokenizer, an anebackward "
                         f"Tokenizer, a TokenizerFiles or False, got {type(tokenizer).__name__}")
 
     def write(self, directory: str | os.PathLike) -> None:
         """Every file into directory, each atomically."""
         for name, data in self.files.items():
-            atomic_write(os.path.join(os.fspath(directory), name),
-                         lambda f, data=data: f.write(data))
+            atomic_write(os.path.join(os.fspath(directory), name), _writer(data))
+
+
+def _writer(data: bytes) -> Any:
+    """atomic_write's callback writing data."""
+    return lambda f: f.write(data)
 
 
 def _is_byte_level_layout(tok: Any) -> bool:
@@ -654,4 +658,4 @@ class HFTokenizer:
         for name, data in files.files.items():
             target = path if name == TOKENIZER else os.path.join(os.path.dirname(
                 os.path.abspath(path)), name)
-            atomic_write(target, lambda f, data=data: f.write(data))
+            atomic_write(target, _writer(data))

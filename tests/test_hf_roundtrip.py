@@ -313,3 +313,27 @@ def test_byte_level_tokenizer_json_encodes_like_run_c(tmp_path):
         assert t.encode(text).ids == bl.encode(text), repr(text)
         assert t.decode(bl.encode(text), skip_special_tokens=True) == text
     assert t.get_vocab_size() == 300
+
+
+def test_printed_resume_command_of_a_diverged_run_works(tmp_path, monkeypatch, capsys):
+    """A diverged run prints the --resume command of its last good save;
+    run as printed (a path with a space: quoted), it continues the run."""
+    from anebackward.model import Llama
+    out = tmp_path / "my run"
+    real, calls = Llama.forward, []
+
+    def forward(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return float("nan") if len(calls) > 3 and k.get("want_grad", True) else loss
+    monkeypatch.setattr(Llama, "forward", forward)
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--config", "tiny", "--steps", "6", "--eval-every",
+                 "0", "--save-every", "2", "--out", str(out)]) == 1
+    msg = capsys.readouterr().out
+    monkeypatch.undo()
+    start = msg.index("anebackward train --resume")
+    words = shlex.split(msg[start:].split(", or start again")[0])
+    assert words[:3] == ["anebackward", "train", "--resume"] and words[3] == str(out)
+    assert main(words[1:] + ["--no-progress"]) == 0
+    assert sum('"loss"' in line for line in open(out / "log.jsonl")) == 6
