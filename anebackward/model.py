@@ -154,6 +154,9 @@ class Llama:
         self._pending: Optional[Tuple[int, int, int]] = None
         self.last_loss: Optional[float] = None
         self.ane_reason = "no step yet"   # None: the last step's projections ran on the ANE
+        # the tokenizer save_pretrained writes (hf.TokenizerFiles; from_pretrained
+        # keeps that of the directory it read)
+        self.tokenizer_files: Any = None
         self.mark_params_changed()
         if init:
             self.init_weights(seed)
@@ -794,15 +797,20 @@ class Llama:
             lora_mod.load_adapter_weights(model, adapter)
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike, *, merged: bool = False) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, merged: bool = False,
+                        tokenizer: Any = None) -> None:
         """Write a Hugging Face model directory (config.json + model.safetensors,
-        float32) that transformers' AutoModelForCausalLM.from_pretrained loads.
-        merged=True: with the adapters folded into the weights (the model
-        itself is left as it is)."""
+        float32) that transformers' AutoModelForCausalLM.from_pretrained loads,
+        with its tokenizer: None writes model.tokenizer_files (those of the
+        directory from_pretrained read, if it had any); or pass an HF
+        directory, an HFTokenizer, an anebackward Tokenizer (tokenizer.bin;
+        the byte-level one also as tokenizer.json), or False for none
+        (anebackward.hf.TokenizerFiles.of). merged=True: with the adapters
+        folded into the weights (the model itself is left as it is)."""
         from . import hf
         if not merged:
             self._base_only("Llama.save_pretrained")
-        hf.save_pretrained(self, directory)
+        hf.save_pretrained(self, directory, tokenizer)
 
 
 class Decoder:
