@@ -26,8 +26,8 @@ the parameters are views of the C model's one flat buffer (zero-copy). The
 returned logits (return_logits=True, llama2.c's `logits = model(X, Y)`)
 carry gradient into the same C backward: a backward from the loss alone is
 the plain C backward, a loss built from the logits adds its gradient.
-Anything that path cannot do (inference without targets, float64,
-parameters moved out of the buffer by .to()/.double(), a hook on a
+Anything that path cannot do (inference without targets, parameters
+moved out of the buffer by .to(), a hook on a
 submodule or a replaced module, one_call=False) takes the per-op path
 above, chosen per call.
 
@@ -41,7 +41,7 @@ Differences from llama2.c, each deliberate:
   - return_logits=False (keyword) makes forward(tokens, targets) return None
     instead of the logits, so the step keeps one vocab-sized buffer instead
     of two.
-  - float32 on the CPU only (float64 runs the slow reference path).
+  - float32 on the CPU only (float64 raises TypeError).
   - configure_optimizers returns anebackward.torch.AdamW (torch.optim.AdamW's
     math and state_dict, fused C update) instead of torch.optim.AdamW.
 """
