@@ -520,3 +520,5 @@ def test_the_lora_bench_runs_ours_and_hf_peft(capsys):
         ab.set_num_threads(before)
     out = capsys.readouterr().out
     assert "lora-r16" in out and "hf-peft-r16" in out and "hf-peft / lora (ours)" in out
+    # the patched HF + peft model ran (the bench raises unless it took the one-call path)
+    assert "hf-peft-patched" in out and "hf-peft / hf-peft-patched" in out

@@ -251,7 +251,9 @@ class ModelFunction(torch.autograd.Function):
             dl = torch.from_numpy(engine._ws[2][off:off + B * S * V])
             dl.mul_(scale).add_(dlogits.reshape(-1))
             scale = 1.0
-        flat = torch.empty(engine.n_params, dtype=torch.float32)
+        # the trainable tensors' gradients (all of them, or a LoRA engine's
+        # adapters): specs are then the engine's grad specs, offsets into them
+        flat = torch.empty(engine.n_grads, dtype=torch.float32)
         engine.backward(grad_scale=scale, grads=flat.numpy())
         grads = [flat[off:off + math.prod(shape)].view(shape) for _, off, shape in ctx.specs]
         return (None, None, None, None, None, None, *grads)
@@ -300,10 +302,13 @@ class EngineSlot:
 
     def __init__(self):
         self.engine, self.specs, self.params, self.ptrs, self.fresh = None, None, (), (), True
-        self.tree, self.owners = (), ()
+        self.tree, self.owners, self.check = (), (), None
 
-    def bind(self, engine, specs, params, root=None):
-        self.engine, self.specs, self.params = engine, specs, params
+    def bind(self, engine, specs, params, root=None, check=None):
+        """check: None, or a callable saying whether the model's state outside
+        its tree still is the bound one (peft's adapter flags, see
+        anebackward/transformers/_peft.py); current() asks it at each call."""
+        self.engine, self.specs, self.params, self.check = engine, specs, params, check
         self.ptrs = [int(engine.params[name].ctypes.data) for name, _, _ in specs]
         if root is not None:
             self.tree = tuple(root.modules())
@@ -331,7 +336,7 @@ class EngineSlot:
         for m in self.tree[1:]:
             if any(getattr(m, h) for h in _MODULE_HOOKS) or _foreign_forward(m):
                 return False
-        return self.in_place()
+        return self.in_place() and (self.check is None or bool(self.check()))
 
     def __reduce__(self):
         return (EngineSlot, ())
