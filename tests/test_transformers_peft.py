@@ -339,3 +339,19 @@ def test_gradient_checkpointing_under_peft_matches_hf_peft(hf, peft, abt, when):
         pat.gradient_checkpointing_enable()
     ids, labels = batch(torch)
     same_step(ref.double(), pat, ids, labels)
+
+
+def test_peft_inference_mode_adapters_take_one_call_with_nothing_trainable(hf, peft, abt,
+                                                                            one_calls):
+    """peft's inference_mode (every parameter frozen, adapters too): the
+    engine binds with no trainable tensor; the training-mode loss as HF +
+    peft's, with no gradient to any parameter."""
+    import torch
+    ref, pat = pair(hf, peft, abt, "qwen3", lora(peft, inference_mode=True))
+    assert not any(p.requires_grad for p in pat.parameters())
+    ids, labels = batch(torch)
+    r = ref(input_ids=ids, labels=labels)
+    p = pat(input_ids=ids, labels=labels)
+    assert one_calls[0] == 1 and engine_of(pat).n_grads == 0
+    assert not p.loss.requires_grad
+    assert rel(p.loss, r.loss) < 1e-5
