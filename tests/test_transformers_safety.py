@@ -112,6 +112,78 @@ def test_gradient_checkpointing_both_paths(hf, abt):
         assert_same(*r, *step(pat, input_ids=ids, labels=labels))
 
 
+def _checkpointing_on(m, api):
+    import warnings
+    with warnings.catch_warnings():   # 5.23: gradient_checkpointing_enable is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        getattr(m, api)()
+
+
+@pytest.mark.parametrize("api", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gradient_checkpointing_takes_one_call_with_recompute(hf, abt, kind, api):
+    """HF's checkpointing (its input-grads hook on the embeddings included)
+    runs as the one-call engine with recompute on, exactly; turned off
+    again, the engine drops recompute."""
+    import torch
+    ref = build(hf, kind)
+    if not hasattr(ref, api):
+        pytest.skip(f"transformers {hf.__version__} has no {api}")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    r = step(ref, input_ids=ids, labels=labels)
+    _checkpointing_on(pat, api)
+    out = step(pat, input_ids=ids, labels=labels)
+    assert_same(*r, *out)
+    assert type(out[0].loss.grad_fn).__name__ == "ModelFunctionBackward"
+    engine = pat._anebackward_slot.engine
+    assert engine.recompute
+    pat.gradient_checkpointing_disable() if api.startswith("gradient") else \
+        pat.activation_checkpointing_disable()
+    out = step(pat, input_ids=ids, labels=labels)
+    assert_same(*r, *out)
+    assert type(out[0].loss.grad_fn).__name__ == "ModelFunctionBackward"
+    assert not engine.recompute
+
+
+def test_gradient_checkpointing_shrinks_the_engine_workspace(hf, abt):
+    """The memory checkpointing saves on the one-call path: the engine's
+    workspace after a checkpointed step is smaller than after a plain one
+    (per-layer activations kept as each layer's input only)."""
+    import torch
+    torch.manual_seed(0)
+    cfg = hf.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=6,
+                         num_attention_heads=6, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    ref = hf.LlamaForCausalLM(cfg).train()
+    ids, labels = batch(torch, S=64)
+    sizes = []
+    for on in (False, True):
+        pat = abt.apply(copy.deepcopy(ref))
+        if on:
+            _checkpointing_on(pat, "gradient_checkpointing_enable")
+        step(pat, input_ids=ids, labels=labels)
+        sizes.append(pat._anebackward_slot.engine._ws[2].nbytes)
+    assert sizes[1] < 0.6 * sizes[0], sizes
+
+
+def test_a_hook_like_hfs_input_grads_hook_still_takes_the_hook(hf, abt):
+    """Only HF's own input-grads hook is exempt: a user's hook of the same
+    name (another module) runs, through HF's path."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+
+    def make_inputs_require_grads(mod, inp, out):
+        return out * 1.5
+    make_inputs_require_grads.__qualname__ = (
+        "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads")
+    for m in (ref, pat):
+        m.model.embed_tokens.register_forward_hook(make_inputs_require_grads)
+    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+
+
 def test_autocast_takes_hf(hf, abt):
     import torch
     ref = build(hf, "llama")

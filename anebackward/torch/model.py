@@ -286,6 +286,24 @@ def _foreign_forward(m):
     return f is not None and not getattr(getattr(f, "__func__", f), "_anebackward_forward", False)
 
 
+def _inert_hook(fn):
+    """Hugging Face's enable_input_require_grads() hook (registered by
+    gradient/activation checkpointing and for adapters): it only marks the
+    embeddings' output as requiring grad, which the engine's backward does
+    not need (it computes every parameter's gradient itself). Recognised by
+    its exact module and qualified name, nothing looser."""
+    return (getattr(fn, "__module__", None) == "transformers.modeling_utils"
+            and getattr(fn, "__qualname__", None) ==
+            "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads")
+
+
+def _runs_hooks(m):
+    """m has a hook the engine would skip (any but _inert_hook)."""
+    if m._forward_hooks and not all(_inert_hook(f) for f in m._forward_hooks.values()):
+        return True
+    return any(getattr(m, h) for h in _MODULE_HOOKS if h != "_forward_hooks")
+
+
 class EngineSlot:
     """The one-call engine of a model and the parameters bound to its flat
     buffer. Copies and pickles start empty (fresh): the C model's buffers
@@ -329,7 +347,7 @@ class EngineSlot:
         if not self.same_tree(root):
             return False
         for m in self.tree[1:]:
-            if any(getattr(m, h) for h in _MODULE_HOOKS) or _foreign_forward(m):
+            if _runs_hooks(m) or _foreign_forward(m):
                 return False
         return self.in_place()
 
