@@ -112,6 +112,32 @@ def test_gradient_checkpointing_both_paths(hf, abt):
         assert_same(*r, *step(pat, input_ids=ids, labels=labels))
 
 
+def test_held_gradients_survive_the_next_backward(hf, abt):
+    """The one-call backward reuses its gradient buffer only when nothing
+    views it: gradients a caller still holds after zero_grad(set_to_none=True)
+    keep their values, and accumulation (set_to_none=False) adds up."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref))
+    (i1, l1), (i2, l2) = batch(torch, seed=1), batch(torch, seed=2)
+    held = {}
+    for i, l in ((i1, l1), (i2, l2), (i1, l1)):
+        pat(input_ids=i, labels=l).loss.backward()
+        held = {n: p.grad for n, p in pat.named_parameters()}       # no copy
+        kept = {n: g.clone() for n, g in held.items()}
+        pat.zero_grad(set_to_none=True)
+        pat(input_ids=i2, labels=l2).loss.backward()
+        assert all(torch.equal(held[n], kept[n]) for n in held)
+        pat.zero_grad(set_to_none=True)
+    for m in (ref, pat):
+        m.zero_grad(set_to_none=False)
+        for i, l in ((i1, l1), (i2, l2)):
+            m(input_ids=i, labels=l).loss.backward()
+    g_ref, g_pat = _grads(ref), _grads(pat)
+    for n in g_ref:
+        assert rel(g_pat[n], g_ref[n]) < 1e-5, n
+
+
 def _checkpointing_on(m, api):
     import warnings
     with warnings.catch_warnings():   # 5.23: gradient_checkpointing_enable is deprecated
