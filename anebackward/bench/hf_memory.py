@@ -74,15 +74,18 @@ def measure(variant, layers):
     step()
     peak = _status("VmHWM")
     state = sum(p.numel() for p in m.parameters()) * 4 * 4 / 2**20
+    slot = m.__dict__.get("_anebackward_slot")
+    ws = None if slot is None or slot.engine is None else slot.engine.workspace_bytes(1, S) / 2**20
     return dict(variant=variant, layers=layers, state=state, before=before, peak=peak,
-                extra=peak - before, max_rss=_max_rss_mb(), path=path)
+                extra=peak - before, max_rss=_max_rss_mb(), path=path, workspace=ws)
 
 
 def _line(r):
     return (f"{r['variant']}: state {r['state']:.0f} MB (params, grads, 2 AdamW moments), RSS "
             f"before step 2 {r['before']:.0f} MB, peak in step 2 {r['peak']:.0f} MB, extra "
             f"{r['extra']:.0f} MB, process peak (ru_maxrss) {r['max_rss']:.0f} MB, loss from "
-            f"{r['path']}")
+            f"{r['path']}" + ("" if r.get("workspace") is None else
+                              f", C model workspace {r['workspace']:.0f} MB"))
 
 
 def compare(layers):
@@ -100,7 +103,10 @@ def compare(layers):
           f"{100 * (1 - b['max_rss'] / a['max_rss']):.0f} % ({a['max_rss']:.0f} -> "
           f"{b['max_rss']:.0f} MB) and the peak above the model state by "
           f"{100 * (1 - (b['max_rss'] - b['state']) / (a['max_rss'] - a['state'])):.0f} % "
-          f"({a['max_rss'] - a['state']:.0f} -> {b['max_rss'] - b['state']:.0f} MB)")
+          f"({a['max_rss'] - a['state']:.0f} -> {b['max_rss'] - b['state']:.0f} MB); the C "
+          f"model's workspace by {100 * (1 - b['workspace'] / a['workspace']):.0f} % "
+          f"({a['workspace']:.0f} -> {b['workspace']:.0f} MB, of which the [1024, 151936] logits "
+          f"are {1024 * 151936 * 4 / 2**20:.0f} MB)")
 
 
 def main(argv=None):
