@@ -899,7 +899,8 @@ def _train(args, stream, locks):
     run_dir = _RunDir(out, in_place, locks)
     run_dir.saved_at = start if in_place else None
     try:
-        tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
+        if st.format != "hf" or model.lora is not None:   # (hf: written by every save)
+            tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
         from .atomicfile import atomic_write, open_append
         old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start, say) if args.resume \
             else []
@@ -909,7 +910,8 @@ def _train(args, stream, locks):
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
             run = _Run(model=model, opt=opt, data=data, st=st, dp=dp, start=start,
                        run_dir=run_dir, log=log, signals=signals, evaluate=evaluate,
-                       progress=Progress(total, stream, quiet=quiet), say=say, merge=merge)
+                       progress=Progress(total, stream, quiet=quiet), say=say, merge=merge,
+                       tokenizer=tokenizer)
             return _loop(run, pending)
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
@@ -933,6 +935,7 @@ class _Run:
     progress: "Progress"
     say: Callable[[str], None]
     merge: bool = False         # adapter runs: also write the merged HF model at the end
+    tokenizer: Any = None       # the run's tokenizer (written with an hf-format model)
 
 
 def _micro_batches(run, step):
@@ -1006,9 +1009,10 @@ def _loop(run, pending=False):
             model.save_adapter(run_dir.path, base_model_name_or_path=st.init_from)
         elif st.format == "hf":
             # optimizer first, under its temporary name; save_pretrained then
-            # replaces config.json and model.safetensors (each atomically)
+            # replaces model.safetensors, the tokenizer files and config.json
+            # (each atomically)
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
-            model.save_pretrained(run_dir.path)
+            model.save_pretrained(run_dir.path, tokenizer=run.tokenizer)
         else:
             model.save(run_dir.file(NEXT_MODEL))
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
@@ -1021,7 +1025,7 @@ def _loop(run, pending=False):
         if saved_at != done:
             save(done)
         say(f"stopped by {signals.received} after step {done} of {total}; saved in "
-            f"{run_dir.out}. Resume with: anebackward train --resume {run_dir.out}")
+            f"{run_dir.out}. Resume with: anebackward train --resume {_q(run_dir.out)}")
         return {"status": "interrupted", "step": done, "out": run_dir.out, "model": model}
 
     def validate(step):
@@ -1055,7 +1059,7 @@ def _loop(run, pending=False):
             # The weights that gave this loss are not saved: the last save
             # (if any) is the last good checkpoint.
             kept = (f"the last good checkpoint (step {saved_at}) is kept in {run_dir.out}; "
-                    f"resume it with anebackward train --resume {run_dir.out}, or start again"
+                    f"resume it with anebackward train --resume {_q(run_dir.out)}, or start again"
                     if saved_at is not None else "nothing was saved; start again")
             say(f"step {step + 1}: the loss is {loss} (gradient norm {norm}): the run diverged "
                 f"and stopped; {kept} with a lower --lr (now {st.lr:g}) or --grad-clip")
@@ -1087,16 +1091,28 @@ def _loop(run, pending=False):
         what = "adapter_config.json, adapter_model.safetensors (peft)"
         model_path = os.path.join(out, "merged")
         if run.merge:
-            model.save_pretrained(model_path, merged=True)
-            _copy_tokenizer(st.init_from, model_path)
-            what += ", merged/ (the merged HF model)"
+            model.save_pretrained(model_path, merged=True, tokenizer=run.tokenizer)
+            what += ", merged/ (the merged HF model and its tokenizer)"
     say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
     if model.lora is None or run.merge:
-        say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" "
-            "--temperature 0")
+        say(f"sample it:  {sample_command(model_path)}")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
             "out": out, "model": model}
+
+
+def _q(path):
+    """path as one shell word (quoted when it needs it)."""
+    import shlex
+    return shlex.quote(os.fspath(path))
+
+
+def sample_command(model_path, prompt="Once upon"):
+    """The `anebackward sample` command the trainer prints for a finished
+    run (tests run it as printed)."""
+    import shlex
+    return (f"anebackward sample {_q(model_path)} --prompt {shlex.quote(prompt)} "
+            "--temperature 0")
 
 
 def _eval_due(st, done, total):
@@ -1122,7 +1138,7 @@ def _kept_error(e, run_dir):
     where = f" ({e.filename})" if e.filename else ""
     if run_dir.saved_at is not None:
         kept = (f"the checkpoint of step {run_dir.saved_at} is kept in {run_dir.out}: resume it "
-                f"with anebackward train --resume {run_dir.out}")
+                f"with anebackward train --resume {_q(run_dir.out)}")
     else:
         kept = "nothing was saved yet (the run had not reached its first save)"
     return OSError(e.errno, f"{e.strerror or e}{where}; {kept}")
@@ -1142,12 +1158,6 @@ def _lora_of(st):
         return LoraConfig(st.lora, alpha=st.lora_alpha, targets=st.lora_targets or ",".join(ALL))
     except ValueError as e:
         _usage(f"--lora: {e}")
-
-
-def _copy_tokenizer(src, dst):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _load_init(path, Llama, Tokenizer, recompute, lora=None, seed=0):
@@ -1197,9 +1207,13 @@ def _load_run_model(run, Llama, Tokenizer, recompute):
         model = Llama.from_pretrained(run, recompute=recompute)
     else:
         _usage(f"--resume {run}: neither model.bin nor config.json there")
-    tok = hf.HFTokenizer.from_dir(tok_dir)
+    # tokenizer.bin when the run has one (an hf-format run of the byte-level
+    # tokenizer also holds its tokenizer.json twin): the tokenizer it trained with
+    bin_path = os.path.join(run, "tokenizer.bin")
+    tok = hf.HFTokenizer.from_dir(tok_dir) if tok_dir != run or not os.path.isfile(bin_path) \
+        else None
     if tok is None:
-        tok = Tokenizer.load(os.path.join(run, "tokenizer.bin"), vocab_size=model.config.vocab_size)
+        tok = Tokenizer.load(bin_path, vocab_size=model.config.vocab_size)
     return model, tok
 
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from conftest import import_hf
+from conftest import import_hf, import_hf_test
 
 RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")  # apply() sets the package's threads
@@ -330,6 +330,7 @@ def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False):
     """20 steps of HF Trainer (use_cpu, gradient accumulation 2, so that
     num_items_in_batch is in play) on a tiny Llama; the logged loss curve."""
     import torch
+    import_hf_test("accelerate")  # HF Trainer's own requirement
     model = build(hf, "llama", llama3=True, seed=3)
     if patched:
         abt.apply(model)

@@ -172,6 +172,27 @@ def test_gradient_checkpointing_takes_one_call_with_recompute(hf, abt, kind, api
     assert not engine.recompute
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gradient_checkpointing_under_peft(hf, abt, kind):
+    """Checkpointing on a patched peft (LoRA) model: loss and adapter
+    gradients as HF + peft with checkpointing."""
+    import torch
+    peft = pytest.importorskip("peft")
+    ref = build(hf, kind)
+    pat = abt.apply(copy.deepcopy(ref))
+    ids, labels = batch(torch)
+    res = []
+    for m in (ref, pat):
+        torch.manual_seed(3)
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                               init_lora_weights=False)
+        pm = peft.get_peft_model(m, lora)
+        _checkpointing_on(pm, "gradient_checkpointing_enable")
+        res.append(step(pm, input_ids=ids, labels=labels))
+    assert len([n for n in res[1][1] if "lora_" in n]) == 6 * ref.config.num_hidden_layers
+    assert_same(*res[0], *res[1])
+
+
 def test_gradient_checkpointing_shrinks_the_engine_workspace(hf, abt):
     """The memory checkpointing saves on the one-call path: the engine's
     workspace after a checkpointed step is smaller than after a plain one

@@ -26,8 +26,8 @@ the parameters are views of the C model's one flat buffer (zero-copy). The
 returned logits (return_logits=True, llama2.c's `logits = model(X, Y)`)
 carry gradient into the same C backward: a backward from the loss alone is
 the plain C backward, a loss built from the logits adds its gradient.
-Anything that path cannot do (inference without targets, float64,
-parameters moved out of the buffer by .to()/.double(), a hook on a
+Anything that path cannot do (inference without targets, parameters
+moved out of the buffer by .to(), a hook on a
 submodule or a replaced module, one_call=False) takes the per-op path
 above, chosen per call.
 
@@ -41,7 +41,7 @@ Differences from llama2.c, each deliberate:
   - return_logits=False (keyword) makes forward(tokens, targets) return None
     instead of the logits, so the step keeps one vocab-sized buffer instead
     of two.
-  - float32 on the CPU only (float64 runs the slow reference path).
+  - float32 on the CPU only (float64 raises TypeError).
   - configure_optimizers returns anebackward.torch.AdamW (torch.optim.AdamW's
     math and state_dict, fused C update) instead of torch.optim.AdamW.
 """
@@ -205,13 +205,13 @@ def _grad_buffer(engine):
     costs page faults and a free each step (measured at the stories15M
     shape, 60 MB: ~9 ms in the backward, ~3 ms in zero_grad)."""
     flat = _GRAD_BUFFERS.get(engine)
-    if flat is not None:
+    if flat is not None and flat.numel() == engine.n_grads:
         if _ALONE is not None and _storage_refs(flat) == _ALONE:
             return flat
         # still viewed (e.g. it is .grad under zero_grad(set_to_none=False)):
         # a fresh buffer, not kept (autograd adds it into .grad and drops it)
-        return torch.empty(engine.n_params, dtype=torch.float32)
-    flat = _GRAD_BUFFERS[engine] = torch.empty(engine.n_params, dtype=torch.float32)
+        return torch.empty(engine.n_grads, dtype=torch.float32)
+    flat = _GRAD_BUFFERS[engine] = torch.empty(engine.n_grads, dtype=torch.float32)
     return flat
 
 
@@ -284,6 +284,8 @@ class ModelFunction(torch.autograd.Function):
             dl = torch.from_numpy(engine._ws[2][off:off + B * S * V])
             dl.mul_(scale).add_(dlogits.reshape(-1))
             scale = 1.0
+        # the trainable tensors' gradients (all of them, or a LoRA engine's
+        # adapters): specs are then the engine's grad specs, offsets into them
         flat = _grad_buffer(engine)
         engine.backward(grad_scale=scale, grads=flat.numpy())
         grads = [flat[off:off + math.prod(shape)].view(shape) for _, off, shape in ctx.specs]
@@ -351,10 +353,13 @@ class EngineSlot:
 
     def __init__(self):
         self.engine, self.specs, self.params, self.ptrs, self.fresh = None, None, (), (), True
-        self.tree, self.owners = (), ()
+        self.tree, self.owners, self.check = (), (), None
 
-    def bind(self, engine, specs, params, root=None):
-        self.engine, self.specs, self.params = engine, specs, params
+    def bind(self, engine, specs, params, root=None, check=None):
+        """check: None, or a callable saying whether the model's state outside
+        its tree still is the bound one (peft's adapter flags, see
+        anebackward/transformers/_peft.py); current() asks it at each call."""
+        self.engine, self.specs, self.params, self.check = engine, specs, params, check
         self.ptrs = [int(engine.params[name].ctypes.data) for name, _, _ in specs]
         if root is not None:
             self.tree = tuple(root.modules())
@@ -382,7 +387,7 @@ class EngineSlot:
         for m in self.tree[1:]:
             if _runs_hooks(m) or _foreign_forward(m):
                 return False
-        return self.in_place()
+        return self.in_place() and (self.check is None or bool(self.check()))
 
     def __reduce__(self):
         return (EngineSlot, ())
