@@ -3,10 +3,13 @@ LlamaForCausalLM: unpatched ("sdpa", "eager") vs patched by
 anebackward.transformers.apply, side by side in one process.
 
     python -m anebackward.bench.hf_step --threads 2 --repeats 8
+    python -m anebackward.bench.hf_step --shape llama512 --fused --variants sdpa,patched
 
-The model is built locally from a config at the stories15M shape (dim 288,
-6 layers, 6 heads, hidden 768, vocab 32000, tied; seq 256, batch 1), random
-weights, the same for every variant. Variants run round-robin (one step each
+The model is built locally from a config, random weights, the same for
+every variant: --shape stories15M (dim 288, 6 layers, 6 heads, hidden 768,
+vocab 32000, tied; seq 256, batch 1; the default) or llama512 (dim 512, 4
+layers, 8 heads, hidden 1536 (llama2.c's rule), vocab 8000, untied; seq 256, batch 4).
+--fused: torch.optim.AdamW(fused=True) for every variant. Variants run round-robin (one step each
 per round) so that load from other processes hits them alike; medians are
 reported, with each variant's ratio to "sdpa".
 """
@@ -21,11 +24,20 @@ import torch
 VARIANTS = ("sdpa", "eager", "patched")
 
 
-def build(variant, S, V):
+SHAPES = {
+    "stories15M": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=6, vocab_size=32000, tie_word_embeddings=True, batch=1),
+    "llama512": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                     num_attention_heads=8, vocab_size=8000, tie_word_embeddings=False, batch=4),
+}
+
+
+def build(variant, S, V=None, shape="stories15M"):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=V, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
-                      max_position_embeddings=S)
+    c = {k: v for k, v in SHAPES[shape].items() if k != "batch"}
+    if V is not None:
+        c["vocab_size"] = V
+    cfg = LlamaConfig(num_key_value_heads=c["num_attention_heads"], max_position_embeddings=S, **c)
     cfg._attn_implementation = "eager" if variant == "eager" else "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).train()
@@ -42,21 +54,23 @@ def main(argv=None):
     ap.add_argument("--warmup-calls", dest="warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--shape", choices=list(SHAPES), default="stories15M")
+    ap.add_argument("--fused", action="store_true", help="torch.optim.AdamW(fused=True)")
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         ap.error(f"variants: choose from {', '.join(VARIANTS)}")
-    V = 32000
+    V, B = SHAPES[a.shape]["vocab_size"], SHAPES[a.shape]["batch"]
     la = os.getloadavg()
     print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
           f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
     torch.set_num_threads(a.threads)  # the patched model sets the package's to 1 (apply's "auto")
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, V, (1, a.seq), generator=g)
+    ids = torch.randint(0, V, (B, a.seq), generator=g)
     setups = {}
     for v in variants:
-        m = build(v, a.seq, V)
-        setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+        m = build(v, a.seq, shape=a.shape)
+        setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=a.fused or None))
 
     def step(v):
         m, opt = setups[v]
@@ -76,7 +90,8 @@ def main(argv=None):
         for v in variants:
             times[v].append(step(v)[0])
     base = statistics.median(times["sdpa"]) if "sdpa" in times else None
-    print(f"HF LlamaForCausalLM, stories15M shape, seq {a.seq}, batch 1, AdamW; "
+    print(f"HF LlamaForCausalLM, {a.shape} shape, seq {a.seq}, batch {B}, "
+          f"{'fused ' if a.fused else ''}AdamW; "
           f"{a.repeats} timed steps each after {a.warmup} warm-up")
     print(f"  {'variant':<10} {'median ms':>10} {'min ms':>8} {'sdpa/this':>10}  first-step loss")
     for v in variants:

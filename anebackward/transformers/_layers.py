@@ -335,8 +335,9 @@ def _layout_batch(ids, mask, pos, targets, n_items, split_packed):
 
 def _checkpointing(modules):
     """HF's gradient_checkpointing_enable() sets gradient_checkpointing on
-    the decoder layers (and the decoder model)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in modules)
+    the decoder layers (and the decoder model), as instance attributes (read
+    from __dict__: nn.Module.__getattr__ on every module costs ~70 us a call)."""
+    return any(m.__dict__.get("gradient_checkpointing") is True for m in modules)
 
 
 def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
