@@ -113,8 +113,10 @@ SHAPES = [
     (0, 1, 37, 51, 29, 0), (0, 0, 37, 51, 29, 1), (1, 0, 37, 51, 29, 1), (1, 1, 5, 7, 3, 0),
     (0, 1, 1, 300, 70, 0), (0, 1, 256, 300, 96, 0),       # rows only (dense tiles)
     (0, 0, 129, 96, 2600, 1),                              # K chunks
-    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # grid for A^T B
-    (1, 0, 97, 50, 700, 1), (1, 1, 64, 40, 300, 0),       # K chunks for A^T B
+    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # rows of A^T B: A gathered
+    (1, 0, 97, 50, 700, 1), (1, 1, 300, 64, 200, 0),      # the same, B transposed too
+    (1, 0, 12, 300, 2000, 1), (1, 1, 16, 400, 1000, 0),   # K chunks for A^T B (M <= 16)
+    (1, 1, 64, 40, 300, 0),                                # one call (small)
     (0, 1, 20, 4200, 30, 1), (0, 0, 33, 4500, 50, 0),     # wide C: column tiles
 ]
 
@@ -151,6 +153,7 @@ def test_gemm_bf16_guards_its_arguments():
 
 @pytest.mark.parametrize("ta,tb,M,N,K", [(0, 1, 256, 768, 288), (0, 0, 130, 288, 4100),
                                          (1, 0, 768, 288, 256), (1, 0, 3000, 96, 64),
+                                         (1, 1, 300, 64, 200), (1, 0, 12, 300, 2000),
                                          (0, 1, 64, 5000, 40)])
 def test_gemm_bf16_is_bit_identical_at_1_2_3_threads(rng, path, ta, tb, M, N, K):
     A = to_bf16(rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32))
