@@ -246,17 +246,22 @@ def _grads(torch, ref, tokens, targets):
     return ref.last_loss.item(), {n: p.grad.numpy() for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("tied,KV,B,recompute", [(True, 3, 1, False), (False, 1, 2, True)])
+# the last case is big enough for the FFN weight gradients (Aᵀ·B, 96x256 and
+# 256x96 over 128 rows) to be tiled on the pool, each tile's columns of dy
+# gathered into a dense buffer (csrc/bf16/gemm_bf16.c)
+@pytest.mark.parametrize("tied,KV,B,recompute,dim,hidden,S", [
+    (True, 3, 1, False, 48, 80, 21), (False, 1, 2, True, 48, 80, 21),
+    (False, 1, 2, False, 96, 256, 64)])
 def test_model_gradients_match_a_float64_oracle_with_bf16_operands(torch, rng, path, tied, KV, B,
-                                                                   recompute):
+                                                                   recompute, dim, hidden, S):
     from test_model import randomize, shifted
-    cfg = LlamaConfig(dim=48, hidden_dim=80, n_layers=2, n_heads=3, n_kv_heads=KV, vocab_size=67,
-                      max_seq_len=24, shared_classifier=tied)
+    cfg = LlamaConfig(dim=dim, hidden_dim=hidden, n_layers=2, n_heads=3, n_kv_heads=KV,
+                      vocab_size=67, max_seq_len=S + 3, shared_classifier=tied)
     model = Llama(cfg, seed=1, precision="bf16", recompute=recompute)
     randomize(model, rng, norm_spread=0.2)
     model.flat_params[:model.n_decay] *= 0.5
     model.mark_params_changed()
-    tokens = rng.integers(0, cfg.vocab_size, size=(B, 21))
+    tokens = rng.integers(0, cfg.vocab_size, size=(B, S))
     loss = model.forward(tokens)
     model.backward()
     ref_loss, ref = _grads(torch, _bf16_torch_model(torch, model), tokens, shifted(tokens))
