@@ -246,17 +246,18 @@ def _grads(torch, ref, tokens, targets):
     return ref.last_loss.item(), {n: p.grad.numpy() for n, p in ref.named_parameters()}
 
 
-# the last case is big enough for the FFN weight gradients (Aᵀ·B, 96x256 and
-# 256x96 over 128 rows) to be tiled on the pool, each tile's columns of dy
-# gathered into a dense buffer (csrc/bf16/gemm_bf16.c)
-@pytest.mark.parametrize("tied,KV,B,recompute,dim,hidden,S", [
-    (True, 3, 1, False, 48, 80, 21), (False, 1, 2, True, 48, 80, 21),
-    (False, 1, 2, False, 96, 256, 64)])
+# the last case is big enough for the FFN's and the classifier's weight
+# gradients (Aᵀ·B: 256x96, 96x256, 300x96 over 128 rows) to be tiled on the
+# pool, each tile's columns of dy copied into a dense buffer
+# (csrc/bf16/gemm_bf16.c)
+@pytest.mark.parametrize("tied,KV,B,recompute,dim,hidden,V,S", [
+    (True, 3, 1, False, 48, 80, 67, 21), (False, 1, 2, True, 48, 80, 67, 21),
+    (False, 1, 2, False, 96, 256, 300, 64)])
 def test_model_gradients_match_a_float64_oracle_with_bf16_operands(torch, rng, path, tied, KV, B,
-                                                                   recompute, dim, hidden, S):
+                                                                   recompute, dim, hidden, V, S):
     from test_model import randomize, shifted
     cfg = LlamaConfig(dim=dim, hidden_dim=hidden, n_layers=2, n_heads=3, n_kv_heads=KV,
-                      vocab_size=67, max_seq_len=S + 3, shared_classifier=tied)
+                      vocab_size=V, max_seq_len=S + 3, shared_classifier=tied)
     model = Llama(cfg, seed=1, precision="bf16", recompute=recompute)
     randomize(model, rng, norm_spread=0.2)
     model.flat_params[:model.n_decay] *= 0.5

@@ -10,7 +10,7 @@
  *     thread count. Tiles are cut so that oneDNN's AMX kernel, which takes
  *     dense operands only, gets dense ones: rows of C (A^T B too: each
  *     tile's columns of A are first copied into a dense per-thread buffer
- *     of K x rows values, at most half of A), column tiles through a dense
+ *     of K x (tile rows) values), column tiles through a dense
  *     per-thread C buffer for a wide C, K chunks. AB_BF16_ONEDNN_THREADS instead makes one call threaded
  *     by oneDNN itself (the pool idle): results then may depend on it.
  *   portable: the operands widened to fp32 and one ab_sgemm (tiled, thread
@@ -119,41 +119,6 @@ int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
     AB_NONNULL(dst); AB_NONNULL(src);
     cv_job j = {NULL, dst, NULL, src, n};
     ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), to_f32_task, &j);
-    return AB_OK;
-}
-
-/* transposed: tasks are column blocks of TB source columns (the rows of dst),
- * each walked in TB x TB blocks so that reads and writes stay in cache */
-#define TB 64
-typedef struct { uint16_t *dst; const float *src; int64_t rows, cols; } tr_job;
-
-/* one TB x TB block: rows rounded with the vectorised loop into tmp, then
- * the uint16 transpose, both inside L1 */
-static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
-                     int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    uint16_t tmp[TB][TB];
-    for (int64_t r = 0; r < nr; r++) to_bf16_loop(tmp[r], src + (r0 + r) * cols + c0, nc);
-    for (int64_t c = 0; c < nc; c++) {
-        uint16_t *d = dst + (c0 + c) * rows + r0;
-        for (int64_t r = 0; r < nr; r++) d[r] = tmp[r][c];
-    }
-}
-
-static void tr_task(void *ctx, int64_t t, int w) {
-    const tr_job *j = ctx;
-    const int64_t c0 = t * TB, nc = c0 + TB < j->cols ? TB : j->cols - c0;
-    for (int64_t r0 = 0; r0 < j->rows; r0 += TB)
-        tr_block(j->dst, j->src, j->rows, j->cols, r0, r0 + TB < j->rows ? TB : j->rows - r0,
-                 c0, nc);
-}
-
-int ab_f32_to_bf16_transposed(uint16_t *dst, const float *src, int64_t rows, int64_t cols) {
-    AB_NONNEG(rows); AB_NONNEG(cols);
-    if (rows == 0 || cols == 0) return AB_OK;
-    AB_NONNULL(dst); AB_NONNULL(src);
-    tr_job j = {dst, src, rows, cols};
-    ab_parallel_for(ab_div_up(cols, TB), ab_workers_for((double)rows * (double)cols), tr_task,
-                    &j);
     return AB_OK;
 }
 
@@ -289,8 +254,8 @@ static int gemm_onednn(bjob *j) {
             if (pm == 1) pm = 2;
             j->tm = ab_gemm_tile(M, pm);
             j->nm = ab_div_up(M, j->tm);
-            /* A^T: each tile's columns of A gathered (its buffer is at most
-             * half of A: tiles are at most M / 2 rows) */
+            /* A^T: each tile's columns of A gathered (its buffer: tiles are
+             * at most M / 2 rows, rounded up to 16) */
             ab_parallel_for(j->nm, AB_MAX_THREADS, j->transA ? gather_task : grid_task, j);
             return atomic_load(&j->rc);
         }
