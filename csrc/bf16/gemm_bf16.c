@@ -10,9 +10,10 @@
  *     thread count. Tiles are cut so that oneDNN's AMX kernel, which takes
  *     dense operands only, gets dense ones: rows of C (A^T B too: each
  *     tile's columns of A are first copied into a dense per-thread buffer
- *     of K x (tile rows) values), column tiles through a dense
- *     per-thread C buffer for a wide C, K chunks. AB_BF16_ONEDNN_THREADS instead makes one call threaded
- *     by oneDNN itself (the pool idle): results then may depend on it.
+ *     of K x (tile rows) values), column tiles through a dense per-thread
+ *     C buffer for a wide C, K chunks. AB_BF16_ONEDNN_THREADS instead makes
+ *     one call threaded by oneDNN itself (the pool idle): results then may
+ *     depend on it.
  *   portable: the operands widened to fp32 and one ab_sgemm (tiled, thread
  *     count independent). The same bf16 values are multiplied, accumulated
  *     in fp32; only the summation order differs from oneDNN's.
