@@ -60,7 +60,11 @@
  * copy of the activation at work + i is at mirror + i). An operand is
  * rounded into its mirror where a matmul first reads it; the calls that
  * follow on the same, unchanged operand pass X_READY / DY_READY and reuse
- * it. Pages of the mirror that no matmul reads are never touched.
+ * it. Pages of the mirror that no matmul reads are never touched. Every
+ * dW = dy^T x (the classifier's too) reads dy's plain copy, the one dx = dy W
+ * reads: ab_gemm_bf16 copies each tile's columns of it into a dense
+ * per-thread buffer (outside the workspace; about half of dy at most), so
+ * there is no transposed copy and the workspace does not grow for it.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -613,9 +617,7 @@ typedef struct {
     const float *work;         /* x - work: the offset into mirror */
     uint16_t *mirror;
 } proj_ctx;
-/* DY_T: keep dy's bf16 copy transposed, [out, N] (the classifier: both of its
- * backward products then read dense tiles, see csrc/bf16/gemm_bf16.c) */
-enum { X_READY = 1, DY_READY = 2, DY_T = 4 };
+enum { X_READY = 1, DY_READY = 2 };
 
 static proj_ctx proj_make(const kernel_table *k, const ane_route *r, const ab_model_config *c,
                           const ws_layout *W, const float *params, float *work) {
@@ -643,19 +645,9 @@ static int proj_forward(const proj_ctx *p, float *y, const float *x, const float
     return ab_gemm_bf16(0, 1, N, out, in, xb, in, p->wbf + (W - p->params), in, 0, y, out);
 }
 
-static const uint16_t *proj_dy_t(const proj_ctx *p, const float *dy, int64_t N, int64_t out,
-                                 int ready) {
-    uint16_t *h = p->mirror + (dy - p->work);
-    if (!ready) ab_f32_to_bf16_transposed(h, dy, N, out);
-    return h;
-}
-
 static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    if (ready & DY_T)
-        return ab_gemm_bf16(1, 0, N, in, out, proj_dy_t(p, dy, N, out, ready & DY_READY), N,
-                            p->wbf + (W - p->params), in, accumulate, dx, in);
     const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(0, 0, N, in, out, dyb, out, p->wbf + (W - p->params), in, accumulate,
                         dx, in);
@@ -664,10 +656,9 @@ static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W
 static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dW(dW, dy, x, N, in, out, accumulate);
+    /* dy^T: ab_gemm_bf16 copies each tile's columns of dy into a dense
+     * buffer (oneDNN's AMX kernel takes dense operands only) */
     const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
-    if (ready & DY_T)
-        return ab_gemm_bf16(0, 0, out, in, N, proj_dy_t(p, dy, N, out, ready & DY_READY), N, xb,
-                            in, accumulate, dW, in);
     const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(1, 0, out, in, N, dyb, out, xb, in, accumulate, dW, in);
 }
@@ -1160,8 +1151,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 #define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
     float *gout = GRAD(AB_TENSOR_OUTPUT, 0);
     if (gout)
-        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY | DY_T));
-    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, (gout ? DY_READY : 0) | DY_T));
+        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY));
+    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, gout ? DY_READY : 0));
     TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_NORM, 0), DXN, work + W.X + L * N * D, params + P.norm,
                              N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
