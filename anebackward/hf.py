@@ -10,7 +10,9 @@ and bfloat16 are converted to float32 as they are copied into the model's one
 flat buffer. (numpy has no bfloat16: a file holding bfloat16 tensors is read
 whole through safetensors.deserialize, one transient copy of that file.)
 
-Writing: float32 model.safetensors + config.json, each atomically. A llama2.c
+Writing: float32 model.safetensors + config.json, each atomically, and the
+tokenizer the model goes with (TokenizerFiles: the tokenizer files of the
+directory it was loaded from, or the one passed to save_pretrained). A llama2.c
 (interleaved-RoPE) model is written in HF's rotate-half layout by permuting
 the rows of wq and wk inside each head, which gives the same network (the
 attention scores are invariant to one permutation applied to q and k).
@@ -378,6 +380,7 @@ def load_pretrained(directory, model_class, *, backend=None, recompute=False, **
                                f"{list(dst.shape)}")
         r.copy_into(k, dst)
     model.flat_grads[:] = 0.0
+    model.tokenizer_files = TokenizerFiles.read(directory, d)
     return model
 
 
@@ -399,24 +402,181 @@ def hf_state(model) -> Dict[str, np.ndarray]:
     return out
 
 
-def save_pretrained(model, directory) -> None:
+def save_pretrained(model, directory, tokenizer: Any = None) -> None:
     """config.json + model.safetensors (float32) in directory (created if
-    needed); each file replaced atomically."""
+    needed), and the tokenizer (see TokenizerFiles.of; None: the model's
+    own tokenizer_files, those of the directory it was loaded from); each
+    file replaced atomically, the weights first and config.json last."""
     from safetensors.numpy import save
     directory = os.fspath(directory)
+    files = model.tokenizer_files if tokenizer is None else \
+        TokenizerFiles.of(tokenizer, model.config.vocab_size)
     os.makedirs(directory, exist_ok=True)
     c = model.config
     cfg = config_to_hf(c.replace(rope_layout="half"))
     if c.rope_layout == "interleaved":
         cfg["anebackward_converted_from"] = "llama2c interleaved RoPE (q/k rows permuted)"
+    if files is not None:
+        cfg.update(files.token_ids)
     data = save(hf_state(model), metadata={"format": "pt"})
     atomic_write(os.path.join(directory, WEIGHTS), lambda f: f.write(data))
+    if files is not None:
+        files.write(directory)
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(text.encode()))
 
 
-# ---- tokenizer.json ----------------------------------------------------------------
+# ---- tokenizer files -------------------------------------------------------------
 TOKENIZER = "tokenizer.json"
+# the files of an HF directory that belong to its tokenizer (and its generation
+# settings); copied whole by TokenizerFiles
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "tokenizer.bin")
+# config.json's fields that name tokens (written beside the model's own fields)
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(d: Any) -> Dict[str, Any]:
+    """The TOKEN_ID_FIELDS of a config.json dict that hold a token id or a
+    list of them."""
+    out: Dict[str, Any] = {}
+    for k in TOKEN_ID_FIELDS:
+        v = d.get(k) if isinstance(d, dict) else None
+        ok = lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
+        if ok(v) or (isinstance(v, list) and v and all(ok(t) for t in v)):
+            out[k] = v
+    return out
+
+
+class TokenizerFiles:
+    """The tokenizer of a model directory: files (name -> bytes, copied as
+    they are) and the token ids config.json names (bos_token_id,
+    eos_token_id, pad_token_id). save_pretrained writes both."""
+
+    def __init__(self, files: Dict[str, bytes], token_ids: Optional[Dict[str, Any]] = None):
+        self.files = dict(files)
+        self.token_ids = dict(token_ids or {})
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike,
+             config: Optional[Dict[str, Any]] = None) -> Optional["TokenizerFiles"]:
+        """The TOKENIZER_FILES present in an HF directory and its config.json's
+        token ids; None when it has no tokenizer file."""
+        from .atomicfile import open_regular
+        directory = os.fspath(directory)
+        files = {}
+        for name in TOKENIZER_FILES:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                try:
+                    with open_regular(path, "tokenizer file") as f:
+                        files[name] = f.read()
+                except OSError as e:
+                    raise _bad(path, f"cannot read: {e.strerror or e}") from None
+        if not files:
+            return None
+        if config is None:
+            try:
+                config = _read_json(os.path.join(directory, CONFIG))
+            except CheckpointError:
+                config = {}
+        return cls(files, _token_ids(config))
+
+    @classmethod
+    def of(cls, tokenizer: Any, vocab_size: Optional[int] = None) -> Optional["TokenizerFiles"]:
+        """The files of `tokenizer`: False (none), an HF directory (its
+        tokenizer files), a TokenizerFiles, an HFTokenizer (the directory
+        it was read from, or its tokenizer.json), or a llama2.c Tokenizer
+        (tokenizer.bin; the byte-level vocabulary also as tokenizer.json,
+        tokenizer_config.json, for transformers' AutoTokenizer). vocab_size:
+        the model's (a llama2.c tokenizer is padded to it, as
+        anebackward train writes it)."""
+        from .tokenizer import Tokenizer
+        if tokenizer is False:
+            return None
+        if isinstance(tokenizer, TokenizerFiles):
+            return tokenizer
+        if isinstance(tokenizer, (str, os.PathLike)):
+            if not os.path.isdir(tokenizer):
+                raise ValueError(f"tokenizer={os.fspath(tokenizer)!r}: not a directory (pass an "
+                                 "HF directory, an HFTokenizer or an anebackward Tokenizer)")
+            files = cls.read(tokenizer)
+            if files is None:
+                raise ValueError(f"tokenizer={os.fspath(tokenizer)!r}: no tokenizer file there "
+                                 f"({', '.join(TOKENIZER_FILES)})")
+            return files
+        if isinstance(tokenizer, HFTokenizer):
+            if tokenizer.directory is not None:
+                return cls.read(tokenizer.directory)
+            with open(tokenizer.path, "rb") as f:
+                data = f.read()
+            ids: Dict[str, Any] = {}
+            if tokenizer.bos_id is not None:
+                ids["bos_token_id"] = tokenizer.bos_id
+            if tokenizer.stop_ids:
+                ids["eos_token_id"] = sorted(tokenizer.stop_ids)
+            return cls({TOKENIZER: data}, ids)
+        if isinstance(tokenizer, Tokenizer):
+            if vocab_size is not None and vocab_size > tokenizer.vocab_size:
+                tokenizer = tokenizer.padded(vocab_size)
+            written: Dict[str, bytes] = {"tokenizer.bin": tokenizer.to_bytes()}
+            if _is_byte_level_layout(tokenizer):
+                written.update(_byte_level_json(tokenizer))
+            # llama2.c's convention: BOS starts every document and ends generation
+            return cls(written, {"bos_token_id": 1, "eos_token_id": 1})
+        raise TypeError(f"tokenizer must be an HF directory, an HFTokenizer, an anebackward "
+                        f"Tokenizer, a TokenizerFiles or False, got {type(tokenizer).__name__}")
+
+    def write(self, directory: str | os.PathLike) -> None:
+        """Every file into directory, each atomically."""
+        for name, data in self.files.items():
+            atomic_write(os.path.join(os.fspath(directory), name), _writer(data))
+
+
+def _writer(data: bytes) -> Any:
+    """atomic_write's callback writing data."""
+    return lambda f: f.write(data)
+
+
+def _is_byte_level_layout(tok: Any) -> bool:
+    """Is tok Tokenizer.byte_level(), possibly padded (no merges)?"""
+    from .tokenizer import Tokenizer
+    base = Tokenizer.byte_level().pieces
+    return tok.pieces[:len(base)] == base and all(
+        re.fullmatch(rb"<pad\d+>", p) for p in tok.pieces[len(base):])
+
+
+def _byte_level_json(tok: Any) -> Dict[str, bytes]:
+    """tokenizer.json + tokenizer_config.json of the byte-level vocabulary:
+    a BPE without merges over its pieces with byte fallback, the space as
+    sentencepiece's "\u2581" prepended to non-empty text, BOS added: the
+    same ids as Tokenizer.encode (tests/test_hf_roundtrip.py) for any text
+    that does not spell a special token (<unk>, <s>, </s>: HF tokenizers
+    read those as the token itself).""" 
+    try:
+        from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, normalizers
+        from tokenizers import processors
+    except ImportError:
+        return {}
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {}
+    for i, p in enumerate(tok.pieces):
+        vocab[specials[i] if i < 3 else "\u2581" if p == b" " else p.decode("latin-1")] = i
+    t = _Tok(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True,
+                        fuse_unk=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                         normalizers.Replace(" ", "\u2581")])
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    # BOS (<s>) both starts and ends documents (llama2.c's data): the eos token too
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": "<s>", "unk_token": "<unk>", "model_max_length": 1 << 30}
+    return {TOKENIZER: t.to_str().encode("utf-8"),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8")}
 
 
 class HFTokenizer:
@@ -424,8 +584,9 @@ class HFTokenizer:
     interface the trainer and the sampler use (anebackward.tokenizer's).
     Documents are encoded with the tokenizer's own special tokens; a
     sequence starts with bos_id (config.json's bos_token_id, else its
-    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none, and
-    generation stops at config.json's eos_token_id(s)."""
+    eos_token_id: Qwen3 has no BOS) when the tokenizer adds none,
+    encode(..., eos=True) ends it with the first of config.json's
+    eos_token_id(s), and generation stops at any of them."""
     filename = TOKENIZER    # its name in a run directory (anebackward train)
 
     def __init__(self, path, bos_id=None, stop_ids=()):
@@ -439,14 +600,18 @@ class HFTokenizer:
             self._tok = _Tok.from_file(self.path)
         except Exception as e:   # the package raises a bare Exception on bad files
             raise _bad(self.path, f"not a readable tokenizer.json: {e}") from None
+        self.directory: Optional[str] = None    # the HF directory it was read from (from_dir)
         self.bos_id = bos_id
+        self.eos_id = next(iter(stop_ids), None)    # the first of config.json's eos_token_id
         self.stop_ids = set(stop_ids)
         self.is_byte_level = False
 
     @classmethod
-    def from_dir(cls, directory):
-        """The tokenizer.json of an HF directory (None if it has none)."""
-        path = os.path.join(directory, TOKENIZER)
+    def from_dir(cls, directory, path=None):
+        """The tokenizer.json of an HF directory (None if it has none), or
+        the one at `path` with the directory's config.json ids."""
+        own = path is None
+        path = os.path.join(directory, TOKENIZER) if own else os.fspath(path)
         if not os.path.isfile(path):
             return None
         try:
@@ -457,7 +622,9 @@ class HFTokenizer:
         eos = d.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
         bos = d.get("bos_token_id")
-        return cls(path, bos if isinstance(bos, int) else (eos[0] if eos else None), eos)
+        tok = cls(path, bos if isinstance(bos, int) else (eos[0] if eos else None), eos)
+        tok.directory = os.fspath(directory) if own else None
+        return tok
 
     @property
     def vocab_size(self):
@@ -470,6 +637,8 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=bos).ids
         if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids = ids + [self.eos_id]
         return ids
 
     def encode_documents(self, docs):
@@ -482,7 +651,11 @@ class HFTokenizer:
         return self._tok.decode([int(t) for t in tokens], skip_special_tokens=True)
 
     def save(self, path):
-        """Copy tokenizer.json to path (atomically)."""
-        with open(self.path, "rb") as f:
-            data = f.read()
-        atomic_write(path, lambda f: f.write(data))
+        """Copy tokenizer.json to path (atomically), and the other tokenizer
+        files of the directory it was read from beside it."""
+        files = TokenizerFiles.of(self)
+        assert files is not None
+        for name, data in files.files.items():
+            target = path if name == TOKENIZER else os.path.join(os.path.dirname(
+                os.path.abspath(path)), name)
+            atomic_write(target, _writer(data))

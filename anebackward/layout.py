@@ -1,15 +1,18 @@
 """Where each parameter lives in the one flat float32 buffer of a Llama.
 
-The offsets come from C (csrc/model/model.c, ab_model_param_layout, 64-bit):
-every 2-D weight first, the 1-D RMSNorm weights last,
+Everything here comes from C's table of the model's tensors
+(csrc/model/model.c, ab_model_tensors: name, offset, shape, gradient
+offset, gradient group, decay; 64-bit), the same code that lays out the
+buffer: every 2-D weight first, the 1-D RMSNorm weights last,
 
     tok_embeddings | wq | wk | wv | wo | w1 | w2 | w3 | output (untied) || norms
 
 so weight decay covers the prefix flat[:n_decay]. Per-kind stacks cover all
-layers, as in the llama2.c checkpoint file.
+layers, as in the llama2.c checkpoint file. The names are llama2.c's
+("layers.3.attention.wq.weight"); anebackward.hf.hf_name gives HF's.
 """
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 from ._native import check, ffi, lib
 from .config import LlamaConfig
@@ -53,41 +56,47 @@ def param_layout(config: LlamaConfig, lora=None) -> Dict[str, int]:
     return out
 
 
+class Tensor(NamedTuple):
+    """One record of C's table of the model's tensors (ab_model_tensors)."""
+    name: str                 # "tok_embeddings.weight", "layers.3.attention.wq.weight", ...
+    kind: int                 # AB_TENSOR_*
+    layer: int                # -1: not per layer
+    offset: int               # floats into the parameter buffer
+    shape: Tuple[int, ...]
+    grad_offset: int          # floats into the gradient buffer; -1: frozen
+    group: int                # the backward's gradient group (Llama.grad_groups)
+    decay: bool               # AdamW decays it (the 2-D tensors)
+
+    def slot(self, n_layers: int) -> int:
+        """Its slot in C's gradient offset table (ab_model_grad_layout)."""
+        return self.kind * n_layers + max(self.layer, 0)
+
+
+def tensors(config: LlamaConfig, lora=None, grad_offsets=None) -> List[Tensor]:
+    """Every tensor of the model, in flat-buffer order, as C lays them out
+    (ab_model_tensors: the one table that the parameter and gradient
+    layouts, the gradient groups and every name here come from).
+    grad_offsets: the int64 array ab_model_grad_layout filled (frozen
+    tensors), or None (every tensor trains: grad_offset == offset)."""
+    c = c_config(config, lora=lora)
+    if grad_offsets is not None:
+        c.grad_offsets = ffi.from_buffer("int64_t[]", grad_offsets)
+    n = ffi.new("int64_t *")
+    check(lib.ab_model_tensors(c, ffi.NULL, 0, n), "tensors")
+    recs = ffi.new("ab_model_tensor[]", max(int(n[0]), 1))
+    check(lib.ab_model_tensors(c, recs, int(n[0]), n), "tensors")
+    return [Tensor(ffi.string(r.name).decode(), int(r.kind), int(r.layer), int(r.offset),
+                   tuple(int(x) for x in r.shape[0:r.ndim]), int(r.grad_offset),
+                   int(r.group), bool(r.decay)) for r in recs[0:int(n[0])]]
+
+
 def tensor_specs(config: LlamaConfig, lora=None) -> List[Tuple[str, int, Tuple[int, ...]]]:
-    """[(name, offset, shape)] of every parameter, in flat-buffer order.
-    Per-kind stacks: layer i of wq is at layout["wq"] + i * q_dim * dim.
-    With lora (a LoraConfig) the adapters follow: layers.{i}.attention.wq.lora_A.weight
-    [r, in], ... lora_B.weight [out, r]."""
-    c, lay = config, param_layout(config, lora)
-    D, Hd, V, kv, L, qd, hd = c.dim, c.hidden_dim, c.vocab_size, c.kv_dim, c.n_layers, c.q_dim, c.head_dim
-    specs: List[Tuple[str, int, Tuple[int, ...]]] = [("tok_embeddings.weight",
-                                                      lay["tok_embeddings"], (V, D))]
-    kinds = [("attention.wq", "wq", (qd, D)), ("attention.wk", "wk", (kv, D)),
-             ("attention.wv", "wv", (kv, D)), ("attention.wo", "wo", (D, qd)),
-             ("feed_forward.w1", "w1", (Hd, D)), ("feed_forward.w2", "w2", (D, Hd)),
-             ("feed_forward.w3", "w3", (Hd, D))]
-    for sub, key, shape in kinds:
-        n = shape[0] * shape[1]
-        specs += [(f"layers.{i}.{sub}.weight", lay[key] + i * n, shape) for i in range(L)]
-    if not c.shared_classifier:
-        specs.append(("output.weight", lay["output"], (V, D)))
-    specs += [(f"layers.{i}.attention_norm.weight", lay["attention_norm"] + i * D, (D,))
-              for i in range(L)]
-    specs += [(f"layers.{i}.ffn_norm.weight", lay["ffn_norm"] + i * D, (D,)) for i in range(L)]
-    specs.append(("norm.weight", lay["norm"], (D,)))
-    if c.qk_norm:
-        specs += [(f"layers.{i}.attention.q_norm.weight", lay["q_norm"] + i * hd, (hd,))
-                  for i in range(L)]
-        specs += [(f"layers.{i}.attention.k_norm.weight", lay["k_norm"] + i * hd, (hd,))
-                  for i in range(L)]
-    if lora is not None:
-        shapes = {sub: shape for sub, _, shape in kinds}
-        for name, t, ab, i in tensor_names(config, lora):
-            out, inn = shapes[name.split(".", 2)[2].split(".lora_")[0]]
-            shape = (lora.r, inn) if ab == "A" else (out, lora.r)
-            base = lay[f"lora_{ab.lower()}{t}"]
-            specs.append((name, base + i * shape[0] * shape[1], shape))
-    return specs
+    """[(name, offset, shape)] of every parameter, in flat-buffer order (C's
+    table, see tensors). Per-kind stacks: layer i of wq is at
+    layout["wq"] + i * q_dim * dim. With lora (a LoraConfig) the adapters
+    follow: layers.{i}.attention.wq.lora_A.weight [r, in], ...
+    lora_B.weight [out, r]."""
+    return [(t.name, t.offset, t.shape) for t in tensors(config, lora)]
 
 
 # ---- LoRA targets (anebackward.lora builds on these) ----
@@ -113,36 +122,11 @@ def target_index(fn: str, name: str) -> int:
 
 
 def tensor_names(config: LlamaConfig, lora) -> List[Tuple[str, int, str, int]]:
-    """[(name, target index, 'A' or 'B', layer)] of the adapter tensors."""
-    out = []
-    for ab in ("A", "B"):
-        for t in sorted(lora.indices()):
-            out += [(f"layers.{i}.{TARGETS[t][1]}.lora_{ab}.weight", t, ab, i)
-                    for i in range(config.n_layers)]
-    return out
-
-
-
-# tensor kinds in C's order (AB_TENSOR_*): the slot of tensor (kind, layer)
-# in the gradient offset table is kind * n_layers + layer
-_KIND = {"tok_embeddings": 0, "attention.wq": 1, "attention.wk": 2, "attention.wv": 3,
-         "attention.wo": 4, "feed_forward.w1": 5, "feed_forward.w2": 6, "feed_forward.w3": 7,
-         "output": 8, "attention_norm": 9, "ffn_norm": 10, "norm": 11, "attention.q_norm": 12,
-         "attention.k_norm": 13}
-
-
-def tensor_slot(config: LlamaConfig, name: str) -> int:
-    """The slot of a tensor name in C's gradient offset table."""
-    L = config.n_layers
-    stem = name[:-len(".weight")]
-    if not stem.startswith("layers."):
-        return _KIND[stem] * L
-    _, i, rest = stem.split(".", 2)
-    if ".lora_" in rest:
-        kind, ab = rest.split(".lora_")
-        t = target_index("tensor_slot", kind.split(".")[1])
-        return (int(lib.AB_TENSOR_LORA_A if ab == "A" else lib.AB_TENSOR_LORA_B) + t) * L + int(i)
-    return _KIND[rest] * L + int(i)
+    """[(name, target index, 'A' or 'B', layer)] of the adapter tensors (C's
+    table, see tensors)."""
+    A, B = int(lib.AB_TENSOR_LORA_A), int(lib.AB_TENSOR_LORA_B)
+    return [(t.name, t.kind - (B if t.kind >= B else A), "B" if t.kind >= B else "A", t.layer)
+            for t in tensors(config, lora) if t.kind >= A]
 
 
 def views(flat, specs):

@@ -41,7 +41,7 @@ from ._backend import resolve
 from ._native import check, ffi, fptr, iptr, lib
 from .config import PRESETS, LlamaConfig
 from .kernels.optim import check_adamw_hparams, check_adamw_step, clip_grad_norm, grad_norm
-from .layout import c_config, param_layout, tensor_specs, views
+from .layout import c_config, param_layout, tensors, views
 from .types import Backend, F32Array, Tokens
 
 # Parameter versions: the ANE's key for its fp16 copies of the weights. One
@@ -142,7 +142,8 @@ class Llama:
         # the base model's parameters: [0, n_base); the adapters follow
         self.n_base = min(self.layout[f"lora_a{t}"] for t in range(7))
         self._flat_params = np.zeros(self.n_params, dtype=np.float32)
-        self._specs = tensor_specs(config, lora)
+        self._tensors = tensors(config, lora)
+        self._specs = [(t.name, t.offset, t.shape) for t in self._tensors]
         self._grad_table(trainable)
         self._wbf_key = None       # (workspace, base and params versions) of the bf16 copy
         self.set_precision(precision)
@@ -154,6 +155,9 @@ class Llama:
         self._pending: Optional[Tuple[int, int, int]] = None
         self.last_loss: Optional[float] = None
         self.ane_reason = "no step yet"   # None: the last step's projections ran on the ANE
+        # the tokenizer save_pretrained writes (hf.TokenizerFiles; from_pretrained
+        # keeps that of the directory it read)
+        self.tokenizer_files: Any = None
         self.mark_params_changed()
         if init:
             self.init_weights(seed)
@@ -166,7 +170,6 @@ class Llama:
         backward reads through config.grad_offsets), so the views here and
         the backward's writes cannot disagree."""
         from .hf import hf_name
-        from .layout import tensor_slot
         names = [n for n, _, _ in self._specs]
         if trainable is None:
             chosen = [n for n in names if self.lora is None or ".lora_" in n]
@@ -190,10 +193,11 @@ class Llama:
         self.trainable = tuple(n for n in names if n in chosen_set)
         L = self.config.n_layers
         flags = np.zeros(int(lib.AB_TENSOR_KINDS) * L, dtype=np.uint8)
-        for n in self.trainable:
-            flags[tensor_slot(self.config, n)] = 1
+        for t in self._tensors:
+            if t.name in chosen_set:
+                flags[t.slot(L)] = 1
         if self.config.shared_classifier and "tok_embeddings.weight" in chosen_set:
-            flags[tensor_slot(self.config, "output.weight")] = 1
+            flags[int(lib.AB_TENSOR_OUTPUT) * L] = 1
         self._goff = np.zeros(flags.size, dtype=np.int64)
         n_grads = ffi.new("int64_t *")
         cfg = c_config(self.config, lora=self.lora)
@@ -203,8 +207,10 @@ class Llama:
         self.n_grads = int(n_grads[0])
         self._all_trainable = len(self.trainable) == len(names)
         self._flat_grads = np.zeros(self.n_grads, dtype=np.float32)
-        self._grad_specs = [(n, int(self._goff[tensor_slot(self.config, n)]), shape)
-                            for n, _, shape in self._specs if n in chosen_set]
+        # C's table again, now with the gradient offsets: the trainable tensors
+        self._grad_tensors = [t for t in tensors(self.config, self.lora, self._goff)
+                              if t.grad_offset >= 0]
+        self._grad_specs = [(t.name, t.grad_offset, t.shape) for t in self._grad_tensors]
         self.grads = views(self._flat_grads, self._grad_specs)
 
     def _make_cfg(self):
@@ -560,7 +566,8 @@ class Llama:
         """The groups of gradients backward(on_grads_ready=...) announces, in
         order: [final norm (+ untied output)], layer n_layers-1, ..., layer 0,
         [tok_embeddings (+ tied output)]; each a list of (start, stop) float
-        offsets into the flat gradient buffer. Together they cover it once."""
+        offsets into the flat gradient buffer. A group whose tensors are all frozen is
+        empty. Together they cover the buffer once."""
         r = self._group_ranges()
         L = self.config.n_layers
         return [list(r[g]) for g in [L, *range(L - 1, -1, -1), -1]]
@@ -568,16 +575,12 @@ class Llama:
     def _group_ranges(self) -> Dict[int, Tuple[Tuple[int, int], ...]]:
         """C's group number (ab_model_backward_notify) -> its ranges."""
         if self._groups is None:
-            L = self.config.n_layers
-            groups: Dict[int, List[Tuple[int, int]]] = {}
-            for name, off, shape in self._grad_specs:
-                if name.startswith("layers."):
-                    g = int(name.split(".")[1])
-                elif name in ("norm.weight", "output.weight"):
-                    g = L
-                else:               # tok_embeddings (and, tied, the classifier)
-                    g = -1
-                groups.setdefault(g, []).append((off, off + math.prod(shape)))
+            # every group the backward announces, empty when all of it is frozen
+            groups: Dict[int, List[Tuple[int, int]]] = {
+                g: [] for g in range(-1, self.config.n_layers + 1)}
+            for t in self._grad_tensors:    # C's table gives each tensor's group
+                off = t.grad_offset
+                groups[t.group].append((off, off + math.prod(t.shape)))
             self._groups = {g: tuple(sorted(v)) for g, v in groups.items()}
         return self._groups
 
@@ -794,15 +797,20 @@ class Llama:
             lora_mod.load_adapter_weights(model, adapter)
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike, *, merged: bool = False) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, merged: bool = False,
+                        tokenizer: Any = None) -> None:
         """Write a Hugging Face model directory (config.json + model.safetensors,
-        float32) that transformers' AutoModelForCausalLM.from_pretrained loads.
-        merged=True: with the adapters folded into the weights (the model
-        itself is left as it is)."""
+        float32) that transformers' AutoModelForCausalLM.from_pretrained loads,
+        with its tokenizer: None writes model.tokenizer_files (those of the
+        directory from_pretrained read, if it had any); or pass an HF
+        directory, an HFTokenizer, an anebackward Tokenizer (tokenizer.bin;
+        the byte-level one also as tokenizer.json), or False for none
+        (anebackward.hf.TokenizerFiles.of). merged=True: with the adapters
+        folded into the weights (the model itself is left as it is)."""
         from . import hf
         if not merged:
             self._base_only("Llama.save_pretrained")
-        hf.save_pretrained(self, directory)
+        hf.save_pretrained(self, directory, tokenizer)
 
 
 class Decoder:
@@ -910,9 +918,9 @@ class AdamW:
         # tensors contiguous in both buffers; 2-D tensors decay (all
         # trainable: the prefix [0, n_decay) and the rest, as before)
         runs: List[List[int]] = []
-        for name, goff, shape in model._grad_specs:
-            off = model.layout_offset(name)
-            n, wd = math.prod(shape), int(len(shape) == 2)
+        for t in model._grad_tensors:
+            off, goff = t.offset, t.grad_offset
+            n, wd = math.prod(t.shape), int(t.decay)
             if runs and runs[-1][0] + runs[-1][2] == off and runs[-1][1] + runs[-1][2] == goff \
                     and runs[-1][3] == wd:
                 runs[-1][2] += n

@@ -29,6 +29,9 @@ _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{1,2})")
 
 
 class Tokenizer:
+    bos_id = BOS            # starts every sequence (encode(bos=True))
+    stop_ids = (BOS,)       # generation stops at BOS (run.c: BOS delimits documents)
+
     def __init__(self, pieces, scores=None, max_token_length=None):
         self.pieces = [bytes(p) for p in pieces]
         self.scores = [0.0] * len(self.pieces) if scores is None else [float(s) for s in scores]
@@ -107,13 +110,17 @@ class Tokenizer:
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
 
-    def save(self, path):
-        """Write tokenizer.bin (atomically) for llama2.c's run.c."""
-        from .atomicfile import atomic_write
+    def to_bytes(self):
+        """The tokenizer.bin file's bytes."""
         parts = [struct.pack("<i", self.max_token_length)]
         for p, s in zip(self.pieces, self.scores):
             parts.append(struct.pack("<fi", s, len(p)) + p)
-        data = b"".join(parts)
+        return b"".join(parts)
+
+    def save(self, path):
+        """Write tokenizer.bin (atomically) for llama2.c's run.c."""
+        from .atomicfile import atomic_write
+        data = self.to_bytes()
         atomic_write(path, lambda f: f.write(data))
 
     def padded(self, vocab_size):

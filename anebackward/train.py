@@ -71,6 +71,7 @@ class Settings:
     lora: Optional[int] = None          # LoRA rank: adapters on a frozen --init-from model
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
+    pack: bool = False                  # --data x.jsonl: documents packed into full rows
 
     def as_dict(self):
         return asdict(self)
@@ -78,7 +79,8 @@ class Settings:
 
 DEFAULTS = {f.name: f.default for f in fields(Settings)}
 # settings that runs saved before they existed lack (their values then)
-_LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None)
+_LATER = dict(init_from=None, format=None, lora=None, lora_alpha=None, lora_targets=None,
+              pack=False)
 
 INT_MAX = 2**31 - 1
 # name -> (kind, lo, hi); None values (a default to be resolved, or "off") are
@@ -95,7 +97,8 @@ RANGES = dict(steps=("int", 1, INT_MAX), batch_size=("int", 1, INT_MAX),
               data=("str", None, None), tokenizer=("str", None, None),
               init_from=("str", None, None), format=("choice", ("llama2c", "hf"), None),
               lora=("int", 1, INT_MAX), lora_alpha=("float", -math.inf, None),
-              lora_targets=("str", None, None), threads=("int", 1, MAX_THREADS))
+              lora_targets=("str", None, None), pack=("bool", None, None),
+              threads=("int", 1, MAX_THREADS))
 EXTRA_KEYS = {"step", "settings", "params_digest", "tensor_digests"}   # optimizer.bin's extra
 EXIT_INTERRUPTED = 130   # what a shell reports for a process ended by SIGINT
 NEXT_MODEL, NEXT_OPT = ".model.bin.next", ".optimizer.bin.next"   # a save in progress
@@ -111,6 +114,10 @@ def _check_setting(name, v, label=None):
     if kind == "str":
         if not isinstance(v, str):
             raise ValueError(f"{what} must be a string, got {v!r}")
+        return v
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"{what} must be true or false, got {v!r}")
         return v
     if kind == "choice":
         if v not in lo:
@@ -177,10 +184,16 @@ def add_arguments(p):
     from .__main__ import old_spelling
     a = p.add_argument
     a("--data", help="training data: a UTF-8 text file (documents separated by blank lines, "
-      "byte-level tokens), a llama2.c .bin token shard or a directory of them "
-      "(default: the embedded corpus)")
+      "byte-level tokens), a llama2.c .bin token shard or a directory of them, or "
+      'instruction data: a .jsonl file of {"prompt": ..., "completion": ...} lines, the loss '
+      "on the completion tokens only, documents longer than --seq-len dropped "
+      "(docs/training.md) (default: the embedded corpus)")
+    a("--pack", action="store_true", default=None, help="with a .jsonl --data: pack several "
+      "documents into each row of --seq-len tokens (attention stays inside each document, "
+      "positions restart); default: one document per sequence, padded (the padding costs "
+      "nothing)")
     a("--tokenizer", help="a llama2.c tokenizer.bin to use (e.g. with llama2.c token shards); "
-      "default: the byte-level tokenizer for text")
+      "default: the byte-level tokenizer for text and .jsonl")
     a("--config", help="model preset: default, tiny, stories15M, stories42M, stories110M, or the "
       "Hugging Face shapes qwen3-0.6b, llama3.2-1b, smollm2-135m (random weights; vocab_size "
       "follows the tokenizer)")
@@ -208,7 +221,7 @@ def add_arguments(p):
       "run stays until the new one's first save replaces it whole)")
     a("--init-from", metavar="PATH", help="fine-tune this model instead of a new one: a "
       "llama2.c .bin checkpoint or a Hugging Face directory (config.json + model.safetensors; "
-      "its tokenizer.json is used for text --data)")
+      "its tokenizer.json is used for text and .jsonl --data)")
     a("--format", choices=("llama2c", "hf"), help="how the model is written: llama2c "
       "(model.bin + tokenizer.bin) or hf (config.json + model.safetensors in --out); default: "
       "the --init-from input's, else llama2c")
@@ -367,7 +380,13 @@ def _mismatch(d, step, tensors, model, checkpoint):
 
 def _evaluate(model, data, st, dp):
     """The validation loss: the mean over eval_batches fixed batches (and
-    over the data-parallel ranks, one all-reduce)."""
+    over the data-parallel ranks, one all-reduce); for instruction data,
+    over the counted tokens of the held-out documents
+    (InstructionData.eval_batches)."""
+    if _is_instructions(data):
+        batches, n = data.eval_batches(st.batch_size, st.eval_batches, dp.rank, dp.world)
+        return dp.mean(sum(model.forward(b, loss_denominator=n / dp.world, want_grad=False)
+                           for b in batches))
     losses = [model.forward(*dp.batch(data, 10_000_000 + i, st.batch_size, st.seq_len,
                                       st.seed, split="val"), want_grad=False)
               for i in range(st.eval_batches)]
@@ -699,6 +718,9 @@ def _new_run(given, recompute):
         except ValueError as e:
             _usage(f"--config: {e}")
     st.format = st.format or "llama2c"
+    if st.pack and not _is_instructions(st.data):
+        _usage("--pack packs instruction documents into rows: pass --data FILE.jsonl "
+               '({"prompt": ..., "completion": ...} lines)')
     if st.seq_len is None:       # preset-dependent default
         st.seq_len = base.max_seq_len
     if st.seq_len > base.max_seq_len:
@@ -714,10 +736,37 @@ def _new_run(given, recompute):
     return st, init, base, tokenizer
 
 
+def _is_instructions(data):
+    """Is `data` (a --data path, or loaded data) instruction data (.jsonl)?"""
+    if isinstance(data, str):
+        return data.lower().endswith(".jsonl")
+    from .data.instructions import InstructionData
+    return isinstance(data, InstructionData)
+
+
+def _load_instructions(st, tokenizer, say):
+    """_load_data of a .jsonl --data."""
+    from .data.instructions import InstructionData
+    if not os.path.exists(st.data):
+        raise ValueError(f"--data {st.data}: no such file or directory")
+    data = InstructionData(st.data, tokenizer, st.seq_len, pack=st.pack)
+    if data.n_dropped:
+        say(f"note: {data.n_dropped} of the {data.n_docs} documents of {st.data} have more "
+            f"than seq_len = {st.seq_len} tokens (the longest {data.longest}) and are left "
+            "out; a larger --seq-len keeps them")
+    if not data.val:
+        say(f"note: {st.data} has fewer than 20 documents (or none of the held-out ones "
+            "fits seq_len): nothing is held out, no validation loss in this run")
+        return data, False
+    return data, True
+
+
 def _load_data(st, tokenizer, say):
     """The run's data, and whether it allows validation losses (its
     validation streams hold seq_len + 1 tokens)."""
     from .data import load_data
+    if _is_instructions(st.data):
+        return _load_instructions(st, tokenizer, say)
     S = st.seq_len
     data = load_data(st.data, tokenizer)
     if data.longest("train") < S + 1:
@@ -850,7 +899,8 @@ def _train(args, stream, locks):
     run_dir = _RunDir(out, in_place, locks)
     run_dir.saved_at = start if in_place else None
     try:
-        tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
+        if st.format != "hf" or model.lora is not None:   # (hf: written by every save)
+            tokenizer.save(run_dir.file(getattr(tokenizer, "filename", "tokenizer.bin")))
         from .atomicfile import atomic_write, open_append
         old_log = _read_log(os.path.join(args.resume, "log.jsonl"), start, say) if args.resume \
             else []
@@ -860,7 +910,8 @@ def _train(args, stream, locks):
         with open_append(run_dir.file("log.jsonl")) as log, _Signals() as signals:
             run = _Run(model=model, opt=opt, data=data, st=st, dp=dp, start=start,
                        run_dir=run_dir, log=log, signals=signals, evaluate=evaluate,
-                       progress=Progress(total, stream, quiet=quiet), say=say, merge=merge)
+                       progress=Progress(total, stream, quiet=quiet), say=say, merge=merge,
+                       tokenizer=tokenizer)
             return _loop(run, pending)
     except OSError as e:    # ENOSPC and the like: which path, and what is kept
         raise _kept_error(e, run_dir) from e
@@ -884,12 +935,16 @@ class _Run:
     progress: "Progress"
     say: Callable[[str], None]
     merge: bool = False         # adapter runs: also write the merged HF model at the end
+    tokenizer: Any = None       # the run's tokenizer (written with an hf-format model)
 
 
 def _micro_batches(run, step):
-    """Step `step`'s loss, its gradients in the model's buffer (reduced over
-    the data-parallel ranks), or None if a signal arrived (the step is then
-    dropped: the weights are still those of `step`)."""
+    """Step `step`'s loss and the tokens this process ran, its gradients in
+    the model's buffer (reduced over the data-parallel ranks), or None if a
+    signal arrived (the step is then dropped: the weights are still those
+    of `step`)."""
+    if _is_instructions(run.data):
+        return _instruction_micro_batches(run, step)
     model, st, dp = run.model, run.st, run.dp
     accum, loss = st.grad_accum, 0.0
     for micro in range(accum):
@@ -900,7 +955,30 @@ def _micro_batches(run, step):
         # data-parallel: the gradients are reduced once, after the last micro-batch
         dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0,
                     grad_scale=1.0 / accum)
-    return dp.mean(loss)
+    return dp.mean(loss), st.batch_size * st.seq_len * accum
+
+
+def _instruction_micro_batches(run, step):
+    """_micro_batches of instruction data. The step's loss is the sum of the
+    cross-entropy over the counted (completion) tokens of all its
+    micro-batches on all ranks, divided by their number (HF Trainer's
+    num_items_in_batch), so every counted token weighs the same however
+    the documents fall into micro-batches: each micro-batch divides its sum
+    by that number / world, and the data-parallel mean divides by world."""
+    model, st, dp = run.model, run.st, run.dp
+    accum = st.grad_accum
+    draws = [run.data.draw(step * accum + micro, st.batch_size, st.seed, world=dp.world)
+             for micro in range(accum)]
+    denominator = sum(b.n_counted for parts in draws for b in parts) / dp.world
+    loss, tokens = 0.0, 0
+    for micro, parts in enumerate(draws):
+        if run.signals.received:
+            return None
+        b = parts[dp.rank]
+        loss += model.forward(b, loss_denominator=denominator)
+        tokens += b.n_tokens
+        dp.backward(model, reduce=micro == accum - 1, accumulate=micro > 0)
+    return dp.mean(loss), tokens
 
 
 def _loop(run, pending=False):
@@ -911,7 +989,6 @@ def _loop(run, pending=False):
     model, opt, data, st, run_dir, log = run.model, run.opt, run.data, run.st, run.run_dir, run.log
     signals, progress, say, evaluate = run.signals, run.progress, run.say, run.evaluate
     start, total, decay = run.start, st.steps, st.decay_steps or st.steps
-    B, S, accum = st.batch_size, st.seq_len, st.grad_accum
     settings = st.as_dict()
     saved_at = run_dir.saved_at = start if not run_dir.staging else None
 
@@ -932,9 +1009,10 @@ def _loop(run, pending=False):
             model.save_adapter(run_dir.path, base_model_name_or_path=st.init_from)
         elif st.format == "hf":
             # optimizer first, under its temporary name; save_pretrained then
-            # replaces config.json and model.safetensors (each atomically)
+            # replaces model.safetensors, the tokenizer files and config.json
+            # (each atomically)
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
-            model.save_pretrained(run_dir.path)
+            model.save_pretrained(run_dir.path, tokenizer=run.tokenizer)
         else:
             model.save(run_dir.file(NEXT_MODEL))
             checkpoint.save_optimizer(opt, run_dir.file(NEXT_OPT), extra=extra)
@@ -947,7 +1025,7 @@ def _loop(run, pending=False):
         if saved_at != done:
             save(done)
         say(f"stopped by {signals.received} after step {done} of {total}; saved in "
-            f"{run_dir.out}. Resume with: anebackward train --resume {run_dir.out}")
+            f"{run_dir.out}. Resume with: anebackward train --resume {_q(run_dir.out)}")
         return {"status": "interrupted", "step": done, "out": run_dir.out, "model": model}
 
     def validate(step):
@@ -971,16 +1049,17 @@ def _loop(run, pending=False):
         t0 = time.perf_counter()
         lr = cosine_lr(step, max_lr=st.lr, warmup_steps=st.warmup, total_steps=decay,
                        min_lr=st.min_lr)
-        loss = _micro_batches(run, step)
-        if loss is None:
+        result = _micro_batches(run, step)
+        if result is None:
             return stop(step)
+        loss, tokens = result
         norm = model.clip_grad_norm(st.grad_clip) if st.grad_clip > 0 else \
             model.grad_norm()
         if not math.isfinite(loss) or not math.isfinite(norm):
             # The weights that gave this loss are not saved: the last save
             # (if any) is the last good checkpoint.
             kept = (f"the last good checkpoint (step {saved_at}) is kept in {run_dir.out}; "
-                    f"resume it with anebackward train --resume {run_dir.out}, or start again"
+                    f"resume it with anebackward train --resume {_q(run_dir.out)}, or start again"
                     if saved_at is not None else "nothing was saved; start again")
             say(f"step {step + 1}: the loss is {loss} (gradient norm {norm}): the run diverged "
                 f"and stopped; {kept} with a lower --lr (now {st.lr:g}) or --grad-clip")
@@ -988,7 +1067,7 @@ def _loop(run, pending=False):
                     "out": run_dir.out, "model": model}
         opt.step(lr=lr)
         ms = 1e3 * (time.perf_counter() - t0)
-        tok_s = B * S * accum / (ms / 1e3)
+        tok_s = tokens / (ms / 1e3)
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         rec = {"step": step, "loss": round(loss, 6), "lr": lr, "ms": round(ms, 3),
@@ -1012,16 +1091,28 @@ def _loop(run, pending=False):
         what = "adapter_config.json, adapter_model.safetensors (peft)"
         model_path = os.path.join(out, "merged")
         if run.merge:
-            model.save_pretrained(model_path, merged=True)
-            _copy_tokenizer(st.init_from, model_path)
-            what += ", merged/ (the merged HF model)"
+            model.save_pretrained(model_path, merged=True, tokenizer=run.tokenizer)
+            what += ", merged/ (the merged HF model and its tokenizer)"
     say(f"wrote {what} in {out}, its tokenizer, optimizer.bin, log.jsonl"
         + (", loss.png" if plot else ""))
     if model.lora is None or run.merge:
-        say(f"sample it:  anebackward sample {model_path} --prompt \"Once upon\" "
-            "--temperature 0")
+        say(f"sample it:  {sample_command(model_path)}")
     return {"status": "ok", "first_loss": first_loss, "last_loss": last_loss, "val_loss": val,
             "out": out, "model": model}
+
+
+def _q(path):
+    """path as one shell word (quoted when it needs it)."""
+    import shlex
+    return shlex.quote(os.fspath(path))
+
+
+def sample_command(model_path, prompt="Once upon"):
+    """The `anebackward sample` command the trainer prints for a finished
+    run (tests run it as printed)."""
+    import shlex
+    return (f"anebackward sample {_q(model_path)} --prompt {shlex.quote(prompt)} "
+            "--temperature 0")
 
 
 def _eval_due(st, done, total):
@@ -1047,7 +1138,7 @@ def _kept_error(e, run_dir):
     where = f" ({e.filename})" if e.filename else ""
     if run_dir.saved_at is not None:
         kept = (f"the checkpoint of step {run_dir.saved_at} is kept in {run_dir.out}: resume it "
-                f"with anebackward train --resume {run_dir.out}")
+                f"with anebackward train --resume {_q(run_dir.out)}")
     else:
         kept = "nothing was saved yet (the run had not reached its first save)"
     return OSError(e.errno, f"{e.strerror or e}{where}; {kept}")
@@ -1067,12 +1158,6 @@ def _lora_of(st):
         return LoraConfig(st.lora, alpha=st.lora_alpha, targets=st.lora_targets or ",".join(ALL))
     except ValueError as e:
         _usage(f"--lora: {e}")
-
-
-def _copy_tokenizer(src, dst):
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _load_init(path, Llama, Tokenizer, recompute, lora=None, seed=0):
@@ -1122,9 +1207,13 @@ def _load_run_model(run, Llama, Tokenizer, recompute):
         model = Llama.from_pretrained(run, recompute=recompute)
     else:
         _usage(f"--resume {run}: neither model.bin nor config.json there")
-    tok = hf.HFTokenizer.from_dir(tok_dir)
+    # tokenizer.bin when the run has one (an hf-format run of the byte-level
+    # tokenizer also holds its tokenizer.json twin): the tokenizer it trained with
+    bin_path = os.path.join(run, "tokenizer.bin")
+    tok = hf.HFTokenizer.from_dir(tok_dir) if tok_dir != run or not os.path.isfile(bin_path) \
+        else None
     if tok is None:
-        tok = Tokenizer.load(os.path.join(run, "tokenizer.bin"), vocab_size=model.config.vocab_size)
+        tok = Tokenizer.load(bin_path, vocab_size=model.config.vocab_size)
     return model, tok
 
 

@@ -421,6 +421,36 @@ enum { AB_TENSOR_TOK = 0, AB_TENSOR_WQ, AB_TENSOR_WK, AB_TENSOR_WV, AB_TENSOR_WO
  * gradient still flows through it. */
 AB_API int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
                                 int64_t *grad_offsets, int64_t *n_grads);
+/* The model's tensors, one record each, in parameter order (the order of
+ * the kinds above, then of the layers): what ab_model_param_layout,
+ * ab_model_grad_layout and the backward use, as one table.
+ *   name: the tensor's name, "tok_embeddings.weight", "output.weight"
+ *     (untied only), "norm.weight", "layers.{l}.{attention.wq,
+ *     attention.wk, attention.wv, attention.wo, feed_forward.w1,
+ *     feed_forward.w2, feed_forward.w3, attention_norm, ffn_norm,
+ *     attention.q_norm, attention.k_norm}.weight" and the adapters
+ *     "layers.{l}.attention.wq.lora_A.weight", ... lora_B ...;
+ *   kind: AB_TENSOR_*; layer: l, or -1 for a tensor not per layer;
+ *   offset: floats into params; ndim 1 or 2, shape[ndim] (row-major);
+ *   grad_offset: floats into grads (c->grad_offsets NULL: == offset; else
+ *     that table's entry, -1 for a frozen tensor);
+ *   group: the ab_model_backward_notify group that announces its gradient;
+ *   decay: != 0 for the tensors AdamW decays (the 2-D ones).
+ * Writes the number of tensors to *count; out NULL: only that. Otherwise
+ * out has room for capacity records (AB_EINVAL if fewer than *count). */
+typedef struct {
+    char name[64];
+    int kind;
+    int ndim;
+    int64_t layer;
+    int64_t offset;
+    int64_t shape[2];
+    int64_t grad_offset;
+    int64_t group;
+    int decay;
+} ab_model_tensor;
+AB_API int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t capacity,
+                            int64_t *count);
 /* precision AB_PRECISION_BF16: every matmul of the forward and backward
  * (layer projections and classifier) takes bf16 operands (ab_gemm_bf16),
  * accumulates and returns fp32; weights, weight gradients, the optimiser,

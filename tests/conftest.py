@@ -53,6 +53,21 @@ def import_hf():
     return transformers
 
 
+def import_hf_test(name):
+    """A module of the `hf-test` extra (accelerate for HF Trainer, peft):
+    the other oracles of the Hugging Face tests; required like transformers."""
+    import importlib
+    import_hf()
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if "1" in (os.environ.get("ANEBACKWARD_REQUIRE_HF"), os.environ.get("ANEBACKWARD_REQUIRE_TORCH")):
+            pytest.fail(f"ANEBACKWARD_REQUIRE_HF/ANEBACKWARD_REQUIRE_TORCH=1 but {name} "
+                        f"(the hf-test extra) cannot be imported: {e}")
+        pytest.skip(f"{name} is not installed (pip install -e '.[hf-test]'): the tests "
+                    f"that need it are not run here")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -125,7 +125,7 @@ def test_hf_step_autocast_variants_run_bf16_from_the_same_weights(torch, capsys,
         bf16.set_mode(path="portable")
     try:
         hf_step.main(["--seq", "16", "--repeats", "1", "--warmup-calls", "1", "--threads", "1",
-                      "--fused-adamw", "--variants", "sdpa-bf16,patched-bf16,patched-bf16-switched"])
+                      "--fused", "--variants", "sdpa-bf16,patched-bf16,patched-bf16-switched"])
     finally:
         bf16.set_mode(path=before)
         torch.set_num_threads(threads)

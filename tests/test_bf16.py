@@ -113,8 +113,10 @@ SHAPES = [
     (0, 1, 37, 51, 29, 0), (0, 0, 37, 51, 29, 1), (1, 0, 37, 51, 29, 1), (1, 1, 5, 7, 3, 0),
     (0, 1, 1, 300, 70, 0), (0, 1, 256, 300, 96, 0),       # rows only (dense tiles)
     (0, 0, 129, 96, 2600, 1),                              # K chunks
-    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # grid for A^T B
-    (1, 0, 97, 50, 700, 1), (1, 1, 64, 40, 300, 0),       # K chunks for A^T B
+    (1, 0, 200, 96, 130, 0), (1, 0, 3000, 64, 40, 1),     # rows of A^T B: A gathered
+    (1, 0, 97, 50, 700, 1), (1, 1, 300, 64, 200, 0),      # the same, B transposed too
+    (1, 0, 12, 300, 2000, 1), (1, 1, 16, 400, 1000, 0),   # K chunks for A^T B (M <= 16)
+    (1, 1, 64, 40, 300, 0),                                # one call (small)
     (0, 1, 20, 4200, 30, 1), (0, 0, 33, 4500, 50, 0),     # wide C: column tiles
 ]
 
@@ -151,6 +153,7 @@ def test_gemm_bf16_guards_its_arguments():
 
 @pytest.mark.parametrize("ta,tb,M,N,K", [(0, 1, 256, 768, 288), (0, 0, 130, 288, 4100),
                                          (1, 0, 768, 288, 256), (1, 0, 3000, 96, 64),
+                                         (1, 1, 300, 64, 200), (1, 0, 12, 300, 2000),
                                          (0, 1, 64, 5000, 40)])
 def test_gemm_bf16_is_bit_identical_at_1_2_3_threads(rng, path, ta, tb, M, N, K):
     A = to_bf16(rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32))
@@ -243,17 +246,23 @@ def _grads(torch, ref, tokens, targets):
     return ref.last_loss.item(), {n: p.grad.numpy() for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("tied,KV,B,recompute", [(True, 3, 1, False), (False, 1, 2, True)])
+# the last case is big enough for the FFN's and the classifier's weight
+# gradients (Aᵀ·B: 256x96, 96x256, 300x96 over 128 rows) to be tiled on the
+# pool, each tile's columns of dy copied into a dense buffer
+# (csrc/bf16/gemm_bf16.c)
+@pytest.mark.parametrize("tied,KV,B,recompute,dim,hidden,V,S", [
+    (True, 3, 1, False, 48, 80, 67, 21), (False, 1, 2, True, 48, 80, 67, 21),
+    (False, 1, 2, False, 96, 256, 300, 64)])
 def test_model_gradients_match_a_float64_oracle_with_bf16_operands(torch, rng, path, tied, KV, B,
-                                                                   recompute):
+                                                                   recompute, dim, hidden, V, S):
     from test_model import randomize, shifted
-    cfg = LlamaConfig(dim=48, hidden_dim=80, n_layers=2, n_heads=3, n_kv_heads=KV, vocab_size=67,
-                      max_seq_len=24, shared_classifier=tied)
+    cfg = LlamaConfig(dim=dim, hidden_dim=hidden, n_layers=2, n_heads=3, n_kv_heads=KV,
+                      vocab_size=V, max_seq_len=S + 3, shared_classifier=tied)
     model = Llama(cfg, seed=1, precision="bf16", recompute=recompute)
     randomize(model, rng, norm_spread=0.2)
     model.flat_params[:model.n_decay] *= 0.5
     model.mark_params_changed()
-    tokens = rng.integers(0, cfg.vocab_size, size=(B, 21))
+    tokens = rng.integers(0, cfg.vocab_size, size=(B, S))
     loss = model.forward(tokens)
     model.backward()
     ref_loss, ref = _grads(torch, _bf16_torch_model(torch, model), tokens, shifted(tokens))

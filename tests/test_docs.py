@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import import_hf, import_torch
+from conftest import import_hf, import_hf_test, import_torch
 from oracle import assert_close, f64
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -61,6 +61,8 @@ def test_python_block_runs(page, code, skip_reason, tmp_path, monkeypatch):
         import_torch()   # the PyTorch blocks need torch (required in CI)
     if re.search(r"^\s*(from|import) (anebackward\.)?transformers\b", code, re.M) or "_pretrained(" in code:
         import_hf()      # the Hugging Face blocks need the hf extra (required in CI)
+    if re.search(r"^\s*(from|import) peft\b", code, re.M):
+        import_hf_test("peft")   # the peft blocks need the hf-test extra (required in CI)
     monkeypatch.chdir(tmp_path)   # blocks may write files (model.bin)
     monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
     exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})

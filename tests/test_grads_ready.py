@@ -142,3 +142,21 @@ def test_the_model_refuses_to_run_inside_its_own_callback(rng):
     m.forward(tokens)              # and runs again once the backward has returned
     m.backward()
     np.testing.assert_array_equal(m.flat_grads, want)
+
+
+def test_a_frozen_group_is_announced_empty_and_the_rest_is_unchanged(rng):
+    cfg = LlamaConfig(dim=32, hidden_dim=72, n_layers=3, n_heads=4, n_kv_heads=4,
+                      vocab_size=61, max_seq_len=16, shared_classifier=False)
+    m = Llama(cfg, seed=3, trainable=lambda n: n.startswith("layers.1.") or n == "norm.weight")
+    tokens = rng.integers(0, 61, size=(2, 9))
+    want = _plain(m, tokens)
+    seen = []
+    m.forward(tokens)
+    m.backward(on_grads_ready=seen.append)
+    np.testing.assert_array_equal(m.flat_grads, want)
+    assert seen == m.grad_groups()
+    # [norm], layer 2 (frozen), layer 1, layer 0 (frozen), [tok_embeddings] (frozen)
+    assert [len(g) > 0 for g in seen] == [True, False, True, False, False]
+    covered = sorted(r for g in seen for r in g)
+    assert covered[0][0] == 0 and covered[-1][1] == m.n_grads
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from anebackward.data.instructions import (InstructionDataError, packed_batch, padded_batch,
-                                           read_jsonl, tokenize)
+from anebackward.data.instructions import InstructionDataError, draw, read_jsonl, tokenize
 
 
 class ByteTok:
@@ -31,26 +30,27 @@ def test_reader_errors_name_file_and_line(tmp_path, text, needle):
 
 
 def test_targets_count_completion_only():
-    docs, n_trunc = tokenize([("ab", "cd")], ByteTok(), seq_len=64)
+    docs, lengths = tokenize([("ab", "cd")], ByteTok(), seq_len=64)
     tok, tgt = docs[0]
-    assert n_trunc == 0
+    assert lengths == [6]
     # BOS a b | c d EOS: counted targets are the predictions of c, d, EOS
     assert tok.tolist() == [1, ord("a") + 3, ord("b") + 3, ord("c") + 3, ord("d") + 3, 2]
     assert tgt.tolist() == [-1, -1, ord("c") + 3, ord("d") + 3, 2, -1]
 
 
-def test_truncation_counted():
-    docs, n_trunc = tokenize([("ab", "cdefgh"), ("a", "b")], ByteTok(), seq_len=5)
-    assert n_trunc == 1 and docs[0][0].size == 5 and docs[0][1][-1] == -1
+def test_documents_longer_than_seq_len_are_dropped_not_cut():
+    docs, lengths = tokenize([("ab", "cdefgh"), ("a", "b")], ByteTok(), seq_len=5)
+    assert docs[0] is None and lengths[0] == 10
+    assert docs[1][0].tolist() == [1, ord("a") + 3, ord("b") + 3, 2]
 
 
 def test_batches_deterministic_per_step_and_segmented():
     pairs = [("p" * i, "c" * (i + 1)) for i in range(1, 9)]
     docs, _ = tokenize(pairs, ByteTok(), seq_len=32)
-    a, b = padded_batch(docs, 7, 4, seed=3), padded_batch(docs, 7, 4, seed=3)
+    (a,), (b,) = draw(docs, 7, 4, 32, seed=3), draw(docs, 7, 4, 32, seed=3)
     assert np.array_equal(a.tokens, b.tokens) and a.n_seq == 4
-    p = packed_batch(docs, 7, 2, 32, seed=3)
-    assert np.array_equal(p.tokens, packed_batch(docs, 7, 2, 32, seed=3).tokens)
+    (p,) = draw(docs, 7, 2, 32, seed=3, pack=True)
+    assert np.array_equal(p.tokens, draw(docs, 7, 2, 32, seed=3, pack=True)[0].tokens)
     # positions restart in every document; no segment longer than a row
     for s in range(p.n_seq):
         lo, hi = p.cu_seqlens[s], p.cu_seqlens[s + 1]
@@ -98,6 +98,25 @@ def test_instruction_data_split_and_batches(tmp_path):
     p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
                          for i in range(40)))
     d = InstructionData(p, ByteTok(), seq_len=16)
-    assert len(d.train) == 38 and len(d.val) == 2 and d.n_truncated == 0
-    assert d.batch(3, 4, 16, seed=1).n_seq == 4
-    assert InstructionData(p, ByteTok(), 16, pack=True).batch(3, 2, 16, seed=1).max_seqlen <= 16
+    assert len(d.train) == 38 and len(d.val) == 2 and d.n_dropped == 0
+    assert d.batch(3, 4, seed=1).n_seq == 4
+    assert InstructionData(p, ByteTok(), 16, pack=True).batch(3, 2, seed=1).max_seqlen <= 16
+
+
+def test_a_document_with_nothing_before_its_completion_is_refused():
+    class NoBos(ByteTok):
+        def encode(self, text, bos=True, eos=False):
+            return super().encode(text, bos=False, eos=False)
+    with pytest.raises(InstructionDataError, match="x.jsonl:1: no completion token can be"):
+        tokenize([("", "a")], NoBos(), seq_len=8, where=["x.jsonl:1"])
+
+
+def test_reader_refuses_non_utf8_lines_and_fifos(tmp_path):
+    import os
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(InstructionDataError, match="x.jsonl:2: not UTF-8 text"):
+        read_jsonl(p)
+    os.mkfifo(tmp_path / "f.jsonl")
+    with pytest.raises(InstructionDataError, match="f.jsonl: cannot read it: .* FIFO"):
+        read_jsonl(tmp_path / "f.jsonl")

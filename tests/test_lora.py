@@ -25,7 +25,7 @@ def import_peft():
         if "1" in (os.environ.get("ANEBACKWARD_REQUIRE_HF"),
                    os.environ.get("ANEBACKWARD_REQUIRE_TORCH")):
             pytest.fail(f"ANEBACKWARD_REQUIRE_HF/TORCH=1 but peft cannot be imported: {e}")
-        pytest.skip("peft is not installed (pip install -e '.[hf]')")
+        pytest.skip("peft is not installed (pip install -e '.[hf,hf-test]')")
     return peft
 
 CFG = ab.LlamaConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53,
@@ -520,3 +520,5 @@ def test_the_lora_bench_runs_ours_and_hf_peft(capsys):
         ab.set_num_threads(before)
     out = capsys.readouterr().out
     assert "lora-r16" in out and "hf-peft-r16" in out and "hf-peft / lora (ours)" in out
+    # the patched HF + peft model ran (the bench raises unless it took the one-call path)
+    assert "hf-peft-patched" in out and "hf-peft / hf-peft-patched" in out

@@ -181,3 +181,36 @@ def _assert_annotated(public):
         assert not missing, f"{f.__qualname__}: no annotation for {[p.name for p in missing]}"
         assert sig.return_annotation is not inspect.Signature.empty or f.__name__ == "__post_init__", \
             f.__qualname__
+
+
+def test_hf_extra_pulls_no_torch_and_the_readme_pins_ci_torch():
+    """The hf extra holds no requirement that needs torch (accelerate and
+    peft require it, and an unpinned torch resolves to PyPI's CUDA wheels);
+    the README's CPU-build command pins the torch CI installs (.ci/run, where
+    the tree has it: the wheel's test copy has no .ci)."""
+    import os
+    import re
+    root = os.path.join(os.path.dirname(__file__), "..")
+    toml = open(os.path.join(root, "pyproject.toml")).read()
+    hf = re.search(r"^hf = \[(.*?)\]", toml, re.S | re.M).group(1)
+    names = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+             for r in re.findall(r'"([^"]+)"', hf)}
+    assert names == {"transformers", "safetensors", "tokenizers"}
+    readme = open(os.path.join(root, "README.md")).read()
+    pins = re.findall(r"pip install (torch==[0-9.]+) --index-url "
+                      r"https://download.pytorch.org/whl/cpu", readme)
+    assert pins
+    ci_path = os.path.join(root, ".ci", "run")
+    if os.path.exists(ci_path):
+        ci = open(ci_path).read()
+        assert set(pins) == set(re.findall(r"pip install -q (torch==[0-9.]+)", ci))
+        assert "install_extra hf-test" in ci
+
+
+def test_drop_in_without_torch_names_the_cpu_build_to_install():
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['torch'] = None; import anebackward.transformers"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "needs PyTorch" in r.stderr and "download.pytorch.org/whl/cpu" in r.stderr

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from conftest import import_hf
+from conftest import import_hf, import_hf_test
 
 RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")  # apply() sets the package's threads
@@ -331,6 +331,7 @@ def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False, **train_kw)
     num_items_in_batch is in play) on a tiny Llama; the logged loss curve.
     train_kw: more TrainingArguments (e.g. bf16=True)."""
     import torch
+    import_hf_test("accelerate")  # HF Trainer's own requirement
     model = build(hf, "llama", llama3=True, seed=3)
     if patched:
         abt.apply(model)

@@ -171,6 +171,9 @@ def _trainer_curve(hf, abt, tmp_path, patched, collate, steps=10, use_cache=True
     """HF Trainer (gradient accumulation 2: num_items_in_batch in play) on
     documents of 3..14 tokens with a prompt masked, batched by `collate`."""
     import torch
+
+    from conftest import import_hf_test
+    import_hf_test("accelerate")  # HF Trainer's own requirement
     model = build(hf, "llama", llama3=True, seed=3)
     model.config.use_cache = use_cache
     if patched:

@@ -276,8 +276,7 @@ def routes(backend, kernel, **shape):
     the rule keeps on the CPU leaves its reason in last_call()["fallback"]."""
     reason = route_reason(backend, kernel, **shape)
     if reason is not None and backend == "auto" and kernel in KERNELS:
-        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": f"not routed: {reason}", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
+        _local.info = _no_ane_call(f"not routed: {reason}")
     return reason is None
 
 
@@ -313,23 +312,59 @@ def _raise(fn, rc, err):
     raise exception_for(rc)(f"{fn}: {msg} (C error {rc})")
 
 
-def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
-    """Checked arguments of a dx call: (dx, N, n_in, n_out, w_version)."""
+def _no_ane_call(fallback):
+    """last_call() of a call that ran wholly on the CPU, and why."""
+    return {"tiles": 0, "tiles_cpu": 0, "fallback": fallback, "scale_log2": 0,
+            "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
+
+
+def _matmul_args(fn, name, a, W, axis, backend, w_version):
+    """The checks every ANE matmul shares: backend, a[..., k] and W float32
+    with k = W.shape[axis], w_version. Returns (N, w_version), N the number
+    of rows of a."""
     if backend not in ("ane", "auto"):
         raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")
-    C.f32(fn, "dy", dy)
+    C.f32(fn, name, a)
     C.f32(fn, "W", W, 2)
-    n_out, n_in = W.shape
-    if dy.ndim < 1 or dy.shape[-1] != n_out:
-        raise ValueError(f"{fn}: the last axis of dy must be W.shape[0] = {n_out}, got dy.shape = {dy.shape}")
-    N = int(np.prod(dy.shape[:-1], dtype=np.int64))
-    if accumulate and out is None:
-        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dx=")
+    k = W.shape[axis]
+    if a.ndim < 1 or a.shape[-1] != k:
+        raise ValueError(f"{fn}: the last axis of {name} must be W.shape[{axis}] = {k}, "
+                         f"got {name}.shape = {a.shape}")
     w_version = C.nonneg_int(fn, "w_version", w_version)
     if w_version >= 2 ** 64:
         raise ValueError(f"{fn}: w_version must be below 2**64, got {w_version}")
+    return int(np.prod(a.shape[:-1], dtype=np.int64)), w_version
+
+
+def _dx_args(fn, dy, W, out, accumulate, backend, w_version):
+    """Checked arguments of a dx call: (dx, N, n_in, n_out, w_version)."""
+    N, w_version = _matmul_args(fn, "dy", dy, W, 0, backend, w_version)
+    n_out, n_in = W.shape
+    if accumulate and out is None:
+        raise ValueError(f"{fn}: accumulate=True needs the array to accumulate into: pass dx=")
     out = C.out(fn, "dx", out, dy.shape[:-1] + (n_in,), ("dy", dy), ("W", W))
     return out, N, n_in, n_out, w_version
+
+
+def _run(fn, backend, ctx, cpu, ane):
+    """One ANE matmul. Without a context: backend="ane" raises, "auto" runs
+    cpu() (a C kernel's return code). With one: ane(flags, info, err, cap)
+    (an ab_ane_* call's return code). Either way last_call() is set and a
+    failure raised."""
+    if ctx is None:
+        if backend == "ane":
+            require()
+        rc = cpu()
+        _local.info = _no_ane_call("unavailable")
+        if rc:
+            _raise(fn, rc, None)
+        return
+    info = ffi.new("ab_ane_call_info *")
+    err = ffi.new("char[]", _ERRCAP)
+    rc = ane(lib.AB_ANE_STRICT if backend == "ane" else 0, info, err, _ERRCAP)
+    _local.info = _info(info)
+    if rc:
+        _raise(fn, rc, err)
 
 
 def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_version=0):
@@ -342,26 +377,14 @@ def linear_backward_dx(dy, W, *, dx=None, accumulate=False, backend="ane", w_ver
     is reused while the version is unchanged (change it whenever W changes,
     e.g. after every optimiser step). See last_call() for how the call went."""
     fn = "anebackward.ane.linear_backward_dx"
-    out = dx
-    out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, out, accumulate, backend, w_version)
-    ctx, _, reason = _current()
-    if ctx is None:
-        if backend == "ane":
-            require()
-        rc = lib.ab_linear_backward_dx(fptr(out), fptr(dy), fptr(W), N, n_in, n_out, int(bool(accumulate)))
-        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
-        if rc:
-            _raise(fn, rc, None)
-        return out
-    info = ffi.new("ab_ane_call_info *")
-    err = ffi.new("char[]", _ERRCAP)
-    flags = (lib.AB_ANE_STRICT if backend == "ane" else 0)
-    rc = lib.ab_ane_linear_backward_dx(ctx, fptr(out), fptr(dy), fptr(W), w_version, N, n_in, n_out,
-                                       int(bool(accumulate)), flags, info, err, _ERRCAP)
-    _local.info = _info(info)
-    if rc:
-        _raise(fn, rc, err)
+    out, N, n_in, n_out, w_version = _dx_args(fn, dy, W, dx, accumulate, backend, w_version)
+    acc = int(bool(accumulate))
+    ctx, _, _ = _current()
+    _run(fn, backend, ctx,
+         lambda: lib.ab_linear_backward_dx(fptr(out), fptr(dy), fptr(W), N, n_in, n_out, acc),
+         lambda flags, info, err, cap: lib.ab_ane_linear_backward_dx(
+             ctx, fptr(out), fptr(dy), fptr(W), w_version, N, n_in, n_out, acc, flags, info,
+             err, cap))
     return out
 
 
@@ -370,37 +393,15 @@ def linear(x, W, *, out=None, backend="ane", w_version=0):
     staged; fp16 operands, fp32 result). backend and w_version as for
     linear_backward_dx; see last_call()."""
     fn = "anebackward.ane.linear"
-    if backend not in ("ane", "auto"):
-        raise ValueError(f"{fn}: backend must be 'ane' or 'auto', got {backend!r}")
-    C.f32(fn, "x", x)
-    C.f32(fn, "W", W, 2)
+    N, w_version = _matmul_args(fn, "x", x, W, 1, backend, w_version)
     n_out, n_in = W.shape
-    if x.ndim < 1 or x.shape[-1] != n_in:
-        raise ValueError(f"{fn}: the last axis of x must be W.shape[1] = {n_in}, got x.shape = {x.shape}")
-    N = int(np.prod(x.shape[:-1], dtype=np.int64))
-    w_version = C.nonneg_int(fn, "w_version", w_version)
-    if w_version >= 2 ** 64:
-        raise ValueError(f"{fn}: w_version must be below 2**64, got {w_version}")
-    out = C.out(fn, "out", out, x.shape[:-1] + (n_out,), ("x", x), ("W", W))
+    y = C.out(fn, "out", out, x.shape[:-1] + (n_out,), ("x", x), ("W", W))
     ctx, _, _ = _current()
-    if ctx is None:
-        if backend == "ane":
-            require()
-        rc = lib.ab_linear_forward(fptr(out), fptr(x), fptr(W), N, n_in, n_out)
-        _local.info = {"tiles": 0, "tiles_cpu": 0, "fallback": "unavailable", "scale_log2": 0,
-                       "w_staged": False, "t_start_ns": 0, "t_end_ns": 0, "eval_ns": 0}
-        if rc:
-            _raise(fn, rc, None)
-        return out
-    info = ffi.new("ab_ane_call_info *")
-    err = ffi.new("char[]", _ERRCAP)
-    flags = lib.AB_ANE_STRICT if backend == "ane" else 0
-    rc = lib.ab_ane_linear_forward(ctx, fptr(out), fptr(x), fptr(W), w_version, N, n_in, n_out, flags,
-                                   info, err, _ERRCAP)
-    _local.info = _info(info)
-    if rc:
-        _raise(fn, rc, err)
-    return out
+    _run(fn, backend, ctx,
+         lambda: lib.ab_linear_forward(fptr(y), fptr(x), fptr(W), N, n_in, n_out),
+         lambda flags, info, err, cap: lib.ab_ane_linear_forward(
+             ctx, fptr(y), fptr(x), fptr(W), w_version, N, n_in, n_out, flags, info, err, cap))
+    return y
 
 
 class AneJob:

@@ -3,10 +3,13 @@ LlamaForCausalLM: unpatched ("sdpa", "eager") vs patched by
 anebackward.transformers.apply, side by side in one process.
 
     python -m anebackward.bench.hf_step --threads 2 --repeats 8
+    python -m anebackward.bench.hf_step --shape llama512 --fused --variants sdpa,patched
 
-The model is built locally from a config at the stories15M shape (dim 288,
-6 layers, 6 heads, hidden 768, vocab 32000, tied; seq 256, batch 1), random
-weights, the same for every variant. Variants run round-robin (one step each
+The model is built locally from a config, random weights, the same for
+every variant: --shape stories15M (dim 288, 6 layers, 6 heads, hidden 768,
+vocab 32000, tied; seq 256, batch 1; the default) or llama512 (dim 512, 4
+layers, 8 heads, hidden 1536 (llama2.c's rule), vocab 8000, untied; seq 256, batch 4).
+--fused: torch.optim.AdamW(fused=True) for every variant. Variants run round-robin (one step each
 per round) so that load from other processes hits them alike; medians are
 reported, with each variant's ratio to "sdpa".
 
@@ -15,9 +18,9 @@ Under torch.autocast("cpu", torch.bfloat16): "sdpa-bf16" (unpatched) and
 to "sdpa-bf16". "patched-bf16-switched" is patched-bf16 with an untimed fp32
 forward on the same model before each timed step, so each timed step
 includes switching the engine back to bf16 (its cost: the difference to
-patched-bf16). --fused-adamw uses torch.optim.AdamW(fused=True).
+patched-bf16).
 
-    python -m anebackward.bench.hf_step --threads 2 --repeats 15 --fused-adamw \
+    python -m anebackward.bench.hf_step --threads 2 --repeats 15 --fused \
         --variants sdpa-bf16,patched-bf16,patched-bf16-switched
 """
 import argparse
@@ -32,11 +35,20 @@ VARIANTS = ("sdpa", "eager", "patched", "sdpa-bf16", "patched-bf16", "patched-bf
 DEFAULT_VARIANTS = ("sdpa", "eager", "patched")
 
 
-def build(variant, S, V):
+SHAPES = {
+    "stories15M": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=6, vocab_size=32000, tie_word_embeddings=True, batch=1),
+    "llama512": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                     num_attention_heads=8, vocab_size=8000, tie_word_embeddings=False, batch=4),
+}
+
+
+def build(variant, S, V=None, shape="stories15M"):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=V, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
-                      max_position_embeddings=S)
+    c = {k: v for k, v in SHAPES[shape].items() if k != "batch"}
+    if V is not None:
+        c["vocab_size"] = V
+    cfg = LlamaConfig(num_key_value_heads=c["num_attention_heads"], max_position_embeddings=S, **c)
     cfg._attn_implementation = "eager" if variant == "eager" else "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).train()
@@ -54,13 +66,13 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS)}")
-    ap.add_argument("--fused-adamw", dest="fused", action="store_true",
-                    help="torch.optim.AdamW(fused=True) (default: torch's default AdamW)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="stories15M")
+    ap.add_argument("--fused", action="store_true", help="torch.optim.AdamW(fused=True)")
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         ap.error(f"variants: choose from {', '.join(VARIANTS)}")
-    V = 32000
+    V, B = SHAPES[a.shape]["vocab_size"], SHAPES[a.shape]["batch"]
     la = os.getloadavg()
     print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
           f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
@@ -69,10 +81,10 @@ def main(argv=None):
         from anebackward import bf16
         print(f"bf16 path: {bf16.describe()}")
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, V, (1, a.seq), generator=g)
+    ids = torch.randint(0, V, (B, a.seq), generator=g)
     setups = {}
     for v in variants:
-        m = build(v, a.seq, V)
+        m = build(v, a.seq, shape=a.shape)
         setups[v] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=a.fused or None))
 
     def step(v):
@@ -97,7 +109,7 @@ def main(argv=None):
         for v in variants:
             times[v].append(step(v)[0])
     base = {b: statistics.median(times[b]) for b in ("sdpa", "sdpa-bf16") if b in times}
-    print(f"HF LlamaForCausalLM, stories15M shape, seq {a.seq}, batch 1, "
+    print(f"HF LlamaForCausalLM, {a.shape} shape, seq {a.seq}, batch {B}, "
           f"{'fused ' if a.fused else ''}AdamW; {a.repeats} timed steps each after {a.warmup} "
           f"warm-up; ratio: sdpa/this (fp32), sdpa-bf16/this (autocast bf16)")
     print(f"  {'variant':<22} {'median ms':>10} {'min ms':>8} {'ratio':>7}  first-step loss")

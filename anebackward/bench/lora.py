@@ -6,10 +6,14 @@
 step: one training step (forward + backward + clip + AdamW) of
 anebackward.Llama with full fine-tuning and with LoRA (rank --rank, alpha
 2*rank, the seven projections, base frozen), random weights, one batch of
---batch x --seq tokens. --hf-peft adds the same LoRA step in Hugging Face
+--batch x --seq tokens (--precision: ours and the patched HF + peft engine's
+matmuls; HF + peft unpatched stays fp32). --hf-peft adds the same LoRA step in Hugging Face
 transformers + peft, unpatched (sdpa attention, torch's fused AdamW over the
-adapters, the same weights saved and loaded as an HF directory). The
-contenders alternate (one step each per round) so load from other processes
+adapters, the same weights saved and loaded as an HF directory) and the same
+model patched by anebackward.transformers before peft wraps it
+(hf-peft-patched: the whole model as one C call forward and one backward,
+the base frozen in C, torch's fused AdamW over the adapters that view the
+engine's buffer). The contenders alternate (one step each per round) so load from other processes
 hits them alike; medians are reported.
 
 rss: the peak resident memory (ru_maxrss) of one training step with
@@ -46,7 +50,7 @@ class _HFPeft:
     """The LoRA step in HF transformers + peft, unpatched: a model and its
     optimizer, called like (model, opt, tokens) -> one step."""
 
-    def __init__(self, model, rank, tok):
+    def __init__(self, model, rank, tok, patched=False):
         import tempfile
         import peft
         import torch
@@ -54,7 +58,10 @@ class _HFPeft:
         d = tempfile.mkdtemp()
         model.save_pretrained(d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa",
-                                                               torch_dtype=torch.float32)
+                                                               dtype=torch.float32)
+        if patched:
+            import anebackward.transformers as abt
+            abt.apply(hf, blas_threads=None)
         lc = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj"])
@@ -64,6 +71,13 @@ class _HFPeft:
         self.opt = torch.optim.AdamW(self.params, lr=1e-5, fused=True)
         self.tok = torch.from_numpy(tok.astype(np.int64))
         self.torch = torch
+        self.patched = patched
+
+    def on_one_call_path(self):
+        """The patched model's last step ran as the C model with adapters."""
+        slot = self.model.get_base_model().__dict__.get("_anebackward_slot")
+        return slot is not None and slot.engine is not None and slot.engine.lora is not None \
+            and slot.current(self.model.get_base_model())
 
     def __call__(self):
         out = self.model(input_ids=self.tok, labels=self.tok)
@@ -86,8 +100,15 @@ def step(args):
         import torch
         torch.set_num_threads(args.threads)
         base = _model(args.shape, False, args.rank)
-        runs[f"hf-peft-r{args.rank}"] = _HFPeft(base, args.rank, tok[:, :args.seq])
-        runs[f"hf-peft-r{args.rank}"]()                          # warm-up
+        for k, patched in ((f"hf-peft-r{args.rank}", False), ("hf-peft-patched", True)):
+            runs[k] = _HFPeft(base, args.rank, tok[:, :args.seq], patched=patched)
+            runs[k]()                                            # warm-up
+        patched = runs["hf-peft-patched"]
+        if not patched.on_one_call_path():
+            raise RuntimeError("bench: the patched HF + peft model did not take the one-call path")
+        if args.precision != "fp32":    # the engine's matmuls as ours (HF + peft stays fp32)
+            patched.model.get_base_model()._anebackward_slot.engine.set_precision(args.precision)
+            patched()                                            # warm-up
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
         for k, run in runs.items():
@@ -99,12 +120,14 @@ def step(args):
           f"precision {args.precision}, {args.repeats} alternating rounds after a warm-up")
     for k, t in times.items():
         med = statistics.median(t)
-        print(f"  {k:14s} median {med:8.1f} ms  (min {min(t):.1f}, max {max(t):.1f})  "
+        print(f"  {k:16s} median {med:8.1f} ms  (min {min(t):.1f}, max {max(t):.1f})  "
               f"ratio to full {med / full:.3f}")
     hf = f"hf-peft-r{args.rank}"
     if hf in times:
         ours = statistics.median(times[f"lora-r{args.rank}"])
         print(f"  hf-peft / lora (ours): {statistics.median(times[hf]) / ours:.2f}x")
+        print(f"  hf-peft / hf-peft-patched: "
+              f"{statistics.median(times[hf]) / statistics.median(times['hf-peft-patched']):.2f}x")
 
 
 def _one(args):

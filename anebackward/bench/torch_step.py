@@ -38,8 +38,10 @@ SHAPES = {
 
 # name: (model, linear, return_logits, torch threads, anebackward threads);
 # "T" = --threads. PyTorch's and OpenBLAS's thread pools both busy-wait, so
-# each variant gives the threads to whoever runs the matmuls. Only
-# "ab-onecall" takes Transformer's one-call path (the whole step in C).
+# each variant gives the threads to whoever runs the matmuls. "ab-onecall"
+# and "ab-default" (Transformer's defaults: one_call="auto", return_logits=True,
+# the logits carrying gradient into the C backward) take Transformer's one-call
+# path (the whole step in C).
 VARIANTS = {
     "plain": ("plain", "torch", True, "T", 1),
     "ab": ("ab", "torch", True, "T", 1),
@@ -48,6 +50,7 @@ VARIANTS = {
     "ab-2pools": ("ab", "torch", True, "T", "T"),
     "ab-linear": ("ab", "anebackward", True, 1, "T"),
     "ab-onecall": ("ab", "torch", False, 1, "T"),
+    "ab-default": ("ab", "torch", True, "T", "T"),  # Transformer() as llama2.c's train.py builds it
 }
 
 
@@ -74,7 +77,7 @@ def build(shape, variant):
     torch.manual_seed(0)
     ours = at.Transformer(at.ModelArgs(**args), linear=linear, return_logits=return_logits,
                           blas_threads=None,  # each variant sets its threads per step
-                          one_call=variant == "ab-onecall")
+                          one_call={"ab-onecall": True, "ab-default": "auto"}.get(variant, False))
     if kind == "plain":
         plain = PlainLlama(**args)
         plain.load_state_dict(ours.state_dict())
@@ -150,7 +153,8 @@ def main():
                          "torch.optim.AdamW), ab-nologits (ab, return_logits=False), ab-2pools (ab with "
                          "both thread pools at --threads), ab-linear (package linear kernels too), "
                          "ab-onecall (return_logits=False on the one-call path: the whole step "
-                         "in C)")
+                         "in C), ab-default (Transformer() defaults, as llama2.c's train.py: "
+                         "one-call, logits returned)")
     a = ap.parse_args()
     info = anebackward.blas_info()
     la = os.getloadavg()

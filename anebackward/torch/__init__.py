@@ -3,8 +3,8 @@ Transformer whose transformer-specific backward runs in anebackward's C kernels.
 
     from anebackward.torch import Transformer, ModelArgs   # instead of llama2.c's model
 
-Functions (zero-copy on contiguous CPU float32 tensors; float64 takes a
-reference path for torch.autograd.gradcheck):
+Functions (zero-copy on contiguous CPU float32 tensors; other dtypes raise
+TypeError):
   rmsnorm, rope, attention (MHA/GQA), swiglu, classifier_cross_entropy,
   chunked_classifier_cross_entropy (logits never held in full), linear
 Modules: RMSNorm, Attention, FeedForward, TransformerBlock, Transformer.

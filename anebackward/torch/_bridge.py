@@ -11,14 +11,13 @@ What is refused, and the error names the way out:
   - non-contiguous float inputs                       -> ValueError (the fix is
     .contiguous(), which copies: the package never copies a float buffer
     behind the caller's back)
-float64 tensors are accepted: they take the float64 reference path of each
-Function (plain torch ops with the same hand-written backward formulas as the
-C kernels), which is what torch.autograd.gradcheck runs on. It is slow; it is
-for checking, not training.
+  - float64 tensors                                  -> TypeError (the kernels
+    are float32; a float64 reference is plain torch ops under autograd, as
+    the tests use)
 """
 import torch
 
-F32, F64 = torch.float32, torch.float64
+F32 = torch.float32
 
 
 def _device_check(fn, name, t):
@@ -29,31 +28,28 @@ def _device_check(fn, name, t):
             f"(llama2.c's model.py) for {t.device.type} training")
 
 
-def path(fn, **tensors):
-    """Check float tensors for one call; return their common dtype
-    (torch.float32 -> C kernels, torch.float64 -> reference path)."""
-    dtype = None
+_DTYPE_HINTS = {
+    torch.float16: " anebackward computes in float32; for float16/bfloat16 (autocast) training "
+                   "use plain PyTorch (llama2.c's model.py)",
+    torch.float64: " anebackward computes in float32; for a float64 reference differentiate "
+                   "plain torch ops with autograd"}
+_DTYPE_HINTS[torch.bfloat16] = _DTYPE_HINTS[torch.float16]
+
+
+def float32_check(fn, **tensors):
+    """Check the input tensors of one call: CPU, float32, contiguous."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         _device_check(fn, name, t)
-        if t.dtype not in (F32, F64):
-            hint = (" anebackward computes in float32; for float16/bfloat16 (autocast) training "
-                    "use plain PyTorch (llama2.c's model.py)" if t.dtype in (torch.float16, torch.bfloat16)
-                    else "")
-            raise TypeError(f"{fn}: {name} must be float32 (or float64 for the reference "
-                            f"path), got {t.dtype}; convert with {name}.float().{hint}")
-        if dtype is None:
-            dtype = t.dtype
-        elif t.dtype != dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but the other inputs are {dtype}; "
-                            f"pass all of them in one dtype (float32)")
+        if t.dtype != F32:
+            raise TypeError(f"{fn}: {name} must be float32, got {t.dtype}; convert with "
+                            f"{name}.float().{_DTYPE_HINTS.get(t.dtype, '')}")
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous (got shape {tuple(t.shape)}, "
                              f"strides {t.stride()}); pass {name}.contiguous() (this copies)")
         if t.is_conj() or t.is_neg():
             raise ValueError(f"{fn}: {name} has a lazy conj/neg bit; pass {name}.resolve_neg()")
-    return dtype
 
 
 def targets_check(fn, name, t, shape):

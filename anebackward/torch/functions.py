@@ -1,17 +1,15 @@
 """torch.autograd.Functions over the C kernels, and functional wrappers.
 
-Each Function has two paths, chosen by the input dtype:
-  float32  the C kernels, zero-copy (anebackward.kernels.*), backend= passed on;
-  float64  a reference path in plain torch ops whose backward is the same
-           hand-written formula as the C kernel (for torch.autograd.gradcheck).
-Backward is first-order only (double backward raises).
+Each Function runs the C kernels on CPU float32 tensors, zero-copy
+(anebackward.kernels.*), backend= passed on; other dtypes raise TypeError.
+The tests check every one against torch autograd of plain torch ops in
+float64. Backward is first-order only (double backward raises).
 
 Shapes follow the kernels: token-major rows, x[..., D] or [B, S, D]; weights
 [out, in] like nn.Linear.weight.
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Optional, Tuple, Union
 
@@ -24,7 +22,7 @@ from anebackward import _checks as _C
 from anebackward._native import lib as _lib
 
 from ..types import Backend
-from ._bridge import F32, grad_view, np_view, path, targets_check
+from ._bridge import F32, float32_check, grad_view, np_view, targets_check
 
 
 MATMULS = ("torch", "anebackward")
@@ -49,14 +47,12 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, backend):
-        dt = path("linear", x=x, weight=weight)
+        float32_check("linear", x=x, weight=weight)
         if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: weight must be [out, in] with in = x.shape[-1]; got x "
                              f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
         ctx.backend = backend
         ctx.save_for_backward(x, weight)
-        if dt != F32:
-            return x @ weight.t()
         y = torch.empty(x.shape[:-1] + (weight.shape[0],), dtype=F32)
         ab.linear(np_view(x), np_view(weight), out=np_view(y), backend=backend)
         return y
@@ -67,12 +63,6 @@ class LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = grad_view(dy)
         dx = dW = None
-        if x.dtype != F32:
-            if ctx.needs_input_grad[0]:
-                dx = dy @ weight
-            if ctx.needs_input_grad[1]:
-                dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-            return dx, dW, None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
             ab.linear_backward_dx(np_view(dy), np_view(weight), dx=np_view(dx), backend=ctx.backend)
@@ -89,23 +79,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: Backend = None) ->
 
 
 # --------------------------------------------------------------- RMSNorm ----
-def _rms_inv(x, eps):
-    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 class RMSNormFunction(torch.autograd.Function):
     """y = x / sqrt(mean(x²) + eps) · weight; backward gives dx and dweight."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, backend):
-        dt = path("rmsnorm", x=x, weight=weight)
+        float32_check("rmsnorm", x=x, weight=weight)
         if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0]:
             raise ValueError(f"rmsnorm: weight must be [D] with D = x.shape[-1]; got x "
                              f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
         ctx.eps, ctx.backend = float(eps), backend
         ctx.save_for_backward(x, weight)
-        if dt != F32:
-            return x * _rms_inv(x, eps) * weight
         y = torch.empty_like(x)
         ab.rmsnorm(np_view(x), np_view(weight), eps=ctx.eps, out=np_view(y), backend=backend)
         return y
@@ -115,13 +99,6 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dy = grad_view(dy)
-        if x.dtype != F32:
-            # dx = w·dy·r − x·r³/D·Σ(w·dy·x),  dw = Σ_rows dy·x·r
-            r = _rms_inv(x, ctx.eps)
-            wdy = w * dy
-            dx = wdy * r - x * r.pow(3) * (wdy * x).mean(-1, keepdim=True)
-            dw = (dy * x * r).reshape(-1, x.shape[-1]).sum(0)
-            return dx, dw, None, None
         dx = torch.empty_like(x)
         dw = torch.empty_like(w)
         ab.rmsnorm_backward(np_view(dy), np_view(x), np_view(w), eps=ctx.eps, dx=np_view(dx),
@@ -138,41 +115,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *,
 
 
 # ------------------------------------------------------------------ RoPE ----
-def _rope_ref(x, head_dim, pos_offset, sign, layout="interleaved", theta=10000.0, scaling=None):
-    """Rotate each head's pairs by sign·(pos_offset + s)·f_k, float64; pairs
-    (2k, 2k+1) for layout "interleaved", (k, k + head_dim/2) for "half"."""
-    S = x.shape[-2]
-    if scaling is None:
-        f = theta ** (-torch.arange(0, head_dim, 2, dtype=x.dtype) / head_dim)
-    else:  # the kernel's (float32) Llama-3 frequencies
-        f = torch.from_numpy(ab.rope_inv_freq(head_dim, layout=layout, theta=theta,
-                                              scaling=scaling)).to(x.dtype)
-    ang = torch.arange(pos_offset, pos_offset + S, dtype=x.dtype)[:, None] * f
-    c, s = torch.cos(ang)[:, None, :], sign * torch.sin(ang)[:, None, :]
-    if layout == "half":
-        xr = x.reshape(x.shape[:-1] + (-1, 2, head_dim // 2))
-        x0, x1 = xr[..., 0, :], xr[..., 1, :]
-        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-2).reshape(x.shape)
-    xr = x.reshape(x.shape[:-1] + (-1, head_dim // 2, 2))
-    x0, x1 = xr[..., 0], xr[..., 1]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).reshape(x.shape)
-
-
 class RoPEFunction(torch.autograd.Function):
     """Rotary embedding of q or k, [S, H·hd] or [B, S, H·hd]; rope= holds the
     kernel's switches (layout, theta, scaling: anebackward.rope's keywords)."""
 
     @staticmethod
     def forward(ctx, x, head_dim, pos_offset, rope_kw, backend):
-        dt = path("rope", x=x)
+        float32_check("rope", x=x)
         ctx.head_dim, ctx.pos_offset, ctx.rope_kw, ctx.backend = head_dim, pos_offset, rope_kw, backend
-        if dt != F32:
-            _C.positive_int("rope", "head_dim", head_dim)
-            _C.nonneg_int("rope", "pos_offset", pos_offset)
-            if head_dim % 2 or x.dim() not in (2, 3) or x.shape[-1] % head_dim:
-                raise ValueError(f"rope: x must be [S, H*head_dim] or [B, S, H*head_dim] with an "
-                                 f"even head_dim, got {tuple(x.shape)} with head_dim {head_dim}")
-            return _rope_ref(x, head_dim, pos_offset, 1.0, **rope_kw)
         y = torch.empty_like(x)
         ab.rope(np_view(x), head_dim=head_dim, pos_offset=pos_offset, out=np_view(y),
                 backend=backend, **rope_kw)
@@ -182,8 +132,6 @@ class RoPEFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         dy = grad_view(dy)
-        if dy.dtype != F32:
-            return _rope_ref(dy, ctx.head_dim, ctx.pos_offset, -1.0, **ctx.rope_kw), None, None, None, None
         dx = torch.empty_like(dy)
         ab.rope_backward(np_view(dy), head_dim=ctx.head_dim, pos_offset=ctx.pos_offset,
                          dx=np_view(dx), backend=ctx.backend, **ctx.rope_kw)
@@ -237,36 +185,15 @@ def _attn_dims(fn, q, k, v, n_heads, n_kv_heads):
     return hd
 
 
-def _heads(t, n, hd):
-    """[B, S, n*hd] -> [B, n, S, hd] (view-free reshape for the reference path)."""
-    return t.reshape(t.shape[0], t.shape[1], n, hd).transpose(1, 2)
-
-
-def _attn_probs(q, k, hd):
-    S = q.shape[-2]
-    sc = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    mask = torch.ones(S, S, dtype=torch.bool).triu(1)
-    return torch.softmax(sc.masked_fill(mask, float("-inf")), dim=-1)
-
-
 class AttentionFunction(torch.autograd.Function):
     """Causal softmax attention, MHA and GQA: q[.., S, H·hd], k, v[.., S, KV·hd]."""
 
     @staticmethod
     def forward(ctx, q, k, v, n_heads, n_kv_heads, workspace, backend):
-        dt = path("attention", q=q, k=k, v=v)
+        float32_check("attention", q=q, k=k, v=v)
         hd = _attn_dims("attention", q, k, v, n_heads, n_kv_heads)
         ctx.dims, ctx.workspace, ctx.backend = (n_heads, n_kv_heads, hd), workspace, backend
         ctx.save_for_backward(q, k, v)
-        if dt != F32:
-            squeeze = q.dim() == 2
-            q3, k3, v3 = (t.unsqueeze(0) if squeeze else t for t in (q, k, v))
-            rep = n_heads // n_kv_heads
-            qh = _heads(q3, n_heads, hd)
-            kh = _heads(k3, n_kv_heads, hd).repeat_interleave(rep, 1)
-            vh = _heads(v3, n_kv_heads, hd).repeat_interleave(rep, 1)
-            o = (_attn_probs(qh, kh, hd) @ vh).transpose(1, 2).reshape(q3.shape)
-            return o[0] if squeeze else o
         out = torch.empty_like(q)
         ws = workspace.get(q.shape[-2]) if workspace is not None else None
         ab.attention(np_view(q), np_view(k), np_view(v), n_heads=n_heads, n_kv_heads=n_kv_heads,
@@ -279,25 +206,6 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         H, KV, hd = ctx.dims
         dout = grad_view(dout)
-        if q.dtype != F32:
-            squeeze = q.dim() == 2
-            q3, k3, v3, do3 = (t.unsqueeze(0) if squeeze else t for t in (q, k, v, dout))
-            B, S, rep = q3.shape[0], q3.shape[1], H // KV
-            qh = _heads(q3, H, hd)
-            kh = _heads(k3, KV, hd).repeat_interleave(rep, 1)
-            vh = _heads(v3, KV, hd).repeat_interleave(rep, 1)
-            doh = _heads(do3, H, hd)
-            P = _attn_probs(qh, kh, hd)
-            dP = doh @ vh.transpose(-1, -2)
-            dS = P * (dP - (dP * P).sum(-1, keepdim=True)) / math.sqrt(hd)
-            dq = dS @ kh
-            dk = (dS.transpose(-1, -2) @ qh).reshape(B, KV, rep, S, hd).sum(2)
-            dv = (P.transpose(-1, -2) @ doh).reshape(B, KV, rep, S, hd).sum(2)
-            back = lambda t, n: t.transpose(1, 2).reshape(B, S, n * hd)  # noqa: E731
-            dq, dk, dv = back(dq, H), back(dk, KV), back(dv, KV)
-            if squeeze:
-                dq, dk, dv = dq[0], dk[0], dv[0]
-            return dq, dk, dv, None, None, None, None
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         ws = ctx.workspace.get(q.shape[-2]) if ctx.workspace is not None else None
         ab.attention_backward(np_view(dout), np_view(q), np_view(k), np_view(v), n_heads=H,
@@ -324,14 +232,12 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h1, h3, backend):
-        dt = path("swiglu", h1=h1, h3=h3)
+        float32_check("swiglu", h1=h1, h3=h3)
         if h1.shape != h3.shape:
             raise ValueError(f"swiglu: h1 and h3 must have one shape, got {tuple(h1.shape)} and "
                              f"{tuple(h3.shape)}")
         ctx.backend = backend
         ctx.save_for_backward(h1, h3)
-        if dt != F32:
-            return h1 * torch.sigmoid(h1) * h3
         y = torch.empty_like(h1)
         ab.swiglu(np_view(h1), np_view(h3), out=np_view(y), backend=backend)
         return y
@@ -341,9 +247,6 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dy):
         h1, h3 = ctx.saved_tensors
         dy = grad_view(dy)
-        if h1.dtype != F32:
-            sg = torch.sigmoid(h1)
-            return dy * h3 * sg * (1 + h1 * (1 - sg)), dy * h1 * sg, None
         dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
         ab.swiglu_backward(np_view(dy), np_view(h1), np_view(h3), dh1=np_view(dh1),
                            dh3=np_view(dh3), backend=ctx.backend)
@@ -368,7 +271,7 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, return_logits, need_grad, matmul, backend):
-        dt = path("classifier_cross_entropy", x=x, weight=weight)
+        float32_check("classifier_cross_entropy", x=x, weight=weight)
         if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"classifier_cross_entropy: weight must be [vocab, D] with "
                              f"D = x.shape[-1]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -379,42 +282,25 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
                              f"got {matmul!r}")
         ctx.set_materialize_grads(False)
         ctx.backend, ctx.matmul = backend, matmul
-        if dt != F32:
-            logits = x @ weight.t()
-            tg = _C.tokens("classifier_cross_entropy", "targets", tg, V, allow_ignore=True)
-            tgt = torch.from_numpy(tg.astype(np.int64))
-            z = logits.reshape(-1, V)
-            t = tgt.reshape(-1)
-            keep = t != -1
-            logp = torch.log_softmax(z, dim=-1)
-            n = keep.sum()
-            nll = -logp[torch.arange(t.numel()), t.clamp(min=0)]
-            loss = (nll * keep).sum() / n          # NaN when nothing is counted, like torch
-            dl = logp.exp()
-            dl[torch.arange(t.numel()), t.clamp(min=0)] -= keep.to(dl.dtype)
-            # zero gradient when nothing is counted, like torch and the float32 kernel
-            dl = (dl * keep[:, None] / n.clamp(min=1)).reshape(logits.shape)
+        logits = torch.empty(x.shape[:-1] + (V,), dtype=F32)
+        la = np_view(logits)
+        if matmul == "torch":
+            torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=logits.view(-1, V))
         else:
-            logits = torch.empty(x.shape[:-1] + (V,), dtype=F32)
-            la = np_view(logits)
-            if matmul == "torch":
-                torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=logits.view(-1, V))
-            else:
-                ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
-            if need_grad:
-                dl = logits if not return_logits else torch.empty_like(logits)
-                dla = la if dl is logits else np_view(dl)  # the same array: written in place
-                loss_f, _ = ab.cross_entropy_backward(la, tg, dlogits=dla, backend=backend)
-            else:
-                dl = None
-                loss_f = ab.cross_entropy(la, tg, backend=backend)
-            loss = torch.tensor(loss_f, dtype=F32)
+            ab.linear(np_view(x), np_view(weight), out=la, backend=backend)
+        if need_grad:
+            dl = logits if not return_logits else torch.empty_like(logits)
+            dla = la if dl is logits else np_view(dl)  # the same array: written in place
+            loss_f, _ = ab.cross_entropy_backward(la, tg, dlogits=dla, backend=backend)
+        else:
+            dl = None
+            loss_f = ab.cross_entropy(la, tg, backend=backend)
+        loss = torch.tensor(loss_f, dtype=F32)
         if need_grad:  # saved tensors are freed by autograd right after backward
             ctx.save_for_backward(x, weight, dl)
         if return_logits:
             return loss, logits
-        if dt == F32:
-            del logits  # the buffer lives on as the saved dlogits (in place) or is freed
+        del logits  # the buffer lives on as the saved dlogits (in place) or is freed
         return loss
 
     @staticmethod
@@ -430,12 +316,6 @@ class ClassifierCrossEntropyFunction(torch.autograd.Function):
             s = 1.0
         N, V, D = dl.numel() // dl.shape[-1], W.shape[0], W.shape[1]
         dx = dW = None
-        if x.dtype != F32:
-            if ctx.needs_input_grad[0]:
-                dx = (dl @ W) * s
-            if ctx.needs_input_grad[1]:
-                dW = (dl.reshape(N, V).t() @ x.reshape(N, D)) * s
-            return dx, dW, None, None, None, None, None, None
         scale = float(s)
         use_torch = ctx.matmul == "torch"
         if ctx.needs_input_grad[0]:
@@ -495,11 +375,10 @@ class ChunkedClassifierCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, n_items, need_grad, chunk_rows, backend):
-        dt = path("chunked_classifier_cross_entropy", x=x, weight=weight)
-        if dt != F32 or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-            raise ValueError(f"chunked_classifier_cross_entropy: need float32 x [N, D] and weight "
-                             f"[vocab, D]; got x {tuple(x.shape)} {x.dtype}, weight "
-                             f"{tuple(weight.shape)} {weight.dtype}")
+        float32_check("chunked_classifier_cross_entropy", x=x, weight=weight)
+        if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"chunked_classifier_cross_entropy: need x [N, D] and weight "
+                             f"[vocab, D]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
         N, D, V = x.shape[0], x.shape[1], weight.shape[0]
         tg = targets_check("chunked_classifier_cross_entropy", "targets", targets, (N,))
         tg = _C.tokens("chunked_classifier_cross_entropy", "targets", tg, V, allow_ignore=True)

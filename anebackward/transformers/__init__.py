@@ -17,6 +17,12 @@ asked for: skip_logits=False). Documentation: docs/huggingface.md.
 """
 import types
 
+try:    # PyTorch is not in the hf extra: installed first, its CPU build on a CPU (README)
+    import torch as _torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised only without torch
+    raise ImportError("anebackward.transformers needs PyTorch: pip install torch==2.13.0 "
+                      "--index-url https://download.pytorch.org/whl/cpu (the CPU build; "
+                      "see the README's Install section)") from e
 try:
     import transformers as _hf  # noqa: F401  (the Hugging Face package)
 except ImportError as e:  # pragma: no cover - exercised only without transformers

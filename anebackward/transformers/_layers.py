@@ -23,7 +23,10 @@ extra outputs asked, a config the C model speaks (anebackward.hf.config_from_hf)
 the whole model runs as one C call forward and one backward
 (anebackward.torch.model.ModelFunction over an anebackward.Llama whose flat
 buffer the HF parameters then view); it returns the loss only (logits,
-cache and hidden states None). Everything else takes the per-op path above.
+cache and hidden states None). A model wrapped by peft's plain LoRA binds
+to the C model with adapters (anebackward/transformers/_peft.py; whatever
+else peft does takes the per-op path around peft's layers). Everything
+else takes the per-op path above.
 
 Autocast: under torch.autocast("cpu", torch.bfloat16) the one-call path
 runs the engine at precision "bf16" (matmul operands rounded to bf16, fp32
@@ -250,8 +253,11 @@ def _bind(model, slot):
     specs = tensor_specs(cfg)
     own = dict(model.named_parameters())
     names = [hf_name(n) for n, _, _ in specs]
-    if sorted(own) != sorted(names) or not all(_cpu_f32(p) for p in own.values()):
-        return False  # e.g. adapters (peft), bfloat16
+    if sorted(own) != sorted(names):
+        from . import _peft   # peft's LoRA layers: the engine with adapters, or refused
+        return _peft.bind(model, slot, cfg)
+    if not all(_cpu_f32(p) for p in own.values()):
+        return False  # e.g. bfloat16
     engine = Llama(cfg, init=False)
     with torch.no_grad():
         for (name, _, _), hn in zip(specs, names):
@@ -267,7 +273,7 @@ def _one_call_slot(model):
     parameter viewing the engine's flat buffer, bound on first use and bound
     again when the module tree changed (a module or parameter replaced);
     None when this call cannot run as the engine: a config or tree the C
-    model does not take (e.g. peft's adapters), a hook on a submodule, a
+    model does not take (e.g. peft's DoRA), a hook on a submodule, a
     parameter moved out of the buffer."""
     slot = model.__dict__.get("_anebackward_slot")
     if slot is None:
@@ -344,8 +350,9 @@ def _layout_batch(ids, mask, pos, targets, n_items, split_packed):
 
 def _checkpointing(modules):
     """HF's gradient_checkpointing_enable() sets gradient_checkpointing on
-    the decoder layers (and the decoder model)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in modules)
+    the decoder layers (and the decoder model), as instance attributes (read
+    from __dict__: nn.Module.__getattr__ on every module costs ~70 us a call)."""
+    return any(m.__dict__.get("gradient_checkpointing") is True for m in modules)
 
 
 def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
@@ -411,6 +418,14 @@ def _hooked(module):
                                             "_backward_hooks", "_backward_pre_hooks"))
 
 
+def _plain_head(head):
+    """The fused loss reads lm_head.weight itself: only for a plain
+    nn.Linear without bias (not one wrapped, e.g. by peft's LoRA on lm_head,
+    whose .weight is the base weight alone), unhooked, forward not replaced."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not _hooked(head)
+            and "forward" not in head.__dict__ and _cpu_f32(head.weight))
+
+
 def causal_lm_forward_wrapper(orig):
     """Wraps LlamaForCausalLM / Qwen3ForCausalLM.forward: in training with
     labels, the loss comes from the whole model in C (one call) or, per-op,
@@ -434,8 +449,7 @@ def causal_lm_forward_wrapper(orig):
         keep = a.get("logits_to_keep", 0)
         if (not self.training or (labels is None and shift_labels is None)
                 or not (isinstance(keep, int) and keep == 0)
-                or kwargs.get("return_dict") is False or _hooked(self.lm_head)
-                or self.lm_head.bias is not None or not _cpu_f32(self.lm_head.weight)
+                or kwargs.get("return_dict") is False or not _plain_head(self.lm_head)
                 or autocast_precision() is None):
             return orig(self, *args, **kwargs)
         n_items = kw.pop("num_items_in_batch", None)

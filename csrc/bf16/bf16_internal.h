@@ -18,10 +18,6 @@ int ab_onednn_matmul(int transA, int transB, int64_t M, int64_t N, int64_t K,
                      const uint16_t *A, int64_t lda, const uint16_t *B, int64_t ldb,
                      int accumulate, float *C, int64_t ldc, int threads);
 
-/* dst[c * rows + r] = bf16(src[r * cols + c]): the transpose, rounded
- * (csrc/bf16/gemm_bf16.c; blocks on the pool). */
-int ab_f32_to_bf16_transposed(uint16_t *dst, const float *src, int64_t rows, int64_t cols);
-
 /* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet), overflow
  * rounds to inf as IEEE rounding does. */
 static inline uint16_t ab_f32_bf16(float f) {

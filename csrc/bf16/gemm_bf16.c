@@ -7,8 +7,13 @@
  *     kind of fixed tiles as csrc/gemm.c (an M x N grid, or K chunks summed
  *     in chunk order when K dwarfs M and N), each tile one single-threaded
  *     oneDNN call on the package's pool, so results do not depend on the
- *     thread count. AB_BF16_ONEDNN_THREADS instead makes one call threaded
- *     by oneDNN itself (the pool idle): results then may depend on it.
+ *     thread count. Tiles are cut so that oneDNN's AMX kernel, which takes
+ *     dense operands only, gets dense ones: rows of C (A^T B too: each
+ *     tile's columns of A are first copied into a dense per-thread buffer
+ *     of K x (tile rows) values), column tiles through a dense per-thread
+ *     C buffer for a wide C, K chunks. AB_BF16_ONEDNN_THREADS instead makes
+ *     one call threaded by oneDNN itself (the pool idle): results then may
+ *     depend on it.
  *   portable: the operands widened to fp32 and one ab_sgemm (tiled, thread
  *     count independent). The same bf16 values are multiplied, accumulated
  *     in fp32; only the summation order differs from oneDNN's.
@@ -118,41 +123,6 @@ int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
     return AB_OK;
 }
 
-/* transposed: tasks are column blocks of TB source columns (the rows of dst),
- * each walked in TB x TB blocks so that reads and writes stay in cache */
-#define TB 64
-typedef struct { uint16_t *dst; const float *src; int64_t rows, cols; } tr_job;
-
-/* one TB x TB block: rows rounded with the vectorised loop into tmp, then
- * the uint16 transpose, both inside L1 */
-static void tr_block(uint16_t *dst, const float *src, int64_t rows, int64_t cols,
-                     int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    uint16_t tmp[TB][TB];
-    for (int64_t r = 0; r < nr; r++) to_bf16_loop(tmp[r], src + (r0 + r) * cols + c0, nc);
-    for (int64_t c = 0; c < nc; c++) {
-        uint16_t *d = dst + (c0 + c) * rows + r0;
-        for (int64_t r = 0; r < nr; r++) d[r] = tmp[r][c];
-    }
-}
-
-static void tr_task(void *ctx, int64_t t, int w) {
-    const tr_job *j = ctx;
-    const int64_t c0 = t * TB, nc = c0 + TB < j->cols ? TB : j->cols - c0;
-    for (int64_t r0 = 0; r0 < j->rows; r0 += TB)
-        tr_block(j->dst, j->src, j->rows, j->cols, r0, r0 + TB < j->rows ? TB : j->rows - r0,
-                 c0, nc);
-}
-
-int ab_f32_to_bf16_transposed(uint16_t *dst, const float *src, int64_t rows, int64_t cols) {
-    AB_NONNEG(rows); AB_NONNEG(cols);
-    if (rows == 0 || cols == 0) return AB_OK;
-    AB_NONNULL(dst); AB_NONNULL(src);
-    tr_job j = {dst, src, rows, cols};
-    ab_parallel_for(ab_div_up(cols, TB), ab_workers_for((double)rows * (double)cols), tr_task,
-                    &j);
-    return AB_OK;
-}
-
 /* ---- the product ---- */
 typedef struct {
     int transA, transB, accumulate;
@@ -215,6 +185,28 @@ static void wide_task(void *ctx, int64_t t, int worker) {
     }
 }
 
+/* rows of C for A^T B: the tile's columns of A (all K rows, strided in A)
+ * are first copied into a dense per-thread [K, m] buffer, so that oneDNN's
+ * AMX kernel takes them (it reads dense operands only; the copy is one pass
+ * over A in all, row pieces of m values, no transpose) */
+static _Thread_local uint16_t *t_atile;
+static _Thread_local size_t t_atile_n;
+
+static void gather_task(void *ctx, int64_t t, int worker) {
+    bjob *j = ctx;
+    const int64_t m0 = t * j->tm, m = m0 + j->tm < j->M ? j->tm : j->M - m0, K = j->K;
+    if ((size_t)(K * m) > t_atile_n) {
+        free(t_atile);
+        t_atile = malloc((size_t)(K * m) * sizeof(uint16_t));
+        t_atile_n = t_atile ? (size_t)(K * m) : 0;
+        if (!t_atile) { fail(j, AB_ENOMEM); return; }
+    }
+    for (int64_t k = 0; k < K; k++)
+        memcpy(t_atile + k * m, j->A + k * j->lda + m0, (size_t)m * sizeof(uint16_t));
+    fail(j, ab_onednn_matmul(1, j->transB, m, j->N, K, t_atile, m, j->B, j->ldb, j->accumulate,
+                             j->C + m0 * j->ldc, j->ldc, 1));
+}
+
 static void kchunk_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t k0 = t * j->tk, k = k0 + j->tk < j->K ? j->tk : j->K - k0;
@@ -253,15 +245,25 @@ static int gemm_onednn(bjob *j) {
             ab_parallel_for(ab_div_up(N, j->tn), AB_MAX_THREADS, wide_task, j);
             return atomic_load(&j->rc);
         }
-        if (planner == 1 && !j->transA && M > 16) {
+        if (planner == 1 && M > 16) {
             /* rows of C only: every tile's A and C stay dense (oneDNN's AMX
              * kernel takes dense operands only); each tile packs all of B, so
-             * tiles of >= min_tile / 2 rows, but at least two */
-            while (pm < TARGET_TILES && ab_gemm_tile(M, 2 * pm) >= min_tile / 2) pm *= 2;
+             * tiles of >= min_tile / 2 rows (A^T: >= min_tile, as each tile
+             * also transposes its A inside oneDNN), but at least two */
+            const int64_t rows = j->transA ? min_tile : min_tile / 2;
+            while (pm < TARGET_TILES && ab_gemm_tile(M, 2 * pm) >= rows) pm *= 2;
             if (pm == 1) pm = 2;
-        } else if (planner == 1 && M * N <= PART_FLOATS / 2 && K >= 256) {
-            /* A^T B: K chunks (rows of both operands) keep them dense; as many
-             * chunks of >= 128 rows as PART_FLOATS of partial products allow */
+            j->tm = ab_gemm_tile(M, pm);
+            j->nm = ab_div_up(M, j->tm);
+            /* A^T: each tile's columns of A gathered (its buffer: tiles are
+             * at most M / 2 rows, rounded up to 16) */
+            ab_parallel_for(j->nm, AB_MAX_THREADS, j->transA ? gather_task : grid_task, j);
+            return atomic_load(&j->rc);
+        }
+        if (planner == 1 && M * N <= PART_FLOATS / 2 && K >= 256) {
+            /* A^T B with M <= 16: K chunks (rows of both operands) keep them
+             * dense; as many chunks of >= 128 rows as PART_FLOATS of partial
+             * products allow */
             int64_t nk = PART_FLOATS / (M * N), most = K / 128;
             nk = nk < most ? nk : most;
             nk = nk < TARGET_TILES ? nk : TARGET_TILES;

@@ -60,8 +60,13 @@
  * copy of the activation at work + i is at mirror + i). An operand is
  * rounded into its mirror where a matmul first reads it; the calls that
  * follow on the same, unchanged operand pass X_READY / DY_READY and reuse
- * it. Pages of the mirror that no matmul reads are never touched.
+ * it. Pages of the mirror that no matmul reads are never touched. Every
+ * dW = dy^T x (the classifier's too) reads dy's plain copy, the one dx = dy W
+ * reads: ab_gemm_bf16 copies each tile's columns of it into a dense
+ * per-thread buffer (outside the workspace; about half of dy at most), so
+ * there is no transposed copy and the workspace does not grow for it.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include "ab_internal.h"
 #include "bf16/bf16_internal.h"
@@ -232,40 +237,100 @@ static int lora_on(const ab_model_config *c, int t) {
     return c->lora_rank > 0 && !c->lora_merged && ((c->lora_targets >> t) & 1);
 }
 
+/* ---- the model's tensors: one table ----
+ * kind_shape is the one place that says what each tensor kind is: its shape
+ * per layer (ndim 0: the model has no such tensor). The parameter layout
+ * (ab_model_param_layout), the per-tensor offsets (tensor_at), the gradient
+ * layout and the exported table (ab_model_tensors) all walk it. */
+static int per_layer_kind(int kind) {
+    return !(kind == AB_TENSOR_TOK || kind == AB_TENSOR_OUTPUT || kind == AB_TENSOR_NORM);
+}
+
+static int kind_shape(const ab_model_config *c, const dims *d, int kind, int64_t shape[2]) {
+    const int64_t D = d->D, Hd = d->Hd, r = c->lora_rank;
+    shape[0] = shape[1] = 0;
+    switch (kind) {
+    case AB_TENSOR_TOK: shape[0] = d->V; shape[1] = D; return 2;
+    case AB_TENSOR_WQ: shape[0] = d->qd; shape[1] = D; return 2;
+    case AB_TENSOR_WK: case AB_TENSOR_WV: shape[0] = d->kv; shape[1] = D; return 2;
+    case AB_TENSOR_WO: shape[0] = D; shape[1] = d->qd; return 2;
+    case AB_TENSOR_W1: case AB_TENSOR_W3: shape[0] = Hd; shape[1] = D; return 2;
+    case AB_TENSOR_W2: shape[0] = D; shape[1] = Hd; return 2;
+    case AB_TENSOR_OUTPUT:   /* tied: it is tok_embeddings, no tensor of its own */
+        if (c->shared_classifier) return 0;
+        shape[0] = d->V; shape[1] = D; return 2;
+    case AB_TENSOR_ATTENTION_NORM: case AB_TENSOR_FFN_NORM: case AB_TENSOR_NORM:
+        shape[0] = D; return 1;
+    case AB_TENSOR_Q_NORM: case AB_TENSOR_K_NORM:
+        if (!c->qk_norm) return 0;
+        shape[0] = d->hd; return 1;
+    default: {
+        const int b = kind >= AB_TENSOR_LORA_B;
+        const int t = kind - (b ? AB_TENSOR_LORA_B : AB_TENSOR_LORA_A);
+        if (!(r > 0 && ((c->lora_targets >> t) & 1))) return 0;
+        shape[0] = b ? lora_out(d, t) : r;
+        shape[1] = b ? r : lora_in(d, t);
+        return 2;
+    }
+    }
+}
+
+static int64_t kind_size(const ab_model_config *c, const dims *d, int kind) {
+    int64_t s[2];
+    const int nd = kind_shape(c, d, kind, s);
+    return nd == 0 ? 0 : nd == 1 ? s[0] : s[0] * s[1];
+}
+
+/* where kind's stack of layers starts in params */
+static int64_t kind_start(const ab_model_layout *P, int kind) {
+    switch (kind) {
+    case AB_TENSOR_TOK: return P->tok_embeddings;
+    case AB_TENSOR_WQ: return P->wq;
+    case AB_TENSOR_WK: return P->wk;
+    case AB_TENSOR_WV: return P->wv;
+    case AB_TENSOR_WO: return P->wo;
+    case AB_TENSOR_W1: return P->w1;
+    case AB_TENSOR_W2: return P->w2;
+    case AB_TENSOR_W3: return P->w3;
+    case AB_TENSOR_OUTPUT: return P->output;
+    case AB_TENSOR_ATTENTION_NORM: return P->attention_norm;
+    case AB_TENSOR_FFN_NORM: return P->ffn_norm;
+    case AB_TENSOR_NORM: return P->norm;
+    case AB_TENSOR_Q_NORM: return P->q_norm;
+    case AB_TENSOR_K_NORM: return P->k_norm;
+    default:
+        return kind >= AB_TENSOR_LORA_B ? P->lora_b[kind - AB_TENSOR_LORA_B]
+                                        : P->lora_a[kind - AB_TENSOR_LORA_A];
+    }
+}
+
+/* Kinds are numbered in parameter order: each kind's stack of layers
+ * follows the previous kind's; the 2-D weights (up to the classifier) come
+ * before the norms, so weight decay is the prefix [0, n_decay). */
 int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
     TRY(ab_model_config_check(c));
     AB_NONNULL(o);
     const dims d = model_dims(c);
-    const int64_t L = d.L, D = d.D, Hd = d.Hd, V = d.V;
-    int64_t p = 0;
-    o->tok_embeddings = p; p += V * D;
-    o->wq = p; p += L * d.qd * D;
-    o->wk = p; p += L * d.kv * D;
-    o->wv = p; p += L * d.kv * D;
-    o->wo = p; p += L * D * d.qd;
-    o->w1 = p; p += L * Hd * D;
-    o->w2 = p; p += L * D * Hd;
-    o->w3 = p; p += L * Hd * D;
-    if (c->shared_classifier) o->output = o->tok_embeddings;
-    else { o->output = p; p += V * D; }
-    o->n_decay = p;
-    o->attention_norm = p; p += L * D;
-    o->ffn_norm = p; p += L * D;
-    o->norm = p; p += D;
-    o->q_norm = p; if (c->qk_norm) p += L * d.hd;
-    o->k_norm = p; if (c->qk_norm) p += L * d.hd;
-    const int64_t r = c->lora_rank;
-    for (int t = 0; t < 7; t++) {
-        o->lora_a[t] = p;
-        if (r > 0 && ((c->lora_targets >> t) & 1)) p += L * r * lora_in(&d, t);
-    }
-    for (int t = 0; t < 7; t++) {
-        o->lora_b[t] = p;
-        if (r > 0 && ((c->lora_targets >> t) & 1)) p += L * lora_out(&d, t) * r;
+    int64_t start[AB_TENSOR_KINDS], p = 0;
+    for (int kind = 0; kind < AB_TENSOR_KINDS; kind++) {
+        start[kind] = p;
+        p += (per_layer_kind(kind) ? d.L : 1) * kind_size(c, &d, kind);
+        if (kind == AB_TENSOR_OUTPUT) o->n_decay = p;
     }
     o->n_params = p;
+    o->tok_embeddings = start[AB_TENSOR_TOK];
+    o->wq = start[AB_TENSOR_WQ]; o->wk = start[AB_TENSOR_WK];
+    o->wv = start[AB_TENSOR_WV]; o->wo = start[AB_TENSOR_WO];
+    o->w1 = start[AB_TENSOR_W1]; o->w2 = start[AB_TENSOR_W2]; o->w3 = start[AB_TENSOR_W3];
+    o->output = c->shared_classifier ? o->tok_embeddings : start[AB_TENSOR_OUTPUT];
+    o->attention_norm = start[AB_TENSOR_ATTENTION_NORM];
+    o->ffn_norm = start[AB_TENSOR_FFN_NORM];
+    o->norm = start[AB_TENSOR_NORM];
+    o->q_norm = start[AB_TENSOR_Q_NORM]; o->k_norm = start[AB_TENSOR_K_NORM];
     for (int t = 0; t < 7; t++) {   /* untargeted: empty, at the end */
-        if (!(r > 0 && ((c->lora_targets >> t) & 1))) o->lora_a[t] = o->lora_b[t] = p;
+        const int on = kind_size(c, &d, AB_TENSOR_LORA_A + t) > 0;
+        o->lora_a[t] = on ? start[AB_TENSOR_LORA_A + t] : p;
+        o->lora_b[t] = on ? start[AB_TENSOR_LORA_B + t] : p;
     }
     return AB_OK;
 }
@@ -274,42 +339,16 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
  * the model has no such tensor. */
 static int64_t tensor_at(const ab_model_config *c, const ab_model_layout *P, const dims *d,
                          int kind, int64_t l, int64_t *size) {
-    const int64_t D = d->D, Hd = d->Hd, r = c->lora_rank;
-    int64_t n = 0, off = 0;
-    const int per_layer = !(kind == AB_TENSOR_TOK || kind == AB_TENSOR_OUTPUT
-                            || kind == AB_TENSOR_NORM);
-    if (!per_layer && l != 0) { *size = 0; return 0; }
-    switch (kind) {
-    case AB_TENSOR_TOK: off = P->tok_embeddings; n = d->V * D; break;
-    case AB_TENSOR_WQ: n = d->qd * D; off = P->wq + l * n; break;
-    case AB_TENSOR_WK: n = d->kv * D; off = P->wk + l * n; break;
-    case AB_TENSOR_WV: n = d->kv * D; off = P->wv + l * n; break;
-    case AB_TENSOR_WO: n = D * d->qd; off = P->wo + l * n; break;
-    case AB_TENSOR_W1: n = Hd * D; off = P->w1 + l * n; break;
-    case AB_TENSOR_W2: n = D * Hd; off = P->w2 + l * n; break;
-    case AB_TENSOR_W3: n = Hd * D; off = P->w3 + l * n; break;
-    case AB_TENSOR_OUTPUT: off = P->output; n = c->shared_classifier ? 0 : d->V * D; break;
-    case AB_TENSOR_ATTENTION_NORM: n = D; off = P->attention_norm + l * D; break;
-    case AB_TENSOR_FFN_NORM: n = D; off = P->ffn_norm + l * D; break;
-    case AB_TENSOR_NORM: n = D; off = P->norm; break;
-    case AB_TENSOR_Q_NORM: n = c->qk_norm ? d->hd : 0; off = P->q_norm + l * n; break;
-    case AB_TENSOR_K_NORM: n = c->qk_norm ? d->hd : 0; off = P->k_norm + l * n; break;
-    default: {
-        const int t = kind - (kind >= AB_TENSOR_LORA_B ? AB_TENSOR_LORA_B : AB_TENSOR_LORA_A);
-        const int on = r > 0 && ((c->lora_targets >> t) & 1);
-        if (kind >= AB_TENSOR_LORA_B) { n = on ? lora_out(d, t) * r : 0; off = P->lora_b[t] + l * n; }
-        else { n = on ? r * lora_in(d, t) : 0; off = P->lora_a[t] + l * n; }
-    }
-    }
+    if (!per_layer_kind(kind) && l != 0) { *size = 0; return 0; }
+    const int64_t n = kind_size(c, d, kind);
     *size = n;
-    return off;
+    return kind_start(P, kind) + l * n;
 }
 
-/* Kinds are numbered in parameter order and each kind's layers follow each
- * other, so walking the slots in order packs the trainable tensors in
- * parameter order (all trainable: the parameter layout itself). The table
- * is the one place that says where a gradient lives: the C backward writes
- * there and Python's grads views read the same numbers. */
+/* Walking the slots in order packs the trainable tensors in parameter order
+ * (all trainable: the parameter layout itself). The table is the one place
+ * that says where a gradient lives: the C backward writes there and
+ * Python's grads views read the same numbers (ab_model_tensors). */
 int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
                          int64_t *grad_offsets, int64_t *n_grads) {
     ab_model_layout P;
@@ -342,6 +381,59 @@ static float *grad_of(const ab_model_config *c, const ab_model_layout *P, const 
     if (!c->grad_offsets) return grads + off;
     const int64_t g = c->grad_offsets[kind * d->L + l];
     return g < 0 ? NULL : grads + g;
+}
+
+/* The exported table: every tensor the model has, in parameter order. */
+static const char *const kind_names[AB_TENSOR_KINDS] = {
+    "tok_embeddings", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "output", "attention_norm",
+    "ffn_norm", "norm", "attention.q_norm", "attention.k_norm",
+    "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+    "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"};
+
+int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t capacity,
+                     int64_t *count) {
+    ab_model_layout P;
+    TRY(ab_model_param_layout(c, &P));
+    AB_NONNULL(count);
+    const dims d = model_dims(c);
+    const int64_t L = d.L;
+    int64_t n = 0;
+    for (int kind = 0; kind < AB_TENSOR_KINDS; kind++) {
+        const int per_layer = per_layer_kind(kind);
+        int64_t shape[2];
+        const int ndim = kind_shape(c, &d, kind, shape);
+        if (ndim == 0) continue;
+        for (int64_t l = 0; l < (per_layer ? L : 1); l++, n++) {
+            if (!out) continue;
+            AB_REQUIRE_MSG(n < capacity, AB_EINVAL, "capacity %lld is too small: the model "
+                           "has more tensors (call with out NULL for the count)",
+                           (long long)capacity);
+            ab_model_tensor *t = &out[n];
+            int64_t size;
+            memset(t, 0, sizeof *t);
+            const char *ab = kind >= AB_TENSOR_LORA_B ? ".lora_B"
+                             : kind >= AB_TENSOR_LORA_A ? ".lora_A" : "";
+            if (per_layer)
+                snprintf(t->name, sizeof t->name, "layers.%lld.%s%s.weight", (long long)l,
+                         kind_names[kind], ab);
+            else
+                snprintf(t->name, sizeof t->name, "%s.weight", kind_names[kind]);
+            t->kind = kind;
+            t->layer = per_layer ? l : -1;
+            t->offset = tensor_at(c, &P, &d, kind, l, &size);
+            t->ndim = ndim;
+            t->shape[0] = shape[0];
+            t->shape[1] = shape[1];
+            t->grad_offset = c->grad_offsets ? c->grad_offsets[kind * L + l] : t->offset;
+            t->group = per_layer ? l : kind == AB_TENSOR_TOK ? -1 : L;
+            t->decay = ndim == 2;
+        }
+    }
+    *count = n;
+    return AB_OK;
 }
 
 /* The bf16 weight copy covers params[0, n_decay) (the 2-D weights), and
@@ -525,9 +617,7 @@ typedef struct {
     const float *work;         /* x - work: the offset into mirror */
     uint16_t *mirror;
 } proj_ctx;
-/* DY_T: keep dy's bf16 copy transposed, [out, N] (the classifier: both of its
- * backward products then read dense tiles, see csrc/bf16/gemm_bf16.c) */
-enum { X_READY = 1, DY_READY = 2, DY_T = 4 };
+enum { X_READY = 1, DY_READY = 2 };
 
 static proj_ctx proj_make(const kernel_table *k, const ane_route *r, const ab_model_config *c,
                           const ws_layout *W, const float *params, float *work) {
@@ -555,19 +645,9 @@ static int proj_forward(const proj_ctx *p, float *y, const float *x, const float
     return ab_gemm_bf16(0, 1, N, out, in, xb, in, p->wbf + (W - p->params), in, 0, y, out);
 }
 
-static const uint16_t *proj_dy_t(const proj_ctx *p, const float *dy, int64_t N, int64_t out,
-                                 int ready) {
-    uint16_t *h = p->mirror + (dy - p->work);
-    if (!ready) ab_f32_to_bf16_transposed(h, dy, N, out);
-    return h;
-}
-
 static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dx(dx, dy, W, N, in, out, accumulate);
-    if (ready & DY_T)
-        return ab_gemm_bf16(1, 0, N, in, out, proj_dy_t(p, dy, N, out, ready & DY_READY), N,
-                            p->wbf + (W - p->params), in, accumulate, dx, in);
     const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(0, 0, N, in, out, dyb, out, p->wbf + (W - p->params), in, accumulate,
                         dx, in);
@@ -576,10 +656,9 @@ static int proj_dx(const proj_ctx *p, float *dx, const float *dy, const float *W
 static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x,
                    int64_t N, int64_t in, int64_t out, int accumulate, int ready) {
     if (!p->bf16) return p->k->linear_backward_dW(dW, dy, x, N, in, out, accumulate);
+    /* dy^T: ab_gemm_bf16 copies each tile's columns of dy into a dense
+     * buffer (oneDNN's AMX kernel takes dense operands only) */
     const uint16_t *xb = proj_operand(p, x, N * in, ready & X_READY);
-    if (ready & DY_T)
-        return ab_gemm_bf16(0, 0, out, in, N, proj_dy_t(p, dy, N, out, ready & DY_READY), N, xb,
-                            in, accumulate, dW, in);
     const uint16_t *dyb = proj_operand(p, dy, N * out, ready & DY_READY);
     return ab_gemm_bf16(1, 0, out, in, N, dyb, out, xb, in, accumulate, dW, in);
 }
@@ -1072,8 +1151,8 @@ static int model_backward(const ab_model_config *c, const float *params, float *
 #define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
     float *gout = GRAD(AB_TENSOR_OUTPUT, 0);
     if (gout)
-        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY | DY_T));
-    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, (gout ? DY_READY : 0) | DY_T));
+        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY));
+    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, gout ? DY_READY : 0));
     TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_NORM, 0), DXN, work + W.X + L * N * D, params + P.norm,
                              N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */

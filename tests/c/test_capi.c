@@ -92,6 +92,21 @@ static void test_model(void) {
                          .shared_classifier = 0, .norm_eps = 1e-5f, .reference = 0};
     ab_model_layout P;
     expect("ab_model_param_layout", ab_model_param_layout(&c, &P) == AB_OK && P.n_params > 0);
+    /* the tensor table: 1 + 7 L + 1 + 2 L + 1 tensors, packed, ending at n_params */
+    ab_model_tensor T[32];
+    int64_t nt = 0, end = 0;
+    expect("ab_model_tensors (count)", ab_model_tensors(&c, NULL, 0, &nt) == AB_OK && nt == 21);
+    expect("ab_model_tensors", ab_model_tensors(&c, T, 32, &nt) == AB_OK && nt == 21);
+    for (int64_t i = 0; i < nt; i++) {
+        expect("ab_model_tensors: packed in order", T[i].offset == end);
+        end += T[i].shape[0] * (T[i].ndim == 2 ? T[i].shape[1] : 1);
+    }
+    expect("ab_model_tensors: covers params", end == P.n_params);
+    expect("ab_model_tensors: names", strcmp(T[1].name, "layers.0.attention.wq.weight") == 0
+           && strcmp(T[20].name, "norm.weight") == 0 && T[20].group == 2 && T[0].group == -1);
+    expect("ab_model_tensors: wk is [kv_dim, dim]", T[3].shape[0] == 8 && T[3].shape[1] == 16);
+    expect("ab_model_tensors: capacity too small",
+           ab_model_tensors(&c, T, 20, &nt) == AB_EINVAL);
     const int64_t B = 2, S = 7, N = B * S;
     int64_t nw;
     expect("ab_model_workspace_floats", ab_model_workspace_floats(&c, B, S, &nw, NULL) == AB_OK);
