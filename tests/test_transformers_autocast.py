@@ -428,3 +428,29 @@ def test_hf_trainer_bf16_runs_the_bf16_engine(hf, abt, calls, tmp_path, monkeypa
     assert calls["one_call"] == 40 and seen == ["bf16"] * 40
     worst = max(abs(a - b) / abs(b) for a, b in zip(pat, ref))
     assert worst < 2e-3, worst        # measured 2.5e-4 over the 20 logged losses
+
+
+def test_hf_peft_lora_under_bf16_autocast(hf, abt):
+    """A peft (LoRA) model under bf16 autocast: the engine with adapters at
+    bf16 (its loss differs from the same model's fp32 step), close to HF +
+    peft under the same autocast."""
+    import torch
+    peft = pytest.importorskip("peft")
+    ref = build(hf, "llama")
+    ids, labels = batch(torch)
+    outs = []
+    for m in (copy.deepcopy(ref), abt.apply(copy.deepcopy(ref))):
+        torch.manual_seed(3)
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        outs.append((peft.get_peft_model(m, lora), m))
+    (r_model, _), (p_model, p_base) = outs
+    r, rg = _hf_step(r_model, ids, labels)
+    p, pg = _hf_step(p_model, ids, labels)
+    assert type(p.loss.grad_fn).__name__ == "ModelFunctionBackward"
+    assert p_base._anebackward_slot.engine.precision == "bf16"
+    assert set(pg) == set(rg) and all("lora_" in n for n in pg)
+    assert rel(p.loss.detach(), r.loss.detach()) < LOSS_RTOL
+    assert _max_grad_rel(pg, rg) < GRAD_RTOL
+    f, _ = _hf_step(p_model, ids, labels, enabled=False)
+    assert p_base._anebackward_slot.engine.precision == "fp32"
+    assert f.loss.item() != p.loss.item()
