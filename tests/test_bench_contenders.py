@@ -111,3 +111,30 @@ def test_torch_step_plain_and_package_agree_on_the_first_step(torch, capsys, kee
             if line.strip().startswith(("plain ", "ab "))}
     assert set(rows) == {"plain", "ab"}
     assert rows["ab"] == pytest.approx(rows["plain"], rel=1e-5)
+
+
+def test_hf_step_autocast_variants_run_bf16_from_the_same_weights(torch, capsys, keep_blas_threads):
+    """bench/hf_step's autocast variants: the patched ones ran the engine at
+    bf16 (the bench says so) and start from the unpatched model's loss."""
+    from conftest import import_hf
+    import_hf()
+    from anebackward import bf16
+    from anebackward.bench import hf_step
+    before, threads = bf16.get_mode()["path"], torch.get_num_threads()
+    if not bf16.available():
+        bf16.set_mode(path="portable")
+    try:
+        hf_step.main(["--seq", "16", "--repeats", "1", "--warmup-calls", "1", "--threads", "1",
+                      "--fused", "--variants", "sdpa-bf16,patched-bf16,patched-bf16-switched"])
+    finally:
+        bf16.set_mode(path=before)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines()
+            if line.split() and line.split()[0] in ("sdpa-bf16", "patched-bf16",
+                                                    "patched-bf16-switched")}
+    assert set(rows) == {"sdpa-bf16", "patched-bf16", "patched-bf16-switched"}
+    assert rows["patched-bf16"] == rows["patched-bf16-switched"]
+    assert rows["patched-bf16"] == pytest.approx(rows["sdpa-bf16"], rel=2e-4)
+    assert "patched-bf16: engine precision bf16" in out
+    assert "patched-bf16-switched: engine precision bf16" in out

@@ -441,13 +441,17 @@ def test_the_bf16_bench_runs_and_names_its_path(torch, capsys):
     try:
         bench.main(["linear", "--shapes", "tiny", "--repeats", "1", "--threads", "1"])
         bench.main(["step", "--shape", "tiny", "--seq", "32", "--repeats", "1", "--warmup", "1",
-                    "--threads", "1", "--variants", "fp32,bf16,bf16-onednn-threads,torch-bf16"])
+                    "--threads", "1", "--variants",
+                    "fp32,bf16,bf16-onednn-threads,torch-bf16,adapter-bf16"])
     finally:
         ab.set_num_threads(before)
         bf16.set_mode(path=DEFAULT, threads="pool")
     out = capsys.readouterr().out
     assert f"bf16 path: {bf16.path()}" in out
     assert "fwd   64x32->300" in out and "torch-bf16" in out
+    first = {line.split()[0]: line.split()[-1] for line in out.splitlines()
+             if line.startswith("  ") and line.split()[0] in ("bf16", "adapter-bf16")}
+    assert first["adapter-bf16"] == first["bf16"]   # the torch adapter ran the bf16 engine
 
 
 def test_a_cpu_without_bf16_instructions_takes_the_portable_path():

@@ -326,9 +326,10 @@ def test_negative_label_is_named(hf, abt):
         pat(input_ids=ids, labels=labels)
 
 
-def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False):
+def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False, **train_kw):
     """20 steps of HF Trainer (use_cpu, gradient accumulation 2, so that
-    num_items_in_batch is in play) on a tiny Llama; the logged loss curve."""
+    num_items_in_batch is in play) on a tiny Llama; the logged loss curve.
+    train_kw: more TrainingArguments (e.g. bf16=True)."""
     import torch
     import_hf_test("accelerate")  # HF Trainer's own requirement
     model = build(hf, "llama", llama3=True, seed=3)
@@ -346,7 +347,7 @@ def _trainer_losses(hf, abt, tmp_path, patched, steps=20, ddp=False):
                                 max_steps=steps, learning_rate=3e-3, logging_steps=1,
                                 report_to=[], save_strategy="no", seed=11, data_seed=11,
                                 dataloader_num_workers=0, disable_tqdm=True,
-                                **(dict(ddp_backend="gloo") if ddp else {}))
+                                **(dict(ddp_backend="gloo") if ddp else {}), **train_kw)
     trainer = hf.Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

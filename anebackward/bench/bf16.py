@@ -20,8 +20,11 @@ step: forward + backward + clip + AdamW of anebackward.Llama (fp32, bf16 on
 the pool, bf16 on oneDNN's threads) and of llama2.c's model.py in PyTorch
 eager under torch.autocast("cpu", torch.bfloat16) (anebackward/bench/
 torch_llama.py, the same initial weights and batch); --compile adds
-torch.compile + autocast. Contenders alternate (one step each per round) so
-load from other processes hits them alike; medians are reported.
+torch.compile + autocast. "adapter-bf16" is anebackward.torch.Transformer
+(the llama2.c drop-in) under the same autocast, its one-call path at
+precision "bf16", with anebackward.torch.AdamW. Contenders alternate (one
+step each per round) so load from other processes hits them alike; medians
+are reported.
 """
 import argparse
 import statistics
@@ -172,6 +175,8 @@ def bench_step(args):
                 opt.step()
                 return float(tm.last_loss.detach())
             contenders[v] = (tstep, "torch")
+        elif v == "adapter-bf16":
+            contenders[v] = (_adapter_step(cfg, base, X, Y), "pool")
         else:
             raise SystemExit(f"unknown variant {v!r}")
 
@@ -207,9 +212,37 @@ def bench_step(args):
         rel = f"{ref / med[v]:10.2f}" if ref else f"{'':>10}"
         print(f"  {v:<22} {med[v] * 1e3:10.1f} {min(wall[v]) * 1e3:8.1f} {rel} {first[v]:11.5f}")
     for a, b in (("bf16", "torch-bf16"), ("bf16", "torch-compile-bf16"),
-                 ("bf16", "bf16-onednn-threads")):
+                 ("bf16", "bf16-onednn-threads"), ("adapter-bf16", "torch-bf16")):
         if a in med and b in med:
             print(f"  {b}/{a}: {med[b] / med[a]:.2f}")
+
+
+def _adapter_step(cfg, base, X, Y):
+    """One step of anebackward.torch.Transformer (base's weights) under
+    torch.autocast("cpu", torch.bfloat16): forward, backward, clip, AdamW."""
+    import torch
+    from ..torch import AdamW, Transformer
+    m = Transformer(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                    n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                    hidden_dim=cfg.hidden_dim, max_seq_len=cfg.max_seq_len,
+                    norm_eps=cfg.norm_eps, return_logits=False, blas_threads=None)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.from_numpy(base.params[name]))
+    opt = AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tx, ty = torch.from_numpy(X).long(), torch.from_numpy(Y).long()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(tx, ty)
+        m.last_loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        if m._slot.engine.precision != "bf16":
+            raise RuntimeError(f"adapter-bf16 ran at {m._slot.engine.precision}")
+        return float(m.last_loss.detach())
+    return step
 
 
 def main(argv=None):

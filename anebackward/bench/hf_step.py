@@ -12,6 +12,16 @@ layers, 8 heads, hidden 1536 (llama2.c's rule), vocab 8000, untied; seq 256, bat
 --fused: torch.optim.AdamW(fused=True) for every variant. Variants run round-robin (one step each
 per round) so that load from other processes hits them alike; medians are
 reported, with each variant's ratio to "sdpa".
+
+Under torch.autocast("cpu", torch.bfloat16): "sdpa-bf16" (unpatched) and
+"patched-bf16" (the one-call path at precision "bf16"); their ratio column is
+to "sdpa-bf16". "patched-bf16-switched" is patched-bf16 with an untimed fp32
+forward on the same model before each timed step, so each timed step
+includes switching the engine back to bf16 (its cost: the difference to
+patched-bf16).
+
+    python -m anebackward.bench.hf_step --threads 2 --repeats 15 --fused \
+        --variants sdpa-bf16,patched-bf16,patched-bf16-switched
 """
 import argparse
 import copy
@@ -21,7 +31,8 @@ import time
 
 import torch
 
-VARIANTS = ("sdpa", "eager", "patched")
+VARIANTS = ("sdpa", "eager", "patched", "sdpa-bf16", "patched-bf16", "patched-bf16-switched")
+DEFAULT_VARIANTS = ("sdpa", "eager", "patched")
 
 
 SHAPES = {
@@ -41,7 +52,7 @@ def build(variant, S, V=None, shape="stories15M"):
     cfg._attn_implementation = "eager" if variant == "eager" else "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).train()
-    if variant == "patched":
+    if variant.startswith("patched"):
         import anebackward.transformers
         anebackward.transformers.apply(model)
     return model
@@ -53,7 +64,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--warmup-calls", dest="warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--shape", choices=list(SHAPES), default="stories15M")
     ap.add_argument("--fused", action="store_true", help="torch.optim.AdamW(fused=True)")
     a = ap.parse_args(argv)
@@ -65,6 +77,9 @@ def main(argv=None):
     print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
           f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
     torch.set_num_threads(a.threads)  # the patched model sets the package's to 1 (apply's "auto")
+    if any("-bf16" in v for v in variants):
+        from anebackward import bf16
+        print(f"bf16 path: {bf16.describe()}")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (B, a.seq), generator=g)
     setups = {}
@@ -74,8 +89,12 @@ def main(argv=None):
 
     def step(v):
         m, opt = setups[v]
+        if v.endswith("-switched"):  # the engine to fp32 (untimed): the step switches it back
+            with torch.no_grad():
+                m(input_ids=ids, labels=ids)
         t0 = time.perf_counter()
-        loss = m(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="-bf16" in v):
+            loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -89,15 +108,23 @@ def main(argv=None):
     for _ in range(a.repeats):
         for v in variants:
             times[v].append(step(v)[0])
-    base = statistics.median(times["sdpa"]) if "sdpa" in times else None
+    base = {b: statistics.median(times[b]) for b in ("sdpa", "sdpa-bf16") if b in times}
     print(f"HF LlamaForCausalLM, {a.shape} shape, seq {a.seq}, batch {B}, "
-          f"{'fused ' if a.fused else ''}AdamW; "
-          f"{a.repeats} timed steps each after {a.warmup} warm-up")
-    print(f"  {'variant':<10} {'median ms':>10} {'min ms':>8} {'sdpa/this':>10}  first-step loss")
+          f"{'fused ' if a.fused else ''}AdamW; {a.repeats} timed steps each after {a.warmup} "
+          f"warm-up; ratio: sdpa/this (fp32), sdpa-bf16/this (autocast bf16)")
+    print(f"  {'variant':<22} {'median ms':>10} {'min ms':>8} {'ratio':>7}  first-step loss")
     for v in variants:
         med = statistics.median(times[v])
-        rel = f"{base / med:9.2f}x" if base else ""
-        print(f"  {v:<10} {med * 1e3:10.1f} {min(times[v]) * 1e3:8.1f} {rel:>10}  {first[v]:.6f}")
+        b = base.get("sdpa-bf16" if "-bf16" in v else "sdpa")
+        rel = f"{b / med:6.2f}x" if b else ""
+        print(f"  {v:<22} {med * 1e3:10.1f} {min(times[v]) * 1e3:8.1f} {rel:>7}  {first[v]:.6f}")
+    for v in variants:   # what the one-call engine ran at its last step
+        slot = setups[v][0].__dict__.get("_anebackward_slot")
+        if slot is not None:
+            eng = slot.engine
+            print(f"  {v}: {'engine precision ' + eng.precision if eng else 'per-op/HF path'}")
+    la = os.getloadavg()
+    print(f"load avg after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
     return times
 
 

@@ -31,6 +31,16 @@ moved out of the buffer by .to(), a hook on a
 submodule or a replaced module, one_call=False) takes the per-op path
 above, chosen per call.
 
+Autocast: under torch.autocast("cpu", torch.bfloat16) the one-call path
+runs the engine at precision "bf16" (anebackward.bf16's policy: matmul
+operands rounded to bf16, fp32 accumulation, loss, norms, softmax and
+gradients; the engine is switched per call when its precision differs) and
+returns the logits as bfloat16, as an autocast model's classifier does;
+with CPU autocast off it runs fp32. A call under CPU autocast that cannot
+take it (float16, bf16 where anebackward.bf16.available() is False, no
+targets, a hook) raises a TypeError: the per-op kernels compute float32
+only (never a silent fp32 step under autocast).
+
 Differences from llama2.c, each deliberate:
   - dropout > 0 in training mode raises NotImplementedError (the attention
     kernel has no dropout on the probabilities); eval mode ignores dropout as
@@ -41,7 +51,8 @@ Differences from llama2.c, each deliberate:
   - return_logits=False (keyword) makes forward(tokens, targets) return None
     instead of the logits, so the step keeps one vocab-sized buffer instead
     of two.
-  - float32 on the CPU only (float64 raises TypeError).
+  - float32 on the CPU only (float64 raises TypeError); bfloat16 through
+    autocast on the one-call path (above).
   - configure_optimizers returns anebackward.torch.AdamW (torch.optim.AdamW's
     math and state_dict, fused C update) instead of torch.optim.AdamW.
 """
@@ -231,9 +242,9 @@ class ModelFunction(torch.autograd.Function):
     its last forward only: a backward whose forward is no longer the
     engine's last (several forwards before their backwards, a sum of two
     losses, retain_graph and a second backward) runs that forward again
-    first (same tokens, same weights: bit-identical activations). Weights
-    changed in place between the forward and its backward raise, as
-    autograd does for a tensor it saved."""
+    first (same tokens, same weights, the forward's precision: bit-identical
+    activations). Weights changed in place between the forward and its
+    backward raise, as autograd does for a tensor it saved."""
 
     @staticmethod
     def forward(ctx, engine, specs, tokens, targets, need_grad, want_logits, *params):
@@ -254,6 +265,7 @@ class ModelFunction(torch.autograd.Function):
             loss = engine.forward(tok, tgt, want_grad=need_grad,
                                   logits_out=None if logits is None else logits.numpy())
         ctx.engine, ctx.specs, ctx.tok, ctx.tgt = engine, specs, tok, tgt
+        ctx.precision = engine.precision
         ctx.pending = engine._pending          # identifies this forward's engine state
         ctx.versions = [p._version for p in params]
         ctx.params = params
@@ -272,6 +284,8 @@ class ModelFunction(torch.autograd.Function):
                 "anebackward one-call backward: a parameter was modified in place after the "
                 "forward that this backward differentiates (e.g. an optimizer step between a "
                 "forward and its backward); run the forward again after the update")
+        if engine.precision != ctx.precision:   # another call switched it (autocast)
+            engine.set_precision(ctx.precision)
         if engine._pending is None or engine._pending is not ctx.pending:
             if isinstance(ctx.tok, Batch):                     # this forward's state again
                 engine.forward(ctx.tok, want_grad=True)
@@ -299,6 +313,38 @@ def model_step(slot, tokens, targets, want_logits=False):
     need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
     return ModelFunction.apply(slot.engine, slot.specs, tokens, targets, need, bool(want_logits),
                                *slot.params)
+
+
+def autocast_precision(engine=None):
+    """The precision torch.autocast asks of a one-call step on CPU tensors:
+    "fp32" when CPU autocast is off (autocast on another device leaves CPU
+    ops alone), "bf16" under torch.autocast("cpu", torch.bfloat16) when the
+    engine can run it (anebackward.bf16.available(), a CPU backend), else
+    None: an autocast the engine does not compute (float16, or bf16 without
+    the bf16 matmuls), for which the caller takes its fallback path."""
+    if not torch.is_autocast_enabled("cpu"):
+        return "fp32"
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    from .. import bf16
+    if (engine is not None and engine.backend in ("reference", "ane")) or not bf16.available():
+        return None
+    return "bf16"
+
+
+def precision_step(slot, precision, tokens, targets, want_logits=False):
+    """model_step with the engine at `precision` ("fp32" or "bf16", from
+    autocast_precision), switched first when it differs (the switch drops the
+    engine's workspace and bf16 weight copy; both are made again at this
+    forward). Under bf16 the logits come back as bfloat16, the dtype of an
+    autocast model's classifier output; the loss stays float32."""
+    if slot.engine.precision != precision:
+        slot.engine.set_precision(precision)
+    out = model_step(slot, tokens, targets, want_logits=want_logits)
+    if want_logits and precision == "bf16":
+        loss, logits = out
+        return loss, logits.to(torch.bfloat16)
+    return out
 
 
 ONE_CALL_CHOICES = ("auto", True, False)
@@ -391,6 +437,21 @@ class EngineSlot:
 
     def __reduce__(self):
         return (EngineSlot, ())
+
+
+def _per_op_autocast_check():
+    """The per-op kernels compute float32 only: under CPU autocast a call
+    that cannot take the one-call path raises instead of running fp32."""
+    if torch.is_autocast_enabled("cpu"):
+        from .. import bf16
+        dt = str(torch.get_autocast_dtype("cpu")).replace("torch.", "")
+        need = "" if dt != "bfloat16" or bf16.available() else \
+            f" (the bf16 matmuls are not available: {bf16.INSTALL_HINT})"
+        raise TypeError(
+            f"Transformer.forward: torch.autocast('cpu', {dt}) is on, but this call takes the "
+            f"per-op kernels, which compute float32 only; under autocast only calls with "
+            f"targets run, on the one-call path, for bfloat16{need}. Call it outside autocast, "
+            f"or use llama2.c's model.py for {dt}")
 
 
 class Transformer(nn.Module):
@@ -518,7 +579,7 @@ class Transformer(nn.Module):
                 return False  # e.g. .bfloat16(): the per-op path says what it takes
             self._slot.fresh = False
             self._one_call_bind()
-        return self._slot.current(self)
+        return self._slot.current(self) and autocast_precision(self._slot.engine) is not None
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -541,16 +602,19 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer.forward: seqlen {seqlen} exceeds max_seq_len "
                              f"{self.params.max_seq_len}; crop the tokens (as generate() does)")
         if self._one_call_ok(tokens, targets):
+            prec = autocast_precision(self._slot.engine)
             if not self.return_logits:
-                self.last_loss = model_step(self._slot, tokens, targets)
+                self.last_loss = precision_step(self._slot, prec, tokens, targets)
                 return None
-            self.last_loss, logits = model_step(self._slot, tokens, targets, want_logits=True)
+            self.last_loss, logits = precision_step(self._slot, prec, tokens, targets,
+                                                    want_logits=True)
             return logits
         if self.one_call is True and targets is not None and torch.is_grad_enabled():
             raise ValueError("Transformer.forward: one_call=True but this call cannot take the "
                              "one-call path (it needs targets, CPU float32 parameters still in "
-                             "the model's flat buffer, and no hook or replaced module inside "
-                             "the model)")
+                             "the model's flat buffer, no hook or replaced module inside "
+                             "the model, and no autocast other than CPU bfloat16)")
+        _per_op_autocast_check()
         h = self.tok_embeddings(tokens)
         freqs_cos, freqs_sin = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen]
         for layer in self.layers:

@@ -28,6 +28,18 @@ to the C model with adapters (anebackward/transformers/_peft.py; whatever
 else peft does takes the per-op path around peft's layers). Everything
 else takes the per-op path above.
 
+Autocast: under torch.autocast("cpu", torch.bfloat16) the one-call path
+runs the engine at precision "bf16" (matmul operands rounded to bf16, fp32
+accumulation, loss, norms, softmax, gradients and master weights; the bf16
+weight copy is made again at every call, so an optimizer step in between is
+seen), returning logits (when asked) as bfloat16 like HF's autocast
+classifier and the loss as float32; with CPU autocast off it runs fp32. The
+per-op kernels (RMSNorm, SwiGLU, attention, classifier + cross-entropy) are
+float32 only: under any CPU autocast, a call the one-call path does not
+take runs HF's own forward, as does every call under an autocast the engine
+does not compute (float16, or bf16 where anebackward.bf16.available() is
+False).
+
 "Plain causal" is decided once per model call from what the caller passed:
 attention_mask None or all ones, position_ids None or consecutive in each
 row (restarting positions = packed sequences), and no tokens already in the
@@ -40,7 +52,7 @@ import torch
 
 from ..torch.functions import (AttentionWorkspace, attention, chunked_classifier_cross_entropy,
                                rmsnorm, rope, swiglu)
-from ..torch.model import EngineSlot, model_step, own_forward
+from ..torch.model import EngineSlot, autocast_precision, own_forward, precision_step
 
 _WORKSPACE = AttentionWorkspace()
 _IGNORE_INDEX = -100  # HF's label ignore index; the kernel's is -1
@@ -51,11 +63,14 @@ def original(cls):
     return cls.__dict__.get("_anebackward_original_forward") or cls.forward
 
 
+def _cpu_f32(*tensors):
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def _fast(*tensors):
     """CPU float32 tensors outside autocast (under torch.autocast the kernels
     would compute in float32 what HF computes in the lower precision)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu"))
+    return _cpu_f32(*tensors) and not torch.is_autocast_enabled("cpu")
 
 
 # ---------------------------------------------------------------- RMSNorm ----
@@ -241,7 +256,7 @@ def _bind(model, slot):
     if sorted(own) != sorted(names):
         from . import _peft   # peft's LoRA layers: the engine with adapters, or refused
         return _peft.bind(model, slot, cfg)
-    if not all(_fast(p) for p in own.values()):
+    if not all(_cpu_f32(p) for p in own.values()):
         return False  # e.g. bfloat16
     engine = Llama(cfg, init=False)
     with torch.no_grad():
@@ -346,12 +361,14 @@ def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
     when this call allows it: input ids on the CPU, full rows or a padded /
     packed / prompt-masked batch (_layout_batch; its logits: HF's path), no
     cache in or out needed, no extra outputs asked, no hook inside the model,
-    no autocast; else None (then the per-op path or HF's forward runs).
+    CPU autocast off (fp32) or to bfloat16 (the engine at precision "bf16",
+    anebackward.torch.model.autocast_precision); else None (then the per-op
+    path or HF's forward runs).
     Gradient checkpointing on the model runs the engine with recompute."""
     ids = a.get("input_ids")
     if (not model._anebackward_one_call or ids is None or ids.dim() != 2
             or a.get("inputs_embeds") is not None or ids.device.type != "cpu"
-            or torch.is_autocast_enabled("cpu")
+            or autocast_precision() is None
             or any(kw.get(k) for k in ("output_attentions", "output_hidden_states"))
             or set(kw) - {"output_attentions", "output_hidden_states", "return_dict"}):
         return None
@@ -381,12 +398,15 @@ def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
     slot = _one_call_slot(model)
     if slot is None:
         return None
+    precision = autocast_precision(slot.engine)
+    if precision is None:
+        return None
     recompute = _checkpointing(slot.tree)
     if slot.engine.recompute != recompute:
         slot.engine.set_recompute(recompute)
     if batch is not None:  # the denominator is the batch's (n_items or its counted targets)
-        return model_step(slot, batch, None), None
-    out = model_step(slot, ids, targets, want_logits=want_logits)
+        return precision_step(slot, precision, batch, None), None
+    out = precision_step(slot, precision, ids, targets, want_logits=want_logits)
     loss, logits = out if want_logits else (out, None)
     if n_items is not None:  # HF: sum / num_items_in_batch; the C model gives the mean
         loss = loss * (counted / n_items)
@@ -403,7 +423,7 @@ def _plain_head(head):
     nn.Linear without bias (not one wrapped, e.g. by peft's LoRA on lm_head,
     whose .weight is the base weight alone), unhooked, forward not replaced."""
     return (type(head) is torch.nn.Linear and head.bias is None and not _hooked(head)
-            and "forward" not in head.__dict__ and _fast(head.weight))
+            and "forward" not in head.__dict__ and _cpu_f32(head.weight))
 
 
 def causal_lm_forward_wrapper(orig):
@@ -429,7 +449,8 @@ def causal_lm_forward_wrapper(orig):
         keep = a.get("logits_to_keep", 0)
         if (not self.training or (labels is None and shift_labels is None)
                 or not (isinstance(keep, int) and keep == 0)
-                or kwargs.get("return_dict") is False or not _plain_head(self.lm_head)):
+                or kwargs.get("return_dict") is False or not _plain_head(self.lm_head)
+                or autocast_precision() is None):
             return orig(self, *args, **kwargs)
         n_items = kw.pop("num_items_in_batch", None)
         if torch.is_tensor(n_items):
@@ -441,7 +462,7 @@ def causal_lm_forward_wrapper(orig):
         res = _one_call(self, a, kw, labels, shift_labels, n_items, not skip)
         if res is not None:  # the whole model in C: no hidden states, no cache to return
             return CausalLMOutputWithPast(loss=res[0], logits=res[1])
-        if not skip:
+        if not skip or torch.is_autocast_enabled("cpu"):  # the per-op kernels are fp32
             return orig(self, *args, **kwargs)
         out = self.model(**a, **kw)
         h = out.last_hidden_state
