@@ -454,3 +454,36 @@ def test_hf_peft_lora_under_bf16_autocast(hf, abt):
     f, _ = _hf_step(p_model, ids, labels, enabled=False)
     assert p_base._anebackward_slot.engine.precision == "fp32"
     assert f.loss.item() != p.loss.item()
+
+
+def test_hf_peft_bf16_copy_of_the_frozen_base_is_made_once(hf, abt):
+    """Under bf16 autocast with a frozen base, an optimizer step on the
+    adapters re-rounds only the adapters (the base's bf16 copy is kept:
+    the engine's base version does not move), and the step that follows is
+    bit-equal to one after a full re-rounding; a base weight changed in
+    place is seen (its bf16 copy is made again)."""
+    import torch
+    peft = pytest.importorskip("peft")
+    ids, labels = batch(torch)
+    base = abt.apply(build(hf, "llama"))
+    torch.manual_seed(3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _hf_step(model, ids, labels)
+    engine = base._anebackward_slot.engine
+    assert engine.precision == "bf16" and engine.lora is not None
+    opt.step()
+    v = engine._base_version
+    out, grads = _hf_step(model, ids, labels)
+    assert type(out.loss.grad_fn).__name__ == "ModelFunctionBackward"
+    assert engine._base_version == v            # only the adapters were re-rounded
+    engine.mark_params_changed()                # the oracle: everything re-rounded
+    ref, ref_grads = _hf_step(model, ids, labels)
+    _assert_bit_equal(out.loss.item(), grads, ref.loss.item(), ref_grads)
+    with torch.no_grad():
+        base.model.layers[0].mlp.up_proj.weight.mul_(1.5)   # a frozen base weight
+    v = engine._base_version
+    moved, _ = _hf_step(model, ids, labels)
+    assert type(moved.loss.grad_fn).__name__ == "ModelFunctionBackward"
+    assert engine._base_version != v and moved.loss.item() != ref.loss.item()

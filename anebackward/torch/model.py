@@ -226,6 +226,28 @@ def _grad_buffer(engine):
     return flat
 
 
+def _note_params_changed(slot):
+    """Tell the engine its parameters may have changed since its last call
+    (torch updates the bound views in place). With adapters the base weights
+    are usually frozen: when no tensor viewing the base region (the
+    parameters passed to the step and the frozen ones bound beside them)
+    has a new torch version, only the adapters are marked, so the bf16 copy
+    of the base is not made again at every step."""
+    engine = slot.engine
+    if engine.lora is None:
+        engine.mark_params_changed()
+        return
+    lo = engine.flat_params.ctypes.data
+    hi = lo + 4 * engine.n_base
+    key = (lo, tuple((p.data_ptr(), p._version) for p in (*slot.params, *slot.frozen)
+                     if lo <= p.data_ptr() < hi))
+    if slot.base_key == key:
+        engine._mark_adapters_changed()
+    else:
+        engine.mark_params_changed()
+        slot.base_key = key
+
+
 class ModelFunction(torch.autograd.Function):
     """loss (and, with want_logits, the logits [B, S, vocab]) of the whole
     model in one C call forward (ab_model_forward) and one backward
@@ -248,9 +270,6 @@ class ModelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine, specs, tokens, targets, need_grad, want_logits, *params):
-        # torch's optimizers update the parameter views in place, unseen by the
-        # ANE's weight staging (keyed to the engine's params version)
-        engine.mark_params_changed()
         if isinstance(tokens, Batch):   # a padded/packed batch, compact (anebackward.batch)
             if want_logits:
                 raise ValueError("ModelFunction: logits are returned for full rows only")
@@ -311,6 +330,9 @@ def model_step(slot, tokens, targets, want_logits=False):
     """ModelFunction over an EngineSlot: the loss, or (loss, logits). One
     opaque step for torch.compile (dynamo does not trace into the C engine)."""
     need = torch.is_grad_enabled() and any(p.requires_grad for p in slot.params)
+    # torch's optimizers update the parameter views in place, unseen by the
+    # engine's weight copies (the ANE's staging, the bf16 copy)
+    _note_params_changed(slot)
     return ModelFunction.apply(slot.engine, slot.specs, tokens, targets, need, bool(want_logits),
                                *slot.params)
 
@@ -400,6 +422,7 @@ class EngineSlot:
     def __init__(self):
         self.engine, self.specs, self.params, self.ptrs, self.fresh = None, None, (), (), True
         self.tree, self.owners, self.check = (), (), None
+        self.frozen, self.base_key = (), None
 
     def bind(self, engine, specs, params, root=None, check=None):
         """check: None, or a callable saying whether the model's state outside
@@ -410,6 +433,14 @@ class EngineSlot:
         if root is not None:
             self.tree = tuple(root.modules())
             self.owners = tuple((m, k, p) for m in self.tree for k, p in m._parameters.items())
+        # the bound tensors not passed to the step (a frozen base under
+        # adapters): their versions still tell whether the base changed
+        lo = int(engine.flat_params.ctypes.data)
+        hi = lo + 4 * engine.flat_params.size
+        passed = {id(p) for p in params}
+        self.frozen = tuple(p for _, _, p in self.owners if p is not None and id(p) not in passed
+                            and lo <= p.data_ptr() < hi)
+        self.base_key = None
 
     def in_place(self):
         """Every parameter still CPU float32 at its place in the flat buffer
