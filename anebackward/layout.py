@@ -26,6 +26,7 @@ def c_config(config, reference=False, recompute=False, precision="fp32", lora=No
     targets."""
     from .kernels.rope import rope_params
     c = ffi.new("ab_model_config *")
+    c.struct_size = ffi.sizeof("ab_model_config")
     c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
     c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
     c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len

@@ -373,7 +373,17 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *     layer's input and one layer's other activations; the backward
  *     recomputes them layer by layer (bit-identical gradients, one more
  *     layer forward per layer, far less memory). */
+/* struct_size, the first member, is the caller's sizeof(ab_model_config)
+ * (C: `ab_model_config c = {.struct_size = sizeof c, .dim = ...}`; Python's
+ * anebackward.layout.c_config sets it). The struct may grow by appending
+ * fields; the size tells the library which fields the caller's struct has,
+ * so that a program built against one version of this header keeps working
+ * with a later library. A size the library does not know (0, i.e. unset,
+ * or another version's) is AB_EINVAL from every function that takes the
+ * config, with ab_last_error() saying so; the library reads nothing past
+ * the first member before checking it. */
 typedef struct {
+    uint32_t struct_size;
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
     int shared_classifier;
     float norm_eps;

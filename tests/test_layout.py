@@ -124,6 +124,24 @@ def test_tensor_table_count_query_and_too_small_capacity():
     assert "capacity" in ffi.string(lib.ab_last_error()).decode()
 
 
+def test_c_config_fills_struct_size_and_c_refuses_a_wrong_one():
+    """The config's first member is the caller's sizeof(ab_model_config):
+    c_config sets it; an unset or unknown size is AB_EINVAL with a message
+    naming the field, from the check and from a function that takes it."""
+    c = c_config(CONFIGS["untied"], lora=LORAS["qv"])
+    assert c.struct_size == ffi.sizeof("ab_model_config") > 0
+    assert lib.ab_model_config_check(c) == lib.AB_OK
+    lay = ffi.new("ab_model_layout *")
+    for size in (0, ffi.sizeof("ab_model_config") - 8, ffi.sizeof("ab_model_config") + 8):
+        c.struct_size = size
+        lib.ab_clear_error()
+        assert lib.ab_model_config_check(c) == lib.AB_EINVAL
+        assert lib.ab_model_param_layout(c, lay) == lib.AB_EINVAL
+        msg = ffi.string(lib.ab_last_error()).decode()
+        assert f"ab_model_config.struct_size is {size}" in msg, msg
+        assert f"sizeof(ab_model_config) = {ffi.sizeof('ab_model_config')}" in msg, msg
+
+
 def test_llama_reads_its_views_groups_and_decay_from_the_table():
     cfg = CONFIGS["qk_norm_head_dim"]
     m = ab.Llama(cfg, trainable=lambda n: "norm" in n or "wq" in n)

@@ -181,6 +181,10 @@ static dims model_dims(const ab_model_config *c) {
 
 int ab_model_config_check(const ab_model_config *c) {
     AB_NONNULL(c);
+    AB_REQUIRE_MSG(c->struct_size == sizeof(ab_model_config), AB_EINVAL,
+                   "ab_model_config.struct_size is %u, not this library's "
+                   "sizeof(ab_model_config) = %u: set it to sizeof(ab_model_config)",
+                   (unsigned)c->struct_size, (unsigned)sizeof(ab_model_config));
     AB_REQUIRE(c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0
                && c->n_kv_heads > 0 && c->vocab_size > 0 && c->max_seq_len > 0, AB_EINVAL);
     AB_REQUIRE(c->head_dim >= 0, AB_EINVAL);
@@ -931,6 +935,7 @@ int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float
                          const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                          int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
                          uint64_t params_version, int ane_flags) {
+    if (c) TRY(ab_model_config_check(c));                 /* struct_size before any field */
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
@@ -1083,6 +1088,7 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
                           int64_t B, int64_t S, float grad_scale, int accumulate,
                           float *work, int64_t work_floats, ab_ane_ctx *ane,
                           uint64_t params_version, int ane_flags) {
+    if (c) TRY(ab_model_config_check(c));                 /* struct_size before any field */
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);

@@ -87,7 +87,7 @@ static void on_ready(void *user, int64_t group) {
 }
 
 static void test_model(void) {
-    ab_model_config c = {.dim = 16, .hidden_dim = 40, .n_layers = 2, .n_heads = 4,
+    ab_model_config c = {.struct_size = sizeof(ab_model_config), .dim = 16, .hidden_dim = 40, .n_layers = 2, .n_heads = 4,
                          .n_kv_heads = 2, .vocab_size = 23, .max_seq_len = 12,
                          .shared_classifier = 0, .norm_eps = 1e-5f, .reference = 0};
     ab_model_layout P;
@@ -220,6 +220,20 @@ static void test_model(void) {
     bad.n_heads = 3;
     expect("a bad config: AB_EINVAL from the size functions",
            ab_model_kv_cache_floats(&bad, &nkv) == AB_EINVAL);
+    /* struct_size: an unset (0) or unknown size is refused before any other
+     * field is read, and ab_last_error() names the field and the fix */
+    const uint32_t sizes[] = {0, (uint32_t)sizeof(ab_model_config) - 8,
+                              (uint32_t)sizeof(ab_model_config) + 8};
+    for (int i = 0; i < 3; i++) {
+        bad = c;
+        bad.struct_size = sizes[i];
+        ab_clear_error();
+        expect("a wrong struct_size: AB_EINVAL", ab_model_param_layout(&bad, &P) == AB_EINVAL
+               && ab_model_forward(&loss, &bad, params, tok, tgt, B, S, 1, work, nw) == AB_EINVAL);
+        expect("a wrong struct_size: ab_last_error says struct_size and sizeof",
+               strstr(ab_last_error(), "ab_model_config.struct_size") != NULL
+               && strstr(ab_last_error(), "sizeof(ab_model_config)") != NULL);
+    }
     free(params); free(grads); free(work); free(kv); free(dw); free(lg);
 }
 
