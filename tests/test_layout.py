@@ -121,7 +121,8 @@ def test_tensor_table_count_query_and_too_small_capacity():
     assert n[0] == len(expected(cfg, None))
     recs = ffi.new("ab_model_tensor[]", int(n[0]) - 1)
     assert lib.ab_model_tensors(c, recs, int(n[0]) - 1, n) == lib.AB_EINVAL
-    assert "capacity" in ffi.string(lib.ab_last_error()).decode()
+    msg = ffi.string(lib.ab_last_error()).decode()
+    assert msg.startswith("ab_model_tensors: ") and "capacity" in msg, msg   # the public name
 
 
 def test_c_config_fills_struct_size_and_c_refuses_a_wrong_one():
@@ -145,7 +146,8 @@ def test_c_config_fills_struct_size_and_c_refuses_a_wrong_one():
         assert lib.ab_model_config_check(c) == lib.AB_EINVAL
         assert lib.ab_model_param_layout(c, lay) == lib.AB_EINVAL
         msg = ffi.string(lib.ab_last_error()).decode()
-        assert f"ab_model_config.struct_size is {size}" in msg, msg
+        assert msg.startswith("ab_model_param_layout: ab_model_config.struct_size is "
+                              f"{size}"), msg
         assert f"sizeof(ab_model_config) = {ffi.sizeof('ab_model_config')}" in msg, msg
 
 

@@ -8,14 +8,14 @@
  * qd = n_heads*head_dim wide), Qwen3's per-head q/k RMSNorm, RoPE layout,
  * theta and Llama-3 scaling (ab_model_config's fields after `norm_eps`).
  *
- * Parameters: one flat float buffer laid out by spec_param_layout:
+ * Parameters: one flat float buffer laid out by ab_model_param_layout:
  *   [tok_embeddings | wq(L) | wk(L) | wv(L) | wo(L) | w1(L) | w2(L) | w3(L)
  *    | output (untied only) | attention_norm(L) | ffn_norm(L) | norm
  *    | q_norm(L) | k_norm(L) (qk_norm only)]
  * Every 2-D weight comes first, every 1-D norm weight last, so weight decay
  * is a prefix of the buffer (n_decay floats). Gradients use the same layout.
  *
- * Activations: a caller-owned workspace of spec_workspace_floats floats,
+ * Activations: a caller-owned workspace of ab_model_workspace_floats floats,
  * reused across steps of one (B, S). Per layer l it keeps what the backward
  * needs, N = B*S rows:
  *   X[l]    residual input of layer l            [N, dim]   (X[L] = final)
@@ -46,7 +46,7 @@
  * header is at a fixed place so a backward with the wrong B or S is
  * recognised before any layout is derived from them.
  *
- * Varlen batches (spec_forward_batch): the N <= B*S rows are the real
+ * Varlen batches (ab_model_forward_batch): the N <= B*S rows are the real
  * tokens only; every per-row array above holds N rows (packed at the start
  * of its B*S-row region), so padding costs no work at all. (B, S) only
  * sizes the workspace.
@@ -55,7 +55,7 @@
  * proj_dx / proj_dW below, which multiply bf16 operands with fp32
  * accumulation (ab_gemm_bf16). The workspace then starts (after the
  * header, at an offset independent of B and S) with WBF, the bf16 copy of
- * params[0, n_decay) made by spec_bf16_refresh (tagged in the header),
+ * params[0, n_decay) made by ab_model_bf16_refresh (tagged in the header),
  * and ends with a bf16 MIRROR of itself (uint16, one per float: the bf16
  * copy of the activation at work + i is at mirror + i). An operand is
  * rounded into its mirror where a matmul first reads it; the calls that
@@ -68,6 +68,9 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+/* ab_last_error() names the public function: spec_X runs ab_model_X */
+static const char *public_name(const char *func);
+#define AB_FUNC public_name(__func__)
 #include "ab_internal.h"
 #include "bf16/bf16_internal.h"
 
@@ -152,9 +155,16 @@ static const kernel_table REFERENCE = {
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
+static const char *public_name(const char *func) {
+    static _Thread_local char name[64];   /* copied by ab_fail before any reuse */
+    if (strncmp(func, "spec_", 5) != 0) return func;
+    snprintf(name, sizeof name, "ab_model_%s", func + 5);
+    return name;
+}
+
 /* The model as the code below reads it: the public ab_model_config
  * (architecture) and ab_model_options (how to run) in one struct, made by
- * spec_of at each public entry point (the end of this file). */
+ * to_spec at each public entry point (the end of this file). */
 typedef struct {
     int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
     int shared_classifier;
@@ -303,8 +313,8 @@ static int lora_on(const model_spec *c, int t) {
 /* ---- the model's tensors: one table ----
  * kind_shape is the one place that says what each tensor kind is: its shape
  * per layer (ndim 0: the model has no such tensor). The parameter layout
- * (spec_param_layout), the per-tensor offsets (tensor_at), the gradient
- * layout and the exported table (spec_tensors) all walk it. */
+ * (ab_model_param_layout), the per-tensor offsets (tensor_at), the gradient
+ * layout and the exported table (ab_model_tensors) all walk it. */
 static int per_layer_kind(int kind) {
     return !(kind == AB_TENSOR_TOK || kind == AB_TENSOR_OUTPUT || kind == AB_TENSOR_NORM);
 }
@@ -411,7 +421,7 @@ static int64_t tensor_at(const model_spec *c, const ab_model_layout *P, const di
 /* Walking the slots in order packs the trainable tensors in parameter order
  * (all trainable: the parameter layout itself). The table is the one place
  * that says where a gradient lives: the C backward writes there and
- * Python's grads views read the same numbers (spec_tensors). */
+ * Python's grads views read the same numbers (ab_model_tensors). */
 static int spec_grad_layout(const model_spec *c, const uint8_t *trainable,
                          int64_t *grad_offsets, int64_t *n_grads) {
     ab_model_layout P;
@@ -900,7 +910,7 @@ static int model_forward(double *loss_out, const model_spec *c, const float *par
     const dims d = model_dims(c);
     const int64_t L = d.L, D = d.D, V = d.V;
     const int bf16 = c->precision == AB_PRECISION_BF16;
-    /* bf16: the weights' copy must have been made (spec_bf16_refresh) */
+    /* bf16: the weights' copy must have been made (ab_model_bf16_refresh) */
     AB_REQUIRE_MSG(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL,
                    "bf16: call spec_bf16_refresh after each change of params");
     const proj_ctx pj = proj_make(k, NULL, c, &W, params, work);   /* the classifier: CPU */
@@ -952,10 +962,10 @@ static int spec_forward_batch(double *loss_out, const model_spec *c, const float
                          work_floats, NULL);
 }
 
-/* spec_forward that also hands the caller the logits: the forward
+/* ab_model_forward that also hands the caller the logits: the forward
  * without targets (activations and logits in the workspace), a copy of the
  * logits, then the same cross-entropy over them in place (loss, and dlogits
- * with want_grad) as spec_forward's. Bit-identical loss and dlogits. */
+ * with want_grad) as ab_model_forward's. Bit-identical loss and dlogits. */
 static int spec_forward_logits(double *loss_out, float *logits_out, const model_spec *c,
                             const float *params, const int32_t *tokens, const int32_t *targets,
                             int64_t B, int64_t S, int want_grad, float *work,
@@ -994,7 +1004,7 @@ static int spec_forward_ane(double *loss_out, const model_spec *c, const float *
                          work_floats, &r);
 }
 
-/* The ANE path of the backward (spec_backward_ane), as the origin
+/* The ANE path of the backward (ab_model_backward_ane), as the origin
  * project runs it: each projection's dx runs on the ANE on this thread (its
  * result is on the critical path), and each weight gradient is queued to
  * the ANE context's worker thread (a serial CPU queue), waited for once at
@@ -1004,7 +1014,7 @@ static int spec_forward_ane(double *loss_out, const model_spec *c, const float *
  * (XA, AT, XF) stay in place unless recompute rebuilds them, and then the
  * queue is drained before each layer's recompute. Without a context every
  * call runs on the CPU at once: the same kernels on the same inputs,
- * bit-identical to spec_backward. */
+ * bit-identical to ab_model_backward. */
 typedef struct {
     float *dW;
     const float *dy, *x;
@@ -1105,7 +1115,7 @@ static int dw_wait(ane_queue *q) {
 }
 
 
-/* who is told when a group of gradients is final (spec_backward_notify) */
+/* who is told when a group of gradients is final (ab_model_backward_notify) */
 typedef struct { ab_grads_ready_fn fn; void *user; } ready_hook;
 
 static void announce(const ready_hook *h, int64_t group) {
@@ -1323,7 +1333,7 @@ end:
  * kv_cache: keys then values, each [L, max_seq_len, kv_dim]. work: x, xb2
  * [dim]; xb [max(dim, qd)]; q [qd]; hb, hb2 [hidden]; att [max_seq_len];
  * with qk_norm also qr [qd] (the norms' input), after q.
- * Both sizes are bounded by spec_config_check (in double, before any
+ * Both sizes are bounded by ab_model_config_check (in double, before any
  * int64 product: 2*L*T*qd + 4*(dim + qd) + 2*hidden + T < 2^52, kv <= qd). */
 static int spec_kv_cache_floats(const model_spec *c, int64_t *out) {
     TRY(spec_config_check(c));
@@ -1416,17 +1426,17 @@ static int spec_decode(float *logits, const model_spec *c, const float *params,
  * makes the model_spec above and runs the function of the same name. A
  * later version that appends fields reads them only when struct_size says
  * the caller's struct has them (the defaults otherwise). */
-static int spec_of(const ab_model_config *c, model_spec *s) {
-    AB_NONNULL(c);
-    AB_REQUIRE_MSG(c->struct_size == sizeof(ab_model_config), AB_EINVAL,
-                   "ab_model_config.struct_size is %u, not this library's "
-                   "sizeof(ab_model_config) = %u: set it to sizeof(ab_model_config)",
-                   (unsigned)c->struct_size, (unsigned)sizeof(ab_model_config));
+static int to_spec(const ab_model_config *c, model_spec *s, const char *func) {
+    if (!c) return ab_fail(AB_ENULL, func, NULL, "c is NULL");
+    if (c->struct_size != sizeof(ab_model_config))
+        return ab_fail(AB_EINVAL, func, NULL, "ab_model_config.struct_size is %u, not this "
+                       "library's sizeof(ab_model_config) = %u: set it to sizeof(ab_model_config)",
+                       (unsigned)c->struct_size, (unsigned)sizeof(ab_model_config));
     const ab_model_options *o = c->options;
-    if (o)
-        AB_REQUIRE_MSG(o->struct_size == sizeof(ab_model_options), AB_EINVAL,
-                       "ab_model_options.struct_size is %u, not this library's "
-                       "sizeof(ab_model_options) = %u: set it to sizeof(ab_model_options)",
+    if (o && o->struct_size != sizeof(ab_model_options))
+        return ab_fail(AB_EINVAL, func, NULL, "ab_model_options.struct_size is %u, not this "
+                       "library's sizeof(ab_model_options) = %u: set it to "
+                       "sizeof(ab_model_options)",
                        (unsigned)o->struct_size, (unsigned)sizeof(ab_model_options));
     *s = (model_spec){.dim = c->dim, .hidden_dim = c->hidden_dim, .n_layers = c->n_layers,
                       .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
@@ -1444,7 +1454,7 @@ static int spec_of(const ab_model_config *c, model_spec *s) {
     }
     return AB_OK;
 }
-#define SPEC(c) model_spec s; TRY(spec_of((c), &s))
+#define SPEC(c) model_spec s; TRY(to_spec((c), &s, __func__))
 
 int ab_model_config_check(const ab_model_config *c) {
     SPEC(c);
