@@ -423,7 +423,7 @@ static int64_t tensor_at(const model_spec *c, const ab_model_layout *P, const di
  * that says where a gradient lives: the C backward writes there and
  * Python's grads views read the same numbers (ab_model_tensors). */
 static int spec_grad_layout(const model_spec *c, const uint8_t *trainable,
-                         int64_t *grad_offsets, int64_t *n_grads) {
+                            int64_t *grad_offsets, int64_t *n_grads) {
     ab_model_layout P;
     TRY(spec_param_layout(c, &P));
     AB_NONNULL(trainable); AB_NONNULL(grad_offsets); AB_NONNULL(n_grads);
@@ -467,7 +467,7 @@ static const char *const kind_names[AB_TENSOR_KINDS] = {
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"};
 
 static int spec_tensors(const model_spec *c, ab_model_tensor *out, int64_t capacity,
-                     int64_t *count) {
+                        int64_t *count) {
     ab_model_layout P;
     TRY(spec_param_layout(c, &P));
     AB_NONNULL(count);
@@ -614,7 +614,7 @@ static int workspace_layout(const model_spec *c, int64_t B, int64_t S, ws_layout
 }
 
 static int spec_workspace_floats(const model_spec *c, int64_t B, int64_t S,
-                              int64_t *total, int64_t *logits_offset) {
+                                 int64_t *total, int64_t *logits_offset) {
     AB_NONNULL(total);
     ws_layout w;
     TRY(workspace_layout(c, B, S, &w));
@@ -831,7 +831,7 @@ static int layer_forward(const kernel_table *k, const ane_route *r, const model_
 }
 
 static int spec_bf16_refresh(const model_spec *c, const float *params, float *work,
-                          int64_t work_floats) {
+                             int64_t work_floats) {
     ab_model_layout P;
     TRY(spec_param_layout(c, &P));
     AB_REQUIRE(c->precision == AB_PRECISION_BF16, AB_EINVAL);
@@ -848,7 +848,7 @@ static int spec_bf16_refresh(const model_spec *c, const float *params, float *wo
 }
 
 static int spec_bf16_refresh_adapters(const model_spec *c, const float *params, float *work,
-                                   int64_t work_floats) {
+                                      int64_t work_floats) {
     ab_model_layout P;
     TRY(spec_param_layout(c, &P));
     AB_REQUIRE(c->precision == AB_PRECISION_BF16 && c->lora_rank > 0, AB_EINVAL);
@@ -948,16 +948,16 @@ static int model_forward(double *loss_out, const model_spec *c, const float *par
 }
 
 static int spec_forward(double *loss_out, const model_spec *c, const float *params,
-                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                     int want_grad, float *work, int64_t work_floats) {
+                        const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                        int want_grad, float *work, int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
                          work_floats, NULL);
 }
 
 static int spec_forward_batch(double *loss_out, const model_spec *c, const float *params,
-                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                           const ab_batch_layout *layout, int want_grad, float *work,
-                           int64_t work_floats) {
+                              const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                              const ab_batch_layout *layout, int want_grad, float *work,
+                              int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, layout, want_grad, work,
                          work_floats, NULL);
 }
@@ -967,9 +967,9 @@ static int spec_forward_batch(double *loss_out, const model_spec *c, const float
  * logits, then the same cross-entropy over them in place (loss, and dlogits
  * with want_grad) as ab_model_forward's. Bit-identical loss and dlogits. */
 static int spec_forward_logits(double *loss_out, float *logits_out, const model_spec *c,
-                            const float *params, const int32_t *tokens, const int32_t *targets,
-                            int64_t B, int64_t S, int want_grad, float *work,
-                            int64_t work_floats) {
+                               const float *params, const int32_t *tokens, const int32_t *targets,
+                               int64_t B, int64_t S, int want_grad, float *work,
+                               int64_t work_floats) {
     ws_layout W;
     AB_NONNULL(logits_out);
     AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
@@ -992,9 +992,9 @@ static int spec_forward_logits(double *loss_out, float *logits_out, const model_
 }
 
 static int spec_forward_ane(double *loss_out, const model_spec *c, const float *params,
-                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                         int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
-                         uint64_t params_version, int ane_flags) {
+                            const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                            int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                            uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
@@ -1127,16 +1127,16 @@ static int model_backward(const model_spec *c, const float *params, float *grads
                           float *work, int64_t work_floats, ane_queue *q, const ready_hook *h);
 
 static int spec_backward(const model_spec *c, const float *params, float *grads,
-                      int64_t B, int64_t S, float grad_scale, int accumulate,
-                      float *work, int64_t work_floats) {
+                         int64_t B, int64_t S, float grad_scale, int accumulate,
+                         float *work, int64_t work_floats) {
     return spec_backward_notify(c, params, grads, B, S, grad_scale, accumulate, work,
                                     work_floats, NULL, NULL);
 }
 
 static int spec_backward_notify(const model_spec *c, const float *params, float *grads,
-                             int64_t B, int64_t S, float grad_scale, int accumulate,
-                             float *work, int64_t work_floats,
-                             ab_grads_ready_fn ready, void *user) {
+                                int64_t B, int64_t S, float grad_scale, int accumulate,
+                                float *work, int64_t work_floats,
+                                ab_grads_ready_fn ready, void *user) {
     ane_queue q = {0};
     ready_hook h = {ready, user};
     return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
@@ -1144,9 +1144,9 @@ static int spec_backward_notify(const model_spec *c, const float *params, float 
 }
 
 static int spec_backward_ane(const model_spec *c, const float *params, float *grads,
-                          int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, ab_ane_ctx *ane,
-                          uint64_t params_version, int ane_flags) {
+                             int64_t B, int64_t S, float grad_scale, int accumulate,
+                             float *work, int64_t work_floats, ab_ane_ctx *ane,
+                             uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
@@ -1352,8 +1352,8 @@ static int spec_decode_workspace_floats(const model_spec *c, int64_t *out) {
 }
 
 static int spec_decode(float *logits, const model_spec *c, const float *params,
-                    int32_t token, int64_t pos, float *kv_cache, float *work,
-                    int64_t work_floats) {
+                       int32_t token, int64_t pos, float *kv_cache, float *work,
+                       int64_t work_floats) {
     ab_model_layout P;
     int64_t need;
     TRY(spec_param_layout(c, &P));
