@@ -12,33 +12,45 @@ layers, as in the llama2.c checkpoint file. The names are llama2.c's
 ("layers.3.attention.wq.weight"); anebackward.hf.hf_name gives HF's.
 """
 import math
+import weakref
 from typing import Dict, List, NamedTuple, Tuple
 
 from ._native import check, ffi, lib
 from .config import LlamaConfig
 
 
+# each config's ab_model_options, alive as long as the config that points to it
+_OPTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def c_config(config, reference=False, recompute=False, precision="fp32", lora=None):
-    """The C struct ab_model_config of a LlamaConfig (reference=True: the seed
-    loops; recompute=True: activation recomputation; precision "bf16": bf16
-    matmul operands). The last three are how the model runs, not what it is;
-    lora (an anebackward.lora.LoraConfig): the adapters' rank, scale and
-    targets."""
+    """The C structs of a LlamaConfig: an ab_model_config (the architecture;
+    lora, an anebackward.lora.LoraConfig: the adapters' rank, scale and
+    targets) whose .options points to an ab_model_options (how it runs:
+    reference=True the seed loops, recompute=True activation recomputation,
+    precision "bf16" bf16 matmul operands; .options.lora_merged and
+    .options.grad_offsets are the caller's to set). Both struct_size fields
+    are set; the options live as long as the returned config."""
     from .kernels.rope import rope_params
     c = ffi.new("ab_model_config *")
+    c.struct_size = ffi.sizeof("ab_model_config")
     c.dim, c.hidden_dim, c.n_layers = config.dim, config.hidden_dim, config.n_layers
     c.n_heads, c.n_kv_heads = config.n_heads, config.n_kv_heads
     c.vocab_size, c.max_seq_len = config.vocab_size, config.max_seq_len
     c.shared_classifier = int(config.shared_classifier)
     c.norm_eps = config.norm_eps
-    c.reference = int(reference)
     c.head_dim = config.head_dim
     c.qk_norm = int(config.qk_norm)
     c.rope = rope_params("LlamaConfig", config.rope_layout, config.rope_theta, config.rope_scaling)[0]
-    c.recompute = int(recompute)
-    c.precision = lib.AB_PRECISION_BF16 if precision == "bf16" else lib.AB_PRECISION_FP32
     if lora is not None:
         c.lora_rank, c.lora_scale, c.lora_targets = lora.r, lora.scale, lora.mask
+    o = ffi.new("ab_model_options *")
+    o.struct_size = ffi.sizeof("ab_model_options")
+    o.reference = int(reference)
+    o.recompute = int(recompute)
+    o.precision = lib.AB_PRECISION_BF16 if precision == "bf16" else lib.AB_PRECISION_FP32
+    c.options = o
+    _OPTIONS[c] = o
     return c
 
 
@@ -80,7 +92,7 @@ def tensors(config: LlamaConfig, lora=None, grad_offsets=None) -> List[Tensor]:
     tensors), or None (every tensor trains: grad_offset == offset)."""
     c = c_config(config, lora=lora)
     if grad_offsets is not None:
-        c.grad_offsets = ffi.from_buffer("int64_t[]", grad_offsets)
+        c.options.grad_offsets = ffi.from_buffer("int64_t[]", grad_offsets)
     n = ffi.new("int64_t *")
     check(lib.ab_model_tensors(c, ffi.NULL, 0, n), "tensors")
     recs = ffi.new("ab_model_tensor[]", max(int(n[0]), 1))

@@ -167,7 +167,7 @@ class Llama:
     def _grad_table(self, trainable) -> None:
         """Which tensors train, and where their gradients live. C's
         ab_model_grad_layout computes the offsets (the same table the C
-        backward reads through config.grad_offsets), so the views here and
+        backward reads through options.grad_offsets), so the views here and
         the backward's writes cannot disagree."""
         from .hf import hf_name
         names = [n for n, _, _ in self._specs]
@@ -216,9 +216,9 @@ class Llama:
     def _make_cfg(self):
         cfg = c_config(self.config, reference=self.backend == "reference",
                        recompute=self.recompute, precision=self.precision, lora=self.lora)
-        cfg.lora_merged = int(self.lora_merged)
+        cfg.options.lora_merged = int(self.lora_merged)
         if not self._all_trainable:   # the array lives as long as the model
-            cfg.grad_offsets = ffi.from_buffer("int64_t[]", self._goff)
+            cfg.options.grad_offsets = ffi.from_buffer("int64_t[]", self._goff)
         return cfg
 
     @_locked
@@ -832,7 +832,7 @@ class Decoder:
         cfg = model._cfg if T == model.config.max_seq_len else c_config(
             model.config.replace(max_seq_len=T), reference=model.backend == "reference",
             lora=model.lora)
-        cfg.lora_merged = int(model.lora_merged)
+        cfg.options.lora_merged = int(model.lora_merged)
         self._cfg = cfg
         n = ffi.new("int64_t *")
         check(lib.ab_model_kv_cache_floats(cfg, n), "Llama.decoder")

@@ -19,13 +19,18 @@ int ab_fail(int code, const char *func, const char *cond, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)))
 #endif
     ;
+/* AB_FUNC: the name a message gives (a file whose public functions wrap
+ * internal ones defines it to map the internal name to the public one). */
+#ifndef AB_FUNC
+#define AB_FUNC __func__
+#endif
 /* AB_REQUIRE_MSG(cond, code, "printf format", args...). The code itself is
  * returned (not ab_fail's result), so the compiler sees which paths fail. */
 #define AB_REQUIRE_MSG(cond, code, ...) \
-    do { if (!(cond)) { ab_fail((code), __func__, #cond, __VA_ARGS__); return (code); } } while (0)
+    do { if (!(cond)) { ab_fail((code), AB_FUNC, #cond, __VA_ARGS__); return (code); } } while (0)
 #define AB_REQUIRE(cond, code) \
-    do { if (!(cond)) { ab_fail((code), __func__, #cond, NULL); return (code); } } while (0)
-#define AB_FAIL(code, msg) (ab_fail((code), __func__, NULL, (msg)), (code))
+    do { if (!(cond)) { ab_fail((code), AB_FUNC, #cond, NULL); return (code); } } while (0)
+#define AB_FAIL(code, msg) (ab_fail((code), AB_FUNC, NULL, (msg)), (code))
 #define AB_NONNULL(p) AB_REQUIRE_MSG((p) != NULL, AB_ENULL, #p " is NULL")
 #define AB_NONNEG(n) AB_REQUIRE_MSG((n) >= 0, AB_EINVAL, #n " is negative (%lld)", (long long)(n))
 /* A dimension (or leading dimension) passed to the BLAS must fit its int. */

@@ -361,36 +361,59 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   the last forward on this workspace had want_grad and the same B and S,
  *   and no backward has used it yet (one backward per forward); fills every
  *   gradient, scaled by grad_scale; accumulate != 0 adds (+=) to grads.
- * reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
+ * options->reference != 0 runs the seed-loop kernels (ab_ref_*) instead. */
 /* The Hugging Face architectures (Llama 3, Qwen3) are the same model with
- * the fields after `reference`, whose zero values are llama2.c's:
+ * the fields after `norm_eps`, whose zero values are llama2.c's:
  *   head_dim: 0 = dim / n_heads; else q is n_heads*head_dim wide (wq
  *     [H*hd, dim], wo [dim, H*hd]) and k, v n_kv_heads*head_dim;
  *   qk_norm != 0: Qwen3's per-head RMSNorm of q and k (over head_dim, eps
  *     norm_eps, weights q_norm[L, hd], k_norm[L, hd]) before RoPE;
  *   rope: see ab_rope_params (all zero: llama2.c's interleaved, theta 1e4);
- *   recompute != 0: activation recomputation. The workspace keeps each
+ *   options->recompute != 0: activation recomputation. The workspace keeps each
  *     layer's input and one layer's other activations; the backward
  *     recomputes them layer by layer (bit-identical gradients, one more
  *     layer forward per layer, far less memory). */
+/* A model is two structs, each versioned by its first member:
+ *   ab_model_config: what the model is (its architecture: the sizes, norm,
+ *     RoPE, tied classifier, and the LoRA adapters' rank, scale and targets,
+ *     which are tensors of the parameter layout). The parameter layout, the
+ *     tensor table and a checkpoint depend on it and on nothing else.
+ *   ab_model_options: how it runs (seed loops, recomputation, precision,
+ *     adapters merged, frozen tensors). The same parameters run under any
+ *     options; config.options points to them, NULL = all defaults (fp32,
+ *     no recomputation, every tensor trainable).
+ * struct_size: the caller's sizeof(ab_model_config) / sizeof(ab_model_options)
+ * (C: `ab_model_config c = {.struct_size = sizeof c, .dim = ...}`; Python's
+ * anebackward.layout.c_config sets both). Each struct may grow by appending
+ * fields; the size tells the library which fields the caller's struct has,
+ * so a program built against this header keeps working with a later
+ * library. A size the library does not know (0, i.e. unset, or another
+ * version's) is AB_EINVAL from every function that takes the config, with
+ * ab_last_error() naming the struct; nothing past struct_size is read
+ * before it is checked. */
 typedef struct {
-    int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
-    int shared_classifier;
-    float norm_eps;
-    int reference;
-    int64_t head_dim;
-    int qk_norm;
-    ab_rope_params rope;
+    uint32_t struct_size;
+    int reference;      /* != 0: the seed-loop kernels (ab_ref_*) */
     int recompute;      /* != 0: keep each layer's input only, recompute the rest */
     int precision;      /* AB_PRECISION_FP32 (0) or AB_PRECISION_BF16, see below */
-    /* LoRA adapters (lora_rank 0: none), see below */
-    int64_t lora_rank;
-    float lora_scale;   /* s in y = x W^T + s (x A^T) B^T: alpha/r (rsLoRA alpha/sqrt r) */
-    int lora_targets;   /* AB_LORA_* bits: the projections that carry an adapter */
     int lora_merged;    /* != 0: the adapters are folded into W: forward skips them, no backward */
     /* Frozen tensors: NULL = every tensor trainable, grads laid out like params;
      * else AB_TENSOR_KINDS * n_layers offsets from ab_model_grad_layout. */
     const int64_t *grad_offsets;
+} ab_model_options;
+typedef struct {
+    uint32_t struct_size;
+    int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+    int shared_classifier;
+    float norm_eps;
+    int64_t head_dim;
+    int qk_norm;
+    ab_rope_params rope;
+    /* LoRA adapters (lora_rank 0: none), see below */
+    int64_t lora_rank;
+    float lora_scale;   /* s in y = x W^T + s (x A^T) B^T: alpha/r (rsLoRA alpha/sqrt r) */
+    int lora_targets;   /* AB_LORA_* bits: the projections that carry an adapter */
+    const ab_model_options *options;   /* how to run it; NULL: the defaults */
 } ab_model_config;
 /* LoRA (lora_rank r > 0): every targeted projection y = x W^T becomes
  *   y = x W^T + s (x A^T) B^T,  A [r, in], B [out, r] per layer,
@@ -432,7 +455,7 @@ AB_API int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainab
  *     "layers.{l}.attention.wq.lora_A.weight", ... lora_B ...;
  *   kind: AB_TENSOR_*; layer: l, or -1 for a tensor not per layer;
  *   offset: floats into params; ndim 1 or 2, shape[ndim] (row-major);
- *   grad_offset: floats into grads (c->grad_offsets NULL: == offset; else
+ *   grad_offset: floats into grads (options->grad_offsets NULL: == offset; else
  *     that table's entry, -1 for a frozen tensor);
  *   group: the ab_model_backward_notify group that announces its gradient;
  *   decay: != 0 for the tensors AdamW decays (the 2-D ones).
@@ -451,7 +474,7 @@ typedef struct {
 } ab_model_tensor;
 AB_API int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t capacity,
                             int64_t *count);
-/* precision AB_PRECISION_BF16: every matmul of the forward and backward
+/* options->precision AB_PRECISION_BF16: every matmul of the forward and backward
  * (layer projections and classifier) takes bf16 operands (ab_gemm_bf16),
  * accumulates and returns fp32; weights, weight gradients, the optimiser,
  * RMSNorm statistics, softmax, cross-entropy and the residual stream stay

@@ -121,7 +121,34 @@ def test_tensor_table_count_query_and_too_small_capacity():
     assert n[0] == len(expected(cfg, None))
     recs = ffi.new("ab_model_tensor[]", int(n[0]) - 1)
     assert lib.ab_model_tensors(c, recs, int(n[0]) - 1, n) == lib.AB_EINVAL
-    assert "capacity" in ffi.string(lib.ab_last_error()).decode()
+    msg = ffi.string(lib.ab_last_error()).decode()
+    assert msg.startswith("ab_model_tensors: ") and "capacity" in msg, msg   # the public name
+
+
+def test_c_config_fills_struct_size_and_c_refuses_a_wrong_one():
+    """The config's and the options' first member is the caller's sizeof:
+    c_config sets both; an unset or unknown size is AB_EINVAL with a message
+    naming the field, from the check and from a function that takes it."""
+    c = c_config(CONFIGS["untied"], lora=LORAS["qv"], recompute=True, precision="bf16")
+    assert c.struct_size == ffi.sizeof("ab_model_config") > 0
+    assert c.options.struct_size == ffi.sizeof("ab_model_options") > 0
+    assert (c.options.recompute, c.options.precision) == (1, lib.AB_PRECISION_BF16)
+    assert lib.ab_model_config_check(c) == lib.AB_OK
+    c.options.struct_size = 0
+    assert lib.ab_model_config_check(c) == lib.AB_EINVAL
+    assert "ab_model_options.struct_size is 0" in ffi.string(lib.ab_last_error()).decode()
+    c.options = ffi.NULL           # no options: the defaults
+    assert lib.ab_model_config_check(c) == lib.AB_OK
+    lay = ffi.new("ab_model_layout *")
+    for size in (0, ffi.sizeof("ab_model_config") - 8, ffi.sizeof("ab_model_config") + 8):
+        c.struct_size = size
+        lib.ab_clear_error()
+        assert lib.ab_model_config_check(c) == lib.AB_EINVAL
+        assert lib.ab_model_param_layout(c, lay) == lib.AB_EINVAL
+        msg = ffi.string(lib.ab_last_error()).decode()
+        assert msg.startswith("ab_model_param_layout: ab_model_config.struct_size is "
+                              f"{size}"), msg
+        assert f"sizeof(ab_model_config) = {ffi.sizeof('ab_model_config')}" in msg, msg
 
 
 def test_llama_reads_its_views_groups_and_decay_from_the_table():

@@ -499,7 +499,7 @@ def test_c_guards_of_adapters_and_frozen_tensors():
     tok = _tokens()
     m.forward(tok)
     merged = c_config(CFG, lora=lc)
-    merged.lora_merged = 1
+    merged.options.lora_merged = 1
     B, S, ws, _ = m._ws
     assert lib.ab_model_backward(merged, fp(m.flat_params), fp(m.flat_grads), B, S, 1.0, 0,
                                  fp(ws), ws.size) == lib.AB_EINVAL

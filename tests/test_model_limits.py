@@ -143,8 +143,9 @@ def test_decode_sizes_come_back_through_an_out_parameter():
     """ab_model_kv_cache_floats / ab_model_decode_workspace_floats return an
     error code (they returned -1 as a size before) and the size in *out."""
     from anebackward._native import ffi, lib
-    good = dict(dim=8, hidden_dim=12, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=11,
-                max_seq_len=5, shared_classifier=1, norm_eps=1e-5, reference=0)
+    good = dict(struct_size=ffi.sizeof("ab_model_config"), dim=8, hidden_dim=12, n_layers=3,
+                n_heads=4, n_kv_heads=2, vocab_size=11, max_seq_len=5, shared_classifier=1,
+                norm_eps=1e-5)
     out = ffi.new("int64_t *")
     cfg = ffi.new("ab_model_config *", good)
     assert lib.ab_model_kv_cache_floats(cfg, out) == lib.AB_OK

@@ -184,8 +184,9 @@ def test_c_rope_params_are_checked_and_null_means_llama2c(rng):
 
 def test_c_model_config_checks_head_dim():
     from anebackward._native import ffi, lib
-    good = dict(dim=24, hidden_dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=11,
-                max_seq_len=8, shared_classifier=1, norm_eps=1e-5)
+    good = dict(struct_size=ffi.sizeof("ab_model_config"), dim=24, hidden_dim=40, n_layers=2,
+                n_heads=4, n_kv_heads=2, vocab_size=11, max_seq_len=8, shared_classifier=1,
+                norm_eps=1e-5)
     lay = ffi.new("ab_model_layout *")
     assert lib.ab_model_param_layout(ffi.new("ab_model_config *", good), lay) == 0
     assert lay.q_norm == lay.k_norm == lay.n_params          # no q/k norms: empty

@@ -6,7 +6,7 @@
  * int64 sizes throughout. The same code runs llama2.c's Llama 2 and the
  * Hugging Face Llama 3 / Qwen3 shapes: head_dim independent of dim (q is
  * qd = n_heads*head_dim wide), Qwen3's per-head q/k RMSNorm, RoPE layout,
- * theta and Llama-3 scaling (ab_model_config's fields after `reference`).
+ * theta and Llama-3 scaling (ab_model_config's fields after `norm_eps`).
  *
  * Parameters: one flat float buffer laid out by ab_model_param_layout:
  *   [tok_embeddings | wq(L) | wk(L) | wv(L) | wo(L) | w1(L) | w2(L) | w3(L)
@@ -68,6 +68,9 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+/* ab_last_error() names the public function: spec_X runs ab_model_X */
+static const char *public_name(const char *func);
+#define AB_FUNC public_name(__func__)
 #include "ab_internal.h"
 #include "bf16/bf16_internal.h"
 
@@ -152,6 +155,76 @@ static const kernel_table REFERENCE = {
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */
 
+static const char *public_name(const char *func) {
+    static _Thread_local char name[64];   /* copied by ab_fail before any reuse */
+    if (strncmp(func, "spec_", 5) != 0) return func;
+    snprintf(name, sizeof name, "ab_model_%s", func + 5);
+    return name;
+}
+
+/* The model as the code below reads it: the public ab_model_config
+ * (architecture) and ab_model_options (how to run) in one struct, made by
+ * to_spec at each public entry point (the end of this file). */
+typedef struct {
+    int64_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+    int shared_classifier;
+    float norm_eps;
+    int reference;
+    int64_t head_dim;
+    int qk_norm;
+    ab_rope_params rope;
+    int recompute;
+    int precision;
+    int64_t lora_rank;
+    float lora_scale;
+    int lora_targets;
+    int lora_merged;
+    const int64_t *grad_offsets;
+} model_spec;
+
+static int spec_config_check(const model_spec *c);
+static int spec_param_layout(const model_spec *c, ab_model_layout *out);
+static int spec_grad_layout(const model_spec *c, const uint8_t *trainable,
+                            int64_t *grad_offsets, int64_t *n_grads);
+static int spec_tensors(const model_spec *c, ab_model_tensor *out, int64_t capacity,
+                        int64_t *count);
+static int spec_workspace_floats(const model_spec *c, int64_t B, int64_t S, int64_t *total,
+                                 int64_t *logits_offset);
+static int spec_bf16_refresh(const model_spec *c, const float *params, float *work,
+                             int64_t work_floats);
+static int spec_bf16_refresh_adapters(const model_spec *c, const float *params, float *work,
+                                      int64_t work_floats);
+static int spec_forward(double *loss_out, const model_spec *c, const float *params,
+                        const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                        int want_grad, float *work, int64_t work_floats);
+static int spec_forward_batch(double *loss_out, const model_spec *c, const float *params,
+                              const int32_t *tokens, const int32_t *targets, int64_t B,
+                              int64_t S, const ab_batch_layout *layout, int want_grad,
+                              float *work, int64_t work_floats);
+static int spec_forward_logits(double *loss_out, float *logits_out, const model_spec *c,
+                               const float *params, const int32_t *tokens,
+                               const int32_t *targets, int64_t B, int64_t S, int want_grad,
+                               float *work, int64_t work_floats);
+static int spec_forward_ane(double *loss_out, const model_spec *c, const float *params,
+                            const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                            int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                            uint64_t params_version, int ane_flags);
+static int spec_backward(const model_spec *c, const float *params, float *grads, int64_t B,
+                         int64_t S, float grad_scale, int accumulate, float *work,
+                         int64_t work_floats);
+static int spec_backward_notify(const model_spec *c, const float *params, float *grads,
+                                int64_t B, int64_t S, float grad_scale, int accumulate,
+                                float *work, int64_t work_floats, ab_grads_ready_fn ready,
+                                void *user);
+static int spec_backward_ane(const model_spec *c, const float *params, float *grads, int64_t B,
+                             int64_t S, float grad_scale, int accumulate, float *work,
+                             int64_t work_floats, ab_ane_ctx *ane, uint64_t params_version,
+                             int ane_flags);
+static int spec_kv_cache_floats(const model_spec *c, int64_t *out);
+static int spec_decode_workspace_floats(const model_spec *c, int64_t *out);
+static int spec_decode(float *logits, const model_spec *c, const float *params, int32_t token,
+                       int64_t pos, float *kv_cache, float *work, int64_t work_floats);
+
 /* Workspace header: int64 words stored in float slots with memcpy. HDR_N:
  * the forward's rows; HDR_NSEQ: its varlen segments (0: B full rows of S);
  * HDR_WBF: the tag of the bf16 weight copy. */
@@ -174,7 +247,7 @@ typedef struct {
     int64_t L, D, Hd, V, H, KV, hd, qd, kv;
 } dims;
 
-static dims model_dims(const ab_model_config *c) {
+static dims model_dims(const model_spec *c) {
     dims d;
     d.L = c->n_layers; d.D = c->dim; d.Hd = c->hidden_dim; d.V = c->vocab_size;
     d.H = c->n_heads; d.KV = c->n_kv_heads;
@@ -183,7 +256,7 @@ static dims model_dims(const ab_model_config *c) {
     return d;
 }
 
-int ab_model_config_check(const ab_model_config *c) {
+static int spec_config_check(const model_spec *c) {
     AB_NONNULL(c);
     AB_REQUIRE(c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0
                && c->n_kv_heads > 0 && c->vocab_size > 0 && c->max_seq_len > 0, AB_EINVAL);
@@ -233,7 +306,7 @@ static int64_t lora_out(const dims *d, int t) {
     }
 }
 /* Does target t carry an adapter that the forward applies? */
-static int lora_on(const ab_model_config *c, int t) {
+static int lora_on(const model_spec *c, int t) {
     return c->lora_rank > 0 && !c->lora_merged && ((c->lora_targets >> t) & 1);
 }
 
@@ -246,7 +319,7 @@ static int per_layer_kind(int kind) {
     return !(kind == AB_TENSOR_TOK || kind == AB_TENSOR_OUTPUT || kind == AB_TENSOR_NORM);
 }
 
-static int kind_shape(const ab_model_config *c, const dims *d, int kind, int64_t shape[2]) {
+static int kind_shape(const model_spec *c, const dims *d, int kind, int64_t shape[2]) {
     const int64_t D = d->D, Hd = d->Hd, r = c->lora_rank;
     shape[0] = shape[1] = 0;
     switch (kind) {
@@ -275,7 +348,7 @@ static int kind_shape(const ab_model_config *c, const dims *d, int kind, int64_t
     }
 }
 
-static int64_t kind_size(const ab_model_config *c, const dims *d, int kind) {
+static int64_t kind_size(const model_spec *c, const dims *d, int kind) {
     int64_t s[2];
     const int nd = kind_shape(c, d, kind, s);
     return nd == 0 ? 0 : nd == 1 ? s[0] : s[0] * s[1];
@@ -307,8 +380,8 @@ static int64_t kind_start(const ab_model_layout *P, int kind) {
 /* Kinds are numbered in parameter order: each kind's stack of layers
  * follows the previous kind's; the 2-D weights (up to the classifier) come
  * before the norms, so weight decay is the prefix [0, n_decay). */
-int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
-    TRY(ab_model_config_check(c));
+static int spec_param_layout(const model_spec *c, ab_model_layout *o) {
+    TRY(spec_config_check(c));
     AB_NONNULL(o);
     const dims d = model_dims(c);
     int64_t start[AB_TENSOR_KINDS], p = 0;
@@ -337,7 +410,7 @@ int ab_model_param_layout(const ab_model_config *c, ab_model_layout *o) {
 
 /* Tensor (kind, layer): its offset in params and its size, or size 0 when
  * the model has no such tensor. */
-static int64_t tensor_at(const ab_model_config *c, const ab_model_layout *P, const dims *d,
+static int64_t tensor_at(const model_spec *c, const ab_model_layout *P, const dims *d,
                          int kind, int64_t l, int64_t *size) {
     if (!per_layer_kind(kind) && l != 0) { *size = 0; return 0; }
     const int64_t n = kind_size(c, d, kind);
@@ -349,10 +422,10 @@ static int64_t tensor_at(const ab_model_config *c, const ab_model_layout *P, con
  * (all trainable: the parameter layout itself). The table is the one place
  * that says where a gradient lives: the C backward writes there and
  * Python's grads views read the same numbers (ab_model_tensors). */
-int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
-                         int64_t *grad_offsets, int64_t *n_grads) {
+static int spec_grad_layout(const model_spec *c, const uint8_t *trainable,
+                            int64_t *grad_offsets, int64_t *n_grads) {
     ab_model_layout P;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     AB_NONNULL(trainable); AB_NONNULL(grad_offsets); AB_NONNULL(n_grads);
     const dims d = model_dims(c);
     const int64_t L = d.L;
@@ -374,7 +447,7 @@ int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
 }
 
 /* Where tensor (kind, l)'s gradient goes: NULL when it is frozen. */
-static float *grad_of(const ab_model_config *c, const ab_model_layout *P, const dims *d,
+static float *grad_of(const model_spec *c, const ab_model_layout *P, const dims *d,
                       float *grads, int kind, int64_t l) {
     int64_t n;
     const int64_t off = tensor_at(c, P, d, kind, l, &n);
@@ -393,10 +466,10 @@ static const char *const kind_names[AB_TENSOR_KINDS] = {
     "attention.wq", "attention.wk", "attention.wv", "attention.wo",
     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"};
 
-int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t capacity,
-                     int64_t *count) {
+static int spec_tensors(const model_spec *c, ab_model_tensor *out, int64_t capacity,
+                        int64_t *count) {
     ab_model_layout P;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     AB_NONNULL(count);
     const dims d = model_dims(c);
     const int64_t L = d.L;
@@ -439,7 +512,7 @@ int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t cap
 /* The bf16 weight copy covers params[0, n_decay) (the 2-D weights), and
  * with adapters all of params (the norms' few floats are not worth a second
  * indexing), so a weight's copy is always at wbf + (W - params). */
-static int64_t wbf_floats(const ab_model_config *c, const ab_model_layout *P) {
+static int64_t wbf_floats(const model_spec *c, const ab_model_layout *P) {
     return c->lora_rank > 0 ? P->n_params : P->n_decay;
 }
 
@@ -456,8 +529,8 @@ typedef struct {
     int64_t slots, total;
 } ws_layout;
 
-static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_layout *w) {
-    TRY(ab_model_config_check(c));
+static int workspace_layout(const model_spec *c, int64_t B, int64_t S, ws_layout *w) {
+    TRY(spec_config_check(c));
     AB_REQUIRE(B > 0 && S > 0, AB_EINVAL);
     const dims d = model_dims(c);
     {   /* an upper bound of the total in double: no int64 overflow below */
@@ -486,7 +559,7 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     w->WBF = p;            /* bf16: right after the header, whatever B and S */
     if (c->precision == AB_PRECISION_BF16) {
         ab_model_layout P;
-        TRY(ab_model_param_layout(c, &P));
+        TRY(spec_param_layout(c, &P));
         p += ab_div_up(wbf_floats(c, &P), 2);
         p += p & 1;        /* CU below holds int64: keep p even (8-byte aligned) */
     }
@@ -540,8 +613,8 @@ static int workspace_layout(const ab_model_config *c, int64_t B, int64_t S, ws_l
     return AB_OK;
 }
 
-int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S,
-                              int64_t *total, int64_t *logits_offset) {
+static int spec_workspace_floats(const model_spec *c, int64_t B, int64_t S,
+                                 int64_t *total, int64_t *logits_offset) {
     AB_NONNULL(total);
     ws_layout w;
     TRY(workspace_layout(c, B, S, &w));
@@ -563,7 +636,7 @@ typedef struct {
     const int32_t *pos;
 } batch_rows;
 
-static int rope_rows(const kernel_table *k, const ab_model_config *c, const batch_rows *g,
+static int rope_rows(const kernel_table *k, const model_spec *c, const batch_rows *g,
                      float *x, int64_t heads, int64_t hd, int backward) {
     if (g->n_seq == 0)
         return backward ? k->rope_backward(x, x, g->B, g->S, heads, hd, 0, &c->rope)
@@ -619,7 +692,7 @@ typedef struct {
 } proj_ctx;
 enum { X_READY = 1, DY_READY = 2 };
 
-static proj_ctx proj_make(const kernel_table *k, const ane_route *r, const ab_model_config *c,
+static proj_ctx proj_make(const kernel_table *k, const ane_route *r, const model_spec *c,
                           const ws_layout *W, const float *params, float *work) {
     proj_ctx p = {k, r, c->precision == AB_PRECISION_BF16, params, NULL, work, NULL};
     if (p.bf16) {
@@ -667,7 +740,7 @@ static int proj_dW(const proj_ctx *p, float *dW, const float *dy, const float *x
  * Every product goes through proj_forward / proj_dx / proj_dW (fp32 or
  * bf16: A and B have their copy in WBF like the base weights). */
 typedef struct {
-    const ab_model_config *c;
+    const model_spec *c;
     const dims *d;
     const ab_model_layout *P;
     const ws_layout *W;
@@ -696,7 +769,7 @@ static int lora_forward(const proj_ctx *pj, const lora_ctx *z, int t, int64_t l,
 
 /* Layer l's forward from X[l]: its activations into their slot and, if
  * write_next, X[l+1] (a backward recompute leaves X[l+1] alone). */
-static int layer_forward(const kernel_table *k, const ane_route *r, const ab_model_config *c,
+static int layer_forward(const kernel_table *k, const ane_route *r, const model_spec *c,
                          const dims *d, const ab_model_layout *P, const ws_layout *W,
                          const float *params, float *work, const batch_rows *g, int64_t l,
                          int write_next) {
@@ -757,10 +830,10 @@ static int layer_forward(const kernel_table *k, const ane_route *r, const ab_mod
     return AB_OK;
 }
 
-int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
-                          int64_t work_floats) {
+static int spec_bf16_refresh(const model_spec *c, const float *params, float *work,
+                             int64_t work_floats) {
     ab_model_layout P;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     AB_REQUIRE(c->precision == AB_PRECISION_BF16, AB_EINVAL);
     AB_NONNULL(params); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
@@ -774,10 +847,10 @@ int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *
     return AB_OK;
 }
 
-int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params, float *work,
-                                   int64_t work_floats) {
+static int spec_bf16_refresh_adapters(const model_spec *c, const float *params, float *work,
+                                      int64_t work_floats) {
     ab_model_layout P;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     AB_REQUIRE(c->precision == AB_PRECISION_BF16 && c->lora_rank > 0, AB_EINVAL);
     AB_NONNULL(params); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= HDR_FLOATS + ab_div_up(P.n_params, 2), AB_EWORKSPACE);
@@ -803,13 +876,13 @@ static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S)
 
 /* The forward of every entry point: full rows (layout NULL) or a varlen
  * batch; layer projections on the CPU or, with a route, the ANE. */
-static int model_forward(double *loss_out, const ab_model_config *c, const float *params,
+static int model_forward(double *loss_out, const model_spec *c, const float *params,
                          const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                          const ab_batch_layout *layout, int want_grad, float *work,
                          int64_t work_floats, const ane_route *r) {
     ab_model_layout P;
     ws_layout W;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     TRY(workspace_layout(c, B, S, &W));
     AB_NONNULL(params); AB_NONNULL(tokens); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= W.total, AB_EWORKSPACE);
@@ -839,7 +912,7 @@ static int model_forward(double *loss_out, const ab_model_config *c, const float
     const int bf16 = c->precision == AB_PRECISION_BF16;
     /* bf16: the weights' copy must have been made (ab_model_bf16_refresh) */
     AB_REQUIRE_MSG(!bf16 || hdr_get(work, HDR_WBF) == WBF_TAG, AB_EINVAL,
-                   "bf16: call ab_model_bf16_refresh after each change of params");
+                   "bf16: call spec_bf16_refresh after each change of params");
     const proj_ctx pj = proj_make(k, NULL, c, &W, params, work);   /* the classifier: CPU */
 
     hdr_set(work, HDR_TAG, 0);
@@ -874,17 +947,17 @@ static int model_forward(double *loss_out, const ab_model_config *c, const float
     return AB_OK;
 }
 
-int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
-                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                     int want_grad, float *work, int64_t work_floats) {
+static int spec_forward(double *loss_out, const model_spec *c, const float *params,
+                        const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                        int want_grad, float *work, int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
                          work_floats, NULL);
 }
 
-int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const float *params,
-                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                           const ab_batch_layout *layout, int want_grad, float *work,
-                           int64_t work_floats) {
+static int spec_forward_batch(double *loss_out, const model_spec *c, const float *params,
+                              const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                              const ab_batch_layout *layout, int want_grad, float *work,
+                              int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, layout, want_grad, work,
                          work_floats, NULL);
 }
@@ -893,10 +966,10 @@ int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const flo
  * without targets (activations and logits in the workspace), a copy of the
  * logits, then the same cross-entropy over them in place (loss, and dlogits
  * with want_grad) as ab_model_forward's. Bit-identical loss and dlogits. */
-int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_config *c,
-                            const float *params, const int32_t *tokens, const int32_t *targets,
-                            int64_t B, int64_t S, int want_grad, float *work,
-                            int64_t work_floats) {
+static int spec_forward_logits(double *loss_out, float *logits_out, const model_spec *c,
+                               const float *params, const int32_t *tokens, const int32_t *targets,
+                               int64_t B, int64_t S, int want_grad, float *work,
+                               int64_t work_floats) {
     ws_layout W;
     AB_NONNULL(logits_out);
     AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
@@ -918,10 +991,10 @@ int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_
     return AB_OK;
 }
 
-int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
-                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
-                         int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
-                         uint64_t params_version, int ane_flags) {
+static int spec_forward_ane(double *loss_out, const model_spec *c, const float *params,
+                            const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                            int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                            uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
@@ -1006,7 +1079,7 @@ static int lora_backward(ane_queue *q, const proj_ctx *pj, const lora_ctx *z, fl
                          int64_t l, float *dx, const float *dy, const float *x, int64_t N,
                          int acc, int dy_ready, int x_ready) {
     if (!lora_on(z->c, t)) return AB_OK;
-    const ab_model_config *c = z->c;
+    const model_spec *c = z->c;
     const int64_t r = c->lora_rank, in = lora_in(z->d, t), out = lora_out(z->d, t);
     const float s = c->lora_scale;
     const float *A = z->params + z->P->lora_a[t] + l * r * in;
@@ -1049,31 +1122,31 @@ static void announce(const ready_hook *h, int64_t group) {
     if (h && h->fn) h->fn(h->user, group);      /* h NULL: the ANE path */
 }
 
-static int model_backward(const ab_model_config *c, const float *params, float *grads,
+static int model_backward(const model_spec *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
                           float *work, int64_t work_floats, ane_queue *q, const ready_hook *h);
 
-int ab_model_backward(const ab_model_config *c, const float *params, float *grads,
-                      int64_t B, int64_t S, float grad_scale, int accumulate,
-                      float *work, int64_t work_floats) {
-    return ab_model_backward_notify(c, params, grads, B, S, grad_scale, accumulate, work,
+static int spec_backward(const model_spec *c, const float *params, float *grads,
+                         int64_t B, int64_t S, float grad_scale, int accumulate,
+                         float *work, int64_t work_floats) {
+    return spec_backward_notify(c, params, grads, B, S, grad_scale, accumulate, work,
                                     work_floats, NULL, NULL);
 }
 
-int ab_model_backward_notify(const ab_model_config *c, const float *params, float *grads,
-                             int64_t B, int64_t S, float grad_scale, int accumulate,
-                             float *work, int64_t work_floats,
-                             ab_grads_ready_fn ready, void *user) {
+static int spec_backward_notify(const model_spec *c, const float *params, float *grads,
+                                int64_t B, int64_t S, float grad_scale, int accumulate,
+                                float *work, int64_t work_floats,
+                                ab_grads_ready_fn ready, void *user) {
     ane_queue q = {0};
     ready_hook h = {ready, user};
     return model_backward(c, params, grads, B, S, grad_scale, accumulate, work, work_floats, &q,
                           &h);
 }
 
-int ab_model_backward_ane(const ab_model_config *c, const float *params, float *grads,
-                          int64_t B, int64_t S, float grad_scale, int accumulate,
-                          float *work, int64_t work_floats, ab_ane_ctx *ane,
-                          uint64_t params_version, int ane_flags) {
+static int spec_backward_ane(const model_spec *c, const float *params, float *grads,
+                             int64_t B, int64_t S, float grad_scale, int accumulate,
+                             float *work, int64_t work_floats, ab_ane_ctx *ane,
+                             uint64_t params_version, int ane_flags) {
     AB_REQUIRE(!c || !c->reference || !ane, AB_EINVAL);   /* the seed loops stay seed loops */
     AB_REQUIRE(!c || c->precision == AB_PRECISION_FP32 || !ane, AB_EINVAL);   /* fp32 only */
     AB_REQUIRE(ane_flags == 0 || ane_flags == AB_ANE_STRICT, AB_EINVAL);
@@ -1090,12 +1163,12 @@ int ab_model_backward_ane(const ab_model_config *c, const float *params, float *
     return rc;
 }
 
-static int model_backward(const ab_model_config *c, const float *params, float *grads,
+static int model_backward(const model_spec *c, const float *params, float *grads,
                           int64_t B, int64_t S, float grad_scale, int accumulate,
                           float *work, int64_t work_floats, ane_queue *q, const ready_hook *h) {
     ab_model_layout P;
     ws_layout W;
-    TRY(ab_model_param_layout(c, &P));
+    TRY(spec_param_layout(c, &P));
     TRY(workspace_layout(c, B, S, &W));
     AB_NONNULL(params); AB_NONNULL(grads); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= HDR_FLOATS, AB_EWORKSPACE);
@@ -1262,15 +1335,15 @@ end:
  * with qk_norm also qr [qd] (the norms' input), after q.
  * Both sizes are bounded by ab_model_config_check (in double, before any
  * int64 product: 2*L*T*qd + 4*(dim + qd) + 2*hidden + T < 2^52, kv <= qd). */
-int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out) {
-    TRY(ab_model_config_check(c));
+static int spec_kv_cache_floats(const model_spec *c, int64_t *out) {
+    TRY(spec_config_check(c));
     AB_NONNULL(out);
     *out = 2 * c->n_layers * c->max_seq_len * model_dims(c).kv;
     return AB_OK;
 }
 
-int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out) {
-    TRY(ab_model_config_check(c));
+static int spec_decode_workspace_floats(const model_spec *c, int64_t *out) {
+    TRY(spec_config_check(c));
     AB_NONNULL(out);
     const dims d = model_dims(c);
     *out = 2 * d.D + (d.D > d.qd ? d.D : d.qd) + (c->qk_norm ? 2 : 1) * d.qd + 2 * d.Hd
@@ -1278,13 +1351,13 @@ int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out) {
     return AB_OK;
 }
 
-int ab_model_decode(float *logits, const ab_model_config *c, const float *params,
-                    int32_t token, int64_t pos, float *kv_cache, float *work,
-                    int64_t work_floats) {
+static int spec_decode(float *logits, const model_spec *c, const float *params,
+                       int32_t token, int64_t pos, float *kv_cache, float *work,
+                       int64_t work_floats) {
     ab_model_layout P;
     int64_t need;
-    TRY(ab_model_param_layout(c, &P));
-    TRY(ab_model_decode_workspace_floats(c, &need));
+    TRY(spec_param_layout(c, &P));
+    TRY(spec_decode_workspace_floats(c, &need));
     AB_NONNULL(logits); AB_NONNULL(params); AB_NONNULL(kv_cache); AB_NONNULL(work);
     AB_REQUIRE(work_floats >= need, AB_EWORKSPACE);
     AB_REQUIRE(pos >= 0 && pos < c->max_seq_len, AB_EINVAL);
@@ -1347,4 +1420,138 @@ int ab_model_decode(float *logits, const ab_model_config *c, const float *params
     TRY(k->rmsnorm_forward(xb, x, params + P.norm, 1, D, eps));
     TRY(k->linear_forward(logits, xb, params + P.output, 1, D, V));
     return AB_OK;
+}
+
+/* ---- the public API: each function checks the caller's struct sizes,
+ * makes the model_spec above and runs the function of the same name. A
+ * later version that appends fields reads them only when struct_size says
+ * the caller's struct has them (the defaults otherwise). */
+static int to_spec(const ab_model_config *c, model_spec *s, const char *func) {
+    if (!c) return ab_fail(AB_ENULL, func, NULL, "c is NULL");
+    if (c->struct_size != sizeof(ab_model_config))
+        return ab_fail(AB_EINVAL, func, NULL, "ab_model_config.struct_size is %u, not this "
+                       "library's sizeof(ab_model_config) = %u: set it to sizeof(ab_model_config)",
+                       (unsigned)c->struct_size, (unsigned)sizeof(ab_model_config));
+    const ab_model_options *o = c->options;
+    if (o && o->struct_size != sizeof(ab_model_options))
+        return ab_fail(AB_EINVAL, func, NULL, "ab_model_options.struct_size is %u, not this "
+                       "library's sizeof(ab_model_options) = %u: set it to "
+                       "sizeof(ab_model_options)",
+                       (unsigned)o->struct_size, (unsigned)sizeof(ab_model_options));
+    *s = (model_spec){.dim = c->dim, .hidden_dim = c->hidden_dim, .n_layers = c->n_layers,
+                      .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
+                      .vocab_size = c->vocab_size, .max_seq_len = c->max_seq_len,
+                      .shared_classifier = c->shared_classifier, .norm_eps = c->norm_eps,
+                      .head_dim = c->head_dim, .qk_norm = c->qk_norm, .rope = c->rope,
+                      .lora_rank = c->lora_rank, .lora_scale = c->lora_scale,
+                      .lora_targets = c->lora_targets};
+    if (o) {
+        s->reference = o->reference;
+        s->recompute = o->recompute;
+        s->precision = o->precision;
+        s->lora_merged = o->lora_merged;
+        s->grad_offsets = o->grad_offsets;
+    }
+    return AB_OK;
+}
+#define SPEC(c) model_spec s; TRY(to_spec((c), &s, __func__))
+
+int ab_model_config_check(const ab_model_config *c) {
+    SPEC(c);
+    return spec_config_check(&s);
+}
+int ab_model_param_layout(const ab_model_config *c, ab_model_layout *out) {
+    SPEC(c);
+    return spec_param_layout(&s, out);
+}
+int ab_model_grad_layout(const ab_model_config *c, const uint8_t *trainable,
+                         int64_t *grad_offsets, int64_t *n_grads) {
+    SPEC(c);
+    return spec_grad_layout(&s, trainable, grad_offsets, n_grads);
+}
+int ab_model_tensors(const ab_model_config *c, ab_model_tensor *out, int64_t capacity,
+                     int64_t *count) {
+    SPEC(c);
+    return spec_tensors(&s, out, capacity, count);
+}
+int ab_model_workspace_floats(const ab_model_config *c, int64_t B, int64_t S, int64_t *total,
+                              int64_t *logits_offset) {
+    SPEC(c);
+    return spec_workspace_floats(&s, B, S, total, logits_offset);
+}
+int ab_model_bf16_refresh(const ab_model_config *c, const float *params, float *work,
+                          int64_t work_floats) {
+    SPEC(c);
+    return spec_bf16_refresh(&s, params, work, work_floats);
+}
+int ab_model_bf16_refresh_adapters(const ab_model_config *c, const float *params, float *work,
+                                   int64_t work_floats) {
+    SPEC(c);
+    return spec_bf16_refresh_adapters(&s, params, work, work_floats);
+}
+int ab_model_forward(double *loss_out, const ab_model_config *c, const float *params,
+                     const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                     int want_grad, float *work, int64_t work_floats) {
+    SPEC(c);
+    return spec_forward(loss_out, &s, params, tokens, targets, B, S, want_grad, work,
+        work_floats);
+}
+int ab_model_forward_batch(double *loss_out, const ab_model_config *c, const float *params,
+                           const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                           const ab_batch_layout *layout, int want_grad, float *work,
+                           int64_t work_floats) {
+    SPEC(c);
+    return spec_forward_batch(loss_out, &s, params, tokens, targets, B, S, layout, want_grad,
+        work, work_floats);
+}
+int ab_model_forward_logits(double *loss_out, float *logits_out, const ab_model_config *c,
+                            const float *params, const int32_t *tokens, const int32_t *targets,
+                            int64_t B, int64_t S, int want_grad, float *work,
+                            int64_t work_floats) {
+    SPEC(c);
+    return spec_forward_logits(loss_out, logits_out, &s, params, tokens, targets, B, S,
+        want_grad, work, work_floats);
+}
+int ab_model_forward_ane(double *loss_out, const ab_model_config *c, const float *params,
+                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
+                         int want_grad, float *work, int64_t work_floats, ab_ane_ctx *ane,
+                         uint64_t params_version, int ane_flags) {
+    SPEC(c);
+    return spec_forward_ane(loss_out, &s, params, tokens, targets, B, S, want_grad, work,
+        work_floats, ane, params_version, ane_flags);
+}
+int ab_model_backward(const ab_model_config *c, const float *params, float *grads, int64_t B,
+                      int64_t S, float grad_scale, int accumulate, float *work,
+                      int64_t work_floats) {
+    SPEC(c);
+    return spec_backward(&s, params, grads, B, S, grad_scale, accumulate, work, work_floats);
+}
+int ab_model_backward_notify(const ab_model_config *c, const float *params, float *grads,
+                             int64_t B, int64_t S, float grad_scale, int accumulate,
+                             float *work, int64_t work_floats, ab_grads_ready_fn ready,
+                             void *user) {
+    SPEC(c);
+    return spec_backward_notify(&s, params, grads, B, S, grad_scale, accumulate, work,
+        work_floats, ready, user);
+}
+int ab_model_backward_ane(const ab_model_config *c, const float *params, float *grads,
+                          int64_t B, int64_t S, float grad_scale, int accumulate, float *work,
+                          int64_t work_floats, ab_ane_ctx *ane, uint64_t params_version,
+                          int ane_flags) {
+    SPEC(c);
+    return spec_backward_ane(&s, params, grads, B, S, grad_scale, accumulate, work, work_floats,
+        ane, params_version, ane_flags);
+}
+int ab_model_kv_cache_floats(const ab_model_config *c, int64_t *out) {
+    SPEC(c);
+    return spec_kv_cache_floats(&s, out);
+}
+int ab_model_decode_workspace_floats(const ab_model_config *c, int64_t *out) {
+    SPEC(c);
+    return spec_decode_workspace_floats(&s, out);
+}
+int ab_model_decode(float *logits, const ab_model_config *c, const float *params, int32_t token,
+                    int64_t pos, float *kv_cache, float *work, int64_t work_floats) {
+    SPEC(c);
+    return spec_decode(logits, &s, params, token, pos, kv_cache, work, work_floats);
 }

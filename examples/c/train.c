@@ -138,7 +138,8 @@ static int load_checkpoint(const char *path, ab_model_config *c, ab_model_layout
     if (fread(h, sizeof h, 1, f) != 1) { fclose(f); return fail(path, "too short for a header"); }
     /* designated: the fields not named (head_dim, qk_norm, rope, ...) are
      * zero, which is llama2.c's model */
-    *c = (ab_model_config){.dim = h[0], .hidden_dim = h[1], .n_layers = h[2], .n_heads = h[3],
+    *c = (ab_model_config){.struct_size = sizeof(ab_model_config),
+                           .dim = h[0], .hidden_dim = h[1], .n_layers = h[2], .n_heads = h[3],
                            .n_kv_heads = h[4], .vocab_size = h[5] < 0 ? -(int64_t)h[5] : h[5],
                            .max_seq_len = h[6], .shared_classifier = h[5] > 0,
                            .norm_eps = 1e-5f};

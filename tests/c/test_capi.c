@@ -87,9 +87,10 @@ static void on_ready(void *user, int64_t group) {
 }
 
 static void test_model(void) {
-    ab_model_config c = {.dim = 16, .hidden_dim = 40, .n_layers = 2, .n_heads = 4,
-                         .n_kv_heads = 2, .vocab_size = 23, .max_seq_len = 12,
-                         .shared_classifier = 0, .norm_eps = 1e-5f, .reference = 0};
+    /* the architecture only; options NULL: the defaults (fp32, no recomputation) */
+    ab_model_config c = {.struct_size = sizeof c, .dim = 16, .hidden_dim = 40, .n_layers = 2,
+                         .n_heads = 4, .n_kv_heads = 2, .vocab_size = 23, .max_seq_len = 12,
+                         .shared_classifier = 0, .norm_eps = 1e-5f};
     ab_model_layout P;
     expect("ab_model_param_layout", ab_model_param_layout(&c, &P) == AB_OK && P.n_params > 0);
     /* the tensor table: 1 + 7 L + 1 + 2 L + 1 tensors, packed, ending at n_params */
@@ -220,6 +221,50 @@ static void test_model(void) {
     bad.n_heads = 3;
     expect("a bad config: AB_EINVAL from the size functions",
            ab_model_kv_cache_floats(&bad, &nkv) == AB_EINVAL);
+    /* struct_size: an unset (0) or unknown size is refused before any other
+     * field is read, and ab_last_error() names the field and the fix */
+    const uint32_t sizes[] = {0, (uint32_t)sizeof(ab_model_config) - 8,
+                              (uint32_t)sizeof(ab_model_config) + 8};
+    const uint32_t osizes[] = {0, (uint32_t)sizeof(ab_model_options) - 8,
+                               (uint32_t)sizeof(ab_model_options) + 8};
+    ab_model_options bad_o = {.struct_size = sizeof bad_o};
+    for (int i = 0; i < 3; i++) {
+        bad = c;
+        bad.struct_size = sizes[i];
+        ab_clear_error();
+        expect("a wrong config struct_size: AB_EINVAL", ab_model_param_layout(&bad, &P) == AB_EINVAL
+               && ab_model_forward(&loss, &bad, params, tok, tgt, B, S, 1, work, nw) == AB_EINVAL);
+        expect("a wrong config struct_size: ab_last_error says struct_size and sizeof",
+               strstr(ab_last_error(), "ab_model_config.struct_size") != NULL
+               && strstr(ab_last_error(), "sizeof(ab_model_config)") != NULL);
+        bad = c;
+        bad_o.struct_size = osizes[i];
+        bad.options = &bad_o;
+        ab_clear_error();
+        expect("a wrong options struct_size: AB_EINVAL",
+               ab_model_workspace_floats(&bad, B, S, &nkv, NULL) == AB_EINVAL);
+        expect("a wrong options struct_size: ab_last_error says so",
+               strstr(ab_last_error(), "ab_model_options.struct_size") != NULL);
+    }
+    /* the same architecture under other options: recomputation gives the
+     * default's gradients bit for bit (in a workspace of its own size) */
+    ab_model_options rec = {.struct_size = sizeof rec, .recompute = 1};
+    ab_model_config crec = c;
+    crec.options = &rec;
+    int64_t nwr = 0;
+    expect("workspace with options", ab_model_workspace_floats(&crec, B, S, &nwr, NULL) == AB_OK
+           && nwr > 0 && nwr < nw);
+    float *workr = calloc(nwr, sizeof(float)), *gr = malloc(P.n_params * sizeof(float));
+    float *g0 = malloc(P.n_params * sizeof(float));
+    expect("default forward + backward",
+           ab_model_forward(&loss, &c, params, tok, tgt, B, S, 1, work, nw) == AB_OK
+           && ab_model_backward(&c, params, g0, B, S, 1.0f, 0, work, nw) == AB_OK);
+    expect("recompute forward + backward",
+           ab_model_forward(&loss, &crec, params, tok, tgt, B, S, 1, workr, nwr) == AB_OK
+           && ab_model_backward(&crec, params, gr, B, S, 1.0f, 0, workr, nwr) == AB_OK);
+    expect("options.recompute: the same gradients bit for bit",
+           memcmp(g0, gr, P.n_params * sizeof(float)) == 0);
+    free(workr); free(gr); free(g0);
     free(params); free(grads); free(work); free(kv); free(dw); free(lg);
 }
 
