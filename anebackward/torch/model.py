@@ -325,6 +325,31 @@ class ModelFunction(torch.autograd.Function):
         return (None, None, None, None, None, None, *grads)
 
 
+@torch._dynamo.disable   # a one-time side effect on the module tree, never traced
+def bind_parameters(slot, root, cfg, own, lora=None, trainable=None):
+    """The one binding of torch parameters to a C engine (the llama2.c
+    adapter, the HF drop-in, HF under peft). own maps every tensor name of
+    the engine (layout.tensor_specs(cfg, lora)) to the torch parameter that
+    holds it. A fresh anebackward.Llama(cfg, lora=, trainable=) gets their
+    values once; then every parameter views its place in the engine's flat
+    buffer (no second copy) and the slot binds the trainable ones. The
+    engine, or None (the parameters are not exactly the engine's tensors,
+    or not CPU float32): the caller then takes its own path."""
+    specs = tensor_specs(cfg, lora)
+    if set(own) != {n for n, _, _ in specs}:
+        return None
+    if not all(p.device.type == "cpu" and p.dtype == torch.float32 for p in own.values()):
+        return None   # e.g. bfloat16 weights: the per-op / HF path
+    engine = anebackward.Llama(cfg, init=False, lora=lora, trainable=trainable)
+    with torch.no_grad():
+        for name, _, _ in specs:
+            view = torch.from_numpy(engine.params[name])
+            view.copy_(own[name])
+            own[name].data = view
+    slot.bind(engine, engine._grad_specs, [own[n] for n, _, _ in engine._grad_specs], root)
+    return engine
+
+
 @torch._dynamo.disable
 def model_step(slot, tokens, targets, want_logits=False):
     """ModelFunction over an EngineSlot: the loss, or (loss, logits). One
@@ -586,17 +611,7 @@ class Transformer(nn.Module):
                               norm_eps=p.norm_eps)
         except ValueError:
             return
-        specs = tensor_specs(cfg)
-        own = dict(self.named_parameters())
-        if sorted(own) != sorted(name for name, _, _ in specs):
-            return
-        engine = anebackward.Llama(cfg, init=False)
-        with torch.no_grad():
-            for name, _, _ in specs:
-                view = torch.from_numpy(engine.params[name])
-                view.copy_(own[name])
-                own[name].data = view
-        self._slot.bind(engine, specs, [own[name] for name, _, _ in specs], self)
+        bind_parameters(self._slot, self, cfg, dict(self.named_parameters()))
 
     def _one_call_ok(self, tokens, targets):
         """Whether this call can take the one-call path."""

@@ -52,7 +52,8 @@ import torch
 
 from ..torch.functions import (AttentionWorkspace, attention, chunked_classifier_cross_entropy,
                                rmsnorm, rope, swiglu)
-from ..torch.model import EngineSlot, autocast_precision, own_forward, precision_step
+from ..torch.model import (EngineSlot, autocast_precision, bind_parameters, own_forward,
+                           precision_step)
 
 _WORKSPACE = AttentionWorkspace()
 _IGNORE_INDEX = -100  # HF's label ignore index; the kernel's is -1
@@ -243,29 +244,18 @@ def _bind(model, slot):
     """Bind the model's parameters to a fresh C engine (values copied once,
     then every parameter views the engine's flat buffer); False when the
     C model does not take this model as it is now."""
-    from .. import Llama
     from ..hf import config_from_hf, hf_name
     from ..layout import tensor_specs
     try:
         cfg = config_from_hf(model.config.to_dict())
     except Exception:  # noqa: BLE001 - any config the C model does not speak: per-op path
         return False
-    specs = tensor_specs(cfg)
     own = dict(model.named_parameters())
-    names = [hf_name(n) for n, _, _ in specs]
-    if sorted(own) != sorted(names):
+    names = {n: hf_name(n) for n, _, _ in tensor_specs(cfg)}
+    if sorted(own) != sorted(names.values()):
         from . import _peft   # peft's LoRA layers: the engine with adapters, or refused
         return _peft.bind(model, slot, cfg)
-    if not all(_cpu_f32(p) for p in own.values()):
-        return False  # e.g. bfloat16
-    engine = Llama(cfg, init=False)
-    with torch.no_grad():
-        for (name, _, _), hn in zip(specs, names):
-            view = torch.from_numpy(engine.params[name])
-            view.copy_(own[hn])
-            own[hn].data = view
-    slot.bind(engine, specs, [own[hn] for hn in names], model)
-    return True
+    return bind_parameters(slot, model, cfg, {n: own[h] for n, h in names.items()}) is not None
 
 
 def _one_call_slot(model):

@@ -87,7 +87,7 @@ def bind(model, slot, cfg):
     """Bind a peft-wrapped LlamaForCausalLM / Qwen3ForCausalLM (the module
     peft's LoraModel holds) to an anebackward.Llama with adapters; False
     when the model is not plain LoRA on the projections (see the module doc)."""
-    from .. import Llama
+    from ..torch.model import bind_parameters
     from ..hf import hf_name
     from ..layout import TARGETS, tensor_specs
     from ..lora import LoraConfig
@@ -149,16 +149,10 @@ def bind(model, slot, cfg):
     if set(hf) != set(by_ours):
         return False     # e.g. DoRA's magnitude, an adapter bias
     own = {n: by_ours[h] for h, n in hf.items()}
-    if not all(p.device.type == "cpu" and p.dtype == torch.float32 for p in own.values()):
-        return False
     trainable = [n for n, _, _ in specs if own[n].requires_grad]
-    engine = Llama(cfg, init=False, lora=lc, trainable=trainable)
-    with torch.no_grad():
-        for n, _, _ in specs:
-            view = torch.from_numpy(engine.params[n])
-            view.copy_(own[n])
-            own[n].data = view
-    params = [own[n] for n, _, _ in engine._grad_specs]
+    engine = bind_parameters(slot, model, cfg, own, lora=lc, trainable=trainable)
+    if engine is None:
+        return False
     every = [(own[n], int(engine.params[n].ctypes.data)) for n, _, _ in specs]
     seen = _state(layers, adapter, own)
 
@@ -167,7 +161,7 @@ def bind(model, slot, cfg):
                     for p, ptr in every)
                 and _state(layers, adapter, own) == seen)
 
-    slot.bind(engine, engine._grad_specs, params, model, check=check)
+    slot.check = check
     return True
 
 
