@@ -154,22 +154,28 @@ static void grid_task(void *ctx, int64_t t, int worker) {
                              j->ldc, 1));
 }
 
+/* a per-thread scratch buffer of at least `bytes` (grown, never shrunk, kept
+ * for the thread's next tile); NULL when out of memory */
+static void *thread_scratch(void **buf, size_t *cap, size_t bytes) {
+    if (bytes > *cap) {
+        free(*buf);
+        *buf = malloc(bytes);
+        *cap = *buf ? bytes : 0;
+    }
+    return *buf;
+}
+
 /* column tiles of a wide C (all M rows, tn columns): into a dense per-thread
  * buffer, then copied (or added) into C. Each tile packs only its slice of B,
  * where row tiles would each pack all of it. */
-static _Thread_local float *t_ctile;
-static _Thread_local size_t t_ctile_floats;
+static _Thread_local void *t_ctile;
+static _Thread_local size_t t_ctile_bytes;
 
 static void wide_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t n0 = t * j->tn, n = n0 + j->tn < j->N ? j->tn : j->N - n0, M = j->M;
-    if ((size_t)(M * n) > t_ctile_floats) {
-        free(t_ctile);
-        t_ctile = malloc((size_t)(M * n) * sizeof(float));
-        t_ctile_floats = t_ctile ? (size_t)(M * n) : 0;
-        if (!t_ctile) { fail(j, AB_ENOMEM); return; }
-    }
-    float *T = t_ctile;
+    float *T = thread_scratch(&t_ctile, &t_ctile_bytes, (size_t)(M * n) * sizeof(float));
+    if (!T) { fail(j, AB_ENOMEM); return; }
     int rc = ab_onednn_matmul(j->transA, j->transB, M, n, j->K, j->A, j->lda, bb_at(j, 0, n0),
                               j->ldb, 0, T, n, 1);
     if (rc) { fail(j, rc); return; }
@@ -189,21 +195,17 @@ static void wide_task(void *ctx, int64_t t, int worker) {
  * are first copied into a dense per-thread [K, m] buffer, so that oneDNN's
  * AMX kernel takes them (it reads dense operands only; the copy is one pass
  * over A in all, row pieces of m values, no transpose) */
-static _Thread_local uint16_t *t_atile;
-static _Thread_local size_t t_atile_n;
+static _Thread_local void *t_atile;
+static _Thread_local size_t t_atile_bytes;
 
 static void gather_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t m0 = t * j->tm, m = m0 + j->tm < j->M ? j->tm : j->M - m0, K = j->K;
-    if ((size_t)(K * m) > t_atile_n) {
-        free(t_atile);
-        t_atile = malloc((size_t)(K * m) * sizeof(uint16_t));
-        t_atile_n = t_atile ? (size_t)(K * m) : 0;
-        if (!t_atile) { fail(j, AB_ENOMEM); return; }
-    }
+    uint16_t *At = thread_scratch(&t_atile, &t_atile_bytes, (size_t)(K * m) * sizeof(uint16_t));
+    if (!At) { fail(j, AB_ENOMEM); return; }
     for (int64_t k = 0; k < K; k++)
-        memcpy(t_atile + k * m, j->A + k * j->lda + m0, (size_t)m * sizeof(uint16_t));
-    fail(j, ab_onednn_matmul(1, j->transB, m, j->N, K, t_atile, m, j->B, j->ldb, j->accumulate,
+        memcpy(At + k * m, j->A + k * j->lda + m0, (size_t)m * sizeof(uint16_t));
+    fail(j, ab_onednn_matmul(1, j->transB, m, j->N, K, At, m, j->B, j->ldb, j->accumulate,
                              j->C + m0 * j->ldc, j->ldc, 1));
 }
 
