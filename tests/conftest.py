@@ -68,6 +68,19 @@ def import_hf_test(name):
                     f"that need it are not run here")
 
 
+@pytest.fixture(scope="module")
+def hf():
+    """transformers (the hf extra), imported as import_hf() says."""
+    return import_hf()
+
+
+@pytest.fixture
+def abt(hf):
+    """anebackward.transformers (the drop-in; needs transformers)."""
+    import anebackward.transformers as abt
+    return abt
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -5,21 +5,10 @@ import copy
 
 import pytest
 
-from conftest import import_hf, import_hf_test
+from conftest import import_hf_test
 
 RTOL = 1e-5
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")  # apply() sets the package's threads
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return import_hf()
-
-
-@pytest.fixture
-def abt(hf):
-    import anebackward.transformers as abt
-    return abt
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import copy
 import numpy as np
 import pytest
 
-from conftest import import_hf
 from test_transformers import batch, build, calls, rel  # noqa: F401 - calls is a fixture
 
 pytestmark = pytest.mark.usefixtures("keep_blas_threads", "bf16_runs")
@@ -25,17 +24,6 @@ pytestmark = pytest.mark.usefixtures("keep_blas_threads", "bf16_runs")
 # close to the autocast reference (9e-3 .. 1.2e-2), so these bounds check
 # closeness only; the bit-equality against the bf16 engine checks precision.
 LOSS_RTOL, GRAD_RTOL = 2e-4, 2e-2
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return import_hf()
-
-
-@pytest.fixture
-def abt(hf):
-    import anebackward.transformers as abt
-    return abt
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from test_transformers import abt, assert_same, build, calls, hf, step  # noqa: F401 (fixtures)
+from test_transformers import assert_same, build, calls, step  # noqa: F401 (calls: a fixture)
 
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")
 

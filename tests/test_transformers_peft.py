@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from conftest import import_hf, import_hf_test
+from conftest import import_hf_test
 from test_transformers import assert_same, batch, build, rel, step
 
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")  # apply() sets the package's threads
@@ -16,19 +16,8 @@ ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return import_hf()
-
-
-@pytest.fixture(scope="module")
 def peft(hf):
     return import_hf_test("peft")
-
-
-@pytest.fixture
-def abt(hf):
-    import anebackward.transformers as abt
-    return abt
 
 
 @pytest.fixture

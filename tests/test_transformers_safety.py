@@ -5,21 +5,9 @@ import copy
 
 import pytest
 
-from conftest import import_hf
 from test_transformers import assert_same, batch, build, rel, step
 
 pytestmark = pytest.mark.usefixtures("keep_blas_threads")
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return import_hf()
-
-
-@pytest.fixture
-def abt(hf):
-    import anebackward.transformers as abt
-    return abt
 
 
 def _grads(m):
