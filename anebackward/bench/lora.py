@@ -6,8 +6,10 @@
 step: one training step (forward + backward + clip + AdamW) of
 anebackward.Llama with full fine-tuning and with LoRA (rank --rank, alpha
 2*rank, the seven projections, base frozen), random weights, one batch of
---batch x --seq tokens (--precision: ours and the patched HF + peft engine's
-matmuls; HF + peft unpatched stays fp32). --hf-peft adds the same LoRA step in Hugging Face
+--batch x --seq tokens (--precision: ours; with bf16 the HF contenders run
+under torch.autocast("cpu", torch.bfloat16) — the patched one's engine then
+computes bf16 — and HF + peft unpatched runs both plain fp32 and under that
+autocast). --hf-peft adds the same LoRA step in Hugging Face
 transformers + peft, unpatched (sdpa attention, torch's fused AdamW over the
 adapters, the same weights saved and loaded as an HF directory) and the same
 model patched by anebackward.transformers before peft wraps it
@@ -50,7 +52,7 @@ class _HFPeft:
     """The LoRA step in HF transformers + peft, unpatched: a model and its
     optimizer, called like (model, opt, tokens) -> one step."""
 
-    def __init__(self, model, rank, tok, patched=False):
+    def __init__(self, model, rank, tok, patched=False, bf16=False):
         import tempfile
         import peft
         import torch
@@ -72,6 +74,7 @@ class _HFPeft:
         self.tok = torch.from_numpy(tok.astype(np.int64))
         self.torch = torch
         self.patched = patched
+        self.bf16 = bf16
 
     def on_one_call_path(self):
         """The patched model's last step ran as the C model with adapters."""
@@ -80,7 +83,8 @@ class _HFPeft:
             and slot.current(self.model.get_base_model())
 
     def __call__(self):
-        out = self.model(input_ids=self.tok, labels=self.tok)
+        with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16):
+            out = self.model(input_ids=self.tok, labels=self.tok)
         out.loss.backward()
         self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -100,15 +104,20 @@ def step(args):
         import torch
         torch.set_num_threads(args.threads)
         base = _model(args.shape, False, args.rank)
-        for k, patched in ((f"hf-peft-r{args.rank}", False), ("hf-peft-patched", True)):
-            runs[k] = _HFPeft(base, args.rank, tok[:, :args.seq], patched=patched)
+        bf16 = args.precision == "bf16"
+        hf_runs = [(f"hf-peft-r{args.rank}", False, False), ("hf-peft-patched", True, bf16)]
+        if bf16:
+            hf_runs.append((f"hf-peft-r{args.rank}-autocast", False, True))
+        for k, patched, autocast in hf_runs:
+            runs[k] = _HFPeft(base, args.rank, tok[:, :args.seq], patched=patched, bf16=autocast)
             runs[k]()                                            # warm-up
         patched = runs["hf-peft-patched"]
         if not patched.on_one_call_path():
             raise RuntimeError("bench: the patched HF + peft model did not take the one-call path")
-        if args.precision != "fp32":    # the engine's matmuls as ours (HF + peft stays fp32)
-            patched.model.get_base_model()._anebackward_slot.engine.set_precision(args.precision)
-            patched()                                            # warm-up
+        engine = patched.model.get_base_model()._anebackward_slot.engine
+        if engine.precision != args.precision:
+            raise RuntimeError(f"bench: the patched engine ran {engine.precision}, "
+                               f"not {args.precision}")
     times = {k: [] for k in runs}
     for _ in range(args.repeats):
         for k, run in runs.items():
@@ -128,6 +137,10 @@ def step(args):
         print(f"  hf-peft / lora (ours): {statistics.median(times[hf]) / ours:.2f}x")
         print(f"  hf-peft / hf-peft-patched: "
               f"{statistics.median(times[hf]) / statistics.median(times['hf-peft-patched']):.2f}x")
+    if f"{hf}-autocast" in times:
+        ratio = statistics.median(times[hf + "-autocast"]) / statistics.median(
+            times["hf-peft-patched"])
+        print(f"  hf-peft under autocast bf16 / hf-peft-patched (bf16): {ratio:.2f}x")
 
 
 def _one(args):
