@@ -357,6 +357,10 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   overwrites the logits with dlogits (mean over counted targets) and keeps
  *   in the workspace what the backward needs (B, S and a copy of the tokens,
  *   so the caller may reuse its token buffer).
+ *   With recompute the classifier runs in row chunks and the workspace
+ *   holds one chunk of logits (the backward computes them again): targets
+ *   NULL is then AB_EINVAL (ab_model_forward_logits writes the logits into
+ *   the caller's buffer), and no dlogits are left in the workspace.
  * ab_model_backward: takes no tokens: it uses the forward's. AB_EINVAL unless
  *   the last forward on this workspace had want_grad and the same B and S,
  *   and no backward has used it yet (one backward per forward); fills every

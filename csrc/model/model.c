@@ -42,8 +42,10 @@
  * loss denominator (DEN, one double), nothing per row. The backward
  * computes each chunk's logits again (one more classifier matmul), its
  * dlogits over them, dXN's rows and dW += dlogits^T XN (the first chunk
- * with beta = accumulate). Only dW's summation order over rows changes (and
- * the loss's), so those may differ from the unchunked run in the last bits.
+ * with beta = accumulate). dW and the loss are summed in another order, and
+ * a matmul over a chunk's rows may take another kernel path than over all
+ * N, so loss and gradients may differ from the unchunked run in the last
+ * bits (float32 rounding).
  * ab_model_forward_logits writes the logits chunk by chunk into the
  * caller's buffer; a forward without targets and without that buffer has
  * nowhere to put them (AB_EINVAL).
