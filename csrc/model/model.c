@@ -1292,12 +1292,15 @@ static int model_backward(const model_spec *c, const float *params, float *grads
         memcpy(&den, work + W.DEN, sizeof den);
         for (int64_t r0 = 0, C = W.cls_rows; r0 < N; r0 += C) {
             const int64_t rows = N - r0 < C ? N - r0 : C;
+            /* a queued dW of the last chunk still reads DL (the queue holds
+             * one at a time: no copy of it; the layers' recompute waits too) */
+            TRYB(dw_wait(q));
             TRYB(proj_forward(&pc, DL, XN + r0 * D, params + P.output, rows, D, V, 0));
             /* den 0 only when no row is counted: then every chunk's dlogits are 0 */
             TRYB(k->cross_entropy(&unused, NULL, DL, DL, tgt + r0, rows, V, 1.0f, den));
             if (grad_scale != 1.0f) TRYB(ab_scale(DL, rows * V, grad_scale));
             if (gout)
-                TRYB(dw_queue(q, &pc, gout, DL, 1, XN + r0 * D, 0, rows, D, V,
+                TRYB(dw_queue(q, &pc, gout, DL, 0, XN + r0 * D, 0, rows, D, V,
                               r0 ? 1 : acc, X_READY));
             TRYB(proj_dx(&pc, DXN + r0 * D, DL, params + P.output, rows, D, V, 0,
                          gout ? DY_READY : 0));
