@@ -375,8 +375,10 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   rope: see ab_rope_params (all zero: llama2.c's interleaved, theta 1e4);
  *   options->recompute != 0: activation recomputation. The workspace keeps each
  *     layer's input and one layer's other activations; the backward
- *     recomputes them layer by layer (bit-identical gradients, one more
- *     layer forward per layer, far less memory). */
+ *     recomputes them layer by layer (one more layer forward per layer, far
+ *     less memory). The classifier runs in row chunks, its logits computed
+ *     again in the backward (see ab_model_forward): the loss and gradients
+ *     equal the run without recompute to float32 rounding. */
 /* A model is two structs, each versioned by its first member:
  *   ab_model_config: what the model is (its architecture: the sizes, norm,
  *     RoPE, tied classifier, and the LoRA adapters' rank, scale and targets,

@@ -533,7 +533,7 @@ static int64_t wbf_floats(const model_spec *c, const ab_model_layout *P) {
 /* Rows per classifier chunk with recompute (N without): about 2^20 floats
  * of logits, a multiple of 16 rows between 64 and 256, at most N. It
  * depends on the shape only, so any thread count gives the same bits. */
-static int64_t cls_chunk_rows(const ab_model_config *c, int64_t N) {
+static int64_t cls_chunk_rows(const model_spec *c, int64_t N) {
     if (!c->recompute) return N;
     int64_t r = (((int64_t)1 << 20) / c->vocab_size) & ~(int64_t)15;
     r = r < 64 ? 64 : r > 256 ? 256 : r;
