@@ -224,3 +224,28 @@ def test_chunked_classifier_on_the_emulated_ane_path(emulator, rng):
         grads.append(m.flat_grads.copy())
     assert not np.array_equal(grads[0], grads[1])               # fp16 went through
     assert_close_per_tensor(m, grads[1], grads[0], 5e-3)
+
+
+
+def test_chunked_classifier_with_no_counted_target_as_without_recompute(rng):
+    """Every target ignored (the C entry points take it; Llama.forward
+    refuses it first): NaN loss and zero gradients, with and without
+    recompute."""
+    from anebackward._native import ffi, lib
+    cfg = _cfg(False)
+    tokens = rng.integers(0, V, size=(2, 150)).astype(np.int32)
+    tgt = np.full_like(tokens, -1)
+    runs = []
+    for recompute in (False, True):
+        m = _model(cfg, recompute)
+        work = m._workspace(2, 150)
+        m._pending = None
+        loss = ffi.new("double *")
+        p, g, w = (ffi.from_buffer("float[]", a) for a in (m.flat_params, m.flat_grads, work))
+        tk, tg = (ffi.from_buffer("int32_t[]", a) for a in (tokens, tgt))
+        assert lib.ab_model_forward(loss, m._cfg, p, tk, tg, 2, 150, 1, w, work.size) == 0
+        assert lib.ab_model_backward(m._cfg, p, g, 2, 150, 1.0, 0, w, work.size) == 0
+        runs.append((loss[0], m.flat_grads.copy()))
+    assert np.isnan(runs[0][0]) and np.isnan(runs[1][0])
+    assert not runs[0][1].any()                  # no counted row: no gradient at all
+    assert np.array_equal(runs[1][1], runs[0][1])
