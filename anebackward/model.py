@@ -69,7 +69,10 @@ class Llama:
     weights (also Qwen3's q_norm/k_norm). backend="reference" runs the seed's
     scalar loops (slow; the baseline). recompute=True keeps only each layer's
     input between forward and backward and recomputes the rest layer by
-    layer in the backward: identical gradients, a fraction of the workspace
+    layer in the backward, and runs the classifier in row chunks (its logits
+    computed again in the backward, never all held at once): the layers'
+    gradients identical, the loss and the classifier's gradient equal up to
+    float32 rounding (summed chunk by chunk), a fraction of the workspace
     (see workspace_bytes), about one more forward per step. backend="ane"
     runs the layer projections (wq wk wv wo w1 w2 w3) of the forward and
     their input gradients (dx) on the Apple Neural Engine (fp16 operands,
@@ -654,6 +657,10 @@ class Llama:
         if b is not None:
             if last_only:
                 raise ValueError(f"{fn}: last_only applies to full rows only")
+            if self.recompute:
+                raise ValueError(f"{fn}: with recompute the workspace holds one chunk of "
+                                 f"logits; for a batch layout's logits call "
+                                 f"set_recompute(False) first")
             _, _, work, _ = self._run_batch(fn, b, False, False)
             off, V = self._ws[3], self.config.vocab_size
             lg = work[off:off + b.n_tokens * V].reshape(b.n_tokens, V).copy()
@@ -661,9 +668,14 @@ class Llama:
         tok, B, S = self._batch(fn, tokens)
         work = self._workspace(B, S)
         self._pending = None
-        self._forward_c(fn, ffi.NULL, tok, None, B, S, False, work)
-        off, V = self._ws[3], self.config.vocab_size
-        lg = work[off:off + B * S * V].reshape(B, S, V)
+        V = self.config.vocab_size
+        if self.recompute:   # the workspace holds one chunk of them: straight into an array
+            lg = np.empty((B, S, V), dtype=np.float32)
+            self._forward_c(fn, ffi.NULL, tok, None, B, S, False, work, logits_out=lg)
+        else:
+            self._forward_c(fn, ffi.NULL, tok, None, B, S, False, work)
+            off = self._ws[3]
+            lg = work[off:off + B * S * V].reshape(B, S, V)
         lg = lg[:, -1, :] if last_only else lg
         one_row = not isinstance(tokens, Batch) and np.ndim(tokens) == 1
         return (lg[0] if one_row else lg).copy()

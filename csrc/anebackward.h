@@ -357,6 +357,10 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   overwrites the logits with dlogits (mean over counted targets) and keeps
  *   in the workspace what the backward needs (B, S and a copy of the tokens,
  *   so the caller may reuse its token buffer).
+ *   With recompute the classifier runs in row chunks and the workspace
+ *   holds one chunk of logits (the backward computes them again): targets
+ *   NULL is then AB_EINVAL (ab_model_forward_logits writes the logits into
+ *   the caller's buffer), and no dlogits are left in the workspace.
  * ab_model_backward: takes no tokens: it uses the forward's. AB_EINVAL unless
  *   the last forward on this workspace had want_grad and the same B and S,
  *   and no backward has used it yet (one backward per forward); fills every
@@ -371,8 +375,10 @@ AB_API int ab_ref_adamw(float *p, const float *g, float *m, float *v, int64_t n,
  *   rope: see ab_rope_params (all zero: llama2.c's interleaved, theta 1e4);
  *   options->recompute != 0: activation recomputation. The workspace keeps each
  *     layer's input and one layer's other activations; the backward
- *     recomputes them layer by layer (bit-identical gradients, one more
- *     layer forward per layer, far less memory). */
+ *     recomputes them layer by layer (one more layer forward per layer, far
+ *     less memory). The classifier runs in row chunks, its logits computed
+ *     again in the backward (see ab_model_forward): the loss and gradients
+ *     equal the run without recompute to float32 rounding. */
 /* A model is two structs, each versioned by its first member:
  *   ab_model_config: what the model is (its architecture: the sizes, norm,
  *     RoPE, tied classifier, and the LoRA adapters' rank, scale and targets,

@@ -306,3 +306,27 @@ def test_autocast_per_op_takes_hf(hf, abt):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = ref(input_ids=ids, labels=labels).loss, pat(input_ids=ids, labels=labels).loss
     assert a.item() == b.item()
+
+
+def test_gradient_checkpointing_with_logits_takes_hf_path_and_its_gradients(hf, abt):
+    """With checkpointing the C model's classifier runs in chunks and keeps
+    no dlogits, so a call that asks for logits (which may carry gradient)
+    takes HF's path: the same loss, logits and gradients as HF."""
+    import torch
+    ref = build(hf, "llama")
+    pat = abt.apply(copy.deepcopy(ref), skip_logits=False)
+    for m in (ref, pat):
+        _checkpointing_on(m, "gradient_checkpointing_enable")
+    ids, labels = batch(torch)
+    outs = []
+    for m in (ref, pat):
+        m.zero_grad(set_to_none=True)
+        o = m(input_ids=ids, labels=labels)
+        (o.loss + (o.logits ** 2).mean()).backward()
+        outs.append((o.loss.detach(), o.logits.detach(), _grads(m)))
+        if m is pat:
+            assert type(o.loss.grad_fn).__name__ != "ModelFunctionBackward"
+    assert rel(outs[1][0], outs[0][0]) < 1e-5
+    assert rel(outs[1][1], outs[0][1]) < 1e-5
+    for n in outs[0][2]:
+        assert rel(outs[1][2][n], outs[0][2][n]) < 1e-4, n

@@ -312,6 +312,12 @@ class ModelFunction(torch.autograd.Function):
                 engine.forward(ctx.tok, ctx.tgt, want_grad=True)
         scale = 0.0 if dloss is None else float(dloss)
         if dlogits is not None:  # d(loss built from the logits): added to the CE's dlogits
+            if engine.recompute:
+                raise RuntimeError(
+                    "anebackward one-call backward: a loss built from the returned logits "
+                    "cannot be differentiated with recompute on (gradient checkpointing): "
+                    "the classifier runs in chunks and keeps no dlogits; turn recompute off "
+                    "or use the returned loss only")
             B, S = ctx.tok.shape
             off, V = engine._ws[3], engine.config.vocab_size
             dl = torch.from_numpy(engine._ws[2][off:off + B * S * V])

@@ -354,7 +354,9 @@ def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
     CPU autocast off (fp32) or to bfloat16 (the engine at precision "bf16",
     anebackward.torch.model.autocast_precision); else None (then the per-op
     path or HF's forward runs).
-    Gradient checkpointing on the model runs the engine with recompute."""
+    Gradient checkpointing on the model runs the engine with recompute
+    (logits asked for then take HF's path: the chunked classifier keeps none
+    of their gradient)."""
     ids = a.get("input_ids")
     if (not model._anebackward_one_call or ids is None or ids.dim() != 2
             or a.get("inputs_embeds") is not None or ids.device.type != "cpu"
@@ -392,6 +394,8 @@ def _one_call(model, a, kw, labels, shift_labels, n_items, want_logits):
     if precision is None:
         return None
     recompute = _checkpointing(slot.tree)
+    if recompute and want_logits:   # recompute keeps no dlogits for a loss built from them
+        return None
     if slot.engine.recompute != recompute:
         slot.engine.set_recompute(recompute)
     if batch is not None:  # the denominator is the batch's (n_items or its counted targets)

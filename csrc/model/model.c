@@ -34,7 +34,21 @@
  * With c->recompute the workspace keeps only X[0..L] and ONE layer's set of
  * the other activations: the forward overwrites it layer after layer, and
  * the backward recomputes layer l's from X[l] just before differentiating
- * it. The kernels are deterministic, so the gradients are bit-identical.
+ * it. The kernels are deterministic, so the layers' part is bit-identical.
+ * The classifier too runs in chunks of cls_chunk_rows rows (a function of
+ * V and B*S only, never of the thread count): LOGITS is then [chunk, vocab]
+ * instead of [N, vocab]. The forward computes each chunk's logits and adds
+ * its loss terms; it keeps a copy of the targets (TGT, N int32) and the
+ * loss denominator (DEN, one double), nothing per row. The backward
+ * computes each chunk's logits again (one more classifier matmul), its
+ * dlogits over them, dXN's rows and dW += dlogits^T XN (the first chunk
+ * with beta = accumulate). dW and the loss are summed in another order, and
+ * a matmul over a chunk's rows may take another kernel path than over all
+ * N, so loss and gradients may differ from the unchunked run in the last
+ * bits (float32 rounding).
+ * ab_model_forward_logits writes the logits chunk by chunk into the
+ * caller's buffer; a forward without targets and without that buffer has
+ * nowhere to put them (AB_EINVAL).
  *
  * Like llm.c's gpt2_forward/gpt2_backward, the forward keeps what the
  * backward needs besides activations: a header at offset 0 of the workspace
@@ -516,12 +530,23 @@ static int64_t wbf_floats(const model_spec *c, const ab_model_layout *P) {
     return c->lora_rank > 0 ? P->n_params : P->n_decay;
 }
 
+/* Rows per classifier chunk with recompute (N without): about 2^20 floats
+ * of logits, a multiple of 16 rows between 64 and 256, at most N. It
+ * depends on the shape only, so any thread count gives the same bits. */
+static int64_t cls_chunk_rows(const model_spec *c, int64_t N) {
+    if (!c->recompute) return N;
+    int64_t r = (((int64_t)1 << 20) / c->vocab_size) & ~(int64_t)15;
+    r = r < 64 ? 64 : r > 256 ? 256 : r;
+    return r < N ? r : N;
+}
+
 /* Workspace offsets (floats) for a batch of B sequences of S tokens. The
  * per-layer activations (XA .. H3) are `slots` deep: L, or 1 with recompute. */
 typedef struct {
     int64_t X, XA, QR, KR, Q, K, V, AT, HM, XF, H1, H3, XN, LOGITS;  /* saved activations */
     int64_t G, DH1, DH3, DX, DXN, DA, DQ, DK, DV, DQN, DKN, ATTW;    /* scratch */
     int64_t TOKENS;  /* the forward's tokens, N int32 (the header is at 0) */
+    int64_t TGT, DEN, cls_rows;   /* chunked classifier: targets, denominator, chunk rows */
     int64_t CU, POS; /* its varlen layout: B*S+1 int64 segment starts, N int32 positions */
     int64_t LA[7];   /* LoRA: x A^T of each target [slots, N, r] (absent: 0 floats) */
     int64_t LT, LS, DLA;   /* LoRA scratch: [N, widest output], [N, r], [N, r] */
@@ -536,7 +561,7 @@ static int workspace_layout(const model_spec *c, int64_t B, int64_t S, ws_layout
     {   /* an upper bound of the total in double: no int64 overflow below */
         const double n = (double)B * (double)S, Ld = (double)c->n_layers + 2;
         const double est = Ld * n * (5.0 * c->dim + 8.0 * (double)d.qd + 5.0 * c->hidden_dim)
-                           + n * c->vocab_size + 2.0 * (double)S * (double)S + 4 * n + 2
+                           + n * c->vocab_size + 2.0 * (double)S * (double)S + 5 * n + 4
                            + HDR_FLOATS
                            + (c->lora_rank > 0 ? n * ((double)c->n_layers * 7.0 + 2.0)
                                                  * (double)c->lora_rank : 0.0);
@@ -567,6 +592,9 @@ static int workspace_layout(const model_spec *c, int64_t B, int64_t S, ws_layout
     w->CU = p; p += 2 * (N + 1);   /* int64, 8-byte aligned: p is even here */
     w->TOKENS = p; p += N;
     w->POS = p; p += N;
+    w->cls_rows = cls_chunk_rows(c, N);
+    w->DEN = p; p += c->recompute ? 2 : 0;      /* a double: p stays even */
+    w->TGT = p; p += c->recompute ? N : 0;
     w->X = p; p += (L + 1) * N * D;
     w->XA = p; p += R * N * D;
     w->QR = p; p += qn * R * N * qd;
@@ -580,7 +608,7 @@ static int workspace_layout(const model_spec *c, int64_t B, int64_t S, ws_layout
     w->H1 = p; p += R * N * Hd;
     w->H3 = p; p += R * N * Hd;
     w->XN = p; p += N * D;
-    w->LOGITS = p; p += N * V;
+    w->LOGITS = p; p += w->cls_rows * V;
     w->G = p; p += N * Hd;
     w->DH1 = p; p += N * Hd;
     w->DH3 = p; p += N * Hd;
@@ -879,7 +907,7 @@ static batch_rows rows_of(const ws_layout *W, float *work, int64_t B, int64_t S)
 static int model_forward(double *loss_out, const model_spec *c, const float *params,
                          const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                          const ab_batch_layout *layout, int want_grad, float *work,
-                         int64_t work_floats, const ane_route *r) {
+                         int64_t work_floats, const ane_route *r, float *logits_out) {
     ab_model_layout P;
     ws_layout W;
     TRY(spec_param_layout(c, &P));
@@ -889,6 +917,9 @@ static int model_forward(double *loss_out, const model_spec *c, const float *par
     AB_REQUIRE_MSG(S <= c->max_seq_len, AB_EINVAL, "S exceeds the config's max_seq_len");
     AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
                    "want_grad needs targets and loss_out");
+    AB_REQUIRE_MSG(!c->recompute || targets || logits_out, AB_EINVAL,
+                   "with recompute the workspace holds one chunk of logits: ask for them "
+                   "with ab_model_forward_logits");
     double den = 0.0;
     int64_t N = B * S, n_seq = 0;
     if (layout) {   /* checked before the workspace is touched */
@@ -936,6 +967,32 @@ static int model_forward(double *loss_out, const model_spec *c, const float *par
         TRY(layer_forward(k, r, c, &d, &P, &W, params, work, &g, l, 1));
     float *XN = work + W.XN, *LOGITS = work + W.LOGITS;
     TRY(k->rmsnorm_forward(XN, work + W.X + L * N * D, params + P.norm, N, D, c->norm_eps));
+    if (c->recompute) {     /* the classifier in chunks of C rows, loss only */
+        const int64_t C = W.cls_rows;
+        double total = 0.0, n = 0.0;
+        if (targets)
+            for (int64_t t = 0; t < N; t++) n += targets[t] != -1;
+        for (int64_t r0 = 0; r0 < N; r0 += C) {
+            const int64_t rows = N - r0 < C ? N - r0 : C;
+            float *lg = logits_out ? logits_out + r0 * V : LOGITS;
+            TRY(proj_forward(&pj, lg, XN + r0 * D, params + P.output, rows, D, V, 0));
+            if (targets) {   /* denominator 1: the chunk's sum of loss terms */
+                double part = 0.0;
+                TRY(k->cross_entropy(&part, NULL, NULL, lg, targets + r0, rows, V, 1.0f, 1.0));
+                total += part;
+            }
+        }
+        if (targets) {
+            const double dn = den > 0.0 ? den : n;
+            if (loss_out) *loss_out = dn > 0.0 ? total / dn : NAN;
+            if (want_grad) {   /* what the backward's dlogits need */
+                memcpy(work + W.TGT, targets, (size_t)N * sizeof(int32_t));
+                memcpy(work + W.DEN, &dn, sizeof dn);
+                hdr_set(work, HDR_TAG, bf16 ? READY_TAG_BF16 : READY_TAG);
+            }
+        }
+        return AB_OK;
+    }
     TRY(proj_forward(&pj, LOGITS, XN, params + P.output, N, D, V, 0));
     if (targets) {
         double loss = 0.0;
@@ -951,7 +1008,7 @@ static int spec_forward(double *loss_out, const model_spec *c, const float *para
                         const int32_t *tokens, const int32_t *targets, int64_t B, int64_t S,
                         int want_grad, float *work, int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
-                         work_floats, NULL);
+                         work_floats, NULL, NULL);
 }
 
 static int spec_forward_batch(double *loss_out, const model_spec *c, const float *params,
@@ -959,7 +1016,7 @@ static int spec_forward_batch(double *loss_out, const model_spec *c, const float
                               const ab_batch_layout *layout, int want_grad, float *work,
                               int64_t work_floats) {
     return model_forward(loss_out, c, params, tokens, targets, B, S, layout, want_grad, work,
-                         work_floats, NULL);
+                         work_floats, NULL, NULL);
 }
 
 /* ab_model_forward that also hands the caller the logits: the forward
@@ -972,9 +1029,14 @@ static int spec_forward_logits(double *loss_out, float *logits_out, const model_
                                int64_t work_floats) {
     ws_layout W;
     AB_NONNULL(logits_out);
+    AB_NONNULL(c);
     AB_REQUIRE_MSG(!want_grad || (targets && loss_out), AB_EINVAL,
                    "want_grad needs targets and loss_out");
-    TRY(model_forward(NULL, c, params, tokens, NULL, B, S, NULL, 0, work, work_floats, NULL));
+    if (c->recompute)   /* the chunked classifier writes the logits straight there */
+        return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
+                             work_floats, NULL, logits_out);
+    TRY(model_forward(NULL, c, params, tokens, NULL, B, S, NULL, 0, work, work_floats, NULL,
+                      NULL));
     TRY(workspace_layout(c, B, S, &W));
     const kernel_table *k = c->reference ? &REFERENCE : &FAST;
     const int64_t N = B * S, V = c->vocab_size;
@@ -1001,7 +1063,7 @@ static int spec_forward_ane(double *loss_out, const model_spec *c, const float *
     AB_REQUIRE(!c || !ane || c->lora_rank == 0, AB_EINVAL);   /* no adapters on the ANE */
     const ane_route r = {ane, params_version, ane_flags};
     return model_forward(loss_out, c, params, tokens, targets, B, S, NULL, want_grad, work,
-                         work_floats, &r);
+                         work_floats, &r, NULL);
 }
 
 /* The ANE path of the backward (ab_model_backward_ane), as the origin
@@ -1214,8 +1276,8 @@ static int model_backward(const model_spec *c, const float *params, float *grads
                     memset(gp, 0, (size_t)n * sizeof(float));
             }
     }
-    float *DL = work + W.LOGITS;               /* dlogits, written by the forward */
-    if (grad_scale != 1.0f) TRY(ab_scale(DL, N * V, grad_scale));
+    float *DL = work + W.LOGITS;   /* dlogits, written by the forward (recompute: a chunk's) */
+    if (grad_scale != 1.0f && !c->recompute) TRY(ab_scale(DL, N * V, grad_scale));
     float *DX = work + W.DX, *DXN = work + W.DXN;
 
     /* classifier and final norm (its dW reads dlogits and XN, which stay) */
@@ -1223,9 +1285,31 @@ static int model_backward(const model_spec *c, const float *params, float *grads
     int rc = AB_OK;
 #define TRYB(call) do { if ((rc = (call)) != AB_OK) goto end; } while (0)
     float *gout = GRAD(AB_TENSOR_OUTPUT, 0);
-    if (gout)
-        TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY));
-    TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, gout ? DY_READY : 0));
+    if (c->recompute) {     /* each chunk's logits again, its dlogits, dXN rows, dW += */
+        const proj_ctx pc = proj_make(k, NULL, c, &W, params, work);   /* as the forward's */
+        const int32_t *tgt = (const int32_t *)(work + W.TGT);
+        double den, unused;
+        memcpy(&den, work + W.DEN, sizeof den);
+        for (int64_t r0 = 0, C = W.cls_rows; r0 < N; r0 += C) {
+            const int64_t rows = N - r0 < C ? N - r0 : C;
+            /* a queued dW of the last chunk still reads DL (the queue holds
+             * one at a time: no copy of it; the layers' recompute waits too) */
+            TRYB(dw_wait(q));
+            TRYB(proj_forward(&pc, DL, XN + r0 * D, params + P.output, rows, D, V, 0));
+            /* den 0 only when no row is counted: then every chunk's dlogits are 0 */
+            TRYB(k->cross_entropy(&unused, NULL, DL, DL, tgt + r0, rows, V, 1.0f, den));
+            if (grad_scale != 1.0f) TRYB(ab_scale(DL, rows * V, grad_scale));
+            if (gout)
+                TRYB(dw_queue(q, &pc, gout, DL, 0, XN + r0 * D, 0, rows, D, V,
+                              r0 ? 1 : acc, X_READY));
+            TRYB(proj_dx(&pc, DXN + r0 * D, DL, params + P.output, rows, D, V, 0,
+                         gout ? DY_READY : 0));
+        }
+    } else {
+        if (gout)
+            TRYB(dw_queue(q, &pj, gout, DL, 0, XN, 0, N, D, V, acc, X_READY));
+        TRYB(proj_dx(&pj, DXN, DL, params + P.output, N, D, V, 0, gout ? DY_READY : 0));
+    }
     TRYB(k->rmsnorm_backward(DX, GRAD(AB_TENSOR_NORM, 0), DXN, work + W.X + L * N * D, params + P.norm,
                              N, D, eps, 0));
     announce(h, L);                            /* norm, untied output */
