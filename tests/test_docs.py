@@ -128,7 +128,8 @@ def test_shown_subcommand_exists(page, sub):
 @pytest.mark.parametrize("page,module", _shown_commands()[1])
 def test_shown_module_answers_help(page, module):
     if module.split(".")[1] in ("torch", "transformers") or module.endswith(("torch_step", "hf_step",
-                                                                           "hf_memory", "qwen3_step")):
+                                                                           "hf_memory", "qwen3_step",
+                                                                           "hf_padded")):
         import_torch()
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                        timeout=120)

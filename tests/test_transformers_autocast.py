@@ -300,8 +300,7 @@ def _t_engine_step(eng, X, Y):
     return loss, {n: g.copy() for n, g in eng.grads.items()}
 
 
-def test_transformer_bf16_autocast_runs_the_bf16_engine():
-    import torch
+def test_transformer_bf16_autocast_runs_the_bf16_engine(torch):
     from anebackward.bench.torch_llama import Transformer as PlainLlama
     m = _transformer()
     X, Y = _t_batch(torch)
@@ -321,8 +320,7 @@ def test_transformer_bf16_autocast_runs_the_bf16_engine():
     assert _max_grad_rel(g, rg) < GRAD_RTOL
 
 
-def test_transformer_autocast_off_after_autocast_is_fp32_again():
-    import torch
+def test_transformer_autocast_off_after_autocast_is_fp32_again(torch):
     m = _transformer()
     X, Y = _t_batch(torch)
     _t_step(m, X, Y)
@@ -331,9 +329,8 @@ def test_transformer_autocast_off_after_autocast_is_fp32_again():
     _assert_bit_equal(loss.item(), g, *_t_engine_step(_engine_for_transformer(m, "fp32"), X, Y))
 
 
-def test_transformer_float16_autocast_raises():
+def test_transformer_float16_autocast_raises(torch):
     """The per-op kernels are float32 only: no silent fp32 step."""
-    import torch
     m = _transformer()
     X, Y = _t_batch(torch)
     with pytest.raises(TypeError, match="autocast"):
@@ -342,8 +339,7 @@ def test_transformer_float16_autocast_raises():
         m(X)                                     # inference takes the per-op path
 
 
-def test_transformer_optimizer_step_between_autocast_calls_is_seen():
-    import torch
+def test_transformer_optimizer_step_between_autocast_calls_is_seen(torch):
     m = _transformer()
     opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
     X, Y = _t_batch(torch)
@@ -354,8 +350,7 @@ def test_transformer_optimizer_step_between_autocast_calls_is_seen():
     _assert_bit_equal(loss.item(), g, *_t_engine_step(_engine_for_transformer(m, "bf16"), X, Y))
 
 
-def test_transformer_bf16_autocast_without_logits_and_per_op():
-    import torch
+def test_transformer_bf16_autocast_without_logits_and_per_op(torch):
     from anebackward.torch import Transformer
     m = _transformer()
     X, Y = _t_batch(torch)
