@@ -5,8 +5,6 @@ over the step's micro-batches, and on an HF directory against unpatched
 transformers with the prompt labels -100; packed and padded runs that see
 the same documents agree; a resumed run equals an uninterrupted one to the
 bit; bad input is refused naming the file and line."""
-import argparse
-import io
 import json
 import os
 import subprocess
@@ -19,8 +17,8 @@ from anebackward import Llama, LlamaConfig
 from anebackward.__main__ import main
 from anebackward.data.instructions import InstructionData, encode_pair
 from anebackward.tokenizer import Tokenizer
-from anebackward.train import add_arguments, train
 from conftest import import_hf
+from test_train import run_train
 
 NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue", "Max", "Ann"]
 THINGS = ["a red ball", "a small dog", "a big tree", "a blue car", "a pink box", "the moon"]
@@ -40,12 +38,6 @@ def write_jsonl(path, pairs):
         for p, c in pairs:
             f.write(json.dumps({"prompt": p, "completion": c}) + "\n")
     return str(path)
-
-
-def run_train(argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return train(p.parse_args(argv), stream=io.StringIO())
 
 
 def log_of(out):
