@@ -163,9 +163,12 @@ void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
               float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
               float beta, float *C, int64_t ldc);
 /* Its pieces the bf16 products share (csrc/bf16/gemm_bf16.c): a tile of
- * about L/parts rounded up to 16, and row c[N] = beta c + nk partial rows
- * MN apart, added in chunk order (beta 0: c is not read). */
+ * about L/parts rounded up to 16, the grid of tiles of an M x N product,
+ * and row c[N] = beta c + nk partial rows MN apart, added in chunk order
+ * (beta 0: c is not read). */
 int64_t ab_gemm_tile(int64_t L, int64_t parts);
+void ab_gemm_grid(int64_t M, int64_t N, int64_t min_tile, int64_t most, int64_t *pm,
+                  int64_t *pn);
 void ab_gemm_sum_parts(float *c, const float *p, int64_t N, int64_t MN, int64_t nk, float beta);
 
 /* Checks varlen segment starts (csrc/kernels/attention.c): cu[0] = 0 and

@@ -81,6 +81,23 @@ int64_t ab_gemm_tile(int64_t L, int64_t parts) {
     return ab_div_up(ab_div_up(L, parts), 16) * 16;
 }
 
+/* an M x N grid of at most `most` tiles (pm row parts x pn column parts,
+ * powers of two), halving the longer side while its tiles stay >= min_tile;
+ * it depends on the shape only, never on the thread count */
+void ab_gemm_grid(int64_t M, int64_t N, int64_t min_tile, int64_t most, int64_t *pm,
+                  int64_t *pn) {
+    int64_t m = 1, n = 1;
+    while (m * n < most) {
+        const int64_t cm = ab_gemm_tile(M, m), cn = ab_gemm_tile(N, n);
+        if (cn >= cm && ab_gemm_tile(N, 2 * n) >= min_tile) n *= 2;
+        else if (ab_gemm_tile(M, 2 * m) >= min_tile) m *= 2;
+        else if (ab_gemm_tile(N, 2 * n) >= min_tile) n *= 2;
+        else break;
+    }
+    *pm = m;
+    *pn = n;
+}
+
 void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
               float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
               float beta, float *C, int64_t ldc) {
@@ -102,14 +119,8 @@ void ab_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K,
                 return;
             }   /* no memory for the partials: one call below */
         } else {
-            int64_t pm = 1, pn = 1;
-            while (pm * pn < TARGET_TILES) {
-                const int64_t cm = ab_gemm_tile(M, pm), cn = ab_gemm_tile(N, pn);
-                if (cn >= cm && ab_gemm_tile(N, 2 * pn) >= MIN_TILE) pn *= 2;
-                else if (ab_gemm_tile(M, 2 * pm) >= MIN_TILE) pm *= 2;
-                else if (ab_gemm_tile(N, 2 * pn) >= MIN_TILE) pn *= 2;
-                else break;
-            }
+            int64_t pm, pn;
+            ab_gemm_grid(M, N, MIN_TILE, TARGET_TILES, &pm, &pn);
             if (pm * pn > 1) {
                 j.tm = ab_gemm_tile(M, pm); j.tn = ab_gemm_tile(N, pn);
                 j.nm = ab_div_up(M, j.tm);

@@ -94,33 +94,30 @@ AB_HOT static void to_f32_loop(float *dst, const uint16_t *src, int64_t n) {
     AB_SIMD
     for (int64_t i = 0; i < n; i++) dst[i] = ab_bf16_f32(src[i]);
 }
-static void to_bf16_task(void *ctx, int64_t t, int w) {
+/* chunk t of a conversion: to bf16 when j->h is set, else to fp32 */
+static void convert_task(void *ctx, int64_t t, int w) {
     const cv_job *j = ctx;
     const int64_t i0 = t * AB_CHUNK, n = i0 + AB_CHUNK < j->n ? AB_CHUNK : j->n - i0;
-    to_bf16_loop(j->h + i0, j->cf + i0, n);
+    if (j->h) to_bf16_loop(j->h + i0, j->cf + i0, n);
+    else to_f32_loop(j->f + i0, j->ch + i0, n);
 }
-static void to_f32_task(void *ctx, int64_t t, int w) {
-    const cv_job *j = ctx;
-    const int64_t i0 = t * AB_CHUNK, n = i0 + AB_CHUNK < j->n ? AB_CHUNK : j->n - i0;
-    to_f32_loop(j->f + i0, j->ch + i0, n);
+static int convert(const cv_job *j) {
+    if (j->n > 0)
+        ab_parallel_for(ab_div_up(j->n, AB_CHUNK), ab_workers_for((double)j->n), convert_task,
+                        (void *)j);
+    return AB_OK;
 }
 
 int ab_f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
     AB_NONNEG(n);
-    if (n == 0) return AB_OK;
-    AB_NONNULL(dst); AB_NONNULL(src);
-    cv_job j = {dst, NULL, src, NULL, n};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), to_bf16_task, &j);
-    return AB_OK;
+    if (n > 0) { AB_NONNULL(dst); AB_NONNULL(src); }
+    return convert(&(cv_job){dst, NULL, src, NULL, n});
 }
 
 int ab_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
     AB_NONNEG(n);
-    if (n == 0) return AB_OK;
-    AB_NONNULL(dst); AB_NONNULL(src);
-    cv_job j = {NULL, dst, NULL, src, n};
-    ab_parallel_for(ab_div_up(n, AB_CHUNK), ab_workers_for((double)n), to_f32_task, &j);
-    return AB_OK;
+    if (n > 0) { AB_NONNULL(dst); AB_NONNULL(src); }
+    return convert(&(cv_job){NULL, dst, NULL, src, n});
 }
 
 /* ---- the product ---- */
@@ -156,25 +153,24 @@ static void grid_task(void *ctx, int64_t t, int worker) {
 
 /* a per-thread scratch buffer of at least `bytes` (grown, never shrunk, kept
  * for the thread's next tile); NULL when out of memory */
-static void *thread_scratch(void **buf, size_t *cap, size_t bytes) {
-    if (bytes > *cap) {
-        free(*buf);
-        *buf = malloc(bytes);
-        *cap = *buf ? bytes : 0;
+typedef struct { void *p; size_t cap; } scratch_buf;
+static void *thread_scratch(scratch_buf *s, size_t bytes) {
+    if (bytes > s->cap) {
+        free(s->p);
+        s->p = malloc(bytes);
+        s->cap = s->p ? bytes : 0;
     }
-    return *buf;
+    return s->p;
 }
+static _Thread_local scratch_buf t_ctile, t_atile;
 
 /* column tiles of a wide C (all M rows, tn columns): into a dense per-thread
  * buffer, then copied (or added) into C. Each tile packs only its slice of B,
  * where row tiles would each pack all of it. */
-static _Thread_local void *t_ctile;
-static _Thread_local size_t t_ctile_bytes;
-
 static void wide_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t n0 = t * j->tn, n = n0 + j->tn < j->N ? j->tn : j->N - n0, M = j->M;
-    float *T = thread_scratch(&t_ctile, &t_ctile_bytes, (size_t)(M * n) * sizeof(float));
+    float *T = thread_scratch(&t_ctile, (size_t)(M * n) * sizeof(float));
     if (!T) { fail(j, AB_ENOMEM); return; }
     int rc = ab_onednn_matmul(j->transA, j->transB, M, n, j->K, j->A, j->lda, bb_at(j, 0, n0),
                               j->ldb, 0, T, n, 1);
@@ -195,13 +191,10 @@ static void wide_task(void *ctx, int64_t t, int worker) {
  * are first copied into a dense per-thread [K, m] buffer, so that oneDNN's
  * AMX kernel takes them (it reads dense operands only; the copy is one pass
  * over A in all, row pieces of m values, no transpose) */
-static _Thread_local void *t_atile;
-static _Thread_local size_t t_atile_bytes;
-
 static void gather_task(void *ctx, int64_t t, int worker) {
     bjob *j = ctx;
     const int64_t m0 = t * j->tm, m = m0 + j->tm < j->M ? j->tm : j->M - m0, K = j->K;
-    uint16_t *At = thread_scratch(&t_atile, &t_atile_bytes, (size_t)(K * m) * sizeof(uint16_t));
+    uint16_t *At = thread_scratch(&t_atile, (size_t)(K * m) * sizeof(uint16_t));
     if (!At) { fail(j, AB_ENOMEM); return; }
     for (int64_t k = 0; k < K; k++)
         memcpy(At + k * m, j->A + k * j->lda + m0, (size_t)m * sizeof(uint16_t));
@@ -222,6 +215,20 @@ static void ksum_task(void *ctx, int64_t t, int worker) {
                       j->accumulate ? 1.0f : 0.0f);
 }
 
+/* K cut into chunks of tk: each chunk's product into its own partial C, the
+ * partials then summed in chunk order */
+static int k_split(bjob *j, int64_t tk) {
+    j->tk = tk;
+    j->nk = ab_div_up(j->K, tk);
+    j->part = malloc((size_t)(j->nk * j->M * j->N) * sizeof(float));
+    if (!j->part) return AB_FAIL(AB_ENOMEM, NULL);
+    ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
+    if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(j->M, AB_MAX_THREADS, ksum_task, j);
+    free(j->part);
+    j->part = NULL;
+    return atomic_load(&j->rc);
+}
+
 static int gemm_onednn(bjob *j) {
     const int64_t M = j->M, N = j->N, K = j->K;
     if (atomic_load(&mode_threads) == AB_BF16_ONEDNN_THREADS)
@@ -230,15 +237,8 @@ static int gemm_onednn(bjob *j) {
     if ((double)M * (double)N * (double)K >= (double)SMALL_MACS) {
         const int64_t big = M > N ? M : N;
         if (K >= 8 * big && K >= 2 * K_CHUNK_MIN) {
-            int64_t tk = ab_div_up(ab_div_up(K, TARGET_TILES), 256) * 256;
-            j->tk = tk > K_CHUNK_MIN ? tk : K_CHUNK_MIN;
-            j->nk = ab_div_up(K, j->tk);
-            j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
-            if (!j->part) return AB_FAIL(AB_ENOMEM, NULL);
-            ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
-            if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
-            free(j->part);
-            return atomic_load(&j->rc);
+            const int64_t tk = ab_div_up(ab_div_up(K, TARGET_TILES), 256) * 256;
+            return k_split(j, tk > K_CHUNK_MIN ? tk : K_CHUNK_MIN);
         }
         int64_t pm = 1, pn = 1;
         if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096
@@ -269,22 +269,9 @@ static int gemm_onednn(bjob *j) {
             int64_t nk = PART_FLOATS / (M * N), most = K / 128;
             nk = nk < most ? nk : most;
             nk = nk < TARGET_TILES ? nk : TARGET_TILES;
-            j->tk = ab_div_up(ab_div_up(K, nk), 16) * 16;
-            j->nk = ab_div_up(K, j->tk);
-            j->part = malloc((size_t)(j->nk * M * N) * sizeof(float));
-            if (!j->part) return AB_FAIL(AB_ENOMEM, NULL);
-            ab_parallel_for(j->nk, AB_MAX_THREADS, kchunk_task, j);
-            if (atomic_load(&j->rc) == AB_OK) ab_parallel_for(M, AB_MAX_THREADS, ksum_task, j);
-            free(j->part);
-            return atomic_load(&j->rc);
+            return k_split(j, ab_div_up(ab_div_up(K, nk), 16) * 16);
         } else {
-            while (pm * pn < TARGET_TILES) {
-                const int64_t cm = ab_gemm_tile(M, pm), cn = ab_gemm_tile(N, pn);
-                if (cn >= cm && ab_gemm_tile(N, 2 * pn) >= min_tile) pn *= 2;
-                else if (ab_gemm_tile(M, 2 * pm) >= min_tile) pm *= 2;
-                else if (ab_gemm_tile(N, 2 * pn) >= min_tile) pn *= 2;
-                else break;
-            }
+            ab_gemm_grid(M, N, min_tile, TARGET_TILES, &pm, &pn);
         }
         j->tm = ab_gemm_tile(M, pm); j->tn = ab_gemm_tile(N, pn);
         j->nm = ab_div_up(M, j->tm);
