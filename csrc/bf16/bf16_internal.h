@@ -11,6 +11,7 @@ int ab_onednn_init(const char *path);
 int ab_onednn_state(void);
 const char *ab_onednn_message(void);
 int ab_onednn_has_bf16(void);
+int ab_onednn_has_amx(void);
 const char *ab_onednn_impl(void);
 /* C[M,N] (+)= op(A)[M,K] op(B)[K,N], bf16 row-major operands, fp32 C, on
  * the calling thread with `threads` OpenMP threads of oneDNN's own. */

@@ -7,7 +7,7 @@
  *     kind of fixed tiles as csrc/gemm.c (an M x N grid, or K chunks summed
  *     in chunk order when K dwarfs M and N), each tile one single-threaded
  *     oneDNN call on the package's pool, so results do not depend on the
- *     thread count. Tiles are cut so that oneDNN's AMX kernel, which takes
+ *     thread count (tile sizes follow the shape and the ISA: tile_min). Tiles are cut so that oneDNN's AMX kernel, which takes
  *     dense operands only, gets dense ones: rows of C (A^T B too: each
  *     tile's columns of A are first copied into a dense per-thread buffer
  *     of K x (tile rows) values), column tiles through a dense per-thread
@@ -27,7 +27,7 @@
 #define SMALL_MACS (INT64_C(1) << 21)
 #define TARGET_TILES 16
 #define K_CHUNK_MIN 1024
-static int64_t min_tile = 256;   /* ab_bf16_testing_tile changes it (benchmarks) */
+static int64_t min_tile = 0;   /* 0: by the ISA (tile_min); ab_bf16_testing_tile sets it */
 #define PART_FLOATS (INT64_C(1) << 22)   /* partial products of a K split, at most */
 static int planner = 1;
 
@@ -229,6 +229,17 @@ static int k_split(bjob *j, int64_t tk) {
     return atomic_load(&j->rc);
 }
 
+/* The smallest tile side. oneDNN's AMX kernel runs a product about five
+ * times faster per thread than its avx512_core_bf16 kernel, so a call's
+ * fixed costs (all of B copied into the tile layout, the tile set-up) weigh
+ * five times more: on AMX tiles are twice as tall (measured at the
+ * stories110M shapes: 128-row calls ran at ~0.75 of oneDNN's own threading,
+ * 256-row calls at ~0.93). Chosen by the ISA and the shape only, never by
+ * the thread count. */
+static int64_t tile_min(void) {
+    return min_tile ? min_tile : ab_onednn_has_amx() ? 512 : 256;
+}
+
 static int gemm_onednn(bjob *j) {
     const int64_t M = j->M, N = j->N, K = j->K;
     if (atomic_load(&mode_threads) == AB_BF16_ONEDNN_THREADS)
@@ -241,7 +252,10 @@ static int gemm_onednn(bjob *j) {
             return k_split(j, tk > K_CHUNK_MIN ? tk : K_CHUNK_MIN);
         }
         int64_t pm = 1, pn = 1;
-        if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096
+        const int64_t tmin = tile_min();
+        /* a wide C in column tiles, unless two row tiles would do (each
+         * packs all of B, but no C goes through a buffer) */
+        if (planner == 1 && !j->transA && N >= 8 * M && N >= 4096 && M > tmin
             && M * ab_gemm_tile(N, TARGET_TILES) <= PART_FLOATS) {
             j->tn = ab_gemm_tile(N, TARGET_TILES);
             ab_parallel_for(ab_div_up(N, j->tn), AB_MAX_THREADS, wide_task, j);
@@ -252,7 +266,7 @@ static int gemm_onednn(bjob *j) {
              * kernel takes dense operands only); each tile packs all of B, so
              * tiles of >= min_tile / 2 rows (A^T: >= min_tile, as each tile
              * also transposes its A inside oneDNN), but at least two */
-            const int64_t rows = j->transA ? min_tile : min_tile / 2;
+            const int64_t rows = j->transA ? tmin : tmin / 2;
             while (pm < TARGET_TILES && ab_gemm_tile(M, 2 * pm) >= rows) pm *= 2;
             if (pm == 1) pm = 2;
             j->tm = ab_gemm_tile(M, pm);
@@ -271,7 +285,7 @@ static int gemm_onednn(bjob *j) {
             nk = nk < TARGET_TILES ? nk : TARGET_TILES;
             return k_split(j, ab_div_up(ab_div_up(K, nk), 16) * 16);
         } else {
-            ab_gemm_grid(M, N, min_tile, TARGET_TILES, &pm, &pn);
+            ab_gemm_grid(M, N, tmin, TARGET_TILES, &pm, &pn);
         }
         j->tm = ab_gemm_tile(M, pm); j->tn = ab_gemm_tile(N, pn);
         j->nm = ab_div_up(M, j->tm);

@@ -168,6 +168,11 @@ int ab_onednn_has_bf16(void) {
            && (isa & DNNL_ISA_AVX512_CORE_BF16) == DNNL_ISA_AVX512_CORE_BF16;
 }
 
+int ab_onednn_has_amx(void) {
+    return ab_onednn_state() == 1
+           && (isa & DNNL_ISA_AVX512_CORE_AMX) == DNNL_ISA_AVX512_CORE_AMX;
+}
+
 const char *ab_onednn_impl(void) { return impl_seen; }
 
 /* ---- the primitive cache ---- */
