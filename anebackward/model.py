@@ -302,12 +302,7 @@ class Llama:
 
     # -- forward / backward ------------------------------------------------
     def _batch(self, fn, tokens, name="tokens"):
-        if not isinstance(tokens, np.ndarray):
-            try:
-                tokens = np.asarray(tokens)
-            except Exception:
-                raise TypeError(f"{fn}: {name} must be an integer array, got "
-                                f"{type(tokens).__name__}") from None
+        tokens = C.int_array(fn, name, tokens)
         if tokens.ndim not in (1, 2) or tokens.size == 0:
             raise ValueError(f"{fn}: {name} must be a non-empty [S] or [B, S] array, got shape "
                              f"{tokens.shape}")
