@@ -58,6 +58,19 @@ def out(fn, name, a, shape, *inputs, may_alias=()):
     return a
 
 
+def int_array(fn, name, a):
+    """a as a numpy.ndarray (an ndarray as is, a list or the like through
+    np.asarray); TypeError naming fn and name when it cannot be one. The
+    dtype is for the caller to check."""
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except Exception:
+        raise TypeError(f"{fn}: {name} must be an integer array, got "
+                        f"{type(a).__name__}") from None
+
+
 def tokens(fn, name, a, vocab_size, allow_ignore=False):
     """Token ids as a C-contiguous int32 array, range-checked.
 

@@ -92,3 +92,8 @@ def fptr(a):
 def iptr(a):
     """int32_t* into an int32 ndarray's own memory (no copy)."""
     return ffi.from_buffer("int32_t[]", a)
+
+
+def u16ptr(a):
+    """uint16_t* into a uint16 ndarray's own memory (no copy), e.g. bf16 bits."""
+    return ffi.from_buffer("uint16_t[]", a)

@@ -44,6 +44,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import _checks as C
 from ._native import ffi
 
 HF_IGNORE_INDEX = -100   # HF's label ignore index; the kernels' is -1
@@ -58,12 +59,7 @@ def i64ptr(a):
 def _int_array(fn, name, a):
     if hasattr(a, "detach"):   # a torch tensor
         a = a.detach().cpu().numpy()
-    if not isinstance(a, np.ndarray):
-        try:
-            a = np.asarray(a)
-        except Exception:
-            raise TypeError(f"{fn}: {name} must be an integer array, got "
-                            f"{type(a).__name__}") from None
+    a = C.int_array(fn, name, a)
     if a.dtype.kind not in "iub" or (a.dtype.kind == "b" and name != "attention_mask"):
         raise TypeError(f"{fn}: {name} must have an integer dtype, got {a.dtype}")
     return a

@@ -26,7 +26,9 @@ import os
 import threading
 from typing import Optional
 
-from ._native import ffi, lib
+import numpy as np
+
+from ._native import check, ffi, fptr, lib, u16ptr
 from .errors import Bf16UnavailableError
 
 PRECISIONS = ("fp32", "bf16")
@@ -44,6 +46,46 @@ def check_precision(fn: str, precision: Optional[str]) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{fn}: precision must be 'fp32' or 'bf16', got {precision!r}")
     return precision
+
+
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16, as the bf16 matmuls round their operands.
+
+    Parameters
+    ----------
+    a : numpy.ndarray of float32
+        The values, any shape and memory layout. Other dtypes are refused
+        rather than converted: float64 values would be rounded twice (to
+        float32 first), which is not the same as rounding them once.
+
+    Returns
+    -------
+    numpy.ndarray of uint16
+        A new array of a's shape holding each value's bfloat16 bits (the
+        high 16 bits of the float32 pattern after rounding to nearest even;
+        NaN stays NaN, inf stays inf). ``(h.astype(np.uint32) << 16).view(np.float32)``
+        widens them back to float32 exactly.
+
+    Raises
+    ------
+    TypeError
+        If a is not a numpy.ndarray of dtype float32.
+
+    Examples
+    --------
+    >>> to_bf16(np.array([1.0, 1.00390625, 1.01171875], np.float32))
+    array([16256, 16256, 16258], dtype=uint16)
+    """
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        t = type(a)
+        got = (f"dtype {a.dtype}" if isinstance(a, np.ndarray) else
+               t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}")
+        raise TypeError(f"to_bf16: a must be a numpy.ndarray of float32, got {got}; convert it "
+                        f"with np.asarray(a, dtype=np.float32)")
+    src = np.ascontiguousarray(a)
+    h = np.empty(a.shape, np.uint16)
+    check(lib.ab_f32_to_bf16(u16ptr(h), fptr(src), src.size), "to_bf16")
+    return h
 
 
 def library_path() -> Optional[str]:

@@ -28,7 +28,7 @@ import itertools
 import math
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -57,6 +57,28 @@ def _locked(method):
         with self.lock:
             return method(self, *args, **kwargs)
     return call
+
+
+class _FixedBuffer:
+    """A read-only attribute over the float32 buffer obj._<name>. The C core
+    reads these buffers by pointer, so each stays one array for its owner's
+    life: change its contents (obj.<name>[...] = ...), never the array."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name, self._attr = name, "_" + name
+
+    @overload
+    def __get__(self, obj: None, owner: Optional[type] = None) -> "_FixedBuffer": ...
+    @overload
+    def __get__(self, obj: object, owner: Optional[type] = None) -> F32Array: ...
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        return self if obj is None else getattr(obj, self._attr)
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self._name} is fixed for the object's life "
+                             f"(the C core reads it by pointer); assign its contents instead: "
+                             f"{self._name}[...] = ...")
 
 
 class Llama:
@@ -247,18 +269,12 @@ class Llama:
         self._ws = None
         self._pending = None
 
-    # The C model reads these buffers by the layout above: they are fixed
-    # for the model's life (read-only attributes); change their contents, as
-    # params[name][...] = ... or flat_params[:] = ... do, never the arrays.
-    @property
-    def flat_params(self) -> F32Array:
-        """All parameters, one float32 buffer (params[name] are views into it)."""
-        return self._flat_params
-
-    @property
-    def flat_grads(self) -> F32Array:
-        """All gradients, one float32 buffer (grads[name] are views into it)."""
-        return self._flat_grads
+    # The C model reads these buffers by the layout above (params[name][...] = ...
+    # and flat_params[:] = ... change their contents; see _FixedBuffer)
+    flat_params = _FixedBuffer()
+    """All parameters, one float32 buffer (params[name] are views into it)."""
+    flat_grads = _FixedBuffer()
+    """All gradients, one float32 buffer (grads[name] are views into it)."""
 
     @property
     def params_version(self) -> int:
@@ -302,12 +318,7 @@ class Llama:
 
     # -- forward / backward ------------------------------------------------
     def _batch(self, fn, tokens, name="tokens"):
-        if not isinstance(tokens, np.ndarray):
-            try:
-                tokens = np.asarray(tokens)
-            except Exception:
-                raise TypeError(f"{fn}: {name} must be an integer array, got "
-                                f"{type(tokens).__name__}") from None
+        tokens = C.int_array(fn, name, tokens)
         if tokens.ndim not in (1, 2) or tokens.size == 0:
             raise ValueError(f"{fn}: {name} must be a non-empty [S] or [B, S] array, got shape "
                              f"{tokens.shape}")
@@ -945,15 +956,10 @@ class AdamW:
         """The model's lock (step() holds it; see Llama's doc)."""
         return self.model.lock
 
-    @property
-    def m(self) -> F32Array:
-        """First moments, one float32 buffer laid out like model.flat_grads."""
-        return self._m
-
-    @property
-    def v(self) -> F32Array:
-        """Second moments, one float32 buffer laid out like model.flat_grads."""
-        return self._v
+    m = _FixedBuffer()
+    """First moments, one float32 buffer laid out like model.flat_grads."""
+    v = _FixedBuffer()
+    """Second moments, one float32 buffer laid out like model.flat_grads."""
 
     @_locked
     def step(self, lr: Optional[float] = None) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 import anebackward as ab
 from anebackward import Llama, LlamaConfig, bf16
-from anebackward._native import ffi, lib
+from anebackward._native import ffi, fptr, lib, u16ptr
+from anebackward.bf16 import to_bf16
 
 U = 2.0 ** -24
 
@@ -58,20 +59,6 @@ def rounded(a):
     return widen(rne(a)).astype(np.float64)
 
 
-def u16(a):
-    return ffi.from_buffer("uint16_t[]", a)
-
-
-def f32(a):
-    return ffi.from_buffer("float[]", a)
-
-
-def to_bf16(a):
-    h = np.empty(a.shape, np.uint16)
-    assert lib.ab_f32_to_bf16(u16(h), f32(np.ascontiguousarray(a, np.float32)), a.size) == 0
-    return h
-
-
 def assert_within_bound(C, A64, B64, C0=None):
     K = A64.shape[1]
     ref = A64 @ B64 + (0 if C0 is None else C0.astype(np.float64))
@@ -102,10 +89,27 @@ def test_f32_to_bf16_rounds_to_nearest_even_like_an_independent_reference(rng):
     # ties go to the even neighbour
     assert (rne(ties) & 1 == 0).all() and np.array_equal(to_bf16(ties), rne(ties))
     back = np.empty(h.shape, np.float32)
-    assert lib.ab_bf16_to_f32(f32(back), u16(h), h.size) == 0
+    assert lib.ab_bf16_to_f32(fptr(back), u16ptr(h), h.size) == 0
     assert np.array_equal(back[~nan].view(np.uint32), widen(h[~nan]).view(np.uint32))
     assert lib.ab_f32_to_bf16(ffi.NULL, ffi.NULL, -1) == lib.AB_EINVAL
     assert lib.ab_f32_to_bf16(ffi.NULL, ffi.NULL, 3) == lib.AB_ENULL
+
+
+def test_to_bf16_rounds_strided_and_0d_arrays_like_contiguous_ones(rng):
+    x = rng.standard_normal((6, 10)).astype(np.float32)
+    for a in (x[:, ::3], x.T, x[2, 3, ...]):
+        h = to_bf16(a)
+        assert h.shape == a.shape and h.dtype == np.uint16
+        assert np.array_equal(h, rne(np.atleast_1d(a)).reshape(a.shape))
+
+
+@pytest.mark.parametrize("bad, got", [([1.0, 2.0], "got list"),
+                                      (np.ones(3), "got dtype float64"),
+                                      (np.float32(1.0), "got numpy.float32")])
+def test_to_bf16_refuses_what_is_not_a_float32_array(bad, got):
+    with pytest.raises(TypeError, match=f"to_bf16: a must be a numpy.ndarray of float32, {got}; "
+                                        r"convert it with np.asarray\(a, dtype=np.float32\)"):
+        to_bf16(bad)
 
 
 # ---- the bf16 product ----
@@ -131,8 +135,8 @@ def test_gemm_bf16_matches_float64_of_the_rounded_operands(rng, path, ta, tb, M,
     Bb = to_bf16(B)
     C0 = rng.standard_normal((M, N + 5)).astype(np.float32)
     C = C0.copy()
-    rc = lib.ab_gemm_bf16(ta, tb, M, N, K, u16(Ab), Ab.shape[1], u16(Bb), Bb.shape[1], acc,
-                          f32(C), C.shape[1])
+    rc = lib.ab_gemm_bf16(ta, tb, M, N, K, u16ptr(Ab), Ab.shape[1], u16ptr(Bb), Bb.shape[1], acc,
+                          fptr(C), C.shape[1])
     assert rc == 0
     A64, B64 = rounded(A), rounded(B)
     A64 = A64.T if ta else A64
@@ -144,10 +148,11 @@ def test_gemm_bf16_matches_float64_of_the_rounded_operands(rng, path, ta, tb, M,
 def test_gemm_bf16_guards_its_arguments():
     h = np.zeros(16, np.uint16)
     c = np.zeros(16, np.float32)
-    assert lib.ab_gemm_bf16(0, 0, -1, 2, 2, u16(h), 2, u16(h), 2, 0, f32(c), 2) == lib.AB_EINVAL
-    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, u16(h), 1, u16(h), 2, 0, f32(c), 2) == lib.AB_EINVAL
-    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, u16(h), 2, u16(h), 2, 0, f32(c), 1) == lib.AB_EINVAL
-    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, ffi.NULL, 2, u16(h), 2, 0, f32(c), 2) == lib.AB_ENULL
+    hp, cp = u16ptr(h), fptr(c)
+    assert lib.ab_gemm_bf16(0, 0, -1, 2, 2, hp, 2, hp, 2, 0, cp, 2) == lib.AB_EINVAL
+    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, hp, 1, hp, 2, 0, cp, 2) == lib.AB_EINVAL
+    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, hp, 2, hp, 2, 0, cp, 1) == lib.AB_EINVAL
+    assert lib.ab_gemm_bf16(0, 0, 2, 2, 2, ffi.NULL, 2, hp, 2, 0, cp, 2) == lib.AB_ENULL
     assert lib.ab_bf16_set_mode(7, -1) == lib.AB_EINVAL
 
 
@@ -164,8 +169,8 @@ def test_gemm_bf16_is_bit_identical_at_1_2_3_threads(rng, path, ta, tb, M, N, K)
         for n in (1, 2, 3):
             ab.set_num_threads(n)
             C = np.zeros((M, N), np.float32)
-            assert lib.ab_gemm_bf16(ta, tb, M, N, K, u16(A), A.shape[1], u16(B), B.shape[1], 0,
-                                    f32(C), N) == 0
+            assert lib.ab_gemm_bf16(ta, tb, M, N, K, u16ptr(A), A.shape[1], u16ptr(B),
+                                    B.shape[1], 0, fptr(C), N) == 0
             out.append(C)
     finally:
         ab.set_num_threads(before)
@@ -320,10 +325,10 @@ def test_bf16_weight_copy_follows_the_optimizer_step(rng, path):
     assert l1 == fresh.forward(tokens) and l1 < l0
     # C refuses a bf16 forward on a workspace without the weight copy
     work = np.zeros(m._workspace(1, 16).size, np.float32)
-    rc = lib.ab_model_forward(ffi.new("double *"), m._cfg, f32(m.flat_params),
+    rc = lib.ab_model_forward(ffi.new("double *"), m._cfg, fptr(m.flat_params),
                               ffi.from_buffer("int32_t[]", tokens.astype(np.int32)),
                               ffi.from_buffer("int32_t[]", tokens.astype(np.int32)), 1, 16, 1,
-                              f32(work), work.size)
+                              fptr(work), work.size)
     assert rc == lib.AB_EINVAL
 
 

@@ -34,27 +34,13 @@ import numpy as np
 
 import anebackward as ab
 from anebackward import bf16
-from anebackward._native import ffi, lib
+from anebackward._native import fptr, lib, u16ptr
 
 SHAPES = {  # rows N (seq 256, batch 1 / seq 1024 for 110M), dim, hidden, vocab
     "stories15M": (256, 288, 768, 32000),
     "stories110M": (1024, 768, 2048, 32000),
     "tiny": (64, 32, 64, 300),            # a smoke test of the bench itself
 }
-
-
-def _u16(a):
-    return ffi.from_buffer("uint16_t[]", a)
-
-
-def _f32(a):
-    return ffi.from_buffer("float[]", a)
-
-
-def _to_bf16(a):
-    h = np.empty(a.shape, np.uint16)
-    lib.ab_f32_to_bf16(_u16(h), _f32(np.ascontiguousarray(a, np.float32)), a.size)
-    return h
 
 
 def _rate(fns, flops, repeats, min_s=0.03):
@@ -85,25 +71,25 @@ def bench_linear(args):
             x = rng.standard_normal((N, inn), dtype=np.float32)
             W = (rng.standard_normal((out, inn), dtype=np.float32) * 0.02).astype(np.float32)
             dy = rng.standard_normal((N, out), dtype=np.float32)
-            xb, Wb, dyb = _to_bf16(x), _to_bf16(W), _to_bf16(dy)
+            xb, Wb, dyb = bf16.to_bf16(x), bf16.to_bf16(W), bf16.to_bf16(dy)
             y = np.empty((N, out), np.float32)
             dx = np.empty((N, inn), np.float32)
             dW = np.empty((out, inn), np.float32)
             cases = {
                 f"fwd   {N}x{inn}->{out}": (
                     lambda: ab.linear(x, W, out=y),
-                    lambda: lib.ab_gemm_bf16(0, 1, N, out, inn, _u16(xb), inn, _u16(Wb), inn, 0,
-                                             _f32(y), out),
+                    lambda: lib.ab_gemm_bf16(0, 1, N, out, inn, u16ptr(xb), inn, u16ptr(Wb), inn,
+                                             0, fptr(y), out),
                     lambda: ab.linear(x, W, out=y, precision="bf16")),
                 f"dx    {N}x{out}->{inn}": (
                     lambda: ab.linear_backward_dx(dy, W, dx=dx),
-                    lambda: lib.ab_gemm_bf16(0, 0, N, inn, out, _u16(dyb), out, _u16(Wb), inn, 0,
-                                             _f32(dx), inn),
+                    lambda: lib.ab_gemm_bf16(0, 0, N, inn, out, u16ptr(dyb), out, u16ptr(Wb), inn,
+                                             0, fptr(dx), inn),
                     lambda: ab.linear_backward_dx(dy, W, dx=dx, precision="bf16")),
                 f"dW    {out}x{inn} over {N}": (
                     lambda: ab.linear_backward_dW(dy, x, dW=dW),
-                    lambda: lib.ab_gemm_bf16(1, 0, out, inn, N, _u16(dyb), out, _u16(xb), inn, 0,
-                                             _f32(dW), inn),
+                    lambda: lib.ab_gemm_bf16(1, 0, out, inn, N, u16ptr(dyb), out, u16ptr(xb), inn,
+                                             0, fptr(dW), inn),
                     lambda: ab.linear_backward_dW(dy, x, dW=dW, precision="bf16")),
             }
             for label, (f32, b16, onecall) in cases.items():

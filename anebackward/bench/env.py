@@ -47,6 +47,18 @@ def cpu_busy(seconds=0.5):
         return None
 
 
+def load_avg():
+    """The 1, 5 and 15 minute load averages, as "a b c" (two decimals)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_load():
+    """"<n> cpus, load avg a b c (shared machine: timings are noisy)": the
+    first line of a script bench, so that its numbers come with the load
+    they were measured under."""
+    return f"{os.cpu_count()} cpus, load avg {load_avg()} (shared machine: timings are noisy)"
+
+
 def threadpools():
     """threadpoolctl's view of every BLAS/OpenMP pool in the process, or None."""
     try:

@@ -24,12 +24,14 @@ padding costs no work.
 """
 import argparse
 import copy
-import os
 import statistics
 import time
 
 import numpy as np
 import torch
+
+from . import env
+from .hf_step import build
 
 B, S, V = 8, 256, 32000
 
@@ -53,20 +55,6 @@ def make_batch(seed=1):
     return lengths, (ids, mask, labels), (flat, pos, flab)
 
 
-def build_hf(patched):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=V, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
-                      max_position_embeddings=S)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).train()
-    if patched:
-        import anebackward.transformers
-        anebackward.transformers.apply(model)
-    return model
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -75,9 +63,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import anebackward
     from anebackward import Llama, LlamaConfig
-    la = os.getloadavg()
-    print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
-          f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
+    print(f"{env.machine_load()}; torch {torch.__version__}; --threads {a.threads}")
     torch.set_num_threads(a.threads)
     anebackward.set_num_threads(a.threads)
     lengths, (ids, mask, labels), (flat, pos, flab) = make_batch()
@@ -86,8 +72,8 @@ def main(argv=None):
           f"({n_real / (B * S):.0%} of {B * S}), prompt 30 % masked")
 
     hf = {}
-    for name, patched in (("hf", False), ("patched", True)):
-        m = build_hf(patched)
+    for name, variant in (("hf", "sdpa"), ("patched", "patched")):
+        m = build(variant, S, V, shape="stories15M")   # the shape of the batch above
         hf[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True))
     padded = dict(input_ids=ids, attention_mask=mask, labels=labels)
     packed = dict(input_ids=flat, position_ids=pos, labels=flab, use_cache=False)

@@ -25,11 +25,12 @@ patched-bf16).
 """
 import argparse
 import copy
-import os
 import statistics
 import time
 
 import torch
+
+from . import env
 
 VARIANTS = ("sdpa", "eager", "patched", "sdpa-bf16", "patched-bf16", "patched-bf16-switched")
 DEFAULT_VARIANTS = ("sdpa", "eager", "patched")
@@ -73,9 +74,7 @@ def main(argv=None):
     if any(v not in VARIANTS for v in variants):
         ap.error(f"variants: choose from {', '.join(VARIANTS)}")
     V, B = SHAPES[a.shape]["vocab_size"], SHAPES[a.shape]["batch"]
-    la = os.getloadavg()
-    print(f"{os.cpu_count()} cpus, load avg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (shared machine: "
-          f"timings are noisy); torch {torch.__version__}; --threads {a.threads}")
+    print(f"{env.machine_load()}; torch {torch.__version__}; --threads {a.threads}")
     torch.set_num_threads(a.threads)  # the patched model sets the package's to 1 (apply's "auto")
     if any("-bf16" in v for v in variants):
         from anebackward import bf16
@@ -123,8 +122,7 @@ def main(argv=None):
         if slot is not None:
             eng = slot.engine
             print(f"  {v}: {'engine precision ' + eng.precision if eng else 'per-op/HF path'}")
-    la = os.getloadavg()
-    print(f"load avg after: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
+    print(f"load avg after: {env.load_avg()}")
     return times
 
 

@@ -26,6 +26,7 @@ import torch
 import anebackward
 import anebackward.torch as at
 
+from . import env
 from .torch_llama import Transformer as PlainLlama
 
 SHAPES = {
@@ -157,9 +158,7 @@ def main():
                          "one-call, logits returned)")
     a = ap.parse_args()
     info = anebackward.blas_info()
-    la = os.getloadavg()
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, load avg {la[0]:.2f} "
-          f"{la[1]:.2f} {la[2]:.2f} (shared machine: timings are noisy)")
+    print(f"machine: {platform.machine()} {env.machine_load()}")
     print(f"torch {torch.__version__}; anebackward BLAS {info['blas']} core {info['corename']}; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; --threads {a.threads}")
     variants = a.variants.split(",")

@@ -10,6 +10,7 @@ Shapes follow the kernels: token-major rows, x[..., D] or [B, S, D]; weights
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Optional, Tuple, Union
 
@@ -41,6 +42,29 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _run_forward(ctx, kernel, inputs, y, backend, **options):
+    """Save the tensor inputs and backend= for the backward, then run
+    kernel(*inputs, out=y, backend=backend, **options) over their NumPy
+    views (no copies); returns y."""
+    ctx.backend = backend
+    ctx.save_for_backward(*inputs)
+    kernel(*map(np_view, inputs), out=np_view(y), backend=backend, **options)
+    return y
+
+
+def _run_backward(ctx, kernel, dy, grad_names, **options):
+    """The gradients of the saved inputs from one backward kernel that
+    computes them all: kernel(dy, *inputs, backend=ctx.backend, **options)
+    with grad_names[i]= a fresh buffer for input i. Returns one entry per
+    forward argument: the gradient where autograd asked for it, else None."""
+    inputs = ctx.saved_tensors
+    grads = [torch.empty_like(t) for t in inputs]
+    kernel(np_view(grad_view(dy)), *map(np_view, inputs), backend=ctx.backend, **options,
+           **{name: np_view(g) for name, g in zip(grad_names, grads)})
+    return tuple(g if need else None for g, need in
+                 itertools.zip_longest(grads, ctx.needs_input_grad))
+
+
 # ---------------------------------------------------------------- linear ----
 class LinearFunction(torch.autograd.Function):
     """y = x·Wᵀ with the package's BLAS-backed linear kernels."""
@@ -51,11 +75,8 @@ class LinearFunction(torch.autograd.Function):
         if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: weight must be [out, in] with in = x.shape[-1]; got x "
                              f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
-        ctx.backend = backend
-        ctx.save_for_backward(x, weight)
         y = torch.empty(x.shape[:-1] + (weight.shape[0],), dtype=F32)
-        ab.linear(np_view(x), np_view(weight), out=np_view(y), backend=backend)
-        return y
+        return _run_forward(ctx, ab.linear, (x, weight), y, backend)
 
     @staticmethod
     @once_differentiable
@@ -88,23 +109,15 @@ class RMSNormFunction(torch.autograd.Function):
         if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0]:
             raise ValueError(f"rmsnorm: weight must be [D] with D = x.shape[-1]; got x "
                              f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
-        ctx.eps, ctx.backend = float(eps), backend
-        ctx.save_for_backward(x, weight)
-        y = torch.empty_like(x)
-        ab.rmsnorm(np_view(x), np_view(weight), eps=ctx.eps, out=np_view(y), backend=backend)
-        return y
+        ctx.eps = float(eps)
+        return _run_forward(ctx, ab.rmsnorm, (x, weight), torch.empty_like(x), backend,
+                            eps=ctx.eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy = grad_view(dy)
-        dx = torch.empty_like(x)
-        dw = torch.empty_like(w)
-        ab.rmsnorm_backward(np_view(dy), np_view(x), np_view(w), eps=ctx.eps, dx=np_view(dx),
-                            dw=np_view(dw), accumulate=False, backend=ctx.backend)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw if ctx.needs_input_grad[1] else None, None, None)
+        return _run_backward(ctx, ab.rmsnorm_backward, dy, ("dx", "dw"), eps=ctx.eps,
+                             accumulate=False)
 
 
 @_eager_only
@@ -192,26 +205,18 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, n_heads, n_kv_heads, workspace, backend):
         float32_check("attention", q=q, k=k, v=v)
         hd = _attn_dims("attention", q, k, v, n_heads, n_kv_heads)
-        ctx.dims, ctx.workspace, ctx.backend = (n_heads, n_kv_heads, hd), workspace, backend
-        ctx.save_for_backward(q, k, v)
-        out = torch.empty_like(q)
+        ctx.dims, ctx.workspace = (n_heads, n_kv_heads, hd), workspace
         ws = workspace.get(q.shape[-2]) if workspace is not None else None
-        ab.attention(np_view(q), np_view(k), np_view(v), n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     out=np_view(out), workspace=ws, backend=backend)
-        return out
+        return _run_forward(ctx, ab.attention, (q, k, v), torch.empty_like(q), backend,
+                            n_heads=n_heads, n_kv_heads=n_kv_heads, workspace=ws)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v = ctx.saved_tensors
         H, KV, hd = ctx.dims
-        dout = grad_view(dout)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        ws = ctx.workspace.get(q.shape[-2]) if ctx.workspace is not None else None
-        ab.attention_backward(np_view(dout), np_view(q), np_view(k), np_view(v), n_heads=H,
-                              n_kv_heads=KV, dq=np_view(dq), dk=np_view(dk), dv=np_view(dv),
-                              workspace=ws, backend=ctx.backend)
-        return dq, dk, dv, None, None, None, None
+        ws = ctx.workspace.get(dout.shape[-2]) if ctx.workspace is not None else None
+        return _run_backward(ctx, ab.attention_backward, dout, ("dq", "dk", "dv"), n_heads=H,
+                             n_kv_heads=KV, workspace=ws)
 
 
 @_eager_only
@@ -236,21 +241,12 @@ class SwiGLUFunction(torch.autograd.Function):
         if h1.shape != h3.shape:
             raise ValueError(f"swiglu: h1 and h3 must have one shape, got {tuple(h1.shape)} and "
                              f"{tuple(h3.shape)}")
-        ctx.backend = backend
-        ctx.save_for_backward(h1, h3)
-        y = torch.empty_like(h1)
-        ab.swiglu(np_view(h1), np_view(h3), out=np_view(y), backend=backend)
-        return y
+        return _run_forward(ctx, ab.swiglu, (h1, h3), torch.empty_like(h1), backend)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        h1, h3 = ctx.saved_tensors
-        dy = grad_view(dy)
-        dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
-        ab.swiglu_backward(np_view(dy), np_view(h1), np_view(h3), dh1=np_view(dh1),
-                           dh3=np_view(dh3), backend=ctx.backend)
-        return dh1, dh3, None
+        return _run_backward(ctx, ab.swiglu_backward, dy, ("dh1", "dh3"))
 
 
 @_eager_only
