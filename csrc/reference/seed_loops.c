@@ -406,19 +406,24 @@ int ab_ref_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlo
     return AB_OK;
 }
 
+/* Both embedding directions' checks, every token before anything is
+ * written. A macro so that a failure names the public function and the
+ * argument as spelled there (the guards report __func__ and their text). */
+#define REF_EMBEDDING_ARGS(out, in, tokens, N, V, D)                           \
+    GUARD_DIMS3(N, V, D); AB_NONNULL(out); AB_NONNULL(in); AB_NONNULL(tokens); \
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE)
+
 /* seed: model_backward's embedding loop. */
 int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
                              int64_t N, int64_t V, int64_t D) {
-    GUARD_DIMS3(N, V, D); AB_NONNULL(x); AB_NONNULL(E); AB_NONNULL(tokens);
-    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    REF_EMBEDDING_ARGS(x, E, tokens, N, V, D);
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < D; i++) x[t * D + i] = E[(int64_t)tokens[t] * D + i];
     return AB_OK;
 }
 int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                               int64_t N, int64_t V, int64_t D) {
-    GUARD_DIMS3(N, V, D); AB_NONNULL(dE); AB_NONNULL(dx); AB_NONNULL(tokens);
-    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    REF_EMBEDDING_ARGS(dE, dx, tokens, N, V, D);
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < D; i++) dE[(int64_t)tokens[t] * D + i] += dx[t * D + i];
     return AB_OK;
