@@ -74,18 +74,12 @@ static int convert_args_ok(const void *dst, const void *src, int64_t n) {
     return AB_OK;
 }
 
-int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
-    int rc = convert_args_ok(dst, src, n);
-    if (rc) return rc;
+static void f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16_one(src[i]);
-    return AB_OK;
 }
 
-int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
-    int rc = convert_args_ok(dst, src, n);
-    if (rc) return rc;
+static void f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32_one(src[i]);
-    return AB_OK;
 }
 
 #if defined(AB_HAVE_F16C_CODE)
@@ -136,37 +130,58 @@ static void f16_to_f32_neon(float *dst, const uint16_t *src, int64_t n) {
 }
 #endif
 
-int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n) {
-    int rc = convert_args_ok(dst, src, n);
-    if (rc) return rc;
-#if defined(AB_HAVE_F16C_CODE)
-    if (have_f16c()) { f32_to_f16_f16c(dst, src, n); return AB_OK; }
-#elif defined(AB_HAVE_NEON_F16)
-    f32_to_f16_neon(dst, src, n); return AB_OK;
-#endif
-    return ab_ane_f32_to_f16_scalar(dst, src, n);
-}
+/* A conversion path: its name (ab_ane_fp16_path) and both directions. */
+typedef struct {
+    const char *name;
+    void (*to_f16)(uint16_t *dst, const float *src, int64_t n);
+    void (*to_f32)(float *dst, const uint16_t *src, int64_t n);
+} fp16_path;
 
-int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n) {
-    int rc = convert_args_ok(dst, src, n);
-    if (rc) return rc;
+static const fp16_path SCALAR_PATH = {"scalar", f32_to_f16_scalar, f16_to_f32_scalar};
 #if defined(AB_HAVE_F16C_CODE)
-    if (have_f16c()) { f16_to_f32_f16c(dst, src, n); return AB_OK; }
+static const fp16_path F16C_PATH = {"f16c", f32_to_f16_f16c, f16_to_f32_f16c};
 #elif defined(AB_HAVE_NEON_F16)
-    f16_to_f32_neon(dst, src, n); return AB_OK;
+static const fp16_path NEON_PATH = {"neon", f32_to_f16_neon, f16_to_f32_neon};
 #endif
-    return ab_ane_f16_to_f32_scalar(dst, src, n);
-}
 
-const char *ab_ane_fp16_path(void) {
+/* The one choice of path: F16C where the CPU has it, NEON on arm64, else scalar. */
+static const fp16_path *fp16_path_here(void) {
 #if defined(AB_HAVE_F16C_CODE)
-    return have_f16c() ? "f16c" : "scalar";
+    return have_f16c() ? &F16C_PATH : &SCALAR_PATH;
 #elif defined(AB_HAVE_NEON_F16)
-    return "neon";
+    return &NEON_PATH;
 #else
-    return "scalar";
+    return &SCALAR_PATH;
 #endif
 }
+
+/* The converters' bodies, one per direction: the argument check, then the path's loop. */
+static int to_f16(const fp16_path *p, uint16_t *dst, const float *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (!rc) p->to_f16(dst, src, n);
+    return rc;
+}
+
+static int to_f32(const fp16_path *p, float *dst, const uint16_t *src, int64_t n) {
+    int rc = convert_args_ok(dst, src, n);
+    if (!rc) p->to_f32(dst, src, n);
+    return rc;
+}
+
+int ab_ane_f32_to_f16(uint16_t *dst, const float *src, int64_t n) {
+    return to_f16(fp16_path_here(), dst, src, n);
+}
+int ab_ane_f16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+    return to_f32(fp16_path_here(), dst, src, n);
+}
+int ab_ane_f32_to_f16_scalar(uint16_t *dst, const float *src, int64_t n) {
+    return to_f16(&SCALAR_PATH, dst, src, n);
+}
+int ab_ane_f16_to_f32_scalar(float *dst, const uint16_t *src, int64_t n) {
+    return to_f32(&SCALAR_PATH, dst, src, n);
+}
+
+const char *ab_ane_fp16_path(void) { return fp16_path_here()->name; }
 
 /* Blocked transposes: 32x32 blocks keep both the row reads and the channel
  * writes within a few cache lines. */
@@ -181,42 +196,39 @@ static int transpose_args_ok(const float *dst, const float *src, int64_t ld, int
     return AB_OK;
 }
 
+/* Both transposes: dst[i*ldd + j] (+)= src[j*lds + i] * scale for i < R,
+ * j < J, block by block; each row i of a block is written contiguously. */
+static void transpose_scaled(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t R,
+                             int64_t J, float scale, int accumulate) {
+    for (int64_t i0 = 0; i0 < R; i0 += AB_TB) {
+        int64_t i1 = i0 + AB_TB < R ? i0 + AB_TB : R;
+        for (int64_t j0 = 0; j0 < J; j0 += AB_TB) {
+            int64_t j1 = j0 + AB_TB < J ? j0 + AB_TB : J;
+            for (int64_t i = i0; i < i1; i++) {
+                float *d = dst + i * ldd;
+                const float *s = src + i;
+                if (accumulate) {
+                    for (int64_t j = j0; j < j1; j++) d[j] += s[j * lds] * scale;
+                } else {
+                    for (int64_t j = j0; j < j1; j++) d[j] = s[j * lds] * scale;
+                }
+            }
+        }
+    }
+}
+
 /* dst[c*ld + t] = src[t*C + c] * scale  for t < N, c < C. */
 int ab_ane_rows_to_channels(float *dst, int64_t ld, const float *src, int64_t N, int64_t C,
                             float scale) {
     int rc = transpose_args_ok(dst, src, ld, N, C);
-    if (rc) return rc;
-    for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
-        int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
-        for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
-            int64_t c1 = c0 + AB_TB < C ? c0 + AB_TB : C;
-            for (int64_t c = c0; c < c1; c++) {
-                float *d = dst + c * ld;
-                for (int64_t t = t0; t < t1; t++) d[t] = src[t * C + c] * scale;
-            }
-        }
-    }
-    return AB_OK;
+    if (!rc) transpose_scaled(dst, ld, src, C, C, N, scale, 0);
+    return rc;
 }
 
 /* dst[t*C + c] (+)= src[c*ld + t] * scale  for t < N, c < C. */
 int ab_ane_channels_to_rows(float *dst, const float *src, int64_t ld, int64_t N, int64_t C,
                             float scale, int accumulate) {
     int rc = transpose_args_ok(dst, src, ld, N, C);
-    if (rc) return rc;
-    for (int64_t t0 = 0; t0 < N; t0 += AB_TB) {
-        int64_t t1 = t0 + AB_TB < N ? t0 + AB_TB : N;
-        for (int64_t c0 = 0; c0 < C; c0 += AB_TB) {
-            int64_t c1 = c0 + AB_TB < C ? c0 + AB_TB : C;
-            for (int64_t t = t0; t < t1; t++) {
-                float *d = dst + t * C;
-                if (accumulate) {
-                    for (int64_t c = c0; c < c1; c++) d[c] += src[c * ld + t] * scale;
-                } else {
-                    for (int64_t c = c0; c < c1; c++) d[c] = src[c * ld + t] * scale;
-                }
-            }
-        }
-    }
-    return AB_OK;
+    if (!rc) transpose_scaled(dst, C, src, ld, N, C, scale, accumulate);
+    return rc;
 }

@@ -216,13 +216,21 @@ int ab_ane_testing_handshake(int on) {
     return AB_OK;
 }
 
+/* The test logs' copy-out, under the log's mutex: *n = its length len, and
+ * its first min(len, cap) entries (entry bytes each) into out. */
+static int copy_log(pthread_mutex_t *mu, const void *log, size_t entry, const int64_t *len,
+                    int64_t *out, int64_t cap, int64_t *n) {
+    pthread_mutex_lock(mu);
+    *n = *len;
+    const int64_t m = *len < cap ? *len : cap;
+    if (m > 0) memcpy(out, log, (size_t)m * entry);
+    pthread_mutex_unlock(mu);
+    return AB_OK;
+}
+
 int ab_ane_testing_job_log(int64_t *out, int64_t cap, int64_t *n) {
     AB_NONNULL(n);
-    pthread_mutex_lock(&g_log_mu);
-    *n = g_log_n;
-    for (int64_t i = 0; i < g_log_n && i < cap; i++) memcpy(out + 6 * i, g_log[i], sizeof g_log[i]);
-    pthread_mutex_unlock(&g_log_mu);
-    return AB_OK;
+    return copy_log(&g_log_mu, g_log, sizeof g_log[0], &g_log_n, out, cap, n);
 }
 
 static int64_t thread_cpu_ns(void) {
@@ -260,11 +268,7 @@ int ab_ane_testing_overlap(int on) {
 
 int ab_ane_testing_overlap_log(int64_t *out, int64_t cap, int64_t *n) {
     AB_NONNULL(n);
-    pthread_mutex_lock(&g_ov_mu);
-    *n = g_ov_n;
-    for (int64_t i = 0; i < g_ov_n && i < cap; i++) memcpy(out + 3 * i, g_ov_log[i], sizeof g_ov_log[i]);
-    pthread_mutex_unlock(&g_ov_mu);
-    return AB_OK;
+    return copy_log(&g_ov_mu, g_ov_log, sizeof g_ov_log[0], &g_ov_n, out, cap, n);
 }
 
 /* Under g_ov_mu: log an event, wake the holds; returns its sequence number. */

@@ -322,15 +322,27 @@ static int find_value(const emu_prog *P, const char *name) {
     return -1;
 }
 
+/* An array with room for one more element (n used of *cap, size bytes
+ * each): array itself while n < *cap, else array reallocated to twice *cap
+ * (or first) elements; NULL, the failure reported, if memory ran out
+ * (array then still valid and unchanged). */
+static void *room_for_one(lexer *L, void *array, size_t size, int n, int *cap, int first) {
+    if (n < *cap) return array;
+    int c = *cap ? 2 * *cap : first;
+    void *p = realloc(array, (size_t)c * size);
+    if (!p) {
+        ab_ane_fail(L->err, L->errcap, AB_ENOMEM, "out of memory parsing MIL");
+        return NULL;
+    }
+    *cap = c;
+    return p;
+}
+
 static int add_value(lexer *L, emu_prog *P, const char *name, const emu_type *t, int line) {
     if (find_value(P, name) >= 0) return lex_fail(L, line, "'%s' is defined twice", name);
-    if (P->nvals == P->capvals) {
-        int cap = P->capvals ? 2 * P->capvals : 32;
-        emu_value *v = realloc(P->vals, (size_t)cap * sizeof *v);
-        if (!v) return ab_ane_fail(L->err, L->errcap, AB_ENOMEM, "out of memory parsing MIL");
-        P->vals = v;
-        P->capvals = cap;
-    }
+    emu_value *vals = room_for_one(L, P->vals, sizeof *vals, P->nvals, &P->capvals, 32);
+    if (!vals) return AB_ENOMEM;
+    P->vals = vals;
     emu_value *v = &P->vals[P->nvals];
     memset(v, 0, sizeof *v);
     snprintf(v->name, sizeof v->name, "%s", name);
@@ -565,13 +577,9 @@ static int build_instr(lexer *L, emu_prog *P, const char *op, emu_arg *args, int
 }
 
 static int add_instr(lexer *L, emu_prog *P, const emu_instr *ix) {
-    if (P->nins == P->capins) {
-        int cap = P->capins ? 2 * P->capins : 16;
-        emu_instr *n = realloc(P->ins, (size_t)cap * sizeof *n);
-        if (!n) return ab_ane_fail(L->err, L->errcap, AB_ENOMEM, "out of memory parsing MIL");
-        P->ins = n;
-        P->capins = cap;
-    }
+    emu_instr *ins = room_for_one(L, P->ins, sizeof *ins, P->nins, &P->capins, 16);
+    if (!ins) return AB_ENOMEM;
+    P->ins = ins;
     P->ins[P->nins++] = *ix;
     return AB_OK;
 }

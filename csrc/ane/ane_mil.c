@@ -28,14 +28,21 @@ typedef struct {
     int64_t cap, len;
 } mil_out;
 
+/* Appends the formatted text: written while it fits, always counted in len
+ * (so a too-small buffer still learns the whole length). */
+__attribute__((format(printf, 2, 0)))
+static void vput(mil_out *o, const char *fmt, va_list ap) {
+    int64_t room = o->len < o->cap ? o->cap - o->len : 0;
+    int n = vsnprintf(room ? o->buf + o->len : NULL, (size_t)room, fmt, ap);
+    if (n > 0) o->len += n;
+}
+
 __attribute__((format(printf, 2, 3)))
 static void put(mil_out *o, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    int64_t room = o->len < o->cap ? o->cap - o->len : 0;
-    int n = vsnprintf(room ? o->buf + o->len : NULL, (size_t)room, fmt, ap);
+    vput(o, fmt, ap);
     va_end(ap);
-    if (n > 0) o->len += n;
 }
 
 /* Header every program starts with: MIL program version and the build info
@@ -68,10 +75,8 @@ static void put_op(mil_out *o, const char *name, int64_t a, int64_t b, int64_t c
         (long long)a, (long long)b, (long long)c, (long long)d, name);
     va_list ap;
     va_start(ap, op_and_args);
-    int64_t room = o->len < o->cap ? o->cap - o->len : 0;
-    int n = vsnprintf(room ? o->buf + o->len : NULL, (size_t)room, op_and_args, ap);
+    vput(o, op_and_args, ap);
     va_end(ap);
-    if (n > 0) o->len += n;
     put(o, "[name = string(\"%s\")];\n", name);
 }
 

@@ -53,11 +53,18 @@ static int64_t scatter_buckets(int64_t N, int64_t D) {
     return nb < 1 ? 1 : nb > MAX_BUCKETS ? MAX_BUCKETS : nb;
 }
 
+/* Both directions' checks, every token before anything is written. A macro
+ * so that a failure names the public function and the argument as spelled
+ * there ("ab_embedding_backward: dE is NULL"): AB_NONNULL and AB_NONNEG
+ * report __func__ and the argument's text. */
+#define EMBEDDING_ARGS(out, in, tokens, N, V, D)                               \
+    AB_NONNEG(N); AB_NONNEG(V); AB_NONNEG(D);                                  \
+    AB_NONNULL(out); AB_NONNULL(in); AB_NONNULL(tokens);                       \
+    AB_REQUIRE(tokens_in_range(tokens, N, V), AB_ERANGE)
+
 int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
                          int64_t N, int64_t V, int64_t D) {
-    AB_NONNEG(N); AB_NONNEG(V); AB_NONNEG(D);
-    AB_NONNULL(x); AB_NONNULL(E); AB_NONNULL(tokens);
-    AB_REQUIRE(tokens_in_range(tokens, N, V), AB_ERANGE);
+    EMBEDDING_ARGS(x, E, tokens, N, V, D);
     if (D == 0) return AB_OK;
     const int64_t rows = AB_CHUNK / D;
     emb_job j = {x, E, tokens, N, D, rows > 0 ? rows : 1};
@@ -67,9 +74,7 @@ int ab_embedding_forward(float *x, const float *E, const int32_t *tokens,
 
 int ab_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                           int64_t N, int64_t V, int64_t D) {
-    AB_NONNEG(N); AB_NONNEG(V); AB_NONNEG(D);
-    AB_NONNULL(dE); AB_NONNULL(dx); AB_NONNULL(tokens);
-    AB_REQUIRE(tokens_in_range(tokens, N, V), AB_ERANGE);
+    EMBEDDING_ARGS(dE, dx, tokens, N, V, D);
     if (N == 0) return AB_OK;
     if (D == 0) return AB_OK;
     AB_MUL_FITS(N, D);

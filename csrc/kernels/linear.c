@@ -23,12 +23,19 @@ static int check_dims(int64_t N, int64_t in, int64_t out) {
     return AB_OK;
 }
 
-/* C[M,Nc] (+)= op(a)·op(b), a holding na and b nb floats */
+/* C[M,Nc] (+)= op(a)·op(b), a holding na and b nb floats, C dense (row
+ * stride Nc). Empty cases: nothing to write, or K == 0 (an empty sum:
+ * zeros, or C unchanged when accumulating). */
 static int product(int bf16, int ta, int tb, int64_t M, int64_t Nc, int64_t K,
                    const float *a, int64_t na, int64_t lda, const float *b, int64_t nb,
-                   int64_t ldb, int accumulate, float *C, int64_t ldc) {
+                   int64_t ldb, int accumulate, float *C) {
+    if (M == 0 || Nc == 0) return AB_OK;
+    if (K == 0) {
+        if (!accumulate) memset(C, 0, (size_t)M * (size_t)Nc * sizeof(float));
+        return AB_OK;
+    }
     if (!bf16) {
-        ab_sgemm(ta, tb, M, Nc, K, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, C, ldc);
+        ab_sgemm(ta, tb, M, Nc, K, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, C, Nc);
         return AB_OK;
     }
     if (ab_bf16_path() == AB_BF16_UNAVAILABLE) return AB_FAIL(AB_EUNAVAILABLE, NULL);
@@ -36,7 +43,7 @@ static int product(int bf16, int ta, int tb, int64_t M, int64_t Nc, int64_t K,
     if (!h) return AB_FAIL(AB_ENOMEM, NULL);
     ab_f32_to_bf16(h, a, na);
     ab_f32_to_bf16(h + na, b, nb);
-    int rc = ab_gemm_bf16(ta, tb, M, Nc, K, h, lda, h + na, ldb, accumulate, C, ldc);
+    int rc = ab_gemm_bf16(ta, tb, M, Nc, K, h, lda, h + na, ldb, accumulate, C, Nc);
     free(h);
     return rc;
 }
@@ -46,9 +53,7 @@ static int linear_forward(int bf16, float *y, const float *x, const float *W,
     int rc = check_dims(N, in, out);
     if (rc) return rc;
     AB_NONNULL(y); AB_NONNULL(x); AB_NONNULL(W);
-    if (N == 0 || out == 0) return AB_OK;
-    if (in == 0) { memset(y, 0, (size_t)N * (size_t)out * sizeof(float)); return AB_OK; }
-    return product(bf16, 0, 1, N, out, in, x, N * in, in, W, out * in, in, 0, y, out);
+    return product(bf16, 0, 1, N, out, in, x, N * in, in, W, out * in, in, 0, y);
 }
 
 static int linear_backward_dx(int bf16, float *dx, const float *dy, const float *W,
@@ -56,13 +61,7 @@ static int linear_backward_dx(int bf16, float *dx, const float *dy, const float 
     int rc = check_dims(N, in, out);
     if (rc) return rc;
     AB_NONNULL(dx); AB_NONNULL(dy); AB_NONNULL(W);
-    if (N == 0 || in == 0) return AB_OK;
-    if (out == 0) {
-        if (!accumulate) memset(dx, 0, (size_t)N * (size_t)in * sizeof(float));
-        return AB_OK;
-    }
-    return product(bf16, 0, 0, N, in, out, dy, N * out, out, W, out * in, in, accumulate, dx,
-                   in);
+    return product(bf16, 0, 0, N, in, out, dy, N * out, out, W, out * in, in, accumulate, dx);
 }
 
 static int linear_backward_dW(int bf16, float *dW, const float *dy, const float *x,
@@ -70,35 +69,23 @@ static int linear_backward_dW(int bf16, float *dW, const float *dy, const float 
     int rc = check_dims(N, in, out);
     if (rc) return rc;
     AB_NONNULL(dW); AB_NONNULL(dy); AB_NONNULL(x);
-    if (out == 0 || in == 0) return AB_OK;
-    if (N == 0) {
-        if (!accumulate) memset(dW, 0, (size_t)out * (size_t)in * sizeof(float));
-        return AB_OK;
-    }
-    return product(bf16, 1, 0, out, in, N, dy, N * out, out, x, N * in, in, accumulate, dW, in);
+    return product(bf16, 1, 0, out, in, N, dy, N * out, out, x, N * in, in, accumulate, dW);
 }
 
-int ab_linear_forward(float *y, const float *x, const float *W,
-                      int64_t N, int64_t in, int64_t out) {
-    return linear_forward(0, y, x, W, N, in, out);
-}
-int ab_linear_backward_dx(float *dx, const float *dy, const float *W,
-                          int64_t N, int64_t in, int64_t out, int accumulate) {
-    return linear_backward_dx(0, dx, dy, W, N, in, out, accumulate);
-}
-int ab_linear_backward_dW(float *dW, const float *dy, const float *x,
-                          int64_t N, int64_t in, int64_t out, int accumulate) {
-    return linear_backward_dW(0, dW, dy, x, N, in, out, accumulate);
-}
-int ab_linear_forward_bf16(float *y, const float *x, const float *W,
-                           int64_t N, int64_t in, int64_t out) {
-    return linear_forward(1, y, x, W, N, in, out);
-}
-int ab_linear_backward_dx_bf16(float *dx, const float *dy, const float *W,
-                               int64_t N, int64_t in, int64_t out, int accumulate) {
-    return linear_backward_dx(1, dx, dy, W, N, in, out, accumulate);
-}
-int ab_linear_backward_dW_bf16(float *dW, const float *dy, const float *x,
-                               int64_t N, int64_t in, int64_t out, int accumulate) {
-    return linear_backward_dW(1, dW, dy, x, N, in, out, accumulate);
-}
+/* The public entry points: each product once in fp32 (bf16 = 0) and once
+ * with bf16 operands (the _bf16 twin), same arguments. A macro because
+ * each pair is two exported definitions: ab_linear_forward{,_bf16},
+ * ab_linear_backward_dx{,_bf16}, ab_linear_backward_dW{,_bf16}. */
+#define LINEAR_ENTRY_POINTS(name, params, ...)                                   \
+    int ab_linear_##name params { return linear_##name(0, __VA_ARGS__); }      \
+    int ab_linear_##name##_bf16 params { return linear_##name(1, __VA_ARGS__); }
+
+LINEAR_ENTRY_POINTS(forward, (float *y, const float *x, const float *W,
+                              int64_t N, int64_t in, int64_t out),
+                    y, x, W, N, in, out)
+LINEAR_ENTRY_POINTS(backward_dx, (float *dx, const float *dy, const float *W,
+                                  int64_t N, int64_t in, int64_t out, int accumulate),
+                    dx, dy, W, N, in, out, accumulate)
+LINEAR_ENTRY_POINTS(backward_dW, (float *dW, const float *dy, const float *x,
+                                  int64_t N, int64_t in, int64_t out, int accumulate),
+                    dW, dy, x, N, in, out, accumulate)

@@ -124,47 +124,33 @@ typedef struct {
 } kernel_table;
 
 /* Designated initialisers: a reordered or added member cannot silently
- * pair a slot with the wrong kernel. */
-static const kernel_table FAST = {
-    .linear_forward = ab_linear_forward,
-    .linear_backward_dx = ab_linear_backward_dx,
-    .linear_backward_dW = ab_linear_backward_dW,
-    .rmsnorm_forward = ab_rmsnorm_forward,
-    .rmsnorm_backward = ab_rmsnorm_backward,
-    .rope_forward = ab_rope_forward_ex,
-    .rope_backward = ab_rope_backward_ex,
-    .attention_forward = ab_attention_forward,
-    .attention_backward = ab_attention_backward,
-    .swiglu_forward = ab_swiglu_forward,
-    .swiglu_backward = ab_swiglu_backward,
-    .cross_entropy = ab_cross_entropy_ex,
-    .rope_forward_pos = ab_rope_forward_pos,
-    .rope_backward_pos = ab_rope_backward_pos,
-    .attention_forward_varlen = ab_attention_forward_varlen,
-    .attention_backward_varlen = ab_attention_backward_varlen,
-    .embedding_forward = ab_embedding_forward,
-    .embedding_backward = ab_embedding_backward,
-};
-static const kernel_table REFERENCE = {
-    .linear_forward = ab_ref_linear_forward,
-    .linear_backward_dx = ab_ref_linear_backward_dx,
-    .linear_backward_dW = ab_ref_linear_backward_dW,
-    .rmsnorm_forward = ab_ref_rmsnorm_forward,
-    .rmsnorm_backward = ab_ref_rmsnorm_backward,
-    .rope_forward = ab_ref_rope_forward_ex,
-    .rope_backward = ab_ref_rope_backward_ex,
-    .attention_forward = ab_ref_attention_forward,
-    .attention_backward = ab_ref_attention_backward,
-    .swiglu_forward = ab_ref_swiglu_forward,
-    .swiglu_backward = ab_ref_swiglu_backward,
-    .cross_entropy = ab_ref_cross_entropy_ex,
-    .rope_forward_pos = ab_ref_rope_forward_pos,
-    .rope_backward_pos = ab_ref_rope_backward_pos,
-    .attention_forward_varlen = ab_ref_attention_forward_varlen,
-    .attention_backward_varlen = ab_ref_attention_backward_varlen,
-    .embedding_forward = ab_ref_embedding_forward,
-    .embedding_backward = ab_ref_embedding_backward,
-};
+ * pair a slot with the wrong kernel. One list for both tables: P is ab_ for
+ * the fast kernels and ab_ref_ for their reference twins (same names after
+ * the prefix, same signatures: anebackward.h), so the tables cannot drift
+ * apart. */
+#define KERNEL_TABLE(P) {                                       \
+    .linear_forward = P##linear_forward,                        \
+    .linear_backward_dx = P##linear_backward_dx,                \
+    .linear_backward_dW = P##linear_backward_dW,                \
+    .rmsnorm_forward = P##rmsnorm_forward,                      \
+    .rmsnorm_backward = P##rmsnorm_backward,                    \
+    .rope_forward = P##rope_forward_ex,                         \
+    .rope_backward = P##rope_backward_ex,                       \
+    .attention_forward = P##attention_forward,                  \
+    .attention_backward = P##attention_backward,                \
+    .swiglu_forward = P##swiglu_forward,                        \
+    .swiglu_backward = P##swiglu_backward,                      \
+    .cross_entropy = P##cross_entropy_ex,                       \
+    .rope_forward_pos = P##rope_forward_pos,                    \
+    .rope_backward_pos = P##rope_backward_pos,                  \
+    .attention_forward_varlen = P##attention_forward_varlen,    \
+    .attention_backward_varlen = P##attention_backward_varlen,  \
+    .embedding_forward = P##embedding_forward,                  \
+    .embedding_backward = P##embedding_backward,                \
+}
+static const kernel_table FAST = KERNEL_TABLE(ab_);
+static const kernel_table REFERENCE = KERNEL_TABLE(ab_ref_);
+#undef KERNEL_TABLE
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 #define AB_SIZE_LIMIT 4503599627370496.0   /* 2^52 floats */

@@ -190,6 +190,24 @@ static int ref_attention_args(int64_t B, int64_t S, int64_t H, int64_t KV, int64
     return AB_OK;
 }
 
+/* Row t of one head's causal attention probabilities: scores[s] =
+ * softmax over s <= t of (q_t . k_s) * scale, q_t = q[0..hd), k_s =
+ * k[s * ldk .. s * ldk + hd). The forward and the backward's recomputation
+ * are the same loops, so their probabilities are the same floats. */
+static void ref_softmax_row(float *scores, const float *q, const float *k, int64_t ldk, int64_t t,
+                            int64_t hd, float scale) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s <= t; s++) {
+        float dot = 0;
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * k[s * ldk + i];
+        scores[s] = dot * scale;
+        if (scores[s] > mx) mx = scores[s];
+    }
+    float sm = 0;
+    for (int64_t s = 0; s <= t; s++) { scores[s] = expf(scores[s] - mx); sm += scores[s]; }
+    for (int64_t s = 0; s <= t; s++) scores[s] /= sm;
+}
+
 /* seed: none (forward.h's attention loop). One row of scores at a time,
  * over segments: segment b is rows [cu[b], cu[b+1]) (cu NULL: b*S, S rows). */
 static void ref_attention_fwd(float *out, const float *q, const float *k, const float *v,
@@ -205,16 +223,7 @@ static void ref_attention_fwd(float *out, const float *q, const float *k, const 
             float *ob = out + t0 * D;
             int64_t g = h / group;
             for (int64_t t = 0; t < n; t++) {
-                float mx = -INFINITY;
-                for (int64_t s = 0; s <= t; s++) {
-                    float dot = 0;
-                    for (int64_t i = 0; i < hd; i++) dot += qb[t * D + h * hd + i] * kb[s * Dkv + g * hd + i];
-                    scores[s] = dot * scale;
-                    if (scores[s] > mx) mx = scores[s];
-                }
-                float sm = 0;
-                for (int64_t s = 0; s <= t; s++) { scores[s] = expf(scores[s] - mx); sm += scores[s]; }
-                for (int64_t s = 0; s <= t; s++) scores[s] /= sm;
+                ref_softmax_row(scores, qb + t * D + h * hd, kb + g * hd, Dkv, t, hd, scale);
                 for (int64_t i = 0; i < hd; i++) {
                     float acc = 0;
                     for (int64_t s = 0; s <= t; s++) acc += scores[s] * vb[s * Dkv + g * hd + i];
@@ -245,16 +254,7 @@ static void ref_attention_bwd(float *dq, float *dk, float *dv, const float *d_ou
         for (int64_t h = 0; h < H; h++) {
             int64_t g = h / group;
             for (int64_t t = 0; t < n; t++) {
-                float mx = -INFINITY;
-                for (int64_t s = 0; s <= t; s++) {
-                    float dot = 0;
-                    for (int64_t i = 0; i < hd; i++) dot += qb[t * D + h * hd + i] * kb[s * Dkv + g * hd + i];
-                    scores[s] = dot * scale;
-                    if (scores[s] > mx) mx = scores[s];
-                }
-                float sm = 0;
-                for (int64_t s = 0; s <= t; s++) { scores[s] = expf(scores[s] - mx); sm += scores[s]; }
-                for (int64_t s = 0; s <= t; s++) scores[s] /= sm;
+                ref_softmax_row(scores, qb + t * D + h * hd, kb + g * hd, Dkv, t, hd, scale);
                 float ds_sum = 0;
                 for (int64_t s = 0; s <= t; s++) {
                     float dot = 0;
@@ -406,19 +406,24 @@ int ab_ref_cross_entropy_ex(double *loss_out, int64_t *n_counted_out, float *dlo
     return AB_OK;
 }
 
+/* Both embedding directions' checks, every token before anything is
+ * written. A macro so that a failure names the public function and the
+ * argument as spelled there (the guards report __func__ and their text). */
+#define REF_EMBEDDING_ARGS(out, in, tokens, N, V, D)                           \
+    GUARD_DIMS3(N, V, D); AB_NONNULL(out); AB_NONNULL(in); AB_NONNULL(tokens); \
+    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE)
+
 /* seed: model_backward's embedding loop. */
 int ab_ref_embedding_forward(float *x, const float *E, const int32_t *tokens,
                              int64_t N, int64_t V, int64_t D) {
-    GUARD_DIMS3(N, V, D); AB_NONNULL(x); AB_NONNULL(E); AB_NONNULL(tokens);
-    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    REF_EMBEDDING_ARGS(x, E, tokens, N, V, D);
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < D; i++) x[t * D + i] = E[(int64_t)tokens[t] * D + i];
     return AB_OK;
 }
 int ab_ref_embedding_backward(float *dE, const float *dx, const int32_t *tokens,
                               int64_t N, int64_t V, int64_t D) {
-    GUARD_DIMS3(N, V, D); AB_NONNULL(dE); AB_NONNULL(dx); AB_NONNULL(tokens);
-    for (int64_t t = 0; t < N; t++) AB_REQUIRE(tokens[t] >= 0 && tokens[t] < V, AB_ERANGE);
+    REF_EMBEDDING_ARGS(dE, dx, tokens, N, V, D);
     for (int64_t t = 0; t < N; t++)
         for (int64_t i = 0; i < D; i++) dE[(int64_t)tokens[t] * D + i] += dx[t * D + i];
     return AB_OK;
