@@ -22,7 +22,7 @@ from anebackward.atomicfile import atomic_write
 from anebackward.runlock import Lock, RunInUse
 from anebackward.tokenizer import Tokenizer
 
-from test_train_safety import _edit_extra, log_records, saved_step, train_losses
+from test_train_safety import _edit_extra, log_records, saved_step, train_losses, wait_for
 
 TINY = ["--config", "tiny", "--seq-len", "32", "--batch-size", "4", "--quiet"]
 
@@ -36,17 +36,6 @@ def spawn(argv, cwd, tiny=True):
     return subprocess.Popen([sys.executable, "-m", "anebackward", "train"]
                             + (TINY if tiny else ["--quiet"]) + argv,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(cwd))
-
-
-def wait_for(pred, proc, timeout=60):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.communicate()}")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def assert_consistent(out, steps):
@@ -230,6 +219,21 @@ def test_a_leftover_holding_the_only_copy_of_a_run_is_listed_not_deleted(tmp_pat
 
 # -- every promised record -------------------------------------------------------
 
+def _signal_at_training_forward(monkeypatch, n, sig):
+    """The n-th training forward (want_grad) sends `sig` to this process
+    (the trainer's handler only records it); returns the real forward."""
+    real, calls = Llama.forward, []
+
+    def forward(self, *a, **k):
+        if k.get("want_grad", True):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), sig)
+        return real(self, *a, **k)
+    monkeypatch.setattr(Llama, "forward", forward)
+    return real
+
+
 def test_a_run_stopped_on_an_evaluation_step_logs_that_evaluation_at_resume(tmp_path,
                                                                              monkeypatch):
     """SIGTERM during step 4 of --eval-every 2 (an evaluation step): the old
@@ -239,15 +243,7 @@ def test_a_run_stopped_on_an_evaluation_step_logs_that_evaluation_at_resume(tmp_
     ref = str(tmp_path / "ref")
     assert train(common + ["--steps", "6", "--out", ref]) == 0
     out = str(tmp_path / "run")
-    real, calls = Llama.forward, []
-
-    def forward(self, *a, **k):
-        if k.get("want_grad", True):
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)    # the handler only records it
-        return real(self, *a, **k)
-    monkeypatch.setattr(Llama, "forward", forward)
+    real = _signal_at_training_forward(monkeypatch, 4, signal.SIGTERM)
     assert train(common + ["--steps", "6", "--out", out]) == 130
     monkeypatch.setattr(Llama, "forward", real)
     assert saved_step(out) == 4
@@ -260,15 +256,7 @@ def test_a_run_stopped_on_an_evaluation_step_logs_that_evaluation_at_resume(tmp_
 
 def test_a_final_evaluation_missed_by_a_signal_is_run_at_resume(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    real, calls = Llama.forward, []
-
-    def forward(self, *a, **k):
-        if k.get("want_grad", True):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *a, **k)
-    monkeypatch.setattr(Llama, "forward", forward)
+    real = _signal_at_training_forward(monkeypatch, 3, signal.SIGINT)
     assert train(["--steps", "3", "--eval-every", "0", "--out", out]) == 130
     monkeypatch.setattr(Llama, "forward", real)
     assert not any("val_loss" in r for r in log_records(out))
@@ -349,25 +337,6 @@ def test_a_finished_run_whose_loss_png_hits_a_full_disk_exits_0(tmp_path, monkey
 
 
 # -- saved settings and weights ----------------------------------------------------
-
-@pytest.mark.parametrize("edit,text", [
-    (lambda e: e["settings"].update(format="weird"), "settings.format must be one of"),
-    (lambda e: e["settings"].update(min_lr=1.0), "settings.min_lr .* is above settings.lr"),
-    (lambda e: e["settings"].update(config="nope"), "settings.config must be a preset"),
-    (lambda e: e["settings"].update(extra_knob=1), "unknown keys 'extra_knob'"),
-    (lambda e: e.update(params_difest=e.pop("params_digest")), "unknown keys 'params_difest'"),
-])
-def test_saved_settings_are_checked_like_the_command_line(tmp_path, edit, text):
-    out = str(tmp_path / "run")
-    assert train(["--steps", "2", "--out", out]) == 0
-    _edit_extra(os.path.join(out, "optimizer.bin"), edit)
-    with pytest.raises(CheckpointError, match=text):
-        from anebackward.train import add_arguments, train as train_fn
-        import argparse
-        p = argparse.ArgumentParser()
-        add_arguments(p)
-        train_fn(p.parse_args(["--resume", out, "--steps", "3", "--quiet"]))
-
 
 def test_a_saved_batch_size_beyond_memory_is_refused_saying_how_much(tmp_path):
     out = str(tmp_path / "run")

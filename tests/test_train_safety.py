@@ -45,7 +45,7 @@ def snapshot(d):
     return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
 
 
-# -- item 2: an existing --out ------------------------------------------------
+# -- an existing --out ---------------------------------------------------------
 
 def test_a_non_empty_out_is_refused_and_left_alone(tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -100,7 +100,7 @@ def _has_mpl():
         return False
 
 
-# -- item 3: --resume --steps below the saved step -----------------------------
+# -- --resume --steps below the saved step -------------------------------------
 
 def test_resume_below_the_saved_step_is_an_error(tmp_path):
     out = str(tmp_path / "run")
@@ -111,7 +111,7 @@ def test_resume_below_the_saved_step_is_an_error(tmp_path):
     assert snapshot(out) == before       # the old code saved step 4 on the 6-step weights
 
 
-# -- item 4: SIGINT / SIGTERM / kill -9 ---------------------------------------
+# -- SIGINT / SIGTERM / kill -9 ------------------------------------------------
 
 def _spawn(argv, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -120,19 +120,29 @@ def _spawn(argv, tmp_path):
                             cwd=str(tmp_path))
 
 
-def _wait_for_steps(path, n, proc, timeout=60):
+def wait_for(pred, proc, timeout=60, what="timed out"):
+    """Poll pred() until true while the run `proc` goes on; an early end of
+    the run or the timeout (AssertionError: `what`) fails the test."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        try:
-            with open(path) as f:
-                if sum('"loss"' in line for line in f) >= n:
-                    return
-        except FileNotFoundError:
-            pass
+        if pred():
+            return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    raise AssertionError("the run did not get going")
+        time.sleep(0.02)
+    raise AssertionError(what)
+
+
+def _steps_logged(path):
+    try:
+        with open(path) as f:
+            return sum('"loss"' in line for line in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_steps(path, n, proc, timeout=60):
+    wait_for(lambda: _steps_logged(path) >= n, proc, timeout, "the run did not get going")
 
 
 def _log_path(tmp_path, out):
@@ -218,7 +228,7 @@ def test_resume_completes_a_save_killed_between_its_two_renames(tmp_path):
     assert train_losses(d) == train_losses(e) and len(train_losses(d)) == 8
 
 
-# -- item 5: a short validation split, a failing evaluation --------------------
+# -- a short validation split, a failing evaluation ----------------------------
 
 def test_a_validation_split_shorter_than_a_window_is_caught_before_training(tmp_path, capsys):
     text = tmp_path / "small.txt"
@@ -249,7 +259,7 @@ def test_an_evaluation_failure_never_discards_the_weights(tmp_path, monkeypatch,
     assert saved_step(out) == 4 and len(train_losses(out)) == 4
 
 
-# -- item 6: a diverged loss ----------------------------------------------------
+# -- a diverged loss -----------------------------------------------------------
 
 def test_a_diverged_run_stops_keeps_the_last_good_checkpoint_and_fails(tmp_path, monkeypatch,
                                                                        capsys):
@@ -270,7 +280,7 @@ def test_a_diverged_run_stops_keeps_the_last_good_checkpoint_and_fails(tmp_path,
     assert np.isfinite(m.flat_params).all()
 
 
-# -- item 7 (trainer part): every saved setting is checked on --resume ---------
+# -- every saved setting is checked on --resume --------------------------------
 
 def _edit_extra(path, edit):
     raw = open(path, "rb").read()
@@ -291,6 +301,12 @@ def _edit_extra(path, edit):
     (lambda e: e.update(settings=[1]), "settings must be a JSON object"),   # AttributeError
     (lambda e: e.update(step=2**63), "step must be in"),
     (lambda e: e.pop("step"), "step must be an int"),
+    # checked like the command line
+    (lambda e: e["settings"].update(format="weird"), "settings.format must be one of"),
+    (lambda e: e["settings"].update(min_lr=1.0), "settings.min_lr .* is above settings.lr"),
+    (lambda e: e["settings"].update(config="nope"), "settings.config must be a preset"),
+    (lambda e: e["settings"].update(extra_knob=1), "unknown keys 'extra_knob'"),
+    (lambda e: e.update(params_difest=e.pop("params_digest")), "unknown keys 'params_difest'"),
 ])
 def test_corrupt_saved_settings_are_a_checkpoint_error(tmp_path, edit, text):
     out = str(tmp_path / "run")
@@ -304,7 +320,7 @@ def test_corrupt_saved_settings_are_a_checkpoint_error(tmp_path, edit, text):
         train_fn(p.parse_args(["--resume", out, "--steps", "3", "--quiet"]))
 
 
-# -- item 8: range checks of every numeric option -----------------------------
+# -- range checks of every numeric option --------------------------------------
 
 @pytest.mark.parametrize("opt,value", [
     ("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "0"), ("--grad-accum", "0"),
@@ -332,7 +348,7 @@ def test_out_of_range_sample_options_are_refused(tmp_path, capsysbinary, opt, va
     assert opt.encode() in res.err and res.out == b""
 
 
-# -- item 11: preset-dependent defaults ----------------------------------------
+# -- preset-dependent defaults -------------------------------------------------
 
 def test_config_tiny_works_with_its_own_defaults(tmp_path):
     out = str(tmp_path / "run")
@@ -341,7 +357,7 @@ def test_config_tiny_works_with_its_own_defaults(tmp_path):
     assert Llama.load(os.path.join(out, "model.bin")).config.max_seq_len == 64
 
 
-# -- item 12: reader messages --------------------------------------------------
+# -- reader messages -----------------------------------------------------------
 
 def test_data_reader_messages_name_the_file(tmp_path):
     tok = Tokenizer.byte_level()
