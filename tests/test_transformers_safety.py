@@ -32,61 +32,71 @@ def test_two_forwards_then_backwards_sum_and_retain_graph(hf, abt, kind):
         assert rel(g_pat[n], g_ref[n]) < 1e-5, n
 
 
-def test_forward_hook_neftune_style_takes_the_hook(hf, abt):
+def _same_after_edit(hf, abt, kind, edit, bind_first=True):
+    """An HF model and its patched copy (bound to the engine by one step
+    first, unless bind_first is False), then edit(model) on each: their next
+    steps agree (loss and every gradient)."""
     import torch
-    ref = build(hf, "llama")
+    ref = build(hf, kind)
     pat = abt.apply(copy.deepcopy(ref))
     ids, labels = batch(torch)
-    step(pat, input_ids=ids, labels=labels)              # bound to the engine first
+    if bind_first:
+        step(pat, input_ids=ids, labels=labels)
+    for m in (ref, pat):
+        edit(m)
+    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+
+
+def test_forward_hook_neftune_style_takes_the_hook(hf, abt):
+    import torch
 
     def noise(mod, inp, out):
         return out + 0.1 * torch.sin(out * 7.0)
-    for m in (ref, pat):
-        m.model.embed_tokens.register_forward_hook(noise)
-    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+    _same_after_edit(hf, abt, "llama", lambda m: m.model.embed_tokens.register_forward_hook(noise))
 
 
 def test_replaced_module_after_binding(hf, abt):
     import torch
-    ref = build(hf, "llama")
-    pat = abt.apply(copy.deepcopy(ref))
-    ids, labels = batch(torch)
-    step(pat, input_ids=ids, labels=labels)
-    for m in (ref, pat):   # a module replaced after binding (as adapters do)
+
+    def replace(m):   # a module replaced after binding (as adapters do)
         old = m.model.layers[0].mlp.up_proj
         new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
         torch.manual_seed(4)
         new.weight.data.normal_(0, 0.3)
         m.model.layers[0].mlp.up_proj = new
-    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+    _same_after_edit(hf, abt, "llama", replace)
 
 
 def test_edited_inv_freq(hf, abt):
-    import torch
-    ref = build(hf, "qwen3")
-    pat = abt.apply(copy.deepcopy(ref))
-    ids, labels = batch(torch)
-    step(pat, input_ids=ids, labels=labels)
-    for m in (ref, pat):
-        m.model.rotary_emb.inv_freq.mul_(0.5)
-    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+    _same_after_edit(hf, abt, "qwen3", lambda m: m.model.rotary_emb.inv_freq.mul_(0.5))
 
 
-def test_logits_carry_gradient(hf, abt):
+def _logits_backward(hf, abt, checkpointing=False):
+    """HF Llama and its patched copy asked for logits (checkpointing on both
+    if asked), one backward of loss + mean(logits²) on each: the patched
+    model, the batch, and (output, gradients) of HF's and of the patched."""
     import torch
     ref = build(hf, "llama")
     pat = abt.apply(copy.deepcopy(ref), skip_logits=False)
+    if checkpointing:
+        for m in (ref, pat):
+            _checkpointing_on(m, "gradient_checkpointing_enable")
     ids, labels = batch(torch)
     outs = []
     for m in (ref, pat):
         m.zero_grad(set_to_none=True)
         o = m(input_ids=ids, labels=labels)
         (o.loss + (o.logits ** 2).mean()).backward()
-        outs.append((o.logits.detach(), _grads(m)))
+        outs.append((o, _grads(m)))
+    return pat, ids, labels, outs
+
+
+def test_logits_carry_gradient(hf, abt):
+    pat, ids, labels, ((r, rg), (p, pg)) = _logits_backward(hf, abt)
     assert type(pat(input_ids=ids, labels=labels).loss.grad_fn).__name__ == "ModelFunctionBackward"
-    assert rel(outs[1][0], outs[0][0]) < 1e-5
-    for n in outs[0][1]:
-        assert rel(outs[1][1][n], outs[0][1][n]) < 1e-5, n
+    assert rel(p.logits.detach(), r.logits.detach()) < 1e-5
+    for n in rg:
+        assert rel(pg[n], rg[n]) < 1e-5, n
 
 
 def test_gradient_checkpointing_both_paths(hf, abt):
@@ -205,18 +215,13 @@ def test_gradient_checkpointing_shrinks_the_engine_workspace(hf, abt):
 def test_a_hook_like_hfs_input_grads_hook_still_takes_the_hook(hf, abt):
     """Only HF's own input-grads hook is exempt: a user's hook of the same
     name (another module) runs, through HF's path."""
-    import torch
-    ref = build(hf, "llama")
-    pat = abt.apply(copy.deepcopy(ref))
-    ids, labels = batch(torch)
-
     def make_inputs_require_grads(mod, inp, out):
         return out * 1.5
     make_inputs_require_grads.__qualname__ = (
         "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads")
-    for m in (ref, pat):
-        m.model.embed_tokens.register_forward_hook(make_inputs_require_grads)
-    assert_same(*step(ref, input_ids=ids, labels=labels), *step(pat, input_ids=ids, labels=labels))
+    _same_after_edit(hf, abt, "llama",
+                     lambda m: m.model.embed_tokens.register_forward_hook(make_inputs_require_grads),
+                     bind_first=False)
 
 
 def _trainer_run(hf, model, neftune_noise_alpha, tmp_path):
@@ -312,21 +317,9 @@ def test_gradient_checkpointing_with_logits_takes_hf_path_and_its_gradients(hf, 
     """With checkpointing the C model's classifier runs in chunks and keeps
     no dlogits, so a call that asks for logits (which may carry gradient)
     takes HF's path: the same loss, logits and gradients as HF."""
-    import torch
-    ref = build(hf, "llama")
-    pat = abt.apply(copy.deepcopy(ref), skip_logits=False)
-    for m in (ref, pat):
-        _checkpointing_on(m, "gradient_checkpointing_enable")
-    ids, labels = batch(torch)
-    outs = []
-    for m in (ref, pat):
-        m.zero_grad(set_to_none=True)
-        o = m(input_ids=ids, labels=labels)
-        (o.loss + (o.logits ** 2).mean()).backward()
-        outs.append((o.loss.detach(), o.logits.detach(), _grads(m)))
-        if m is pat:
-            assert type(o.loss.grad_fn).__name__ != "ModelFunctionBackward"
-    assert rel(outs[1][0], outs[0][0]) < 1e-5
-    assert rel(outs[1][1], outs[0][1]) < 1e-5
-    for n in outs[0][2]:
-        assert rel(outs[1][2][n], outs[0][2][n]) < 1e-4, n
+    _, _, _, ((r, rg), (p, pg)) = _logits_backward(hf, abt, checkpointing=True)
+    assert type(p.loss.grad_fn).__name__ != "ModelFunctionBackward"
+    assert rel(p.loss.detach(), r.loss.detach()) < 1e-5
+    assert rel(p.logits.detach(), r.logits.detach()) < 1e-5
+    for n in rg:
+        assert rel(pg[n], rg[n]) < 1e-4, n
