@@ -3,6 +3,7 @@
 torch is a test-only oracle. Without it the torch tests skip — unless
 ANEBACKWARD_REQUIRE_TORCH=1 (CI), which turns the skip into a failure.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -86,6 +87,23 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def assert_bit_identical_at_threads(step, settings):
+    """step(setting) -> (loss, flat gradients), run at
+    anebackward.set_num_threads(setting[0]) for each setting (the thread
+    count restored afterwards): every loss and gradient bit-identical."""
+    import anebackward
+    before, results = anebackward.get_num_threads(), []
+    try:
+        for setting in settings:
+            anebackward.set_num_threads(setting[0])
+            results.append(step(setting))
+    finally:
+        anebackward.set_num_threads(before)
+    for loss, grads in results[1:]:
+        assert loss == results[0][0]
+        assert np.array_equal(grads, results[0][1])
+
+
 @pytest.fixture
 def keep_blas_threads():
     """anebackward.torch.Transformer(blas_threads="auto") sets the
@@ -98,19 +116,31 @@ def keep_blas_threads():
         anebackward.set_num_threads(n)
 
 
-@pytest.fixture
-def emulator(monkeypatch):
-    """The emulated ANE platform for one test, with the whole compile budget,
-    the default settings and work directory restored afterwards."""
+@contextlib.contextmanager
+def ane_platform(monkeypatch, emulated):
+    """anebackward.ane with its state reset and the whole compile budget, on
+    the emulated platform (True), the native one only (False) or the one the
+    environment would choose (None); the settings, the platform choice and
+    the emulator's work directory restored afterwards."""
     from anebackward import ane
     from anebackward._native import ffi, lib
     monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
+    monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
     ane.reset()
     lib.ab_ane_testing_set_process_compiles(0)
-    prev = ane.use_emulator(True)
+    prev = ane.use_emulator(emulated)
     saved = ane.configure()
-    yield ane
-    ane.configure(**saved)
-    ane.use_emulator(prev)
-    lib.ab_ane_emulated_workdir(ffi.NULL)
-    ane.reset()
+    try:
+        yield ane
+    finally:
+        ane.configure(**saved)
+        ane.use_emulator(prev)
+        lib.ab_ane_emulated_workdir(ffi.NULL)
+        ane.reset()
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+    """The emulated ANE platform for one test (ane_platform)."""
+    with ane_platform(monkeypatch, True) as ane:
+        yield ane

@@ -12,6 +12,7 @@ import pytest
 import anebackward as ab
 from anebackward import ane
 from anebackward.errors import AneUnavailableError
+from conftest import ane_platform
 
 not_mac = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the native platform may exist")
 
@@ -19,13 +20,8 @@ not_mac = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS the nati
 @pytest.fixture
 def native(monkeypatch):
     """The platform as the environment would choose it, no emulator."""
-    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
-    monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
-    ane.reset()
-    prev = ane.use_emulator(None)
-    yield ane
-    ane.use_emulator(prev)
-    ane.reset()
+    with ane_platform(monkeypatch, None) as a:
+        yield a
 
 
 def problem(rng, N, n_in, n_out, dy_scale=1.0, w_scale=0.02, lead=()):

@@ -13,6 +13,7 @@ import pytest
 import anebackward as ab
 from anebackward import ane
 from anebackward.errors import AnebackwardError
+from conftest import ane_platform
 
 pytestmark = pytest.mark.skipif(os.environ.get("ANEBACKWARD_TEST_NATIVE_ANE") != "1",
                                 reason="opt-in hardware test: set ANEBACKWARD_TEST_NATIVE_ANE=1 on an "
@@ -21,12 +22,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("ANEBACKWARD_TEST_NATIVE_ANE") !=
 
 @pytest.fixture
 def native(monkeypatch):
-    monkeypatch.delenv("ANEBACKWARD_ANE", raising=False)
-    ane.reset()
-    prev = ane.use_emulator(False)
-    yield ane
-    ane.use_emulator(prev)
-    ane.reset()
+    """The native platform only (no emulator)."""
+    with ane_platform(monkeypatch, False) as a:
+        yield a
 
 
 def test_native_platform_is_available(native):
