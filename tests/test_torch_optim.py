@@ -50,21 +50,23 @@ def test_state_dict_moves_between_torch_and_ours(torch, at):
     base = _params(torch)
     o = torch.optim.AdamW(_groups(base), lr=1e-2, foreach=False)
     _run(torch, o, base, 3, 2)
+
+    def resumed(make, params, state, steps, seed):
+        """copies of params under make(groups) with `state` loaded, run on"""
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = make(_groups(ps))
+        opt.load_state_dict(copy.deepcopy(state))   # state_dict() holds references
+        _run(torch, opt, ps, steps, seed)
+        return ps, opt
+
+    ours = lambda g: at.AdamW(g, lr=1e-2)                            # noqa: E731
+    theirs = lambda g: torch.optim.AdamW(g, lr=1e-2, foreach=False)  # noqa: E731
     # resume a torch.optim.AdamW checkpoint with ours, and the reverse
-    a = [torch.nn.Parameter(p.detach().clone()) for p in base]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in base]
-    oa = at.AdamW(_groups(a), lr=1e-2)
-    oa.load_state_dict(copy.deepcopy(o.state_dict()))  # state_dict() holds references
-    ob = torch.optim.AdamW(_groups(b), lr=1e-2, foreach=False)
-    ob.load_state_dict(copy.deepcopy(o.state_dict()))
-    _run(torch, oa, a, 2, 3)
-    _run(torch, ob, b, 2, 3)
+    a, oa = resumed(ours, base, o.state_dict(), 2, 3)
+    b, _ = resumed(theirs, base, o.state_dict(), 2, 3)
     for p, q in zip(a, b):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-    c = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    oc = torch.optim.AdamW(_groups(c), lr=1e-2, foreach=False)
-    oc.load_state_dict(copy.deepcopy(oa.state_dict()))
-    _run(torch, oc, c, 1, 4)
+    c, _ = resumed(theirs, a, oa.state_dict(), 1, 4)
     _run(torch, oa, a, 1, 4)
     for p, q in zip(a, c):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
