@@ -18,6 +18,7 @@ import anebackward as ab
 from anebackward import Llama, LlamaConfig, bf16
 from anebackward._native import ffi, fptr, lib, u16ptr
 from anebackward.bf16 import to_bf16
+from conftest import assert_bit_identical_at_threads
 
 U = 2.0 ** -24
 
@@ -294,20 +295,13 @@ def test_model_bf16_is_bit_identical_at_1_2_3_threads_and_with_recompute(rng, pa
     cfg = LlamaConfig(dim=96, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
                       vocab_size=4100, max_seq_len=64)
     tokens = rng.integers(0, cfg.vocab_size, size=(2, 64))
-    results = []
-    before = ab.get_num_threads()
-    try:
-        for n, rec in ((1, False), (2, False), (3, False), (2, True)):
-            ab.set_num_threads(n)
-            m = Llama(cfg, seed=3, precision="bf16", recompute=rec)
-            loss = m.forward(tokens)
-            m.backward()
-            results.append((loss, m.flat_grads.copy()))
-    finally:
-        ab.set_num_threads(before)
-    for loss, g in results[1:]:
-        assert loss == results[0][0]
-        assert np.array_equal(g, results[0][1])
+
+    def step(setting):
+        m = Llama(cfg, seed=3, precision="bf16", recompute=setting[1])
+        loss = m.forward(tokens)
+        m.backward()
+        return loss, m.flat_grads.copy()
+    assert_bit_identical_at_threads(step, ((1, False), (2, False), (3, False), (2, True)))
 
 
 def test_bf16_weight_copy_follows_the_optimizer_step(rng, path):

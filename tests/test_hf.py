@@ -8,7 +8,7 @@ import pytest
 
 import anebackward as ab
 from anebackward.errors import CheckpointError
-from conftest import import_hf
+from conftest import assert_bit_identical_at_threads, import_hf
 from oracle import assert_close
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -364,18 +364,12 @@ def test_decode_threads_and_model_threads_deterministic(tmp_path):
     m.save_pretrained(tmp_path)
     model = ab.Llama.from_pretrained(tmp_path)
     tok = tokens_for(m, B=2, S=40)
-    n0 = ab.get_num_threads()
-    res = []
-    try:
-        for n in (1, 2, 3, 4):
-            ab.set_num_threads(n)
-            loss = model.forward(tok)
-            model.backward()
-            res.append((loss, model.flat_grads.copy()))
-    finally:
-        ab.set_num_threads(n0)
-    for loss, g in res[1:]:
-        assert loss == res[0][0] and np.array_equal(g, res[0][1])
+
+    def step(setting):
+        loss = model.forward(tok)
+        model.backward()
+        return loss, model.flat_grads.copy()
+    assert_bit_identical_at_threads(step, ((1,), (2,), (3,), (4,)))
 
 
 @pytest.mark.parametrize("tied", [True, False])
