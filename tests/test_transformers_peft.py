@@ -164,6 +164,17 @@ def test_peft_on_a_model_that_trained_rebinds(hf, peft, abt, one_calls):
 
 
 # ---- what the C model does not compute: HF's path, HF + peft's result ----------
+def stepped_pair(hf, peft, abt, kind, one_calls):
+    """HF + peft (LoRA on every projection) and the patched copy after one
+    step on the one-call path, as HF + peft's: (ref, pat, ids, labels)."""
+    import torch
+    ref, pat = pair(hf, peft, abt, kind, lora(peft))
+    ids, labels = batch(torch)
+    same_step(ref, pat, ids, labels)
+    assert one_calls[0] == 1
+    return ref, pat, ids, labels
+
+
 def same_step(ref, pat, ids, labels, seed=None):
     """One step on each (the same dropout draws with a seed): loss and
     gradients as HF + peft's."""
@@ -208,10 +219,7 @@ def test_peft_beyond_plain_lora_takes_hf_path(hf, peft, abt, one_calls, what, ki
 def test_several_adapters_take_hf_path(hf, peft, abt, one_calls):
     """A second adapter loaded (one active, then both active): HF's path."""
     import torch
-    ref, pat = pair(hf, peft, abt, "llama", lora(peft))
-    ids, labels = batch(torch)
-    same_step(ref, pat, ids, labels)
-    assert one_calls[0] == 1
+    ref, pat, ids, labels = stepped_pair(hf, peft, abt, "llama", one_calls)
     for model in (ref, pat):
         torch.manual_seed(11)
         model.add_adapter("second", lora(peft, ["q_proj", "up_proj"], r=2))
@@ -224,10 +232,7 @@ def test_several_adapters_take_hf_path(hf, peft, abt, one_calls):
 
 def test_disabled_adapter_takes_hf_path_then_one_call_again(hf, peft, abt, one_calls):
     import torch
-    ref, pat = pair(hf, peft, abt, "qwen3", lora(peft))
-    ids, labels = batch(torch)
-    same_step(ref, pat, ids, labels)
-    assert one_calls[0] == 1
+    ref, pat, ids, labels = stepped_pair(hf, peft, abt, "qwen3", one_calls)
     with ref.disable_adapter(), pat.disable_adapter():
         r = ref(input_ids=ids, labels=labels)
         p = pat(input_ids=ids, labels=labels)
@@ -241,9 +246,7 @@ def test_merged_adapter_takes_hf_path_then_one_call_again(hf, peft, abt, one_cal
     """merge_adapter() writes into the base weights (the engine's buffer):
     HF's path while merged; unmerged, the one-call path again, as HF + peft."""
     import torch
-    ref, pat = pair(hf, peft, abt, "llama", lora(peft))
-    ids, labels = batch(torch)
-    same_step(ref, pat, ids, labels)
+    ref, pat, ids, labels = stepped_pair(hf, peft, abt, "llama", one_calls)
     for model in (ref, pat):
         model.merge_adapter()
     with torch.no_grad():
@@ -262,10 +265,7 @@ def test_changed_peft_state_after_binding_takes_hf_path(hf, peft, abt, one_calls
     weight unfrozen): HF's path; a replaced dropout module: the tree binds
     again, or is refused (p > 0) — each as HF + peft."""
     import torch
-    ref, pat = pair(hf, peft, abt, "llama", lora(peft))
-    ids, labels = batch(torch)
-    same_step(ref, pat, ids, labels)
-    assert one_calls[0] == 1
+    ref, pat, ids, labels = stepped_pair(hf, peft, abt, "llama", one_calls)
     up = [m.base_model.model.model.layers[1].mlp.up_proj for m in (ref, pat)]
     for layer in up:
         layer.scaling["default"] = 0.5
