@@ -12,8 +12,8 @@ from anebackward.bench import cases as K
 
 from conftest import import_torch
 
-KEYS = {"name", "shape", "site", "dims", "contender", "status", "median_s", "min_s", "max_s",
-        "repeats", "gflops", "ratio_to_ours", "note"}
+KEYS = {"name", "shape", "site", "dims", "contender", "precision", "status", "median_s", "min_s",
+        "max_s", "repeats", "gflops", "ratio_to_ours", "note"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,26 @@ def test_quick_full_step_runs_every_contender(quick):
     for contender in ("numpy", "reference", "composed"):
         r = _by(doc["records"], name="full_step", contender=contender)
         assert r and r[0]["status"] == "ok"
+
+
+def test_quick_full_step_has_bf16_rows_or_says_why(quick):
+    """The full step at precision "bf16" (ours, and torch under autocast):
+    records marked bf16 and a bf16 row in the table; where bf16 cannot run,
+    the records say why."""
+    from anebackward import bf16
+    doc, out = quick
+    for contender in ("ours-bf16", "torch-bf16"):
+        r = _by(doc["records"], name="full_step", contender=contender)
+        assert len(r) == 1 and r[0]["precision"] == "bf16", r
+        if bf16.available():
+            assert r[0]["status"] == "ok" and r[0]["median_s"] > 0, r
+        else:
+            assert r[0]["status"] == "unavailable" and "bf16" in r[0]["note"], r
+    assert all(r["precision"] == "fp32" for r in doc["records"]
+               if not r["contender"].endswith("-bf16"))
+    assert not _by(doc["records"], name="rmsnorm", contender="ours-bf16")
+    if bf16.available():
+        assert "tiny         bf16       ours" in out and "bf16 path: " in out
 
 
 def test_quick_torch_contender_or_says_so(quick):

@@ -20,10 +20,13 @@ from . import env as E
 from . import llama_ops, numpy_impl
 from . import scaling
 from ..__main__ import old_spelling
-from .report import plot, progress, table
+from .report import plot, precision_of, progress, table
 from .timing import Contender, Settler, measure
 
-CONTENDERS = ("ours", "reference", "numpy", "torch", "sgemm", "composed")
+CONTENDERS = ("ours", "reference", "numpy", "torch", "sgemm", "composed", "ours-bf16", "torch-bf16")
+# the full step only: ours at precision="bf16", torch under torch.autocast("cpu", torch.bfloat16)
+BF16_CONTENDERS = ("ours-bf16", "torch-bf16")
+
 
 
 def add_arguments(p):
@@ -58,11 +61,11 @@ def add_arguments(p):
 def pool_of(contender, kernel):
     """Which multithreaded pool a contender's work runs on (None: single thread)."""
     blas = kernel in K.LINEAR or kernel.startswith("attention") or kernel == "full_step"
-    if contender in ("ours", "sgemm", "composed"):
+    if contender in ("ours", "sgemm", "composed", "ours-bf16"):
         return "openblas-ours" if blas else None
     if contender == "numpy":
         return "openblas-numpy" if blas or kernel in ("grad_norm", "clip_grad_norm") else None
-    if contender == "torch":
+    if contender in ("torch", "torch-bf16"):
         return "torch"
     return None
 
@@ -109,7 +112,13 @@ def _torch():
         return None, f"PyTorch not installed ({e}): torch contender skipped (pip install torch)"
 
 
-def _step_contenders(case, torch_mod, wanted, ref_budget):
+def _bf16_unavailable():
+    """Why the bf16 step contenders cannot run here, or None."""
+    from .. import bf16
+    return None if bf16.available() else f"bf16 unavailable: {bf16.describe()}"
+
+
+def _step_contenders(case, torch_mod, wanted, ref_budget, notes):
     import numpy as np
     import anebackward as ab
     d = case.dims
@@ -127,6 +136,19 @@ def _step_contenders(case, torch_mod, wanted, ref_budget):
     if "torch" in wanted and torch_mod is not None:
         from .torch_llama import make_step
         out.append(Contender("torch", make_step(d, tokens, targets, K.ADAMW)))
+    why = _bf16_unavailable() if any(c in wanted for c in BF16_CONTENDERS) else None
+    for c in BF16_CONTENDERS:
+        if c in wanted and why:
+            notes[c] = why
+    if "ours-bf16" in wanted and not why:
+        model16 = ab.Llama(config, seed=0, precision="bf16")
+        opt16 = ab.AdamW(model16, **adamw)
+        out.append(Contender("ours-bf16", lambda: _model_step(model16, opt16, tokens)))
+        from .. import bf16
+        notes["ours-bf16"] = f"bf16 path: {bf16.describe()}"   # which path ran
+    if "torch-bf16" in wanted and torch_mod is not None and not why:
+        from .torch_llama import make_step
+        out.append(Contender("torch-bf16", make_step(d, tokens, targets, K.ADAMW, autocast=True)))
     if "numpy" in wanted:
         m = llama_ops.ComposedLlama(d, numpy_impl)
         out.append(Contender("numpy", lambda: m.step(tokens, targets, K.ADAMW)))
@@ -203,13 +225,15 @@ def run(args):
     if "ours" not in wanted:
         wanted.insert(0, "ours")
 
-    torch_mod, torch_note = _torch() if "torch" in wanted else (None, "torch contender not selected")
+    torch_mod, torch_note = (_torch() if "torch" in wanted or "torch-bf16" in wanted
+                             else (None, "torch contender not selected"))
     notes = {}
     torch_impl = None
     if torch_mod is not None:
         from . import torch_impl
-    if torch_note and "torch" in wanted:
-        notes["torch"] = torch_note
+    for c in ("torch", "torch-bf16"):
+        if torch_note and c in wanted:
+            notes[c] = torch_note
     sgemm, sgemm_where = K.sgemm_library() if "sgemm" in wanted else (None, None)
     if sgemm is None and "sgemm" in wanted:
         notes["sgemm"] = sgemm_where
@@ -242,7 +266,7 @@ def run(args):
         if case.kernel == "call_overhead":
             cs = _overhead_contenders(wanted, torch_mod)
         elif case.kernel == "full_step":
-            cs = _step_contenders(case, torch_mod, wanted, ref_budget)
+            cs = _step_contenders(case, torch_mod, wanted, ref_budget, case_notes)
         else:
             inp = K.inputs(case, rng)
             cs = []
@@ -292,6 +316,8 @@ def _records(case, res, notes, wanted):
         names = list(res)
     elif case.kernel not in K.LINEAR:
         names = [n for n in names if n != "sgemm"]
+    if case.kernel != "full_step":
+        names = [n for n in names if n not in BF16_CONTENDERS]
     out = []
     for name in names:
         r = res.get(name) or {"status": "unavailable", "note": notes.get(name, "")}
@@ -299,7 +325,8 @@ def _records(case, res, notes, wanted):
         rec = {
             "name": case.kernel, "shape": case.shape, "site": case.site or None,
             "dims": {k: v for k, v in case.dims.items() if k != "adamw"},
-            "contender": name, "status": r["status"], "median_s": med,
+            "contender": name, "precision": precision_of(name), "status": r["status"],
+            "median_s": med,
             "min_s": r.get("min_s"), "max_s": r.get("max_s"), "repeats": r.get("repeats"),
             "gflops": (case.flops / med / 1e9) if (case.flops and med) else None,
             "ratio_to_ours": (med / om) if (med and om) else None,

@@ -6,6 +6,17 @@ import time
 ORDER = ("reference", "numpy", "torch", "composed", "sgemm")
 
 
+def precision_of(contender):
+    """The precision a contender computes in: "bf16" for the *-bf16 ones
+    (the full step only), else "fp32"."""
+    return "bf16" if contender.endswith("-bf16") else "fp32"
+
+
+def _bare(contender):
+    """A contender's name without its precision suffix."""
+    return contender[:-len("-bf16")] if contender.endswith("-bf16") else contender
+
+
 def fmt_t(s):
     if s is None:
         return "-"
@@ -94,14 +105,26 @@ def table(records, env):
     steps = [(k, cases[k]) for k in order if k[0] == "full_step"]
     if steps:
         lines += ["", "Full training step (forward, backward, clip, AdamW), time per step and "
-                  "ratios (row / column):"]
+                  "ratios (row / column);", "bf16: ours at precision=\"bf16\", torch under "
+                  "torch.autocast(\"cpu\", torch.bfloat16):",
+                  f"  {'shape':<12} {'precision':<10} times"]
         for (name, shape, site), row in steps:
             ok = {c: r["median_s"] for c, r in row.items() if r["status"] == "ok"}
-            lines.append(f"  {shape}: " + ", ".join(f"{c} {fmt_t(t)}" for c, t in ok.items()))
-            for base in ("ours",) if "ours" in ok else ("composed",):
-                if base in ok:
-                    lines.append(f"    {base} is faster than: " + ", ".join(
-                        f"{c} ×{t / ok[base]:.2f}" for c, t in ok.items() if c != base))
+            for prec in ("fp32", "bf16"):
+                mine = {c: t for c, t in ok.items() if precision_of(c) == prec}
+                if not mine:
+                    continue
+                lines.append(f"  {shape:<12} {prec:<10} " + ", ".join(
+                    f"{_bare(c)} {fmt_t(t)}" for c, t in mine.items()))
+                base = next((b for b in ("ours", "ours-bf16", "composed") if b in mine), None)
+                if base is None or len(ok) < 2:
+                    continue
+                others = [(f"{_bare(c)}", t) for c, t in mine.items() if c != base]
+                if prec == "bf16" and "ours" in ok:
+                    others.append(("ours fp32", ok["ours"]))
+                if others:
+                    lines.append(f"    {_bare(base)} is faster than: " + ", ".join(
+                        f"{c} ×{t / mine[base]:.2f}" for c, t in others))
     if overhead:
         lines += ["", "Python call overhead (swiglu on 8 floats, out= preallocated):"] + overhead
     if notes:

@@ -157,8 +157,9 @@ class Transformer(nn.Module):
         return logits
 
 
-def make_step(c, tokens, targets, adamw):
-    """A callable doing one training step: forward, backward, clip to 1.0, AdamW."""
+def make_step(c, tokens, targets, adamw, autocast=False):
+    """A callable doing one training step: forward, backward, clip to 1.0, AdamW
+    (the forward under torch.autocast("cpu", torch.bfloat16) with autocast)."""
     torch.manual_seed(0)
     model = Transformer.from_config(c)
     opt = torch.optim.AdamW(model.parameters(), lr=adamw["lr"], betas=(adamw["beta1"], adamw["beta2"]),
@@ -168,7 +169,8 @@ def make_step(c, tokens, targets, adamw):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(tok, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(tok, tgt)
         model.last_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
