@@ -22,15 +22,23 @@ from conftest import assert_bit_identical_at_threads
 
 U = 2.0 ** -24
 
-# Without oneDNN the portable path runs every test here (it needs no library);
-# ANEBACKWARD_REQUIRE_BF16=1 (CI, with the [bf16] extra) makes a missing
-# oneDNN a failure instead.
-if bf16.path() == "unavailable":
-    if os.environ.get("ANEBACKWARD_REQUIRE_BF16") == "1":
-        raise RuntimeError(f"ANEBACKWARD_REQUIRE_BF16=1 but {bf16.describe()}")
-    bf16.set_mode(path="portable")
-DEFAULT = bf16.get_mode()["path"]
+# Without oneDNN the portable path runs every test here (it needs no library),
+# set for this module's tests only; ANEBACKWARD_REQUIRE_BF16=1 (CI, with the
+# [bf16] extra) makes a missing oneDNN a failure instead.
+NO_ONEDNN = bf16.path() == "unavailable"
+if NO_ONEDNN and os.environ.get("ANEBACKWARD_REQUIRE_BF16") == "1":
+    raise RuntimeError(f"ANEBACKWARD_REQUIRE_BF16=1 but {bf16.describe()}")
+DEFAULT = "portable" if NO_ONEDNN else bf16.get_mode()["path"]
 ONEDNN = bf16.path() == "onednn"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _portable_without_onednn():
+    before = bf16.get_mode()["path"]
+    if NO_ONEDNN:
+        bf16.set_mode(path="portable")
+    yield
+    bf16.set_mode(path=before)
 PATHS = ["portable", pytest.param("onednn", marks=pytest.mark.skipif(
     not ONEDNN, reason=f"no oneDNN with bf16 instructions here: {bf16.describe()}"))]
 

@@ -114,8 +114,9 @@ def table(records, env):
                 mine = {c: t for c, t in ok.items() if precision_of(c) == prec}
                 if not mine:
                     continue
-                lines.append(f"  {shape:<12} {prec:<10} " + ", ".join(
-                    f"{_bare(c)} {fmt_t(t)}" for c, t in mine.items()))
+                lines += textwrap.wrap(f"  {shape:<12} {prec:<10} " + ", ".join(
+                    f"{_bare(c)} {fmt_t(t)}" for c, t in mine.items()), width=100,
+                    subsequent_indent=" " * 26)
                 base = next((b for b in ("ours", "ours-bf16", "composed") if b in mine), None)
                 if base is None or len(ok) < 2:
                     continue
@@ -123,8 +124,9 @@ def table(records, env):
                 if prec == "bf16" and "ours" in ok:
                     others.append(("ours fp32", ok["ours"]))
                 if others:
-                    lines.append(f"    {_bare(base)} is faster than: " + ", ".join(
-                        f"{c} ×{t / mine[base]:.2f}" for c, t in others))
+                    lines += textwrap.wrap(f"    {_bare(base)} is faster than: " + ", ".join(
+                        f"{c} ×{t / mine[base]:.2f}" for c, t in others), width=100,
+                        subsequent_indent=" " * 6)
     if overhead:
         lines += ["", "Python call overhead (swiglu on 8 floats, out= preallocated):"] + overhead
     if notes:
