@@ -104,6 +104,31 @@ def assert_bit_identical_at_threads(step, settings):
         assert np.array_equal(grads, results[0][1])
 
 
+@contextlib.contextmanager
+def bf16_runnable():
+    """precision="bf16" can run inside: on oneDNN where it loads, else on the
+    portable path (it needs no library), set for the block only.
+    ANEBACKWARD_REQUIRE_BF16=1 (CI, with the [bf16] extra) makes a missing
+    oneDNN a failure instead."""
+    from anebackward import bf16
+    before = bf16.get_mode()["path"]
+    if bf16.path() == "unavailable":
+        if os.environ.get("ANEBACKWARD_REQUIRE_BF16") == "1":
+            raise RuntimeError(f"ANEBACKWARD_REQUIRE_BF16=1 but {bf16.describe()}")
+        bf16.set_mode(path="portable")
+    try:
+        yield
+    finally:
+        bf16.set_mode(path=before)
+
+
+@pytest.fixture
+def bf16_ready():
+    """bf16 runs in this test (bf16_runnable)."""
+    with bf16_runnable():
+        yield
+
+
 @pytest.fixture
 def keep_blas_threads():
     """anebackward.torch.Transformer(blas_threads="auto") sets the

@@ -18,27 +18,21 @@ import anebackward as ab
 from anebackward import Llama, LlamaConfig, bf16
 from anebackward._native import ffi, fptr, lib, u16ptr
 from anebackward.bf16 import to_bf16
-from conftest import assert_bit_identical_at_threads
+from conftest import assert_bit_identical_at_threads, bf16_runnable
 
 U = 2.0 ** -24
 
-# Without oneDNN the portable path runs every test here (it needs no library),
-# set for this module's tests only; ANEBACKWARD_REQUIRE_BF16=1 (CI, with the
-# [bf16] extra) makes a missing oneDNN a failure instead.
-NO_ONEDNN = bf16.path() == "unavailable"
-if NO_ONEDNN and os.environ.get("ANEBACKWARD_REQUIRE_BF16") == "1":
+# Without oneDNN the portable path runs every test here (bf16_runnable).
+if bf16.path() == "unavailable" and os.environ.get("ANEBACKWARD_REQUIRE_BF16") == "1":
     raise RuntimeError(f"ANEBACKWARD_REQUIRE_BF16=1 but {bf16.describe()}")
-DEFAULT = "portable" if NO_ONEDNN else bf16.get_mode()["path"]
+DEFAULT = "portable" if bf16.path() == "unavailable" else bf16.get_mode()["path"]
 ONEDNN = bf16.path() == "onednn"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _portable_without_onednn():
-    before = bf16.get_mode()["path"]
-    if NO_ONEDNN:
-        bf16.set_mode(path="portable")
-    yield
-    bf16.set_mode(path=before)
+def _bf16_runnable():
+    with bf16_runnable():
+        yield
 PATHS = ["portable", pytest.param("onednn", marks=pytest.mark.skipif(
     not ONEDNN, reason=f"no oneDNN with bf16 instructions here: {bf16.describe()}"))]
 

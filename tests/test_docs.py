@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import import_hf, import_hf_test, import_torch
+from conftest import bf16_runnable, import_hf, import_hf_test, import_torch
 from oracle import assert_close, f64
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -65,7 +65,8 @@ def test_python_block_runs(page, code, skip_reason, tmp_path, monkeypatch):
         import_hf_test("peft")   # the peft blocks need the hf-test extra (required in CI)
     monkeypatch.chdir(tmp_path)   # blocks may write files (model.bin)
     monkeypatch.delenv("ANEBACKWARD_BACKEND", raising=False)
-    exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    with bf16_runnable():         # without oneDNN the bf16 blocks run on the portable path
+        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
 
 
 def test_numpy_example_runs_and_is_correct():

@@ -263,10 +263,8 @@ def test_lora_recompute_varlen_and_threads_are_bit_identical():
     assert_close(got, acc, rtol=1e-4, atol=1e-5 * np.abs(acc).max(), what="varlen vs rows")
 
 
+@pytest.mark.usefixtures("bf16_ready")
 def test_lora_bf16_is_close_to_fp32():
-    from anebackward import bf16
-    if not bf16.available():
-        pytest.skip("no bf16 path on this machine (oneDNN missing)")
     lc = LoraConfig(4, alpha=8)
     tok = _tokens()
     res = {}
@@ -442,10 +440,8 @@ def test_a_signal_saves_a_resumable_adapter_run(tmp_path):
     assert _losses(out) == _losses(ref)
 
 
+@pytest.mark.usefixtures("bf16_ready")
 def test_bf16_lora_steps_refresh_only_the_adapters_and_match_full_refreshes():
-    from anebackward import bf16
-    if not bf16.available():
-        pytest.skip("no bf16 path on this machine (oneDNN missing)")
     lc = LoraConfig(4, alpha=8)
     tok = _tokens()
     runs = []

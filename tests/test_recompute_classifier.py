@@ -10,6 +10,8 @@ import anebackward as ab
 from anebackward import Llama, LlamaConfig
 from test_model import assert_grads_match, randomize, shifted, torch_grads
 
+pytestmark = pytest.mark.usefixtures("bf16_ready")   # bf16 on the portable path without oneDNN
+
 V = 8192
 CHUNK = 128     # rows per chunk for this vocabulary (csrc/model/model.c: cls_chunk_rows)
 

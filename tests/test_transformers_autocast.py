@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import pytest
 
+from conftest import bf16_runnable
 from test_transformers import batch, build, calls, rel  # noqa: F401 - calls is a fixture
 
 pytestmark = pytest.mark.usefixtures("keep_blas_threads", "bf16_runs")
@@ -30,12 +31,8 @@ LOSS_RTOL, GRAD_RTOL = 2e-4, 2e-2
 def bf16_runs():
     """bf16 matmuls on every machine: oneDNN where present, else the
     portable path (the same rounded operands)."""
-    from anebackward import bf16
-    before = bf16.get_mode()["path"]
-    if not bf16.available():
-        bf16.set_mode(path="portable")
-    yield
-    bf16.set_mode(path=before)
+    with bf16_runnable():
+        yield
 
 
 def _autocast(torch, dtype=None):
