@@ -28,7 +28,6 @@ CONTENDERS = ("ours", "reference", "numpy", "torch", "sgemm", "composed", "ours-
 BF16_CONTENDERS = ("ours-bf16", "torch-bf16")
 
 
-
 def add_arguments(p):
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (under a minute on 2 cores)")
@@ -112,12 +111,6 @@ def _torch():
         return None, f"PyTorch not installed ({e}): torch contender skipped (pip install torch)"
 
 
-def _bf16_unavailable():
-    """Why the bf16 step contenders cannot run here, or None."""
-    from .. import bf16
-    return None if bf16.available() else f"bf16 unavailable: {bf16.describe()}"
-
-
 def _step_contenders(case, torch_mod, wanted, ref_budget, notes):
     import numpy as np
     import anebackward as ab
@@ -136,7 +129,8 @@ def _step_contenders(case, torch_mod, wanted, ref_budget, notes):
     if "torch" in wanted and torch_mod is not None:
         from .torch_llama import make_step
         out.append(Contender("torch", make_step(d, tokens, targets, K.ADAMW)))
-    why = _bf16_unavailable() if any(c in wanted for c in BF16_CONTENDERS) else None
+    from .. import bf16
+    why = None if bf16.available() else f"bf16 unavailable: {bf16.describe()}"
     for c in BF16_CONTENDERS:
         if c in wanted and why:
             notes[c] = why
@@ -144,7 +138,6 @@ def _step_contenders(case, torch_mod, wanted, ref_budget, notes):
         model16 = ab.Llama(config, seed=0, precision="bf16")
         opt16 = ab.AdamW(model16, **adamw)
         out.append(Contender("ours-bf16", lambda: _model_step(model16, opt16, tokens)))
-        from .. import bf16
         notes["ours-bf16"] = f"bf16 path: {bf16.describe()}"   # which path ran
     if "torch-bf16" in wanted and torch_mod is not None and not why:
         from .torch_llama import make_step

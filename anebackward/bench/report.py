@@ -120,7 +120,7 @@ def table(records, env):
                 base = next((b for b in ("ours", "ours-bf16", "composed") if b in mine), None)
                 if base is None or len(ok) < 2:
                     continue
-                others = [(f"{_bare(c)}", t) for c, t in mine.items() if c != base]
+                others = [(_bare(c), t) for c, t in mine.items() if c != base]
                 if prec == "bf16" and "ours" in ok:
                     others.append(("ours fp32", ok["ours"]))
                 if others:

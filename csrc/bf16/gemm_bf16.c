@@ -7,8 +7,9 @@
  *     kind of fixed tiles as csrc/gemm.c (an M x N grid, or K chunks summed
  *     in chunk order when K dwarfs M and N), each tile one single-threaded
  *     oneDNN call on the package's pool, so results do not depend on the
- *     thread count (tile sizes follow the shape and the ISA: tile_min). Tiles are cut so that oneDNN's AMX kernel, which takes
- *     dense operands only, gets dense ones: rows of C (A^T B too: each
+ *     thread count (tile sizes follow the shape and the ISA: tile_min).
+ *     Tiles are cut so that oneDNN's AMX kernel, which takes dense
+ *     operands only, gets dense ones: rows of C (A^T B too: each
  *     tile's columns of A are first copied into a dense per-thread buffer
  *     of K x (tile rows) values), column tiles through a dense per-thread
  *     C buffer for a wide C, K chunks. AB_BF16_ONEDNN_THREADS instead makes
@@ -229,10 +230,10 @@ static int k_split(bjob *j, int64_t tk) {
     return atomic_load(&j->rc);
 }
 
-/* The smallest tile side. oneDNN's AMX kernel runs a product about five
+/* The smallest tile side. oneDNN's AMX kernel runs a product about six
  * times faster per thread than its avx512_core_bf16 kernel, so a call's
  * fixed costs (all of B copied into the tile layout, the tile set-up) weigh
- * five times more: on AMX tiles are twice as tall (measured at the
+ * six times more: on AMX tiles are twice as tall (measured at the
  * stories110M shapes: 128-row calls ran at ~0.75 of oneDNN's own threading,
  * 256-row calls at ~0.93). Chosen by the ISA and the shape only, never by
  * the thread count. */
